@@ -1,0 +1,1 @@
+"""The hospital site: ingestion, standardization, feature extraction (and later local training)."""

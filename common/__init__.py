@@ -1,0 +1,1 @@
+"""What both sides of a MyeloFed study share: configuration, errors, provenance, the CLI."""

@@ -1,0 +1,91 @@
+"""The error hierarchy and the process exit codes.
+
+Two kinds of failure exist at a site:
+
+* a **configuration error** (a protocol, site config or manifest that cannot be used at all): the
+  command stops before touching any case, naming the file, the field and the reason;
+* a **case error** (one patient's files are missing, corrupt or inconsistent): the case is skipped
+  with a :class:`SkipReason` in the ingestion report and every other case goes on.
+
+Messages name the case, the file and the reason. Nothing in here ever goes into a message that
+leaves the site except the short reason code.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Exit status of every ``myelofed`` command (documented in ``myelofed --help``)."""
+
+    OK = 0
+    """Everything asked for was done."""
+    INTERNAL = 1
+    """An unexpected error (a bug): the traceback is printed."""
+    CONFIG = 2
+    """The protocol, site config, manifest or command line is unusable; nothing was processed."""
+    CASES_SKIPPED = 3
+    """The run completed, but some cases were skipped (see the ingestion report)."""
+    NO_USABLE_CASE = 4
+    """The run completed, but no case was usable."""
+
+
+class SkipReason(str, enum.Enum):
+    """Why a case was skipped. The value is the stable code written to reports."""
+
+    DUPLICATE_CASE_ID = "duplicate_case_id"
+    MISSING_FIELD = "missing_field"
+    FILE_MISSING = "file_missing"
+    IMAGE_UNREADABLE = "image_unreadable"
+    MASK_UNREADABLE = "mask_unreadable"
+    SERIES_NOT_FOUND = "series_not_found"
+    ROI_NOT_FOUND = "roi_not_found"
+    SUV_TAGS_MISSING = "suv_tags_missing"
+    GEOMETRY_MISMATCH = "geometry_mismatch"
+    EMPTY_MASK = "empty_mask"
+    MASK_TOO_SMALL = "mask_too_small"
+    LABEL_MISSING = "label_missing"
+    LABEL_INVALID = "label_invalid"
+    COVARIATE_INVALID = "covariate_invalid"
+    STANDARDIZATION_FAILED = "standardization_failed"
+    EXTRACTION_FAILED = "extraction_failed"
+
+
+class MyeloFedError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigError(MyeloFedError):
+    """A protocol, site config, manifest or option that cannot be used.
+
+    Parameters
+    ----------
+    source
+        The file (or option) at fault.
+    problems
+        One line per problem, each naming the field and the reason.
+    """
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source}: invalid\n{lines}")
+
+
+class CaseError(MyeloFedError):
+    """One case cannot be used; the site skips it and goes on.
+
+    Parameters
+    ----------
+    reason
+        The stable reason code.
+    detail
+        A human-readable explanation naming the file and what is wrong with it.
+    """
+
+    def __init__(self, reason: SkipReason, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason.value}: {detail}")

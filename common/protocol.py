@@ -1,0 +1,350 @@
+"""The study protocol: one typed, hashed description of what every site computes.
+
+A protocol is written once by the coordinator (TOML or YAML), validated here, and carried to every
+site. Its content hash (:meth:`StudyProtocol.content_hash`) travels with every site result, so two
+numbers can only be compared when they were computed under the same protocol.
+
+Later phases (harmonization, models, federation) add their own sections to :class:`StudyProtocol`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from common.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+#: pyradiomics feature classes a protocol may enable.
+FEATURE_CLASSES = ("shape", "shape2D", "firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Modality(str, enum.Enum):
+    CT = "CT"
+    MR = "MR"
+    PET = "PET"
+
+
+class TaskKind(str, enum.Enum):
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+
+
+class TaskSpec(_Frozen):
+    """What is predicted, and from which manifest column.
+
+    For classification the label is either 0/1, or text when ``classes`` names the two values
+    (negative first, positive second), e.g. ``["metastasis", "myeloma"]``.
+    For regression ``value_range`` bounds the label (e.g. plasma-cell infiltration 0-100 %).
+    """
+
+    kind: TaskKind
+    label_column: str = "label"
+    classes: tuple[str, str] | None = None
+    value_range: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskSpec:
+        if self.kind is TaskKind.REGRESSION and self.classes is not None:
+            raise ValueError("'classes' only applies to classification tasks")
+        if self.kind is TaskKind.CLASSIFICATION and self.value_range is not None:
+            raise ValueError("'value_range' only applies to regression tasks")
+        if self.classes is not None and self.classes[0] == self.classes[1]:
+            raise ValueError("'classes' must name two different values")
+        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
+            raise ValueError("'value_range' must be [low, high] with low < high")
+        return self
+
+
+class CovariateSpec(_Frozen):
+    """Clinical covariates read from the manifest.
+
+    ``categorical`` maps each column to its study-wide list of levels (a site may lack a level; a
+    value outside the list makes the case invalid). ``continuous`` lists numeric columns.
+    """
+
+    categorical: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    continuous: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> CovariateSpec:
+        for column, levels in self.categorical.items():
+            if len(levels) < 2:
+                raise ValueError(f"categorical covariate '{column}' needs at least two levels")
+            if len(set(levels)) != len(levels):
+                raise ValueError(f"categorical covariate '{column}' lists a level twice")
+        both = set(self.categorical) & set(self.continuous)
+        if both:
+            raise ValueError(f"columns both categorical and continuous: {sorted(both)}")
+        return self
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self.categorical) + self.continuous
+
+
+class IngestionSpec(_Frozen):
+    """Which mask label is the ROI, and the per-case quality checks."""
+
+    roi_label: int = Field(1, ge=1, description="Mask value of the region of interest.")
+    rtstruct_roi: str | None = Field(
+        None, description="ROI name in RTSTRUCT masks (a manifest 'roi' column overrides it)."
+    )
+    min_roi_voxels: int = Field(10, ge=1, description="Smallest usable ROI, in voxels.")
+    geometry_tolerance: float = Field(
+        1e-3,
+        gt=0,
+        lt=1,
+        description="Image/mask geometry must agree within this fraction of a voxel spacing "
+        "(origin, spacing) and this absolute difference of direction cosines.",
+    )
+
+
+class ResampleSpec(_Frozen):
+    """IBSI resampling: grid centres aligned, interpolation per protocol.
+
+    ``spacing_mm`` is (x, y, z). With ``in_plane_only`` the slice spacing is kept (IBSI 2D configs)
+    and the z value is ignored.
+    """
+
+    spacing_mm: tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+    in_plane_only: bool = False
+    interpolation: Literal["nearest", "linear", "bspline"] = "linear"
+    mask_interpolation: Literal["nearest", "linear"] = "linear"
+    mask_threshold: float = Field(0.5, gt=0, le=1)
+
+
+class NormalizationSpec(_Frozen):
+    """MRI intensity normalization.
+
+    * ``zscore``: (x - mean) / sd over the body foreground (Otsu), times ``scale``.
+    * ``percentile``: the ``percentiles`` of the foreground mapped to 0 and ``scale``.
+    * ``reference_tissue``: x / median(reference tissue) times ``scale``; the reference tissue is
+      ``reference_label`` in the mask (e.g. paraspinal muscle), as MM MRI studies do.
+    """
+
+    method: Literal["zscore", "percentile", "reference_tissue"]
+    scale: PositiveFloat = 100.0
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    reference_label: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> NormalizationSpec:
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError("'percentiles' must be [low, high] with 0 <= low < high <= 100")
+        if self.method == "reference_tissue" and self.reference_label is None:
+            raise ValueError("reference_tissue normalization needs 'reference_label'")
+        return self
+
+
+class BiasCorrectionSpec(_Frozen):
+    """N4 bias-field correction (SimpleITK), fitted on a shrunken image for speed."""
+
+    shrink_factor: int = Field(4, ge=1, le=8)
+    iterations: tuple[int, ...] = (50, 50, 30)
+    fitting_levels: int = Field(3, ge=1, le=6)
+
+
+class StandardizationSpec(_Frozen):
+    """Image standardization, applied in this order: SUV (PET), N4 (MR), resampling, CT rounding,
+    MR normalization, re-segmentation range, outlier filtering."""
+
+    resample: ResampleSpec | None = None
+    bias_correction: BiasCorrectionSpec | None = None
+    normalization: NormalizationSpec | None = None
+    suv: bool = Field(True, description="PET: convert DICOM activity to SUV (body weight).")
+    resegmentation_range: tuple[float, float] | None = Field(
+        None,
+        description="Keep ROI voxels in [low, high] (HU for CT, SUV for PET); -inf / inf = open.",
+    )
+    outlier_sigma: PositiveFloat | None = Field(
+        None, description="Then drop ROI voxels beyond mean +/- this many SD (IBSI: 3)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> StandardizationSpec:
+        rng = self.resegmentation_range
+        if rng is not None:
+            if not rng[0] < rng[1]:
+                raise ValueError("'resegmentation_range' must be [low, high] with low < high")
+            if math.isinf(rng[0]) and math.isinf(rng[1]):
+                raise ValueError("'resegmentation_range' needs at least one finite bound")
+        return self
+
+
+class ImageTypesSpec(_Frozen):
+    """pyradiomics image types: the original image and optional filtered ones."""
+
+    original: bool = True
+    log_sigma_mm: tuple[PositiveFloat, ...] = ()
+    wavelet: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ImageTypesSpec:
+        if not (self.original or self.log_sigma_mm or self.wavelet):
+            raise ValueError("enable at least one image type")
+        return self
+
+
+class RadiomicsSpec(_Frozen):
+    """Feature extraction settings, handed to pyradiomics after the project's standardization.
+
+    Discretization ``fixed_bin_size`` follows IBSI: the first bin starts at the lower
+    re-segmentation bound (or the ROI minimum when there is none) for the original image.
+    ``feature_classes`` maps a pyradiomics class to the features to compute (empty = all).
+    """
+
+    image_types: ImageTypesSpec = ImageTypesSpec()
+    feature_classes: dict[str, tuple[str, ...]] = Field(
+        default_factory=lambda: {
+            name: () for name in ("shape", "firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
+        }
+    )
+    discretization: Literal["fixed_bin_size", "fixed_bin_number"] = "fixed_bin_size"
+    bin_width: PositiveFloat | None = 25.0
+    bin_count: int | None = Field(None, ge=2)
+    force_2d: bool = False
+    glcm_distances: tuple[int, ...] = (1,)
+    gldm_alpha: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> RadiomicsSpec:
+        unknown = set(self.feature_classes) - set(FEATURE_CLASSES)
+        if unknown:
+            raise ValueError(
+                f"unknown feature classes {sorted(unknown)}; known: {', '.join(FEATURE_CLASSES)}"
+            )
+        if not self.feature_classes:
+            raise ValueError("enable at least one feature class")
+        if self.discretization == "fixed_bin_size" and self.bin_width is None:
+            raise ValueError("fixed_bin_size discretization needs 'bin_width'")
+        if self.discretization == "fixed_bin_number" and self.bin_count is None:
+            raise ValueError("fixed_bin_number discretization needs 'bin_count'")
+        if "shape2D" in self.feature_classes and not self.force_2d:
+            raise ValueError("the 'shape2D' class needs force_2d = true")
+        return self
+
+
+class StudyProtocol(_Frozen):
+    """The whole study protocol. Unknown fields are refused (a typo is an error, not a default)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(min_length=1)
+    description: str = ""
+    modality: Modality
+    task: TaskSpec
+    covariates: CovariateSpec = CovariateSpec()
+    batch_column: str | None = Field(
+        "scanner",
+        description="Manifest column naming the scanner (ComBat batch); absent column = one batch "
+        "per site.",
+    )
+    ingestion: IngestionSpec = IngestionSpec()
+    standardization: StandardizationSpec = StandardizationSpec()
+    radiomics: RadiomicsSpec = RadiomicsSpec()
+
+    @field_validator("batch_column", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        # TOML has no null: an empty string means "no batch column".
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyProtocol:
+        std = self.standardization
+        if self.modality is not Modality.MR:
+            if std.bias_correction is not None:
+                raise ValueError("bias_correction (N4) is for MR protocols only")
+            if std.normalization is not None:
+                raise ValueError("normalization is for MR protocols only")
+        if std.normalization is not None and std.normalization.reference_label is not None:
+            if std.normalization.reference_label == self.ingestion.roi_label:
+                raise ValueError("normalization.reference_label must differ from ingestion.roi_label")
+        reserved = {self.task.label_column, self.batch_column, "case_id", "image", "mask"}
+        clash = reserved & set(self.covariates.columns)
+        if clash:
+            raise ValueError(f"covariate columns clash with reserved columns: {sorted(clash)}")
+        return self
+
+    def content_hash(self) -> str:
+        """SHA-256 of the canonical JSON form: equal protocols give equal hashes everywhere."""
+        canonical = json.dumps(
+            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+        )
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
+    def short_hash(self) -> str:
+        return self.content_hash()[:12]
+
+
+def read_mapping(path: Path) -> dict[str, Any]:
+    """Read a TOML or YAML file into a dict, or raise :class:`ConfigError` naming the file."""
+    if not path.is_file():
+        raise ConfigError(str(path), ["file not found"])
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(str(path), [f"unknown format '{suffix}': use .toml, .yaml or .yml"])
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [f"cannot parse: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), ["top level must be a table/mapping"])
+    return data
+
+
+def validation_problems(exc: ValidationError) -> list[str]:
+    """Turn a pydantic error into lines of 'dotted.field: reason'."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {msg}")
+    return problems
+
+
+def protocol_from_mapping(data: dict[str, Any], source: str = "protocol") -> StudyProtocol:
+    try:
+        return StudyProtocol.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, validation_problems(exc)) from None
+
+
+def load_protocol(path: Path | str) -> StudyProtocol:
+    """Load and validate a study protocol from a ``.toml``, ``.yaml`` or ``.yml`` file, or from
+    a preset name (``preset:spine_mri_t1w``; see :func:`common.presets.list_presets`)."""
+    from common.presets import preset_path
+
+    text = str(path)
+    if text.startswith("preset:"):
+        path = preset_path(text.removeprefix("preset:"))
+    path = Path(path)
+    return protocol_from_mapping(read_mapping(path), source=str(path))

@@ -1,0 +1,53 @@
+"""A site's own configuration: where its data is and how much of the machine it may use.
+
+Unlike the study protocol this never leaves the site and is not hashed: two hospitals with the
+same protocol and different paths compute the same features.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.errors import ConfigError
+from common.protocol import read_mapping, validation_problems
+
+
+class SiteConfig(BaseModel):
+    """Paths and resources of one hospital site.
+
+    Relative paths are resolved against the folder of the config file.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    site_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    manifest: Path
+    work_dir: Path = Path("myelofed-work")
+    workers: int | None = Field(None, ge=1, description="Parallel cases; default: all cores.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.work_dir / "cache"
+
+
+def load_site_config(path: Path | str) -> SiteConfig:
+    """Load a site config (TOML/YAML); relative paths are taken from the file's folder."""
+    path = Path(path)
+    data = read_mapping(path)
+    base = path.resolve().parent
+    for key in ("manifest", "work_dir"):
+        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            data[key] = str(base / data[key])
+    try:
+        return SiteConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(str(path), validation_problems(exc)) from None
