@@ -29,6 +29,8 @@ class ExitCode(enum.IntEnum):
     """The run completed, but some cases were skipped (see the ingestion report)."""
     NO_USABLE_CASE = 4
     """The run completed, but no case was usable."""
+    CHECK_FAILED = 5
+    """A verification (e.g. ``myelofed ibsi-check``) found values that disagree."""
 
 
 class SkipReason(str, enum.Enum):
@@ -50,6 +52,7 @@ class SkipReason(str, enum.Enum):
     COVARIATE_INVALID = "covariate_invalid"
     STANDARDIZATION_FAILED = "standardization_failed"
     EXTRACTION_FAILED = "extraction_failed"
+    INTERNAL_ERROR = "internal_error"
 
 
 class MyeloFedError(Exception):

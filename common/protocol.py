@@ -161,11 +161,12 @@ class NormalizationSpec(_Frozen):
 
 
 class BiasCorrectionSpec(_Frozen):
-    """N4 bias-field correction (SimpleITK), fitted on a shrunken image for speed."""
+    """N4 bias-field correction (SimpleITK), fitted on a shrunken image for speed.
+    ``iterations`` gives the maximum iterations per fitting level (its length = the levels)."""
 
     shrink_factor: int = Field(4, ge=1, le=8)
-    iterations: tuple[int, ...] = (50, 50, 30)
-    fitting_levels: int = Field(3, ge=1, le=6)
+    iterations: tuple[Annotated[int, Field(ge=1)], ...] = Field((50, 50, 30), min_length=1,
+                                                              max_length=6)
 
 
 class StandardizationSpec(_Frozen):
@@ -228,7 +229,7 @@ class RadiomicsSpec(_Frozen):
     bin_count: int | None = Field(None, ge=2)
     force_2d: bool = False
     glcm_distances: tuple[int, ...] = (1,)
-    gldm_alpha: float = Field(0.0, ge=0)
+    gldm_alpha: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> RadiomicsSpec:

@@ -1,0 +1,154 @@
+"""Reading one case's image and mask from what a hospital has, and the per-case checks.
+
+Images: a DICOM series folder (PET converted to SUV body weight from its tags) or a
+NIfTI/NRRD/MHA file (PET files are taken to be in SUV already). Masks: a NIfTI/NRRD/MHA label
+map, an RTSTRUCT (rasterized by ROI name) or a DICOM SEG, as a file or a folder holding one.
+Every failure is a :class:`CaseError` naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from client import dicom
+from client.manifest import CaseSpec
+from client.standardize import Volume
+from common.errors import CaseError, SkipReason
+from common.protocol import IngestionSpec, Modality, StudyProtocol
+
+
+def _read_file(path: Path, what: str, reason: SkipReason) -> sitk.Image:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        raise CaseError(reason, f"{what} '{path}' cannot be read: {first}") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise CaseError(
+            reason,
+            f"{what} '{path}' is {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s); expected a 3D scalar volume",
+        )
+    return image
+
+
+def read_image(case: CaseSpec, protocol: StudyProtocol) -> sitk.Image:
+    """The case's image as float32 (HU for CT, SUV for PET)."""
+    path = case.image
+    if not path.exists():
+        raise CaseError(SkipReason.FILE_MISSING, f"image '{path}' does not exist")
+    if path.is_dir():
+        image, header = dicom.read_dicom_series(path, case.series_uid)
+        image = sitk.Cast(image, sitk.sitkFloat32)
+        if protocol.modality is Modality.PET and protocol.standardization.suv:
+            image = image * dicom.suv_factor_body_weight(header)
+        return image
+    if dicom.is_dicom_file(path):
+        raise CaseError(
+            SkipReason.IMAGE_UNREADABLE,
+            f"image '{path}' is a single DICOM file; give the folder of the series instead",
+        )
+    return sitk.Cast(_read_file(path, "image", SkipReason.IMAGE_UNREADABLE), sitk.sitkFloat32)
+
+
+def _find_dicom_mask(folder: Path) -> Path:
+    candidates = [p for p in sorted(folder.iterdir()) if p.is_file() and dicom.is_dicom_file(p)]
+    objects = [p for p in candidates if dicom.dicom_modality(p) in ("RTSTRUCT", "SEG")]
+    if len(objects) != 1:
+        raise CaseError(
+            SkipReason.MASK_UNREADABLE,
+            f"mask folder '{folder}' holds {len(objects)} RTSTRUCT/SEG files; expected exactly one",
+        )
+    return objects[0]
+
+
+def read_mask(case: CaseSpec, image: sitk.Image, ingestion: IngestionSpec) -> sitk.Image:
+    """The case's label map (UInt8) on the image grid."""
+    path = case.mask
+    if not path.exists():
+        raise CaseError(SkipReason.FILE_MISSING, f"mask '{path}' does not exist")
+    if path.is_dir():
+        path = _find_dicom_mask(path)
+    if dicom.is_dicom_file(path):
+        kind = dicom.dicom_modality(path)
+        roi = case.roi or ingestion.rtstruct_roi
+        if kind == "RTSTRUCT":
+            if roi is None:
+                raise CaseError(
+                    SkipReason.ROI_NOT_FOUND,
+                    f"RTSTRUCT '{path}': no ROI name (set the protocol's ingestion.rtstruct_roi "
+                    "or the manifest's 'roi' column)",
+                )
+            mask = dicom.rtstruct_to_mask(path, image, roi)
+        elif kind == "SEG":
+            mask = dicom.seg_to_mask(path, image, roi)
+        else:
+            raise CaseError(
+                SkipReason.MASK_UNREADABLE,
+                f"mask '{path}' is a DICOM {kind or 'file of unknown modality'}, "
+                "not an RTSTRUCT or SEG",
+            )
+        return sitk.Cast(mask, sitk.sitkUInt8) * ingestion.roi_label
+    mask = _read_file(path, "mask", SkipReason.MASK_UNREADABLE)
+    check_geometry(image, mask, ingestion.geometry_tolerance, case.image, path)
+    values = sitk.GetArrayViewFromImage(mask)
+    if np.issubdtype(values.dtype, np.floating) and not np.all(np.mod(values, 1) == 0):
+        raise CaseError(
+            SkipReason.MASK_UNREADABLE, f"mask '{path}' holds non-integer values: not a label map"
+        )
+    if values.min() < 0 or values.max() > 255:
+        raise CaseError(
+            SkipReason.MASK_UNREADABLE, f"mask '{path}' holds labels outside 0-255"
+        )
+    mask = sitk.Cast(mask, sitk.sitkUInt8)
+    mask.CopyInformation(image)  # within tolerance: make it exact for the filters downstream
+    return mask
+
+
+def check_geometry(
+    image: sitk.Image, mask: sitk.Image, tolerance: float, image_path: Path, mask_path: Path
+) -> None:
+    """Raise GEOMETRY_MISMATCH unless size agrees exactly and spacing, origin and direction agree
+    within ``tolerance`` (spacing and origin as a fraction of the image's voxel spacing)."""
+    problems = []
+    if image.GetSize() != mask.GetSize():
+        problems.append(f"size {mask.GetSize()} vs image {image.GetSize()}")
+    spacing = np.asarray(image.GetSpacing())
+    if np.any(np.abs(np.asarray(mask.GetSpacing()) - spacing) > tolerance * spacing):
+        problems.append(f"spacing {mask.GetSpacing()} vs image {image.GetSpacing()}")
+    if np.any(np.abs(np.asarray(mask.GetOrigin()) - image.GetOrigin()) > tolerance * spacing.min()):
+        problems.append(f"origin {mask.GetOrigin()} vs image {image.GetOrigin()}")
+    if np.any(np.abs(np.asarray(mask.GetDirection()) - image.GetDirection()) > tolerance):
+        problems.append("direction differs")
+    if problems:
+        raise CaseError(
+            SkipReason.GEOMETRY_MISMATCH,
+            f"mask '{mask_path}' does not match image '{image_path}': " + "; ".join(problems),
+        )
+
+
+def check_roi(labels: sitk.Image, ingestion: IngestionSpec, where: str) -> int:
+    """Return the ROI voxel count, or raise EMPTY_MASK / MASK_TOO_SMALL."""
+    count = int(np.count_nonzero(sitk.GetArrayViewFromImage(labels) == ingestion.roi_label))
+    if count == 0:
+        raise CaseError(
+            SkipReason.EMPTY_MASK, f"{where}: no voxel has the ROI label {ingestion.roi_label}"
+        )
+    if count < ingestion.min_roi_voxels:
+        raise CaseError(
+            SkipReason.MASK_TOO_SMALL,
+            f"{where}: ROI has {count} voxels, fewer than min_roi_voxels = "
+            f"{ingestion.min_roi_voxels}",
+        )
+    return count
+
+
+def load_case(case: CaseSpec, protocol: StudyProtocol) -> Volume:
+    """Read and check one case: the volume on its native grid, ready for standardization."""
+    image = read_image(case, protocol)
+    labels = read_mask(case, image, protocol.ingestion)
+    check_roi(labels, protocol.ingestion, f"mask '{case.mask}'")
+    return Volume(image=image, labels=labels, roi_label=protocol.ingestion.roi_label)

@@ -1,0 +1,184 @@
+"""The site manifest: one CSV row per case.
+
+Required columns: ``case_id``, ``image``, ``mask`` and the protocol's label column. Optional:
+``roi`` (RTSTRUCT ROI name or SEG segment for this case), ``series_uid`` (which DICOM series
+when a folder holds several), the protocol's covariates and batch (scanner) column.
+``image`` is a DICOM series folder or a NIfTI/NRRD/MHA file; ``mask`` is a NIfTI/NRRD/MHA label
+map, an RTSTRUCT or DICOM SEG file, or a folder holding one. Relative paths are taken from the
+manifest's folder.
+
+A manifest that cannot be read at all raises :class:`ConfigError`; a bad row becomes a
+:class:`RowProblem` and the other rows go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import ConfigError, SkipReason
+from common.protocol import StudyProtocol, TaskKind
+
+REQUIRED_COLUMNS = ("case_id", "image", "mask")
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """One usable manifest row, with its label and covariates already typed."""
+
+    case_id: str
+    row: int
+    image: Path
+    mask: Path
+    label: float
+    batch: str
+    roi: str | None = None
+    series_uid: str | None = None
+    covariates: dict[str, str | float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """A manifest row that cannot be used."""
+
+    case_id: str
+    row: int
+    reason: SkipReason
+    detail: str
+
+
+def _parse_label(text: str, protocol: StudyProtocol) -> float:
+    """The label as a number (0/1 for classification), or ValueError with the reason."""
+    task = protocol.task
+    if task.kind is TaskKind.CLASSIFICATION:
+        if task.classes is not None:
+            if text not in task.classes:
+                raise ValueError(f"'{text}' is not one of {list(task.classes)}")
+            return float(task.classes.index(text))
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"'{text}' is not 0 or 1") from None
+        if value not in (0.0, 1.0):
+            raise ValueError(f"'{text}' is not 0 or 1")
+        return value
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"'{text}' is not a finite number")
+    if task.value_range is not None and not task.value_range[0] <= value <= task.value_range[1]:
+        raise ValueError(f"{value:g} is outside {list(task.value_range)}")
+    return value
+
+
+def read_manifest(
+    path: Path, protocol: StudyProtocol, default_batch: str
+) -> tuple[list[CaseSpec], list[RowProblem]]:
+    """Read and validate a manifest.
+
+    Parameters
+    ----------
+    path
+        The CSV file.
+    protocol
+        Gives the label, covariate and batch columns.
+    default_batch
+        Batch of every case when the protocol's batch column is absent (usually the site name).
+
+    Returns
+    -------
+    cases, problems
+        The usable rows in file order, and one problem per unusable row.
+    """
+    if not path.is_file():
+        raise ConfigError(str(path), ["manifest file not found"])
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(str(path), [f"not a readable CSV file: {exc}"]) from None
+    label_col = protocol.task.label_column
+    missing = [c for c in (*REQUIRED_COLUMNS, label_col) if c not in header]
+    missing += [c for c in protocol.covariates.columns if c not in header]
+    if missing:
+        raise ConfigError(
+            str(path), [f"missing column '{c}' (columns found: {header})" for c in missing]
+        )
+    has_batch = protocol.batch_column is not None and protocol.batch_column in header
+
+    base = path.resolve().parent
+    counts = Counter(r["case_id"] for r in rows if r.get("case_id"))
+    cases: list[CaseSpec] = []
+    problems: list[RowProblem] = []
+    for row_number, row in enumerate(rows, start=2):  # row 1 is the header
+        case_id = row.get("case_id", "")
+
+        def problem(reason: SkipReason, detail: str) -> None:
+            problems.append(RowProblem(case_id or f"<row {row_number}>", row_number, reason, detail))
+
+        if not case_id:
+            problem(SkipReason.MISSING_FIELD, f"row {row_number}: empty case_id")
+            continue
+        if counts[case_id] > 1:
+            problem(
+                SkipReason.DUPLICATE_CASE_ID,
+                f"case_id '{case_id}' appears {counts[case_id]} times; every copy is skipped",
+            )
+            continue
+        empty = [c for c in ("image", "mask") if not row.get(c)]
+        if empty:
+            problem(SkipReason.MISSING_FIELD, f"empty {', '.join(empty)}")
+            continue
+        if not row.get(label_col):
+            problem(SkipReason.LABEL_MISSING, f"no value in label column '{label_col}'")
+            continue
+        try:
+            label = _parse_label(row[label_col], protocol)
+        except ValueError as exc:
+            problem(SkipReason.LABEL_INVALID, f"label column '{label_col}': {exc}")
+            continue
+        covariates: dict[str, str | float] = {}
+        bad = []
+        for column, levels in protocol.covariates.categorical.items():
+            value = row.get(column, "")
+            if value not in levels:
+                bad.append(f"'{column}' = '{value}' is not one of {list(levels)}")
+            covariates[column] = value
+        for column in protocol.covariates.continuous:
+            try:
+                number = float(row.get(column, ""))
+                if not math.isfinite(number):
+                    raise ValueError
+                covariates[column] = number
+            except ValueError:
+                bad.append(f"'{column}' = '{row.get(column, '')}' is not a number")
+        if bad:
+            problem(SkipReason.COVARIATE_INVALID, "; ".join(bad))
+            continue
+        batch = default_batch
+        if has_batch:
+            batch = row.get(protocol.batch_column or "", "")
+            if not batch:
+                problem(SkipReason.MISSING_FIELD, f"empty batch column '{protocol.batch_column}'")
+                continue
+        cases.append(
+            CaseSpec(
+                case_id=case_id,
+                row=row_number,
+                image=(base / row["image"]).resolve(),
+                mask=(base / row["mask"]).resolve(),
+                label=label,
+                batch=batch,
+                roi=row.get("roi") or None,
+                series_uid=row.get("series_uid") or None,
+                covariates=covariates,
+            )
+        )
+    return cases, problems

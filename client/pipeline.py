@@ -1,0 +1,308 @@
+"""The site data path: manifest -> load and check -> standardize -> extract, for many cases.
+
+Cases run in parallel worker processes (one pyradiomics extractor per worker, built once). Each
+extracted case is cached on disk under a key made of the protocol hash, the software versions and
+the content of the case's files, written atomically: a killed run resumes where it stopped, and a
+changed file or protocol is recomputed. A case that fails is skipped with its reason; the others
+go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import SimpleITK as sitk
+
+from client.extract import FeatureExtractor
+from client.loading import check_roi, load_case
+from client.manifest import CaseSpec, RowProblem
+from client.standardize import build_steps, standardize
+from common.errors import CaseError, SkipReason
+from common.protocol import StudyProtocol
+from common.provenance import atomic_write_bytes, atomic_write_json, software_versions
+
+CACHE_SCHEMA_VERSION = 1
+TABLE_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 1
+
+Mode = Literal["check", "extract"]
+
+
+@dataclass(frozen=True)
+class CaseOutcome:
+    """What happened to one case. ``features`` is set for extracted cases only."""
+
+    case_id: str
+    row: int
+    reason: SkipReason | None = None
+    detail: str = ""
+    features: dict[str, float] | None = None
+    roi_voxels: int | None = None
+    seconds: float = 0.0
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def _digest(path: Path, h: Any) -> None:
+    if path.is_dir():
+        for child in sorted(path.rglob("*")):
+            if child.is_file():
+                h.update(child.relative_to(path).as_posix().encode())
+                _digest(child, h)
+    elif path.is_file():
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+
+
+def case_cache_key(case: CaseSpec, protocol_hash: str, versions: dict[str, str]) -> str:
+    """Content key of one case's features: protocol, software, ROI choice and file bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_SCHEMA_VERSION, protocol_hash, versions, case.roi,
+                         case.series_uid]).encode())
+    for path in (case.image, case.mask):
+        h.update(b"\0" + path.name.encode())
+        _digest(path, h)
+    return h.hexdigest()
+
+
+class CaseProcessor:
+    """Processes cases in one process: holds the protocol, the standardization steps and the
+    pyradiomics extractor, built once."""
+
+    def __init__(self, protocol: StudyProtocol, mode: Mode, cache_dir: Path | None) -> None:
+        self.protocol = protocol
+        self.mode = mode
+        self.cache_dir = cache_dir
+        self.protocol_hash = protocol.content_hash()
+        self.versions = software_versions()
+        self.steps = build_steps(protocol)
+        self.extractor = FeatureExtractor(protocol) if mode == "extract" else None
+
+    def _cache_path(self, key: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / self.protocol_hash[:16] / key[:2] / f"{key}.json"
+
+    def __call__(self, case: CaseSpec) -> CaseOutcome:
+        start = time.perf_counter()
+        try:
+            return self._process(case, start)
+        except CaseError as exc:
+            return CaseOutcome(case.case_id, case.row, exc.reason, exc.detail,
+                               seconds=time.perf_counter() - start)
+        except Exception as exc:  # a bug or an unforeseen file: skip the case, keep the run
+            last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            return CaseOutcome(case.case_id, case.row, SkipReason.INTERNAL_ERROR,
+                               f"unexpected error: {last}", seconds=time.perf_counter() - start)
+
+    def _process(self, case: CaseSpec, start: float) -> CaseOutcome:
+        cache_path = None
+        if self.mode == "extract" and self.cache_dir is not None:
+            cache_path = self._cache_path(case_cache_key(case, self.protocol_hash, self.versions))
+            cached = _read_cache(cache_path, case.case_id)
+            if cached is not None:
+                return CaseOutcome(case.case_id, case.row, features=cached["features"],
+                                   roi_voxels=cached["roi_voxels"], cached=True,
+                                   seconds=time.perf_counter() - start)
+        volume = load_case(case, self.protocol)
+        if self.mode == "check" or self.extractor is None:
+            voxels = check_roi(volume.labels, self.protocol.ingestion, case.case_id)
+            return CaseOutcome(case.case_id, case.row, roi_voxels=voxels,
+                               seconds=time.perf_counter() - start)
+        volume = standardize(volume, self.steps)
+        where = f"after standardization of case '{case.case_id}'"
+        voxels = check_roi(volume.labels, self.protocol.ingestion, where)
+        intensity_roi = volume.roi_for_intensity()
+        if not sitk.GetArrayViewFromImage(intensity_roi).any():
+            raise CaseError(SkipReason.EMPTY_MASK, f"{where}: re-segmentation left no ROI voxel")
+        features = self.extractor.extract(volume.image, volume.morphological_roi(), intensity_roi)
+        if cache_path is not None:
+            atomic_write_json(cache_path, {
+                "schema_version": CACHE_SCHEMA_VERSION,
+                "case_id": case.case_id,
+                "protocol_hash": self.protocol_hash,
+                "roi_voxels": voxels,
+                "features": features,
+            })
+        return CaseOutcome(case.case_id, case.row, features=features, roi_voxels=voxels,
+                           seconds=time.perf_counter() - start)
+
+
+def _read_cache(path: Path, case_id: str) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # absent or damaged: recompute
+    if entry.get("schema_version") != CACHE_SCHEMA_VERSION or entry.get("case_id") != case_id:
+        return None
+    return entry
+
+
+# --- parallel execution -----------------------------------------------------------------------
+
+_WORKER: CaseProcessor | None = None
+
+
+def _init_worker(protocol_json: str, mode: Mode, cache_dir: str | None, threads: int) -> None:
+    global _WORKER
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    protocol = StudyProtocol.model_validate_json(protocol_json)
+    _WORKER = CaseProcessor(protocol, mode, Path(cache_dir) if cache_dir else None)
+
+
+def _run_in_worker(case: CaseSpec) -> CaseOutcome:
+    assert _WORKER is not None, "worker not initialized"
+    return _WORKER(case)
+
+
+def run_cases(
+    cases: list[CaseSpec],
+    protocol: StudyProtocol,
+    *,
+    mode: Mode,
+    workers: int,
+    cache_dir: Path | None,
+    on_done: Callable[[CaseOutcome], None] | None = None,
+) -> list[CaseOutcome]:
+    """Process ``cases`` with ``workers`` processes (1 = in this process); outcomes in input
+    order. ``on_done`` is called in this process as each case finishes (progress display)."""
+    workers = max(1, min(workers, len(cases))) if cases else 1
+    outcomes: dict[int, CaseOutcome] = {}
+    if workers == 1:
+        processor = CaseProcessor(protocol, mode, cache_dir)
+        for i, case in enumerate(cases):
+            outcomes[i] = processor(case)
+            if on_done:
+                on_done(outcomes[i])
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        init_args = (protocol.model_dump_json(), mode, str(cache_dir) if cache_dir else None,
+                     threads)
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=init_args) as pool:
+            futures: dict[Future[CaseOutcome], int] = {
+                pool.submit(_run_in_worker, case): i for i, case in enumerate(cases)
+            }
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    outcome = future.result()
+                except Exception as exc:  # a worker died (e.g. killed for memory)
+                    case = cases[i]
+                    outcome = CaseOutcome(case.case_id, case.row, SkipReason.INTERNAL_ERROR,
+                                          f"worker process failed: {type(exc).__name__}: {exc}")
+                outcomes[i] = outcome
+                if on_done:
+                    on_done(outcome)
+    return [outcomes[i] for i in range(len(cases))]
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+def features_table(
+    cases: list[CaseSpec], outcomes: list[CaseOutcome], protocol: StudyProtocol
+) -> pd.DataFrame:
+    """One row per extracted case: case_id, batch, label, covariates, then the features."""
+    records = []
+    for case, outcome in zip(cases, outcomes, strict=True):
+        if not outcome.ok or outcome.features is None:
+            continue
+        record: dict[str, Any] = {
+            "case_id": case.case_id,
+            "batch": case.batch,
+            protocol.task.label_column: case.label,
+            **case.covariates,
+        }
+        record.update(outcome.features)
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def write_features_table(
+    table: pd.DataFrame, path: Path, protocol: StudyProtocol, site_name: str
+) -> None:
+    """Parquet, with the protocol, its hash and the software versions in the file metadata."""
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    meta = {
+        "schema_version": TABLE_SCHEMA_VERSION,
+        "site": site_name,
+        "protocol_hash": protocol.content_hash(),
+        "protocol": protocol.model_dump(mode="json"),
+        "software": software_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    merged = dict(arrow.schema.metadata or {})
+    merged[b"myelofed"] = json.dumps(meta).encode("utf-8")
+    arrow = arrow.replace_schema_metadata(merged)
+    buffer = io.BytesIO()
+    pq.write_table(arrow, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_features_metadata(path: Path) -> dict[str, Any]:
+    """The MyeloFed metadata of a features table (protocol hash, protocol, software)."""
+    schema = pq.read_schema(path)
+    return json.loads((schema.metadata or {})[b"myelofed"])
+
+
+def ingestion_report(
+    outcomes: Iterable[CaseOutcome],
+    problems: Iterable[RowProblem],
+    protocol: StudyProtocol,
+    site_name: str,
+    mode: Mode,
+) -> dict[str, Any]:
+    """The ingestion report: counts, and every case with its status and reason."""
+    entries: list[dict[str, Any]] = []
+    for p in problems:
+        entries.append({"case_id": p.case_id, "row": p.row, "status": "skipped",
+                        "reason": p.reason.value, "detail": p.detail})
+    for o in outcomes:
+        entries.append({
+            "case_id": o.case_id, "row": o.row,
+            "status": "ok" if o.ok else "skipped",
+            "reason": o.reason.value if o.reason else None,
+            "detail": o.detail,
+            "roi_voxels": o.roi_voxels,
+            "seconds": round(o.seconds, 3),
+            "cached": o.cached,
+        })
+    entries.sort(key=lambda e: e["row"])
+    skipped = [e for e in entries if e["status"] == "skipped"]
+    by_reason: dict[str, int] = {}
+    for e in skipped:
+        by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "site": site_name,
+        "mode": mode,
+        "protocol_name": protocol.name,
+        "protocol_hash": protocol.content_hash(),
+        "software": software_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "counts": {"total": len(entries), "usable": len(entries) - len(skipped),
+                   "skipped": len(skipped)},
+        "skipped_by_reason": dict(sorted(by_reason.items())),
+        "cases": entries,
+    }

@@ -1,0 +1,275 @@
+"""``myelofed``: one command line for every role.
+
+Exit codes (the same for every command):
+0 done; 1 unexpected error (a bug: please report it); 2 unusable protocol, site config,
+manifest or option (nothing processed); 3 done, but some cases were skipped (see the ingestion
+report); 4 done, but no case was usable; 5 a verification (ibsi-check) found values that
+disagree with the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from common.errors import ConfigError, ExitCode
+
+HELP = """MyeloFed: federated multicentre radiomics for multiple myeloma.
+
+\b
+A hospital SITE prepares its own data; nothing patient-level leaves it:
+  myelofed site check   --protocol study.toml --manifest cases.csv   validate every case
+  myelofed site extract --protocol study.toml --manifest cases.csv   standardize + extract features
+\b
+The study PROTOCOL (TOML/YAML) is written by the coordinator and is the same at every site:
+  myelofed protocol presets              list ready protocols (IBSI configs, spine MRI, CT, PET)
+  myelofed protocol show preset:wb_ldct  print a protocol and its content hash
+  myelofed protocol validate study.toml  check a protocol file (field + reason for each error)
+\b
+  myelofed ibsi-check                    verify this installation on the IBSI digital phantom
+\b
+Exit codes: 0 done; 1 unexpected error; 2 unusable protocol/config/manifest; 3 done but some
+cases skipped; 4 done but no usable case; 5 a verification found disagreeing values."""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
+site_app = typer.Typer(help="Commands a hospital site runs on its own data.", no_args_is_help=True)
+protocol_app = typer.Typer(help="Inspect and validate study protocols.", no_args_is_help=True)
+app.add_typer(site_app, name="site")
+app.add_typer(protocol_app, name="protocol")
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail_config(exc: ConfigError) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(ExitCode.CONFIG)
+
+
+# --- protocol ---------------------------------------------------------------------------------
+
+@protocol_app.command("presets")
+def protocol_presets() -> None:
+    """List the protocols shipped with MyeloFed (use them as 'preset:NAME')."""
+    from common.presets import list_presets
+
+    table = Table("preset", "description")
+    for name, text in list_presets().items():
+        table.add_row(f"preset:{name}", text)
+    out.print(table)
+
+
+@protocol_app.command("show")
+def protocol_show(
+    source: Annotated[str, typer.Argument(help="A protocol file or preset:NAME.")],
+) -> None:
+    """Print a protocol (all defaults filled in, as JSON) and its content hash."""
+    from common.protocol import load_protocol
+
+    try:
+        protocol = load_protocol(source)
+    except ConfigError as exc:
+        _fail_config(exc)
+    out.print_json(json.dumps(protocol.model_dump(mode="json")))
+    out.print(f"content hash: {protocol.content_hash()}", soft_wrap=True)
+
+
+@protocol_app.command("validate")
+def protocol_validate(
+    source: Annotated[str, typer.Argument(help="A protocol file or preset:NAME.")],
+) -> None:
+    """Validate a protocol: exit 0 and print its hash, or exit 2 naming each bad field."""
+    from common.protocol import load_protocol
+
+    try:
+        protocol = load_protocol(source)
+    except ConfigError as exc:
+        _fail_config(exc)
+    out.print(f"{source}: valid protocol '{protocol.name}', hash {protocol.content_hash()}",
+              soft_wrap=True)
+
+
+# --- site -------------------------------------------------------------------------------------
+
+ProtocolOpt = Annotated[str, typer.Option("--protocol", "-p",
+                                          help="Study protocol file, or preset:NAME.")]
+ManifestOpt = Annotated[Optional[Path], typer.Option(
+    "--manifest", "-m", help="Site manifest CSV (case_id,image,mask,<label>,...).")]
+SiteConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--site-config", help="Site config (TOML/YAML): site_name, manifest, work_dir, workers.")]
+OutOpt = Annotated[Optional[Path], typer.Option(
+    "--out", "-o", help="Output folder (default: the site config's work_dir, else ./myelofed-work).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", "-j", min=1, help="Cases processed in parallel (default: all cores).")]
+SiteNameOpt = Annotated[Optional[str], typer.Option(
+    "--site-name", help="This site's name (default: from the site config, else 'site').")]
+
+
+def _site_setup(protocol_src: str, manifest: Path | None, site_config: Path | None,
+                out_dir: Path | None, workers: int | None, site_name: str | None) -> Any:
+    from client.manifest import read_manifest
+    from common.protocol import load_protocol
+    from common.site_config import SiteConfig, load_site_config
+
+    try:
+        protocol = load_protocol(protocol_src)
+        if site_config is not None:
+            config = load_site_config(site_config)
+        else:
+            if manifest is None:
+                raise ConfigError("--manifest", ["give --manifest or --site-config"])
+            config = SiteConfig(site_name=site_name or "site", manifest=manifest)
+        updates: dict[str, Any] = {}
+        if manifest is not None:
+            updates["manifest"] = manifest
+        if out_dir is not None:
+            updates["work_dir"] = out_dir
+        if workers is not None:
+            updates["workers"] = workers
+        if site_name is not None:
+            updates["site_name"] = site_name
+        config = config.model_copy(update=updates)
+        cases, problems = read_manifest(config.manifest, protocol, default_batch=config.site_name)
+    except ConfigError as exc:
+        _fail_config(exc)
+    return protocol, config, cases, problems
+
+
+def _run_with_progress(cases: list, protocol: Any, mode: str, workers: int,
+                       cache_dir: Path | None) -> list:
+    from client.pipeline import run_cases
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[skipped]} skipped"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(mode, total=len(cases), skipped=0)
+        skipped = 0
+
+        def on_done(outcome: Any) -> None:
+            nonlocal skipped
+            skipped += 0 if outcome.ok else 1
+            progress.update(task, advance=1, skipped=skipped)
+
+        return run_cases(cases, protocol, mode=mode, workers=workers, cache_dir=cache_dir,
+                         on_done=on_done)
+
+
+def _print_report(report: dict[str, Any], report_path: Path) -> None:
+    skipped = [c for c in report["cases"] if c["status"] == "skipped"]
+    if skipped:
+        table = Table("row", "case", "reason", "detail", title="Skipped cases", show_lines=False)
+        for c in skipped:
+            table.add_row(str(c["row"]), c["case_id"], c["reason"], c["detail"])
+        console.print(table)
+    counts = report["counts"]
+    console.print(f"{counts['usable']} of {counts['total']} cases usable, {counts['skipped']} "
+                  f"skipped; protocol hash {report['protocol_hash'][:12]}; report: {report_path}")
+
+
+def _exit_code(report: dict[str, Any]) -> ExitCode:
+    counts = report["counts"]
+    if counts["usable"] == 0:
+        return ExitCode.NO_USABLE_CASE
+    return ExitCode.CASES_SKIPPED if counts["skipped"] else ExitCode.OK
+
+
+@site_app.command("check")
+def site_check(protocol: ProtocolOpt, manifest: ManifestOpt = None,
+               site_config: SiteConfigOpt = None, out_dir: OutOpt = None,
+               workers: WorkersOpt = None, site_name: SiteNameOpt = None) -> None:
+    """Validate every case without extracting: files readable, DICOM series and ROI found, mask
+    matches the image, ROI large enough, label and covariates valid, ids unique. Writes
+    ingestion_report.json in the output folder and prints the skipped cases."""
+    from client.pipeline import ingestion_report
+    from common.provenance import atomic_write_json
+
+    proto, config, cases, problems = _site_setup(protocol, manifest, site_config, out_dir,
+                                                 workers, site_name)
+    outcomes = _run_with_progress(cases, proto, "check", config.n_workers, None)
+    report = ingestion_report(outcomes, problems, proto, config.site_name, "check")
+    path = config.work_dir / "ingestion_report.json"
+    atomic_write_json(path, report)
+    _print_report(report, path)
+    raise typer.Exit(_exit_code(report))
+
+
+@site_app.command("extract")
+def site_extract(protocol: ProtocolOpt, manifest: ManifestOpt = None,
+                 site_config: SiteConfigOpt = None, out_dir: OutOpt = None,
+                 workers: WorkersOpt = None, site_name: SiteNameOpt = None,
+                 no_cache: Annotated[bool, typer.Option(
+                     "--no-cache", help="Recompute every case (the cache is still refreshed "
+                     "only when this is off).")] = False) -> None:
+    """Standardize every valid case and extract its radiomic features under the protocol.
+
+    Writes features.parquet (case_id, batch, label, covariates, features; protocol hash and
+    software versions in its metadata) and ingestion_report.json. Finished cases are cached, so
+    an interrupted run resumes where it stopped."""
+    from client.pipeline import features_table, ingestion_report, write_features_table
+    from common.provenance import atomic_write_json
+
+    proto, config, cases, problems = _site_setup(protocol, manifest, site_config, out_dir,
+                                                 workers, site_name)
+    cache_dir = None if no_cache else config.cache_dir
+    outcomes = _run_with_progress(cases, proto, "extract", config.n_workers, cache_dir)
+    report = ingestion_report(outcomes, problems, proto, config.site_name, "extract")
+    report_path = config.work_dir / "ingestion_report.json"
+    atomic_write_json(report_path, report)
+    table = features_table(cases, outcomes, proto)
+    if len(table):
+        table_path = config.work_dir / "features.parquet"
+        write_features_table(table, table_path, proto, config.site_name)
+        console.print(f"features: {table_path} ({len(table)} cases x "
+                      f"{table.shape[1] - 3 - len(proto.covariates.columns)} features)")
+    _print_report(report, report_path)
+    raise typer.Exit(_exit_code(report))
+
+
+# --- tools ------------------------------------------------------------------------------------
+
+def _default_ibsi_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "ibsi"
+
+
+@app.command("ibsi-check")
+def ibsi_check(
+    data_dir: Annotated[Path, typer.Option(
+        help="Folder with digital_phantom/nifti/{image,mask}/ and the reference CSV.")
+    ] = _default_ibsi_dir(),
+    show_all: Annotated[bool, typer.Option("--all", help="List every feature.")] = False,
+) -> None:
+    """Extract the IBSI-1 digital phantom with this installation and compare every feature that
+    pyradiomics implements with the IBSI reference values. Exit 0 when all agree."""
+    from client.ibsi import run_phantom_check
+
+    try:
+        rows = run_phantom_check(data_dir)
+    except ConfigError as exc:
+        _fail_config(exc)
+    table = Table("status", "IBSI tag", "reference", "ours", "tolerance")
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+        if show_all or r.status in ("fail", "known_deviation"):
+            ours = "-" if r.value is None else f"{r.value:.4g}"
+            ref = "-" if r.reference is None else f"{r.reference:g}"
+            table.add_row(r.status, r.tag, ref, ours, f"{r.tolerance:g}")
+    out.print(table)
+    out.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    raise typer.Exit(ExitCode.CHECK_FAILED if counts.get("fail") else ExitCode.OK)
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:  # pragma: no cover - commands handle their own
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(ExitCode.CONFIG)

@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from client.extract import _ibsi_feature_classes
+from client.standardize import (
+    BiasFieldCorrection,
+    Normalize,
+    Resample,
+    Resegment,
+    Volume,
+    build_steps,
+    ibsi_grid,
+    standardize,
+)
+from common.protocol import (
+    BiasCorrectionSpec,
+    NormalizationSpec,
+    ResampleSpec,
+    load_protocol,
+)
+from tests.conftest import make_volume
+
+
+def _centre(size, origin, spacing, direction) -> np.ndarray:
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    half = (np.asarray(size) - 1) * np.asarray(spacing) / 2.0
+    return np.asarray(origin) + d @ half
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ibsi_grid_keeps_the_grid_centre(seed):
+    rng = np.random.default_rng(seed)
+    image = sitk.Image([int(n) for n in rng.integers(5, 60, 3)], sitk.sitkFloat32)
+    image.SetSpacing([float(s) for s in rng.uniform(0.3, 5.0, 3)])
+    image.SetOrigin([float(o) for o in rng.uniform(-200, 200, 3)])
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))  # an oblique direction
+    image.SetDirection([float(v) for v in q.ravel()])
+    target = tuple(float(s) for s in rng.uniform(0.5, 4.0, 3))
+
+    size, origin, spacing = ibsi_grid(image, target, in_plane_only=False)
+
+    expected_size = np.ceil(np.asarray(image.GetSize()) * image.GetSpacing() / np.asarray(target))
+    assert tuple(size) == tuple(int(n) for n in expected_size)
+    np.testing.assert_allclose(
+        _centre(size, origin, spacing, image.GetDirection()),
+        _centre(image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection()),
+        atol=1e-9,
+    )
+
+
+def test_ibsi_grid_worked_example_and_in_plane_only():
+    image = sitk.Image([10, 10, 7], sitk.sitkFloat32)
+    image.SetSpacing([1.0, 1.0, 3.0])
+    # 10 voxels of 1 mm -> ceil(10 / 0.7) = 15 voxels of 0.7 mm; origin moves by (9 - 9.8)/2.
+    size, origin, spacing = ibsi_grid(image, (0.7, 0.7, 0.7), in_plane_only=False)
+    assert size == (15, 15, 30)
+    assert origin[0] == pytest.approx(-0.4)
+    size, origin, spacing = ibsi_grid(image, (0.7, 0.7, 0.7), in_plane_only=True)
+    assert size == (15, 15, 7) and spacing[2] == 3.0 and origin[2] == 0.0
+
+
+def test_resample_to_same_grid_is_identity():
+    image, labels = make_volume(spacing=(2.0, 2.0, 2.0))
+    spec = ResampleSpec(spacing_mm=(2.0, 2.0, 2.0), interpolation="linear")
+    out = Resample(spec, round_intensities=False)(Volume(image, labels, 1))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(out.image), sitk.GetArrayFromImage(image),
+                               atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out.labels),
+                                  sitk.GetArrayFromImage(labels))
+
+
+def test_resample_rounds_ct_and_thresholds_mask_fraction():
+    image, labels = make_volume(spacing=(1.0, 1.0, 2.0))
+    spec = ResampleSpec(spacing_mm=(1.5, 1.5, 1.5), interpolation="bspline",
+                        mask_interpolation="linear", mask_threshold=0.5)
+    out = Resample(spec, round_intensities=True)(Volume(image, labels, 1))
+    values = sitk.GetArrayFromImage(out.image)
+    np.testing.assert_array_equal(values, np.round(values))
+    # The mask is the >= 0.5 level set of the linearly interpolated ROI indicator.
+    fraction = sitk.Resample(sitk.Cast(labels == 1, sitk.sitkFloat32), out.image,
+                             sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
+    expected = sitk.GetArrayFromImage(fraction) >= 0.5
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out.labels) == 1, expected)
+    # The physical ROI volume is preserved to within the partial-volume rounding.
+    before = (sitk.GetArrayFromImage(labels) == 1).sum() * np.prod(labels.GetSpacing())
+    after = expected.sum() * np.prod(out.labels.GetSpacing())
+    assert after == pytest.approx(before, rel=0.1)
+
+
+def test_resegment_changes_only_the_intensity_mask():
+    image, labels = make_volume(seed=3)
+    volume = Volume(image, labels, 1)
+    out = Resegment((120.0, np.inf), outlier_sigma=2.0)(volume)
+    values = sitk.GetArrayFromImage(image).astype(np.float64)
+    roi = sitk.GetArrayFromImage(labels) == 1
+    in_range = roi & (values >= 120.0)
+    mean, sd = values[in_range].mean(), values[in_range].std()
+    expected = in_range & (np.abs(values - mean) <= 2.0 * sd)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out.intensity_roi).astype(bool), expected)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out.morphological_roi()).astype(bool), roi)
+    assert 0 < expected.sum() < roi.sum()
+
+
+def test_reference_tissue_normalization_puts_muscle_at_scale():
+    image, labels = make_volume(seed=1)
+    out = Normalize(NormalizationSpec(method="reference_tissue", reference_label=2,
+                                      scale=100.0))(Volume(image, labels, 1))
+    muscle = sitk.GetArrayFromImage(out.image)[sitk.GetArrayFromImage(labels) == 2]
+    assert np.median(muscle) == pytest.approx(100.0, rel=1e-5)
+
+
+def test_zscore_and_percentile_normalization():
+    image, labels = make_volume(seed=2)
+    z = Normalize(NormalizationSpec(method="zscore", scale=1.0))(Volume(image, labels, 1))
+    p = Normalize(NormalizationSpec(method="percentile", percentiles=(1, 99), scale=100.0))(
+        Volume(image, labels, 1))
+    zv, pv = sitk.GetArrayFromImage(z.image), sitk.GetArrayFromImage(p.image)
+    body = sitk.GetArrayFromImage(sitk.OtsuThreshold(image, 0, 1, 200)).astype(bool)
+    # Statistics are taken over the body foreground (Otsu), not the whole field of view.
+    assert float(zv[body].mean()) == pytest.approx(0.0, abs=1e-4)
+    assert float(zv[body].std()) == pytest.approx(1.0, rel=1e-4)
+    lo, hi = np.percentile(pv[body], [1, 99])
+    assert lo == pytest.approx(0.0, abs=1e-3) and hi == pytest.approx(100.0, rel=1e-4)
+
+
+def test_n4_removes_a_smooth_bias_field():
+    rng = np.random.default_rng(0)
+    shape = (16, 48, 48)
+    tissue = np.full(shape, 200.0) + rng.normal(0, 2.0, shape)
+    tissue[:, :4, :] = 1.0  # some background
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    bias = np.exp(0.35 * xx + 0.2 * yy)
+    image = sitk.GetImageFromArray((tissue * bias).astype(np.float32))
+    labels = sitk.GetImageFromArray(np.ones(shape, np.uint8))
+    out = BiasFieldCorrection(BiasCorrectionSpec(shrink_factor=2))(Volume(image, labels, 1))
+    region = (slice(None), slice(8, None), slice(None))
+
+    def cov(a: np.ndarray) -> float:
+        return float(a[region].std() / a[region].mean())
+
+    assert cov(sitk.GetArrayFromImage(out.image)) < 0.5 * cov(tissue * bias)
+
+
+def test_ibsi_fixed_bin_size_starts_at_the_lower_resegmentation_bound():
+    # ROI intensities 60..200 HU with re-segmentation [-1000, 400], bin width 25: IBSI bins are
+    # floor((x + 1000) / 25) + 1 (so 60 HU is bin 43), whatever the ROI minimum.
+    values = np.array([[[60.0, 85.0, 110.0, 200.0, 137.0]]], dtype=np.float32)
+    image = sitk.GetImageFromArray(values)
+    mask = sitk.GetImageFromArray(np.ones(values.shape, np.uint8))
+    cls = _ibsi_feature_classes()["firstorder"]
+    fo = cls(image, mask, binWidth=25.0, ibsiLowerBound=-1000.0, label=1)
+    expected = np.floor((values + 1000.0) / 25.0).astype(int) + 1
+    np.testing.assert_array_equal(fo.discretizedImageArray, expected)
+    # pyradiomics' own rule would start at 50 HU (bin 1), which IBSI does not.
+    from radiomics.firstorder import RadiomicsFirstOrder
+
+    plain = RadiomicsFirstOrder(image, mask, binWidth=25.0, label=1)
+    assert plain.discretizedImageArray.min() == 1 != expected.min()
+
+
+def test_build_steps_follows_the_protocol_order():
+    steps = build_steps(load_protocol("preset:spine_mri_t1w"))
+    assert [type(s).__name__ for s in steps] == [
+        "BiasFieldCorrection", "Resample", "Normalize", "Resegment"]
+    assert [type(s).__name__ for s in build_steps(load_protocol("preset:ibsi_digital_phantom"))] \
+        == []
+    for step in steps:
+        assert step.record()["step"]
+
+
+def test_standardize_reports_missing_reference_tissue():
+    from common.errors import CaseError, SkipReason
+
+    image, labels = make_volume()
+    only_roi = sitk.Cast(labels == 1, sitk.sitkUInt8)
+    steps = [Normalize(NormalizationSpec(method="reference_tissue", reference_label=2))]
+    with pytest.raises(CaseError) as err:
+        standardize(Volume(image, only_roi, 1), steps)
+    assert err.value.reason is SkipReason.STANDARDIZATION_FAILED
+    assert "label 2" in err.value.detail

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.errors import ConfigError
+from common.presets import list_presets
+from common.protocol import StudyProtocol, load_protocol, protocol_from_mapping
+
+MINIMAL = {"name": "t", "modality": "CT", "task": {"kind": "classification"}}
+
+
+def test_every_preset_loads_and_hashes():
+    names = list_presets()
+    assert {"ibsi_ct_a", "ibsi_ct_e", "ibsi_digital_phantom", "spine_mri_t1w", "wb_ldct",
+            "pet_ct", "spine_mri_pci"} <= set(names)
+    hashes = {load_protocol(f"preset:{n}").content_hash() for n in names}
+    assert len(hashes) == len(names)  # every preset is a different protocol
+
+
+def test_hash_is_stable_across_formats_and_key_order(tmp_path: Path):
+    toml = tmp_path / "p.toml"
+    toml.write_text('modality = "CT"\nname = "t"\n[task]\nkind = "classification"\n')
+    yaml = tmp_path / "p.yaml"
+    yaml.write_text("task:\n  kind: classification\nname: t\nmodality: CT\n")
+    a, b = load_protocol(toml), load_protocol(yaml)
+    assert a == b
+    assert a.content_hash() == b.content_hash() == protocol_from_mapping(MINIMAL).content_hash()
+    changed = protocol_from_mapping({**MINIMAL, "radiomics": {"bin_width": 10.0}})
+    assert changed.content_hash() != a.content_hash()
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "reason"),
+    [
+        ({"modality": "XR"}, "modality", "Input should be 'CT', 'MR' or 'PET'"),
+        ({"radiomics": {"bin_width": -1}}, "radiomics.bin_width", "greater than 0"),
+        ({"radiomics": {"feature_classes": {"glcmm": []}}}, "radiomics", "unknown feature classes"),
+        ({"standardization": {"resegmentation_range": [400, -1000]}}, "standardization",
+         "low < high"),
+        ({"standardization": {"normalization": {"method": "zscore"}}}, "(top level)",
+         "normalization is for MR protocols only"),
+        ({"ingestion": {"min_roi_voxel": 3}}, "ingestion.min_roi_voxel", "Extra inputs"),
+        ({"task": {"kind": "regression", "classes": ["a", "b"]}}, "task", "classification"),
+    ],
+)
+def test_validation_error_names_field_and_reason(patch, field, reason):
+    with pytest.raises(ConfigError) as err:
+        protocol_from_mapping({**MINIMAL, **patch}, source="study.toml")
+    text = str(err.value)
+    assert text.startswith("study.toml: invalid")
+    assert any(p.startswith(f"{field}:") and reason in p for p in err.value.problems), text
+
+
+def test_unreadable_files_are_config_errors(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_protocol(bad)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_protocol(tmp_path / "absent.toml")
+    other = tmp_path / "p.json"
+    other.write_text("{}")
+    with pytest.raises(ConfigError, match="unknown format"):
+        load_protocol(other)
+    with pytest.raises(ConfigError, match="no such preset"):
+        load_protocol("preset:nope")
+
+
+def test_mr_reference_tissue_needs_distinct_label():
+    with pytest.raises(ConfigError, match="must differ"):
+        protocol_from_mapping({
+            **MINIMAL, "modality": "MR",
+            "standardization": {"normalization": {"method": "reference_tissue",
+                                                  "reference_label": 1}},
+        })
+    ok = protocol_from_mapping({
+        **MINIMAL, "modality": "MR",
+        "standardization": {"normalization": {"method": "reference_tissue",
+                                              "reference_label": 2}},
+    })
+    assert isinstance(ok, StudyProtocol)

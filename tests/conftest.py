@@ -1,0 +1,42 @@
+"""Shared fixtures: where the shared real data lives, and small synthetic volumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with a clear message when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared test data not found at {path} (clone the project beside shared/)")
+    return path
+
+
+def make_volume(
+    shape_zyx: tuple[int, int, int] = (12, 24, 24),
+    spacing: tuple[float, float, float] = (1.0, 1.0, 2.0),
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    seed: int = 0,
+    roi_value: int = 1,
+) -> tuple[sitk.Image, sitk.Image]:
+    """A noisy float image with a brighter cube ROI (label ``roi_value``) and muscle label 2."""
+    rng = np.random.default_rng(seed)
+    z, y, x = shape_zyx
+    image = rng.normal(100.0, 10.0, size=shape_zyx).astype(np.float32)
+    labels = np.zeros(shape_zyx, dtype=np.uint8)
+    labels[z // 4: 3 * z // 4, y // 4: 3 * y // 4, x // 4: 3 * x // 4] = roi_value
+    image[labels == roi_value] += rng.normal(60.0, 25.0, size=int((labels == roi_value).sum()))
+    labels[1:3, 1:4, 1:4] = 2
+    img = sitk.GetImageFromArray(image)
+    msk = sitk.GetImageFromArray(labels)
+    for item in (img, msk):
+        item.SetSpacing(spacing)
+        item.SetOrigin(origin)
+    return img, msk
