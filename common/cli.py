@@ -273,3 +273,7 @@ def main() -> None:
     except ConfigError as exc:  # pragma: no cover - commands handle their own
         console.print(f"[bold red]error:[/] {exc}")
         sys.exit(ExitCode.CONFIG)
+
+
+if __name__ == "__main__":
+    main()

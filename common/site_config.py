@@ -44,6 +44,7 @@ def load_site_config(path: Path | str) -> SiteConfig:
     path = Path(path)
     data = read_mapping(path)
     base = path.resolve().parent
+    data.setdefault("work_dir", "myelofed-work")
     for key in ("manifest", "work_dir"):
         if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
             data[key] = str(base / data[key])

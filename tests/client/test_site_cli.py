@@ -1,0 +1,217 @@
+"""End to end through ``myelofed site check/extract``: a small cohort with one of every kind of
+bad input. Each bad case gets its named reason, the good cases are extracted, the exit status
+says some were skipped, and a second run is served from the cache."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+from typer.testing import CliRunner
+
+from client.pipeline import read_features_metadata
+from common.cli import app
+from common.errors import ExitCode
+from common.protocol import load_protocol
+from tests.conftest import SHARED_DATA, make_volume
+
+runner = CliRunner()
+
+PROTOCOL_TOML = """
+name = "bad-input-suite"
+modality = "CT"
+batch_column = "scanner"
+
+[task]
+kind = "classification"
+label_column = "mrd"
+
+[covariates]
+continuous = ["age"]
+
+[ingestion]
+min_roi_voxels = 20
+rtstruct_roi = "GTV_Mass"
+
+[standardization]
+resegmentation_range = [-1000.0, 1000.0]
+
+[radiomics]
+bin_width = 10.0
+
+[radiomics.feature_classes]
+shape = []
+firstorder = []
+glcm = []
+"""
+
+
+def _save(image: sitk.Image, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict:
+    """A manifest with 3 good NIfTI cases and one case of every failure kind."""
+    root = tmp_path_factory.mktemp("cohort")
+    rows = ["case_id,image,mask,mrd,age,scanner,roi"]
+
+    def add(case_id, image, mask, label="1", age="60", roi=""):
+        rows.append(f"{case_id},{image},{mask},{label},{age},scannerA,{roi}")
+
+    for i in range(3):
+        img, msk = make_volume(seed=i)
+        add(f"good{i}", _save(img, root / f"good{i}_img.nii.gz"),
+            _save(msk, root / f"good{i}_msk.nii.gz"), label=str(i % 2))
+    img, msk = make_volume(seed=9)
+    good_img = _save(img, root / "base_img.nii.gz")
+    good_msk = _save(msk, root / "base_msk.nii.gz")
+
+    corrupt = root / "corrupt.nii.gz"
+    corrupt.write_bytes(b"this is not an image" * 10)
+    add("corrupt_nifti", corrupt, good_msk)
+    truncated = root / "truncated.nii.gz"
+    truncated.write_bytes(Path(good_img).read_bytes()[:300])
+    add("truncated_nifti", truncated, good_msk)
+    ungz = root / "truncated_raw.nii"
+    ungz.write_bytes(gzip.decompress(Path(good_img).read_bytes())[:1000])
+    add("truncated_raw_nifti", ungz, good_msk)
+
+    shifted = sitk.Image(msk)
+    shifted.SetSpacing((1.0, 1.0, 3.0))
+    add("geometry_mismatch", good_img, _save(shifted, root / "shifted_msk.nii.gz"))
+    empty = sitk.Image(msk.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(msk)
+    add("empty_mask", good_img, _save(empty, root / "empty_msk.nii.gz"))
+    tiny = sitk.Image(empty)
+    tiny[3, 3, 3] = 1
+    tiny[3, 4, 3] = 1
+    add("tiny_mask", good_img, _save(tiny, root / "tiny_msk.nii.gz"))
+    add("missing_file", root / "nowhere.nii.gz", good_msk)
+    add("missing_label", good_img, good_msk, label="")
+    add("non_numeric_label", good_img, good_msk, label="yes")
+    add("bad_age", good_img, good_msk, age="sixty")
+    add("dup", good_img, good_msk)
+    add("dup", good_img, good_msk)
+
+    expected = {
+        "corrupt_nifti": "image_unreadable",
+        "truncated_nifti": "image_unreadable",
+        "truncated_raw_nifti": "image_unreadable",
+        "geometry_mismatch": "geometry_mismatch",
+        "empty_mask": "empty_mask",
+        "tiny_mask": "mask_too_small",
+        "missing_file": "file_missing",
+        "missing_label": "label_missing",
+        "non_numeric_label": "label_invalid",
+        "bad_age": "covariate_invalid",
+        "dup": "duplicate_case_id",
+    }
+    ct = SHARED_DATA / "sts" / "dicom" / "STS_002" / "CT"
+    if ct.exists():
+        series = root / "dicom_truncated"
+        shutil.copytree(ct / "image", series)
+        victim = sorted(series.iterdir())[len(list(series.iterdir())) // 2]
+        victim.write_bytes(victim.read_bytes()[:200])
+        add("corrupt_dicom", series, ct / "mask" / "RS.dcm")
+        expected["corrupt_dicom"] = "image_unreadable"
+        add("wrong_roi_name", ct / "image", ct / "mask" / "RS.dcm", roi="NotAnROI")
+        expected["wrong_roi_name"] = "roi_not_found"
+        add("dicom_good", ct / "image", ct / "mask" / "RS.dcm")
+
+    (root / "manifest.csv").write_text("\n".join(str(r) for r in rows) + "\n")
+    (root / "study.toml").write_text(PROTOCOL_TOML)
+    return {"root": root, "expected": expected, "has_dicom": ct.exists()}
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "ingestion_report.json").read_text())
+
+
+def test_check_names_every_bad_case_and_exits_3(cohort):
+    out = cohort["root"] / "check"
+    result = runner.invoke(app, ["site", "check", "-p", str(cohort["root"] / "study.toml"),
+                                 "-m", str(cohort["root"] / "manifest.csv"), "-o", str(out),
+                                 "-j", "1"])
+    assert result.exit_code == ExitCode.CASES_SKIPPED, result.output
+    report = _report(out)
+    reasons = {c["case_id"]: c["reason"] for c in report["cases"] if c["status"] == "skipped"}
+    assert reasons == cohort["expected"]
+    ok = {c["case_id"] for c in report["cases"] if c["status"] == "ok"}
+    assert {"good0", "good1", "good2"} <= ok
+    # the console table names each skipped case and its reason
+    for case_id, reason in cohort["expected"].items():
+        assert case_id in result.output and reason in result.output
+
+
+def test_extract_skips_bad_cases_extracts_the_rest_and_resumes_from_cache(cohort):
+    out = cohort["root"] / "extract"
+    args = ["site", "extract", "-p", str(cohort["root"] / "study.toml"),
+            "-m", str(cohort["root"] / "manifest.csv"), "-o", str(out), "-j", "2",
+            "--site-name", "hospitalA"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == ExitCode.CASES_SKIPPED, result.output
+    report = _report(out)
+    reasons = {c["case_id"]: c["reason"] for c in report["cases"] if c["status"] == "skipped"}
+    assert reasons == cohort["expected"]
+    table = pd.read_parquet(out / "features.parquet")
+    expected_ok = {"good0", "good1", "good2"} | ({"dicom_good"} if cohort["has_dicom"] else set())
+    assert set(table["case_id"]) == expected_ok
+    assert list(table.columns[:4]) == ["case_id", "batch", "mrd", "age"]
+    assert (table["batch"] == "scannerA").all()
+    features = [c for c in table.columns if c.startswith("original_")]
+    assert any("glcm" in c for c in features) and any("shape" in c for c in features)
+    assert np.isfinite(table[features].to_numpy()).all()
+    meta = read_features_metadata(out / "features.parquet")
+    assert meta["protocol_hash"] == load_protocol(cohort["root"] / "study.toml").content_hash()
+    assert meta["site"] == "hospitalA" and "pyradiomics-bhklab" in meta["software"]
+    assert report["protocol_hash"] == meta["protocol_hash"]
+
+    # A second run computes nothing: every good case comes from the cache, same numbers.
+    again = runner.invoke(app, args)
+    assert again.exit_code == ExitCode.CASES_SKIPPED
+    cached = {c["case_id"]: c["cached"] for c in _report(out)["cases"] if c["status"] == "ok"}
+    assert all(cached.values()) and set(cached) == expected_ok
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "features.parquet"), table)
+
+
+def test_a_killed_run_resumes_where_it_stopped(cohort, tmp_path):
+    """Only the cases without a cache entry are computed again."""
+    out = tmp_path / "resume"
+    args = ["site", "extract", "-p", str(cohort["root"] / "study.toml"),
+            "-m", str(cohort["root"] / "manifest.csv"), "-o", str(out), "-j", "1"]
+    assert runner.invoke(app, args).exit_code == ExitCode.CASES_SKIPPED
+    entries = sorted((out / "cache").rglob("*.json"))
+    assert len(entries) >= 3
+    entries[0].unlink()  # as if the run had been killed before this case finished
+    (entries[1].parent / ".leftover.json.tmp").write_text("{half a fi")  # an interrupted write
+    entries[1].write_text("{damaged")
+    assert runner.invoke(app, args).exit_code == ExitCode.CASES_SKIPPED
+    cached = [c["cached"] for c in _report(out)["cases"] if c["status"] == "ok"]
+    assert cached.count(False) == 2 and cached.count(True) == len(cached) - 2
+
+
+def test_protocol_with_a_wrong_field_is_refused_before_any_case(cohort, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(PROTOCOL_TOML.replace("bin_width = 10.0", "bin_widht = 10.0"))
+    result = runner.invoke(app, ["site", "extract", "-p", str(bad), "-m",
+                                 str(cohort["root"] / "manifest.csv"), "-o", str(tmp_path / "o")])
+    assert result.exit_code == ExitCode.CONFIG
+    assert "radiomics.bin_widht: Extra inputs are not permitted" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_all_cases_bad_exits_4(tmp_path):
+    (tmp_path / "study.toml").write_text(PROTOCOL_TOML)
+    (tmp_path / "m.csv").write_text("case_id,image,mask,mrd,age\na,nope.nii,nope.nii,1,50\n")
+    result = runner.invoke(app, ["site", "check", "-p", str(tmp_path / "study.toml"),
+                                 "-m", str(tmp_path / "m.csv"), "-o", str(tmp_path / "o")])
+    assert result.exit_code == ExitCode.NO_USABLE_CASE
