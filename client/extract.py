@@ -68,7 +68,9 @@ def _ibsi_feature_classes() -> dict[str, type]:
         if name.startswith("shape"):
             classes[name] = cls
         else:
-            classes[name] = type(f"Ibsi{cls.__name__}", (_IbsiFixedBinSize, cls), {})
+            # Keep pyradiomics' module so the class logs to the (quietened) radiomics logger.
+            classes[name] = type(f"Ibsi{cls.__name__}", (_IbsiFixedBinSize, cls),
+                                 {"__module__": cls.__module__})
     return classes
 
 

@@ -8,6 +8,9 @@ Every failure is a :class:`CaseError` naming the file and the reason.
 
 from __future__ import annotations
 
+import gzip
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,45 @@ from common.errors import CaseError, SkipReason
 from common.protocol import IngestionSpec, Modality, StudyProtocol
 
 
+def _nifti_problem(path: Path) -> str | None:
+    """Why a NIfTI file is incomplete, or None. ITK reads a truncated NIfTI without complaint
+    (the missing voxels become zeros), so the file length is checked against its header."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            header = fh.read(540)
+            size = len(header) + sum(len(b) for b in iter(lambda: fh.read(1 << 20), b""))
+    except (OSError, EOFError, zlib.error) as exc:
+        return f"damaged compressed data ({exc})"
+    if len(header) < 348:
+        return f"only {size} bytes: not a NIfTI file"
+    for order in ("<", ">"):
+        (sizeof_hdr,) = struct.unpack(order + "i", header[:4])
+        if sizeof_hdr == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            (bitpix,) = struct.unpack(order + "h", header[72:74])
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if sizeof_hdr == 540 and len(header) >= 540:
+            dims = struct.unpack(order + "8q", header[16:80])
+            (bitpix,) = struct.unpack(order + "h", header[14:16])
+            (offset,) = struct.unpack(order + "q", header[168:176])
+            break
+    else:
+        return "no NIfTI header"
+    n_dims = max(0, min(int(dims[0]), 7))
+    voxels = int(np.prod([max(1, int(d)) for d in dims[1: n_dims + 1]]))
+    expected = max(offset, 348) + voxels * max(bitpix, 8) // 8
+    if size < expected:
+        return f"truncated: {size} of {expected} bytes"
+    return None
+
+
 def _read_file(path: Path, what: str, reason: SkipReason) -> sitk.Image:
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        problem = _nifti_problem(path)
+        if problem is not None:
+            raise CaseError(reason, f"{what} '{path}' cannot be read: {problem}")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:

@@ -28,7 +28,7 @@ PROTOCOLS = {
 @pytest.mark.parametrize("modality", sorted(PROTOCOLS))
 def test_dicom_and_nifti_paths_agree(modality):
     base = {"name": f"agree-{modality}", "task": {"kind": "classification"},
-            "batch_column": None, "ingestion": {"rtstruct_roi": "GTV_Mass"}}
+            "batch_column": None, "ingestion": {"rtstruct_roi": f"GTV_Mass_{modality}"}}
     protocol = protocol_from_mapping({**base, **PROTOCOLS[modality]})
     processor = CaseProcessor(protocol, "extract", cache_dir=None)
     compared = 0
@@ -48,11 +48,8 @@ def test_dicom_and_nifti_paths_agree(modality):
         names = sorted(a)
         va = np.array([a[n] for n in names])
         vb = np.array([b[n] for n in names])
-        close = np.isclose(va, vb, rtol=0.02, atol=1e-6)
-        # Masks may differ by a few boundary voxels (rasterization): nearly every feature agrees
-        # within 2 %, and the features correlate essentially perfectly.
-        assert close.mean() >= 0.9, [n for n, c in zip(names, close) if not c]
-        assert np.corrcoef(np.log1p(np.abs(va)), np.log1p(np.abs(vb)))[0, 1] > 0.999
+        # Same voxels, same mask: the two paths differ only by float rounding in the reader.
+        np.testing.assert_allclose(vb, va, rtol=1e-5, atol=1e-9)
         compared += 1
     if compared == 0:
         pytest.skip(f"no {modality} NIfTI image in the shared copy")

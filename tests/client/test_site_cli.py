@@ -37,7 +37,7 @@ continuous = ["age"]
 
 [ingestion]
 min_roi_voxels = 20
-rtstruct_roi = "GTV_Mass"
+rtstruct_roi = "GTV_Mass_CT"
 
 [standardization]
 resegmentation_range = [-1000.0, 1000.0]
