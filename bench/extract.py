@@ -5,7 +5,7 @@ with the same settings per modality (resampling, re-segmentation, bin width, all
 classes), each as a fresh process, so both pay their imports. Prints cases/s, the speed-up ratio
 (goal >= 1.8x on 2 cores) and the peak resident memory of the whole process tree.
 
-    python bench/extract.py [--workers N] [--data ../shared/data/sts/nifti]
+    python bench/extract.py [--workers N] [--repeat N] [--data ../shared/data/sts/nifti]
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sts" / "nifti"
 
 
 def protocols() -> dict[str, StudyProtocol]:
-    """One protocol per modality; label-only manifests, no covariates."""
+    """One protocol per modality; label-only manifests, no covariates. Every protocol extracts
+    the usual radiomics set: original, LoG (1, 2, 3 mm) and wavelet images, all classes."""
+    image_types = {"original": True, "log_sigma_mm": [1.0, 2.0, 3.0], "wavelet": True}
     plain = {"covariates": {}, "batch_column": None,
              "task": {"kind": "classification", "label_column": "label"}}
     ct = load_protocol("preset:ibsi_ct_c").model_dump(mode="python")
@@ -38,15 +40,16 @@ def protocols() -> dict[str, StudyProtocol]:
     mr = {"name": "bench-mr", "modality": "MR",
           "standardization": {"resample": {"spacing_mm": [2.0, 2.0, 2.0]}},
           "radiomics": {"bin_width": 25.0}}
-    return {
-        "CT": protocol_from_mapping({**ct, **plain}),
-        "MR_T1": protocol_from_mapping({**mr, **plain}),
-        "PET": protocol_from_mapping({**pet, **plain}),
-    }
+    out = {}
+    for name, spec in (("CT", ct), ("MR_T1", mr), ("PET", pet)):
+        radiomics = {**spec.get("radiomics", {}), "image_types": image_types}
+        out[name] = protocol_from_mapping({**spec, **plain, "radiomics": radiomics})
+    return out
 
 
-def write_inputs(data: Path, work: Path) -> dict[str, tuple[Path, Path, int]]:
-    """Per modality: (manifest, protocol file, number of cases)."""
+def write_inputs(data: Path, work: Path, repeat: int = 1) -> dict[str, tuple[Path, Path, int]]:
+    """Per modality: (manifest, protocol file, number of cases). ``repeat`` lists every volume
+    that many times under distinct case ids, as a larger site would have."""
     out = {}
     for modality, protocol in protocols().items():
         rows = ["case_id,image,mask,label"]
@@ -54,7 +57,8 @@ def write_inputs(data: Path, work: Path) -> dict[str, tuple[Path, Path, int]]:
             image = patient / f"{modality}_image.nii.gz"
             mask = patient / f"{modality}_mask.nii.gz"
             if image.is_file() and mask.is_file():
-                rows.append(f"{patient.name},{image},{mask},{len(rows) % 2}")
+                for copy in range(repeat):
+                    rows.append(f"{patient.name}_{copy},{image},{mask},{len(rows) % 2}")
         manifest = work / f"{modality}.csv"
         manifest.write_text("\n".join(rows) + "\n")
         proto_file = work / f"{modality}.yaml"
@@ -107,6 +111,14 @@ def baseline(manifest: Path, protocol_file: Path) -> None:
         low, high = std.resegmentation_range
         settings["resegmentRange"] = [low] if high == float("inf") else [low, high]
     extractor = featureextractor.RadiomicsFeatureExtractor(**settings)
+    types = protocol.radiomics.image_types
+    image_types: dict[str, dict] = {"Original": {}} if types.original else {}
+    if types.log_sigma_mm:
+        image_types["LoG"] = {"sigma": list(types.log_sigma_mm)}
+    if types.wavelet:
+        image_types["Wavelet"] = {}
+    extractor.disableAllImageTypes()
+    extractor.enableImageTypes(**image_types)
     extractor.disableAllFeatures()
     extractor.enableFeaturesByName(**{k: list(v) for k, v in
                                       protocol.radiomics.feature_classes.items()})
@@ -119,6 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="list every volume this many times (a larger site); default 1")
     parser.add_argument("--baseline", nargs=2, type=Path, metavar=("MANIFEST", "PROTOCOL"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,7 +144,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        inputs = write_inputs(args.data, work)
+        inputs = write_inputs(args.data, work, args.repeat)
         total_cases = sum(n for _, _, n in inputs.values())
         ours_wall = base_wall = 0.0
         ours_peak = base_peak = 0.0
@@ -149,7 +163,8 @@ def main() -> None:
             base_wall += b_wall
             ours_peak = max(ours_peak, o_peak)
             base_peak = max(base_peak, b_peak)
-        print(f"\n{total_cases} cases, {args.workers} workers, {os.cpu_count()} cores")
+        print(f"\n{total_cases} cases ({args.repeat}x each volume), {args.workers} workers, "
+              f"{os.cpu_count()} cores; original + LoG(1,2,3 mm) + wavelet, all classes")
         print(f"plain pyradiomics (1 process): {total_cases / base_wall:.2f} cases/s, "
               f"peak RSS {base_peak:.0f} MiB")
         print(f"myelofed site extract:         {total_cases / ours_wall:.2f} cases/s, "

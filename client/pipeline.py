@@ -21,12 +21,10 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import SimpleITK as sitk
+from threadpoolctl import threadpool_limits
 
 from client.extract import FeatureExtractor
 from client.loading import check_roi, load_case
@@ -35,6 +33,12 @@ from client.standardize import build_steps, standardize
 from common.errors import CaseError, SkipReason
 from common.protocol import StudyProtocol
 from common.provenance import atomic_write_bytes, atomic_write_json, software_versions
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# pyarrow is imported where the table is built, not at start-up: a site run pays for it once the
+# cases are done (pandas is not needed at all to write the table).
 
 CACHE_SCHEMA_VERSION = 1
 TABLE_SCHEMA_VERSION = 1
@@ -162,16 +166,28 @@ def _read_cache(path: Path, case_id: str) -> dict[str, Any] | None:
 _WORKER: CaseProcessor | None = None
 
 
-def _init_worker(protocol_json: str, mode: Mode, cache_dir: str | None, threads: int) -> None:
+def _init_worker(protocol: StudyProtocol, mode: Mode, cache_dir: str | None, threads: int
+                 ) -> None:
     global _WORKER
+    # Each worker gets its share of the cores: ITK and BLAS (numpy's eigvals in pyradiomics'
+    # GLCM MCC) would otherwise each start a thread per core in every worker and thrash.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    protocol = StudyProtocol.model_validate_json(protocol_json)
+    threadpool_limits(threads)
     _WORKER = CaseProcessor(protocol, mode, Path(cache_dir) if cache_dir else None)
 
 
 def _run_in_worker(case: CaseSpec) -> CaseOutcome:
     assert _WORKER is not None, "worker not initialized"
     return _WORKER(case)
+
+
+def _size_on_disk(path: Path) -> int:
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def run_cases(
@@ -197,12 +213,15 @@ def run_cases(
         threads = max(1, (os.cpu_count() or 1) // workers)
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        init_args = (protocol.model_dump_json(), mode, str(cache_dir) if cache_dir else None,
+        init_args = (protocol, mode, str(cache_dir) if cache_dir else None,
                      threads)
+        # Largest cases first (longest-processing-time order): no worker is left with one big
+        # case at the end while the others idle.
+        order = sorted(range(len(cases)), key=lambda i: -_size_on_disk(cases[i].image))
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                  initargs=init_args) as pool:
             futures: dict[Future[CaseOutcome], int] = {
-                pool.submit(_run_in_worker, case): i for i, case in enumerate(cases)
+                pool.submit(_run_in_worker, cases[i]): i for i in order
             }
             for future in as_completed(futures):
                 i = futures[future]
@@ -222,8 +241,10 @@ def run_cases(
 
 def features_table(
     cases: list[CaseSpec], outcomes: list[CaseOutcome], protocol: StudyProtocol
-) -> pd.DataFrame:
+) -> pa.Table:
     """One row per extracted case: case_id, batch, label, covariates, then the features."""
+    import pyarrow as pa
+
     records = []
     for case, outcome in zip(cases, outcomes, strict=True):
         if not outcome.ok or outcome.features is None:
@@ -236,14 +257,15 @@ def features_table(
         }
         record.update(outcome.features)
         records.append(record)
-    return pd.DataFrame.from_records(records)
+    return pa.Table.from_pylist(records)
 
 
 def write_features_table(
-    table: pd.DataFrame, path: Path, protocol: StudyProtocol, site_name: str
+    arrow: pa.Table, path: Path, protocol: StudyProtocol, site_name: str
 ) -> None:
     """Parquet, with the protocol, its hash and the software versions in the file metadata."""
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    import pyarrow.parquet as pq
+
     meta = {
         "schema_version": TABLE_SCHEMA_VERSION,
         "site": site_name,
@@ -262,6 +284,8 @@ def write_features_table(
 
 def read_features_metadata(path: Path) -> dict[str, Any]:
     """The MyeloFed metadata of a features table (protocol hash, protocol, software)."""
+    import pyarrow.parquet as pq
+
     schema = pq.read_schema(path)
     return json.loads((schema.metadata or {})[b"myelofed"])
 

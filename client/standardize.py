@@ -123,16 +123,54 @@ def _resample_to(
     )
 
 
-class Resample:
-    """IBSI resampling of image and mask (grid centres aligned); CT rounded to integer HU."""
+def crop_grid(
+    grid: tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]],
+    labels: sitk.Image,
+    margin_voxels: int,
+) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+    """The part of ``grid`` that covers every labelled voxel plus ``margin_voxels``.
 
-    def __init__(self, spec: ResampleSpec, round_intensities: bool) -> None:
+    The sub-grid keeps the grid's points (same spacing, origin moved by whole voxels), so
+    resampling onto it gives exactly the values of the full grid there, for a fraction of the
+    work; filters (LoG, wavelet) see ``margin_voxels`` of context around the ROI.
+    """
+    size, origin, spacing = grid
+    present = np.argwhere(_array(labels) != 0)
+    if present.size == 0:
+        return grid
+    lo_zyx, hi_zyx = present.min(axis=0), present.max(axis=0)
+    corners = np.array([[x, y, z] for x in (lo_zyx[2] - 0.5, hi_zyx[2] + 0.5)
+                        for y in (lo_zyx[1] - 0.5, hi_zyx[1] + 0.5)
+                        for z in (lo_zyx[0] - 0.5, hi_zyx[0] + 0.5)])
+    direction = np.asarray(labels.GetDirection(), dtype=float).reshape(3, 3)
+    physical = np.asarray(labels.GetOrigin()) + (corners * labels.GetSpacing()) @ direction.T
+    index = np.linalg.solve(direction, (physical - np.asarray(origin)).T).T / np.asarray(spacing)
+    first = np.maximum(np.floor(index.min(axis=0)).astype(int) - margin_voxels, 0)
+    last = np.minimum(np.ceil(index.max(axis=0)).astype(int) + margin_voxels,
+                      np.asarray(size) - 1)
+    new_origin = np.asarray(origin) + direction @ (first * np.asarray(spacing))
+    return (tuple(int(n) for n in last - first + 1), tuple(float(o) for o in new_origin),
+            spacing)
+
+
+class Resample:
+    """IBSI resampling of image and mask (grid centres aligned); CT rounded to integer HU.
+
+    With ``margin_voxels`` set, only the part of the IBSI grid around the labelled voxels is
+    computed (:func:`crop_grid`): the same values, far less work on large fields of view.
+    """
+
+    def __init__(self, spec: ResampleSpec, round_intensities: bool,
+                 margin_voxels: int | None = None) -> None:
         self.spec = spec
         self.round_intensities = round_intensities
+        self.margin_voxels = margin_voxels
 
     def __call__(self, volume: Volume) -> Volume:
         spec = self.spec
         grid = ibsi_grid(volume.image, spec.spacing_mm, spec.in_plane_only)
+        if self.margin_voxels is not None:
+            grid = crop_grid(grid, volume.labels, self.margin_voxels)
         image = _resample_to(volume.image, grid, _INTERPOLATORS[spec.interpolation])
         if self.round_intensities:
             image = _like(np.round(_array(image)).astype(np.float32), image)
@@ -168,7 +206,8 @@ class Resample:
 
     def record(self) -> dict[str, Any]:
         return {"step": "resample", **self.spec.model_dump(mode="json"),
-                "round_intensities": self.round_intensities}
+                "round_intensities": self.round_intensities,
+                "crop_margin_voxels": self.margin_voxels}
 
 
 class BiasFieldCorrection:
@@ -283,6 +322,16 @@ def _json_float(value: float) -> float | str:
     return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
 
 
+def filter_margin_voxels(protocol: StudyProtocol) -> int:
+    """Context kept around the ROI when resampling: 5 voxels (pyradiomics' own padding), or
+    3 sigma of the widest LoG kernel if that is more. Derived from the protocol alone, so it is
+    the same at every site."""
+    spacing = min(protocol.standardization.resample.spacing_mm) if (
+        protocol.standardization.resample is not None) else 1.0
+    sigmas = protocol.radiomics.image_types.log_sigma_mm
+    return max(5, math.ceil(3.0 * max(sigmas) / spacing) if sigmas else 0)
+
+
 def build_steps(protocol: StudyProtocol) -> list[Any]:
     """The protocol's standardization as an ordered list of steps.
 
@@ -292,10 +341,11 @@ def build_steps(protocol: StudyProtocol) -> list[Any]:
     steps: list[Any] = []
     if std.bias_correction is not None:
         steps.append(BiasFieldCorrection(std.bias_correction))
-    if std.resample is not None:
-        steps.append(Resample(std.resample, round_intensities=protocol.modality is Modality.CT))
     if std.normalization is not None:
         steps.append(Normalize(std.normalization))
+    if std.resample is not None:
+        steps.append(Resample(std.resample, round_intensities=protocol.modality is Modality.CT,
+                              margin_voxels=filter_margin_voxels(protocol)))
     if std.resegmentation_range is not None or std.outlier_sigma is not None:
         steps.append(Resegment(std.resegmentation_range, std.outlier_sigma))
     return steps

@@ -224,11 +224,11 @@ def site_extract(protocol: ProtocolOpt, manifest: ManifestOpt = None,
     report_path = config.work_dir / "ingestion_report.json"
     atomic_write_json(report_path, report)
     table = features_table(cases, outcomes, proto)
-    if len(table):
+    if table.num_rows:
         table_path = config.work_dir / "features.parquet"
         write_features_table(table, table_path, proto, config.site_name)
-        console.print(f"features: {table_path} ({len(table)} cases x "
-                      f"{table.shape[1] - 3 - len(proto.covariates.columns)} features)")
+        n_features = table.num_columns - 3 - len(proto.covariates.columns)
+        console.print(f"features: {table_path} ({table.num_rows} cases x {n_features} features)")
     _print_report(report, report_path)
     raise typer.Exit(_exit_code(report))
 

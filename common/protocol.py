@@ -38,7 +38,8 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Infinity is a legitimate open bound (e.g. SUV >= 0): keep it through JSON, not as null.
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
 
 class Modality(str, enum.Enum):
@@ -170,8 +171,8 @@ class BiasCorrectionSpec(_Frozen):
 
 
 class StandardizationSpec(_Frozen):
-    """Image standardization, applied in this order: SUV (PET), N4 (MR), resampling, CT rounding,
-    MR normalization, re-segmentation range, outlier filtering."""
+    """Image standardization, applied in the IBSI order: SUV (PET), N4 and intensity
+    normalization (MR), resampling with CT rounding, re-segmentation range, outlier filtering."""
 
     resample: ResampleSpec | None = None
     bias_correction: BiasCorrectionSpec | None = None

@@ -164,7 +164,7 @@ def test_ibsi_fixed_bin_size_starts_at_the_lower_resegmentation_bound():
 def test_build_steps_follows_the_protocol_order():
     steps = build_steps(load_protocol("preset:spine_mri_t1w"))
     assert [type(s).__name__ for s in steps] == [
-        "BiasFieldCorrection", "Resample", "Normalize", "Resegment"]
+        "BiasFieldCorrection", "Normalize", "Resample", "Resegment"]
     assert [type(s).__name__ for s in build_steps(load_protocol("preset:ibsi_digital_phantom"))] \
         == []
     for step in steps:
@@ -181,3 +181,27 @@ def test_standardize_reports_missing_reference_tissue():
         standardize(Volume(image, only_roi, 1), steps)
     assert err.value.reason is SkipReason.STANDARDIZATION_FAILED
     assert "label 2" in err.value.detail
+
+
+def test_cropped_resampling_equals_the_full_grid_there():
+    image, labels = make_volume(shape_zyx=(20, 40, 36), spacing=(0.8, 0.8, 2.5), seed=4)
+    labels = sitk.Cast(labels == 1, sitk.sitkUInt8)  # the ROI only (no reference tissue)
+    image.SetDirection([0, 1, 0, -1, 0, 0, 0, 0, 1])  # a rotated frame
+    labels.SetDirection(image.GetDirection())
+    spec = ResampleSpec(spacing_mm=(1.1, 1.1, 1.1), interpolation="bspline")
+    full = Resample(spec, round_intensities=True)(Volume(image, labels, 1))
+    crop = Resample(spec, round_intensities=True, margin_voxels=3)(Volume(image, labels, 1))
+    assert np.prod(crop.image.GetSize()) < 0.6 * np.prod(full.image.GetSize())
+    # Locate the cropped block inside the full grid by its origin.
+    offset = np.rint(np.asarray(full.image.TransformPhysicalPointToContinuousIndex(
+        crop.image.GetOrigin()))).astype(int)
+    x, y, z = offset
+    sx, sy, sz = crop.image.GetSize()
+    block = (slice(z, z + sz), slice(y, y + sy), slice(x, x + sx))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(crop.image),
+                               sitk.GetArrayFromImage(full.image)[block], atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(crop.labels),
+                                  sitk.GetArrayFromImage(full.labels)[block])
+    # every labelled voxel of the full grid is inside the crop
+    assert (sitk.GetArrayFromImage(full.labels) != 0).sum() == \
+        (sitk.GetArrayFromImage(crop.labels) != 0).sum()

@@ -81,3 +81,10 @@ def test_mr_reference_tissue_needs_distinct_label():
                                               "reference_label": 2}},
     })
     assert isinstance(ok, StudyProtocol)
+
+
+def test_json_round_trip_keeps_open_bounds():
+    pet = load_protocol("preset:pet_ct")
+    assert pet.standardization.resegmentation_range == (0.0, float("inf"))
+    again = StudyProtocol.model_validate_json(pet.model_dump_json())
+    assert again == pet and again.content_hash() == pet.content_hash()
