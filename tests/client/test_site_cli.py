@@ -215,3 +215,60 @@ def test_all_cases_bad_exits_4(tmp_path):
     result = runner.invoke(app, ["site", "check", "-p", str(tmp_path / "study.toml"),
                                  "-m", str(tmp_path / "m.csv"), "-o", str(tmp_path / "o")])
     assert result.exit_code == ExitCode.NO_USABLE_CASE
+
+
+def test_sigkill_mid_run_then_rerun_keeps_every_finished_case(tmp_path):
+    """A real interruption: kill the extracting process, run again, and only the unfinished
+    cases are computed; no half-written cache entry is ever read."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = ["case_id,image,mask,mrd,age"]
+    for i in range(8):
+        img, msk = make_volume(shape_zyx=(24, 64, 64), seed=i)
+        rows.append(f"c{i},{_save(img, tmp_path / f'c{i}.nii.gz')},"
+                    f"{_save(msk, tmp_path / f'm{i}.nii.gz')},{i % 2},50")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "study.toml").write_text(PROTOCOL_TOML.replace(
+        "[radiomics]", '[radiomics]\nimage_types = { original = true, log_sigma_mm = [1.0, 2.0] }'))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "common.cli", "site", "extract", "-p",
+           str(tmp_path / "study.toml"), "-m", str(tmp_path / "m.csv"), "-o", str(out), "-j", "1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list((out / "cache").rglob("*.json"))) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list((out / "cache").rglob("*.json")))
+    assert 2 <= finished < 8
+    assert not (out / "features.parquet").exists()
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == ExitCode.OK, rerun.stderr[-2000:]
+    cases = _report(out)["cases"]
+    assert [c["cached"] for c in cases].count(True) == finished
+    assert len(pd.read_parquet(out / "features.parquet")) == 8
+
+
+def test_site_config_supplies_manifest_name_and_work_dir(cohort, tmp_path):
+    config = tmp_path / "site.toml"
+    config.write_text(f'site_name = "hospital_B"\nmanifest = "{cohort["root"] / "manifest.csv"}"\n'
+                      'work_dir = "work"\nworkers = 1\n')
+    result = runner.invoke(app, ["site", "check", "-p", str(cohort["root"] / "study.toml"),
+                                 "--site-config", str(config)])
+    assert result.exit_code == ExitCode.CASES_SKIPPED, result.output
+    report = json.loads((tmp_path / "work" / "ingestion_report.json").read_text())
+    assert report["site"] == "hospital_B" and report["mode"] == "check"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('site_name = "x y"\nmanifest = "m.csv"\n')
+    result = runner.invoke(app, ["site", "check", "-p", str(cohort["root"] / "study.toml"),
+                                 "--site-config", str(bad)])
+    assert result.exit_code == ExitCode.CONFIG and "site_name" in result.output
