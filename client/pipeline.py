@@ -263,14 +263,19 @@ def features_table(
 def write_features_table(
     arrow: pa.Table, path: Path, protocol: StudyProtocol, site_name: str
 ) -> None:
-    """Parquet, with the protocol, its hash and the software versions in the file metadata."""
+    """Parquet, with the protocol, its hash, the standardization steps as run, the pyradiomics
+    settings and the software versions in the file metadata."""
     import pyarrow.parquet as pq
+
+    from client.extract import pyradiomics_settings
 
     meta = {
         "schema_version": TABLE_SCHEMA_VERSION,
         "site": site_name,
         "protocol_hash": protocol.content_hash(),
         "protocol": protocol.model_dump(mode="json"),
+        "standardization_steps": [step.record() for step in build_steps(protocol)],
+        "pyradiomics_settings": pyradiomics_settings(protocol.radiomics),
         "software": software_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

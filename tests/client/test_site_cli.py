@@ -173,6 +173,9 @@ def test_extract_skips_bad_cases_extracts_the_rest_and_resumes_from_cache(cohort
     meta = read_features_metadata(out / "features.parquet")
     assert meta["protocol_hash"] == load_protocol(cohort["root"] / "study.toml").content_hash()
     assert meta["site"] == "hospitalA" and "pyradiomics-bhklab" in meta["software"]
+    assert meta["standardization_steps"] == [{"step": "resegment", "range": [-1000.0, 1000.0],
+                                              "outlier_sigma": None}]
+    assert meta["pyradiomics_settings"]["binWidth"] == 10.0
     assert report["protocol_hash"] == meta["protocol_hash"]
 
     # A second run computes nothing: every good case comes from the cache, same numbers.
