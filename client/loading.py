@@ -106,8 +106,18 @@ def _find_dicom_mask(folder: Path) -> Path:
     return objects[0]
 
 
-def read_mask(case: CaseSpec, image: sitk.Image, ingestion: IngestionSpec) -> sitk.Image:
-    """The case's label map (UInt8) on the image grid."""
+def read_mask(
+    case: CaseSpec,
+    image: sitk.Image,
+    ingestion: IngestionSpec,
+    reference: tuple[str, int] | None = None,
+) -> sitk.Image:
+    """The case's label map (UInt8) on the image grid.
+
+    An RTSTRUCT or SEG mask gives the ROI as ``ingestion.roi_label``; with ``reference`` (ROI or
+    segment name, label) it also gives the reference tissue for MR normalization as that label
+    (the ROI wins where the two overlap). A label-map file carries its labels already.
+    """
     path = case.mask
     if not path.exists():
         raise CaseError(SkipReason.FILE_MISSING, f"mask '{path}' does not exist")
@@ -123,16 +133,24 @@ def read_mask(case: CaseSpec, image: sitk.Image, ingestion: IngestionSpec) -> si
                     f"RTSTRUCT '{path}': no ROI name (set the protocol's ingestion.rtstruct_roi "
                     "or the manifest's 'roi' column)",
                 )
-            mask = dicom.rtstruct_to_mask(path, image, roi)
+            read = dicom.rtstruct_to_mask
         elif kind == "SEG":
-            mask = dicom.seg_to_mask(path, image, roi)
+            read = dicom.seg_to_mask
         else:
             raise CaseError(
                 SkipReason.MASK_UNREADABLE,
                 f"mask '{path}' is a DICOM {kind or 'file of unknown modality'}, "
                 "not an RTSTRUCT or SEG",
             )
-        return sitk.Cast(mask, sitk.sitkUInt8) * ingestion.roi_label
+        labels = sitk.GetArrayFromImage(read(path, image, roi)).astype(np.uint8)
+        labels *= ingestion.roi_label
+        if reference is not None:
+            name, value = reference
+            tissue = sitk.GetArrayFromImage(read(path, image, name)) > 0
+            labels[tissue & (labels == 0)] = value
+        mask = sitk.GetImageFromArray(labels)
+        mask.CopyInformation(image)
+        return mask
     mask = _read_file(path, "mask", SkipReason.MASK_UNREADABLE)
     check_geometry(image, mask, ingestion.geometry_tolerance, case.image, path)
     values = sitk.GetArrayViewFromImage(mask)
@@ -190,6 +208,10 @@ def check_roi(labels: sitk.Image, ingestion: IngestionSpec, where: str) -> int:
 def load_case(case: CaseSpec, protocol: StudyProtocol) -> Volume:
     """Read and check one case: the volume on its native grid, ready for standardization."""
     image = read_image(case, protocol)
-    labels = read_mask(case, image, protocol.ingestion)
+    norm = protocol.standardization.normalization
+    reference = None
+    if norm is not None and norm.reference_roi is not None and norm.reference_label is not None:
+        reference = (norm.reference_roi, norm.reference_label)
+    labels = read_mask(case, image, protocol.ingestion, reference)
     check_roi(labels, protocol.ingestion, f"mask '{case.mask}'")
     return Volume(image=image, labels=labels, roi_label=protocol.ingestion.roi_label)

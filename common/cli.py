@@ -33,6 +33,7 @@ The study PROTOCOL (TOML/YAML) is written by the coordinator and is the same at 
   myelofed protocol show preset:wb_ldct  print a protocol and its content hash
   myelofed protocol validate study.toml  check a protocol file (field + reason for each error)
 \b
+  myelofed simulate                      make the built-in synthetic 3-site cohort
   myelofed ibsi-check                    verify this installation on the IBSI digital phantom
 \b
 Exit codes: 0 done; 1 unexpected error; 2 unusable protocol/config/manifest; 3 done but some
@@ -231,6 +232,97 @@ def site_extract(protocol: ProtocolOpt, manifest: ManifestOpt = None,
         console.print(f"features: {table_path} ({table.num_rows} cases x {n_features} features)")
     _print_report(report, report_path)
     raise typer.Exit(_exit_code(report))
+
+
+# --- synthetic cohort -------------------------------------------------------------------------
+
+@app.command("simulate")
+def simulate(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where to write the cohort.")
+                       ] = Path("synthetic-cohort"),
+    sites: Annotated[Optional[int], typer.Option(
+        min=1, help="Number of sites (default: as many as --patients gives, else 3).")] = None,
+    patients: Annotated[Optional[str], typer.Option(
+        help="Patients per site, comma-separated (40,70,110), or one number for every site. "
+        "Default 40,70,110 (repeated for more sites).")] = None,
+    task: Annotated[str, typer.Option(
+        help="diagnosis (MM vs metastasis), pci (plasma-cell infiltration), response "
+        "(with ISS stage) or mrd (after-treatment scans).")] = "diagnosis",
+    modality: Annotated[str, typer.Option(help="MR (T1-weighted-like) or CT (HU).")] = "MR",
+    file_format: Annotated[str, typer.Option(
+        "--format", help="nifti, dicom (series + SEG) or both.")] = "nifti",
+    seed: Annotated[int, typer.Option(help="Same seed, same cohort.")] = 0,
+    scanner_effects: Annotated[bool, typer.Option(
+        "--scanner-effects/--no-scanner-effects",
+        help="Per-site spacing, intensity scale and response, bias field, noise and blur.")
+    ] = True,
+    workers: WorkersOpt = None,
+) -> None:
+    """Make the built-in synthetic multi-site myeloma cohort.
+
+    Spine phantoms with the MM marrow patterns (normal, focal, diffuse, mixed, salt-and-pepper)
+    and metastases, labels for the four tasks, clinical covariates (age, sex, ISS stage) and
+    per-site scanner effects; deterministic for a seed.
+
+    \b
+    Writes, under --out:
+      <site>/manifest.csv        the site manifest (manifest_dicom.csv too with --format both)
+      <site>/images, masks/      NIfTI images and label maps (1 = marrow ROI, 2 = muscle)
+      <site>/dicom/<case>/       DICOM series (image/) and a SEG (seg.dcm)
+      study.yaml                 a study protocol for this task and modality
+      preview.png                sample slices per site and pattern
+      cohort.json                the generator's settings (written last)
+    \b
+    Then, for example:
+      myelofed site extract -p <out>/study.yaml -m <out>/site_A/manifest.csv -o work/site_A"""
+    from common.synthetic import CohortSpec, Task, make_sites, preview_png, write_cohort
+
+    try:
+        sizes = _cohort_sizes(sites, patients)
+        try:
+            the_task = Task(task)
+        except ValueError:
+            raise ConfigError("--task", [f"'{task}' is not one of "
+                                         f"{', '.join(t.value for t in Task)}"]) from None
+        if modality not in ("MR", "CT"):
+            raise ConfigError("--modality", [f"'{modality}' is not MR or CT"])
+        if file_format not in ("nifti", "dicom", "both"):
+            raise ConfigError("--format", [f"'{file_format}' is not nifti, dicom or both"])
+    except ConfigError as exc:
+        _fail_config(exc)
+    spec = CohortSpec(make_sites(sizes, scanner_effects, seed), the_task, modality, seed,
+                      scanner_effects, file_format)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("simulate", total=sum(sizes))
+        manifests = write_cohort(out_dir, spec, workers=workers,
+                                 on_case=lambda _: progress.advance(bar))
+    preview = out_dir / "preview.png"
+    preview_png(preview, spec)
+    for site, manifest in manifests.items():
+        out.print(f"{site}: {manifest}")
+    out.print(f"study protocol: {out_dir / 'study.yaml'}")
+    out.print(f"preview: {preview}")
+
+
+def _cohort_sizes(sites: int | None, patients: str | None) -> tuple[int, ...]:
+    """Patients per site from --sites and --patients (ConfigError naming the option)."""
+    if patients is None:
+        n = sites or 3
+        return tuple((40, 70, 110)[i % 3] for i in range(n))
+    try:
+        sizes = tuple(int(v) for v in patients.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise ConfigError("--patients", [f"'{patients}' is not a list of positive integers, "
+                                         "e.g. 40,70,110"])
+    if len(sizes) == 1 and sites is not None:
+        return sizes * sites
+    if sites is not None and sites != len(sizes):
+        raise ConfigError("--patients", [f"gives {len(sizes)} sites but --sites is {sites}"])
+    return sizes
 
 
 # --- tools ------------------------------------------------------------------------------------

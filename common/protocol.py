@@ -143,13 +143,17 @@ class NormalizationSpec(_Frozen):
     * ``zscore``: (x - mean) / sd over the body foreground (Otsu), times ``scale``.
     * ``percentile``: the ``percentiles`` of the foreground mapped to 0 and ``scale``.
     * ``reference_tissue``: x / median(reference tissue) times ``scale``; the reference tissue is
-      ``reference_label`` in the mask (e.g. paraspinal muscle), as MM MRI studies do.
+      ``reference_label`` in the mask (e.g. paraspinal muscle), as MM MRI studies do. With an
+      RTSTRUCT or DICOM SEG mask, the ROI / segment named ``reference_roi`` is read as that label.
     """
 
     method: Literal["zscore", "percentile", "reference_tissue"]
     scale: PositiveFloat = 100.0
     percentiles: tuple[float, float] = (1.0, 99.0)
     reference_label: int | None = Field(None, ge=1)
+    reference_roi: str | None = Field(
+        None, description="RTSTRUCT ROI name or SEG segment of the reference tissue (DICOM masks)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> NormalizationSpec:
@@ -158,6 +162,8 @@ class NormalizationSpec(_Frozen):
             raise ValueError("'percentiles' must be [low, high] with 0 <= low < high <= 100")
         if self.method == "reference_tissue" and self.reference_label is None:
             raise ValueError("reference_tissue normalization needs 'reference_label'")
+        if self.reference_roi is not None and self.method != "reference_tissue":
+            raise ValueError("'reference_roi' only applies to reference_tissue normalization")
         return self
 
 

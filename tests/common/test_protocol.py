@@ -43,6 +43,9 @@ def test_hash_is_stable_across_formats_and_key_order(tmp_path: Path):
          "normalization is for MR protocols only"),
         ({"ingestion": {"min_roi_voxel": 3}}, "ingestion.min_roi_voxel", "Extra inputs"),
         ({"task": {"kind": "regression", "classes": ["a", "b"]}}, "task", "classification"),
+        ({"modality": "MR", "standardization": {"normalization": {
+            "method": "zscore", "reference_roi": "Muscle"}}}, "standardization.normalization",
+         "'reference_roi' only applies to reference_tissue"),
     ],
 )
 def test_validation_error_names_field_and_reason(patch, field, reason):

@@ -1,0 +1,450 @@
+"""Spine phantoms of a multi-site myeloma cohort: patients, labels, scanners and images.
+
+Pure functions of a seed (no files here; :mod:`common.synthetic.write` writes them):
+
+* **anatomy**: a lumbar spine segment on an axial stack: three vertebral bodies with a cortical
+  shell, 1.5 mm endplates and trabecular marrow, intervertebral discs, pedicles and the posterior
+  arch around the spinal canal, paraspinal muscles, body wall and subcutaneous fat; vertebra size
+  varies between patients. Physical coordinates are DICOM's LPS (x to the patient's left, y to
+  the posterior, z to the head), so the vertebral body lies anterior (at negative y) of the canal.
+* **disease**: the T1-weighted MRI marrow patterns of the review (normal, focal, diffuse, mixed
+  focal + diffuse, salt-and-pepper) for myeloma; metastases with fewer, larger, irregular
+  lesions, pedicle involvement and sometimes a sclerotic rim (on CT also osteoblastic lesions);
+  on CT, punched-out lytic myeloma lesions without a rim. Diffuse infiltration replaces marrow
+  fat: lower T1 signal, lower trabecular density on CT, coarser texture.
+* **labels** for the four tasks: MM vs metastasis, plasma-cell infiltration (PCI, %), treatment
+  response and minimal residual disease (MRD, seen on after-treatment scans); clinical
+  covariates (age, sex, ISS stage) related to them as the literature reports (ISS tracks tumour
+  burden; stage and burden both lower the chance of response; responders are more often
+  MRD-negative), so a nomogram with clinical factors carries information the image does not.
+* **biological variability** the label does not explain (marrow fat with age and between people,
+  how strongly the marrow shows infiltration, red-marrow reconversion in metastatic patients),
+  which keeps the tasks learnable but not trivial.
+* **scanner effects** per site (voxel spacing and slice thickness, intensity scale, offset and a
+  non-linear response, a smooth bias field, Rician noise on MRI, blur, reconstruction sharpness),
+  which is what makes a model trained at one site worse at another.
+
+What the phantoms are not: a substitute for clinical validation. Lesion appearance, marrow signal
+and covariate effects are stylised from the literature; only the *structure* of the problem
+(learnable signal, non-IID sites, scanner shift) is meant to be realistic.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+ROI_LABEL = 1       #: vertebral-body trabecular marrow: the radiomics ROI
+MUSCLE_LABEL = 2    #: paraspinal muscle: reference tissue for MRI normalization
+
+#: Field of view, mm: x (right-left), y (anterior-posterior), z (caudal-cranial).
+FOV_MM = (96.0, 96.0, 99.0)
+VERTEBRA_Z_MM = (-33.0, 0.0, 33.0)  #: centres of the three vertebral bodies
+
+Lesion = tuple[float, float, float, float]  # x, anterior, z, radius (mm)
+
+
+class Pattern(str, enum.Enum):
+    """Marrow appearance: the five MM patterns of the review, and metastasis."""
+
+    NORMAL = "normal"
+    FOCAL = "focal"
+    DIFFUSE = "diffuse"
+    MIXED = "mixed"
+    SALT_AND_PEPPER = "salt_and_pepper"
+    METASTASIS = "metastasis"
+
+
+MM_PATTERNS = (Pattern.NORMAL, Pattern.FOCAL, Pattern.DIFFUSE, Pattern.MIXED,
+               Pattern.SALT_AND_PEPPER)
+
+
+class Task(str, enum.Enum):
+    """Which clinical question a cohort is drawn for.
+
+    ``diagnosis``: myeloma and metastatic patients at diagnosis (MM vs metastasis). ``pci`` and
+    ``response``: myeloma patients at diagnosis. ``mrd``: myeloma patients scanned after
+    treatment. Every cohort carries every label column that applies to its patients.
+    """
+
+    DIAGNOSIS = "diagnosis"
+    PCI = "pci"
+    RESPONSE = "response"
+    MRD = "mrd"
+
+
+@dataclass(frozen=True)
+class ScannerEffects:
+    """One scanner's acquisition: what differs between hospitals.
+
+    On CT, HU are calibrated: ``intensity_scale`` and ``gamma`` are not applied and
+    ``intensity_offset`` acts at half strength (a calibration drift of some HU).
+    """
+
+    name: str
+    spacing_mm: tuple[float, float, float]  # x, y, z
+    intensity_scale: float = 1.0
+    intensity_offset: float = 0.0
+    bias_strength: float = 0.0   # peak log-amplitude of a smooth multiplicative field (MR)
+    noise_sd: float = 0.02       # fraction of the normal-marrow signal (MR); x 1000 HU (CT)
+    blur_mm: float = 0.0         # Gaussian point-spread sigma, mm
+    texture_gain: float = 1.0    # sharpness of the marrow texture (reconstruction kernel)
+    gamma: float = 1.0           # non-linear intensity response (MR; not removed by rescaling)
+    manufacturer: str = "MyeloFed Phantom"
+    field_strength_t: float = 1.5
+    t1_contrast: float = 1.0     # how strongly marrow infiltration lowers T1 signal (sequence)
+
+
+#: The scanner of a site without scanner effects: every site then acquires identically.
+REFERENCE_SCANNER = ScannerEffects("reference", (0.8, 0.8, 3.0))
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One hospital: its size, case mix and scanners (patients alternate between scanners)."""
+
+    name: str
+    n_patients: int
+    mm_fraction: float           # share of myeloma patients in a diagnosis cohort
+    severity: float              # PCI shift, %-points (referral centres see more advanced MM)
+    scanners: tuple[ScannerEffects, ...]
+
+
+@dataclass(frozen=True)
+class Patient:
+    """One synthetic patient: the latent truth and the labels derived from it.
+
+    ``mrd``, ``response`` and ``iss_stage`` are None for metastatic patients (not applicable).
+    ``pci`` is the plasma-cell infiltration at diagnosis, % of marrow cells.
+    """
+
+    case_id: str
+    site: str
+    scanner: str
+    timepoint: str               # "diagnosis" or "after_treatment"
+    diagnosis: str               # "myeloma" or "metastasis"
+    pattern: Pattern
+    pci: float
+    age: float
+    sex: str
+    iss_stage: str | None
+    response: int | None         # 1 = responded to induction treatment
+    mrd: int | None              # 1 = minimal residual disease detected after treatment
+    lesions: tuple[Lesion, ...] = ()
+    size: float = 1.0            # vertebra size factor
+
+
+def _stable_int(*parts: object) -> int:
+    """A seed component that does not depend on Python's hash randomization."""
+    text = "/".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:4], "little")
+
+
+def default_sites(scanner_effects: bool = True) -> tuple[SiteSpec, ...]:
+    """Three hospitals of different sizes, case mix and scanners (site C has two scanners)."""
+    if scanner_effects:
+        scanners = (
+            (ScannerEffects("A_GE_1.5T", (0.7, 0.7, 3.0), 1.35, 40.0, 0.25, 0.03, 0.3, 1.45, 1.18,
+                            "GE", 1.5, 1.0),),
+            (ScannerEffects("B_Siemens_3T", (0.9, 0.9, 4.0), 0.75, -30.0, 0.45, 0.08, 1.1, 0.6,
+                            0.8, "Siemens", 3.0, 0.7),
+             ScannerEffects("B_Siemens_1.5T", (0.75, 0.75, 3.0), 1.1, 10.0, 0.2, 0.035, 0.4,
+                            1.25, 1.1, "Siemens", 1.5, 1.0)),
+            (ScannerEffects("C_Philips_1.5T", (0.8, 0.8, 3.5), 1.0, 0.0, 0.1, 0.045, 0.6, 1.0,
+                            1.0, "Philips", 1.5, 1.0),
+             ScannerEffects("C_Philips_3T", (1.0, 1.0, 3.0), 1.15, 15.0, 0.35, 0.07, 0.9, 0.7,
+                            0.85, "Philips", 3.0, 0.75)),
+        )
+    else:
+        scanners = ((REFERENCE_SCANNER,),) * 3
+    return (SiteSpec("site_A", 40, 0.3, 8.0, scanners[0]),
+            SiteSpec("site_B", 70, 0.5, 0.0, scanners[1]),
+            SiteSpec("site_C", 110, 0.7, -5.0, scanners[2]))
+
+
+def make_sites(patients: tuple[int, ...], scanner_effects: bool = True, seed: int = 0
+               ) -> tuple[SiteSpec, ...]:
+    """Sites with the given sizes: the three default hospitals first, then further sites whose
+    scanners and case mix are drawn from the same ranges (deterministic for ``seed``)."""
+    if not patients or min(patients) < 1:
+        raise ValueError(f"every site needs at least one patient, got {list(patients)}")
+    defaults = default_sites(scanner_effects)
+    sites = []
+    for i, n in enumerate(patients):
+        if i < len(defaults):
+            sites.append(replace(defaults[i], n_patients=n))
+            continue
+        name = f"site_{chr(ord('A') + i)}" if i < 26 else f"site_{i:03d}"
+        rng = np.random.default_rng([seed, _stable_int(name)])
+        scanner = REFERENCE_SCANNER
+        if scanner_effects:
+            in_plane = float(rng.uniform(0.6, 1.0))
+            scanner = ScannerEffects(
+                f"{name}_scanner", (in_plane, in_plane, float(rng.choice([3.0, 3.5, 4.0]))),
+                float(rng.uniform(0.7, 1.4)), float(rng.uniform(-40, 40)),
+                float(rng.uniform(0.1, 0.45)), float(rng.uniform(0.03, 0.06)),
+                float(rng.uniform(0.3, 0.9)), float(rng.uniform(0.7, 1.3)),
+                float(rng.uniform(0.85, 1.15)), field_strength_t=float(rng.choice([1.5, 3.0])),
+                t1_contrast=float(rng.uniform(0.7, 1.0)))
+        sites.append(SiteSpec(name, n, float(rng.uniform(0.3, 0.7)),
+                              float(rng.uniform(-6, 6)), (scanner,)))
+    return tuple(sites)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _random_lesion(rng: np.random.Generator, radius: tuple[float, float],
+                   posterior: bool = False) -> Lesion:
+    """A lesion centre in one vertebra: in the body, or (``posterior``) in a pedicle."""
+    z = VERTEBRA_Z_MM[int(rng.integers(0, 3))] + rng.uniform(-8, 8)
+    if posterior:
+        return (float(rng.choice([-10.0, 10.0]) + rng.uniform(-2, 2)), float(-8.0 + rng.uniform(-3, 3)),
+                float(z), float(rng.uniform(*radius)))
+    return (float(rng.uniform(-12, 12)), float(10.0 + rng.uniform(-8, 8)), float(z),
+            float(rng.uniform(*radius)))
+
+
+def _myeloma(rng: np.random.Generator, site: SiteSpec
+             ) -> tuple[Pattern, float, float, str, str, int, int, list[Lesion]]:
+    pattern = MM_PATTERNS[int(rng.choice(len(MM_PATTERNS), p=[0.25, 0.25, 0.2, 0.15, 0.15]))]
+    base = {Pattern.NORMAL: 15, Pattern.FOCAL: 22, Pattern.DIFFUSE: 40, Pattern.MIXED: 44,
+            Pattern.SALT_AND_PEPPER: 32}[pattern]
+    pci = float(np.clip(rng.normal(base + site.severity, 16), 1, 95))
+    age = float(np.clip(rng.normal(66, 9), 35, 90))
+    sex = "M" if rng.random() < 0.55 else "F"
+    lesions = [_random_lesion(rng, (2.0, 7.0)) for _ in range(int(rng.integers(2, 7)))
+               if pattern in (Pattern.FOCAL, Pattern.MIXED)]
+    # ISS (beta-2 microglobulin, albumin) tracks tumour burden and, through renal function, age.
+    iss_score = 0.035 * (pci - 35) + 0.03 * (age - 65) + rng.normal(0, 0.9)
+    iss = "I" if iss_score < -0.5 else ("II" if iss_score < 0.6 else "III")
+    # Response: worse with burden and, beyond it, with stage (which also reflects biology the
+    # image does not show): the nomogram's clinical factor adds real information.
+    response_logit = 1.6 - 0.025 * pci - {"I": 0.0, "II": 0.8, "III": 1.7}[iss]
+    response = int(rng.random() < _sigmoid(response_logit + rng.normal(0, 0.5)))
+    mrd_logit = -1.0 + 0.04 * (pci - 30) - 1.5 * response
+    mrd = int(rng.random() < _sigmoid(mrd_logit))
+    return pattern, pci, age, sex, iss, response, mrd, lesions
+
+
+def _metastasis(rng: np.random.Generator) -> tuple[float, float, str, list[Lesion]]:
+    pci = float(np.clip(rng.normal(3, 2), 0, 10))
+    age = float(np.clip(rng.normal(63, 10), 35, 90))
+    sex = "M" if rng.random() < 0.5 else "F"
+    kind = rng.random()
+    if kind < 0.2:   # pedicle / posterior-element disease, the vertebral-body marrow spared
+        lesions = [_random_lesion(rng, (3.0, 7.0), posterior=True)
+                   for _ in range(int(rng.integers(1, 3)))]
+    elif kind < 0.4:  # several small deposits, as myeloma shows
+        lesions = [_random_lesion(rng, (2.0, 5.0)) for _ in range(int(rng.integers(3, 7)))]
+    else:            # one to three large irregular deposits, sometimes reaching the pedicle
+        lesions = [_random_lesion(rng, (3.0, 8.0)) for _ in range(int(rng.integers(1, 4)))]
+    return pci, age, sex, lesions
+
+
+def make_patients(site: SiteSpec, task: Task = Task.DIAGNOSIS, seed: int = 0) -> list[Patient]:
+    """Draw the latent truth of every patient of one site (deterministic for ``seed``; a site's
+    patients do not depend on the other sites)."""
+    task = Task(task)
+    rng = np.random.default_rng([seed, _stable_int(site.name), _stable_int(task.value)])
+    patients = []
+    for i in range(site.n_patients):
+        scanner = site.scanners[i % len(site.scanners)]
+        is_mm = task is not Task.DIAGNOSIS or rng.random() < site.mm_fraction
+        if is_mm:
+            pattern, pci, age, sex, iss, response, mrd, lesions = _myeloma(rng, site)
+            extra = dict(iss_stage=iss, response=response, mrd=mrd)
+        else:
+            pattern = Pattern.METASTASIS
+            pci, age, sex, lesions = _metastasis(rng)
+            extra = dict(iss_stage=None, response=None, mrd=None)
+        size = float(np.exp(rng.normal(0.04 if sex == "M" else -0.04, 0.06)))
+        patients.append(Patient(
+            case_id=f"{site.name}_{i:03d}", site=site.name, scanner=scanner.name,
+            timepoint="after_treatment" if task is Task.MRD else "diagnosis",
+            diagnosis="myeloma" if is_mm else "metastasis", pattern=pattern, pci=round(pci, 1),
+            age=round(age), sex=sex, lesions=tuple(lesions), size=size, **extra))
+    return patients
+
+
+def make_cohort(sites: tuple[SiteSpec, ...], task: Task = Task.DIAGNOSIS, seed: int = 0
+                ) -> list[Patient]:
+    """Every site's patients, site by site."""
+    return [p for site in sites for p in make_patients(site, task, seed)]
+
+
+# --- images -----------------------------------------------------------------------------------
+
+def _grid(spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LPS coordinates (mm, centred on the field of view) of every voxel, as (z, y, x) arrays."""
+    n = [max(8, int(round(f / s))) for f, s in zip(FOV_MM, spacing)]
+    axes = [(np.arange(k) - (k - 1) / 2.0) * s for k, s in zip(n, spacing)]
+    z, y, x = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    return x, y, z
+
+
+def _anatomy(x: np.ndarray, a: np.ndarray, z: np.ndarray, size: float) -> dict[str, np.ndarray]:
+    """Boolean masks of each tissue; ``a`` is the anterior coordinate (mm, = -y in LPS)."""
+    x, a = x / size, a / size
+    body = (x / 46.0) ** 2 + ((a + 2.0) / 44.0) ** 2 <= 1.0
+    fat = body & ~((x / 40.0) ** 2 + ((a + 2.0) / 38.0) ** 2 <= 1.0)
+    centres = np.asarray(VERTEBRA_Z_MM)
+    nearest = np.min(np.abs(z[..., None] - centres), axis=-1)
+    vertebra_z = nearest <= 12.5 * size
+    disc = np.zeros_like(vertebra_z)
+    for lower, upper in zip(centres[:-1], centres[1:]):
+        disc |= np.abs(z - (lower + upper) / 2.0) <= (upper - lower) / 2.0 - 12.5 * size
+    cylinder = (x / 20.0) ** 2 + ((a - 10.0) / 15.0) ** 2 <= 1.0
+    inner = (x / 18.3) ** 2 + ((a - 10.0) / 13.3) ** 2 <= 1.0
+    vertebral_body = cylinder & vertebra_z
+    marrow = inner & (nearest <= 12.5 * size - 1.5)  # 1.5 mm endplates above and below
+    canal = (x / 8.0) ** 2 + ((a + 12.0) / 7.0) ** 2 <= 1.0
+    pedicles = (((np.abs(x) - 10.0) / 4.0) ** 2 + ((a + 8.0) / 9.0) ** 2 <= 1.0) & vertebra_z
+    lamina = ((x / 14.0) ** 2 + ((a + 16.0) / 10.0) ** 2 <= 1.0) & ~canal & vertebra_z
+    muscle = ((np.abs(x) - 17.0) / 10.0) ** 2 + ((a + 25.0) / 10.0) ** 2 <= 1.0
+    return {"body": body, "fat": fat, "vertebral_body": vertebral_body, "marrow": marrow,
+            "cortex": vertebral_body & ~marrow, "disc": disc & cylinder, "canal": canal,
+            "posterior": (pedicles | lamina) & ~canal, "muscle": muscle & ~fat}
+
+
+#: T1w signal (arbitrary units) / CT HU of each tissue
+_TISSUE = {"body": (300.0, 40.0), "fat": (850.0, -100.0), "muscle": (330.0, 50.0),
+           "posterior": (520.0, 300.0), "disc": (260.0, 80.0), "canal": (140.0, 15.0),
+           "cortex": (90.0, 900.0)}
+_NORMAL_MARROW = {"MR": 620.0, "CT": 230.0}
+
+
+def render(patient: Patient, scanner: ScannerEffects, modality: str, seed: int
+           ) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+    """The patient's image as ``scanner`` acquires it, its label map and its lesion mask.
+
+    Parameters
+    ----------
+    modality
+        ``"MR"`` (T1-weighted-like, arbitrary units, Rician noise) or ``"CT"`` (HU).
+
+    Returns
+    -------
+    image : SimpleITK.Image
+        Int16, LPS geometry with the scanner's spacing.
+    labels : SimpleITK.Image
+        UInt8: vertebral-body marrow = :data:`ROI_LABEL`, paraspinal muscle = :data:`MUSCLE_LABEL`.
+    lesions : SimpleITK.Image
+        UInt8 {0, 1}: the focal lesions (inside and outside the ROI).
+    """
+    if modality not in _NORMAL_MARROW:
+        raise ValueError(f"modality must be MR or CT, got {modality!r}")
+    rng = np.random.default_rng([seed, _stable_int(patient.case_id)])
+    x, y, z = _grid(scanner.spacing_mm)
+    anterior = -y
+    t = _anatomy(x, anterior, z, patient.size)
+    mr = modality == "MR"
+    k = 0 if mr else 1
+    values = np.full(x.shape, 0.0 if mr else -1000.0)
+    for name in ("body", "fat", "muscle", "posterior", "disc", "canal", "cortex"):
+        values[t[name]] = _TISSUE[name][k]
+
+    marrow = t["marrow"]
+    normal = _NORMAL_MARROW[modality]
+    infiltration = patient.pci / 100.0
+    if patient.timepoint == "after_treatment":
+        # What is left after induction: residual disease in MRD-positive patients.
+        infiltration *= rng.uniform(0.25, 0.7) if patient.mrd else rng.uniform(0.0, 0.12)
+    if patient.pattern is Pattern.METASTASIS and rng.random() < 0.25:
+        infiltration = rng.uniform(0.05, 0.3)  # red-marrow reconversion (anaemia, therapy)
+    # Biological variability the label does not explain: marrow fat rises with age and varies
+    # between people; how strongly the marrow shows infiltration varies too.
+    fat = math.exp(rng.normal(0.0, 0.15) + 0.006 * (patient.age - 65.0))
+    effective = infiltration * math.exp(rng.normal(0.0, 0.3))
+    drop = 0.65 * scanner.t1_contrast if mr else 0.45
+    level = normal * fat * (1.0 - drop * min(effective, 1.0))
+    # Trabecular texture: band-limited noise whose contrast is a property of the marrow and of
+    # the scanner's reconstruction kernel.
+    grain = ndimage.gaussian_filter(rng.normal(0, 1, x.shape), 0.8)
+    grain /= grain.std() + 1e-9
+    texture = ((0.05 + 0.10 * min(effective, 1.0)) * scanner.texture_gain * normal
+               * math.exp(rng.normal(0.0, 0.3)))
+    values[marrow] = level + texture * grain[marrow]
+    if patient.pattern is Pattern.SALT_AND_PEPPER:
+        speckle = ndimage.gaussian_filter(rng.normal(0, 1, x.shape), 0.5)
+        spots = marrow & (speckle > np.quantile(speckle[marrow], 0.8))
+        values[spots] *= 0.75
+
+    lesion_mask = np.zeros(x.shape, dtype=bool)
+    metastasis = patient.pattern is Pattern.METASTASIS
+    blastic = metastasis and not mr and rng.random() < 0.25
+    for lx, la, lz, r in patient.lesions:
+        if patient.timepoint == "after_treatment":
+            if not patient.mrd:
+                # Treated lesions: fatty replacement (bright on T1) or gone.
+                if rng.random() < 0.5:
+                    inside = marrow & (((x - lx) ** 2 + (anterior - la) ** 2 + (z - lz) ** 2)
+                                       <= (0.8 * r) ** 2)
+                    values[inside] = _TISSUE["fat"][k] * (0.8 if mr else 0.5) + (0 if mr else 60)
+                continue
+            r *= rng.uniform(0.5, 0.9)  # residual lesion
+        d2 = (x - lx) ** 2 + (anterior - la) ** 2
+        if metastasis:
+            # irregular margin: the radius modulated by angle; may reach the pedicle
+            angle = np.arctan2(anterior - la, x - lx)
+            radius = r * (1.0 + 0.3 * np.sin(3 * angle + rng.uniform(0, 2 * np.pi)))
+            inside = (d2 + ((z - lz) * 1.2) ** 2) <= radius ** 2
+            inside &= t["vertebral_body"] | t["posterior"]
+        else:  # myeloma: round, punched-out, confined to the marrow
+            inside = ((d2 + (z - lz) ** 2) <= r ** 2) & marrow
+        lesion_mask |= inside
+        count = int(inside.sum())
+        if mr:
+            values[inside] = 230.0 + 30.0 * rng.normal(0, 1, count)
+        elif blastic:
+            values[inside] = 850.0 + 80.0 * rng.normal(0, 1, count)  # osteoblastic
+        else:
+            values[inside] = 35.0 + 10.0 * rng.normal(0, 1, count)  # lytic
+        if metastasis and rng.random() < 0.35:
+            rim = ndimage.binary_dilation(inside, iterations=1) & ~inside & t["vertebral_body"]
+            values[rim] = 60.0 if mr else 1100.0  # sclerotic rim
+
+    values = _acquire(values, scanner, mr, normal, (x, y, z), rng)
+    labels = np.zeros(x.shape, dtype=np.uint8)
+    labels[t["muscle"]] = MUSCLE_LABEL
+    labels[marrow] = ROI_LABEL
+    origin = (float(x[0, 0, 0]), float(y[0, 0, 0]), float(z[0, 0, 0]))
+    out = []
+    for array, dtype in ((values, np.int16), (labels, np.uint8), (lesion_mask, np.uint8)):
+        image = sitk.GetImageFromArray(array.astype(dtype))
+        image.SetSpacing(tuple(float(s) for s in scanner.spacing_mm))
+        image.SetOrigin(origin)
+        out.append(image)
+    return out[0], out[1], out[2]
+
+
+def _acquire(values: np.ndarray, scanner: ScannerEffects, mr: bool, normal: float,
+             xyz: tuple[np.ndarray, np.ndarray, np.ndarray], rng: np.random.Generator
+             ) -> np.ndarray:
+    """The scanner's view of the object: blur, then (MR) a non-linear response, a smooth bias
+    field, scale, offset and Rician noise, or (CT) a calibration offset and Gaussian noise.
+    Returns values rounded to integers (int16 range)."""
+    values = ndimage.gaussian_filter(values, [scanner.blur_mm / s
+                                              for s in scanner.spacing_mm[::-1]])
+    x, y, z = xyz
+    # Noise also varies between the patients of one scanner (body habitus, coil loading).
+    noise_sd = scanner.noise_sd * math.exp(rng.normal(0.0, 0.45))
+    if mr:
+        values = 1000.0 * np.power(np.maximum(values, 0.0) / 1000.0, scanner.gamma)
+        field = (np.sin(x / 40.0 + rng.uniform(0, 2 * np.pi))
+                 + np.cos(y / 35.0 + rng.uniform(0, 2 * np.pi)) + 0.5 * np.sin(z / 50.0)) / 2.5
+        values = values * np.exp(scanner.bias_strength * field)
+        values = values * scanner.intensity_scale + scanner.intensity_offset
+        sd = noise_sd * normal * scanner.intensity_scale
+        values = np.hypot(values + rng.normal(0, sd, x.shape), rng.normal(0, sd, x.shape))
+    else:
+        values = values + 0.5 * scanner.intensity_offset + rng.normal(0, noise_sd * 1000,
+                                                                      x.shape)
+    return np.clip(np.round(values), -32768, 32767)
