@@ -206,8 +206,8 @@ def _random_lesion(rng: np.random.Generator, radius: tuple[float, float],
     """A lesion centre in one vertebra: in the body, or (``posterior``) in a pedicle."""
     z = VERTEBRA_Z_MM[int(rng.integers(0, 3))] + rng.uniform(-8, 8)
     if posterior:
-        return (float(rng.choice([-10.0, 10.0]) + rng.uniform(-2, 2)), float(-8.0 + rng.uniform(-3, 3)),
-                float(z), float(rng.uniform(*radius)))
+        x = float(rng.choice([-10.0, 10.0]) + rng.uniform(-2, 2))
+        return (x, float(-8.0 + rng.uniform(-3, 3)), float(z), float(rng.uniform(*radius)))
     return (float(rng.uniform(-12, 12)), float(10.0 + rng.uniform(-8, 8)), float(z),
             float(rng.uniform(*radius)))
 
