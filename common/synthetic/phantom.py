@@ -21,8 +21,10 @@ Pure functions of a seed (no files here; :mod:`common.synthetic.write` writes th
   how strongly the marrow shows infiltration, red-marrow reconversion in metastatic patients),
   which keeps the tasks learnable but not trivial.
 * **scanner effects** per site (voxel spacing and slice thickness, intensity scale, offset and a
-  non-linear response, a smooth bias field, Rician noise on MRI, blur, reconstruction sharpness),
-  which is what makes a model trained at one site worse at another.
+  non-linear response, T1 contrast, a smooth bias field, Rician noise on MRI that also varies by
+  patient, blur, reconstruction sharpness), and, in a hospital with two scanners, referral
+  pathways that send suspected myeloma to one of them more often: what makes a model trained at
+  some sites worse at another.
 
 What the phantoms are not: a substitute for clinical validation. Lesion appearance, marrow signal
 and covariate effects are stylised from the literature; only the *structure* of the problem
@@ -92,7 +94,7 @@ class ScannerEffects:
     intensity_scale: float = 1.0
     intensity_offset: float = 0.0
     bias_strength: float = 0.0   # peak log-amplitude of a smooth multiplicative field (MR)
-    noise_sd: float = 0.02       # fraction of the normal-marrow signal (MR); x 1000 HU (CT)
+    noise_sd: float = 0.02       # fraction of the normal-marrow signal (MR); x 500 HU (CT)
     blur_mm: float = 0.0         # Gaussian point-spread sigma, mm
     texture_gain: float = 1.0    # sharpness of the marrow texture (reconstruction kernel)
     gamma: float = 1.0           # non-linear intensity response (MR; not removed by rescaling)
@@ -101,13 +103,17 @@ class ScannerEffects:
     t1_contrast: float = 1.0     # how strongly marrow infiltration lowers T1 signal (sequence)
 
 
+#: Chance that a myeloma patient of a two-scanner site is scanned on its second scanner
+#: (metastatic patients: one minus it).
+REFERRAL_SECOND_SCANNER = 0.7
+
 #: The scanner of a site without scanner effects: every site then acquires identically.
 REFERENCE_SCANNER = ScannerEffects("reference", (0.8, 0.8, 3.0))
 
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """One hospital: its size, case mix and scanners (patients alternate between scanners)."""
+    """One hospital: its size, case mix and scanners (see :data:`REFERRAL_SECOND_SCANNER`)."""
 
     name: str
     n_patients: int
@@ -147,7 +153,7 @@ def _stable_int(*parts: object) -> int:
 
 
 def default_sites(scanner_effects: bool = True) -> tuple[SiteSpec, ...]:
-    """Three hospitals of different sizes, case mix and scanners (site C has two scanners)."""
+    """Three hospitals of different sizes, case mix and scanners (sites B and C have two)."""
     if scanner_effects:
         scanners = (
             (ScannerEffects("A_GE_1.5T", (0.7, 0.7, 3.0), 1.35, 40.0, 0.25, 0.03, 0.3, 1.45, 1.18,
@@ -256,8 +262,13 @@ def make_patients(site: SiteSpec, task: Task = Task.DIAGNOSIS, seed: int = 0) ->
     rng = np.random.default_rng([seed, _stable_int(site.name), _stable_int(task.value)])
     patients = []
     for i in range(site.n_patients):
-        scanner = site.scanners[i % len(site.scanners)]
         is_mm = task is not Task.DIAGNOSIS or rng.random() < site.mm_fraction
+        scanner = site.scanners[0]
+        if len(site.scanners) > 1 and rng.random() < (REFERRAL_SECOND_SCANNER if is_mm
+                                                      else 1.0 - REFERRAL_SECOND_SCANNER):
+            # Referral pathways: suspected myeloma goes to the second scanner more often, so
+            # within one hospital the scanner is related to the diagnosis, as it often is.
+            scanner = site.scanners[1]
         if is_mm:
             pattern, pci, age, sex, iss, response, mrd, lesions = _myeloma(rng, site)
             extra = dict(iss_stage=iss, response=response, mrd=mrd)
@@ -445,6 +456,6 @@ def _acquire(values: np.ndarray, scanner: ScannerEffects, mr: bool, normal: floa
         sd = noise_sd * normal * scanner.intensity_scale
         values = np.hypot(values + rng.normal(0, sd, x.shape), rng.normal(0, sd, x.shape))
     else:
-        values = values + 0.5 * scanner.intensity_offset + rng.normal(0, noise_sd * 1000,
+        values = values + 0.5 * scanner.intensity_offset + rng.normal(0, noise_sd * 500,
                                                                       x.shape)
     return np.clip(np.round(values), -32768, 32767)

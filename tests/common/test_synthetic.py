@@ -59,9 +59,12 @@ def test_sites_are_non_iid_and_scanners_differ():
     assert [s.n_patients for s in sites] == [40, 70, 110, 30]
     assert len({s.mm_fraction for s in sites}) == 4
     assert len({sc.spacing_mm for s in sites for sc in s.scanners}) >= 4
-    assert len(sites[2].scanners) == 2  # one hospital with two scanners
+    assert len(sites[2].scanners) == 2  # hospitals with two scanners
     cohort = make_cohort(sites[2:3])
     assert {p.scanner for p in cohort} == {sc.name for sc in sites[2].scanners}
+    second = sites[2].scanners[1].name  # referral: myeloma more often on the second scanner
+    assert np.mean([p.scanner == second for p in cohort if p.diagnosis == "myeloma"]) > np.mean(
+        [p.scanner == second for p in cohort if p.diagnosis == "metastasis"])
     flat = make_sites((5, 5, 5, 5), scanner_effects=False)
     assert len({sc for s in flat for sc in s.scanners}) == 1
     prevalence = [np.mean([p.diagnosis == "myeloma" for p in make_patients(s)])
