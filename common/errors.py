@@ -92,3 +92,9 @@ class CaseError(MyeloFedError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason.value}: {detail}")
+
+
+class HarmonizationError(MyeloFedError):
+    """ComBat cannot be fitted or applied as asked: a batch below the minimum size, a covariate
+    cell that would expose a patient through the sums a site sends, a singular design, an
+    unknown batch or level. The message names the batch, column or level and the reason."""

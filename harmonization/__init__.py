@@ -1,0 +1,1 @@
+"""Harmonization: ComBat split into site and server halves (:mod:`.combat`)."""

@@ -1,0 +1,502 @@
+"""ComBat, split where the data lives: federated ComBat equal to centralized ComBat.
+
+The model and its options follow Johnson et al. (2007) as implemented in Fortin's neuroCombat:
+a design of batch indicators (no intercept), categorical covariates (first level dropped) and
+continuous covariates; the grand mean weighted by batch size (or a reference batch's); the pooled
+variance over all rows (or the reference batch's); parametric or non-parametric empirical Bayes,
+``mean_only``, no EB. The distributed scheme is d-ComBat's (Chen et al., NeuroImage 2022):
+
+1. each site sends ``n``, ``X'X`` and ``X'Y`` (:func:`site_design_moments`); the server solves
+   for the coefficients (:func:`combine_design_moments`);
+2. each site sends per-batch residual sums of squares (:func:`site_residual_moments`); the
+   server returns the pooled variance (:func:`combine_residual_moments`);
+3. each site standardizes its rows and summarizes each batch by its count, mean and centred sum
+   of squares (:func:`site_batch_moments`). A batch held by one site is adjusted there
+   (:func:`estimate_batch_adjustment`); a batch spread over sites is combined by the server
+   (:func:`combine_batch_moments`) and adjusted there. Both EB variants depend on a batch's rows
+   only through these three numbers per feature, so the result is the same.
+4. each site applies the fitted :class:`CombatModel` to its own rows, training and held-out.
+
+Nothing here does I/O or knows about Flower; :func:`fit_combat` drives the halves in-process.
+Every array that leaves a site is indexed by design column, batch or feature, never by patient.
+Arrays are samples x features (``(n_samples, n_features)``), float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.errors import HarmonizationError
+
+Covariates = Mapping[str, Sequence[object]]
+
+
+@dataclass(frozen=True)
+class CombatOptions:
+    """How ComBat estimates the batch effects, and the privacy guards.
+
+    ``min_batch_size``: a smaller batch is refused (its estimates would be unstable and its sums
+    close to a patient's values). ``min_cell``: at a site, a batch, a categorical level or a
+    batch x level cell holding 1 to ``min_cell - 1`` patients is refused, since ``X'Y`` would
+    expose them.
+    """
+
+    eb: bool = True
+    parametric: bool = True
+    mean_only: bool = False
+    ref_batch: str | None = None
+    min_batch_size: int = 10
+    min_cell: int = 5
+    tolerance: float = 1e-4  # EB iterations stop at this max relative change (neuroCombat)
+
+
+@dataclass(frozen=True)
+class Design:
+    """The ComBat design: batch indicators, then categorical indicators (first level dropped),
+    then continuous covariates. With a reference batch its indicator column is all ones.
+
+    ``categorical`` pairs a column with its global levels (every site uses the same list; a site
+    may lack a level). neuroCombat orders batches and levels by sorting them; so does
+    :meth:`from_values`.
+    """
+
+    batches: tuple[str, ...]
+    categorical: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    continuous: tuple[str, ...] = ()
+    ref_batch: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(set(self.batches)) != len(self.batches) or not self.batches:
+            raise HarmonizationError(f"batches must be distinct and at least one: {self.batches}")
+        if self.ref_batch is not None and self.ref_batch not in self.batches:
+            raise HarmonizationError(
+                f"reference batch '{self.ref_batch}' is not one of {list(self.batches)}")
+        for column, levels in self.categorical:
+            if len(levels) < 2 or len(set(levels)) != len(levels):
+                raise HarmonizationError(
+                    f"categorical covariate '{column}' needs two or more distinct levels, "
+                    f"got {list(levels)}")
+
+    @classmethod
+    def from_values(cls, batch: Sequence[object], covariates: Covariates,
+                    categorical: Sequence[str] = (), continuous: Sequence[str] = (),
+                    ref_batch: str | None = None) -> Design:
+        """The design of a pooled table: batches and levels as the sorted values present."""
+        return cls(tuple(sorted({str(b) for b in batch})),
+                   tuple((c, tuple(sorted({str(v) for v in covariates[c]}))) for c in categorical),
+                   tuple(continuous), ref_batch)
+
+    @property
+    def n_batch(self) -> int:
+        return len(self.batches)
+
+    @property
+    def n_columns(self) -> int:
+        return self.n_batch + sum(len(lv) - 1 for _, lv in self.categorical) + len(
+            self.continuous)
+
+    @property
+    def ref_index(self) -> int | None:
+        return None if self.ref_batch is None else self.batches.index(self.ref_batch)
+
+    def batch_index(self, batch: Sequence[object]) -> np.ndarray:
+        """Each row's batch as an index into :attr:`batches` (unknown batch: refused)."""
+        lookup = {b: i for i, b in enumerate(self.batches)}
+        try:
+            return np.fromiter((lookup[str(b)] for b in batch), dtype=np.intp, count=len(batch))
+        except KeyError as exc:
+            raise HarmonizationError(
+                f"batch '{exc.args[0]}' is not in the fitted batches {list(self.batches)}"
+            ) from None
+
+    def matrix(self, batch: Sequence[object], covariates: Covariates) -> np.ndarray:
+        """The design matrix, (n_samples, n_columns)."""
+        n = len(batch)
+        index = self.batch_index(batch)
+        blocks = [np.zeros((n, self.n_batch))]
+        blocks[0][np.arange(n), index] = 1.0
+        if self.ref_index is not None:
+            blocks[0][:, self.ref_index] = 1.0
+        for column, levels in self.categorical:
+            values = [str(v) for v in _column(covariates, column, n)]
+            unknown = sorted(set(values) - set(levels))
+            if unknown:
+                raise HarmonizationError(
+                    f"categorical covariate '{column}' has levels {unknown} outside the study's "
+                    f"{list(levels)}")
+            blocks.append(np.array([[v == level for level in levels[1:]] for v in values],
+                                   dtype=float).reshape(n, len(levels) - 1))
+        for column in self.continuous:
+            try:
+                values = np.asarray(_column(covariates, column, n), dtype=float)
+            except (TypeError, ValueError):
+                raise HarmonizationError(
+                    f"continuous covariate '{column}' holds non-numeric values") from None
+            if not np.all(np.isfinite(values)):
+                raise HarmonizationError(
+                    f"continuous covariate '{column}' holds missing or infinite values")
+            blocks.append(values.reshape(n, 1))
+        return np.hstack(blocks)
+
+
+def _column(covariates: Covariates, column: str, n: int) -> Sequence[object]:
+    if column not in covariates:
+        raise HarmonizationError(f"covariate '{column}' is missing")
+    values = covariates[column]
+    if len(values) != n:
+        raise HarmonizationError(f"covariate '{column}' has {len(values)} values for {n} rows")
+    return values
+
+
+def _features(y: np.ndarray, where: str) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64)
+    if y.ndim != 2:
+        raise HarmonizationError(f"{where}: features must be (n_samples, n_features), got shape "
+                                 f"{y.shape}")
+    if not np.all(np.isfinite(y)):
+        raise HarmonizationError(f"{where}: features hold missing or infinite values")
+    return y
+
+
+# --- round 1: design moments ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DesignMoments:
+    """What a site sends in round 1: counts and the sums ``X'X`` (p, p) and ``X'Y`` (p, F)."""
+
+    batch_counts: np.ndarray  # (n_batch,)
+    xtx: np.ndarray
+    xty: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.batch_counts.sum())
+
+
+def _check_cells(design: Design, index: np.ndarray, covariates: Covariates,
+                 options: CombatOptions, site: str) -> None:
+    """Refuse batches, levels and batch x level cells of 1 to min_cell - 1 patients."""
+    def small(count: int) -> bool:
+        return 0 < count < options.min_cell
+
+    counts = np.bincount(index, minlength=design.n_batch)
+    for b, count in zip(design.batches, counts):
+        if small(int(count)):
+            raise HarmonizationError(
+                f"site '{site}': batch '{b}' has {count} patients, fewer than min_cell = "
+                f"{options.min_cell}: its sums would expose them")
+    for column, levels in design.categorical:
+        values = np.asarray([str(v) for v in _column(covariates, column, len(index))])
+        for level in levels:
+            at_level = values == level
+            if small(int(at_level.sum())):
+                raise HarmonizationError(
+                    f"site '{site}': covariate '{column}' = '{level}' holds {int(at_level.sum())} "
+                    f"patients, fewer than min_cell = {options.min_cell}: X'Y would expose them")
+            for b, name in enumerate(design.batches):
+                cell = int((at_level & (index == b)).sum())
+                if small(cell):
+                    raise HarmonizationError(
+                        f"site '{site}': batch '{name}' x {column} = '{level}' holds {cell} "
+                        f"patients, fewer than min_cell = {options.min_cell}: X'Y would expose "
+                        "them")
+
+
+def site_design_moments(y: np.ndarray, batch: Sequence[object], covariates: Covariates,
+                        design: Design, options: CombatOptions, site: str = "site"
+                        ) -> DesignMoments:
+    """Round 1 at a site: ``n`` per batch, ``X'X`` and ``X'Y`` of its training rows."""
+    y = _features(y, f"site '{site}'")
+    if len(batch) != y.shape[0]:
+        raise HarmonizationError(f"site '{site}': {len(batch)} batch labels for {y.shape[0]} rows")
+    x = design.matrix(batch, covariates)
+    index = design.batch_index(batch)
+    _check_cells(design, index, covariates, options, site)
+    return DesignMoments(np.bincount(index, minlength=design.n_batch), x.T @ x, x.T @ y)
+
+
+@dataclass(frozen=True)
+class LocationFit:
+    """What the server returns after round 1: the coefficients (p, F) and the grand mean (F,)."""
+
+    beta: np.ndarray
+    grand_mean: np.ndarray
+    batch_counts: np.ndarray  # (n_batch,) over all sites
+
+
+def combine_design_moments(parts: Sequence[DesignMoments], design: Design,
+                           options: CombatOptions) -> LocationFit:
+    """Round 1 at the server: pooled least squares from the summed moments."""
+    if not parts:
+        raise HarmonizationError("no site sent design moments")
+    counts = np.sum([p.batch_counts for p in parts], axis=0)
+    for name, count in zip(design.batches, counts):
+        if count < options.min_batch_size:
+            raise HarmonizationError(
+                f"batch '{name}' has {int(count)} training patients, fewer than min_batch_size "
+                f"= {options.min_batch_size}")
+    xtx = np.sum([p.xtx for p in parts], axis=0)
+    xty = np.sum([p.xty for p in parts], axis=0)
+    try:
+        beta = np.linalg.solve(xtx, xty)
+    except np.linalg.LinAlgError:
+        raise HarmonizationError(
+            "the ComBat design is singular: a categorical level present in no training row, a "
+            "covariate constant within the batches, or covariates that repeat each other"
+        ) from None
+    if design.ref_index is not None:
+        grand_mean = beta[design.ref_index]
+    else:
+        grand_mean = (counts / counts.sum()) @ beta[: design.n_batch]
+    return LocationFit(beta, grand_mean, counts)
+
+
+# --- round 2: residual sums of squares --------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResidualMoments:
+    """What a site sends in round 2: per batch, the residual sum of squares (n_batch, F)."""
+
+    batch_counts: np.ndarray
+    rss: np.ndarray
+
+
+def site_residual_moments(y: np.ndarray, batch: Sequence[object], covariates: Covariates,
+                          design: Design, fit: LocationFit) -> ResidualMoments:
+    """Round 2 at a site: per-batch sums of squared residuals of the pooled fit."""
+    y = _features(y, "residuals")
+    x = design.matrix(batch, covariates)
+    index = design.batch_index(batch)
+    squared = (y - x @ fit.beta) ** 2
+    rss = np.zeros((design.n_batch, y.shape[1]))
+    np.add.at(rss, index, squared)
+    return ResidualMoments(np.bincount(index, minlength=design.n_batch), rss)
+
+
+def combine_residual_moments(parts: Sequence[ResidualMoments], design: Design) -> np.ndarray:
+    """Round 2 at the server: the pooled variance (F,), over all rows or the reference batch.
+
+    A feature constant over those rows gets variance 1 (it stays constant).
+    """
+    counts = np.sum([p.batch_counts for p in parts], axis=0)
+    rss = np.sum([p.rss for p in parts], axis=0)
+    if design.ref_index is not None:
+        var = rss[design.ref_index] / counts[design.ref_index]
+    else:
+        var = rss.sum(axis=0) / counts.sum()
+    return np.where(var == 0, 1.0, var)
+
+
+# --- round 3: batch moments and the empirical Bayes adjustment --------------------------------
+
+@dataclass(frozen=True)
+class BatchMoments:
+    """One batch's standardized rows summarized per feature: count, mean, centred sum of
+    squares (F,). Enough for both EB variants: sum((s - g)^2) = m2 + n (mean - g)^2."""
+
+    batch: str
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+
+def standardize(y: np.ndarray, batch: Sequence[object], covariates: Covariates, design: Design,
+                fit: LocationFit, var_pooled: np.ndarray) -> np.ndarray:
+    """(y - grand mean - covariate effects) / sqrt(pooled variance), (n_samples, F)."""
+    x = design.matrix(batch, covariates)
+    covariate_effect = x[:, design.n_batch:] @ fit.beta[design.n_batch:]
+    return (_features(y, "standardize") - fit.grand_mean - covariate_effect) / np.sqrt(
+        var_pooled)
+
+
+def site_batch_moments(standardized: np.ndarray, batch: Sequence[object], design: Design
+                       ) -> dict[str, BatchMoments]:
+    """Round 3 at a site: the moments of each batch it holds (a numerically safe second pass)."""
+    index = design.batch_index(batch)
+    out = {}
+    for b in np.unique(index):
+        rows = standardized[index == b]
+        mean = rows.mean(axis=0)
+        out[design.batches[b]] = BatchMoments(design.batches[b], len(rows), mean,
+                                              ((rows - mean) ** 2).sum(axis=0))
+    return out
+
+
+def combine_batch_moments(parts: Sequence[BatchMoments]) -> BatchMoments:
+    """One batch's moments from the sites that share it (Chan et al.'s pairwise update)."""
+    n, mean, m2 = parts[0].n, parts[0].mean, parts[0].m2
+    for part in parts[1:]:
+        total = n + part.n
+        delta = part.mean - mean
+        mean = mean + delta * (part.n / total)
+        m2 = m2 + part.m2 + delta**2 * (n * part.n / total)
+        n = total
+    return BatchMoments(parts[0].batch, n, mean, m2)
+
+
+@dataclass(frozen=True)
+class BatchAdjustment:
+    """A batch's location (gamma*) and scale (delta*) effects on the standardized scale, (F,)."""
+
+    batch: str
+    gamma: np.ndarray
+    delta: np.ndarray
+
+
+def estimate_batch_adjustment(moments: BatchMoments, options: CombatOptions
+                              ) -> BatchAdjustment:
+    """The EB (or plain) estimate of one batch's effects from its moments alone.
+
+    Runs where the batch's moments are: at the site that holds the batch, or at the server for a
+    batch spread over sites. The reference batch gets no adjustment (gamma 0, delta 1).
+    """
+    n_features = moments.mean.shape[0]
+    if moments.batch == options.ref_batch:
+        return BatchAdjustment(moments.batch, np.zeros(n_features), np.ones(n_features))
+    if moments.n < 2:
+        raise HarmonizationError(f"batch '{moments.batch}' has fewer than 2 rows")
+    n = moments.n
+    gamma_hat = moments.mean.copy()
+    if options.mean_only:
+        delta_hat = np.ones(n_features)
+    else:
+        delta_hat = moments.m2 / (n - 1)
+        delta_hat[delta_hat == 0] = 1.0
+    if not options.eb:
+        return BatchAdjustment(moments.batch, gamma_hat, delta_hat)
+    if n_features < 2:
+        raise HarmonizationError("empirical Bayes needs two or more features (use eb=False)")
+    gamma_bar = gamma_hat.mean()
+    t2 = gamma_hat.var(ddof=1)
+    if options.parametric:
+        if options.mean_only:  # neuroCombat / sva: postmean with n = 1, d* = 1
+            return BatchAdjustment(moments.batch, (t2 * gamma_hat + gamma_bar) / (t2 + 1.0),
+                                   np.ones(n_features))
+        gamma, delta = _parametric_eb(moments, gamma_hat, delta_hat, gamma_bar, t2, options)
+    else:
+        gamma, delta = _nonparametric_eb(moments, gamma_hat, delta_hat)
+    return BatchAdjustment(moments.batch, gamma, delta)
+
+
+def _parametric_eb(m: BatchMoments, gamma_hat: np.ndarray, delta_hat: np.ndarray,
+                   gamma_bar: float, t2: float, options: CombatOptions
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Iterate the posterior means from the batch estimates until the largest relative change
+    is at most ``options.tolerance`` (Johnson et al.'s inverse-gamma prior on delta)."""
+    mean, s2 = delta_hat.mean(), delta_hat.var(ddof=1)
+    a = (2.0 * s2 + mean**2) / s2
+    b = (mean * s2 + mean**3) / s2
+    n = m.n
+    g_old, d_old = gamma_hat, delta_hat
+    for _ in range(10_000):
+        g_new = (t2 * n * gamma_hat + d_old * gamma_bar) / (t2 * n + d_old)
+        sum2 = m.m2 + n * (m.mean - g_new) ** 2
+        d_new = (0.5 * sum2 + b) / (n / 2.0 + a - 1.0)
+        change = max(np.max(np.abs(g_new - g_old) / g_old), np.max(np.abs(d_new - d_old) / d_old))
+        g_old, d_old = g_new, d_new
+        if not change > options.tolerance:
+            return g_new, d_new
+    raise HarmonizationError(f"batch '{m.batch}': empirical Bayes did not converge")
+
+
+def _nonparametric_eb(m: BatchMoments, gamma_hat: np.ndarray, delta_hat: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature's effects as the likelihood-weighted average of the other features'
+    estimates (Johnson et al.'s non-parametric prior), in the log domain so that large batches
+    do not underflow."""
+    n, f = m.n, gamma_hat.shape[0]
+    gamma, delta = np.empty(f), np.empty(f)
+    log_norm = -0.5 * n * np.log(2.0 * math.pi * delta_hat)  # (F,) over the prior features j
+    for start in range(0, f, 256):
+        rows = slice(start, min(start + 256, f))
+        sum2 = m.m2[rows, None] + n * (m.mean[rows, None] - gamma_hat[None, :]) ** 2
+        log_lh = log_norm[None, :] - sum2 / (2.0 * delta_hat[None, :])
+        own = np.arange(rows.stop - start)
+        log_lh[own, start + own] = -np.inf  # leave the feature itself out
+        weights = np.exp(log_lh - log_lh.max(axis=1, keepdims=True))
+        total = weights.sum(axis=1)
+        gamma[rows] = weights @ gamma_hat / total
+        delta[rows] = weights @ delta_hat / total
+    return gamma, delta
+
+
+# --- the fitted model and the in-process driver -----------------------------------------------
+
+@dataclass(frozen=True)
+class CombatModel:
+    """Fitted ComBat: apply it to training or held-out rows of the fitted batches."""
+
+    design: Design
+    options: CombatOptions
+    beta: np.ndarray         # (p, F)
+    grand_mean: np.ndarray   # (F,)
+    var_pooled: np.ndarray   # (F,)
+    gamma: np.ndarray        # (n_batch, F) on the standardized scale
+    delta: np.ndarray        # (n_batch, F)
+    batch_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+
+    def transform(self, y: np.ndarray, batch: Sequence[object], covariates: Covariates
+                  ) -> np.ndarray:
+        """Harmonize rows: remove their batch's effects, keep the covariates' effects.
+
+        Rows of the reference batch come back unchanged. Needs the covariates the model
+        preserves (so an outcome label used as a covariate must be known: see the README).
+        """
+        y = _features(y, "transform")
+        if y.shape[1] != self.grand_mean.shape[0]:
+            raise HarmonizationError(f"rows have {y.shape[1]} features, the model "
+                                     f"{self.grand_mean.shape[0]}")
+        fit = LocationFit(self.beta, self.grand_mean, self.batch_counts)
+        s = standardize(y, batch, covariates, self.design, fit, self.var_pooled)
+        index = self.design.batch_index(batch)
+        s = (s - self.gamma[index]) / np.sqrt(self.delta[index])
+        x = self.design.matrix(batch, covariates)
+        out = s * np.sqrt(self.var_pooled) + self.grand_mean + x[:, self.design.n_batch:] @ (
+            self.beta[self.design.n_batch:])
+        if self.design.ref_index is not None:
+            keep = index == self.design.ref_index
+            out[keep] = y[keep]
+        return out
+
+
+@dataclass(frozen=True)
+class SiteTable:
+    """One site's training rows, as the in-process driver hands them to the site halves."""
+
+    name: str
+    features: np.ndarray          # (n_samples, F)
+    batch: Sequence[object]
+    covariates: Covariates
+
+
+def fit_combat(sites: Sequence[SiteTable], design: Design, options: CombatOptions
+               ) -> CombatModel:
+    """Fit ComBat across sites by running the site and server halves in-process: the same calls
+    the federated study makes through messages. One site holding every row is centralized
+    ComBat."""
+    if options.ref_batch != design.ref_batch:
+        raise HarmonizationError("options.ref_batch and design.ref_batch differ")
+    fit = combine_design_moments(
+        [site_design_moments(s.features, s.batch, s.covariates, design, options, s.name)
+         for s in sites], design, options)
+    var_pooled = combine_residual_moments(
+        [site_residual_moments(s.features, s.batch, s.covariates, design, fit) for s in sites],
+        design)
+    held: dict[str, list[BatchMoments]] = {}
+    for s in sites:
+        z = standardize(s.features, s.batch, s.covariates, design, fit, var_pooled)
+        for name, moments in site_batch_moments(z, s.batch, design).items():
+            held.setdefault(name, []).append(moments)
+    adjustments = {}
+    for name, parts in held.items():
+        # One holder: the site adjusts its own batch. Several: the server combines first.
+        moments = parts[0] if len(parts) == 1 else combine_batch_moments(parts)
+        adjustments[name] = estimate_batch_adjustment(moments, options)
+    gamma = np.stack([adjustments[b].gamma for b in design.batches])
+    delta = np.stack([adjustments[b].delta for b in design.batches])
+    return CombatModel(design, options, fit.beta, fit.grand_mean, var_pooled, gamma, delta,
+                       fit.batch_counts)
