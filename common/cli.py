@@ -34,6 +34,7 @@ The study PROTOCOL (TOML/YAML) is written by the coordinator and is the same at 
   myelofed protocol validate study.toml  check a protocol file (field + reason for each error)
 \b
   myelofed simulate                      make the built-in synthetic 3-site cohort
+  myelofed harmonize TABLE --batch-col scanner -o OUT   ComBat offline (federated halves in-process)
   myelofed ibsi-check                    verify this installation on the IBSI digital phantom
 \b
 Exit codes: 0 done; 1 unexpected error; 2 unusable protocol/config/manifest; 3 done but some
@@ -323,6 +324,159 @@ def _cohort_sizes(sites: int | None, patients: str | None) -> tuple[int, ...]:
     if sites is not None and sites != len(sizes):
         raise ConfigError("--patients", [f"gives {len(sizes)} sites but --sites is {sites}"])
     return sizes
+
+
+# --- harmonization ----------------------------------------------------------------------------
+
+@app.command("harmonize")
+def harmonize(
+    table: Annotated[Path, typer.Argument(help="Features table: .csv or .parquet, one row a case.")],
+    batch_col: Annotated[str, typer.Option(help="Column naming the batch (the scanner).")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Harmonized table (.csv or "
+                                            ".parquet); a .json report is written beside it.")],
+    categorical: Annotated[Optional[list[str]], typer.Option(
+        help="Categorical covariate to preserve (repeat the option for several).")] = None,
+    continuous: Annotated[Optional[list[str]], typer.Option(
+        help="Continuous covariate to preserve (repeat for several).")] = None,
+    site_col: Annotated[Optional[str], typer.Option(
+        help="Column naming the site: its rows go through one site half (default: each batch "
+        "is a site).")] = None,
+    ref_batch: Annotated[Optional[str], typer.Option(
+        help="Reference batch: its rows stay as they are, the others move to it.")] = None,
+    nonparametric: Annotated[bool, typer.Option(help="Non-parametric empirical Bayes.")] = False,
+    mean_only: Annotated[bool, typer.Option(help="Adjust location only, not scale.")] = False,
+    no_eb: Annotated[bool, typer.Option("--no-eb", help="Plain batch estimates, no EB.")] = False,
+    min_batch_size: Annotated[int, typer.Option(min=2, help="Smallest batch accepted.")] = 10,
+    min_cell: Annotated[int, typer.Option(
+        min=1, help="Smallest count of patients behind any sum a site sends.")] = 5,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        help="Numeric column that is not a feature, e.g. the label (repeat for several; a "
+        "MyeloFed features.parquet names its label column itself).")] = None,
+) -> None:
+    """Harmonize a features table with ComBat, offline: the site halves run per site and the
+    server halves in-process, the same code the federated study runs. Feature columns are the
+    numeric columns other than the batch, site, covariate, case_id, label and --exclude columns.
+
+    \b
+    Preserve only covariates known for every new patient (age, sex, stage): a covariate such as
+    the outcome label would be needed to harmonize a new case.
+    \b
+    Example:
+      myelofed harmonize work/features.parquet --batch-col batch --categorical sex \\
+        --continuous age -o work/features_combat.parquet"""
+    import numpy as np
+    import pandas as pd
+
+    from common.errors import HarmonizationError
+    from common.provenance import atomic_write_json
+    from harmonization.combat import CombatOptions, Design, SiteTable, fit_combat
+    from harmonization.diagnostics import site_effect
+
+    categorical, continuous = list(categorical or []), list(continuous or [])
+    try:
+        frame = _read_table(table)
+        named = [batch_col, *categorical, *continuous] + ([site_col] if site_col else [])
+        not_features = set(named) | set(exclude or []) | {"case_id"} | _label_columns(table)
+        missing = [c for c in named if c not in frame.columns]
+        if missing:
+            raise ConfigError(str(table), [f"no column '{c}'" for c in missing])
+        incomplete = [c for c in named if frame[c].isna().any()]
+        if incomplete:
+            raise ConfigError(str(table), [f"column '{c}' has empty values" for c in incomplete])
+        features = [c for c in frame.columns if c not in not_features
+                    and pd.api.types.is_numeric_dtype(frame[c])]
+        if not features:
+            raise ConfigError(str(table), ["no numeric feature column"])
+        unusable = [c for c in features if not np.all(np.isfinite(frame[c].to_numpy(float)))]
+        if unusable:
+            raise ConfigError(str(table), [f"feature '{c}' has missing or infinite values"
+                                           for c in unusable[:5]])
+    except ConfigError as exc:
+        _fail_config(exc)
+    batch = frame[batch_col].astype(str).tolist()
+    covariates = {c: frame[c].tolist() for c in (*categorical, *continuous)}
+    options = CombatOptions(eb=not no_eb, parametric=not nonparametric, mean_only=mean_only,
+                            ref_batch=ref_batch, min_batch_size=min_batch_size,
+                            min_cell=min_cell)
+    groups = frame.groupby(site_col if site_col else batch_col, sort=True).indices
+    y = frame[features].to_numpy(float)
+    try:
+        design = Design.from_values(batch, covariates, categorical, continuous, ref_batch)
+        sites = [SiteTable(str(name), y[rows], [batch[i] for i in rows],
+                           {c: [v[i] for i in rows] for c, v in covariates.items()})
+                 for name, rows in groups.items()]
+        model = fit_combat(sites, design, options)
+        harmonized = model.transform(y, batch, covariates)
+    except HarmonizationError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(ExitCode.CONFIG) from None
+    # Site effect beyond the preserved covariates, before and after.
+    covariate_part = design.matrix(batch, covariates)[:, design.n_batch:] @ model.beta[
+        design.n_batch:]
+    before = site_effect(y - covariate_part, batch)
+    after = site_effect(harmonized - covariate_part, batch)
+    result = frame.copy()
+    result[features] = harmonized
+    _write_table(result, out_path)
+    report = {
+        "input": str(table), "output": str(out_path), "rows": len(frame),
+        "features": len(features), "batches": list(design.batches),
+        "sites": sorted(str(k) for k in groups), "categorical": categorical,
+        "continuous": continuous,
+        "options": {"eb": options.eb, "parametric": options.parametric,
+                    "mean_only": options.mean_only, "ref_batch": options.ref_batch,
+                    "min_batch_size": min_batch_size, "min_cell": min_cell},
+        "site_effect": {"test": "Kruskal-Wallis across batches of the features less the "
+                        "preserved covariates' effects", "alpha": before.alpha,
+                        "share_significant_before": before.share_significant,
+                        "share_significant_after": after.share_significant},
+    }
+    report_path = out_path.with_suffix(".json")
+    atomic_write_json(report_path, report)
+    out.print(f"{len(frame)} rows x {len(features)} features, {design.n_batch} batches, "
+              f"{len(groups)} site(s); features with a site effect (Kruskal-Wallis p < 0.05): "
+              f"{before.share_significant:.0%} before, {after.share_significant:.0%} after")
+    out.print(f"harmonized: {out_path}\nreport: {report_path}")
+
+
+def _label_columns(path: Path) -> set[str]:
+    """The label column named in a MyeloFed features table's metadata (none for other files)."""
+    if path.suffix.lower() != ".parquet" or not path.is_file():
+        return set()
+    from client.pipeline import read_features_metadata
+
+    try:
+        return {read_features_metadata(path)["protocol"]["task"]["label_column"]}
+    except Exception:  # noqa: BLE001 - not a MyeloFed table: nothing to exclude
+        return set()
+
+
+def _read_table(path: Path) -> Any:
+    import pandas as pd
+
+    if not path.is_file():
+        raise ConfigError(str(path), ["file not found"])
+    try:
+        if path.suffix.lower() == ".parquet":
+            return pd.read_parquet(path)
+        if path.suffix.lower() == ".csv":
+            return pd.read_csv(path)
+    except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many types on bad files
+        raise ConfigError(str(path), [f"cannot read: {exc}"]) from None
+    raise ConfigError(str(path), [f"unknown format '{path.suffix}': use .csv or .parquet"])
+
+
+def _write_table(frame: Any, path: Path) -> None:
+    import io
+
+    from common.provenance import atomic_write_bytes
+
+    if path.suffix.lower() == ".parquet":
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        atomic_write_bytes(path, buffer.getvalue())
+    else:
+        atomic_write_bytes(path, frame.to_csv(index=False).encode("utf-8"))
 
 
 # --- tools ------------------------------------------------------------------------------------
