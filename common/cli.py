@@ -376,7 +376,11 @@ def harmonize(
     try:
         frame = _read_table(table)
         named = [batch_col, *categorical, *continuous] + ([site_col] if site_col else [])
-        not_features = set(named) | set(exclude or []) | {"case_id"} | _label_columns(table)
+        labels = _label_columns(table)
+        not_features = set(named) | set(exclude or []) | {"case_id"} | labels
+        for column in sorted(labels & {*categorical, *continuous}):
+            console.print(f"[yellow]warning:[/] the label '{column}' is preserved as a covariate: "
+                          "harmonizing a new case will need its label (research use only)")
         missing = [c for c in named if c not in frame.columns]
         if missing:
             raise ConfigError(str(table), [f"no column '{c}'" for c in missing])
