@@ -368,9 +368,9 @@ def harmonize(
     import pandas as pd
 
     from common.errors import HarmonizationError
-    from common.provenance import atomic_write_json
+    from common.provenance import atomic_write_bytes, atomic_write_json
     from harmonization.combat import CombatOptions, Design, SiteTable, fit_combat
-    from harmonization.diagnostics import site_effect
+    from harmonization.diagnostics import site_effect, site_effect_png
 
     categorical, continuous = list(categorical or []), list(continuous or [])
     try:
@@ -435,12 +435,15 @@ def harmonize(
                         "share_significant_before": before.share_significant,
                         "share_significant_after": after.share_significant},
     }
-    report_path = out_path.with_suffix(".json")
+    report_path, plot_path = out_path.with_suffix(".json"), out_path.with_suffix(".png")
+    atomic_write_bytes(plot_path, site_effect_png(y - covariate_part, harmonized - covariate_part,
+                                                  batch, features, before))
+    report["plot"] = str(plot_path)
     atomic_write_json(report_path, report)
     out.print(f"{len(frame)} rows x {len(features)} features, {design.n_batch} batches, "
               f"{len(groups)} site(s); features with a site effect (Kruskal-Wallis p < 0.05): "
               f"{before.share_significant:.0%} before, {after.share_significant:.0%} after")
-    out.print(f"harmonized: {out_path}\nreport: {report_path}")
+    out.print(f"harmonized: {out_path}\nreport: {report_path}\nplot: {plot_path}")
 
 
 def _label_columns(path: Path) -> set[str]:

@@ -38,3 +38,37 @@ def site_effect(features: np.ndarray, batch: Sequence[object], alpha: float = 0.
         if np.ptp(column) > 0:
             pvalues[j] = stats.kruskal(*[column[g] for g in groups]).pvalue
     return SiteEffect(pvalues, alpha)
+
+
+def site_effect_png(before: np.ndarray, after: np.ndarray, batch: Sequence[object],
+                    names: Sequence[str], effect: SiteEffect, top: int = 6) -> bytes:
+    """A picture of the ``top`` features with the strongest site effect before harmonization:
+    their distribution per batch before (upper row) and after (lower row), as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(np.where(np.isfinite(effect.pvalues), effect.pvalues, np.inf))[:top]
+    labels = np.asarray([str(b) for b in batch])
+    levels = list(np.unique(labels))
+    fig, axes = plt.subplots(2, len(order), figsize=(2.6 * len(order), 5.2), squeeze=False,
+                             sharex=True)
+    for col, j in enumerate(order):
+        for row, (values, when) in enumerate(((before, "before"), (after, "after"))):
+            ax = axes[row, col]
+            ax.boxplot([values[labels == b, j] for b in levels], showfliers=False)
+            ax.set_xticks(range(1, len(levels) + 1), levels, rotation=60, fontsize=7)
+            ax.tick_params(axis="y", labelsize=7)
+            name = str(names[j])
+            title = name if len(name) <= 28 else name[:26] + "..."
+            ax.set_title(f"{title}\n{when}", fontsize=7)
+    fig.suptitle("Feature distributions per batch, less the preserved covariates' effects",
+                 fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()

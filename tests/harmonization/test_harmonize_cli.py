@@ -45,6 +45,7 @@ def test_harmonize_cli_equals_the_library_and_reports_the_site_effect(tmp_path: 
     report = json.loads(out.with_suffix(".json").read_text())
     effect = report["site_effect"]
     assert effect["share_significant_before"] > 0.5 > effect["share_significant_after"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_harmonize_cli_refuses_bad_input_naming_it(tmp_path: Path):
