@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from harmonization.combat import (  # noqa: E402
     CombatOptions,
     Design,
+    LocationFit,
     SiteTable,
     fit_combat,
     site_batch_moments,
@@ -83,8 +84,6 @@ def main() -> None:
             dat=y.T.copy(), covars=frame, batch_col="batch", categorical_cols=["sex"],
             continuous_cols=["age"], parametric=not args.nonparametric)["data"].T
     t_ref = time.perf_counter() - start
-
-    from harmonization.combat import LocationFit
 
     location = LocationFit(model.beta, model.grand_mean, model.batch_counts)
     site = sites[0]
