@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from common.glm import LogisticTerms, site_logistic_terms
+from common.records import PayloadError, from_record, to_record
+from harmonization.combat import BatchMoments, DesignMoments
+
+
+def test_round_trip_keeps_arrays_and_scalars_exactly():
+    rng = np.random.default_rng(0)
+    terms = site_logistic_terms(rng.normal(size=(30, 4)), (rng.random(30) < 0.5).astype(float),
+                                np.zeros(5))
+    back = from_record(to_record(terms), LogisticTerms, {"gradient": (5,), "hessian": (5, 5)})
+    assert back.n == 30 and back.loss == terms.loss
+    np.testing.assert_array_equal(back.hessian, terms.hessian)
+    moments = BatchMoments("scanner A", 12, rng.normal(size=7), rng.random(7))
+    again = from_record(to_record(moments), BatchMoments, {"mean": (-1,), "m2": (-1,)})
+    assert again.batch == "scanner A" and again.n == 12
+    np.testing.assert_array_equal(again.m2, moments.m2)
+
+
+def test_malformed_payloads_are_refused_naming_field_and_sender():
+    good = to_record(DesignMoments(np.array([10, 0]), np.eye(3), np.ones((3, 4))))
+    with pytest.raises(PayloadError, match="payload type is 'DesignMoments'"):
+        from_record(good, BatchMoments, sender="site_B")
+    with pytest.raises(PayloadError, match=r"DesignMoments from site_B: 'xty' has shape \(3, 4\)"):
+        from_record(good, DesignMoments, {"xty": (3, 5)}, sender="site_B")
+    poisoned = to_record(DesignMoments(np.array([10, 0]), np.eye(3), np.full((3, 4), np.nan)))
+    with pytest.raises(PayloadError, match="'xty' holds NaN"):
+        from_record(poisoned, DesignMoments)
+    missing = RecordDict({"arrays": ArrayRecord(), "meta": ConfigRecord(
+        {"payload": "DesignMoments", "schema": 1, "none": []})})
+    with pytest.raises(PayloadError, match="field 'batch_counts' is missing"):
+        from_record(missing, DesignMoments)
+    with pytest.raises(PayloadError, match="no 'meta' and 'arrays'"):
+        from_record(RecordDict({}), DesignMoments)

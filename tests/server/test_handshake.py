@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from client.study import HandshakeReply, handshake, resolve_site
+from common.errors import ConfigError
+from common.protocol import load_protocol
+from common.site_config import SiteConfig
+from common.synthetic import CohortSpec, make_sites, write_cohort
+from server.study import StudySettings, check_handshake
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cohort")
+    write_cohort(root, CohortSpec(make_sites((12, 14, 16))), workers=1)
+    return root
+
+
+def _protocol_json(protocol) -> str:  # noqa: ANN001
+    return json.dumps(protocol.model_dump(mode="json"))
+
+
+def test_site_answers_counts_or_refuses_with_a_code(cohort: Path):
+    protocol = load_protocol(cohort / "study.yaml")
+    site = resolve_site({"partition-id": 1}, {"simulation-cohort": str(cohort)})
+    assert site.site_name == "site_B"
+    reply = handshake(site, _protocol_json(protocol), protocol.content_hash())
+    assert (reply.status, reply.n_rows, reply.n_usable) == ("ok", 14, 14)
+    n0, n1 = (int(part.split(":")[1]) for part in reply.label_counts.split(","))
+    assert n0 + n1 == 14
+    tampered = handshake(site, _protocol_json(protocol), "0" * 64)
+    assert tampered.status == "refused" and tampered.code == "protocol_hash_mismatch"
+    gone = SiteConfig(site_name="x", manifest=cohort / "nope.csv")
+    refused = handshake(gone, _protocol_json(protocol), protocol.content_hash())
+    assert refused.code == "manifest_unusable" and str(cohort) not in refused.reason
+    with pytest.raises(ConfigError, match="partition 7 has no site"):
+        resolve_site({"partition-id": 7}, {"simulation-cohort": str(cohort)})
+
+
+def test_check_handshake_excludes_by_name_and_stops_below_min_sites(tmp_path: Path):
+    settings = StudySettings(load_protocol("preset:spine_mri_t1w"), tmp_path, min_sites=2,
+                             min_cases_per_site=10)
+    h = settings.protocol.content_hash()
+    ok = HandshakeReply("A", "ok", h, n_rows=30, n_usable=30)
+    small = HandshakeReply("B", "ok", h, n_rows=8, n_usable=8)
+    refused = HandshakeReply("C", "refused", h, "protocol_hash_mismatch", "altered")
+    summary = check_handshake([ok, small, refused], {"node 9": "error 1: crashed"}, settings)
+    assert not summary.go_on and "fewer than min-sites = 2" in summary.reason
+    assert set(summary.excluded) == {"B", "C", "node 9"}
+    assert "min-cases-per-site" in summary.excluded["B"]
+    assert check_handshake([ok, ok], {}, settings).go_on
+
+
+@pytest.mark.slow
+def test_handshake_runs_in_flowers_simulation_engine(cohort: Path, tmp_path: Path):
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    settings = StudySettings(load_protocol(cohort / "study.yaml"), tmp_path, min_sites=3,
+                             min_cases_per_site=10, timeout_s=120)
+    run_simulation(server_app=make_server_app(settings), client_app=make_client_app(cohort),
+                   num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1}})
+    summary = json.loads((tmp_path / "handshake.json").read_text())
+    assert summary["go_on"] and summary["excluded"] == {}
+    assert sorted((s["site"], s["n_usable"]) for s in summary["sites"]) == [
+        ("site_A", 12), ("site_B", 14), ("site_C", 16)]
