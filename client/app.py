@@ -2,19 +2,79 @@
 
 Thin by design: each handler resolves the site once, unpacks the message, calls one function of
 :mod:`client.study` and packs the reply with :mod:`common.records`. Phases built so far: 1, the
-handshake.
+handshake; 2, local preparation; 3, federated ComBat.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.app import Context, Message
+import functools
+import json
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.study import HandshakeReply, handshake, resolve_site
-from common.errors import ConfigError
-from common.records import to_record
+from client.study import (
+    HandshakeReply,
+    PrepareReply,
+    combat_inputs,
+    combat_model_at_site,
+    handshake,
+    harmonize_site,
+    prepare,
+    resolve_site,
+)
+from common.errors import ConfigError, MyeloFedError
+from common.protocol import StudyProtocol, protocol_from_mapping
+from common.records import pack, to_record, unpack
+from harmonization.combat import (
+    LocationFit,
+    PooledVariance,
+    StackedAdjustments,
+    StackedMoments,
+    design_from_json,
+    site_batch_moments,
+    site_design_moments,
+    site_residual_moments,
+    standardize,
+)
+
+
+def _protocol(msg: Message) -> StudyProtocol:
+    """The study protocol a phase message carries, checked against its hash."""
+    study = msg.content["study"]
+    protocol = protocol_from_mapping(json.loads(str(study["protocol"])), "study protocol")
+    if protocol.content_hash() != str(study["protocol_hash"]):
+        raise ConfigError("study protocol", ["does not match its hash"])
+    return protocol
+
+
+#: Error code of a site's refusal in a reply (Flower's own codes are below 100).
+SITE_REFUSED = 400
+
+
+def refusal(exc: MyeloFedError) -> str:
+    """What a refusal says: the error type and its reason, without file paths (a
+    ConfigError's source is a path at this site: only its problems are sent)."""
+    if isinstance(exc, ConfigError):
+        text = "; ".join(exc.problems)
+    else:
+        text = str(exc).splitlines()[0]
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def guarded(handler: Callable[[Message, Context], Message]
+            ) -> Callable[[Message, Context], Message]:
+    """A handler whose expected failures reply with a coded refusal, not a traceback."""
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except MyeloFedError as exc:
+            return Message(error=Error(SITE_REFUSED, refusal(exc)), reply_to=msg)
+    return wrapper
 
 
 def make_client_app(simulation_cohort: Path | None = None) -> ClientApp:
@@ -41,6 +101,67 @@ def make_client_app(simulation_cohort: Path | None = None) -> ClientApp:
         else:
             reply = handshake(site, str(study["protocol"]), expected)
         return Message(to_record(reply), reply_to=msg)
+
+    @app.query("prepare")
+    @guarded
+    def _prepare(msg: Message, context: Context) -> Message:
+        site = site_of(context)
+        study = msg.content["study"]
+        try:
+            reply = prepare(site, _protocol(msg), int(study["seed"]),
+                            float(study["test_fraction"]))
+        except MyeloFedError as exc:
+            reply = PrepareReply(site.site_name, "refused", type(exc).__name__,
+                                 str(exc).splitlines()[0][:200])
+        return Message(to_record(reply), reply_to=msg)
+
+    def combat_context(msg: Message, context: Context):  # noqa: ANN202
+        site, protocol = site_of(context), _protocol(msg)
+        design, options = design_from_json(str(msg.content["study"]["design"]))
+        return site, protocol, design, options
+
+    @app.query("combat_design")
+    @guarded
+    def _combat_design(msg: Message, context: Context) -> Message:
+        site, protocol, design, options = combat_context(msg, context)
+        y, batch, covariates, _ = combat_inputs(site, protocol)
+        moments = site_design_moments(y, batch, covariates, design, options, site.site_name)
+        return Message(pack(moments=moments), reply_to=msg)
+
+    @app.query("combat_residuals")
+    @guarded
+    def _combat_residuals(msg: Message, context: Context) -> Message:
+        site, protocol, design, _ = combat_context(msg, context)
+        y, batch, covariates, _ = combat_inputs(site, protocol)
+        fit = unpack(msg.content, "fit", LocationFit, sender="the server")
+        residuals = site_residual_moments(y, batch, covariates, design, fit)
+        return Message(pack(residuals=residuals), reply_to=msg)
+
+    @app.query("combat_moments")
+    @guarded
+    def _combat_moments(msg: Message, context: Context) -> Message:
+        """Only for batches this site shares with another: their moments."""
+        site, protocol, design, _ = combat_context(msg, context)
+        y, batch, covariates, _ = combat_inputs(site, protocol)
+        fit = unpack(msg.content, "fit", LocationFit, sender="the server")
+        var = unpack(msg.content, "var", PooledVariance, sender="the server").var
+        shared = set(msg.content["study"]["shared_batches"])
+        z = standardize(y, batch, covariates, design, fit, var)
+        mine = [m for name, m in sorted(site_batch_moments(z, batch, design).items())
+                if name in shared]
+        return Message(pack(moments=StackedMoments.of(mine, y.shape[1])), reply_to=msg)
+
+    @app.query("combat_apply")
+    @guarded
+    def _combat_apply(msg: Message, context: Context) -> Message:
+        site, protocol, design, options = combat_context(msg, context)
+        fit = unpack(msg.content, "fit", LocationFit, sender="the server")
+        var = unpack(msg.content, "var", PooledVariance, sender="the server").var
+        shared = unpack(msg.content, "shared", StackedAdjustments, sender="the server")
+        model = combat_model_at_site(site, protocol, design, options, fit, var,
+                                     shared.unstack())
+        rows = harmonize_site(site, protocol, model)
+        return Message(RecordDict({"result": ConfigRecord({"rows": rows})}), reply_to=msg)
 
     return app
 

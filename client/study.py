@@ -10,10 +10,23 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import ConfigError
 from common.protocol import StudyProtocol, TaskKind, protocol_from_mapping
 from common.site_config import SiteConfig, load_site_config
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+    from harmonization.combat import (
+        BatchAdjustment,
+        CombatModel,
+        CombatOptions,
+        Design,
+        LocationFit,
+    )
 
 
 @dataclass(frozen=True)
@@ -53,8 +66,9 @@ def resolve_site(node_config: dict[str, object], run_config: dict[str, object]) 
         raise ConfigError(str(root), [f"partition {index} has no site: {len(sites)} site "
                                       "folders with a manifest.csv"])
     site = sites[index]
+    # one worker: the simulation engine runs every virtual site on this one machine
     return SiteConfig(site_name=site.name, manifest=site / "manifest.csv",
-                      work_dir=root / "work" / site.name)
+                      work_dir=root / "work" / site.name, workers=1)
 
 
 def handshake(site: SiteConfig, protocol_json: str, protocol_hash: str) -> HandshakeReply:
@@ -89,3 +103,164 @@ def _label_counts(protocol: StudyProtocol, labels: list[float]) -> str:
         return ""
     counts = Counter(int(v) for v in labels)
     return ",".join(f"{k}:{counts.get(k, 0)}" for k in (0, 1))
+
+
+# --- phase 2: local preparation -----------------------------------------------------------------
+
+PREPARED_FILE = "prepared.parquet"
+HARMONIZED_FILE = "harmonized.parquet"
+NON_FEATURES = ("case_id", "batch", "split")
+
+
+@dataclass(frozen=True)
+class PrepareReply:
+    """Counts after extraction and the local split; the scanner names with their training
+    counts (``"name:count,..."``) and a hash of the feature names, so the server can check
+    every site computed the same features."""
+
+    site: str
+    status: str
+    code: str = ""
+    reason: str = ""
+    n_train: int = 0
+    n_test: int = 0
+    skipped: str = ""
+    train_labels: str = ""
+    test_labels: str = ""
+    batches: str = ""
+    n_features: int = 0
+    features_hash: str = ""
+
+
+def study_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:
+    """Where this site keeps the study's local results (never sent)."""
+    return site.work_dir / "study" / protocol.short_hash
+
+
+def feature_columns(table: "pd.DataFrame", protocol: StudyProtocol) -> list[str]:
+    skip = {*NON_FEATURES, protocol.task.label_column, *protocol.covariates.columns}
+    return [c for c in table.columns if c not in skip]
+
+
+def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction: float
+            ) -> PrepareReply:
+    """Ingest, standardize and extract (cached), then split train/test, stratified by label and
+    seeded by the study seed and the site's name: the split never changes across phases."""
+    import hashlib
+
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    from client.manifest import read_manifest
+    from client.pipeline import features_table, run_cases
+    from common.provenance import atomic_write_bytes
+
+    cases, problems = read_manifest(site.manifest, protocol, default_batch=site.site_name)
+    outcomes = run_cases(cases, protocol, mode="extract", workers=site.n_workers,
+                         cache_dir=site.cache_dir)
+    skipped = Counter([p.reason.value for p in problems]
+                      + [o.reason.value for o in outcomes if o.reason is not None])
+    table = features_table(cases, outcomes, protocol).to_pandas()
+    if len(table) < 4:
+        return PrepareReply(site.site_name, "refused", "too_few_cases",
+                            f"{len(table)} usable cases")
+    labels = table[protocol.task.label_column].to_numpy()
+    classification = protocol.task.kind is TaskKind.CLASSIFICATION
+    stratify = labels if classification and np.min(np.unique(labels, return_counts=True)[1]) > 1 \
+        else None
+    state = int.from_bytes(hashlib.sha256(f"{seed}/{site.site_name}".encode()).digest()[:4],
+                           "little")
+    train, _ = train_test_split(np.arange(len(table)), test_size=test_fraction,
+                                random_state=state, stratify=stratify)
+    table["split"] = "test"
+    table.loc[train, "split"] = "train"
+    import io
+
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    atomic_write_bytes(study_dir(site, protocol) / PREPARED_FILE, buffer.getvalue())
+    names = feature_columns(table, protocol)
+    is_train = table["split"] == "train"
+    counts = table.loc[is_train, "batch"].value_counts().sort_index()
+    return PrepareReply(
+        site.site_name, "ok", n_train=int(is_train.sum()), n_test=int((~is_train).sum()),
+        skipped=",".join(f"{k}:{v}" for k, v in sorted(skipped.items())),
+        train_labels=_label_counts(protocol, list(labels[is_train.to_numpy()])),
+        test_labels=_label_counts(protocol, list(labels[~is_train.to_numpy()])),
+        batches=",".join(f"{name}:{count}" for name, count in counts.items()),
+        n_features=len(names),
+        features_hash=hashlib.sha256("\n".join(names).encode()).hexdigest())
+
+
+def load_prepared(site: SiteConfig, protocol: StudyProtocol) -> "pd.DataFrame":
+    import pandas as pd
+
+    path = study_dir(site, protocol) / PREPARED_FILE
+    if not path.is_file():
+        raise ConfigError(str(path), ["not prepared yet: the study's phase 2 has not run here"])
+    return pd.read_parquet(path)
+
+
+# --- phase 3: federated ComBat, the site's halves ------------------------------------------------
+
+def combat_inputs(site: SiteConfig, protocol: StudyProtocol, split: str | None = "train"
+                  ) -> tuple["np.ndarray", list[str], dict[str, list[object]], "pd.DataFrame"]:
+    """Features, batches and covariates of this site's rows (one split, or all)."""
+    table = load_prepared(site, protocol)
+    if split is not None:
+        table = table[table["split"] == split].reset_index(drop=True)
+    names = feature_columns(table, protocol)
+    covariates = {c: table[c].tolist() for c in protocol.covariates.columns}
+    return table[names].to_numpy(float), table["batch"].astype(str).tolist(), covariates, table
+
+
+def combat_model_at_site(site: SiteConfig, protocol: StudyProtocol, design: "Design",
+                         options: "CombatOptions", fit: "LocationFit",
+                         var_pooled: "np.ndarray",
+                         shared: dict[str, "BatchAdjustment"]) -> "CombatModel":
+    """The fitted model as this site holds it: the server's pooled estimates, the adjustments of
+    shared batches from the server, and its own batches' EB computed here from its rows."""
+    import numpy as np
+
+    from harmonization.combat import (
+        CombatModel,
+        estimate_batch_adjustment,
+        site_batch_moments,
+        standardize,
+    )
+
+    y, batch, covariates, _ = combat_inputs(site, protocol)
+    z = standardize(y, batch, covariates, design, fit, var_pooled)
+    adjustments = dict(shared)
+    for name, moments in site_batch_moments(z, batch, design).items():
+        if name not in adjustments:
+            adjustments[name] = estimate_batch_adjustment(moments, options)
+    n_features = y.shape[1]
+    gamma = np.stack([adjustments[b].gamma if b in adjustments else np.full(n_features, np.nan)
+                      for b in design.batches])
+    delta = np.stack([adjustments[b].delta if b in adjustments else np.full(n_features, np.nan)
+                      for b in design.batches])
+    return CombatModel(design, options, fit.beta, fit.grand_mean, var_pooled, gamma, delta,
+                       fit.batch_counts)
+
+
+def harmonize_site(site: SiteConfig, protocol: StudyProtocol, model: "CombatModel") -> int:
+    """Apply the model to all of this site's rows (train and test); keep them here."""
+    import io
+
+    import numpy as np
+
+    from common.errors import HarmonizationError
+    from common.provenance import atomic_write_bytes
+
+    y, batch, covariates, table = combat_inputs(site, protocol, split=None)
+    unfitted = sorted({b for b in batch if b not in model.design.batches
+                       or np.isnan(model.gamma[model.design.batches.index(b)]).any()})
+    if unfitted:
+        raise HarmonizationError(f"scanner(s) {unfitted} have test rows but no training rows "
+                                 "at this site")
+    table[feature_columns(table, protocol)] = model.transform(y, batch, covariates)
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    atomic_write_bytes(study_dir(site, protocol) / HARMONIZED_FILE, buffer.getvalue())
+    return len(table)

@@ -30,8 +30,9 @@ class PayloadError(MyeloFedError):
     """A message's content is not the payload it claims to be."""
 
 
-def to_record(payload: Any) -> RecordDict:
-    """Pack a payload dataclass (fields: numpy arrays, numbers, strings, None) into records."""
+def to_record(payload: Any, prefix: str = "") -> RecordDict:
+    """Pack a payload dataclass (fields: numpy arrays, numbers, strings, tuples of strings,
+    None) into records."""
     if not dataclasses.is_dataclass(payload) or isinstance(payload, type):
         raise TypeError(f"not a payload dataclass: {type(payload).__name__}")
     arrays: dict[str, Array] = {}
@@ -45,16 +46,28 @@ def to_record(payload: Any) -> RecordDict:
             meta["none"].append(item.name)
         elif isinstance(value, (bool, int, float, str)):
             meta[f"f.{item.name}"] = value
+        elif isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+            meta[f"t.{item.name}"] = list(value)
         elif isinstance(value, np.integer | np.floating):
             meta[f"f.{item.name}"] = value.item()
         else:
             raise TypeError(f"{type(payload).__name__}.{item.name}: cannot send a "
                             f"{type(value).__name__}")
-    return RecordDict({"arrays": ArrayRecord(array_dict=arrays), "meta": ConfigRecord(meta)})
+    return RecordDict({f"{prefix}arrays": ArrayRecord(array_dict=arrays),
+                       f"{prefix}meta": ConfigRecord(meta)})
+
+
+def pack(**payloads: Any) -> RecordDict:
+    """Several payloads in one message, each under its own name."""
+    out = RecordDict({})
+    for name, payload in payloads.items():
+        for key, record in to_record(payload, prefix=f"{name}.").items():
+            out[key] = record
+    return out
 
 
 def from_record(content: RecordDict, cls: type[T], shapes: Mapping[str, tuple[int, ...]] | None
-                = None, sender: str = "a site") -> T:
+                = None, sender: str = "a site", prefix: str = "") -> T:
     """Unpack and check a payload of type ``cls``.
 
     ``shapes`` maps array fields to their expected shapes (``-1`` = any length on that axis).
@@ -63,10 +76,10 @@ def from_record(content: RecordDict, cls: type[T], shapes: Mapping[str, tuple[in
         return PayloadError(f"{cls.__name__} from {sender}: {reason}")
 
     try:
-        meta = dict(content["meta"])
-        arrays = content["arrays"]
+        meta = dict(content[f"{prefix}meta"])
+        arrays = content[f"{prefix}arrays"]
     except (KeyError, TypeError):
-        raise fail("no 'meta' and 'arrays' records") from None
+        raise fail(f"no '{prefix}meta' and '{prefix}arrays' records") from None
     if meta.get("payload") != cls.__name__:
         raise fail(f"payload type is {meta.get('payload')!r}")
     if meta.get("schema") != SCHEMA_VERSION:
@@ -92,6 +105,8 @@ def from_record(content: RecordDict, cls: type[T], shapes: Mapping[str, tuple[in
             values[name] = meta[f"f.{name}"]
             if hints.get(name) is float and isinstance(values[name], int):
                 values[name] = float(values[name])
+        elif f"t.{name}" in meta:
+            values[name] = tuple(str(v) for v in meta[f"t.{name}"])
         elif item.default is not dataclasses.MISSING:
             continue
         else:
@@ -100,3 +115,9 @@ def from_record(content: RecordDict, cls: type[T], shapes: Mapping[str, tuple[in
         return cls(**values)
     except (TypeError, ValueError, MyeloFedError) as exc:
         raise fail(str(exc)) from None
+
+
+def unpack(content: RecordDict, name: str, cls: type[T],
+           shapes: Mapping[str, tuple[int, ...]] | None = None, sender: str = "a site") -> T:
+    """The payload packed under ``name`` by :func:`pack`, checked as :func:`from_record` does."""
+    return from_record(content, cls, shapes, sender, prefix=f"{name}.")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict as dataclasses_asdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -500,3 +501,70 @@ def fit_combat(sites: Sequence[SiteTable], design: Design, options: CombatOption
     delta = np.stack([adjustments[b].delta for b in design.batches])
     return CombatModel(design, options, fit.beta, fit.grand_mean, var_pooled, gamma, delta,
                        fit.batch_counts)
+
+
+# --- message shapes: several batches in one payload ------------------------------------------
+
+@dataclass(frozen=True)
+class StackedMoments:
+    """The moments of several batches, (k,) counts and (k, F) means and sums of squares."""
+
+    batches: tuple[str, ...]
+    n: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def of(cls, moments: Sequence[BatchMoments], n_features: int) -> StackedMoments:
+        return cls(tuple(m.batch for m in moments), np.array([m.n for m in moments], dtype=int),
+                   np.array([m.mean for m in moments]).reshape(len(moments), n_features),
+                   np.array([m.m2 for m in moments]).reshape(len(moments), n_features))
+
+    def unstack(self) -> list[BatchMoments]:
+        return [BatchMoments(b, int(n), mean, m2)
+                for b, n, mean, m2 in zip(self.batches, self.n, self.mean, self.m2)]
+
+
+@dataclass(frozen=True)
+class StackedAdjustments:
+    """The EB estimates of several batches, (k, F) each."""
+
+    batches: tuple[str, ...]
+    gamma: np.ndarray
+    delta: np.ndarray
+
+    @classmethod
+    def of(cls, adjustments: Sequence[BatchAdjustment], n_features: int) -> StackedAdjustments:
+        return cls(tuple(a.batch for a in adjustments),
+                   np.array([a.gamma for a in adjustments]).reshape(len(adjustments), n_features),
+                   np.array([a.delta for a in adjustments]).reshape(len(adjustments), n_features))
+
+    def unstack(self) -> dict[str, BatchAdjustment]:
+        return {b: BatchAdjustment(b, g, d) for b, g, d in zip(self.batches, self.gamma,
+                                                               self.delta)}
+
+
+@dataclass(frozen=True)
+class PooledVariance:
+    """The server's pooled variance per feature, (F,)."""
+
+    var: np.ndarray
+
+
+def design_to_json(design: Design, options: CombatOptions) -> str:
+    import json
+
+    return json.dumps({"batches": list(design.batches),
+                       "categorical": [[c, list(lv)] for c, lv in design.categorical],
+                       "continuous": list(design.continuous), "ref_batch": design.ref_batch,
+                       "options": dataclasses_asdict(options)})
+
+
+def design_from_json(text: str) -> tuple[Design, CombatOptions]:
+    import json
+
+    data = json.loads(text)
+    design = Design(tuple(data["batches"]),
+                    tuple((c, tuple(lv)) for c, lv in data["categorical"]),
+                    tuple(data["continuous"]), data["ref_batch"])
+    return design, CombatOptions(**data["options"])

@@ -2,21 +2,48 @@
 
 Thin by design: it types the run config once, sends each phase's messages, unpacks the replies
 with :mod:`common.records` and calls :mod:`server.study` for every decision.
-Phases built so far: 1, the handshake.
+Phases built so far: 1, the handshake; 2, local preparation; 3, federated ComBat.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+
+import numpy as np
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from client.study import HandshakeReply
+from collections.abc import Callable
+
+from client.study import HandshakeReply, PrepareReply
 from common.provenance import atomic_write_json
-from common.records import PayloadError, from_record
-from server.study import HandshakeSummary, StudySettings, check_handshake
+from common.records import PayloadError, from_record, pack, unpack
+from harmonization.combat import (
+    BatchMoments,
+    DesignMoments,
+    LocationFit,
+    PooledVariance,
+    ResidualMoments,
+    StackedAdjustments,
+    StackedMoments,
+    combine_batch_moments,
+    combine_design_moments,
+    combine_residual_moments,
+    design_to_json,
+    estimate_batch_adjustment,
+)
+from server.study import (
+    HandshakeSummary,
+    StudySettings,
+    StudyStopped,
+    check_handshake,
+    check_prepare,
+    combat_design,
+    require_sites,
+)
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
@@ -39,25 +66,153 @@ def run_handshake(grid: Grid, settings: StudySettings) -> HandshakeSummary:
             message_type="query.handshake", dst_node_id=node, group_id="handshake")
         for node in nodes
     ]
-    replies, failed = [], {}
+    replies, failed, nodes_of = [], {}, {}
     for reply in grid.send_and_receive(messages, timeout=settings.timeout_s):
         sender = f"node {reply.metadata.src_node_id}"
         if reply.has_error():
             failed[sender] = f"error {reply.error.code}: {reply.error.reason}"
             continue
         try:
-            replies.append(from_record(reply.content, HandshakeReply, sender=sender))
+            answer = from_record(reply.content, HandshakeReply, sender=sender)
         except PayloadError as exc:
             failed[sender] = str(exc)
-    summary = check_handshake(replies, failed, settings)
+            continue
+        replies.append(answer)
+        nodes_of[reply.metadata.src_node_id] = answer.site
+    summary = dataclasses.replace(check_handshake(replies, failed, settings), nodes=nodes_of)
     atomic_write_json(settings.out_dir / "handshake.json", summary.to_json())
     return summary
 
 
+def _study_config(settings: StudySettings, **extra: object) -> ConfigRecord:
+    """What every phase message carries: the protocol (sites keep no state between messages)."""
+    return ConfigRecord({
+        "protocol": json.dumps(settings.protocol.model_dump(mode="json"), sort_keys=True),
+        "protocol_hash": settings.protocol.content_hash(), **extra})
+
+
+def exchange(grid: Grid, nodes: dict[int, str], message_type: str,
+             content: Callable[[int], RecordDict], settings: StudySettings
+             ) -> tuple[dict[str, Message], dict[str, str]]:
+    """One round: a message to each node, the replies by site name, and the sites that failed
+    (by name, with the reason)."""
+    messages = [Message(content(node), message_type=message_type, dst_node_id=node,
+                        group_id=message_type) for node in nodes]
+    replies, failed = {}, {}
+    for reply in grid.send_and_receive(messages, timeout=settings.timeout_s):
+        site = nodes.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
+        if reply.has_error():
+            failed[site] = f"{message_type}: error {reply.error.code}: {reply.error.reason}"
+        else:
+            replies[site] = reply
+    for site in set(nodes.values()) - set(replies) - set(failed):
+        failed[site] = f"{message_type}: no reply within {settings.timeout_s:g} s"
+    return replies, failed
+
+
+def run_prepare(grid: Grid, nodes: dict[int, str], settings: StudySettings):  # noqa: ANN201
+    """Phase 2: each site extracts (cached) and splits; counts back."""
+    replies, failed = exchange(
+        grid, nodes, "query.prepare",
+        lambda _: RecordDict({"study": _study_config(
+            settings, seed=settings.seed, test_fraction=settings.test_fraction)}), settings)
+    parsed = []
+    for site, reply in replies.items():
+        try:
+            parsed.append(from_record(reply.content, PrepareReply, sender=site))
+        except PayloadError as exc:
+            failed[site] = str(exc)
+    summary = check_prepare(parsed, failed, settings)
+    atomic_write_json(settings.out_dir / "prepare.json", summary.to_json())
+    return summary
+
+
+def run_combat(grid: Grid, nodes: dict[int, str], kept: list[PrepareReply],
+               settings: StudySettings) -> dict[str, str]:
+    """Phase 3: d-ComBat's rounds on the sites' training rows; each site then harmonizes its
+    own training and test rows. Returns the sites that failed, by name."""
+    design, shared = combat_design(settings.protocol, kept)
+    options = settings.combat
+    f = kept[0].n_features
+    p = design.n_columns
+    config = lambda **extra: _study_config(settings, design=design_to_json(design, options),  # noqa: E731
+                                           **extra)
+    replies, failed = exchange(grid, nodes, "query.combat_design",
+                               lambda _: RecordDict({"study": config()}), settings)
+    require_sites(replies, failed, settings, "ComBat round 1")
+    nodes = {n: s for n, s in nodes.items() if s in replies}
+    moments = [unpack(r.content, "moments", DesignMoments,
+                      {"batch_counts": (design.n_batch,), "xtx": (p, p), "xty": (p, f)}, site)
+               for site, r in replies.items()]
+    fit = combine_design_moments(moments, design, options)
+
+    def with_fit(**payloads: object) -> Callable[[int], RecordDict]:
+        def content(_: int) -> RecordDict:
+            records = pack(fit=fit, **payloads)
+            records["study"] = config()
+            return records
+        return content
+
+    replies, more = exchange(grid, nodes, "query.combat_residuals", with_fit(), settings)
+    failed.update(more)
+    require_sites(replies, failed, settings, "ComBat round 2")
+    nodes = {n: s for n, s in nodes.items() if s in replies}
+    residuals = [unpack(r.content, "residuals", ResidualMoments,
+                        {"batch_counts": (design.n_batch,), "rss": (design.n_batch, f)}, site)
+                 for site, r in replies.items()]
+    pooled = PooledVariance(combine_residual_moments(residuals, design))
+    adjustments = StackedAdjustments((), np.zeros((0, f)), np.zeros((0, f)))
+    if shared:
+        def ask_moments(_: int) -> RecordDict:
+            records = pack(fit=fit, var=pooled)
+            records["study"] = config(shared_batches=sorted(shared))
+            return records
+
+        replies, more = exchange(grid, nodes, "query.combat_moments", ask_moments, settings)
+        failed.update(more)
+        require_sites(replies, failed, settings, "ComBat round 3")
+        nodes = {n: s for n, s in nodes.items() if s in replies}
+        by_batch: dict[str, list[BatchMoments]] = {}
+        for site, reply in replies.items():
+            for m in unpack(reply.content, "moments", StackedMoments, sender=site).unstack():
+                by_batch.setdefault(m.batch, []).append(m)
+        adjustments = StackedAdjustments.of(
+            [estimate_batch_adjustment(combine_batch_moments(parts), options)
+             for _, parts in sorted(by_batch.items())], f)
+    replies, more = exchange(grid, nodes, "query.combat_apply",
+                             with_fit(var=pooled, shared=adjustments), settings)
+    failed.update(more)
+    atomic_write_json(settings.out_dir / "combat.json", {
+        "batches": list(design.batches), "shared_batches": sorted(shared),
+        "covariates": {"categorical": [c for c, _ in design.categorical],
+                       "continuous": list(design.continuous)},
+        "harmonized_rows": {site: int(r.content["result"]["rows"])
+                            for site, r in replies.items()},
+        "failed": failed})
+    return failed
+
+
 def run_study(grid: Grid, settings: StudySettings) -> None:
-    summary = run_handshake(grid, settings)
-    if not summary.go_on:
-        raise RuntimeError(f"study stopped after the handshake: {summary.reason}")
+    """The phases in order, up to ``settings.until``; ``study.json`` says how it ended."""
+    status = {"status": "done", "until": settings.until, "reason": ""}
+    try:
+        summary = run_handshake(grid, settings)
+        if not summary.go_on:
+            raise StudyStopped(f"handshake: {summary.reason}")
+        nodes = {n: s for n, s in summary.nodes.items() if s not in summary.excluded}
+        if settings.runs("prepare"):
+            prepared = run_prepare(grid, nodes, settings)
+            if not prepared.go_on:
+                raise StudyStopped(f"local preparation: {prepared.reason}")
+            kept = {r.site for r in prepared.kept}
+            nodes = {n: s for n, s in nodes.items() if s in kept}
+            if settings.runs("combat"):
+                run_combat(grid, nodes, prepared.kept, settings)
+    except StudyStopped as exc:
+        status = {"status": "stopped", "until": settings.until, "reason": str(exc)}
+        raise
+    finally:
+        atomic_write_json(settings.out_dir / "study.json", status)
 
 
 def make_server_app(settings: StudySettings | None = None) -> ServerApp:

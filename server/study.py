@@ -3,13 +3,23 @@ phases. ``server/app.py`` sends the messages and calls these."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.study import HandshakeReply
-from common.errors import ConfigError
+from collections import Counter
+
+from client.study import HandshakeReply, PrepareReply
+from common.errors import ConfigError, MyeloFedError
 from common.protocol import StudyProtocol, load_protocol
+from harmonization.combat import CombatOptions, Design
+
+
+PHASES = ("handshake", "prepare", "combat")
+
+
+class StudyStopped(MyeloFedError):
+    """The study cannot go on: too few sites left, with each excluded site and its reason."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +31,10 @@ class StudySettings:
     min_sites: int = 2
     min_cases_per_site: int = 10
     timeout_s: float = 600.0
+    seed: int = 0
+    test_fraction: float = 0.3
+    combat: CombatOptions = CombatOptions()
+    until: str = PHASES[-1]  # the last phase to run
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> StudySettings:
@@ -29,12 +43,36 @@ class StudySettings:
             settings = cls(protocol, Path(str(run_config.get("out-dir", "myelofed-study"))),
                            int(run_config.get("min-sites", 2)),
                            int(run_config.get("min-cases-per-site", 10)),
-                           float(run_config.get("timeout-s", 600.0)))
+                           float(run_config.get("timeout-s", 600.0)),
+                           int(run_config.get("seed", 0)),
+                           float(run_config.get("test-fraction", 0.3)),
+                           CombatOptions(
+                               min_batch_size=int(run_config.get("combat-min-batch-size", 10)),
+                               min_cell=int(run_config.get("combat-min-cell", 5))),
+                           str(run_config.get("until", PHASES[-1])))
         except (TypeError, ValueError) as exc:
             raise ConfigError("run config", [str(exc)]) from None
         if settings.min_sites < 1 or settings.min_cases_per_site < 1:
             raise ConfigError("run config", ["min-sites and min-cases-per-site must be >= 1"])
         return settings
+
+    def __post_init__(self) -> None:
+        if self.until not in PHASES:
+            raise ConfigError("run config", [f"until: '{self.until}' is not one of "
+                                             f"{', '.join(PHASES)}"])
+
+    def runs(self, phase: str) -> bool:
+        """Whether ``phase`` is part of this run (phases up to ``until``)."""
+        return PHASES.index(phase) <= PHASES.index(self.until)
+
+
+def require_sites(replies: dict[str, Any], failed: dict[str, str], settings: StudySettings,
+                  phase: str) -> None:
+    """Stop the study, naming every failed site, when fewer than min-sites answered."""
+    if len(replies) < settings.min_sites:
+        detail = "; ".join(f"{site}: {why}" for site, why in sorted(failed.items()))
+        raise StudyStopped(f"{phase}: {len(replies)} site(s) answered, fewer than min-sites = "
+                           f"{settings.min_sites} ({detail or 'no site connected'})")
 
 
 @dataclass(frozen=True)
@@ -45,6 +83,7 @@ class HandshakeSummary:
     excluded: dict[str, str]   # site -> reason
     go_on: bool
     reason: str
+    nodes: dict[int, str] = field(default_factory=dict)  # SuperNode id -> site name
 
     def to_json(self) -> dict[str, Any]:
         return {"sites": [asdict(s) for s in self.sites], "excluded": self.excluded,
@@ -69,3 +108,60 @@ def check_handshake(replies: list[HandshakeReply], failed: dict[str, str],
     reason = (f"{len(kept)} site(s) ready" if go_on else
               f"only {len(kept)} site(s) ready, fewer than min-sites = {settings.min_sites}")
     return HandshakeSummary(replies, excluded, go_on, reason)
+
+
+def _counts(text: str) -> dict[str, int]:
+    """``"name:count,..."`` -> dict (names may hold ':' only before the last one)."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, _, count = part.rpartition(":")
+        out[name] = int(count)
+    return out
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    sites: list[PrepareReply]
+    excluded: dict[str, str]
+    go_on: bool
+    reason: str
+
+    @property
+    def kept(self) -> list[PrepareReply]:
+        return [r for r in self.sites if r.site not in self.excluded]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sites": [asdict(s) for s in self.sites], "excluded": self.excluded,
+                "go_on": self.go_on, "reason": self.reason}
+
+
+def check_prepare(replies: list[PrepareReply], failed: dict[str, str],
+                  settings: StudySettings) -> PrepareSummary:
+    """Exclude sites that failed, refused, or computed other features than the majority."""
+    excluded = dict(failed)
+    ok = [r for r in replies if r.status == "ok"]
+    for reply in replies:
+        if reply.status != "ok":
+            excluded[reply.site] = f"refused: {reply.code} ({reply.reason})"
+    if ok:
+        majority, _ = Counter(r.features_hash for r in ok).most_common(1)[0]
+        for reply in ok:
+            if reply.features_hash != majority:
+                excluded[reply.site] = "computed other features than the other sites"
+    kept = [r for r in replies if r.site not in excluded]
+    go_on = len(kept) >= settings.min_sites
+    reason = (f"{len(kept)} site(s) prepared" if go_on else
+              f"only {len(kept)} site(s) prepared, fewer than min-sites = {settings.min_sites}")
+    return PrepareSummary(replies, excluded, go_on, reason)
+
+
+def combat_design(protocol: StudyProtocol, kept: list[PrepareReply]) -> tuple[Design, set[str]]:
+    """The ComBat design for the sites that go on (their training scanners, the protocol's
+    covariates) and the batches held by more than one site."""
+    holders: Counter[str] = Counter()
+    for reply in kept:
+        holders.update(_counts(reply.batches).keys())
+    design = Design(tuple(sorted(holders)),
+                    tuple((c, tuple(lv)) for c, lv in protocol.covariates.categorical.items()),
+                    tuple(protocol.covariates.continuous))
+    return design, {b for b, k in holders.items() if k > 1}

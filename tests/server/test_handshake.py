@@ -63,10 +63,36 @@ def test_handshake_runs_in_flowers_simulation_engine(cohort: Path, tmp_path: Pat
     from server.app import make_server_app
 
     settings = StudySettings(load_protocol(cohort / "study.yaml"), tmp_path, min_sites=3,
-                             min_cases_per_site=10, timeout_s=120)
+                             min_cases_per_site=10, timeout_s=120, until="handshake")
     run_simulation(server_app=make_server_app(settings), client_app=make_client_app(cohort),
                    num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1}})
     summary = json.loads((tmp_path / "handshake.json").read_text())
     assert summary["go_on"] and summary["excluded"] == {}
     assert sorted((s["site"], s["n_usable"]) for s in summary["sites"]) == [
         ("site_A", 12), ("site_B", 14), ("site_C", 16)]
+    assert json.loads((tmp_path / "study.json").read_text())["status"] == "done"
+    assert not (tmp_path / "prepare.json").exists()  # until="handshake"
+
+
+@pytest.mark.slow
+def test_a_phase_every_site_refuses_stops_the_study_naming_them(cohort: Path, tmp_path: Path):
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    # default ComBat guards: scanners of 5-8 training patients are below min_cell / batch size
+    settings = StudySettings(load_protocol(cohort / "study.yaml"), tmp_path, min_sites=2,
+                             min_cases_per_site=10, timeout_s=120)
+    try:
+        run_simulation(server_app=make_server_app(settings),
+                       client_app=make_client_app(cohort), num_supernodes=3,
+                       backend_config={"client_resources": {"num_cpus": 1}})
+    except Exception:  # noqa: BLE001 - the engine may re-raise the ServerApp's StudyStopped
+        pass
+    status = json.loads((tmp_path / "study.json").read_text())
+    assert status["status"] == "stopped"
+    assert status["reason"].startswith("ComBat round 1: 0 site(s) answered")
+    for site in ("site_A", "site_B", "site_C"):
+        assert f"{site}: query.combat_design: error 400: HarmonizationError" in status["reason"]
+    assert str(cohort) not in status["reason"]  # no path crosses the network
