@@ -11,22 +11,28 @@ from pathlib import Path
 
 import functools
 import json
+import logging
 from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.study import (
+    Coefficients,
     HandshakeReply,
     PrepareReply,
+    Standardizer,
     combat_inputs,
     combat_model_at_site,
+    evaluate,
     handshake,
+    model_rows,
     harmonize_site,
     prepare,
     resolve_site,
 )
 from common.errors import ConfigError, MyeloFedError
+from common.glm import site_feature_moments, site_logistic_terms
 from common.protocol import StudyProtocol, protocol_from_mapping
 from common.records import pack, to_record, unpack
 from harmonization.combat import (
@@ -51,8 +57,11 @@ def _protocol(msg: Message) -> StudyProtocol:
     return protocol
 
 
-#: Error code of a site's refusal in a reply (Flower's own codes are below 100).
+#: Error codes of a site's replies (Flower's own codes are below 100): a refusal (bad input,
+#: guard, configuration) and an unexpected failure (a bug; the traceback stays in the site's log).
 SITE_REFUSED = 400
+SITE_FAILED = 500
+log = logging.getLogger("myelofed.site")
 
 
 def refusal(exc: MyeloFedError) -> str:
@@ -67,13 +76,17 @@ def refusal(exc: MyeloFedError) -> str:
 
 def guarded(handler: Callable[[Message, Context], Message]
             ) -> Callable[[Message, Context], Message]:
-    """A handler whose expected failures reply with a coded refusal, not a traceback."""
+    """A handler whose failures reply with a code and a short reason, never a traceback."""
     @functools.wraps(handler)
     def wrapper(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
         except MyeloFedError as exc:
             return Message(error=Error(SITE_REFUSED, refusal(exc)), reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 - a bug: no traceback or path leaves the site
+            log.exception("%s failed", msg.metadata.message_type)
+            return Message(error=Error(SITE_FAILED, f"internal error ({type(exc).__name__}); "
+                                                    "see the site's log"), reply_to=msg)
     return wrapper
 
 
@@ -89,6 +102,7 @@ def make_client_app(simulation_cohort: Path | None = None) -> ClientApp:
         return resolve_site(dict(context.node_config), run_config)
 
     @app.query("handshake")
+    @guarded
     def _handshake(msg: Message, context: Context) -> Message:
         study = msg.content["study"]
         expected = str(study["protocol_hash"])
@@ -162,6 +176,36 @@ def make_client_app(simulation_cohort: Path | None = None) -> ClientApp:
                                      shared.unstack())
         rows = harmonize_site(site, protocol, model)
         return Message(RecordDict({"result": ConfigRecord({"rows": rows})}), reply_to=msg)
+
+    def model_context(msg: Message, context: Context):  # noqa: ANN202
+        return site_of(context), _protocol(msg), bool(msg.content["study"]["harmonized"])
+
+    @app.query("model_moments")
+    @guarded
+    def _model_moments(msg: Message, context: Context) -> Message:
+        site, protocol, harmonized = model_context(msg, context)
+        x, _ = model_rows(site, protocol, harmonized, "train")
+        return Message(pack(moments=site_feature_moments(x)), reply_to=msg)
+
+    @app.query("logistic_terms")
+    @guarded
+    def _logistic_terms(msg: Message, context: Context) -> Message:
+        site, protocol, harmonized = model_context(msg, context)
+        scale = unpack(msg.content, "scale", Standardizer, sender="the server")
+        beta = unpack(msg.content, "coef", Coefficients, sender="the server").beta
+        x, y = model_rows(site, protocol, harmonized, "train")
+        terms = site_logistic_terms((x - scale.mean) / scale.sd, y, beta)
+        return Message(pack(terms=terms), reply_to=msg)
+
+    @app.query("evaluate")
+    @guarded
+    def _evaluate(msg: Message, context: Context) -> Message:
+        site, protocol, harmonized = model_context(msg, context)
+        scale = unpack(msg.content, "scale", Standardizer, sender="the server")
+        coef = unpack(msg.content, "coef", Coefficients, sender="the server")
+        l2 = float(msg.content["study"]["l2"])
+        return Message(pack(metrics=evaluate(site, protocol, harmonized, scale, coef, l2)),
+                       reply_to=msg)
 
     return app
 

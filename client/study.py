@@ -264,3 +264,73 @@ def harmonize_site(site: SiteConfig, protocol: StudyProtocol, model: "CombatMode
     table.to_parquet(buffer, index=False)
     atomic_write_bytes(study_dir(site, protocol) / HARMONIZED_FILE, buffer.getvalue())
     return len(table)
+
+
+# --- phase 4: the radiomics model, the site's halves ----------------------------------------------
+
+@dataclass(frozen=True)
+class Standardizer:
+    """Pooled feature means and standard deviations, (F,): the server sends them."""
+
+    mean: "np.ndarray"
+    sd: "np.ndarray"
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """A linear model's coefficients, intercept first, (1 + F,)."""
+
+    beta: "np.ndarray"
+
+
+@dataclass(frozen=True)
+class EvaluationReply:
+    """Metrics of one site's test rows: never a per-patient score."""
+
+    site: str
+    n_test: int
+    n_positive: int
+    auc_federated: float
+    auc_local: float
+
+
+def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str
+               ) -> tuple["np.ndarray", "np.ndarray"]:
+    """Features and labels of one split, raw or after federated ComBat."""
+    import pandas as pd
+
+    name = HARMONIZED_FILE if harmonized else PREPARED_FILE
+    path = study_dir(site, protocol) / name
+    if not path.is_file():
+        raise ConfigError(str(path), [f"missing: the phase that writes {name} has not run here"])
+    table = pd.read_parquet(path)
+    table = table[table["split"] == split]
+    return (table[feature_columns(table, protocol)].to_numpy(float),
+            table[protocol.task.label_column].to_numpy(float))
+
+
+def evaluate(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
+             standardizer: Standardizer, federated: Coefficients, l2: float) -> EvaluationReply:
+    """AUC on this site's test rows of the federated model and of a model trained here alone
+    (the local-only baseline, standardized with this site's own training moments)."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from common.glm import ModelError, fit_logistic, site_feature_moments, with_intercept
+
+    x_train, y_train = model_rows(site, protocol, harmonized, "train")
+    x_test, y_test = model_rows(site, protocol, harmonized, "test")
+
+    def auc(scores: np.ndarray) -> float:
+        return float(roc_auc_score(y_test, scores)) if len(set(y_test)) == 2 else float("nan")
+
+    z = (x_test - standardizer.mean) / standardizer.sd
+    auc_fed = auc(with_intercept(z) @ federated.beta)
+    moments = site_feature_moments(x_train)
+    sd = np.where(moments.sd > 0, moments.sd, 1.0)
+    try:
+        local = fit_logistic([((x_train - moments.mean) / sd, y_train)], l2=l2)
+        auc_local = auc(with_intercept((x_test - moments.mean) / sd) @ local)
+    except ModelError:
+        auc_local = float("nan")
+    return EvaluationReply(site.site_name, len(y_test), int(y_test.sum()), auc_fed, auc_local)

@@ -84,7 +84,10 @@ def from_record(content: RecordDict, cls: type[T], shapes: Mapping[str, tuple[in
         raise fail(f"payload type is {meta.get('payload')!r}")
     if meta.get("schema") != SCHEMA_VERSION:
         raise fail(f"schema version {meta.get('schema')!r}, expected {SCHEMA_VERSION}")
-    hints = typing.get_type_hints(cls)
+    try:
+        hints: dict[str, Any] = typing.get_type_hints(cls)
+    except NameError:  # annotations naming modules imported for type checking only
+        hints = dict(getattr(cls, "__annotations__", {}))
     values: dict[str, Any] = {}
     for item in dataclasses.fields(cls):  # type: ignore[arg-type]
         name = item.name
@@ -103,7 +106,7 @@ def from_record(content: RecordDict, cls: type[T], shapes: Mapping[str, tuple[in
             values[name] = None
         elif f"f.{name}" in meta:
             values[name] = meta[f"f.{name}"]
-            if hints.get(name) is float and isinstance(values[name], int):
+            if hints.get(name) in (float, "float") and isinstance(values[name], int):
                 values[name] = float(values[name])
         elif f"t.{name}" in meta:
             values[name] = tuple(str(v) for v in meta[f"t.{name}"])

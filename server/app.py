@@ -2,7 +2,8 @@
 
 Thin by design: it types the run config once, sends each phase's messages, unpacks the replies
 with :mod:`common.records` and calls :mod:`server.study` for every decision.
-Phases built so far: 1, the handshake; 2, local preparation; 3, federated ComBat.
+Phases built so far: 1, the handshake; 2, local preparation; 3, federated ComBat; 4, the
+exact federated logistic model on raw and harmonized features, evaluated at every site.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from collections.abc import Callable
 
-from client.study import HandshakeReply, PrepareReply
+from client.study import (
+    Coefficients,
+    EvaluationReply,
+    HandshakeReply,
+    PrepareReply,
+    Standardizer,
+)
+from common.glm import FeatureMoments, LogisticTerms, combine_feature_moments, newton_step
+from common.protocol import TaskKind
 from common.provenance import atomic_write_json
 from common.records import PayloadError, from_record, pack, unpack
 from harmonization.combat import (
@@ -192,6 +201,50 @@ def run_combat(grid: Grid, nodes: dict[int, str], kept: list[PrepareReply],
     return failed
 
 
+def run_model(grid: Grid, nodes: dict[int, str], n_features: int, settings: StudySettings,
+              harmonized: bool) -> dict[str, object]:
+    """Phase 4: pooled standardization, then Newton steps on the sites' summed gradients and
+    Hessians (the pooled ridge-logistic fit, exactly), then every site's test metrics."""
+    f = n_features
+
+    def ask(**payloads: object) -> Callable[[int], RecordDict]:
+        def content(_: int) -> RecordDict:
+            records = pack(**payloads) if payloads else RecordDict({})
+            records["study"] = _study_config(settings, harmonized=harmonized, l2=settings.l2)
+            return records
+        return content
+
+    replies, failed = exchange(grid, nodes, "query.model_moments", ask(), settings)
+    require_sites(replies, failed, settings, "model standardization")
+    pooled = combine_feature_moments([unpack(r.content, "moments", FeatureMoments,
+                                             {"mean": (f,), "m2": (f,)}, site)
+                                      for site, r in replies.items()])
+    standardizer = Standardizer(pooled.mean, np.where(pooled.sd > 0, pooled.sd, 1.0))
+    beta, rounds = np.zeros(f + 1), 0
+    for rounds in range(1, 51):
+        replies, more = exchange(grid, nodes, "query.logistic_terms",
+                                 ask(scale=standardizer, coef=Coefficients(beta)), settings)
+        failed.update(more)
+        require_sites(replies, failed, settings, f"Newton round {rounds}")
+        step = newton_step([unpack(r.content, "terms", LogisticTerms,
+                                   {"gradient": (f + 1,), "hessian": (f + 1, f + 1)}, site)
+                            for site, r in replies.items()], beta, settings.l2)
+        beta = step.beta
+        if step.step < 1e-8:
+            break
+    replies, more = exchange(grid, nodes, "query.evaluate",
+                             ask(scale=standardizer, coef=Coefficients(beta)), settings)
+    failed.update(more)
+    metrics = [unpack(r.content, "metrics", EvaluationReply, sender=site)
+               for site, r in replies.items()]
+    return {"harmonized": harmonized, "l2": settings.l2, "newton_rounds": rounds,
+            "coefficients": beta.tolist(),  # intercept first, on the pooled standardized scale
+            "sites": {m.site: {"n_test": m.n_test, "n_positive": m.n_positive,
+                               "auc_federated": m.auc_federated, "auc_local": m.auc_local}
+                      for m in sorted(metrics, key=lambda m: m.site)},
+            "failed": failed}
+
+
 def run_study(grid: Grid, settings: StudySettings) -> None:
     """The phases in order, up to ``settings.until``; ``study.json`` says how it ended."""
     status = {"status": "done", "until": settings.until, "reason": ""}
@@ -207,7 +260,16 @@ def run_study(grid: Grid, settings: StudySettings) -> None:
             kept = {r.site for r in prepared.kept}
             nodes = {n: s for n, s in nodes.items() if s in kept}
             if settings.runs("combat"):
-                run_combat(grid, nodes, prepared.kept, settings)
+                failed = run_combat(grid, nodes, prepared.kept, settings)
+                nodes = {n: s for n, s in nodes.items() if s not in failed}
+            if settings.runs("model"):
+                if settings.protocol.task.kind is not TaskKind.CLASSIFICATION:
+                    raise StudyStopped("model: regression models are not built yet")
+                f = prepared.kept[0].n_features
+                results = [run_model(grid, nodes, f, settings, harmonized=False)]
+                if settings.runs("combat"):
+                    results.append(run_model(grid, nodes, f, settings, harmonized=True))
+                atomic_write_json(settings.out_dir / "model.json", {"models": results})
     except StudyStopped as exc:
         status = {"status": "stopped", "until": settings.until, "reason": str(exc)}
         raise

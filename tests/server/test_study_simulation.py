@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from client.study import HARMONIZED_FILE, PREPARED_FILE, PrepareReply, feature_columns
+from common.glm import fit_logistic
 from common.protocol import load_protocol
 from common.synthetic import CohortSpec, make_sites, write_cohort
 from harmonization.combat import CombatOptions, SiteTable, fit_combat
@@ -62,4 +63,21 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
         assert got.case_id.tolist() == table.case_id.tolist()
         np.testing.assert_allclose(got[names].to_numpy(float), expected, rtol=1e-9, atol=1e-9)
         assert not np.allclose(got[names].to_numpy(float), table[names].to_numpy(float))
+
+    # phase 4: the federated ridge-logistic model equals the pooled fit on the same rows
+    models = json.loads((tmp_path / "out" / "model.json").read_text())["models"]
+    assert [m["harmonized"] for m in models] == [False, True]
+    label = protocol.task.label_column
+    for model_json in models:
+        source = HARMONIZED_FILE if model_json["harmonized"] else PREPARED_FILE
+        train = pd.concat([pd.read_parquet(work / s / "study" / protocol.short_hash / source)
+                           for s in ("site_A", "site_B", "site_C")])
+        train = train[train.split == "train"]
+        x = train[names].to_numpy(float)
+        sd = x.std(axis=0)
+        z = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+        pooled = fit_logistic([(z, train[label].to_numpy(float))], l2=settings.l2)
+        np.testing.assert_allclose(model_json["coefficients"], pooled, atol=1e-6)
+        for metrics in model_json["sites"].values():
+            assert 0.0 <= metrics["auc_federated"] <= 1.0 and metrics["n_test"] > 0
         assert got.split.tolist() == table.split.tolist()
