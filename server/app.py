@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import numpy as np
-
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
-
-from collections.abc import Callable
 
 from client.study import (
     Coefficients,
@@ -67,28 +66,14 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
 
 def run_handshake(grid: Grid, settings: StudySettings) -> HandshakeSummary:
     """Phase 1: the protocol and its hash to every site; counts (or a refusal) back."""
-    nodes = wait_for_nodes(grid, settings.min_sites, settings.timeout_s)
-    protocol = json.dumps(settings.protocol.model_dump(mode="json"), sort_keys=True)
-    messages = [
-        Message(RecordDict({"study": ConfigRecord({
-            "protocol": protocol, "protocol_hash": settings.protocol.content_hash()})}),
-            message_type="query.handshake", dst_node_id=node, group_id="handshake")
-        for node in nodes
-    ]
-    replies, failed, nodes_of = [], {}, {}
-    for reply in grid.send_and_receive(messages, timeout=settings.timeout_s):
-        sender = f"node {reply.metadata.src_node_id}"
-        if reply.has_error():
-            failed[sender] = f"error {reply.error.code}: {reply.error.reason}"
-            continue
-        try:
-            answer = from_record(reply.content, HandshakeReply, sender=sender)
-        except PayloadError as exc:
-            failed[sender] = str(exc)
-            continue
-        replies.append(answer)
-        nodes_of[reply.metadata.src_node_id] = answer.site
-    summary = dataclasses.replace(check_handshake(replies, failed, settings), nodes=nodes_of)
+    nodes = {n: f"node {n}" for n in wait_for_nodes(grid, settings.min_sites, settings.timeout_s)}
+    replies, failed = exchange(grid, nodes, "query.handshake",
+                               lambda _: RecordDict({"study": _study_config(settings)}), settings)
+    answers = collect(replies, failed, None, HandshakeReply)
+    nodes_of = {replies[sender].metadata.src_node_id: answer.site
+                for sender, answer in answers.items()}
+    summary = dataclasses.replace(check_handshake(list(answers.values()), failed, settings),
+                                  nodes=nodes_of)
     atomic_write_json(settings.out_dir / "handshake.json", summary.to_json())
     return summary
 
@@ -98,6 +83,23 @@ def _study_config(settings: StudySettings, **extra: object) -> ConfigRecord:
     return ConfigRecord({
         "protocol": json.dumps(settings.protocol.model_dump(mode="json"), sort_keys=True),
         "protocol_hash": settings.protocol.content_hash(), **extra})
+
+
+P = TypeVar("P")
+
+
+def collect(replies: dict[str, Message], failed: dict[str, str], name: str | None,
+            cls: type[P], shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, P]:
+    """Each reply's payload (packed under ``name``, or alone when None), checked; a site whose
+    payload is malformed moves to ``failed`` with the reason instead of stopping the study."""
+    out: dict[str, P] = {}
+    for site, reply in replies.items():
+        try:
+            out[site] = (from_record(reply.content, cls, shapes, site) if name is None
+                         else unpack(reply.content, name, cls, shapes, site))
+        except PayloadError as exc:
+            failed[site] = str(exc)
+    return out
 
 
 def exchange(grid: Grid, nodes: dict[int, str], message_type: str,
@@ -125,12 +127,7 @@ def run_prepare(grid: Grid, nodes: dict[int, str], settings: StudySettings):  # 
         grid, nodes, "query.prepare",
         lambda _: RecordDict({"study": _study_config(
             settings, seed=settings.seed, test_fraction=settings.test_fraction)}), settings)
-    parsed = []
-    for site, reply in replies.items():
-        try:
-            parsed.append(from_record(reply.content, PrepareReply, sender=site))
-        except PayloadError as exc:
-            failed[site] = str(exc)
+    parsed = list(collect(replies, failed, None, PrepareReply).values())
     summary = check_prepare(parsed, failed, settings)
     atomic_write_json(settings.out_dir / "prepare.json", summary.to_json())
     return summary
@@ -148,12 +145,11 @@ def run_combat(grid: Grid, nodes: dict[int, str], kept: list[PrepareReply],
                                            **extra)
     replies, failed = exchange(grid, nodes, "query.combat_design",
                                lambda _: RecordDict({"study": config()}), settings)
-    require_sites(replies, failed, settings, "ComBat round 1")
-    nodes = {n: s for n, s in nodes.items() if s in replies}
-    moments = [unpack(r.content, "moments", DesignMoments,
-                      {"batch_counts": (design.n_batch,), "xtx": (p, p), "xty": (p, f)}, site)
-               for site, r in replies.items()]
-    fit = combine_design_moments(moments, design, options)
+    moments = collect(replies, failed, "moments", DesignMoments,
+                      {"batch_counts": (design.n_batch,), "xtx": (p, p), "xty": (p, f)})
+    require_sites(moments, failed, settings, "ComBat round 1")
+    nodes = {n: s for n, s in nodes.items() if s in moments}
+    fit = combine_design_moments(list(moments.values()), design, options)
 
     def with_fit(**payloads: object) -> Callable[[int], RecordDict]:
         def content(_: int) -> RecordDict:
@@ -164,12 +160,11 @@ def run_combat(grid: Grid, nodes: dict[int, str], kept: list[PrepareReply],
 
     replies, more = exchange(grid, nodes, "query.combat_residuals", with_fit(), settings)
     failed.update(more)
-    require_sites(replies, failed, settings, "ComBat round 2")
-    nodes = {n: s for n, s in nodes.items() if s in replies}
-    residuals = [unpack(r.content, "residuals", ResidualMoments,
-                        {"batch_counts": (design.n_batch,), "rss": (design.n_batch, f)}, site)
-                 for site, r in replies.items()]
-    pooled = PooledVariance(combine_residual_moments(residuals, design))
+    residuals = collect(replies, failed, "residuals", ResidualMoments,
+                        {"batch_counts": (design.n_batch,), "rss": (design.n_batch, f)})
+    require_sites(residuals, failed, settings, "ComBat round 2")
+    nodes = {n: s for n, s in nodes.items() if s in residuals}
+    pooled = PooledVariance(combine_residual_moments(list(residuals.values()), design))
     adjustments = StackedAdjustments((), np.zeros((0, f)), np.zeros((0, f)))
     if shared:
         def ask_moments(_: int) -> RecordDict:
@@ -179,11 +174,13 @@ def run_combat(grid: Grid, nodes: dict[int, str], kept: list[PrepareReply],
 
         replies, more = exchange(grid, nodes, "query.combat_moments", ask_moments, settings)
         failed.update(more)
-        require_sites(replies, failed, settings, "ComBat round 3")
-        nodes = {n: s for n, s in nodes.items() if s in replies}
+        stacked = collect(replies, failed, "moments", StackedMoments,
+                          {"n": (-1,), "mean": (-1, f), "m2": (-1, f)})
+        require_sites(stacked, failed, settings, "ComBat round 3")
+        nodes = {n: s for n, s in nodes.items() if s in stacked}
         by_batch: dict[str, list[BatchMoments]] = {}
-        for site, reply in replies.items():
-            for m in unpack(reply.content, "moments", StackedMoments, sender=site).unstack():
+        for payload in stacked.values():
+            for m in payload.unstack():
                 by_batch.setdefault(m.batch, []).append(m)
         adjustments = StackedAdjustments.of(
             [estimate_batch_adjustment(combine_batch_moments(parts), options)
@@ -215,28 +212,33 @@ def run_model(grid: Grid, nodes: dict[int, str], n_features: int, settings: Stud
         return content
 
     replies, failed = exchange(grid, nodes, "query.model_moments", ask(), settings)
-    require_sites(replies, failed, settings, "model standardization")
-    pooled = combine_feature_moments([unpack(r.content, "moments", FeatureMoments,
-                                             {"mean": (f,), "m2": (f,)}, site)
-                                      for site, r in replies.items()])
+    moments = collect(replies, failed, "moments", FeatureMoments, {"mean": (f,), "m2": (f,)})
+    require_sites(moments, failed, settings, "model standardization")
+    nodes = {n: s for n, s in nodes.items() if s in moments}
+    pooled = combine_feature_moments(list(moments.values()))
     standardizer = Standardizer(pooled.mean, np.where(pooled.sd > 0, pooled.sd, 1.0))
     beta, rounds = np.zeros(f + 1), 0
     for rounds in range(1, 51):
         replies, more = exchange(grid, nodes, "query.logistic_terms",
                                  ask(scale=standardizer, coef=Coefficients(beta)), settings)
         failed.update(more)
-        require_sites(replies, failed, settings, f"Newton round {rounds}")
-        step = newton_step([unpack(r.content, "terms", LogisticTerms,
-                                   {"gradient": (f + 1,), "hessian": (f + 1, f + 1)}, site)
-                            for site, r in replies.items()], beta, settings.l2)
+        terms = collect(replies, failed, "terms", LogisticTerms,
+                        {"gradient": (f + 1,), "hessian": (f + 1, f + 1)})
+        if set(terms) != set(nodes.values()):
+            # a site lost mid-fit: its rows are no longer in the sums, so the fit restarts
+            # from the sites left (all of them must contribute to every Newton step)
+            require_sites(terms, failed, settings, f"Newton round {rounds}")
+            nodes = {n: s for n, s in nodes.items() if s in terms}
+            beta = np.zeros(f + 1)
+            continue
+        step = newton_step(list(terms.values()), beta, settings.l2)
         beta = step.beta
         if step.step < 1e-8:
             break
     replies, more = exchange(grid, nodes, "query.evaluate",
                              ask(scale=standardizer, coef=Coefficients(beta)), settings)
     failed.update(more)
-    metrics = [unpack(r.content, "metrics", EvaluationReply, sender=site)
-               for site, r in replies.items()]
+    metrics = list(collect(replies, failed, "metrics", EvaluationReply).values())
     return {"harmonized": harmonized, "l2": settings.l2, "newton_rounds": rounds,
             "coefficients": beta.tolist(),  # intercept first, on the pooled standardized scale
             "sites": {m.site: {"n_test": m.n_test, "n_positive": m.n_positive,
