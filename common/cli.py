@@ -37,6 +37,9 @@ The study PROTOCOL (TOML/YAML) is written by the coordinator and is the same at 
   myelofed harmonize TABLE --batch-col scanner -o OUT   ComBat offline (federated halves in-process)
   myelofed ibsi-check                    verify this installation on the IBSI digital phantom
 \b
+The federated study itself runs on Flower (server/app.py, client/app.py): for now through
+'flwr run . --run-config ...' (see the README); 'myelofed server/site' wrappers come later.
+\b
 Exit codes: 0 done; 1 unexpected error; 2 unusable protocol/config/manifest; 3 done but some
 cases skipped; 4 done but no usable case; 5 a verification found disagreeing values."""
 
