@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.errors import HarmonizationError
+from common.glm import FeatureMoments, combine_feature_moments, site_feature_moments
 
 Covariates = Mapping[str, Sequence[object]]
 
@@ -320,23 +321,15 @@ def site_batch_moments(standardized: np.ndarray, batch: Sequence[object], design
     index = design.batch_index(batch)
     out = {}
     for b in np.unique(index):
-        rows = standardized[index == b]
-        mean = rows.mean(axis=0)
-        out[design.batches[b]] = BatchMoments(design.batches[b], len(rows), mean,
-                                              ((rows - mean) ** 2).sum(axis=0))
+        m = site_feature_moments(standardized[index == b])
+        out[design.batches[b]] = BatchMoments(design.batches[b], m.n, m.mean, m.m2)
     return out
 
 
 def combine_batch_moments(parts: Sequence[BatchMoments]) -> BatchMoments:
     """One batch's moments from the sites that share it (Chan et al.'s pairwise update)."""
-    n, mean, m2 = parts[0].n, parts[0].mean, parts[0].m2
-    for part in parts[1:]:
-        total = n + part.n
-        delta = part.mean - mean
-        mean = mean + delta * (part.n / total)
-        m2 = m2 + part.m2 + delta**2 * (n * part.n / total)
-        n = total
-    return BatchMoments(parts[0].batch, n, mean, m2)
+    pooled = combine_feature_moments([FeatureMoments(p.n, p.mean, p.m2) for p in parts])
+    return BatchMoments(parts[0].batch, pooled.n, pooled.mean, pooled.m2)
 
 
 @dataclass(frozen=True)
