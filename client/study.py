@@ -294,9 +294,14 @@ class EvaluationReply:
     auc_local: float
 
 
+#: A site never sends sums over fewer training rows than this, whatever the server asks.
+MIN_ROWS_SENT = 5
+
+
 def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str
                ) -> tuple["np.ndarray", "np.ndarray"]:
-    """Features and labels of one split, raw or after federated ComBat."""
+    """Features and labels of one split, raw or after federated ComBat. Training rows are
+    refused below :data:`MIN_ROWS_SENT`: their sums would come close to a patient's values."""
     import pandas as pd
 
     name = HARMONIZED_FILE if harmonized else PREPARED_FILE
@@ -305,6 +310,11 @@ def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, spli
         raise ConfigError(str(path), [f"missing: the phase that writes {name} has not run here"])
     table = pd.read_parquet(path)
     table = table[table["split"] == split]
+    if split == "train" and len(table) < MIN_ROWS_SENT:
+        from common.glm import ModelError
+
+        raise ModelError(f"site '{site.site_name}' has {len(table)} training rows, fewer than "
+                         f"{MIN_ROWS_SENT}: it sends no sums over them")
     return (table[feature_columns(table, protocol)].to_numpy(float),
             table[protocol.task.label_column].to_numpy(float))
 
