@@ -12,10 +12,11 @@ from pathlib import Path
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.study import (
     Coefficients,
@@ -90,10 +91,12 @@ def guarded(handler: Callable[[Message, Context], Message]
     return wrapper
 
 
-def make_client_app(simulation_cohort: Path | None = None) -> ClientApp:
+def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] = ()
+                    ) -> ClientApp:
     """The ClientApp. ``simulation_cohort`` stands in for the run config's
-    ``simulation-cohort`` (Flower's in-process simulation passes no run config)."""
-    app = ClientApp()
+    ``simulation-cohort`` (Flower's in-process simulation passes no run config); ``mods`` are
+    Flower mods around every handler (e.g. one that inspects every outgoing reply)."""
+    app = ClientApp(mods=list(mods))
 
     def site_of(context: Context):  # noqa: ANN202 - a SiteConfig
         run_config = dict(context.run_config)

@@ -19,6 +19,26 @@ from server.study import StudySettings, combat_design
 pytestmark = pytest.mark.slow
 
 
+def audit_mod(path: Path):  # noqa: ANN201 - a Flower mod
+    """A Flower mod that writes the shape of everything a site sends to ``path`` (JSON lines):
+    arrays by shape, config values by length."""
+    def mod(msg, context, call_next):  # noqa: ANN001, ANN202
+        reply = call_next(msg, context)
+        entry = {"partition": int(context.node_config["partition-id"]),
+                 "type": msg.metadata.message_type, "arrays": [], "lists": []}
+        if reply.has_content():
+            for record in reply.content.values():
+                if hasattr(record, "to_numpy_ndarrays"):  # an ArrayRecord
+                    entry["arrays"] += [list(a.shape) for a in record.values()]
+                else:
+                    entry["lists"] += [len(v) for v in record.values()
+                                       if isinstance(v, list)]
+        with path.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        return reply
+    return mod
+
+
 @pytest.mark.parametrize("scanner_effects", [True, False], ids=["own-scanners", "shared-scanner"])
 def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
                                                                scanner_effects: bool):
@@ -30,19 +50,22 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
     from server.app import make_server_app
 
     cohort = tmp_path / "cohort"
-    write_cohort(cohort, CohortSpec(make_sites((20, 24, 28), scanner_effects)), workers=2)
+    # sizes whose train/test/total counts match no other dimension a payload can have
+    write_cohort(cohort, CohortSpec(make_sites((30, 34, 38), scanner_effects)), workers=2)
     protocol = load_protocol(cohort / "study.yaml")
     combat = CombatOptions(min_batch_size=3, min_cell=1)
     settings = StudySettings(protocol, tmp_path / "out", min_sites=3, min_cases_per_site=10,
                              timeout_s=300, seed=1, test_fraction=0.3, combat=combat)
-    run_simulation(server_app=make_server_app(settings), client_app=make_client_app(cohort),
+    audit = tmp_path / "outgoing.jsonl"
+    run_simulation(server_app=make_server_app(settings),
+                   client_app=make_client_app(cohort, mods=[audit_mod(audit)]),
                    num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1}})
 
     prepare = json.loads((tmp_path / "out" / "prepare.json").read_text())
     assert prepare["go_on"] and prepare["excluded"] == {}
-    assert sorted(s["n_train"] + s["n_test"] for s in prepare["sites"]) == [20, 24, 28]
+    assert sorted(s["n_train"] + s["n_test"] for s in prepare["sites"]) == [30, 34, 38]
     report = json.loads((tmp_path / "out" / "combat.json").read_text())
-    assert report["failed"] == {} and sorted(report["harmonized_rows"].values()) == [20, 24, 28]
+    assert report["failed"] == {} and sorted(report["harmonized_rows"].values()) == [30, 34, 38]
     assert report["shared_batches"] == ([] if scanner_effects else ["reference"])
 
     work = cohort / "work"
@@ -63,6 +86,20 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
         assert got.case_id.tolist() == table.case_id.tolist()
         np.testing.assert_allclose(got[names].to_numpy(float), expected, rtol=1e-9, atol=1e-9)
         assert not np.allclose(got[names].to_numpy(float), table[names].to_numpy(float))
+
+    # privacy: nothing a site sent has a dimension (or a list length) of its number of patients
+    rows = {s["site"]: {s["n_train"], s["n_test"], s["n_train"] + s["n_test"]}
+            for s in prepare["sites"]}
+    sites = sorted(rows)
+    sent = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert {e["type"] for e in sent} >= {"query.handshake", "query.prepare",
+                                         "query.combat_design", "query.combat_apply",
+                                         "query.logistic_terms", "query.evaluate"}
+    assert any(d > 100 for e in sent for shape in e["arrays"] for d in shape)  # arrays seen
+    for entry in sent:
+        counts = rows[sites[entry["partition"]]]
+        dims = {d for shape in entry["arrays"] for d in shape} | set(entry["lists"])
+        assert not dims & counts, (entry, counts)
 
     # phase 4: the federated ridge-logistic model equals the pooled fit on the same rows
     models = json.loads((tmp_path / "out" / "model.json").read_text())["models"]
