@@ -137,6 +137,10 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
         design, options = design_from_json(str(msg.content["study"]["design"]))
         return site, protocol, design, options
 
+    def pooled_estimates(msg: Message):  # noqa: ANN202 - (LocationFit, pooled variance)
+        fit = unpack(msg.content, "fit", LocationFit, sender="the server")
+        return fit, unpack(msg.content, "var", PooledVariance, sender="the server").var
+
     @app.query("combat_design")
     @guarded
     def _combat_design(msg: Message, context: Context) -> Message:
@@ -160,8 +164,7 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
         """Only for batches this site shares with another: their moments."""
         site, protocol, design, _ = combat_context(msg, context)
         y, batch, covariates, _ = combat_inputs(site, protocol)
-        fit = unpack(msg.content, "fit", LocationFit, sender="the server")
-        var = unpack(msg.content, "var", PooledVariance, sender="the server").var
+        fit, var = pooled_estimates(msg)
         shared = set(msg.content["study"]["shared_batches"])
         z = standardize(y, batch, covariates, design, fit, var)
         mine = [m for name, m in sorted(site_batch_moments(z, batch, design).items())
@@ -172,8 +175,7 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
     @guarded
     def _combat_apply(msg: Message, context: Context) -> Message:
         site, protocol, design, options = combat_context(msg, context)
-        fit = unpack(msg.content, "fit", LocationFit, sender="the server")
-        var = unpack(msg.content, "var", PooledVariance, sender="the server").var
+        fit, var = pooled_estimates(msg)
         shared = unpack(msg.content, "shared", StackedAdjustments, sender="the server")
         model = combat_model_at_site(site, protocol, design, options, fit, var,
                                      shared.unstack())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,16 +94,20 @@ def handshake(site: SiteConfig, protocol_json: str, protocol_hash: str) -> Hands
     return HandshakeReply(
         site.site_name, "ok", protocol_hash, n_rows=len(cases) + len(problems),
         n_usable=len(cases),
-        skipped=",".join(f"{k}:{v}" for k, v in sorted(Counter(
-            p.reason.value for p in problems).items())),
+        skipped=_format_counts(sorted(Counter(p.reason.value for p in problems).items())),
         label_counts=_label_counts(protocol, [c.label for c in cases]))
+
+
+def _format_counts(pairs: Iterable[tuple[object, int]]) -> str:
+    """``"name:count,..."``: how counts travel in a reply (``server.study`` reads them back)."""
+    return ",".join(f"{name}:{count}" for name, count in pairs)
 
 
 def _label_counts(protocol: StudyProtocol, labels: list[float]) -> str:
     if protocol.task.kind is not TaskKind.CLASSIFICATION:
         return ""
     counts = Counter(int(v) for v in labels)
-    return ",".join(f"{k}:{counts.get(k, 0)}" for k in (0, 1))
+    return _format_counts((k, counts.get(k, 0)) for k in (0, 1))
 
 
 # --- phase 2: local preparation -----------------------------------------------------------------
@@ -153,7 +158,7 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
 
     from client.manifest import read_manifest
     from client.pipeline import features_table, run_cases
-    from common.provenance import atomic_write_bytes
+    from common.provenance import atomic_write_parquet
 
     cases, problems = read_manifest(site.manifest, protocol, default_batch=site.site_name)
     outcomes = run_cases(cases, protocol, mode="extract", workers=site.n_workers,
@@ -174,30 +179,27 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
                                 random_state=state, stratify=stratify)
     table["split"] = "test"
     table.loc[train, "split"] = "train"
-    import io
-
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    atomic_write_bytes(study_dir(site, protocol) / PREPARED_FILE, buffer.getvalue())
+    atomic_write_parquet(study_dir(site, protocol) / PREPARED_FILE, table)
     names = feature_columns(table, protocol)
     is_train = table["split"] == "train"
     counts = table.loc[is_train, "batch"].value_counts().sort_index()
     return PrepareReply(
         site.site_name, "ok", n_train=int(is_train.sum()), n_test=int((~is_train).sum()),
-        skipped=",".join(f"{k}:{v}" for k, v in sorted(skipped.items())),
+        skipped=_format_counts(sorted(skipped.items())),
         train_labels=_label_counts(protocol, list(labels[is_train.to_numpy()])),
         test_labels=_label_counts(protocol, list(labels[~is_train.to_numpy()])),
-        batches=",".join(f"{name}:{count}" for name, count in counts.items()),
+        batches=_format_counts(counts.items()),
         n_features=len(names),
         features_hash=hashlib.sha256("\n".join(names).encode()).hexdigest())
 
 
-def load_prepared(site: SiteConfig, protocol: StudyProtocol) -> "pd.DataFrame":
+def load_study_table(site: SiteConfig, protocol: StudyProtocol, name: str) -> "pd.DataFrame":
+    """One of the tables a phase kept at this site (``PREPARED_FILE``, ``HARMONIZED_FILE``)."""
     import pandas as pd
 
-    path = study_dir(site, protocol) / PREPARED_FILE
+    path = study_dir(site, protocol) / name
     if not path.is_file():
-        raise ConfigError(str(path), ["not prepared yet: the study's phase 2 has not run here"])
+        raise ConfigError(str(path), [f"missing: the phase that writes {name} has not run here"])
     return pd.read_parquet(path)
 
 
@@ -206,7 +208,7 @@ def load_prepared(site: SiteConfig, protocol: StudyProtocol) -> "pd.DataFrame":
 def combat_inputs(site: SiteConfig, protocol: StudyProtocol, split: str | None = "train"
                   ) -> tuple["np.ndarray", list[str], dict[str, list[object]], "pd.DataFrame"]:
     """Features, batches and covariates of this site's rows (one split, or all)."""
-    table = load_prepared(site, protocol)
+    table = load_study_table(site, protocol, PREPARED_FILE)
     if split is not None:
         table = table[table["split"] == split].reset_index(drop=True)
     names = feature_columns(table, protocol)
@@ -246,12 +248,10 @@ def combat_model_at_site(site: SiteConfig, protocol: StudyProtocol, design: "Des
 
 def harmonize_site(site: SiteConfig, protocol: StudyProtocol, model: "CombatModel") -> int:
     """Apply the model to all of this site's rows (train and test); keep them here."""
-    import io
-
     import numpy as np
 
     from common.errors import HarmonizationError
-    from common.provenance import atomic_write_bytes
+    from common.provenance import atomic_write_parquet
 
     y, batch, covariates, table = combat_inputs(site, protocol, split=None)
     unfitted = sorted({b for b in batch if b not in model.design.batches
@@ -260,9 +260,7 @@ def harmonize_site(site: SiteConfig, protocol: StudyProtocol, model: "CombatMode
         raise HarmonizationError(f"scanner(s) {unfitted} have test rows but no training rows "
                                  "at this site")
     table[feature_columns(table, protocol)] = model.transform(y, batch, covariates)
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    atomic_write_bytes(study_dir(site, protocol) / HARMONIZED_FILE, buffer.getvalue())
+    atomic_write_parquet(study_dir(site, protocol) / HARMONIZED_FILE, table)
     return len(table)
 
 
@@ -302,13 +300,7 @@ def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, spli
                ) -> tuple["np.ndarray", "np.ndarray"]:
     """Features and labels of one split, raw or after federated ComBat. Training rows are
     refused below :data:`MIN_ROWS_SENT`: their sums would come close to a patient's values."""
-    import pandas as pd
-
-    name = HARMONIZED_FILE if harmonized else PREPARED_FILE
-    path = study_dir(site, protocol) / name
-    if not path.is_file():
-        raise ConfigError(str(path), [f"missing: the phase that writes {name} has not run here"])
-    table = pd.read_parquet(path)
+    table = load_study_table(site, protocol, HARMONIZED_FILE if harmonized else PREPARED_FILE)
     table = table[table["split"] == split]
     if split == "train" and len(table) < MIN_ROWS_SENT:
         from common.glm import ModelError

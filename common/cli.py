@@ -477,14 +477,10 @@ def _read_table(path: Path) -> Any:
 
 
 def _write_table(frame: Any, path: Path) -> None:
-    import io
-
-    from common.provenance import atomic_write_bytes
+    from common.provenance import atomic_write_bytes, atomic_write_parquet
 
     if path.suffix.lower() == ".parquet":
-        buffer = io.BytesIO()
-        frame.to_parquet(buffer, index=False)
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_parquet(path, frame)
     else:
         atomic_write_bytes(path, frame.to_csv(index=False).encode("utf-8"))
 

@@ -46,3 +46,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=False).encode("utf-8"))
+
+
+def atomic_write_parquet(path: Path, frame: Any) -> None:
+    """A pandas DataFrame as Parquet (no index), written atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
