@@ -256,6 +256,44 @@ class RadiomicsSpec(_Frozen):
         return self
 
 
+class ModelSpec(_Frozen):
+    """The radiomics model (phase 4), fitted federatedly on the training rows.
+
+    Univariate screening keeps the ``screening_top_k`` features with the largest pooled Welch t
+    (classification) or |Pearson r| (regression); then a penalized GLM (logistic or linear) on the
+    pooled-standardized features, its penalty chosen by federated ``cv_folds``-fold
+    cross-validation over ``n_lambdas`` values (``lambda_rule``: the minimum CV loss, or the
+    largest penalty within one standard error of it). ``clinical`` names covariates combined with
+    the radiomics score in the nomogram (e.g. ``iss_stage``); empty = no nomogram.
+    """
+
+    screening_top_k: int = Field(30, ge=1)
+    penalty: Literal["lasso", "ridge"] = "lasso"
+    cv_folds: int = Field(5, ge=2, le=10)
+    n_lambdas: int = Field(10, ge=2, le=50)
+    lambda_rule: Literal["min", "1se"] = "1se"
+    clinical: tuple[str, ...] = ()
+
+
+class CnnSpec(_Frozen):
+    """The 3D CNN (phase 5): a MONAI network on ROI-centred crops, trained over ``rounds``
+    federated rounds with the named aggregator (``proximal_mu`` is FedProx's; ``trim_fraction``
+    the trimmed mean's; ``krum_byzantine`` the number of bad sites Krum tolerates)."""
+
+    architecture: Literal["resnet10", "resnet18", "densenet121"] = "resnet10"
+    crop_size: tuple[int, int, int] = (48, 48, 16)
+    rounds: int = Field(5, ge=1, le=500)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: PositiveFloat = 1e-3
+    aggregator: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "trimmed_mean", "krum"] = (
+        "fedavg")
+    proximal_mu: float = Field(0.01, ge=0)
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    krum_byzantine: int = Field(0, ge=0)
+    augment: bool = True
+
+
 class StudyProtocol(_Frozen):
     """The whole study protocol. Unknown fields are refused (a typo is an error, not a default)."""
 
@@ -273,6 +311,8 @@ class StudyProtocol(_Frozen):
     ingestion: IngestionSpec = IngestionSpec()
     standardization: StandardizationSpec = StandardizationSpec()
     radiomics: RadiomicsSpec = RadiomicsSpec()
+    model: ModelSpec = ModelSpec()
+    cnn: CnnSpec | None = Field(None, description="The CNN phase; absent = radiomics only.")
 
     @field_validator("batch_column", mode="before")
     @classmethod
@@ -295,6 +335,10 @@ class StudyProtocol(_Frozen):
         clash = reserved & set(self.covariates.columns)
         if clash:
             raise ValueError(f"covariate columns clash with reserved columns: {sorted(clash)}")
+        unknown = set(self.model.clinical) - set(self.covariates.columns)
+        if unknown:
+            raise ValueError(f"model.clinical names {sorted(unknown)}, which are not covariates: "
+                             "declare them under [covariates]")
         return self
 
     def content_hash(self) -> str:

@@ -1,0 +1,465 @@
+"""Federated feature selection and penalized GLMs, fitted many at a time.
+
+A radiomics model is chosen the way a pooled study would choose it, from sums the sites send:
+
+1. **screening** (:class:`Comoments`): each site sends per-feature counts, means, centred sums of
+   squares and centred cross-products with the label; combined exactly (Chan et al.), they give
+   the pooled standardization and each feature's Pearson correlation with the label
+   (point-biserial for a binary label, monotone in Student's t). The ``top_k`` largest |r| go on.
+2. **a penalized GLM** on the pooled-standardized screened features: logistic (classification)
+   or Gaussian (regression), with an L1 (LASSO) or L2 (ridge) penalty on every coefficient but
+   the intercept. The objective is ``sum(loss) / n + penalty``: scikit-learn's ``Lasso(alpha=lam)``
+   for the Gaussian L1 case, ``LogisticRegression(C=1 / (n * lam))`` for the logistic ones.
+3. **the penalty by cross-validation**: each site splits its training rows into folds (seeded,
+   stratified); a fit "without fold k" sums every site's rows outside fold k, and its held-out
+   loss is summed over fold k. The penalty grid runs from the smallest penalty that keeps every
+   coefficient at zero (from the comoments) down to ``lambda_min_ratio`` of it.
+
+All fits of a study (every penalty x fold x training set: the federated one and one per left-out
+site) advance together, one message round a step: :class:`FitBatch` holds their state at the
+server and asks for the sites' :class:`BatchTerms` at each fit's trial coefficients. Each step is
+a proximal Newton step (coordinate descent on the exact quadratic model of the summed
+likelihood) with a backtracking line search across rounds: for a ridge penalty it is Newton's
+method, for a Gaussian loss it converges in one step. No I/O and no Flower; every array that
+leaves a site is indexed by fit or by feature, never by patient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.glm import ModelError, with_intercept
+
+LOSSES = ("logistic", "gaussian")
+PENALTIES = ("lasso", "ridge")
+
+
+# --- screening and standardization ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Comoments:
+    """Per-feature count, mean and centred sum of squares, (F,), the label's mean and centred sum
+    of squares, and the centred cross-products of each feature with the label, (F,)."""
+
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+    y_mean: float
+    y_m2: float
+    cross: np.ndarray
+
+    @property
+    def sd(self) -> np.ndarray:
+        """Population SD, with 1 where a feature is constant (it then stays at zero)."""
+        sd = np.sqrt(self.m2 / self.n)
+        return np.where(sd > 0, sd, 1.0)
+
+    def correlation(self) -> np.ndarray:
+        """Pearson r of each feature with the label (0 where either is constant)."""
+        denominator = np.sqrt(self.m2 * self.y_m2)
+        return np.divide(self.cross, denominator, out=np.zeros_like(self.cross),
+                         where=denominator > 0)
+
+
+def site_comoments(x: np.ndarray, y: np.ndarray) -> Comoments:
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
+        raise ModelError(f"comoments need (n, F) features and (n,) labels, got {x.shape}, "
+                         f"{y.shape}")
+    mean, y_mean = x.mean(axis=0), float(y.mean())
+    xc, yc = x - mean, y - y_mean
+    return Comoments(x.shape[0], mean, (xc**2).sum(axis=0), y_mean, float(yc @ yc), xc.T @ yc)
+
+
+def combine_comoments(parts: Sequence[Comoments]) -> Comoments:
+    """Pooled comoments (Chan et al.'s pairwise update, exact up to rounding)."""
+    if not parts:
+        raise ModelError("no site sent comoments")
+    total = parts[0]
+    for part in parts[1:]:
+        n = total.n + part.n
+        dx, dy = part.mean - total.mean, part.y_mean - total.y_mean
+        w = total.n * part.n / n
+        total = Comoments(n, total.mean + dx * part.n / n, total.m2 + part.m2 + dx**2 * w,
+                          total.y_mean + dy * part.n / n, total.y_m2 + part.y_m2 + dy**2 * w,
+                          total.cross + part.cross + dx * dy * w)
+    return total
+
+
+def screen(moments: Comoments, top_k: int) -> np.ndarray:
+    """Indices of the ``top_k`` features with the largest |r| with the label (ties by index),
+    in increasing order; constant features never pass."""
+    r = np.abs(moments.correlation())
+    order = np.lexsort((np.arange(r.size), -r))
+    keep = [i for i in order[:top_k] if moments.m2[i] > 0]
+    if not keep:
+        raise ModelError("no feature varies across the training rows")
+    return np.sort(np.asarray(keep, dtype=np.int64))
+
+
+def lambda_max(moments: Comoments, features: np.ndarray) -> float:
+    """The smallest L1 penalty at which every coefficient of the standardized GLM is zero: the
+    largest |gradient| / n at the intercept-only fit, ``|cross_j| / (n sd_j)`` for both losses."""
+    return float(np.max(np.abs(moments.cross[features]) / (moments.n * moments.sd[features])))
+
+
+def null_intercept(moments: Comoments, loss: str) -> float:
+    """The intercept-only fit: the label's mean (Gaussian) or its logit (logistic)."""
+    if loss == "gaussian":
+        return moments.y_mean
+    p = min(max(moments.y_mean, 1e-6), 1 - 1e-6)
+    return float(np.log(p / (1 - p)))
+
+
+# --- a linear predictor, as it travels ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class LinearModel:
+    """A fitted model: ``beta[0] + sum_j beta[1 + j] * (x[:, features[j]] - mean[j]) / sd[j]``
+    (a logit for classification, the value for regression)."""
+
+    features: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+    beta: np.ndarray
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        z = (np.asarray(x, dtype=np.float64)[:, self.features] - self.mean) / self.sd
+        return self.beta[0] + z @ self.beta[1:]
+
+    @property
+    def selected(self) -> np.ndarray:
+        """Feature indices with a non-zero coefficient."""
+        return self.features[self.beta[1:] != 0]
+
+
+# --- the sites' half: terms of many fits at once ------------------------------------------------
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """What the server asks a site for: per training set ``t`` its screened features and
+    standardization ((T, k) each); per fit ``j`` its set, the fold it leaves out (-1 = none) and
+    its trial coefficients ((J, 1 + k))."""
+
+    features: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+    fit_set: np.ndarray
+    fit_fold: np.ndarray
+    beta: np.ndarray
+
+
+@dataclass(frozen=True)
+class BatchTerms:
+    """A site's sums for each fit ``j`` of a request: rows used, gradient (J, 1 + k), Hessian
+    (J, 1 + k, 1 + k) and loss over the rows in the fit; rows and loss of the fold left out."""
+
+    n: np.ndarray
+    gradient: np.ndarray
+    hessian: np.ndarray
+    loss: np.ndarray
+    n_out: np.ndarray
+    loss_out: np.ndarray
+
+
+def _loss_terms(x: np.ndarray, y: np.ndarray, beta: np.ndarray, loss: str
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    xi = with_intercept(x)
+    z = xi @ beta
+    if loss == "logistic":
+        p = 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function without overflow
+        return (xi.T @ (p - y), (xi * (p * (1 - p))[:, None]).T @ xi,
+                float(np.sum(np.logaddexp(0.0, z) - y * z)))
+    r = z - y
+    return xi.T @ r, xi.T @ xi, float(0.5 * r @ r)
+
+
+def _loss_value(x: np.ndarray, y: np.ndarray, beta: np.ndarray, loss: str) -> float:
+    z = with_intercept(x) @ beta
+    if loss == "logistic":
+        return float(np.sum(np.logaddexp(0.0, z) - y * z))
+    return float(0.5 * np.sum((z - y) ** 2))
+
+
+def site_batch_terms(x: np.ndarray, y: np.ndarray, folds: np.ndarray, request: BatchRequest,
+                     loss: str, min_rows: int) -> BatchTerms:
+    """This site's terms for every fit in ``request``. A fit over fewer than ``min_rows`` of
+    this site's rows, or a held-out fold smaller than that, is refused: its sums would come
+    close to single patients' values."""
+    if loss not in LOSSES:
+        raise ModelError(f"unknown loss '{loss}'")
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    j_count, width = request.beta.shape
+    out = BatchTerms(np.zeros(j_count), np.zeros((j_count, width)),
+                     np.zeros((j_count, width, width)), np.zeros(j_count), np.zeros(j_count),
+                     np.zeros(j_count))
+    standardized = {}
+    for j in range(j_count):
+        t, fold = int(request.fit_set[j]), int(request.fit_fold[j])
+        if t not in standardized:
+            feats = request.features[t].astype(np.int64)
+            if feats.min() < 0 or feats.max() >= x.shape[1]:
+                raise ModelError(f"training set {t}: feature index out of range")
+            standardized[t] = (x[:, feats] - request.mean[t]) / request.sd[t]
+        z = standardized[t]
+        inside = folds != fold
+        if inside.sum() < min_rows or (fold >= 0 and (~inside).sum() < min_rows):
+            raise ModelError(f"fold {fold} leaves {int(inside.sum())} training rows in and "
+                             f"{int((~inside).sum())} out here, fewer than {min_rows}: this site "
+                             "sends no sums over them (use fewer cv_folds)")
+        g, h, value = _loss_terms(z[inside], y[inside], request.beta[j], loss)
+        out.n[j], out.gradient[j], out.hessian[j], out.loss[j] = inside.sum(), g, h, value
+        if fold >= 0:
+            out.n_out[j] = (~inside).sum()
+            out.loss_out[j] = _loss_value(z[~inside], y[~inside], request.beta[j], loss)
+    return out
+
+
+def assign_folds(labels: np.ndarray, n_folds: int, seed: int, stratify: bool) -> np.ndarray:
+    """Fold numbers 0..n_folds-1 for a site's training rows, seeded, stratified by label."""
+    rng = np.random.default_rng(seed)
+    folds = np.empty(len(labels), dtype=np.int64)
+    groups = [np.flatnonzero(labels == v) for v in np.unique(labels)] if stratify \
+        else [np.arange(len(labels))]
+    offset = 0
+    for rows in groups:
+        rows = rng.permutation(rows)
+        folds[rows] = (np.arange(len(rows)) + offset) % n_folds
+        offset += len(rows)
+    return folds
+
+
+# --- the server's half: many fits, one round a step ---------------------------------------------
+
+@dataclass
+class _Fit:
+    set_index: int
+    fold: int
+    lam: float
+    trial: np.ndarray
+    beta: np.ndarray | None = None
+    objective: float = np.inf
+    direction: np.ndarray | None = None
+    step: float = 1.0
+    rounds: int = 0
+    done: bool = False
+    n: float = 0.0
+    n_out: float = 0.0
+    loss_out: float = 0.0
+
+
+def proximal_newton_target(gradient: np.ndarray, hessian: np.ndarray, beta: np.ndarray,
+                           lam: float, penalty: str, tolerance: float = 1e-13,
+                           max_sweeps: int = 10_000) -> np.ndarray:
+    """The minimizer of the quadratic model ``g'd + d'Hd/2 + penalty(beta + d)`` (per-row
+    scale): Newton's target for a ridge penalty, coordinate descent with soft thresholding for
+    the L1 penalty (the intercept is never penalized)."""
+    width = beta.size
+    b = hessian @ beta - gradient
+    if penalty == "ridge":
+        ridge = np.full(width, lam)
+        ridge[0] = 0.0
+        try:
+            return np.linalg.solve(hessian + np.diag(ridge), b)
+        except np.linalg.LinAlgError:
+            raise ModelError("singular Hessian: a constant or repeated feature") from None
+    w = beta.copy()
+    diag = np.diag(hessian)
+    if np.any(diag <= 0):
+        raise ModelError("a feature has no variance in the rows of a fit")
+    for _ in range(max_sweeps):
+        largest = 0.0
+        for j in range(width):
+            r = b[j] - hessian[j] @ w + diag[j] * w[j]
+            new = r / diag[j] if j == 0 else np.sign(r) * max(abs(r) - lam, 0.0) / diag[j]
+            largest = max(largest, abs(new - w[j]))
+            w[j] = new
+        if largest < tolerance:
+            break
+    return w
+
+
+@dataclass
+class FitBatch:
+    """Every fit of a study, advanced one round at a time (the server's state).
+
+    ``sets``: per training set, its screened features, pooled standardization, the null-model
+    intercept and its penalty grid. ``folds`` is the number of CV folds (each set then has
+    ``len(grid) * (folds + 1)`` fits, fold -1 being all its rows)."""
+
+    loss: str
+    penalty: str
+    features: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+    grids: np.ndarray
+    intercepts: np.ndarray
+    folds: int
+    tolerance: float = 1e-8
+    max_rounds: int = 100
+    fits: list[_Fit] = field(default_factory=list)
+    rounds: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES or self.penalty not in PENALTIES:
+            raise ModelError(f"unknown loss/penalty '{self.loss}'/'{self.penalty}'")
+        width = self.features.shape[1] + 1
+        for t, grid in enumerate(self.grids):
+            for lam in grid:
+                for fold in range(-1, self.folds):
+                    start = np.zeros(width)
+                    start[0] = self.intercepts[t]
+                    self.fits.append(_Fit(t, fold, float(lam), start))
+
+    @property
+    def done(self) -> bool:
+        return all(f.done for f in self.fits) or self.rounds >= self.max_rounds
+
+    def pending(self, sets: Sequence[int] | None = None) -> list[int]:
+        """Indices of the fits still running (of the given training sets)."""
+        return [j for j, f in enumerate(self.fits)
+                if not f.done and (sets is None or f.set_index in sets)]
+
+    def request(self, fits: Sequence[int]) -> BatchRequest:
+        return BatchRequest(self.features, self.mean, self.sd,
+                            np.array([self.fits[j].set_index for j in fits], dtype=np.int64),
+                            np.array([self.fits[j].fold for j in fits], dtype=np.int64),
+                            np.array([self.fits[j].trial for j in fits]).reshape(
+                                len(fits), self.features.shape[1] + 1))
+
+    def _penalty_value(self, fit: _Fit, beta: np.ndarray) -> float:
+        if self.penalty == "lasso":
+            return fit.lam * float(np.sum(np.abs(beta[1:])))
+        return 0.5 * fit.lam * float(np.sum(beta[1:] ** 2))
+
+    def update(self, fits: Sequence[int], parts: Sequence[BatchTerms]) -> None:
+        """One round: the sites' terms (each for the same ``fits``, in order) at the trial
+        coefficients; each fit accepts or backtracks, then takes its next step."""
+        self.rounds += 1
+        n = np.sum([p.n for p in parts], axis=0)
+        gradient = np.sum([p.gradient for p in parts], axis=0)
+        hessian = np.sum([p.hessian for p in parts], axis=0)
+        loss = np.sum([p.loss for p in parts], axis=0)
+        n_out = np.sum([p.n_out for p in parts], axis=0)
+        loss_out = np.sum([p.loss_out for p in parts], axis=0)
+        for i, j in enumerate(fits):
+            fit = self.fits[j]
+            fit.rounds += 1
+            objective = loss[i] / n[i] + self._penalty_value(fit, fit.trial)
+            if fit.beta is not None and objective > fit.objective + 1e-12 * abs(fit.objective):
+                fit.step /= 2  # no decrease: backtrack along the same direction
+                if fit.step < 1e-10:
+                    fit.done = True
+                else:
+                    fit.trial = fit.beta + fit.step * fit.direction
+                continue
+            fit.beta, fit.objective = fit.trial, objective
+            fit.n, fit.n_out, fit.loss_out = n[i], n_out[i], loss_out[i]
+            target = proximal_newton_target(gradient[i] / n[i], hessian[i] / n[i], fit.beta,
+                                            fit.lam, self.penalty)
+            fit.direction, fit.step = target - fit.beta, 1.0
+            if np.max(np.abs(fit.direction)) < self.tolerance:
+                fit.done = True  # the coefficients evaluated last are the fit
+            else:
+                fit.trial = target
+
+    def coefficients(self, set_index: int, fold: int = -1) -> np.ndarray:
+        """(L, 1 + k): the fits of one set and fold along its penalty grid."""
+        return np.array([f.beta for f in self.fits
+                         if f.set_index == set_index and f.fold == fold])
+
+    def cv_loss(self, set_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean held-out loss per row along the grid, and its standard error across folds."""
+        grid = self.grids[set_index]
+        per_fold = np.zeros((len(grid), self.folds))
+        for f in self.fits:
+            if f.set_index == set_index and f.fold >= 0:
+                lam_index = int(np.argmin(np.abs(grid - f.lam)))
+                per_fold[lam_index, f.fold] = f.loss_out / max(f.n_out, 1.0)
+        return per_fold.mean(axis=1), per_fold.std(axis=1, ddof=1) / np.sqrt(self.folds)
+
+    def chosen(self, set_index: int, rule: str) -> int:
+        """Index in the grid of the chosen penalty: the minimum CV loss, or (``"1se"``) the
+        largest penalty within one standard error of it."""
+        mean, se = self.cv_loss(set_index)
+        best = int(np.argmin(mean))
+        if rule == "min":
+            return best
+        return int(np.flatnonzero(mean <= mean[best] + se[best])[0])  # the grid decreases
+
+    def model(self, set_index: int, rule: str) -> LinearModel:
+        beta = self.coefficients(set_index)[self.chosen(set_index, rule)]
+        return LinearModel(self.features[set_index], self.mean[set_index], self.sd[set_index],
+                           beta)
+
+
+def lambda_grid(largest: float, count: int, penalty: str, ratio: float = 0.01) -> np.ndarray:
+    """A decreasing log-spaced penalty grid. L1: from ``largest`` (all coefficients zero) to
+    ``ratio`` of it; ridge: the same span shifted one decade up (ridge keeps every feature)."""
+    largest = max(largest, 1e-12)
+    if penalty == "ridge":
+        largest *= 10.0
+    return largest * np.logspace(0, np.log10(ratio), count)
+
+
+def new_batch(sets: Sequence[Comoments], loss: str, penalty: str, top_k: int, n_lambdas: int,
+              folds: int) -> FitBatch:
+    """The fits of a study: one training set per element of ``sets`` (its pooled comoments)."""
+    features = np.array([screen(m, top_k) for m in sets])  # same k for every set
+    k = min(len(f) for f in features)
+    features = np.array([f[:k] for f in features])
+    mean = np.array([m.mean[f] for m, f in zip(sets, features)])
+    sd = np.array([m.sd[f] for m, f in zip(sets, features)])
+    grids = np.array([lambda_grid(lambda_max(m, f), n_lambdas, penalty)
+                      for m, f in zip(sets, features)])
+    intercepts = np.array([null_intercept(m, loss) for m in sets])
+    return FitBatch(loss, penalty, features, mean, sd, grids, intercepts, folds)
+
+
+def run_in_process(batch: FitBatch,
+                   sites: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                   members: Sequence[Sequence[int]], min_rows: int = 1) -> FitBatch:
+    """Drive ``batch`` to the end with the sites' data at hand (tests; a site's own local-only
+    model). ``members[t]`` lists the sites in training set ``t``."""
+    while not batch.done:
+        pending = batch.pending()
+        parts = []
+        for s, (x, y, folds) in enumerate(sites):
+            mine = [j for j in pending if s in members[batch.fits[j].set_index]]
+            terms = site_batch_terms(x, y, folds, batch.request(mine), batch.loss, min_rows)
+            parts.append((mine, terms))
+        update_by_site(batch, pending, parts)
+    return batch
+
+
+def update_by_site(batch: FitBatch, pending: Sequence[int],
+                    parts: Sequence[tuple[Sequence[int], BatchTerms]]) -> None:
+    """Sum each site's terms into the rows of the fits it took part in, then update."""
+    width = batch.features.shape[1] + 1
+    index = {j: i for i, j in enumerate(pending)}
+    total = BatchTerms(np.zeros(len(pending)), np.zeros((len(pending), width)),
+                       np.zeros((len(pending), width, width)), np.zeros(len(pending)),
+                       np.zeros(len(pending)), np.zeros(len(pending)))
+    for fits, terms in parts:
+        rows = [index[j] for j in fits]
+        for name in ("n", "gradient", "hessian", "loss", "n_out", "loss_out"):
+            getattr(total, name)[rows] += getattr(terms, name)
+    batch.update(pending, [total])
+
+
+
+def fit_pooled(sites: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], loss: str,
+               penalty: str, top_k: int, n_lambdas: int, folds: int, rule: str,
+               min_rows: int = 1) -> tuple[LinearModel, FitBatch]:
+    """Screening, the penalty path, cross-validation and the chosen model over ``sites`` (each
+    ``(x, y, folds)``) in one process: what the federation computes, for a site's own
+    local-only model and for tests."""
+    moments = combine_comoments([site_comoments(x, y) for x, y, _ in sites])
+    batch = run_in_process(new_batch([moments], loss, penalty, top_k, n_lambdas, folds),
+                           sites, [list(range(len(sites)))], min_rows)
+    return batch.model(0, rule), batch
