@@ -2,7 +2,7 @@
 
 Thin by design: each handler resolves the site once, unpacks the message, calls one function of
 :mod:`client.study` and packs the reply with :mod:`common.records`. Phases built so far: 1, the
-handshake; 2, local preparation; 3, federated ComBat.
+handshake; 2, local preparation; 3, federated ComBat; 4, the radiomics model.
 """
 
 from __future__ import annotations
@@ -19,21 +19,20 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.study import (
-    Coefficients,
     HandshakeReply,
     PrepareReply,
-    Standardizer,
     combat_inputs,
     combat_model_at_site,
-    evaluate,
+    evaluate_models,
     handshake,
-    model_rows,
     harmonize_site,
+    model_summary,
+    model_terms,
     prepare,
     resolve_site,
 )
 from common.errors import ConfigError, MyeloFedError
-from common.glm import site_feature_moments, site_logistic_terms
+from common.selection import BatchRequest, LinearModel
 from common.protocol import StudyProtocol, protocol_from_mapping
 from common.records import pack, to_record, unpack
 from harmonization.combat import (
@@ -185,31 +184,30 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
     def model_context(msg: Message, context: Context):  # noqa: ANN202
         return site_of(context), _protocol(msg), bool(msg.content["study"]["harmonized"])
 
-    @app.query("model_moments")
+    @app.query("model_summary")
     @guarded
-    def _model_moments(msg: Message, context: Context) -> Message:
+    def _model_summary(msg: Message, context: Context) -> Message:
         site, protocol, harmonized = model_context(msg, context)
-        x, _ = model_rows(site, protocol, harmonized, "train")
-        return Message(pack(moments=site_feature_moments(x)), reply_to=msg)
+        moments, local = model_summary(site, protocol, harmonized)
+        payloads = {"moments": moments} | ({"local": local} if local is not None else {})
+        return Message(pack(**payloads), reply_to=msg)
 
-    @app.query("logistic_terms")
+    @app.query("model_terms")
     @guarded
-    def _logistic_terms(msg: Message, context: Context) -> Message:
+    def _model_terms(msg: Message, context: Context) -> Message:
         site, protocol, harmonized = model_context(msg, context)
-        scale = unpack(msg.content, "scale", Standardizer, sender="the server")
-        beta = unpack(msg.content, "coef", Coefficients, sender="the server").beta
-        x, y = model_rows(site, protocol, harmonized, "train")
-        terms = site_logistic_terms((x - scale.mean) / scale.sd, y, beta)
-        return Message(pack(terms=terms), reply_to=msg)
+        request = unpack(msg.content, "request", BatchRequest, sender="the server")
+        return Message(pack(terms=model_terms(site, protocol, harmonized, request)),
+                       reply_to=msg)
 
-    @app.query("evaluate")
+    @app.query("model_evaluate")
     @guarded
-    def _evaluate(msg: Message, context: Context) -> Message:
+    def _model_evaluate(msg: Message, context: Context) -> Message:
         site, protocol, harmonized = model_context(msg, context)
-        scale = unpack(msg.content, "scale", Standardizer, sender="the server")
-        coef = unpack(msg.content, "coef", Coefficients, sender="the server")
-        l2 = float(msg.content["study"]["l2"])
-        return Message(pack(metrics=evaluate(site, protocol, harmonized, scale, coef, l2)),
+        names = json.loads(str(msg.content["study"]["models"]))
+        models = {name: unpack(msg.content, f"model{i}", LinearModel, sender="the server")
+                  for i, name in enumerate(names)}
+        return Message(pack(metrics=evaluate_models(site, protocol, harmonized, models)),
                        reply_to=msg)
 
     return app

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+    from common.selection import BatchRequest, BatchTerms, Comoments, LinearModel
     from harmonization.combat import (
         BatchAdjustment,
         CombatModel,
@@ -114,7 +115,7 @@ def _label_counts(protocol: StudyProtocol, labels: list[float]) -> str:
 
 PREPARED_FILE = "prepared.parquet"
 HARMONIZED_FILE = "harmonized.parquet"
-NON_FEATURES = ("case_id", "batch", "split")
+NON_FEATURES = ("case_id", "batch", "split", "fold")
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class PrepareReply:
     batches: str = ""
     n_features: int = 0
     features_hash: str = ""
+    feature_names: tuple[str, ...] = ()
 
 
 def study_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:
@@ -159,6 +161,7 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
     from client.manifest import read_manifest
     from client.pipeline import features_table, run_cases
     from common.provenance import atomic_write_parquet
+    from common.selection import assign_folds
 
     cases, problems = read_manifest(site.manifest, protocol, default_batch=site.site_name)
     outcomes = run_cases(cases, protocol, mode="extract", workers=site.n_workers,
@@ -179,6 +182,9 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
                                 random_state=state, stratify=stratify)
     table["split"] = "test"
     table.loc[train, "split"] = "train"
+    table["fold"] = -1  # cross-validation folds of the training rows, seeded like the split
+    table.loc[train, "fold"] = assign_folds(labels[train], protocol.model.cv_folds, state,
+                                            stratify is not None)
     atomic_write_parquet(study_dir(site, protocol) / PREPARED_FILE, table)
     names = feature_columns(table, protocol)
     is_train = table["split"] == "train"
@@ -190,7 +196,8 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
         test_labels=_label_counts(protocol, list(labels[~is_train.to_numpy()])),
         batches=_format_counts(counts.items()),
         n_features=len(names),
-        features_hash=hashlib.sha256("\n".join(names).encode()).hexdigest())
+        features_hash=hashlib.sha256("\n".join(names).encode()).hexdigest(),
+        feature_names=tuple(names))
 
 
 def load_study_table(site: SiteConfig, protocol: StudyProtocol, name: str) -> "pd.DataFrame":
@@ -266,40 +273,19 @@ def harmonize_site(site: SiteConfig, protocol: StudyProtocol, model: "CombatMode
 
 # --- phase 4: the radiomics model, the site's halves ----------------------------------------------
 
-@dataclass(frozen=True)
-class Standardizer:
-    """Pooled feature means and standard deviations, (F,): the server sends them."""
-
-    mean: "np.ndarray"
-    sd: "np.ndarray"
-
-
-@dataclass(frozen=True)
-class Coefficients:
-    """A linear model's coefficients, intercept first, (1 + F,)."""
-
-    beta: "np.ndarray"
-
-
-@dataclass(frozen=True)
-class EvaluationReply:
-    """Metrics of one site's test rows: never a per-patient score."""
-
-    site: str
-    n_test: int
-    n_positive: int
-    auc_federated: float
-    auc_local: float
-
-
 #: A site never sends sums over fewer training rows than this, whatever the server asks.
 MIN_ROWS_SENT = 5
 
 
+def loss_of(protocol: StudyProtocol) -> str:
+    """The GLM loss of the study's task."""
+    return "logistic" if protocol.task.kind is TaskKind.CLASSIFICATION else "gaussian"
+
+
 def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str
-               ) -> tuple["np.ndarray", "np.ndarray"]:
-    """Features and labels of one split, raw or after federated ComBat. Training rows are
-    refused below :data:`MIN_ROWS_SENT`: their sums would come close to a patient's values."""
+               ) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+    """Features, labels and CV folds of one split, raw or after federated ComBat. Training rows
+    are refused below :data:`MIN_ROWS_SENT`: their sums would come close to a patient's values."""
     table = load_study_table(site, protocol, HARMONIZED_FILE if harmonized else PREPARED_FILE)
     table = table[table["split"] == split]
     if split == "train" and len(table) < MIN_ROWS_SENT:
@@ -308,31 +294,65 @@ def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, spli
         raise ModelError(f"site '{site.site_name}' has {len(table)} training rows, fewer than "
                          f"{MIN_ROWS_SENT}: it sends no sums over them")
     return (table[feature_columns(table, protocol)].to_numpy(float),
-            table[protocol.task.label_column].to_numpy(float))
+            table[protocol.task.label_column].to_numpy(float), table["fold"].to_numpy())
 
 
-def evaluate(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
-             standardizer: Standardizer, federated: Coefficients, l2: float) -> EvaluationReply:
-    """AUC on this site's test rows of the federated model and of a model trained here alone
-    (the local-only baseline, standardized with this site's own training moments)."""
+def model_summary(site: SiteConfig, protocol: StudyProtocol, harmonized: bool
+                  ) -> tuple["Comoments", "LinearModel | None"]:
+    """The first model round: this site's comoments over its training rows, and its local-only
+    model (the same recipe on its own rows: the baseline that shows what federation adds; None
+    when its rows cannot support one, e.g. too few of a class for the folds)."""
+    from common.glm import ModelError
+    from common.selection import fit_pooled, site_comoments
+
+    x, y, folds = model_rows(site, protocol, harmonized, "train")
+    spec = protocol.model
+    try:
+        local, _ = fit_pooled([(x, y, folds)], loss_of(protocol), spec.penalty,
+                              spec.screening_top_k, spec.n_lambdas, spec.cv_folds,
+                              spec.lambda_rule, MIN_ROWS_SENT)
+    except ModelError:
+        local = None
+    return site_comoments(x, y), local
+
+
+def model_terms(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
+                request: "BatchRequest") -> "BatchTerms":
+    from common.selection import site_batch_terms
+
+    x, y, folds = model_rows(site, protocol, harmonized, "train")
+    return site_batch_terms(x, y, folds, request, loss_of(protocol), MIN_ROWS_SENT)
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """One site's test metrics of each model it was sent, as JSON ``{model: {metric: value}}``
+    (NaN where a metric is undefined, e.g. AUC on one class): never a per-patient score."""
+
+    site: str
+    n_test: int
+    n_positive: int
+    table: str
+
+
+def test_metrics(protocol: StudyProtocol, y: "np.ndarray", score: "np.ndarray"
+                 ) -> dict[str, float]:
+    """AUC (classification), or Pearson r, MAE and RMSE (regression), of one model's scores."""
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    from common.glm import ModelError, fit_logistic, site_feature_moments, with_intercept
+    if protocol.task.kind is TaskKind.CLASSIFICATION:
+        return {"auc": float(roc_auc_score(y, score)) if len(set(y)) == 2 else float("nan")}
+    error = score - y
+    r = float(np.corrcoef(score, y)[0, 1]) if len(y) > 2 and np.std(score) > 0 else float("nan")
+    return {"r": r, "mae": float(np.mean(np.abs(error))),
+            "rmse": float(np.sqrt(np.mean(error**2)))}
 
-    x_train, y_train = model_rows(site, protocol, harmonized, "train")
-    x_test, y_test = model_rows(site, protocol, harmonized, "test")
 
-    def auc(scores: np.ndarray) -> float:
-        return float(roc_auc_score(y_test, scores)) if len(set(y_test)) == 2 else float("nan")
-
-    z = (x_test - standardizer.mean) / standardizer.sd
-    auc_fed = auc(with_intercept(z) @ federated.beta)
-    moments = site_feature_moments(x_train)
-    sd = np.where(moments.sd > 0, moments.sd, 1.0)
-    try:
-        local = fit_logistic([((x_train - moments.mean) / sd, y_train)], l2=l2)
-        auc_local = auc(with_intercept((x_test - moments.mean) / sd) @ local)
-    except ModelError:
-        auc_local = float("nan")
-    return EvaluationReply(site.site_name, len(y_test), int(y_test.sum()), auc_fed, auc_local)
+def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
+                    models: dict[str, "LinearModel"]) -> ModelMetrics:
+    """Each model's metrics on this site's test rows."""
+    x, y, _ = model_rows(site, protocol, harmonized, "test")
+    table = {name: test_metrics(protocol, y, model.score(x)) for name, model in models.items()}
+    positives = int(y.sum()) if protocol.task.kind is TaskKind.CLASSIFICATION else 0
+    return ModelMetrics(site.site_name, len(y), positives, json.dumps(table, sort_keys=True))

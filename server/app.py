@@ -3,7 +3,8 @@
 Thin by design: it types the run config once, sends each phase's messages, unpacks the replies
 with :mod:`common.records` and calls :mod:`server.study` for every decision.
 Phases built so far: 1, the handshake; 2, local preparation; 3, federated ComBat; 4, the
-exact federated logistic model on raw and harmonized features, evaluated at every site.
+radiomics model (screening, penalized GLM chosen by federated cross-validation, for all sites
+and with each site left out) on raw and harmonized features, evaluated at every site.
 """
 
 from __future__ import annotations
@@ -11,24 +12,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from client.study import (
-    Coefficients,
-    EvaluationReply,
-    HandshakeReply,
-    PrepareReply,
-    Standardizer,
-)
-from common.glm import FeatureMoments, LogisticTerms, combine_feature_moments, newton_step
-from common.protocol import TaskKind
+from client.study import HandshakeReply, ModelMetrics, PrepareReply, loss_of
 from common.provenance import atomic_write_json
 from common.records import PayloadError, from_record, pack, unpack
+from common.selection import (
+    BatchTerms,
+    Comoments,
+    FitBatch,
+    LinearModel,
+    combine_comoments,
+    new_batch,
+    update_by_site,
+)
 from harmonization.combat import (
     BatchMoments,
     DesignMoments,
@@ -198,53 +200,133 @@ def run_combat(grid: Grid, nodes: dict[int, str], kept: list[PrepareReply],
     return failed
 
 
-def run_model(grid: Grid, nodes: dict[int, str], n_features: int, settings: StudySettings,
-              harmonized: bool) -> dict[str, object]:
-    """Phase 4: pooled standardization, then Newton steps on the sites' summed gradients and
-    Hessians (the pooled ridge-logistic fit, exactly), then every site's test metrics."""
-    f = n_features
+def run_model(grid: Grid, nodes: dict[int, str], feature_names: Sequence[str],
+              settings: StudySettings, harmonized: bool) -> dict[str, object]:
+    """Phase 4 on raw or harmonized features: the sites' comoments and local-only models; then
+    screening, the penalty path and federated cross-validation of every training set at once
+    (all sites, and each site left out), one Newton round a step; then every site's test
+    metrics of the federated model, the model trained without it and every site's local model.
+    A site lost mid-fit is named and the fits restart without it (every fit needs every one of
+    its sites in every step)."""
+    spec = settings.protocol.model
+    f = len(feature_names)
 
-    def ask(**payloads: object) -> Callable[[int], RecordDict]:
-        def content(_: int) -> RecordDict:
+    def ask(**extra: object) -> Callable[[dict[str, object]], RecordDict]:
+        def content(payloads: dict[str, object]) -> RecordDict:
             records = pack(**payloads) if payloads else RecordDict({})
-            records["study"] = _study_config(settings, harmonized=harmonized, l2=settings.l2)
+            records["study"] = _study_config(settings, harmonized=harmonized, **extra)
             return records
         return content
 
-    replies, failed = exchange(grid, nodes, "query.model_moments", ask(), settings)
-    moments = collect(replies, failed, "moments", FeatureMoments, {"mean": (f,), "m2": (f,)})
-    require_sites(moments, failed, settings, "model standardization")
-    nodes = {n: s for n, s in nodes.items() if s in moments}
-    pooled = combine_feature_moments(list(moments.values()))
-    standardizer = Standardizer(pooled.mean, np.where(pooled.sd > 0, pooled.sd, 1.0))
-    beta, rounds = np.zeros(f + 1), 0
-    for rounds in range(1, 51):
-        replies, more = exchange(grid, nodes, "query.logistic_terms",
-                                 ask(scale=standardizer, coef=Coefficients(beta)), settings)
-        failed.update(more)
-        terms = collect(replies, failed, "terms", LogisticTerms,
-                        {"gradient": (f + 1,), "hessian": (f + 1, f + 1)})
-        if set(terms) != set(nodes.values()):
-            # a site lost mid-fit: its rows are no longer in the sums, so the fit restarts
-            # from the sites left (all of them must contribute to every Newton step)
-            require_sites(terms, failed, settings, f"Newton round {rounds}")
-            nodes = {n: s for n, s in nodes.items() if s in terms}
-            beta = np.zeros(f + 1)
-            continue
-        step = newton_step(list(terms.values()), beta, settings.l2)
-        beta = step.beta
-        if step.step < 1e-8:
+    replies, failed = exchange(grid, nodes, "query.model_summary", lambda _: ask()({}),
+                               settings)
+    summaries = collect(replies, failed, "moments", Comoments,
+                        {"mean": (f,), "m2": (f,), "cross": (f,)})
+    local: dict[str, LinearModel] = {}
+    for site, reply in replies.items():
+        if site in summaries and "local.meta" in reply.content:
+            local |= collect({site: reply}, failed, "local", LinearModel)
+    while True:
+        require_sites(summaries, failed, settings, "model comoments")
+        nodes = {n: s for n, s in nodes.items() if s in summaries}
+        sites = sorted(summaries)
+        sets = {"federated": sites}
+        if len(sites) >= 2:
+            sets |= {f"without {s}": [o for o in sites if o != s] for s in sites}
+        names = list(sets)
+        batch = new_batch([combine_comoments([summaries[s] for s in sets[name]])
+                           for name in names], loss_of(settings.protocol), spec.penalty,
+                          spec.screening_top_k, spec.n_lambdas, spec.cv_folds)
+        lost = _run_batch(grid, nodes, batch, [set(sets[n]) for n in names], f, settings,
+                          ask(), failed)
+        if not lost:
             break
-    replies, more = exchange(grid, nodes, "query.evaluate",
-                             ask(scale=standardizer, coef=Coefficients(beta)), settings)
+        for site in lost:
+            summaries.pop(site, None)
+    models = {name: batch.model(t, spec.lambda_rule) for t, name in enumerate(names)}
+
+    def to_evaluate(site: str) -> list[tuple[str, LinearModel]]:
+        chosen = [("federated", models["federated"])]
+        if f"without {site}" in models:
+            chosen.append(("leave-site-out", models[f"without {site}"]))
+        return chosen + [(f"local {s}", m) for s, m in sorted(local.items())]
+
+    def evaluation(node: int) -> RecordDict:
+        chosen = to_evaluate(nodes[node])
+        return ask(models=json.dumps([n for n, _ in chosen]))(
+            {f"model{i}": m for i, (_, m) in enumerate(chosen)})
+
+    replies, more = exchange(grid, nodes, "query.model_evaluate", evaluation, settings)
     failed.update(more)
-    metrics = list(collect(replies, failed, "metrics", EvaluationReply).values())
-    return {"harmonized": harmonized, "l2": settings.l2, "newton_rounds": rounds,
-            "coefficients": beta.tolist(),  # intercept first, on the pooled standardized scale
-            "sites": {m.site: {"n_test": m.n_test, "n_positive": m.n_positive,
-                               "auc_federated": m.auc_federated, "auc_local": m.auc_local}
-                      for m in sorted(metrics, key=lambda m: m.site)},
-            "failed": failed}
+    metrics = collect(replies, failed, "metrics", ModelMetrics)
+    return {
+        "harmonized": harmonized, "loss": batch.loss, "penalty": batch.penalty,
+        "lambda_rule": spec.lambda_rule, "rounds": batch.rounds,
+        "training_sets": {name: _set_report(batch, t, spec.lambda_rule, sets[name],
+                                            feature_names)
+                          for t, name in enumerate(names)},
+        "local_models": {s: _model_report(m, feature_names) for s, m in sorted(local.items())},
+        "sites": {site: {"n_test": m.n_test, "n_positive": m.n_positive,
+                         "metrics": _metrics_table(m, site, failed)}
+                  for site, m in sorted(metrics.items())},
+        "failed": failed}
+
+
+def _run_batch(grid: Grid, nodes: dict[int, str], batch: FitBatch, members: list[set[str]],
+               f: int, settings: StudySettings, ask: Callable[[dict[str, object]], RecordDict],
+               failed: dict[str, str]) -> list[str]:
+    """Drive every fit of ``batch`` to the end; the sites lost on the way (empty = done)."""
+    while not batch.done:
+        pending = batch.pending()
+        mine = {site: [j for j in pending if site in members[batch.fits[j].set_index]]
+                for site in nodes.values()}
+        replies, more = exchange(
+            grid, nodes, "query.model_terms",
+            lambda node: ask({"request": batch.request(mine[nodes[node]])}), settings)
+        failed.update(more)
+        width = batch.features.shape[1] + 1
+        terms: dict[str, BatchTerms] = {}
+        for site, reply in replies.items():
+            j = len(mine[site])
+            terms |= collect({site: reply}, failed, "terms", BatchTerms, {
+                "n": (j,), "gradient": (j, width), "hessian": (j, width, width),
+                "loss": (j,), "n_out": (j,), "loss_out": (j,)})
+        lost = sorted(set(nodes.values()) - set(terms))
+        if lost:
+            return lost
+        update_by_site(batch, pending, [(mine[s], terms[s]) for s in sorted(terms)])
+    return []
+
+
+def _model_report(model: LinearModel, feature_names: Sequence[str]) -> dict[str, object]:
+    """A model as the coordinator keeps it: feature names, standardization and coefficients."""
+    return {"intercept": float(model.beta[0]),
+            "features": [feature_names[i] for i in model.features],
+            "mean": model.mean.tolist(), "sd": model.sd.tolist(),
+            "coefficients": model.beta[1:].tolist(),
+            "selected": [feature_names[i] for i in model.selected]}
+
+
+def _set_report(batch: FitBatch, t: int, rule: str, sites: Sequence[str],
+                feature_names: Sequence[str]) -> dict[str, object]:
+    mean, se = batch.cv_loss(t)
+    return {"sites": list(sites), "lambdas": batch.grids[t].tolist(),
+            "cv_loss": mean.tolist(), "cv_se": se.tolist(),
+            "chosen": batch.chosen(t, rule),
+            "path": batch.coefficients(t).tolist(),
+            "model": _model_report(batch.model(t, rule), feature_names)}
+
+
+def _metrics_table(reply: ModelMetrics, site: str, failed: dict[str, str]
+                   ) -> dict[str, dict[str, float | None]]:
+    """A site's metrics JSON, checked: model names to metric names to numbers (None = NaN)."""
+    try:
+        table = json.loads(reply.table)
+        return {str(model): {str(k): (None if v != v else float(v)) for k, v in row.items()}
+                for model, row in table.items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        failed[site] = f"model metrics: malformed table ({exc})"
+        return {}
 
 
 def run_study(grid: Grid, settings: StudySettings) -> None:
@@ -265,12 +347,10 @@ def run_study(grid: Grid, settings: StudySettings) -> None:
                 failed = run_combat(grid, nodes, prepared.kept, settings)
                 nodes = {n: s for n, s in nodes.items() if s not in failed}
             if settings.runs("model"):
-                if settings.protocol.task.kind is not TaskKind.CLASSIFICATION:
-                    raise StudyStopped("model: regression models are not built yet")
-                f = prepared.kept[0].n_features
-                results = [run_model(grid, nodes, f, settings, harmonized=False)]
+                names = prepared.kept[0].feature_names
+                results = [run_model(grid, nodes, names, settings, harmonized=False)]
                 if settings.runs("combat"):
-                    results.append(run_model(grid, nodes, f, settings, harmonized=True))
+                    results.append(run_model(grid, nodes, names, settings, harmonized=True))
                 atomic_write_json(settings.out_dir / "model.json", {"models": results})
     except StudyStopped as exc:
         status = {"status": "stopped", "until": settings.until, "reason": str(exc)}

@@ -35,7 +35,6 @@ class StudySettings:
     test_fraction: float = 0.3
     combat: CombatOptions = CombatOptions()
     until: str = PHASES[-1]  # the last phase to run
-    l2: float = 1.0  # ridge penalty of the radiomics logistic model (scikit-learn C = 1 / l2)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> StudySettings:
@@ -50,8 +49,7 @@ class StudySettings:
                            CombatOptions(
                                min_batch_size=int(run_config.get("combat-min-batch-size", 10)),
                                min_cell=int(run_config.get("combat-min-cell", 5))),
-                           str(run_config.get("until", PHASES[-1])),
-                           float(run_config.get("l2", 1.0)))
+                           str(run_config.get("until", PHASES[-1])))
         except (TypeError, ValueError) as exc:
             raise ConfigError("run config", [str(exc)]) from None
         if settings.min_sites < 1 or settings.min_cases_per_site < 1:

@@ -108,11 +108,11 @@ def test_a_site_sends_no_sums_over_fewer_than_five_training_rows(tmp_path: Path)
     site = SiteConfig(site_name="tiny", manifest=tmp_path / "m.csv", work_dir=tmp_path)
     table = pd.DataFrame({"case_id": list("abcdef"), "batch": "s", "diagnosis": [0, 1] * 3,
                           "sex": "F", "age": 60.0, "f1": range(6),
-                          "split": ["train"] * 4 + ["test"] * 2})
+                          "split": ["train"] * 4 + ["test"] * 2, "fold": [0, 1, 0, 1, -1, -1]})
     path = study_dir(site, protocol) / PREPARED_FILE
     path.parent.mkdir(parents=True)
     table.to_parquet(path)
     with pytest.raises(ModelError, match="4 training rows, fewer than 5"):
         model_rows(site, protocol, False, "train")
-    x, y = model_rows(site, protocol, False, "test")  # evaluation needs no minimum
+    x, y, _ = model_rows(site, protocol, False, "test")  # evaluation needs no minimum
     assert x.shape == (2, 1) and y.tolist() == [0.0, 1.0]

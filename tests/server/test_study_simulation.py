@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from client.study import HARMONIZED_FILE, PREPARED_FILE, PrepareReply, feature_columns
-from common.glm import fit_logistic
-from common.protocol import load_protocol
+from common.protocol import ModelSpec, load_protocol
+from common.selection import fit_pooled
 from common.synthetic import CohortSpec, make_sites, write_cohort
 from harmonization.combat import CombatOptions, SiteTable, fit_combat
 from server.study import StudySettings, combat_design
@@ -26,10 +26,14 @@ def audit_mod(path: Path):  # noqa: ANN201 - a Flower mod
         reply = call_next(msg, context)
         entry = {"partition": int(context.node_config["partition-id"]),
                  "type": msg.metadata.message_type, "arrays": [], "lists": []}
+        # model terms are indexed by the fits the server asked for: that axis is not patients
+        fits = (len(msg.content["request.arrays"]["fit_set"].numpy())
+                if "request.arrays" in msg.content else None)
         if reply.has_content():
             for record in reply.content.values():
                 if hasattr(record, "to_numpy_ndarrays"):  # an ArrayRecord
-                    entry["arrays"] += [list(a.shape) for a in record.values()]
+                    entry["arrays"] += [list(a.shape)[1:] if list(a.shape)[:1] == [fits] else list(a.shape)
+                                        for a in record.values()]
                 else:
                     entry["lists"] += [len(v) for v in record.values()
                                        if isinstance(v, list)]
@@ -52,7 +56,8 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
     cohort = tmp_path / "cohort"
     # sizes whose train/test/total counts match no other dimension a payload can have
     write_cohort(cohort, CohortSpec(make_sites((30, 34, 38), scanner_effects)), workers=2)
-    protocol = load_protocol(cohort / "study.yaml")
+    protocol = load_protocol(cohort / "study.yaml").model_copy(update={"model": ModelSpec(
+        screening_top_k=15, cv_folds=3, n_lambdas=5)})  # ~22 training rows a site: 3 folds
     combat = CombatOptions(min_batch_size=3, min_cell=1)
     settings = StudySettings(protocol, tmp_path / "out", min_sites=3, min_cases_per_site=10,
                              timeout_s=300, seed=1, test_fraction=0.3, combat=combat)
@@ -94,27 +99,43 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
     sent = [json.loads(line) for line in audit.read_text().splitlines()]
     assert {e["type"] for e in sent} >= {"query.handshake", "query.prepare",
                                          "query.combat_design", "query.combat_apply",
-                                         "query.logistic_terms", "query.evaluate"}
+                                         "query.model_summary", "query.model_terms",
+                                         "query.model_evaluate"}
     assert any(d > 100 for e in sent for shape in e["arrays"] for d in shape)  # arrays seen
     for entry in sent:
         counts = rows[sites[entry["partition"]]]
         dims = {d for shape in entry["arrays"] for d in shape} | set(entry["lists"])
         assert not dims & counts, (entry, counts)
 
-    # phase 4: the federated ridge-logistic model equals the pooled fit on the same rows
+    # phase 4: every training set's chosen model equals the same recipe run on the pooled rows
     models = json.loads((tmp_path / "out" / "model.json").read_text())["models"]
     assert [m["harmonized"] for m in models] == [False, True]
     label = protocol.task.label_column
     for model_json in models:
         source = HARMONIZED_FILE if model_json["harmonized"] else PREPARED_FILE
-        train = pd.concat([pd.read_parquet(work / s / "study" / protocol.short_hash / source)
-                           for s in ("site_A", "site_B", "site_C")])
-        train = train[train.split == "train"]
-        x = train[names].to_numpy(float)
-        sd = x.std(axis=0)
-        z = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-        pooled = fit_logistic([(z, train[label].to_numpy(float))], l2=settings.l2)
-        np.testing.assert_allclose(model_json["coefficients"], pooled, atol=1e-6)
-        for metrics in model_json["sites"].values():
-            assert 0.0 <= metrics["auc_federated"] <= 1.0 and metrics["n_test"] > 0
+        tables = {s: pd.read_parquet(work / s / "study" / protocol.short_hash / source)
+                  for s in ("site_A", "site_B", "site_C")}
+        assert set(model_json["training_sets"]) == {"federated", "without site_A",
+                                                    "without site_B", "without site_C"}
+        for name, report in model_json["training_sets"].items():
+            rows = [(t[t.split == "train"][names].to_numpy(float),
+                     t[t.split == "train"][label].to_numpy(float),
+                     t[t.split == "train"].fold.to_numpy()) for s, t in tables.items()
+                    if s in report["sites"]]
+            spec = protocol.model
+            pooled, _ = fit_pooled(rows, "logistic", spec.penalty, spec.screening_top_k,
+                                   spec.n_lambdas, spec.cv_folds, spec.lambda_rule)
+            fitted = report["model"]
+            assert fitted["features"] == [names[i] for i in pooled.features]
+            np.testing.assert_allclose([fitted["intercept"], *fitted["coefficients"]], pooled.beta,
+                                       atol=1e-6)
+        assert set(model_json["local_models"]) == set(tables)
+        for site, metrics in model_json["sites"].items():
+            assert metrics["n_test"] > 0
+            assert set(metrics["metrics"]) == {"federated", "leave-site-out", "local site_A",
+                                               "local site_B", "local site_C"}
+            assert all(0.0 <= m["auc"] <= 1.0 for m in metrics["metrics"].values())
+    for kept in prepared.values():  # the folds are those of the training rows only
+        assert (kept.fold[kept.split == "test"] == -1).all()
+        assert set(kept.fold[kept.split == "train"]) == set(range(protocol.model.cv_folds))
         assert got.split.tolist() == table.split.tolist()
