@@ -4,13 +4,15 @@ Exit codes (the same for every command):
 0 done; 1 unexpected error (a bug: please report it); 2 unusable protocol, site config,
 manifest or option (nothing processed); 3 done, but some cases were skipped (see the ingestion
 report); 4 done, but no case was usable; 5 a verification (ibsi-check) found values that
-disagree with the reference.
+disagree with the reference; 6 a federated study stopped before its end (the reason is
+printed).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -33,6 +35,7 @@ The study PROTOCOL (TOML/YAML) is written by the coordinator and is the same at 
   myelofed protocol show preset:wb_ldct  print a protocol and its content hash
   myelofed protocol validate study.toml  check a protocol file (field + reason for each error)
 \b
+  myelofed demo                          the whole federated study on the synthetic cohort
   myelofed simulate                      make the built-in synthetic 3-site cohort
   myelofed harmonize TABLE --batch-col scanner -o OUT   ComBat offline (federated halves in-process)
   myelofed ibsi-check                    verify this installation on the IBSI digital phantom
@@ -41,7 +44,8 @@ The federated study itself runs on Flower (server/app.py, client/app.py): for no
 'flwr run . --run-config ...' (see the README); 'myelofed server/site' wrappers come later.
 \b
 Exit codes: 0 done; 1 unexpected error; 2 unusable protocol/config/manifest; 3 done but some
-cases skipped; 4 done but no usable case; 5 a verification found disagreeing values."""
+cases skipped; 4 done but no usable case; 5 a verification found disagreeing values; 6 a
+federated study stopped before its end."""
 
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
                   rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
@@ -489,6 +493,73 @@ def _write_table(frame: Any, path: Path) -> None:
 
 def _default_ibsi_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data" / "ibsi"
+
+
+@app.command("demo")
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the cohort and the study "
+                                          "results go.")] = Path("myelofed-demo"),
+    cohort: Annotated[Optional[Path], typer.Option(
+        help="A cohort made by 'myelofed simulate' (default: <out>/cohort, made if absent).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="The study seed (train/test split, CV folds).")] = 0,
+) -> None:
+    """Run the whole federated study on the built-in synthetic cohort, on this machine.
+
+    Makes the default three-site cohort if absent, then runs the study in Flower's simulation
+    engine, one virtual SuperNode per site: handshake, local preparation, federated ComBat and
+    the radiomics model (screening + LASSO chosen by federated cross-validation) on raw and on
+    harmonized features, with every site left out once. Ends with a table per site: the test AUC
+    of its local-only model, the federated model, the federated model after ComBat, and the
+    model trained without the site (leave-site-out, the external validation).
+
+    \b
+    Writes, under --out:
+      cohort/            the synthetic cohort (unless --cohort)
+      study/             handshake.json prepare.json combat.json model.json study.json"""
+    from common.protocol import load_protocol
+    from common.synthetic import CohortSpec, make_sites, read_cohort_spec, write_cohort
+    from server.app import run_in_simulation
+    from server.study import StudySettings, StudyStopped, summary_rows
+
+    cohort = cohort or out_dir / "cohort"
+    if read_cohort_spec(cohort) is None:
+        if (cohort / "study.yaml").exists() or any(cohort.glob("*/manifest.csv")):
+            console.print(f"{cohort}: an incomplete cohort (no cohort.json): it is made again")
+        spec = CohortSpec(make_sites(_cohort_sizes(None, None), True, 0))
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=console) as progress:
+            bar = progress.add_task("synthetic cohort", total=sum(_cohort_sizes(None, None)))
+            write_cohort(cohort, spec, on_case=lambda _: progress.advance(bar))
+    try:
+        protocol = load_protocol(cohort / "study.yaml")
+    except ConfigError as exc:
+        _fail_config(exc)
+    study = out_dir / "study"
+    settings = StudySettings(protocol, study, min_sites=2, seed=seed)
+    started = time.monotonic()
+    try:
+        run_in_simulation(cohort, settings,
+                          lambda line: console.print(f"[{time.monotonic() - started:5.0f} s] "
+                                                     f"{line}", highlight=False))
+    except StudyStopped as exc:
+        console.print(f"[bold red]study stopped:[/] {exc}")
+        raise typer.Exit(ExitCode.STUDY_STOPPED) from None
+    status = json.loads((study / "study.json").read_text())
+    if status["status"] != "done":
+        console.print(f"[bold red]study stopped:[/] {status['reason']}")
+        raise typer.Exit(ExitCode.STUDY_STOPPED)
+    metric, rows = summary_rows(json.loads((study / "model.json").read_text())["models"])
+    table = Table("site", "test cases", f"local-only {metric.upper()}", "federated",
+                  "federated + ComBat", "leave-site-out", "leave-site-out + ComBat",
+                  title=f"Test {metric.upper()} per site ({time.monotonic() - started:.0f} s)")
+    show = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in rows:
+        table.add_row(r["site"], str(r["n_test"]), show(r["local"]), show(r["federated"]),
+                      show(r["federated_combat"]), show(r["leave_site_out"]),
+                      show(r["leave_site_out_combat"]))
+    out.print(table)
+    out.print(f"results: {study}")
 
 
 @app.command("ibsi-check")

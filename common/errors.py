@@ -31,6 +31,8 @@ class ExitCode(enum.IntEnum):
     """The run completed, but no case was usable."""
     CHECK_FAILED = 5
     """A verification (e.g. ``myelofed ibsi-check``) found values that disagree."""
+    STUDY_STOPPED = 6
+    """A federated study stopped before its end (too few sites left; the reason is printed)."""
 
 
 class SkipReason(str, enum.Enum):

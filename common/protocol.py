@@ -271,7 +271,7 @@ class ModelSpec(_Frozen):
     penalty: Literal["lasso", "ridge"] = "lasso"
     cv_folds: int = Field(5, ge=2, le=10)
     n_lambdas: int = Field(10, ge=2, le=50)
-    lambda_rule: Literal["min", "1se"] = "1se"
+    lambda_rule: Literal["min", "1se"] = "min"
     clinical: tuple[str, ...] = ()
 
 

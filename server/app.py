@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from logging import INFO
+from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from client.study import HandshakeReply, ModelMetrics, PrepareReply, loss_of
@@ -151,7 +154,7 @@ def run_combat(grid: Grid, nodes: dict[int, str], kept: list[PrepareReply],
                       {"batch_counts": (design.n_batch,), "xtx": (p, p), "xty": (p, f)})
     require_sites(moments, failed, settings, "ComBat round 1")
     nodes = {n: s for n, s in nodes.items() if s in moments}
-    fit = combine_design_moments(list(moments.values()), design, options)
+    fit = combine_design_moments([moments[s] for s in sorted(moments)], design, options)
 
     def with_fit(**payloads: object) -> Callable[[int], RecordDict]:
         def content(_: int) -> RecordDict:
@@ -166,7 +169,8 @@ def run_combat(grid: Grid, nodes: dict[int, str], kept: list[PrepareReply],
                         {"batch_counts": (design.n_batch,), "rss": (design.n_batch, f)})
     require_sites(residuals, failed, settings, "ComBat round 2")
     nodes = {n: s for n, s in nodes.items() if s in residuals}
-    pooled = PooledVariance(combine_residual_moments(list(residuals.values()), design))
+    pooled = PooledVariance(combine_residual_moments([residuals[s] for s in sorted(residuals)],
+                                                     design))
     adjustments = StackedAdjustments((), np.zeros((0, f)), np.zeros((0, f)))
     if shared:
         def ask_moments(_: int) -> RecordDict:
@@ -181,7 +185,7 @@ def run_combat(grid: Grid, nodes: dict[int, str], kept: list[PrepareReply],
         require_sites(stacked, failed, settings, "ComBat round 3")
         nodes = {n: s for n, s in nodes.items() if s in stacked}
         by_batch: dict[str, list[BatchMoments]] = {}
-        for payload in stacked.values():
+        for _, payload in sorted(stacked.items()):
             for m in payload.unstack():
                 by_batch.setdefault(m.batch, []).append(m)
         adjustments = StackedAdjustments.of(
@@ -201,7 +205,8 @@ def run_combat(grid: Grid, nodes: dict[int, str], kept: list[PrepareReply],
 
 
 def run_model(grid: Grid, nodes: dict[int, str], feature_names: Sequence[str],
-              settings: StudySettings, harmonized: bool) -> dict[str, object]:
+              settings: StudySettings, harmonized: bool,
+              progress: Callable[[str], None] = lambda _: None) -> dict[str, object]:
     """Phase 4 on raw or harmonized features: the sites' comoments and local-only models; then
     screening, the penalty path and federated cross-validation of every training set at once
     (all sites, and each site left out), one Newton round a step; then every site's test
@@ -237,8 +242,10 @@ def run_model(grid: Grid, nodes: dict[int, str], feature_names: Sequence[str],
         batch = new_batch([combine_comoments([summaries[s] for s in sets[name]])
                            for name in names], loss_of(settings.protocol), spec.penalty,
                           spec.screening_top_k, spec.n_lambdas, spec.cv_folds)
-        lost = _run_batch(grid, nodes, batch, [set(sets[n]) for n in names], f, settings,
-                          ask(), failed)
+        progress(f"  {len(batch.fits)} fits: {len(names)} training set(s) x "
+                 f"{spec.n_lambdas} penalties x {spec.cv_folds + 1} folds")
+        lost = _run_batch(grid, nodes, batch, [set(sets[n]) for n in names], settings, ask(),
+                          failed, progress)
         if not lost:
             break
         for site in lost:
@@ -273,8 +280,8 @@ def run_model(grid: Grid, nodes: dict[int, str], feature_names: Sequence[str],
 
 
 def _run_batch(grid: Grid, nodes: dict[int, str], batch: FitBatch, members: list[set[str]],
-               f: int, settings: StudySettings, ask: Callable[[dict[str, object]], RecordDict],
-               failed: dict[str, str]) -> list[str]:
+               settings: StudySettings, ask: Callable[[dict[str, object]], RecordDict],
+               failed: dict[str, str], progress: Callable[[str], None]) -> list[str]:
     """Drive every fit of ``batch`` to the end; the sites lost on the way (empty = done)."""
     while not batch.done:
         pending = batch.pending()
@@ -295,6 +302,8 @@ def _run_batch(grid: Grid, nodes: dict[int, str], batch: FitBatch, members: list
         if lost:
             return lost
         update_by_site(batch, pending, [(mine[s], terms[s]) for s in sorted(terms)])
+        progress(f"  round {batch.rounds}: {len(pending)} fits stepped, "
+                  f"{len(batch.pending())} still running")
     return []
 
 
@@ -329,45 +338,77 @@ def _metrics_table(reply: ModelMetrics, site: str, failed: dict[str, str]
         return {}
 
 
-def run_study(grid: Grid, settings: StudySettings) -> None:
-    """The phases in order, up to ``settings.until``; ``study.json`` says how it ended."""
+Progress = Callable[[str], None]
+
+
+def _flower_log(line: str) -> None:
+    log(INFO, "myelofed: %s", line)
+
+
+def run_study(grid: Grid, settings: StudySettings, progress: Progress = _flower_log) -> None:
+    """The phases in order, up to ``settings.until``; ``study.json`` says how it ended.
+    ``progress`` gets a line per phase and round (Flower's log by default: ``flwr run
+    --stream`` shows it)."""
     status = {"status": "done", "until": settings.until, "reason": ""}
     try:
+        progress(f"phase 1/4 handshake: waiting for {settings.min_sites}+ sites")
         summary = run_handshake(grid, settings)
         if not summary.go_on:
             raise StudyStopped(f"handshake: {summary.reason}")
         nodes = {n: s for n, s in summary.nodes.items() if s not in summary.excluded}
+        progress(f"handshake: {len(nodes)} site(s) go on"
+                 + (f", excluded {summary.excluded}" if summary.excluded else ""))
         if settings.runs("prepare"):
+            progress("phase 2/4 local preparation: ingest, standardize, extract, split")
             prepared = run_prepare(grid, nodes, settings)
             if not prepared.go_on:
                 raise StudyStopped(f"local preparation: {prepared.reason}")
             kept = {r.site for r in prepared.kept}
             nodes = {n: s for n, s in nodes.items() if s in kept}
             if settings.runs("combat"):
+                progress("phase 3/4 federated ComBat")
                 failed = run_combat(grid, nodes, prepared.kept, settings)
                 nodes = {n: s for n, s in nodes.items() if s not in failed}
             if settings.runs("model"):
                 names = prepared.kept[0].feature_names
-                results = [run_model(grid, nodes, names, settings, harmonized=False)]
+                progress("phase 4/4 radiomics model on raw features")
+                results = [run_model(grid, nodes, names, settings, False, progress)]
                 if settings.runs("combat"):
-                    results.append(run_model(grid, nodes, names, settings, harmonized=True))
+                    progress("phase 4/4 radiomics model on harmonized features")
+                    results.append(run_model(grid, nodes, names, settings, True, progress))
                 atomic_write_json(settings.out_dir / "model.json", {"models": results})
     except StudyStopped as exc:
         status = {"status": "stopped", "until": settings.until, "reason": str(exc)}
+        progress(f"stopped: {exc}")
         raise
     finally:
         atomic_write_json(settings.out_dir / "study.json", status)
 
 
-def make_server_app(settings: StudySettings | None = None) -> ServerApp:
+def make_server_app(settings: StudySettings | None = None,
+                    progress: Progress = _flower_log) -> ServerApp:
     """The ServerApp; ``settings`` None = from the run config (``flwr run``)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_study(grid, settings or StudySettings.from_run_config(context.run_config))
+        run_study(grid, settings or StudySettings.from_run_config(context.run_config), progress)
 
     return app
+
+
+def run_in_simulation(cohort: Path, settings: StudySettings,
+                      progress: Progress = _flower_log) -> None:
+    """The whole study in Flower's simulation engine: one virtual SuperNode per site folder of
+    ``cohort`` (each with a manifest.csv), on this machine."""
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+
+    n_sites = len(list(cohort.glob("*/manifest.csv")))
+    run_simulation(server_app=make_server_app(settings, progress),
+                   client_app=make_client_app(cohort), num_supernodes=n_sites,
+                   backend_config={"client_resources": {"num_cpus": 1}})
 
 
 app = make_server_app()

@@ -165,3 +165,29 @@ def combat_design(protocol: StudyProtocol, kept: list[PrepareReply]) -> tuple[De
                     tuple((c, tuple(lv)) for c, lv in protocol.covariates.categorical.items()),
                     tuple(protocol.covariates.continuous))
     return design, {b for b, k in holders.items() if k > 1}
+
+
+def summary_rows(models: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """The demo's table from ``model.json``'s models: per site, its test size and the headline
+    metric (AUC, or Pearson r for regression) of its local-only model, the federated model and
+    the model trained without it, on raw features and after federated ComBat."""
+    raw = next((m for m in models if not m["harmonized"]), None)
+    combat = next((m for m in models if m["harmonized"]), None)
+    metric = "auc" if (raw or combat or {}).get("loss") == "logistic" else "r"
+
+    def value(model: dict[str, Any] | None, site: str, name: str) -> float | None:
+        if model is None:
+            return None
+        return model["sites"].get(site, {}).get("metrics", {}).get(name, {}).get(metric)
+
+    sites = sorted({s for m in models for s in m["sites"]})
+    rows = []
+    for site in sites:
+        any_model = raw if raw and site in raw["sites"] else combat
+        rows.append({
+            "site": site, "n_test": any_model["sites"][site]["n_test"] if any_model else 0,
+            "local": value(raw, site, f"local {site}"), "federated": value(raw, site, "federated"),
+            "federated_combat": value(combat, site, "federated"),
+            "leave_site_out": value(raw, site, "leave-site-out"),
+            "leave_site_out_combat": value(combat, site, "leave-site-out")})
+    return metric, rows
