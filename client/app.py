@@ -2,18 +2,19 @@
 
 Thin by design: each handler resolves the site once, unpacks the message, calls one function of
 :mod:`client.study` and packs the reply with :mod:`common.records`. Phases built so far: 1, the
-handshake; 2, local preparation; 3, federated ComBat; 4, the radiomics model.
+handshake; 2, local preparation; 3, federated ComBat; 4, the radiomics model; 5, the CNN
+(Flower's train and evaluate messages).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import functools
 import json
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
@@ -209,6 +210,50 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
                   for i, name in enumerate(names)}
         return Message(pack(metrics=evaluate_models(site, protocol, harmonized, models)),
                        reply_to=msg)
+
+    # --- phase 5: the CNN, through Flower's strategies (train and evaluate messages) ---------
+
+    def cnn_reply(msg: Message, site_name: str, metrics: dict[str, float],
+                  arrays: dict | None = None) -> Message:
+        from flwr.app import Array, ArrayRecord, MetricRecord
+
+        content = RecordDict({"metrics": MetricRecord(metrics),
+                              "site": ConfigRecord({"name": site_name})})
+        if arrays is not None:
+            content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v))
+                                             for k, v in arrays.items()})
+        return Message(content, reply_to=msg)
+
+    def global_weights(msg: Message) -> dict:
+        return {k: v.numpy() for k, v in msg.content["arrays"].items()}
+
+    @app.train()
+    @guarded
+    def _train(msg: Message, context: Context) -> Message:
+        """Evaluate the global weights received on the test crops (one message a round: the
+        metrics of round r - 1's model come back with round r's training), then train them."""
+        from client.cnn import evaluate_arrays, train_round
+
+        site, protocol = site_of(context), _protocol(msg)
+        study = msg.content["study"]
+        weights = global_weights(msg)
+        before = evaluate_arrays(site, protocol, weights, include_train=False)
+        result = train_round(site, protocol, weights, round_index=int(study["server-round"]),
+                             seed=int(study["seed"]))
+        metrics = {"num-examples": result.n_examples, "train_loss": result.loss,
+                   "train_seconds": result.seconds,
+                   **{f"global_{k}": v for k, v in before.as_record().items()}}
+        return cnn_reply(msg, site.site_name, metrics, result.weights)
+
+    @app.evaluate()
+    @guarded
+    def _evaluate(msg: Message, context: Context) -> Message:
+        from client.cnn import evaluate_arrays
+
+        site, protocol = site_of(context), _protocol(msg)
+        result = evaluate_arrays(site, protocol, global_weights(msg))
+        return cnn_reply(msg, site.site_name,
+                         {"num-examples": result.test.n, **result.as_record()})
 
     return app
 

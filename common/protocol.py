@@ -278,10 +278,13 @@ class ModelSpec(_Frozen):
 class CnnSpec(_Frozen):
     """The 3D CNN (phase 5): a MONAI network on ROI-centred crops, trained over ``rounds``
     federated rounds with the named aggregator (``proximal_mu`` is FedProx's; ``trim_fraction``
-    the trimmed mean's; ``krum_byzantine`` the number of bad sites Krum tolerates)."""
+    the trimmed mean's; ``krum_byzantine`` the number of bad sites Krum tolerates). DenseNet121
+    needs a crop of at least 29 voxels on every axis."""
 
     architecture: Literal["resnet10", "resnet18", "densenet121"] = "resnet10"
-    crop_size: tuple[int, int, int] = (48, 48, 16)
+    width: float = Field(0.25, gt=0, le=4, description="ResNet channel multiplier (1 = MONAI's "
+                         "64-512 channels; 0.25 = 16-128, 1/16 of the weights).")
+    crop_size: tuple[int, int, int] = Field((48, 48, 16), description="(x, y, z) voxels.")
     rounds: int = Field(5, ge=1, le=500)
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -292,6 +295,13 @@ class CnnSpec(_Frozen):
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)
     krum_byzantine: int = Field(0, ge=0)
     augment: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> CnnSpec:
+        if self.architecture == "densenet121" and min(self.crop_size) < 29:
+            raise ValueError(f"densenet121 needs a crop of at least 29 voxels on every axis, "
+                             f"got {list(self.crop_size)}")
+        return self
 
 
 class StudyProtocol(_Frozen):

@@ -269,22 +269,39 @@ def proximal_newton_target(gradient: np.ndarray, hessian: np.ndarray, beta: np.n
             return np.linalg.solve(hessian + np.diag(ridge), b)
         except np.linalg.LinAlgError:
             raise ModelError("singular Hessian: a constant or repeated feature") from None
-    diag = np.diag(hessian)
-    if np.any(diag <= 0):
-        raise ModelError("a feature has no variance in the rows of a fit")
-    w = beta.copy()
-    for sweep in range(max_sweeps):
-        largest = 0.0
-        for j in range(width):
-            r = b[j] - hessian[j] @ w + diag[j] * w[j]
-            new = r / diag[j] if j == 0 else np.sign(r) * max(abs(r) - lam, 0.0) / diag[j]
-            largest = max(largest, abs(new - w[j]))
-            w[j] = new
-        if sweep % 5 == 4 or largest < 1e-14:
-            exact = _active_set_solution(hessian, b, lam, w)
-            if exact is not None:
-                return exact
-    return w
+    if hessian[0, 0] <= 0:
+        raise ModelError("a fit has no rows")
+    exact = _active_set_solution(hessian, b, lam, beta)  # the support rarely changes late on
+    if exact is not None:
+        return exact
+    # Coordinate descent (scikit-learn's compiled Lasso) on the quadratic with the intercept
+    # profiled out: H_s = H_rr - H_r0 H_0r / H_00, b_s likewise; with H_s = L L', minimizing
+    # w'H_s w / 2 - b_s'w + lam |w|_1 is a Lasso of L^-1 b_s on L' with alpha = lam / k.
+    from scipy.linalg import cholesky, solve_triangular
+    from sklearn.linear_model import Lasso
+
+    h0 = hessian[1:, 0]
+    reduced = hessian[1:, 1:] - np.outer(h0, h0) / hessian[0, 0]
+    b_reduced = b[1:] - h0 * b[0] / hessian[0, 0]
+    k = b_reduced.size
+    jitter = 1e-12 * max(np.trace(reduced) / k, 1e-300)
+    try:
+        lower = cholesky(reduced + jitter * np.eye(k), lower=True)
+    except np.linalg.LinAlgError:
+        raise ModelError("the Hessian of a fit is not positive definite") from None
+    lasso = Lasso(alpha=lam / k, fit_intercept=False, tol=1e-12, max_iter=max_sweeps * 20,
+                  warm_start=True, selection="cyclic")
+    lasso.coef_ = beta[1:].copy()
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        lasso.fit(lower.T, solve_triangular(lower, b_reduced, lower=True))
+    w = np.concatenate([[(b[0] - h0 @ lasso.coef_) / hessian[0, 0]], lasso.coef_])
+    exact = _active_set_solution(hessian, b, lam, w)
+    return exact if exact is not None else w
 
 
 def _active_set_solution(hessian: np.ndarray, b: np.ndarray, lam: float, w: np.ndarray

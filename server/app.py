@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -338,6 +338,125 @@ def _metrics_table(reply: ModelMetrics, site: str, failed: dict[str, str]
         return {}
 
 
+STRATEGIES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam",
+              "fedmedian": "FedMedian", "trimmed_mean": "FedTrimmedAvg", "krum": "Krum"}
+
+
+def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Callable[[str], None]
+                 ):  # noqa: ANN201 - a flwr Strategy
+    """The protocol's aggregator as one of Flower's strategies, extended to keep each site's
+    metrics by name every round (Flower's own only average them), to send only to the sites
+    still in the study, and to checkpoint the global model after every round."""
+    from flwr.serverapp import strategy as flower
+
+    spec = settings.protocol.cnn
+    base = getattr(flower, STRATEGIES[spec.aggregator])
+    options: dict[str, object] = {"fraction_train": 1.0, "fraction_evaluate": 0.0,
+                                  "min_train_nodes": settings.min_sites,
+                                  "min_available_nodes": settings.min_sites,
+                                  "min_evaluate_nodes": settings.min_sites,
+                                  "configrecord_key": "study"}
+    if spec.aggregator == "fedprox":
+        options["proximal_mu"] = spec.proximal_mu
+    elif spec.aggregator == "trimmed_mean":
+        options["beta"] = spec.trim_fraction
+    elif spec.aggregator == "krum":
+        options["num_malicious_nodes"] = spec.krum_byzantine
+    elif spec.aggregator == "fedadam":
+        options |= {"eta": spec.learning_rate * 10, "eta_l": spec.learning_rate}
+    checkpoints = settings.out_dir / "cnn"
+
+    class PerSite(base):  # type: ignore[misc, valid-type]
+        history: dict[int, dict[str, dict[str, float]]] = {}
+        failed: dict[str, str] = {}
+
+        def configure_train(self, server_round, arrays, config, grid):  # noqa: ANN001, ANN201
+            return [m for m in super().configure_train(server_round, arrays, config, grid)
+                    if m.metadata.dst_node_id in nodes]
+
+        def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
+            replies = list(replies)
+            good = []
+            for reply in replies:
+                site = nodes.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
+                if reply.has_error():  # the first reason a site was left out is kept
+                    self.failed.setdefault(site, f"CNN round {server_round}: error "
+                                                 f"{reply.error.code}: {reply.error.reason}")
+                    continue
+                bad = _bad_weights(reply)
+                if bad:
+                    self.failed.setdefault(site, f"CNN round {server_round}: {bad}")
+                    continue
+                self.history.setdefault(server_round, {})[site] = _numbers(
+                    reply.content["metrics"])
+                good.append(reply)
+            arrays, metrics = super().aggregate_train(server_round, good)
+            if arrays is not None:
+                checkpoints.mkdir(parents=True, exist_ok=True)
+                _save_checkpoint(checkpoints / f"global_round_{server_round:03d}.npz", arrays)
+            progress(f"  CNN round {server_round}/{spec.rounds}: {len(good)} site(s) trained"
+                     + "".join(f", {s} loss {m['train_loss'] or float('nan'):.3f}"
+                               for s, m in sorted(self.history.get(server_round, {}).items())))
+            return arrays, metrics
+
+    return PerSite(**options)
+
+
+def _numbers(metrics: Mapping[str, object]) -> dict[str, float | None]:
+    """A site's metric record as JSON numbers (None where a metric is undefined: NaN)."""
+    return {k: (None if float(v) != float(v) else float(v)) for k, v in metrics.items()}
+
+
+def _bad_weights(reply: Message) -> str:
+    """Why a train reply's weights cannot be averaged ('' when they can)."""
+    if "arrays" not in reply.content or "metrics" not in reply.content:
+        return "no weights or no metrics in the reply"
+    for name, array in reply.content["arrays"].items():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
+            return f"weight '{name}' holds NaN or infinite values"
+    return ""
+
+
+def _save_checkpoint(path: Path, arrays: ArrayRecord) -> None:
+    """The global model of one round (numpy arrays by parameter name), written atomically."""
+    import io
+
+    from common.provenance import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: v.numpy() for k, v in arrays.items()})
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def run_cnn(grid: Grid, nodes: dict[int, str], settings: StudySettings,
+            progress: Callable[[str], None]) -> dict[str, object]:
+    """Phase 5: the protocol's CNN trained over ``cnn.rounds`` rounds with its aggregator; each
+    train reply also carries the site's test metrics of the model it received; a last evaluate
+    round scores the final global model at every site."""
+    from client.cnn import build_network, float32_nbytes, state_arrays
+
+    spec = settings.protocol.cnn
+    network = build_network(spec, settings.protocol.task.kind, seed=settings.seed)
+    initial = state_arrays(network)
+    strategy = cnn_strategy(settings, nodes, progress)
+    result = strategy.start(grid, ArrayRecord({k: Array(v) for k, v in initial.items()}),
+                            num_rounds=spec.rounds, timeout=settings.timeout_s,
+                            train_config=_study_config(settings, seed=settings.seed))
+    final = result.arrays
+    replies, failed = exchange(grid, {n: s for n, s in nodes.items()
+                                      if s not in strategy.failed}, "evaluate",
+                               lambda _: RecordDict({"arrays": final,
+                                                     "study": _study_config(settings)}),
+                               settings)
+    final_metrics = {site: _numbers(reply.content["metrics"])
+                     for site, reply in sorted(replies.items())}
+    return {"architecture": spec.architecture, "aggregator": spec.aggregator,
+            "rounds": spec.rounds, "weights_bytes": float32_nbytes(initial),
+            "history": {str(r): sites for r, sites in sorted(strategy.history.items())},
+            "final": final_metrics, "failed": strategy.failed | failed}
+
+
 Progress = Callable[[str], None]
 
 
@@ -351,7 +470,7 @@ def run_study(grid: Grid, settings: StudySettings, progress: Progress = _flower_
     --stream`` shows it)."""
     status = {"status": "done", "until": settings.until, "reason": ""}
     try:
-        progress(f"phase 1/4 handshake: waiting for {settings.min_sites}+ sites")
+        progress(f"phase 1/5 handshake: waiting for {settings.min_sites}+ sites")
         summary = run_handshake(grid, settings)
         if not summary.go_on:
             raise StudyStopped(f"handshake: {summary.reason}")
@@ -359,24 +478,30 @@ def run_study(grid: Grid, settings: StudySettings, progress: Progress = _flower_
         progress(f"handshake: {len(nodes)} site(s) go on"
                  + (f", excluded {summary.excluded}" if summary.excluded else ""))
         if settings.runs("prepare"):
-            progress("phase 2/4 local preparation: ingest, standardize, extract, split")
+            progress("phase 2/5 local preparation: ingest, standardize, extract, split")
             prepared = run_prepare(grid, nodes, settings)
             if not prepared.go_on:
                 raise StudyStopped(f"local preparation: {prepared.reason}")
             kept = {r.site for r in prepared.kept}
             nodes = {n: s for n, s in nodes.items() if s in kept}
             if settings.runs("combat"):
-                progress("phase 3/4 federated ComBat")
+                progress("phase 3/5 federated ComBat")
                 failed = run_combat(grid, nodes, prepared.kept, settings)
                 nodes = {n: s for n, s in nodes.items() if s not in failed}
             if settings.runs("model"):
                 names = prepared.kept[0].feature_names
-                progress("phase 4/4 radiomics model on raw features")
+                progress("phase 4/5 radiomics model on raw features")
                 results = [run_model(grid, nodes, names, settings, False, progress)]
                 if settings.runs("combat"):
-                    progress("phase 4/4 radiomics model on harmonized features")
+                    progress("phase 4/5 radiomics model on harmonized features")
                     results.append(run_model(grid, nodes, names, settings, True, progress))
                 atomic_write_json(settings.out_dir / "model.json", {"models": results})
+            if settings.runs("cnn") and settings.protocol.cnn is not None:
+                progress(f"phase 5/5 CNN: {settings.protocol.cnn.architecture}, "
+                         f"{settings.protocol.cnn.rounds} rounds of "
+                         f"{settings.protocol.cnn.aggregator}")
+                atomic_write_json(settings.out_dir / "cnn.json",
+                                  run_cnn(grid, nodes, settings, progress))
     except StudyStopped as exc:
         status = {"status": "stopped", "until": settings.until, "reason": str(exc)}
         progress(f"stopped: {exc}")

@@ -15,7 +15,7 @@ from common.protocol import StudyProtocol, load_protocol
 from harmonization.combat import CombatOptions, Design
 
 
-PHASES = ("handshake", "prepare", "combat", "model")
+PHASES = ("handshake", "prepare", "combat", "model", "cnn")
 
 
 class StudyStopped(MyeloFedError):

@@ -82,8 +82,9 @@ class CohortSpec:
 
 def study_protocol_mapping(task: Task, modality: str) -> dict[str, Any]:
     """The study protocol for a synthetic cohort: the modality's preset (standardization,
-    radiomics) with the task's label and covariates, and the DICOM SEG segment names."""
-    from common.protocol import load_protocol, protocol_from_mapping
+    radiomics) with the task's label and covariates, the DICOM SEG segment names and the CNN
+    phase with its defaults."""
+    from common.protocol import CnnSpec, load_protocol, protocol_from_mapping
 
     task = Task(task)
     base = load_protocol(f"preset:{_BASE_PRESET[modality]}").model_dump(mode="json")
@@ -96,6 +97,8 @@ def study_protocol_mapping(task: Task, modality: str) -> dict[str, Any]:
         description=f"Synthetic spine {modality} cohort (myelofed simulate): {what}",
         task=spec,
         covariates={"continuous": ["age"], "categorical": categorical},
+        # the CNN phase with its defaults (a small MONAI ResNet-10 on 48x48x16 crops, FedAvg)
+        cnn=CnnSpec().model_dump(mode="json"),
     )
     base["ingestion"]["rtstruct_roi"] = MARROW_SEGMENT
     normalization = base["standardization"].get("normalization")

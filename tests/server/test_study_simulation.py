@@ -60,7 +60,8 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
         screening_top_k=15, cv_folds=3, n_lambdas=5)})  # ~22 training rows a site: 3 folds
     combat = CombatOptions(min_batch_size=3, min_cell=1)
     settings = StudySettings(protocol, tmp_path / "out", min_sites=3, min_cases_per_site=10,
-                             timeout_s=300, seed=1, test_fraction=0.3, combat=combat)
+                             timeout_s=300, seed=1, test_fraction=0.3, combat=combat,
+                             until="model")  # the CNN has its own test
     audit = tmp_path / "outgoing.jsonl"
     run_simulation(server_app=make_server_app(settings),
                    client_app=make_client_app(cohort, mods=[audit_mod(audit)]),

@@ -1,0 +1,73 @@
+"""Phase 5 over Flower: the CNN trained with a Flower strategy, each site's metrics kept by name,
+a checkpoint every round, and a site sending NaN weights left out of the average, by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.protocol import CnnSpec, ModelSpec, load_protocol
+from common.synthetic import CohortSpec, make_sites, write_cohort
+from harmonization.combat import CombatOptions
+from server.study import StudySettings
+
+pytestmark = pytest.mark.slow
+
+
+def poison_mod(partition: int, from_round: int):  # noqa: ANN201 - a Flower mod
+    """Replaces one site's trained weights with NaN from ``from_round`` on."""
+    def mod(msg, context, call_next):  # noqa: ANN001, ANN202
+        reply = call_next(msg, context)
+        if (msg.metadata.message_type == "train"
+                and int(context.node_config["partition-id"]) == partition
+                and int(msg.content["study"]["server-round"]) >= from_round
+                and reply.has_content()):
+            from flwr.app import Array, ArrayRecord
+
+            reply.content["arrays"] = ArrayRecord(
+                {k: Array(np.full_like(v.numpy(), np.nan) if v.numpy().dtype.kind == "f"
+                          else v.numpy()) for k, v in reply.content["arrays"].items()})
+        return reply
+    return mod
+
+
+def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, CohortSpec(make_sites((30, 34, 38), True)), workers=2)
+    protocol = load_protocol(cohort / "study.yaml").model_copy(update={
+        "model": ModelSpec(screening_top_k=5, cv_folds=3, n_lambdas=3),
+        "cnn": CnnSpec(architecture="resnet10", crop_size=(16, 16, 8), rounds=3, batch_size=8,
+                       aggregator="fedmedian")})
+    settings = StudySettings(protocol, tmp_path / "out", min_sites=2, timeout_s=300, seed=1,
+                             combat=CombatOptions(min_batch_size=3, min_cell=1))
+    run_simulation(server_app=make_server_app(settings, lambda _: None),
+                   client_app=make_client_app(cohort, mods=[poison_mod(2, from_round=2)]),
+                   num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1}})
+
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["status"] == "done"
+    report = json.loads((tmp_path / "out" / "cnn.json").read_text())
+    assert report["aggregator"] == "fedmedian" and report["weights_bytes"] > 1e5
+    assert set(report["history"]["1"]) == {"site_A", "site_B", "site_C"}
+    for r in ("2", "3"):  # site_C's NaN weights are named and left out
+        assert set(report["history"][r]) == {"site_A", "site_B"}
+    assert "NaN" in report["failed"]["site_C"]
+    for metrics in report["history"]["2"].values():  # the model of round 1, at each site
+        assert metrics["num-examples"] > 0 and np.isfinite(metrics["train_loss"])
+        assert 0.0 <= metrics["global_test_auc"] <= 1.0
+    # the final model, scored where it was not poisoned
+    assert set(report["final"]) == {"site_A", "site_B"}
+    for metrics in report["final"].values():
+        assert 0.0 <= metrics["test_auc"] <= 1.0 and metrics["test_n"] >= 5
+    checkpoints = sorted((tmp_path / "out" / "cnn").glob("global_round_*.npz"))
+    assert [c.name for c in checkpoints] == [f"global_round_{r:03d}.npz" for r in (1, 2, 3)]
+    with np.load(checkpoints[-1]) as final:
+        assert all(np.all(np.isfinite(final[k])) for k in final.files
+                   if final[k].dtype.kind == "f")
