@@ -509,14 +509,16 @@ def demo(
     Makes the default three-site cohort if absent, then runs the study in Flower's simulation
     engine, one virtual SuperNode per site: handshake, local preparation, federated ComBat and
     the radiomics model (screening + LASSO chosen by federated cross-validation) on raw and on
-    harmonized features, with every site left out once. Ends with a table per site: the test AUC
-    of its local-only model, the federated model, the federated model after ComBat, and the
-    model trained without the site (leave-site-out, the external validation).
+    harmonized features, with every site left out once, then the 3D CNN over Flower rounds.
+    Ends with a table per site: the test AUC of its local-only model, the federated model, the
+    federated model after ComBat, the model trained without the site (leave-site-out, the
+    external validation) and the federated CNN.
 
     \b
     Writes, under --out:
       cohort/            the synthetic cohort (unless --cohort)
-      study/             handshake.json prepare.json combat.json model.json study.json"""
+      study/             handshake.json prepare.json combat.json model.json cnn.json
+                         study.json, cnn/global_round_NNN.npz (a checkpoint per round)"""
     from common.protocol import load_protocol
     from common.synthetic import CohortSpec, make_sites, read_cohort_spec, write_cohort
     from server.app import run_in_simulation
@@ -549,15 +551,20 @@ def demo(
     if status["status"] != "done":
         console.print(f"[bold red]study stopped:[/] {status['reason']}")
         raise typer.Exit(ExitCode.STUDY_STOPPED)
-    metric, rows = summary_rows(json.loads((study / "model.json").read_text())["models"])
-    table = Table("site", "test cases", f"local-only {metric.upper()}", "federated",
-                  "federated + ComBat", "leave-site-out", "leave-site-out + ComBat",
-                  title=f"Test {metric.upper()} per site ({time.monotonic() - started:.0f} s)")
+    cnn_file = study / "cnn.json"
+    metric, rows = summary_rows(json.loads((study / "model.json").read_text())["models"],
+                                json.loads(cnn_file.read_text()) if cnn_file.exists() else None)
+    table = Table("site", "test", "local", "federated", "fed. + ComBat", "left out",
+                  "left out + ComBat", "CNN",
+                  title=f"Test {metric.upper()} per site ({time.monotonic() - started:.0f} s)",
+                  caption="radiomics: local-only model, federated model (raw features, after "
+                  "federated ComBat), model trained without the site; CNN: the final "
+                  "federated CNN")
     show = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in rows:
         table.add_row(r["site"], str(r["n_test"]), show(r["local"]), show(r["federated"]),
                       show(r["federated_combat"]), show(r["leave_site_out"]),
-                      show(r["leave_site_out_combat"]))
+                      show(r["leave_site_out_combat"]), show(r["cnn"]))
     out.print(table)
     out.print(f"results: {study}")
 

@@ -127,6 +127,15 @@ class LinearModel:
     sd: np.ndarray
     beta: np.ndarray
 
+    def __post_init__(self) -> None:
+        k = np.shape(self.features)[0] if np.ndim(self.features) == 1 else -1
+        if (k < 0 or np.shape(self.mean) != (k,) or np.shape(self.sd) != (k,)
+                or np.shape(self.beta) != (k + 1,)):
+            raise ModelError("a linear model needs k feature indices, k means, k SDs and "
+                             "1 + k coefficients")
+        if k and (np.min(self.features) < 0 or np.any(np.asarray(self.sd) <= 0)):
+            raise ModelError("a linear model needs non-negative feature indices and SDs > 0")
+
     def score(self, x: np.ndarray) -> np.ndarray:
         z = (np.asarray(x, dtype=np.float64)[:, self.features] - self.mean) / self.sd
         return self.beta[0] + z @ self.beta[1:]
@@ -398,13 +407,17 @@ class FitBatch:
                 else:
                     fit.trial = fit.beta + fit.step * fit.direction
                 continue
+            gain = fit.objective - objective  # inf on the first round
             fit.beta, fit.objective = fit.trial, objective
             fit.n, fit.n_out, fit.loss_out = n[i], n_out[i], loss_out[i]
             target = proximal_newton_target(gradient[i] / n[i], hessian[i] / n[i], fit.beta,
                                             fit.lam, self.penalty)
             fit.direction, fit.step = target - fit.beta, 1.0
-            if np.max(np.abs(fit.direction)) < self.tolerance:
-                fit.done = True  # the coefficients evaluated last are the fit
+            if (np.max(np.abs(fit.direction)) < self.tolerance
+                    or gain < 1e-13 * max(1.0, abs(objective))):
+                # the coefficients evaluated last are the fit (a step that no longer lowers
+                # the objective is rounding in the subproblem's solution, not progress)
+                fit.done = True
             else:
                 fit.trial = target
 

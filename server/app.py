@@ -228,9 +228,16 @@ def run_model(grid: Grid, nodes: dict[int, str], feature_names: Sequence[str],
     summaries = collect(replies, failed, "moments", Comoments,
                         {"mean": (f,), "m2": (f,), "cross": (f,)})
     local: dict[str, LinearModel] = {}
-    for site, reply in replies.items():
+    for site, reply in replies.items():  # a malformed local model excludes its site, named
         if site in summaries and "local.meta" in reply.content:
-            local |= collect({site: reply}, failed, "local", LinearModel)
+            got = collect({site: reply}, failed, "local", LinearModel)
+            if site in got and np.max(got[site].features, initial=-1) >= f:
+                failed[site] = "local model: a feature index beyond the study's features"
+                got = {}
+            if site in got:
+                local[site] = got[site]
+            else:
+                del summaries[site]
     while True:
         require_sites(summaries, failed, settings, "model comoments")
         nodes = {n: s for n, s in nodes.items() if s in summaries}
@@ -367,10 +374,13 @@ def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Calla
     checkpoints = settings.out_dir / "cnn"
 
     class PerSite(base):  # type: ignore[misc, valid-type]
-        history: dict[int, dict[str, dict[str, float]]] = {}
+        history: dict[int, dict[str, dict[str, float | None]]] = {}
         failed: dict[str, str] = {}
+        started: dict[int, float] = {}
+        round_seconds: dict[int, float] = {}  # from sending a round's messages to aggregating
 
         def configure_train(self, server_round, arrays, config, grid):  # noqa: ANN001, ANN201
+            self.started[server_round] = time.monotonic()
             return [m for m in super().configure_train(server_round, arrays, config, grid)
                     if m.metadata.dst_node_id in nodes]
 
@@ -391,6 +401,7 @@ def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Calla
                     reply.content["metrics"])
                 good.append(reply)
             arrays, metrics = super().aggregate_train(server_round, good)
+            self.round_seconds[server_round] = time.monotonic() - self.started[server_round]
             if arrays is not None:
                 checkpoints.mkdir(parents=True, exist_ok=True)
                 _save_checkpoint(checkpoints / f"global_round_{server_round:03d}.npz", arrays)
@@ -454,6 +465,7 @@ def run_cnn(grid: Grid, nodes: dict[int, str], settings: StudySettings,
     return {"architecture": spec.architecture, "aggregator": spec.aggregator,
             "rounds": spec.rounds, "weights_bytes": float32_nbytes(initial),
             "history": {str(r): sites for r, sites in sorted(strategy.history.items())},
+            "round_seconds": {str(r): t for r, t in sorted(strategy.round_seconds.items())},
             "final": final_metrics, "failed": strategy.failed | failed}
 
 

@@ -61,6 +61,16 @@ class StudySettings:
             raise ConfigError("run config", [f"until: '{self.until}' is not one of "
                                              f"{', '.join(PHASES)}"])
 
+    def to_run_config(self, protocol_source: str) -> dict[str, str | int | float]:
+        """The run config that makes ``flwr run`` use these settings (the inverse of
+        :meth:`from_run_config`; the protocol travels as a file or preset name)."""
+        return {"protocol": protocol_source, "out-dir": str(self.out_dir),
+                "min-sites": self.min_sites, "min-cases-per-site": self.min_cases_per_site,
+                "timeout-s": self.timeout_s, "seed": self.seed,
+                "test-fraction": self.test_fraction,
+                "combat-min-batch-size": self.combat.min_batch_size,
+                "combat-min-cell": self.combat.min_cell, "until": self.until}
+
     def runs(self, phase: str) -> bool:
         """Whether ``phase`` is part of this run (phases up to ``until``)."""
         return PHASES.index(phase) <= PHASES.index(self.until)
@@ -167,10 +177,12 @@ def combat_design(protocol: StudyProtocol, kept: list[PrepareReply]) -> tuple[De
     return design, {b for b, k in holders.items() if k > 1}
 
 
-def summary_rows(models: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """The demo's table from ``model.json``'s models: per site, its test size and the headline
-    metric (AUC, or Pearson r for regression) of its local-only model, the federated model and
-    the model trained without it, on raw features and after federated ComBat."""
+def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
+                 ) -> tuple[str, list[dict[str, Any]]]:
+    """The demo's table from ``model.json``'s models (and ``cnn.json``): per site, its test size
+    and the headline metric (AUC, or Pearson r for regression) of its local-only model, the
+    federated model and the model trained without it, on raw features and after federated
+    ComBat, and the final federated CNN's."""
     raw = next((m for m in models if not m["harmonized"]), None)
     combat = next((m for m in models if m["harmonized"]), None)
     metric = "auc" if (raw or combat or {}).get("loss") == "logistic" else "r"
@@ -189,5 +201,7 @@ def summary_rows(models: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]
             "local": value(raw, site, f"local {site}"), "federated": value(raw, site, "federated"),
             "federated_combat": value(combat, site, "federated"),
             "leave_site_out": value(raw, site, "leave-site-out"),
-            "leave_site_out_combat": value(combat, site, "leave-site-out")})
+            "leave_site_out_combat": value(combat, site, "leave-site-out"),
+            "cnn": ((cnn or {}).get("final", {}).get(site, {}).get(
+                "test_auc" if metric == "auc" else "test_pearson_r"))})
     return metric, rows

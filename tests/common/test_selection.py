@@ -152,3 +152,19 @@ def test_unknown_loss_is_refused() -> None:
     with pytest.raises(ModelError, match="unknown loss"):
         FitBatch("poisson", "lasso", np.zeros((1, 2), int), np.zeros((1, 2)), np.ones((1, 2)),
                  np.ones((1, 2)), np.zeros(1), 2)
+
+
+def test_a_linear_model_with_inconsistent_parts_is_refused_also_on_receipt() -> None:
+    from common.records import PayloadError, from_record, to_record
+    from common.selection import LinearModel
+
+    good = LinearModel(np.array([0, 3]), np.zeros(2), np.ones(2), np.array([0.1, 1.0, -1.0]))
+    assert np.allclose(good.score(np.eye(4)), [1.1, 0.1, 0.1, -0.9])
+    with pytest.raises(ModelError, match="1 \\+ k coefficients"):
+        LinearModel(np.array([0, 3]), np.zeros(2), np.ones(2), np.zeros(2))
+    with pytest.raises(ModelError, match="SDs > 0"):
+        LinearModel(np.array([0, 3]), np.zeros(2), np.array([1.0, 0.0]), np.zeros(3))
+    record = to_record(good)
+    record["arrays"]["sd"] = type(record["arrays"]["sd"])(np.array([1.0, -1.0]))
+    with pytest.raises(PayloadError, match="LinearModel from a site: .*SDs > 0"):
+        from_record(record, LinearModel)

@@ -96,17 +96,6 @@ def write_site_config(path: Path, site: str, manifest: Path, work_dir: Path) -> 
     return path
 
 
-def run_config_of(settings: StudySettings, protocol_file: Path) -> dict[str, ConfigValue]:
-    """The run config that makes ``flwr run`` use ``settings`` (checked by the caller with
-    ``StudySettings.from_run_config``, so a setting added later cannot be silently lost)."""
-    return {"protocol": str(protocol_file), "out-dir": str(settings.out_dir),
-            "min-sites": settings.min_sites, "min-cases-per-site": settings.min_cases_per_site,
-            "timeout-s": settings.timeout_s, "seed": settings.seed,
-            "test-fraction": settings.test_fraction,
-            "combat-min-batch-size": settings.combat.min_batch_size,
-            "combat-min-cell": settings.combat.min_cell, "until": settings.until}
-
-
 def test_the_study_over_real_processes_gives_the_simulations_results(tmp_path: Path):
     from flwr.simulation import run_simulation
 
@@ -139,7 +128,7 @@ def test_the_study_over_real_processes_gives_the_simulations_results(tmp_path: P
     # cache is copied over (its key is the protocol and the files' contents, not their paths)
     deploy = tmp_path / "deployment"
     deployed = dataclasses.replace(settings, out_dir=deploy / "out")
-    run_config = run_config_of(deployed, protocol_file)
+    run_config = deployed.to_run_config(str(protocol_file))
     assert StudySettings.from_run_config(run_config) == deployed
     site_configs = {}
     for site in SITES:
