@@ -198,7 +198,11 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
     def _model_terms(msg: Message, context: Context) -> Message:
         site, protocol, harmonized = model_context(msg, context)
         request = unpack(msg.content, "request", BatchRequest, sender="the server")
-        return Message(pack(terms=model_terms(site, protocol, harmonized, request)),
+        radiomics = None
+        if "radiomics" in msg.content["study"]:  # the nomogram: one radiomics model a set
+            radiomics = [unpack(msg.content, f"radiomics{t}", LinearModel, sender="the server")
+                         for t in range(int(msg.content["study"]["radiomics"]))]
+        return Message(pack(terms=model_terms(site, protocol, harmonized, request, radiomics)),
                        reply_to=msg)
 
     @app.query("model_evaluate")
@@ -208,8 +212,11 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
         names = json.loads(str(msg.content["study"]["models"]))
         models = {name: unpack(msg.content, f"model{i}", LinearModel, sender="the server")
                   for i, name in enumerate(names)}
-        return Message(pack(metrics=evaluate_models(site, protocol, harmonized, models)),
-                       reply_to=msg)
+        radiomics = {name: unpack(msg.content, f"radiomics{i}", LinearModel,
+                                  sender="the server")
+                     for i, name in enumerate(names) if f"radiomics{i}.meta" in msg.content}
+        return Message(pack(metrics=evaluate_models(site, protocol, harmonized, models,
+                                                    radiomics)), reply_to=msg)
 
     # --- phase 5: the CNN, through Flower's strategies (train and evaluate messages) ---------
 

@@ -282,10 +282,8 @@ def loss_of(protocol: StudyProtocol) -> str:
     return "logistic" if protocol.task.kind is TaskKind.CLASSIFICATION else "gaussian"
 
 
-def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str
-               ) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
-    """Features, labels and CV folds of one split, raw or after federated ComBat. Training rows
-    are refused below :data:`MIN_ROWS_SENT`: their sums would come close to a patient's values."""
+def _split_table(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str
+                 ) -> "pd.DataFrame":
     table = load_study_table(site, protocol, HARMONIZED_FILE if harmonized else PREPARED_FILE)
     table = table[table["split"] == split]
     if split == "train" and len(table) < MIN_ROWS_SENT:
@@ -293,8 +291,48 @@ def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, spli
 
         raise ModelError(f"site '{site.site_name}' has {len(table)} training rows, fewer than "
                          f"{MIN_ROWS_SENT}: it sends no sums over them")
+    return table
+
+
+def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str
+               ) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+    """Features, labels and CV folds of one split, raw or after federated ComBat. Training rows
+    are refused below :data:`MIN_ROWS_SENT`: their sums would come close to a patient's values."""
+    table = _split_table(site, protocol, harmonized, split)
     return (table[feature_columns(table, protocol)].to_numpy(float),
             table[protocol.task.label_column].to_numpy(float), table["fold"].to_numpy())
+
+
+def clinical_terms(protocol: StudyProtocol) -> list[str]:
+    """The nomogram's clinical columns: for each covariate in ``model.clinical``, one 0/1 column
+    per level but the first (the reference) of a categorical one, or the continuous value."""
+    names = []
+    for column in protocol.model.clinical:
+        levels = protocol.covariates.categorical.get(column)
+        names += [f"{column}={level}" for level in levels[1:]] if levels else [column]
+    return names
+
+
+def nomogram_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str,
+                  radiomics: list["LinearModel"]) -> tuple["np.ndarray", "np.ndarray",
+                                                            "np.ndarray"]:
+    """The nomogram's design at this site, one block of columns per radiomics model (one per
+    training set): the model's score (the radiomics score, a logit) and the clinical columns."""
+    import numpy as np
+
+    table = _split_table(site, protocol, harmonized, split)
+    x = table[feature_columns(table, protocol)].to_numpy(float)
+    clinical = []
+    for column in protocol.model.clinical:
+        levels = protocol.covariates.categorical.get(column)
+        if levels:
+            clinical += [(table[column].astype(str) == str(level)).to_numpy(float)
+                         for level in levels[1:]]
+        else:
+            clinical.append(table[column].to_numpy(float))
+    blocks = [np.column_stack([model.score(x), *clinical]) for model in radiomics]
+    return (np.hstack(blocks), table[protocol.task.label_column].to_numpy(float),
+            table["fold"].to_numpy())
 
 
 def model_summary(site: SiteConfig, protocol: StudyProtocol, harmonized: bool
@@ -317,10 +355,16 @@ def model_summary(site: SiteConfig, protocol: StudyProtocol, harmonized: bool
 
 
 def model_terms(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
-                request: "BatchRequest") -> "BatchTerms":
+                request: "BatchRequest", radiomics: list["LinearModel"] | None = None
+                ) -> "BatchTerms":
+    """This site's terms for a batch of fits: of the radiomics model, or (``radiomics`` given)
+    of the nomogram on the scores of those models and the clinical columns."""
     from common.selection import site_batch_terms
 
-    x, y, folds = model_rows(site, protocol, harmonized, "train")
+    if radiomics is None:
+        x, y, folds = model_rows(site, protocol, harmonized, "train")
+    else:
+        x, y, folds = nomogram_rows(site, protocol, harmonized, "train", radiomics)
     return site_batch_terms(x, y, folds, request, loss_of(protocol), MIN_ROWS_SENT)
 
 
@@ -350,9 +394,18 @@ def test_metrics(protocol: StudyProtocol, y: "np.ndarray", score: "np.ndarray"
 
 
 def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
-                    models: dict[str, "LinearModel"]) -> ModelMetrics:
-    """Each model's metrics on this site's test rows."""
+                    models: dict[str, "LinearModel"],
+                    radiomics: dict[str, "LinearModel"] | None = None) -> ModelMetrics:
+    """Each model's metrics on this site's test rows; a nomogram (named in ``radiomics``, with
+    the radiomics model whose score it takes) on its design."""
     x, y, _ = model_rows(site, protocol, harmonized, "test")
-    table = {name: test_metrics(protocol, y, model.score(x)) for name, model in models.items()}
+    scores = {}
+    for name, model in models.items():
+        if radiomics and name in radiomics:
+            design, _, _ = nomogram_rows(site, protocol, harmonized, "test", [radiomics[name]])
+            scores[name] = model.score(design)
+        else:
+            scores[name] = model.score(x)
+    table = {name: test_metrics(protocol, y, score) for name, score in scores.items()}
     positives = int(y.sum()) if protocol.task.kind is TaskKind.CLASSIFICATION else 0
     return ModelMetrics(site.site_name, len(y), positives, json.dumps(table, sort_keys=True))

@@ -503,6 +503,9 @@ def demo(
         help="A cohort made by 'myelofed simulate' (default: <out>/cohort, made if absent).")
     ] = None,
     seed: Annotated[int, typer.Option(help="The study seed (train/test split, CV folds).")] = 0,
+    task: Annotated[str, typer.Option(
+        help="The cohort's task: diagnosis (MM vs metastasis), response (with the ISS "
+        "nomogram), pci (plasma-cell infiltration, a regression) or mrd.")] = "diagnosis",
 ) -> None:
     """Run the whole federated study on the built-in synthetic cohort, on this machine.
 
@@ -512,23 +515,34 @@ def demo(
     harmonized features, with every site left out once, then the 3D CNN over Flower rounds.
     Ends with a table per site: the test AUC of its local-only model, the federated model, the
     federated model after ComBat, the model trained without the site (leave-site-out, the
-    external validation) and the federated CNN.
+    external validation) and the federated CNN; with --task response, the nomogram (radiomics
+    score + ISS stage + age) too; with --task pci, Pearson r instead of the AUC.
 
     \b
     Writes, under --out:
-      cohort/            the synthetic cohort (unless --cohort)
+      cohort/            the synthetic cohort (cohort-<task>/ for another task; or --cohort)
       study/             handshake.json prepare.json combat.json model.json cnn.json
-                         study.json, cnn/global_round_NNN.npz (a checkpoint per round)"""
+                         study.json (nomogram.json with --task response),
+                         cnn/global_round_NNN.npz (a checkpoint per round)"""
     from common.protocol import load_protocol
-    from common.synthetic import CohortSpec, make_sites, read_cohort_spec, write_cohort
+    from common.synthetic import CohortSpec, Task, make_sites, read_cohort_spec, write_cohort
     from server.app import run_in_simulation
     from server.study import StudySettings, StudyStopped, summary_rows
 
-    cohort = cohort or out_dir / "cohort"
-    if read_cohort_spec(cohort) is None:
+    try:
+        the_task = Task(task)
+    except ValueError:
+        _fail_config(ConfigError("--task", [f"'{task}' is not one of "
+                                            f"{', '.join(t.value for t in Task)}"]))
+    cohort = cohort or out_dir / ("cohort" if the_task is Task.DIAGNOSIS else f"cohort-{task}")
+    existing = read_cohort_spec(cohort)
+    if existing is not None and existing.get("task") != the_task.value:
+        _fail_config(ConfigError(str(cohort), [f"a cohort for the task '{existing.get('task')}'"
+                                               f", not '{task}'"]))
+    if existing is None:
         if (cohort / "study.yaml").exists() or any(cohort.glob("*/manifest.csv")):
             console.print(f"{cohort}: an incomplete cohort (no cohort.json): it is made again")
-        spec = CohortSpec(make_sites(_cohort_sizes(None, None), True, 0))
+        spec = CohortSpec(make_sites(_cohort_sizes(None, None), True, 0), the_task)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=console) as progress:
             bar = progress.add_task("synthetic cohort", total=sum(_cohort_sizes(None, None)))
@@ -551,20 +565,21 @@ def demo(
     if status["status"] != "done":
         console.print(f"[bold red]study stopped:[/] {status['reason']}")
         raise typer.Exit(ExitCode.STUDY_STOPPED)
-    cnn_file = study / "cnn.json"
-    metric, rows = summary_rows(json.loads((study / "model.json").read_text())["models"],
-                                json.loads(cnn_file.read_text()) if cnn_file.exists() else None)
+    read = lambda name: (json.loads((study / name).read_text())  # noqa: E731
+                         if (study / name).exists() else None)
+    metric, rows = summary_rows(read("model.json")["models"], read("cnn.json"),
+                                read("nomogram.json"))
     table = Table("site", "test", "local", "federated", "fed. + ComBat", "left out",
-                  "left out + ComBat", "CNN",
+                  "left out + ComBat", "nomogram", "CNN",
                   title=f"Test {metric.upper()} per site ({time.monotonic() - started:.0f} s)",
                   caption="radiomics: local-only model, federated model (raw features, after "
-                  "federated ComBat), model trained without the site; CNN: the final "
-                  "federated CNN")
+                  "federated ComBat), model trained without the site; the nomogram (radiomics "
+                  "score + clinical factors, response task); the final federated CNN")
     show = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in rows:
         table.add_row(r["site"], str(r["n_test"]), show(r["local"]), show(r["federated"]),
                       show(r["federated_combat"]), show(r["leave_site_out"]),
-                      show(r["leave_site_out_combat"]), show(r["cnn"]))
+                      show(r["leave_site_out_combat"]), show(r["nomogram"]), show(r["cnn"]))
     out.print(table)
     out.print(f"results: {study}")
 

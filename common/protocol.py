@@ -84,10 +84,14 @@ class CovariateSpec(_Frozen):
 
     ``categorical`` maps each column to its study-wide list of levels (a site may lack a level; a
     value outside the list makes the case invalid). ``continuous`` lists numeric columns.
+    ``harmonize`` names the covariates ComBat protects (absent = all): each categorical one
+    splits every scanner into cells that must hold at least ComBat's ``min_cell`` patients, so
+    a many-level factor used only by the nomogram (e.g. ISS stage) is better left out of it.
     """
 
     categorical: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     continuous: tuple[str, ...] = ()
+    harmonize: tuple[str, ...] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> CovariateSpec:
@@ -99,7 +103,14 @@ class CovariateSpec(_Frozen):
         both = set(self.categorical) & set(self.continuous)
         if both:
             raise ValueError(f"columns both categorical and continuous: {sorted(both)}")
+        unknown = set(self.harmonize or ()) - set(self.columns)
+        if unknown:
+            raise ValueError(f"harmonize names {sorted(unknown)}, which are not covariates")
         return self
+
+    def harmonized(self, column: str) -> bool:
+        """Whether ComBat protects ``column``."""
+        return self.harmonize is None or column in self.harmonize
 
     @property
     def columns(self) -> tuple[str, ...]:

@@ -22,7 +22,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from client.study import HandshakeReply, ModelMetrics, PrepareReply, loss_of
+from client.study import HandshakeReply, ModelMetrics, PrepareReply, clinical_terms, loss_of
+from common.protocol import TaskKind
 from common.provenance import atomic_write_json
 from common.records import PayloadError, from_record, pack, unpack
 from common.selection import (
@@ -206,13 +207,15 @@ def run_combat(grid: Grid, nodes: dict[int, str], kept: list[PrepareReply],
 
 def run_model(grid: Grid, nodes: dict[int, str], feature_names: Sequence[str],
               settings: StudySettings, harmonized: bool,
-              progress: Callable[[str], None] = lambda _: None) -> dict[str, object]:
+              progress: Callable[[str], None] = lambda _: None
+              ) -> tuple[dict[str, LinearModel], dict[str, list[str]], dict[str, object]]:
     """Phase 4 on raw or harmonized features: the sites' comoments and local-only models; then
     screening, the penalty path and federated cross-validation of every training set at once
     (all sites, and each site left out), one Newton round a step; then every site's test
     metrics of the federated model, the model trained without it and every site's local model.
     A site lost mid-fit is named and the fits restart without it (every fit needs every one of
-    its sites in every step)."""
+    its sites in every step). Returns the chosen model and the sites of each training set, and
+    the phase's report."""
     spec = settings.protocol.model
     f = len(feature_names)
 
@@ -273,7 +276,7 @@ def run_model(grid: Grid, nodes: dict[int, str], feature_names: Sequence[str],
     replies, more = exchange(grid, nodes, "query.model_evaluate", evaluation, settings)
     failed.update(more)
     metrics = collect(replies, failed, "metrics", ModelMetrics)
-    return {
+    return models, sets, {
         "harmonized": harmonized, "loss": batch.loss, "penalty": batch.penalty,
         "lambda_rule": spec.lambda_rule, "rounds": batch.rounds,
         "training_sets": {name: _set_report(batch, t, spec.lambda_rule, sets[name],
@@ -284,6 +287,68 @@ def run_model(grid: Grid, nodes: dict[int, str], feature_names: Sequence[str],
                          "metrics": _metrics_table(m, site, failed)}
                   for site, m in sorted(metrics.items())},
         "failed": failed}
+
+
+#: The nomogram's ridge penalty (per row): next to nothing, but finite when a small training
+#: set separates the classes.
+NOMOGRAM_L2 = 1e-4
+
+
+def run_nomogram(grid: Grid, nodes: dict[int, str], settings: StudySettings,
+                 radiomics: dict[str, LinearModel], sets: dict[str, list[str]],
+                 harmonized: bool, progress: Callable[[str], None]) -> dict[str, object]:
+    """The nomogram: a logistic model of the radiomics score (the chosen model's logit) and the
+    protocol's clinical columns (``model.clinical``), by Newton rounds for every training set
+    with that set's own radiomics model, then scored at every site (the federated nomogram, and
+    the one trained without the site)."""
+    terms = ["radiomics score", *clinical_terms(settings.protocol)]
+    nodes = {n: s for n, s in nodes.items() if s in sets["federated"]}  # the model's sites
+    p, names = len(terms), [n for n in sets if n in radiomics]
+    count = len(names)
+    batch = FitBatch("logistic", "ridge", np.array([np.arange(t * p, (t + 1) * p)
+                                                    for t in range(count)]),
+                     np.zeros((count, p)), np.ones((count, p)), np.full((count, 1), NOMOGRAM_L2),
+                     np.zeros(count), folds=0)
+    scores = {f"radiomics{t}": radiomics[n] for t, n in enumerate(names)}
+
+    def ask(payloads: dict[str, object]) -> RecordDict:
+        records = pack(**payloads, **scores)
+        records["study"] = _study_config(settings, harmonized=harmonized, radiomics=count)
+        return records
+
+    failed: dict[str, str] = {}
+    progress(f"  nomogram: {count} training set(s), terms {', '.join(terms)}")
+    lost = _run_batch(grid, nodes, batch, [set(sets[n]) for n in names], settings, ask, failed,
+                      progress)
+    report: dict[str, object] = {"terms": terms, "l2": NOMOGRAM_L2, "harmonized": harmonized,
+                                 "rounds": batch.rounds, "failed": failed}
+    if lost:
+        return report | {"status": f"stopped: site(s) {lost} lost mid-fit"}
+    nomograms = {n: LinearModel(np.arange(p), np.zeros(p), np.ones(p), batch.coefficients(t)[0])
+                 for t, n in enumerate(names)}
+
+    def evaluation(node: int) -> RecordDict:
+        site = nodes[node]
+        chosen = [("nomogram", "federated")] + ([("nomogram leave-site-out", f"without {site}")]
+                                                if f"without {site}" in nomograms else [])
+        records = pack(**{f"model{i}": nomograms[s] for i, (_, s) in enumerate(chosen)},
+                       **{f"radiomics{i}": radiomics[s] for i, (_, s) in enumerate(chosen)})
+        records["study"] = _study_config(settings, harmonized=harmonized,
+                                         models=json.dumps([n for n, _ in chosen]))
+        return records
+
+    replies, more = exchange(grid, nodes, "query.model_evaluate", evaluation, settings)
+    failed.update(more)
+    metrics = collect(replies, failed, "metrics", ModelMetrics)
+    return report | {
+        "status": "done",
+        "training_sets": {n: {"sites": sets[n], "intercept": float(m.beta[0]),
+                              "coefficients": dict(zip(terms, m.beta[1:].tolist())),
+                              "odds_ratios": dict(zip(terms, np.exp(m.beta[1:]).tolist()))}
+                          for n, m in nomograms.items()},
+        "sites": {site: {"n_test": m.n_test, "n_positive": m.n_positive,
+                         "metrics": _metrics_table(m, site, failed)}
+                  for site, m in sorted(metrics.items())}}
 
 
 def _run_batch(grid: Grid, nodes: dict[int, str], batch: FitBatch, members: list[set[str]],
@@ -503,11 +568,17 @@ def run_study(grid: Grid, settings: StudySettings, progress: Progress = _flower_
             if settings.runs("model"):
                 names = prepared.kept[0].feature_names
                 progress("phase 4/5 radiomics model on raw features")
-                results = [run_model(grid, nodes, names, settings, False, progress)]
+                passes = [run_model(grid, nodes, names, settings, False, progress)]
                 if settings.runs("combat"):
                     progress("phase 4/5 radiomics model on harmonized features")
-                    results.append(run_model(grid, nodes, names, settings, True, progress))
-                atomic_write_json(settings.out_dir / "model.json", {"models": results})
+                    passes.append(run_model(grid, nodes, names, settings, True, progress))
+                atomic_write_json(settings.out_dir / "model.json",
+                                  {"models": [report for _, _, report in passes]})
+                if (settings.protocol.model.clinical
+                        and settings.protocol.task.kind is TaskKind.CLASSIFICATION):
+                    models, sets, _ = passes[-1]  # on harmonized features when ComBat ran
+                    atomic_write_json(settings.out_dir / "nomogram.json", run_nomogram(
+                        grid, nodes, settings, models, sets, len(passes) == 2, progress))
             if settings.runs("cnn") and settings.protocol.cnn is not None:
                 progress(f"phase 5/5 CNN: {settings.protocol.cnn.architecture}, "
                          f"{settings.protocol.cnn.rounds} rounds of "

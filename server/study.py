@@ -167,22 +167,24 @@ def check_prepare(replies: list[PrepareReply], failed: dict[str, str],
 
 def combat_design(protocol: StudyProtocol, kept: list[PrepareReply]) -> tuple[Design, set[str]]:
     """The ComBat design for the sites that go on (their training scanners, the protocol's
-    covariates) and the batches held by more than one site."""
+    covariates that ComBat protects) and the batches held by more than one site."""
     holders: Counter[str] = Counter()
     for reply in kept:
         holders.update(_counts(reply.batches).keys())
+    covariates = protocol.covariates
     design = Design(tuple(sorted(holders)),
-                    tuple((c, tuple(lv)) for c, lv in protocol.covariates.categorical.items()),
-                    tuple(protocol.covariates.continuous))
+                    tuple((c, tuple(lv)) for c, lv in covariates.categorical.items()
+                          if covariates.harmonized(c)),
+                    tuple(c for c in covariates.continuous if covariates.harmonized(c)))
     return design, {b for b, k in holders.items() if k > 1}
 
 
-def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
-                 ) -> tuple[str, list[dict[str, Any]]]:
+def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None,
+                 nomogram: dict[str, Any] | None = None) -> tuple[str, list[dict[str, Any]]]:
     """The demo's table from ``model.json``'s models (and ``cnn.json``): per site, its test size
     and the headline metric (AUC, or Pearson r for regression) of its local-only model, the
     federated model and the model trained without it, on raw features and after federated
-    ComBat, and the final federated CNN's."""
+    ComBat, the federated nomogram's and the final federated CNN's."""
     raw = next((m for m in models if not m["harmonized"]), None)
     combat = next((m for m in models if m["harmonized"]), None)
     metric = "auc" if (raw or combat or {}).get("loss") == "logistic" else "r"
@@ -202,6 +204,8 @@ def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
             "federated_combat": value(combat, site, "federated"),
             "leave_site_out": value(raw, site, "leave-site-out"),
             "leave_site_out_combat": value(combat, site, "leave-site-out"),
+            "nomogram": (nomogram or {}).get("sites", {}).get(site, {}).get(
+                "metrics", {}).get("nomogram", {}).get(metric),
             "cnn": ((cnn or {}).get("final", {}).get(site, {}).get(
                 "test_auc" if metric == "auc" else "test_pearson_r"))})
     return metric, rows

@@ -100,6 +100,10 @@ def study_protocol_mapping(task: Task, modality: str) -> dict[str, Any]:
         # the CNN phase with its defaults (a small MONAI ResNet-10 on 48x48x16 crops, FedAvg)
         cnn=CnnSpec().model_dump(mode="json"),
     )
+    if task is Task.RESPONSE:  # the nomogram: the radiomics score with the clinical factors
+        base["model"] = {**base.get("model", {}), "clinical": ["iss_stage", "age"]}
+        # ISS splits each scanner three ways: too few patients per cell for ComBat's guard
+        base["covariates"]["harmonize"] = ["age", "sex"]
     base["ingestion"]["rtstruct_roi"] = MARROW_SEGMENT
     normalization = base["standardization"].get("normalization")
     if normalization and normalization["method"] == "reference_tissue":

@@ -91,3 +91,25 @@ def test_json_round_trip_keeps_open_bounds():
     assert pet.standardization.resegmentation_range == (0.0, float("inf"))
     again = StudyProtocol.model_validate_json(pet.model_dump_json())
     assert again == pet and again.content_hash() == pet.content_hash()
+
+
+def test_combat_protects_only_the_covariates_named_in_harmonize():
+    from client.study import PrepareReply
+    from server.study import combat_design
+
+    base = load_protocol("preset:spine_mri_t1w").model_dump(mode="json")
+    base["covariates"] = {"continuous": ["age"], "categorical": {"sex": ["F", "M"],
+                                                                 "iss_stage": ["I", "II", "III"]},
+                          "harmonize": ["age", "sex"]}
+    base["model"] = {"clinical": ["iss_stage", "age"]}
+    protocol = protocol_from_mapping(base)
+    design, _ = combat_design(protocol, [PrepareReply("A", "ok", batches="s1:20")])
+    assert [c for c, _ in design.categorical] == ["sex"] and design.continuous == ("age",)
+
+    base["covariates"]["harmonize"] = ["stage"]
+    with pytest.raises(ConfigError, match="harmonize names \\['stage'\\]"):
+        protocol_from_mapping(base)
+    base["covariates"]["harmonize"] = None
+    base["model"] = {"clinical": ["ecog"]}
+    with pytest.raises(ConfigError, match="model.clinical names \\['ecog'\\]"):
+        protocol_from_mapping(base)
