@@ -303,14 +303,33 @@ def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, spli
             table[protocol.task.label_column].to_numpy(float), table["fold"].to_numpy())
 
 
-def clinical_terms(protocol: StudyProtocol) -> list[str]:
-    """The nomogram's clinical columns: for each covariate in ``model.clinical``, one 0/1 column
-    per level but the first (the reference) of a categorical one, or the continuous value."""
-    names = []
+def _clinical_columns(protocol: StudyProtocol) -> list[tuple[str, str | None]]:
+    """The nomogram's clinical columns as (covariate, level): for each covariate in
+    ``model.clinical``, one 0/1 column per level but the first (the reference) of a categorical
+    one, or (covariate, None) for the continuous value."""
+    out: list[tuple[str, str | None]] = []
     for column in protocol.model.clinical:
         levels = protocol.covariates.categorical.get(column)
-        names += [f"{column}={level}" for level in levels[1:]] if levels else [column]
-    return names
+        out += [(column, level) for level in levels[1:]] if levels else [(column, None)]
+    return out
+
+
+def clinical_terms(protocol: StudyProtocol) -> list[str]:
+    """The names of the nomogram's clinical columns (``iss_stage=II``, ``age``)."""
+    return [column if level is None else f"{column}={level}"
+            for column, level in _clinical_columns(protocol)]
+
+
+def _nomogram_design(table: "pd.DataFrame", protocol: StudyProtocol, x: "np.ndarray",
+                     radiomics: list["LinearModel"]) -> "np.ndarray":
+    """One block of columns per radiomics model: its score (a logit) and the clinical
+    columns."""
+    import numpy as np
+
+    clinical = [table[column].to_numpy(float) if level is None
+                else (table[column].astype(str) == str(level)).to_numpy(float)
+                for column, level in _clinical_columns(protocol)]
+    return np.hstack([np.column_stack([model.score(x), *clinical]) for model in radiomics])
 
 
 def nomogram_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str,
@@ -318,21 +337,10 @@ def nomogram_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, s
                                                             "np.ndarray"]:
     """The nomogram's design at this site, one block of columns per radiomics model (one per
     training set): the model's score (the radiomics score, a logit) and the clinical columns."""
-    import numpy as np
-
     table = _split_table(site, protocol, harmonized, split)
     x = table[feature_columns(table, protocol)].to_numpy(float)
-    clinical = []
-    for column in protocol.model.clinical:
-        levels = protocol.covariates.categorical.get(column)
-        if levels:
-            clinical += [(table[column].astype(str) == str(level)).to_numpy(float)
-                         for level in levels[1:]]
-        else:
-            clinical.append(table[column].to_numpy(float))
-    blocks = [np.column_stack([model.score(x), *clinical]) for model in radiomics]
-    return (np.hstack(blocks), table[protocol.task.label_column].to_numpy(float),
-            table["fold"].to_numpy())
+    return (_nomogram_design(table, protocol, x, radiomics),
+            table[protocol.task.label_column].to_numpy(float), table["fold"].to_numpy())
 
 
 def model_summary(site: SiteConfig, protocol: StudyProtocol, harmonized: bool
@@ -398,14 +406,12 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                     radiomics: dict[str, "LinearModel"] | None = None) -> ModelMetrics:
     """Each model's metrics on this site's test rows; a nomogram (named in ``radiomics``, with
     the radiomics model whose score it takes) on its design."""
-    x, y, _ = model_rows(site, protocol, harmonized, "test")
-    scores = {}
-    for name, model in models.items():
-        if radiomics and name in radiomics:
-            design, _, _ = nomogram_rows(site, protocol, harmonized, "test", [radiomics[name]])
-            scores[name] = model.score(design)
-        else:
-            scores[name] = model.score(x)
+    test = _split_table(site, protocol, harmonized, "test")
+    x = test[feature_columns(test, protocol)].to_numpy(float)
+    y = test[protocol.task.label_column].to_numpy(float)
+    scores = {name: model.score(_nomogram_design(test, protocol, x, [radiomics[name]])
+                                if radiomics and name in radiomics else x)
+              for name, model in models.items()}
     table = {name: test_metrics(protocol, y, score) for name, score in scores.items()}
     positives = int(y.sum()) if protocol.task.kind is TaskKind.CLASSIFICATION else 0
     return ModelMetrics(site.site_name, len(y), positives, json.dumps(table, sort_keys=True))

@@ -249,6 +249,7 @@ def assign_folds(labels: np.ndarray, n_folds: int, seed: int, stratify: bool) ->
 class _Fit:
     set_index: int
     fold: int
+    lam_index: int
     lam: float
     trial: np.ndarray
     beta: np.ndarray | None = None
@@ -359,11 +360,11 @@ class FitBatch:
             raise ModelError(f"unknown loss/penalty '{self.loss}'/'{self.penalty}'")
         width = self.features.shape[1] + 1
         for t, grid in enumerate(self.grids):
-            for lam in grid:
+            for lam_index, lam in enumerate(grid):
                 for fold in range(-1, self.folds):
                     start = np.zeros(width)
                     start[0] = self.intercepts[t]
-                    self.fits.append(_Fit(t, fold, float(lam), start))
+                    self.fits.append(_Fit(t, fold, lam_index, float(lam), start))
 
     @property
     def done(self) -> bool:
@@ -428,12 +429,10 @@ class FitBatch:
 
     def cv_loss(self, set_index: int) -> tuple[np.ndarray, np.ndarray]:
         """Mean held-out loss per row along the grid, and its standard error across folds."""
-        grid = self.grids[set_index]
-        per_fold = np.zeros((len(grid), self.folds))
+        per_fold = np.zeros((len(self.grids[set_index]), self.folds))
         for f in self.fits:
             if f.set_index == set_index and f.fold >= 0:
-                lam_index = int(np.argmin(np.abs(grid - f.lam)))
-                per_fold[lam_index, f.fold] = f.loss_out / max(f.n_out, 1.0)
+                per_fold[f.lam_index, f.fold] = f.loss_out / max(f.n_out, 1.0)
         return per_fold.mean(axis=1), per_fold.std(axis=1, ddof=1) / np.sqrt(self.folds)
 
     def chosen(self, set_index: int, rule: str) -> int:
