@@ -64,12 +64,20 @@ class Design:
     ``categorical`` pairs a column with its global levels (every site uses the same list; a site
     may lack a level). neuroCombat orders batches and levels by sorting them; so does
     :meth:`from_values`.
+
+    ``fit_only`` names covariates that the *estimation* protects but that are unknown where the
+    model is applied, above all the outcome label: where scanners differ in case mix (referral
+    pathways send suspected myeloma to one scanner) a batch mean without the label holds part of
+    the label's effect, and removing it removes signal. :meth:`CombatModel.transform` does not
+    read these columns: their effect stays in the harmonized values (scaled, like the residuals,
+    by the batch's 1/sqrt(delta*)), so training and held-out rows are harmonized alike.
     """
 
     batches: tuple[str, ...]
     categorical: tuple[tuple[str, tuple[str, ...]], ...] = ()
     continuous: tuple[str, ...] = ()
     ref_batch: str | None = None
+    fit_only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(set(self.batches)) != len(self.batches) or not self.batches:
@@ -82,6 +90,10 @@ class Design:
                 raise HarmonizationError(
                     f"categorical covariate '{column}' needs two or more distinct levels, "
                     f"got {list(levels)}")
+        unknown = set(self.fit_only) - {c for c, _ in self.categorical} - set(self.continuous)
+        if unknown:
+            raise HarmonizationError(f"fit_only names {sorted(unknown)}, which are not "
+                                     "covariates of the design")
 
     @classmethod
     def from_values(cls, batch: Sequence[object], covariates: Covariates,
@@ -104,6 +116,13 @@ class Design:
     @property
     def ref_index(self) -> int | None:
         return None if self.ref_batch is None else self.batches.index(self.ref_batch)
+
+    def applied(self) -> np.ndarray:
+        """Which covariate columns (after the batch indicators) :meth:`CombatModel.transform`
+        uses: all but those of :attr:`fit_only`, (n_columns - n_batch,) booleans."""
+        return np.array([c not in self.fit_only for c, lv in self.categorical
+                         for _ in lv[1:]] + [c not in self.fit_only for c in self.continuous],
+                        dtype=bool)
 
     def batch_index(self, batch: Sequence[object]) -> np.ndarray:
         """Each row's batch as an index into :attr:`batches` (unknown batch: refused)."""
@@ -390,7 +409,9 @@ def _parametric_eb(m: BatchMoments, gamma_hat: np.ndarray, delta_hat: np.ndarray
         g_new = (t2 * n * gamma_hat + d_old * gamma_bar) / (t2 * n + d_old)
         sum2 = m.m2 + n * (m.mean - g_new) ** 2
         d_new = (0.5 * sum2 + b) / (n / 2.0 + a - 1.0)
-        change = max(np.max(np.abs(g_new - g_old) / g_old), np.max(np.abs(d_new - d_old) / d_old))
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero estimate, as neuroCombat
+            change = max(np.max(np.abs(g_new - g_old) / g_old),
+                         np.max(np.abs(d_new - d_old) / d_old))
         g_old, d_old = g_new, d_new
         if not change > options.tolerance:
             return g_new, d_new
@@ -438,19 +459,24 @@ class CombatModel:
         """Harmonize rows: remove their batch's effects, keep the covariates' effects.
 
         Rows of the reference batch come back unchanged. Needs the covariates the model
-        preserves (so an outcome label used as a covariate must be known: see the README).
+        preserves, except those of ``design.fit_only`` (not read: see :class:`Design`).
         """
         y = _features(y, "transform")
         if y.shape[1] != self.grand_mean.shape[0]:
             raise HarmonizationError(f"rows have {y.shape[1]} features, the model "
                                      f"{self.grand_mean.shape[0]}")
-        fit = LocationFit(self.beta, self.grand_mean, self.batch_counts)
-        s = standardize(y, batch, covariates, self.design, fit, self.var_pooled)
-        index = self.design.batch_index(batch)
+        design = self.design
+        known = dict(covariates)
+        levels = dict(design.categorical)
+        for column in design.fit_only:  # placeholders: their columns are not applied
+            known[column] = [levels[column][0] if column in levels else 0.0] * len(batch)
+        x = design.matrix(batch, known)
+        applied = design.applied()
+        effect = x[:, design.n_batch:][:, applied] @ self.beta[design.n_batch:][applied]
+        index = design.batch_index(batch)
+        s = (y - self.grand_mean - effect) / np.sqrt(self.var_pooled)
         s = (s - self.gamma[index]) / np.sqrt(self.delta[index])
-        x = self.design.matrix(batch, covariates)
-        out = s * np.sqrt(self.var_pooled) + self.grand_mean + x[:, self.design.n_batch:] @ (
-            self.beta[self.design.n_batch:])
+        out = s * np.sqrt(self.var_pooled) + self.grand_mean + effect
         if self.design.ref_index is not None:
             keep = index == self.design.ref_index
             out[keep] = y[keep]
@@ -550,6 +576,7 @@ def design_to_json(design: Design, options: CombatOptions) -> str:
     return json.dumps({"batches": list(design.batches),
                        "categorical": [[c, list(lv)] for c, lv in design.categorical],
                        "continuous": list(design.continuous), "ref_batch": design.ref_batch,
+                       "fit_only": list(design.fit_only),
                        "options": dataclasses_asdict(options)})
 
 
@@ -559,5 +586,6 @@ def design_from_json(text: str) -> tuple[Design, CombatOptions]:
     data = json.loads(text)
     design = Design(tuple(data["batches"]),
                     tuple((c, tuple(lv)) for c, lv in data["categorical"]),
-                    tuple(data["continuous"]), data["ref_batch"])
+                    tuple(data["continuous"]), data["ref_batch"],
+                    tuple(data.get("fit_only", ())))
     return design, CombatOptions(**data["options"])

@@ -213,3 +213,49 @@ def test_moments_alone_drive_the_eb_step():
     np.testing.assert_allclose(m.m2 + m.n * (m.mean - g) ** 2, ((rows - g) ** 2).sum(axis=0),
                                rtol=1e-12)
     assert isinstance(m, BatchMoments)
+
+
+def test_outcome_protected_in_the_estimation_keeps_a_confounded_label_effect():
+    """Referral: 80 % positives on scanner b1, 20 % on b0. Plain ComBat takes the label's share
+    of b1's mean for a scanner effect and removes it; with the label protected in the estimation
+    (neuroCombat's estimates with the label as a covariate) the scanner shift goes and the label
+    effect stays, and harmonizing a row does not need its label."""
+    rng = np.random.default_rng(7)
+    n, f = 160, 20
+    batch = np.array(["b0"] * 80 + ["b1"] * 80)
+    label = (rng.random(n) < np.where(batch == "b1", 0.8, 0.2)).astype(int)
+    effect = rng.uniform(0.8, 1.2, f)
+    y = (10 + np.outer(label, effect) + np.where(batch == "b1", 1.5, -1.0)[:, None]
+         + rng.normal(0, 1, (n, f)) * np.where(batch == "b1", 1.3, 0.8)[:, None])
+    options = CombatOptions(min_batch_size=8, min_cell=3)
+    plain = fit_combat([SiteTable("s", y, batch.tolist(), {})], Design(("b0", "b1")), options)
+    design = Design(("b0", "b1"), (("label", ("0", "1")),), fit_only=("label",))
+    protected = fit_combat([SiteTable("s", y, batch.tolist(), {"label": label.tolist()})],
+                           design, options)
+
+    reference = neuroCombat.neuroCombat(
+        dat=y.T.copy(), covars=pd.DataFrame({"batch": batch, "label": label}), batch_col="batch",
+        categorical_cols=["label"])["estimates"]
+    np.testing.assert_allclose(protected.gamma, reference["gamma.star"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(protected.delta, reference["delta.star"], rtol=1e-6)
+    np.testing.assert_allclose(protected.var_pooled, reference["var.pooled"].ravel(), rtol=1e-9)
+
+    def label_effect(h: np.ndarray) -> float:
+        return float((h[label == 1].mean(0) - h[label == 0].mean(0)).mean())
+
+    def scanner_shift(h: np.ndarray) -> float:  # within each label, b1 minus b0
+        return float(np.mean([(h[(batch == "b1") & (label == k)].mean(0)
+                               - h[(batch == "b0") & (label == k)].mean(0)).mean()
+                              for k in (0, 1)]))
+
+    h_plain = plain.transform(y, batch.tolist(), {})
+    h_protected = protected.transform(y, batch.tolist(), {})  # no label needed
+    assert abs(scanner_shift(y)) > 2.0
+    assert abs(scanner_shift(h_protected)) < 0.3
+    assert label_effect(h_protected) == pytest.approx(effect.mean(), abs=0.2)
+    assert label_effect(h_plain) < 0.75 * effect.mean()  # the confounded share went with b1
+    # the label's values are not read: any placeholder gives the same rows
+    np.testing.assert_array_equal(
+        h_protected, protected.transform(y, batch.tolist(), {"label": [1] * n}))
+    with pytest.raises(HarmonizationError, match="fit_only names \\['stage'\\]"):
+        Design(("b0", "b1"), fit_only=("stage",))
