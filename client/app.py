@@ -215,8 +215,12 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
         radiomics = {name: unpack(msg.content, f"radiomics{i}", LinearModel,
                                   sender="the server")
                      for i, name in enumerate(names) if f"radiomics{i}.meta" in msg.content}
-        return Message(pack(metrics=evaluate_models(site, protocol, harmonized, models,
-                                                    radiomics)), reply_to=msg)
+        study = msg.content["study"]
+        thresholds = (dict(zip(names, json.loads(str(study["thresholds"]))))
+                      if "thresholds" in study else None)
+        return Message(pack(metrics=evaluate_models(
+            site, protocol, harmonized, models, radiomics, thresholds,
+            int(study["seed"]) if "seed" in study else 0)), reply_to=msg)
 
     # --- phase 5: the CNN, through Flower's strategies (train and evaluate messages) ---------
 

@@ -189,7 +189,7 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
     names = feature_columns(table, protocol)
     is_train = table["split"] == "train"
     counts = table.loc[is_train, "batch"].value_counts().sort_index()
-    return PrepareReply(
+    reply = PrepareReply(
         site.site_name, "ok", n_train=int(is_train.sum()), n_test=int((~is_train).sum()),
         skipped=_format_counts(sorted(skipped.items())),
         train_labels=_label_counts(protocol, list(labels[is_train.to_numpy()])),
@@ -198,6 +198,12 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
         n_features=len(names),
         features_hash=hashlib.sha256("\n".join(names).encode()).hexdigest(),
         feature_names=tuple(names))
+    from client.report import record_prepare
+
+    record_prepare(site, protocol, reply, [
+        {"case_id": c.case_id, "row": c.row, "reason": c.reason.value, "detail": c.detail}
+        for c in [*problems, *(o for o in outcomes if o.reason is not None)]])
+    return reply
 
 
 def load_study_table(site: SiteConfig, protocol: StudyProtocol, name: str) -> "pd.DataFrame":
@@ -214,12 +220,19 @@ def load_study_table(site: SiteConfig, protocol: StudyProtocol, name: str) -> "p
 
 def combat_inputs(site: SiteConfig, protocol: StudyProtocol, split: str | None = "train"
                   ) -> tuple["np.ndarray", list[str], dict[str, list[object]], "pd.DataFrame"]:
-    """Features, batches and covariates of this site's rows (one split, or all)."""
+    """Features, batches and covariates of this site's rows (one split, or all). The training
+    rows carry the label as a covariate when the protocol protects the outcome (0/1 for
+    classification, the value for regression); rows read to be harmonized never do."""
     table = load_study_table(site, protocol, PREPARED_FILE)
     if split is not None:
         table = table[table["split"] == split].reset_index(drop=True)
     names = feature_columns(table, protocol)
     covariates = {c: table[c].tolist() for c in protocol.covariates.columns}
+    if split == "train" and protocol.covariates.protect_outcome:
+        label = table[protocol.task.label_column]
+        covariates[protocol.task.label_column] = (
+            label.astype(int).tolist() if protocol.task.kind is TaskKind.CLASSIFICATION
+            else label.astype(float).tolist())
     return table[names].to_numpy(float), table["batch"].astype(str).tolist(), covariates, table
 
 
@@ -378,8 +391,9 @@ def model_terms(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
 
 @dataclass(frozen=True)
 class ModelMetrics:
-    """One site's test metrics of each model it was sent, as JSON ``{model: {metric: value}}``
-    (NaN where a metric is undefined, e.g. AUC on one class): never a per-patient score."""
+    """One site's test metrics of each model it was sent, as JSON ``{"models": {model: {metric:
+    value or binned curve}}, "comparisons": {"a vs b": DeLong test}}`` (NaN where a metric is
+    undefined, e.g. AUC on one class): never a per-patient score."""
 
     site: str
     n_test: int
@@ -387,31 +401,65 @@ class ModelMetrics:
     table: str
 
 
-def test_metrics(protocol: StudyProtocol, y: "np.ndarray", score: "np.ndarray"
-                 ) -> dict[str, float]:
-    """AUC (classification), or Pearson r, MAE and RMSE (regression), of one model's scores."""
-    import numpy as np
-    from sklearn.metrics import roc_auc_score
+def metrics_of(protocol: StudyProtocol, y: "np.ndarray", score: "np.ndarray",
+               threshold: float = 0.5, seed: int = 0) -> dict[str, object]:
+    """One model's metrics on test rows (:mod:`common.metrics`): for classification the AUC with
+    DeLong and bootstrap CIs, the metrics at ``threshold`` (a risk), Brier, calibration and the
+    binned curves (bins of at least the protocol's ``validation.min_count``); for regression r
+    and Spearman with CIs, MAE, RMSE and Bland-Altman."""
+    from common.metrics import classification_table, regression_table
 
     if protocol.task.kind is TaskKind.CLASSIFICATION:
-        return {"auc": float(roc_auc_score(y, score)) if len(set(y)) == 2 else float("nan")}
-    error = score - y
-    r = float(np.corrcoef(score, y)[0, 1]) if len(y) > 2 and np.std(score) > 0 else float("nan")
-    return {"r": r, "mae": float(np.mean(np.abs(error))),
-            "rmse": float(np.sqrt(np.mean(error**2)))}
+        v = protocol.validation
+        return classification_table(y, score, threshold, min_count=v.min_count,
+                                    n_bins=v.n_bins, bootstrap=v.bootstrap,
+                                    decision_thresholds=v.decision_thresholds, seed=seed)
+    return regression_table(y, score)
+
+
+def paired_comparisons(y: "np.ndarray", scores: dict[str, "np.ndarray"], reference: str
+                       ) -> dict[str, dict[str, float]]:
+    """DeLong's paired test of ``reference`` against every other model on the same test rows
+    (classification with both classes present; otherwise none)."""
+    from dataclasses import asdict
+
+    from common.metrics import delong_test
+
+    if reference not in scores or not 0 < y.sum() < len(y):
+        return {}
+    return {f"{reference} vs {name}": asdict(delong_test(y, scores[reference], score))
+            for name, score in scores.items() if name != reference}
 
 
 def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                     models: dict[str, "LinearModel"],
-                    radiomics: dict[str, "LinearModel"] | None = None) -> ModelMetrics:
-    """Each model's metrics on this site's test rows; a nomogram (named in ``radiomics``, with
-    the radiomics model whose score it takes) on its design."""
+                    radiomics: dict[str, "LinearModel"] | None = None,
+                    thresholds: dict[str, float] | None = None, seed: int = 0) -> ModelMetrics:
+    """Each model's metrics on this site's test rows, and DeLong's test of the first model (the
+    federated one) against each other; a nomogram (named in ``radiomics``, with the radiomics
+    model whose score it takes) on its design. ``thresholds``: each model's risk cut-off, fixed
+    on its training data (default 0.5)."""
     test = _split_table(site, protocol, harmonized, "test")
     x = test[feature_columns(test, protocol)].to_numpy(float)
     y = test[protocol.task.label_column].to_numpy(float)
     scores = {name: model.score(_nomogram_design(test, protocol, x, [radiomics[name]])
                                 if radiomics and name in radiomics else x)
               for name, model in models.items()}
-    table = {name: test_metrics(protocol, y, score) for name, score in scores.items()}
-    positives = int(y.sum()) if protocol.task.kind is TaskKind.CLASSIFICATION else 0
-    return ModelMetrics(site.site_name, len(y), positives, json.dumps(table, sort_keys=True))
+    table = {name: metrics_of(protocol, y, score, (thresholds or {}).get(name, 0.5), seed)
+             for name, score in scores.items()}
+    classification = protocol.task.kind is TaskKind.CLASSIFICATION
+    comparisons = (paired_comparisons(y, scores, next(iter(scores)))
+                   if classification and scores else {})
+    positives = int(y.sum()) if classification else 0
+    content = {"models": table, "comparisons": comparisons}
+    from client.report import record_evaluation
+
+    names = feature_columns(test, protocol)
+    terms = {name: {"coefficients": (
+        dict(zip(["radiomics score", *clinical_terms(protocol)], model.beta[1:].tolist()))
+        if radiomics and name in radiomics else
+        {names[i]: float(c) for i, c in zip(model.features, model.beta[1:]) if c != 0})}
+        for name, model in models.items()}
+    record_evaluation(site, protocol, "nomogram" if radiomics else
+                      ("harmonized" if harmonized else "raw"), content, y, scores, terms)
+    return ModelMetrics(site.site_name, len(y), positives, json.dumps(content))

@@ -36,6 +36,7 @@ The study PROTOCOL (TOML/YAML) is written by the coordinator and is the same at 
   myelofed protocol validate study.toml  check a protocol file (field + reason for each error)
 \b
   myelofed demo                          the whole federated study on the synthetic cohort
+  myelofed report OUT/study              render the multicentre report again from its JSON
   myelofed simulate                      make the built-in synthetic 3-site cohort
   myelofed harmonize TABLE --batch-col scanner -o OUT   ComBat offline (federated halves in-process)
   myelofed ibsi-check                    verify this installation on the IBSI digital phantom
@@ -523,7 +524,10 @@ def demo(
       cohort/            the synthetic cohort (cohort-<task>/ for another task; or --cohort)
       study/             handshake.json prepare.json combat.json model.json cnn.json
                          study.json (nomogram.json with --task response),
-                         cnn/global_round_NNN.npz (a checkpoint per round)"""
+                         cnn/global_round_NNN.npz (a checkpoint per round),
+                         report.html report.json report.csv (the multicentre report)
+      cohort/work/<site>/study/<hash>/report/site_report.html
+                         each site's own report (it stays at the site)"""
     from common.protocol import load_protocol
     from common.synthetic import CohortSpec, Task, make_sites, read_cohort_spec, write_cohort
     from server.app import run_in_simulation
@@ -582,6 +586,33 @@ def demo(
                       show(r["leave_site_out_combat"]), show(r["nomogram"]), show(r["cnn"]))
     out.print(table)
     out.print(f"results: {study}")
+    from server.report import write_report
+
+    paths = write_report(study)
+    out.print(f"multicentre report: {paths['html']} (also {paths['json'].name}, "
+              f"{paths['csv'].name})")
+    for html in sorted((cohort / "work").glob(f"*/study/{protocol.short_hash}/report/"
+                                              "site_report.html")):
+        out.print(f"site report ({html.parts[-5]}, stays at the site): {html}")
+
+
+@app.command("report")
+def report(
+    study_dir: Annotated[Path, typer.Argument(help="A study's output folder (the one holding "
+                                              "handshake.json, model.json, ...).")],
+) -> None:
+    """Render the multicentre report again from a study's JSON files.
+
+    Writes report.html (self-contained: opens offline), report.json and report.csv (one row per
+    site, feature set, model and metric) into the folder, and prints their paths."""
+    from server.report import write_report
+
+    try:
+        paths = write_report(study_dir)
+    except ConfigError as exc:
+        _fail_config(exc)
+    for kind, path in paths.items():
+        out.print(f"{kind}: {path}")
 
 
 @app.command("ibsi-check")

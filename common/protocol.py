@@ -87,11 +87,16 @@ class CovariateSpec(_Frozen):
     ``harmonize`` names the covariates ComBat protects (absent = all): each categorical one
     splits every scanner into cells that must hold at least ComBat's ``min_cell`` patients, so
     a many-level factor used only by the nomogram (e.g. ISS stage) is better left out of it.
+    ``protect_outcome`` (default on): ComBat also protects the task's label while it estimates
+    the scanner effects on training rows, so that a scanner seeing more myeloma (a referral
+    pathway) keeps that difference; harmonizing a row does not need its label. A classification
+    label then splits every scanner at every site into two cells of at least ``min_cell``.
     """
 
     categorical: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     continuous: tuple[str, ...] = ()
     harmonize: tuple[str, ...] | None = None
+    protect_outcome: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> CovariateSpec:
@@ -276,6 +281,8 @@ class ModelSpec(_Frozen):
     cross-validation over ``n_lambdas`` values (``lambda_rule``: the minimum CV loss, or the
     largest penalty within one standard error of it). ``clinical`` names covariates combined with
     the radiomics score in the nomogram (e.g. ``iss_stage``); empty = no nomogram.
+    ``clinical_ranges`` gives a continuous clinical factor's axis on the nomogram plot (e.g.
+    ``age: [40, 90]``; absent = 0 to 100).
     """
 
     screening_top_k: int = Field(30, ge=1)
@@ -284,6 +291,24 @@ class ModelSpec(_Frozen):
     n_lambdas: int = Field(10, ge=2, le=50)
     lambda_rule: Literal["min", "1se"] = "min"
     clinical: tuple[str, ...] = ()
+    clinical_ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+
+class ValidationSpec(_Frozen):
+    """How each site validates the models on its test rows (``common.metrics``).
+
+    ``min_count``: the fewest patients in any bin of a curve a site sends (the calibration
+    curve); a test set smaller than it sends no curve. ``n_bins``: the most calibration bins.
+    ``bootstrap``: resamples of the stratified bootstrap CI of the AUC (0 = DeLong's CI only).
+    ``decision_thresholds``: the threshold probabilities of the decision curve.
+    """
+
+    min_count: int = Field(5, ge=1)
+    n_bins: int = Field(10, ge=2, le=50)
+    bootstrap: int = Field(1000, ge=0, le=100_000)
+    decision_thresholds: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = (
+        0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8,
+        0.85, 0.9, 0.95)
 
 
 class CnnSpec(_Frozen):
@@ -333,6 +358,7 @@ class StudyProtocol(_Frozen):
     standardization: StandardizationSpec = StandardizationSpec()
     radiomics: RadiomicsSpec = RadiomicsSpec()
     model: ModelSpec = ModelSpec()
+    validation: ValidationSpec = ValidationSpec()
     cnn: CnnSpec | None = Field(None, description="The CNN phase; absent = radiomics only.")
 
     @field_validator("batch_column", mode="before")
@@ -360,6 +386,12 @@ class StudyProtocol(_Frozen):
         if unknown:
             raise ValueError(f"model.clinical names {sorted(unknown)}, which are not covariates: "
                              "declare them under [covariates]")
+        for column, (low, high) in self.model.clinical_ranges.items():
+            if column not in self.model.clinical or column not in self.covariates.continuous:
+                raise ValueError(f"model.clinical_ranges names '{column}', which is not a "
+                                 "continuous clinical factor of model.clinical")
+            if not low < high:
+                raise ValueError(f"model.clinical_ranges.{column}: low must be below high")
         return self
 
     def content_hash(self) -> str:

@@ -56,6 +56,7 @@ from server.study import (
     check_handshake,
     check_prepare,
     combat_design,
+    pool_sites,
     require_sites,
 )
 
@@ -198,7 +199,8 @@ def run_combat(grid: Grid, nodes: dict[int, str], kept: list[PrepareReply],
     atomic_write_json(settings.out_dir / "combat.json", {
         "batches": list(design.batches), "shared_batches": sorted(shared),
         "covariates": {"categorical": [c for c, _ in design.categorical],
-                       "continuous": list(design.continuous)},
+                       "continuous": list(design.continuous),
+                       "estimation_only": list(design.fit_only)},
         "harmonized_rows": {site: int(r.content["result"]["rows"])
                             for site, r in replies.items()},
         "failed": failed})
@@ -249,9 +251,9 @@ def run_model(grid: Grid, nodes: dict[int, str], feature_names: Sequence[str],
         if len(sites) >= 2:
             sets |= {f"without {s}": [o for o in sites if o != s] for s in sites}
         names = list(sets)
-        batch = new_batch([combine_comoments([summaries[s] for s in sets[name]])
-                           for name in names], loss_of(settings.protocol), spec.penalty,
-                          spec.screening_top_k, spec.n_lambdas, spec.cv_folds)
+        pooled = {name: combine_comoments([summaries[s] for s in sets[name]]) for name in names}
+        batch = new_batch([pooled[name] for name in names], loss_of(settings.protocol),
+                          spec.penalty, spec.screening_top_k, spec.n_lambdas, spec.cv_folds)
         progress(f"  {len(batch.fits)} fits: {len(names)} training set(s) x "
                  f"{spec.n_lambdas} penalties x {spec.cv_folds + 1} folds")
         lost = _run_batch(grid, nodes, batch, [set(sets[n]) for n in names], settings, ask(),
@@ -268,10 +270,17 @@ def run_model(grid: Grid, nodes: dict[int, str], feature_names: Sequence[str],
             chosen.append(("leave-site-out", models[f"without {site}"]))
         return chosen + [(f"local {s}", m) for s, m in sorted(local.items())]
 
+    # each model's risk cut-off is its training set's prevalence (Youden's optimum for a
+    # calibrated risk; see common.metrics), known here from the pooled label means
+    prevalence = {name: float(pooled[name].y_mean) for name in names}
+    prevalence |= {f"local {s}": float(summaries[s].y_mean) for s in local}
+
     def evaluation(node: int) -> RecordDict:
-        chosen = to_evaluate(nodes[node])
-        return ask(models=json.dumps([n for n, _ in chosen]))(
-            {f"model{i}": m for i, (_, m) in enumerate(chosen)})
+        site = nodes[node]
+        chosen = to_evaluate(site)
+        cut = [prevalence[f"without {site}" if n == "leave-site-out" else n] for n, _ in chosen]
+        return ask(models=json.dumps([n for n, _ in chosen]), thresholds=json.dumps(cut),
+                   seed=settings.seed)({f"model{i}": m for i, (_, m) in enumerate(chosen)})
 
     replies, more = exchange(grid, nodes, "query.model_evaluate", evaluation, settings)
     failed.update(more)
@@ -280,12 +289,11 @@ def run_model(grid: Grid, nodes: dict[int, str], feature_names: Sequence[str],
         "harmonized": harmonized, "loss": batch.loss, "penalty": batch.penalty,
         "lambda_rule": spec.lambda_rule, "rounds": batch.rounds,
         "training_sets": {name: _set_report(batch, t, spec.lambda_rule, sets[name],
-                                            feature_names)
+                                            feature_names) | {"prevalence": prevalence[name]}
                           for t, name in enumerate(names)},
         "local_models": {s: _model_report(m, feature_names) for s, m in sorted(local.items())},
-        "sites": {site: {"n_test": m.n_test, "n_positive": m.n_positive,
-                         "metrics": _metrics_table(m, site, failed)}
-                  for site, m in sorted(metrics.items())},
+        "sites": (results := _site_results(metrics, failed)),
+        "pooled": pool_sites(results, batch.loss),
         "failed": failed}
 
 
@@ -296,11 +304,12 @@ NOMOGRAM_L2 = 1e-4
 
 def run_nomogram(grid: Grid, nodes: dict[int, str], settings: StudySettings,
                  radiomics: dict[str, LinearModel], sets: dict[str, list[str]],
-                 harmonized: bool, progress: Callable[[str], None]) -> dict[str, object]:
+                 prevalence: dict[str, float], harmonized: bool,
+                 progress: Callable[[str], None]) -> dict[str, object]:
     """The nomogram: a logistic model of the radiomics score (the chosen model's logit) and the
     protocol's clinical columns (``model.clinical``), by Newton rounds for every training set
     with that set's own radiomics model, then scored at every site (the federated nomogram, and
-    the one trained without the site)."""
+    the one trained without the site; each cut at its training set's ``prevalence``)."""
     terms = ["radiomics score", *clinical_terms(settings.protocol)]
     nodes = {n: s for n, s in nodes.items() if s in sets["federated"]}  # the model's sites
     p, names = len(terms), [n for n in sets if n in radiomics]
@@ -321,6 +330,7 @@ def run_nomogram(grid: Grid, nodes: dict[int, str], settings: StudySettings,
     lost = _run_batch(grid, nodes, batch, [set(sets[n]) for n in names], settings, ask, failed,
                       progress)
     report: dict[str, object] = {"terms": terms, "l2": NOMOGRAM_L2, "harmonized": harmonized,
+                                 "ranges": dict(settings.protocol.model.clinical_ranges),
                                  "rounds": batch.rounds, "failed": failed}
     if lost:
         return report | {"status": f"stopped: site(s) {lost} lost mid-fit"}
@@ -333,8 +343,9 @@ def run_nomogram(grid: Grid, nodes: dict[int, str], settings: StudySettings,
                                                 if f"without {site}" in nomograms else [])
         records = pack(**{f"model{i}": nomograms[s] for i, (_, s) in enumerate(chosen)},
                        **{f"radiomics{i}": radiomics[s] for i, (_, s) in enumerate(chosen)})
-        records["study"] = _study_config(settings, harmonized=harmonized,
-                                         models=json.dumps([n for n, _ in chosen]))
+        records["study"] = _study_config(
+            settings, harmonized=harmonized, models=json.dumps([n for n, _ in chosen]),
+            thresholds=json.dumps([prevalence[s] for _, s in chosen]), seed=settings.seed)
         return records
 
     replies, more = exchange(grid, nodes, "query.model_evaluate", evaluation, settings)
@@ -346,9 +357,8 @@ def run_nomogram(grid: Grid, nodes: dict[int, str], settings: StudySettings,
                               "coefficients": dict(zip(terms, m.beta[1:].tolist())),
                               "odds_ratios": dict(zip(terms, np.exp(m.beta[1:]).tolist()))}
                           for n, m in nomograms.items()},
-        "sites": {site: {"n_test": m.n_test, "n_positive": m.n_positive,
-                         "metrics": _metrics_table(m, site, failed)}
-                  for site, m in sorted(metrics.items())}}
+        "sites": (results := _site_results(metrics, failed)),
+        "pooled": pool_sites(results, "logistic")}
 
 
 def _run_batch(grid: Grid, nodes: dict[int, str], batch: FitBatch, members: list[set[str]],
@@ -398,16 +408,44 @@ def _set_report(batch: FitBatch, t: int, rule: str, sites: Sequence[str],
             "model": _model_report(batch.model(t, rule), feature_names)}
 
 
+def _number(v: object) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{v!r} is not a number")
+    return None if v != v else float(v)
+
+
+def _metric_value(v: object) -> float | None | list[list[float | None]]:
+    """A number (None = NaN), or a binned curve: rows of numbers."""
+    if isinstance(v, list):
+        return [[_number(x) for x in row] for row in v]
+    return _number(v)
+
+
 def _metrics_table(reply: ModelMetrics, site: str, failed: dict[str, str]
-                   ) -> dict[str, dict[str, float | None]]:
-    """A site's metrics JSON, checked: model names to metric names to numbers (None = NaN)."""
+                   ) -> tuple[dict[str, dict[str, object]], dict[str, dict[str, float | None]]]:
+    """A site's metrics JSON, checked: model names to metric names to numbers (None = NaN) or
+    binned curves, and the paired comparisons. A malformed table excludes the site, named."""
     try:
         table = json.loads(reply.table)
-        return {str(model): {str(k): (None if v != v else float(v)) for k, v in row.items()}
-                for model, row in table.items()}
-    except (ValueError, TypeError, AttributeError) as exc:
-        failed[site] = f"model metrics: malformed table ({exc})"
-        return {}
+        models = {str(model): {str(k): _metric_value(v) for k, v in row.items()}
+                  for model, row in table["models"].items()}
+        comparisons = {str(name): {str(k): _number(v) for k, v in row.items()}
+                       for name, row in table.get("comparisons", {}).items()}
+        return models, comparisons
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        failed[site] = f"model metrics: malformed table ({exc!r})"
+        return {}, {}
+
+
+def _site_results(metrics: dict[str, ModelMetrics], failed: dict[str, str]
+                  ) -> dict[str, dict[str, object]]:
+    """Each site's test counts, metrics per model and paired comparisons (model.json)."""
+    out = {}
+    for site, m in sorted(metrics.items()):
+        models, comparisons = _metrics_table(m, site, failed)
+        out[site] = {"n_test": m.n_test, "n_positive": m.n_positive, "metrics": models,
+                     "comparisons": comparisons}
+    return out
 
 
 STRATEGIES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam",
@@ -576,9 +614,12 @@ def run_study(grid: Grid, settings: StudySettings, progress: Progress = _flower_
                                   {"models": [report for _, _, report in passes]})
                 if (settings.protocol.model.clinical
                         and settings.protocol.task.kind is TaskKind.CLASSIFICATION):
-                    models, sets, _ = passes[-1]  # on harmonized features when ComBat ran
+                    models, sets, report = passes[-1]  # harmonized when ComBat ran
+                    prevalence = {n: t["prevalence"]
+                                  for n, t in report["training_sets"].items()}
                     atomic_write_json(settings.out_dir / "nomogram.json", run_nomogram(
-                        grid, nodes, settings, models, sets, len(passes) == 2, progress))
+                        grid, nodes, settings, models, sets, prevalence, len(passes) == 2,
+                        progress))
             if settings.runs("cnn") and settings.protocol.cnn is not None:
                 progress(f"phase 5/5 CNN: {settings.protocol.cnn.architecture}, "
                          f"{settings.protocol.cnn.rounds} rounds of "

@@ -11,7 +11,7 @@ from collections import Counter
 
 from client.study import HandshakeReply, PrepareReply
 from common.errors import ConfigError, MyeloFedError
-from common.protocol import StudyProtocol, load_protocol
+from common.protocol import StudyProtocol, TaskKind, load_protocol
 from harmonization.combat import CombatOptions, Design
 
 
@@ -167,15 +167,25 @@ def check_prepare(replies: list[PrepareReply], failed: dict[str, str],
 
 def combat_design(protocol: StudyProtocol, kept: list[PrepareReply]) -> tuple[Design, set[str]]:
     """The ComBat design for the sites that go on (their training scanners, the protocol's
-    covariates that ComBat protects) and the batches held by more than one site."""
+    covariates that ComBat protects and, with ``protect_outcome``, the label as a covariate of
+    the estimation only) and the batches held by more than one site."""
     holders: Counter[str] = Counter()
     for reply in kept:
         holders.update(_counts(reply.batches).keys())
     covariates = protocol.covariates
-    design = Design(tuple(sorted(holders)),
-                    tuple((c, tuple(lv)) for c, lv in covariates.categorical.items()
-                          if covariates.harmonized(c)),
-                    tuple(c for c in covariates.continuous if covariates.harmonized(c)))
+    categorical = [(c, tuple(lv)) for c, lv in covariates.categorical.items()
+                   if covariates.harmonized(c)]
+    continuous = [c for c in covariates.continuous if covariates.harmonized(c)]
+    fit_only: tuple[str, ...] = ()
+    if covariates.protect_outcome:  # the label as the site sends it: see client.study
+        label = protocol.task.label_column
+        if protocol.task.kind is TaskKind.CLASSIFICATION:
+            categorical.append((label, ("0", "1")))
+        else:
+            continuous.append(label)
+        fit_only = (label,)
+    design = Design(tuple(sorted(holders)), tuple(categorical), tuple(continuous),
+                    fit_only=fit_only)
     return design, {b for b, k in holders.items() if k > 1}
 
 
@@ -209,3 +219,50 @@ def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
             "cnn": ((cnn or {}).get("final", {}).get(site, {}).get(
                 "test_auc" if metric == "auc" else "test_pearson_r"))})
     return metric, rows
+
+
+#: The models pooled across sites in the multicentre summary: the federated model, the model
+#: trained without the site, and each site's own local model (``local <site>`` at that site).
+POOLED_MODELS = ("federated", "leave-site-out", "local", "nomogram", "nomogram leave-site-out")
+
+
+def pool_sites(sites: dict[str, dict[str, Any]], loss: str) -> dict[str, dict[str, Any]]:
+    """Per model, the sites' headline metric side by side and their random-effects pooled
+    estimate with I-squared (:func:`common.metrics.pool_random_effects`): AUC with its DeLong
+    variance (classification), or Pearson r on Fisher's z with variance 1/(n - 3) (regression).
+    A site whose metric is undefined is listed but not pooled; fewer than two sites: no pool."""
+    import math
+
+    from common.metrics import pool_random_effects
+
+    out = {}
+    for kind in POOLED_MODELS:
+        rows = {}
+        for site, result in sorted(sites.items()):
+            row = result.get("metrics", {}).get(f"local {site}" if kind == "local" else kind)
+            if row is None:
+                continue
+            if loss == "logistic":
+                value, low, high, var = (row.get(k) for k in ("auc", "auc_low", "auc_high",
+                                                              "auc_variance"))
+            else:
+                value, low, high = row.get("r"), row.get("r_low"), row.get("r_high")
+                n = result.get("n_test", 0)
+                var = 1.0 / (n - 3) if n > 3 and value is not None and abs(value) < 1 else None
+            rows[site] = {"value": value, "low": low, "high": high, "variance": var}
+        usable = {s: r for s, r in rows.items()
+                  if r["value"] is not None and r["variance"] is not None and r["variance"] > 0}
+        pooled = None
+        if len(usable) >= 2:
+            values = [r["value"] for r in usable.values()]
+            if loss != "logistic":
+                values = [math.atanh(v) for v in values]
+            p = pool_random_effects(values, [r["variance"] for r in usable.values()])
+            back = (lambda v: v) if loss == "logistic" else math.tanh
+            pooled = {"estimate": back(p.estimate), "low": back(p.low), "high": back(p.high),
+                      "tau2": p.tau2, "q": p.q, "i2": p.i2, "p_heterogeneity": p.p_value,
+                      "sites": sorted(usable)}
+        if rows:
+            out[kind] = {"metric": "auc" if loss == "logistic" else "r", "sites": rows,
+                         "pooled": pooled}
+    return out

@@ -101,7 +101,8 @@ def study_protocol_mapping(task: Task, modality: str) -> dict[str, Any]:
         cnn=CnnSpec().model_dump(mode="json"),
     )
     if task is Task.RESPONSE:  # the nomogram: the radiomics score with the clinical factors
-        base["model"] = {**base.get("model", {}), "clinical": ["iss_stage", "age"]}
+        base["model"] = {**base.get("model", {}), "clinical": ["iss_stage", "age"],
+                         "clinical_ranges": {"age": [40, 90]}}
         # ISS splits each scanner three ways: too few patients per cell for ComBat's guard
         base["covariates"]["harmonize"] = ["age", "sex"]
     base["ingestion"]["rtstruct_roi"] = MARROW_SEGMENT

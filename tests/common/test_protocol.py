@@ -104,7 +104,14 @@ def test_combat_protects_only_the_covariates_named_in_harmonize():
     base["model"] = {"clinical": ["iss_stage", "age"]}
     protocol = protocol_from_mapping(base)
     design, _ = combat_design(protocol, [PrepareReply("A", "ok", batches="s1:20")])
-    assert [c for c, _ in design.categorical] == ["sex"] and design.continuous == ("age",)
+    # the label (preset: classification) is protected while estimating, not when applying
+    label = protocol.task.label_column
+    assert design.categorical == (("sex", ("F", "M")), (label, ("0", "1")))
+    assert design.continuous == ("age",) and design.fit_only == (label,)
+    base["covariates"]["protect_outcome"] = False
+    design, _ = combat_design(protocol_from_mapping(base),
+                              [PrepareReply("A", "ok", batches="s1:20")])
+    assert [c for c, _ in design.categorical] == ["sex"] and design.fit_only == ()
 
     base["covariates"]["harmonize"] = ["stage"]
     with pytest.raises(ConfigError, match="harmonize names \\['stage'\\]"):

@@ -1,5 +1,6 @@
-"""The treatment-response nomogram over Flower: the radiomics score combined with ISS stage and
-age, fitted for every training set, equal to the same fit on the pooled rows."""
+"""The treatment-response study over Flower: the nomogram (the radiomics score combined with ISS
+stage and age, fitted for every training set, equal to the same fit on the pooled rows), and the
+multicentre and site reports of the study, rendered in headless Chromium."""
 
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ from server.study import StudySettings
 pytestmark = pytest.mark.slow
 
 
-def test_the_nomogram_equals_the_pooled_fit_and_is_scored_at_every_site(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def response_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
+    """The response study on three small sites until the model phase: (cohort, out, protocol)."""
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
     from server.app import make_server_app
 
+    tmp_path = tmp_path_factory.mktemp("response")
     cohort = tmp_path / "cohort"
     write_cohort(cohort, CohortSpec(make_sites((30, 34, 38), True), Task.RESPONSE), workers=2)
     protocol = load_protocol(cohort / "study.yaml").model_copy(update={
@@ -38,7 +42,13 @@ def test_the_nomogram_equals_the_pooled_fit_and_is_scored_at_every_site(tmp_path
     run_simulation(server_app=make_server_app(settings, lambda _: None),
                    client_app=make_client_app(cohort), num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 1}})
+    return cohort, tmp_path / "out", protocol
 
+
+def test_the_nomogram_equals_the_pooled_fit_and_is_scored_at_every_site(
+        response_study: tuple[Path, Path, object]) -> None:
+    cohort, out, protocol = response_study
+    tmp_path = out.parent
     assert json.loads((tmp_path / "out" / "study.json").read_text())["status"] == "done"
     nomogram = json.loads((tmp_path / "out" / "nomogram.json").read_text())
     assert nomogram["status"] == "done" and nomogram["harmonized"] is True
@@ -68,3 +78,98 @@ def test_the_nomogram_equals_the_pooled_fit_and_is_scored_at_every_site(tmp_path
     for site, result in nomogram["sites"].items():
         assert set(result["metrics"]) == {"nomogram", "nomogram leave-site-out"}
         assert all(0.0 <= m["auc"] <= 1.0 for m in result["metrics"].values())
+
+
+def test_the_multicentre_report_shows_every_site_and_model(
+        response_study: tuple[Path, Path, object]) -> None:
+    from server.report import write_report
+
+    _, out, _ = response_study
+    paths = write_report(out)
+    report = json.loads(paths["json"].read_text())
+    assert [m["label"] for m in report["models"]] == ["raw features",
+                                                      "harmonized (federated ComBat)"]
+    for model in report["models"]:
+        assert [r["site"] for r in model["rows"]] == ["site_A", "site_B", "site_C"]
+        assert {p["model"] for p in model["pooled"]} <= {"federated", "leave-site-out", "local"}
+        assert len(model["threshold_rows"]) == 3
+    assert report["nomogram"]["status"] == "done"
+    assert set(report["nomogram"]["odds_ratios"]) == {"radiomics score", "iss_stage=II",
+                                                      "iss_stage=III", "age"}
+    assert report["combat"]["covariates"]["estimation_only"] == ["response"]
+    rows = paths["csv"].read_text().splitlines()
+    assert rows[0] == "site,features,model,metric,value"
+    assert any(r.startswith("site_B,harmonized,federated,auc,") for r in rows)
+    assert any(r.startswith("site_C,harmonized,nomogram,auc,") for r in rows)
+    html = paths["html"].read_text()
+    assert html.count("<img ") >= 12 and "Forest plot" in html and "Nomogram" in html
+
+
+def test_each_site_keeps_its_own_report(response_study: tuple[Path, Path, object]) -> None:
+    cohort, _, protocol = response_study
+    for site in ("site_A", "site_B", "site_C"):
+        folder = cohort / "work" / site / "study" / protocol.short_hash / "report"
+        report = json.loads((folder / "site_report.json").read_text())
+        assert report["site"] == site and report["prepare"]["reply"]["status"] == "ok"
+        assert [e["key"] for e in report["evaluations"]] == ["raw", "harmonized", "nomogram"]
+        raw = report["evaluations"][0]
+        assert {r["model"] for r in raw["rows"]} >= {"federated", "leave-site-out"}
+        assert raw["comparisons"] and (folder / "site_report.html").stat().st_size > 10_000
+        # the ROC curves (its patients) are recorded here, never sent
+        assert json.loads((folder / "evaluation_raw.json").read_text())["roc"]
+
+
+def test_myelofed_report_renders_again_and_names_a_bad_folder(
+        response_study: tuple[Path, Path, object], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from common.cli import app
+
+    _, out, _ = response_study
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "report.html" in result.output and "report.csv" in result.output
+    (tmp_path / "handshake.json").write_text("{not json")
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "handshake.json" in result.output
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_reports_render_in_headless_chromium(response_study: tuple[Path, Path, object]) -> None:
+    """Every figure of the multicentre and of a site report loads, with no console error; a
+    screenshot of each is saved next to it."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install "
+                    "chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is a test dependency")
+    from server.report import write_report
+
+    cohort, out, protocol = response_study
+    pages = [write_report(out)["html"],
+             cohort / "work" / "site_B" / "study" / protocol.short_hash / "report" /
+             "site_report.html"]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            for page_path in pages:
+                page = browser.new_page()
+                errors: list[str] = []
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(page_path.resolve().as_uri())
+                images = page.evaluate("Array.from(document.images).map("
+                                       "i => [i.alt, i.complete && i.naturalWidth > 0])")
+                assert len(images) >= 4, page_path
+                assert [alt for alt, ok in images if not ok] == [], page_path
+                assert errors == [], page_path
+                shot = page_path.with_suffix(".png")
+                page.screenshot(path=str(shot), full_page=True)
+                assert shot.stat().st_size > 50_000
+                page.close()
+        finally:
+            browser.close()

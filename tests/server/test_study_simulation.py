@@ -78,12 +78,16 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
     prepared = {s: pd.read_parquet(work / s / "study" / protocol.short_hash / PREPARED_FILE)
                 for s in ("site_A", "site_B", "site_C")}
     names = feature_columns(prepared["site_A"], protocol)
-    tables = [SiteTable(s, t[t.split == "train"][names].to_numpy(float),
-                        t[t.split == "train"].batch.tolist(),
-                        {c: t[t.split == "train"][c].tolist() for c in protocol.covariates.columns})
-              for s, t in prepared.items()]
+    label = protocol.task.label_column
+    train = {s: t[t.split == "train"] for s, t in prepared.items()}
+    # the label is a covariate of the estimation (protect_outcome), never of the application
+    tables = [SiteTable(s, t[names].to_numpy(float), t.batch.tolist(),
+                        {**{c: t[c].tolist() for c in protocol.covariates.columns},
+                         label: t[label].astype(int).tolist()})
+              for s, t in train.items()]
     replies = [PrepareReply(**s) for s in prepare["sites"]]  # the replies the server saw
     design, _ = combat_design(protocol, replies)
+    assert design.fit_only == (label,)
     model = fit_combat(tables, design, combat)
     for site, table in prepared.items():
         got = pd.read_parquet(work / site / "study" / protocol.short_hash / HARMONIZED_FILE)
@@ -111,7 +115,6 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
     # phase 4: every training set's chosen model equals the same recipe run on the pooled rows
     models = json.loads((tmp_path / "out" / "model.json").read_text())["models"]
     assert [m["harmonized"] for m in models] == [False, True]
-    label = protocol.task.label_column
     for model_json in models:
         source = HARMONIZED_FILE if model_json["harmonized"] else PREPARED_FILE
         tables = {s: pd.read_parquet(work / s / "study" / protocol.short_hash / source)
@@ -136,6 +139,19 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
             assert set(metrics["metrics"]) == {"federated", "leave-site-out", "local site_A",
                                                "local site_B", "local site_C"}
             assert all(0.0 <= m["auc"] <= 1.0 for m in metrics["metrics"].values())
+            federated = metrics["metrics"]["federated"]
+            assert federated["auc_low"] <= federated["auc"] <= federated["auc_high"]
+            assert federated["tp"] + federated["fn"] == metrics["n_positive"]
+            assert federated["threshold"] == pytest.approx(
+                model_json["training_sets"]["federated"]["prevalence"])
+            # curves leave the site only in bins of at least the protocol's minimum count
+            assert all(n >= protocol.validation.min_count
+                       for n, *_ in federated["calibration_curve"])
+            assert set(metrics["comparisons"]) == {f"federated vs {m}" for m in
+                                                   metrics["metrics"] if m != "federated"}
+        pooled = model_json["pooled"]["federated"]
+        assert set(pooled["sites"]) == set(tables) and pooled["metric"] == "auc"
+        assert pooled["pooled"] is None or 0 <= pooled["pooled"]["i2"] <= 1
     for kept in prepared.values():  # the folds are those of the training rows only
         assert (kept.fold[kept.split == "test"] == -1).all()
         assert set(kept.fold[kept.split == "train"]) == set(range(protocol.model.cv_folds))

@@ -1,0 +1,219 @@
+"""The site's own validation report: written at the site, from its own rows, and never sent.
+
+Each phase that evaluates models at the site records what it computed under the site's study
+folder (``report/*.json``): the preparation (cases used and each skipped case with its reason),
+and each evaluation (every model's metrics, and what only the site may see: its ROC curves and
+the scores' confusion matrices). :func:`write_site_report` renders them all into
+``report/site_report.html`` (self-contained) and ``report/site_report.json`` after every
+evaluation, so the report is complete when the study ends and partial if it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.protocol import StudyProtocol, TaskKind
+from common.provenance import atomic_write_json
+from common.site_config import SiteConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+
+REPORT_DIR = "report"
+SITE_HTML, SITE_JSON = "site_report.html", "site_report.json"
+
+
+def report_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:
+    from client.study import study_dir
+
+    return study_dir(site, protocol) / REPORT_DIR
+
+
+def record_prepare(site: SiteConfig, protocol: StudyProtocol, reply: Any,
+                   skipped_cases: list[dict[str, str]]) -> None:
+    """The preparation as the site reports it to itself: its counts and every skipped case."""
+    from dataclasses import asdict
+
+    counts = {k: v for k, v in asdict(reply).items() if k != "feature_names"}
+    atomic_write_json(report_dir(site, protocol) / "prepare.json",
+                      {"reply": counts, "skipped_cases": skipped_cases})
+
+
+def record_evaluation(site: SiteConfig, protocol: StudyProtocol, key: str,
+                      table: dict[str, Any], y: "np.ndarray", scores: dict[str, "np.ndarray"],
+                      models: dict[str, Any]) -> None:
+    """One evaluation (``key``: raw, harmonized or nomogram): the metrics sent, plus the ROC
+    curves of this site's own test rows and each model's terms (kept here)."""
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    roc = {}
+    if protocol.task.kind is TaskKind.CLASSIFICATION and 0 < y.sum() < len(y):
+        for name, score in scores.items():
+            fpr, tpr, _ = roc_curve(y, score)
+            roc[name] = [fpr.tolist(), tpr.tolist()]
+    scatter = {}
+    if protocol.task.kind is TaskKind.REGRESSION:
+        scatter = {name: [y.tolist(), np.asarray(s, float).tolist()]
+                   for name, s in scores.items()}
+    atomic_write_json(report_dir(site, protocol) / f"evaluation_{key}.json",
+                      {"metrics": table, "roc": roc, "scatter": scatter, "models": models})
+    refresh_site_report(site, protocol)
+
+
+def refresh_site_report(site: SiteConfig, protocol: StudyProtocol) -> None:
+    """Render the site report again; a failure is logged, never raised (the evaluation it
+    follows is already recorded, and the study goes on)."""
+    import logging
+
+    try:
+        write_site_report(site, protocol)
+    except Exception as exc:  # noqa: BLE001 - the report must not stop the study
+        logging.getLogger(__name__).warning("site report of %s not written: %r",
+                                            site.site_name, exc)
+
+
+def _harmonization_diagnostics(site: SiteConfig, protocol: StudyProtocol
+                               ) -> dict[str, Any] | None:
+    """The scanner effect inside this site before and after ComBat: with two or more scanners
+    here, the share of features whose training rows differ between them (Kruskal-Wallis
+    p < 0.05 on the features less their class mean, so that case mix does not count)."""
+    import numpy as np
+    from scipy import stats
+
+    from client.study import HARMONIZED_FILE, PREPARED_FILE, feature_columns, study_dir
+
+    folder = study_dir(site, protocol)
+    if not (folder / PREPARED_FILE).is_file():
+        return None
+    import pandas as pd
+
+    out: dict[str, Any] = {}
+    for name, file in (("before", PREPARED_FILE), ("after", HARMONIZED_FILE)):
+        if not (folder / file).is_file():
+            continue
+        table = pd.read_parquet(folder / file)
+        train = table[table["split"] == "train"]
+        scanners = sorted(train["batch"].astype(str).unique())
+        out["scanners"] = scanners
+        if len(scanners) < 2:
+            return {"scanners": scanners, "note": "one scanner here: no scanner effect inside "
+                    "the site to show (ComBat's effect shows in the multicentre report)"}
+        names = feature_columns(train, protocol)
+        x = train[names].to_numpy(float, copy=True)
+        if protocol.task.kind is TaskKind.CLASSIFICATION:
+            label = train[protocol.task.label_column].to_numpy()
+            for value in np.unique(label):
+                x[label == value] -= x[label == value].mean(axis=0)
+        groups = [x[(train["batch"].astype(str) == s).to_numpy()] for s in scanners]
+        p = []
+        for j in range(x.shape[1]):
+            columns = [g[:, j] for g in groups]
+            if np.ptp(np.concatenate(columns)) == 0:
+                continue
+            p.append(stats.kruskal(*columns).pvalue)
+        out[name] = float(np.mean(np.asarray(p) < 0.05)) if p else float("nan")
+    return out
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for package in ("myelofed", "flwr", "pyradiomics-bhklab", "SimpleITK", "monai", "torch"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "n/a" if not math.isfinite(value) else (
+            str(value) if isinstance(value, int) else f"{value:.{digits}f}")
+    return "n/a" if value is None else str(value)
+
+
+def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, Any]:
+    """Everything the site's page shows, from what the phases recorded here."""
+    from common import plots
+
+    folder = report_dir(site, protocol)
+    read = lambda name: (json.loads((folder / name).read_text())  # noqa: E731
+                         if (folder / name).is_file() else None)
+    classification = protocol.task.kind is TaskKind.CLASSIFICATION
+    report: dict[str, Any] = {
+        "site": site.site_name, "generated": datetime.now(timezone.utc).strftime(
+            "%Y-%m-%d %H:%M UTC"), "protocol": protocol.name,
+        "protocol_hash": protocol.content_hash(), "versions": _versions(),
+        "prepare": read("prepare.json"), "harmonization": _harmonization_diagnostics(
+            site, protocol), "evaluations": []}
+    for key, title in (("raw", "raw features"), ("harmonized", "after federated ComBat"),
+                       ("nomogram", "nomogram (radiomics score + clinical factors)")):
+        found = read(f"evaluation_{key}.json")
+        if found is None:
+            continue
+        metrics = found["metrics"]["models"]
+        section: dict[str, Any] = {"key": key, "title": title, "figures": [], "rows": []}
+        for name, row in metrics.items():
+            if classification:
+                section["rows"].append({
+                    "model": name, "auc": f"{_fmt(row.get('auc'))} [{_fmt(row.get('auc_low'))}, "
+                    f"{_fmt(row.get('auc_high'))}]",
+                    "boot": f"[{_fmt(row.get('auc_boot_low'))}, {_fmt(row.get('auc_boot_high'))}]",
+                    **{k: _fmt(row.get(k)) for k in ("threshold", "sensitivity", "specificity",
+                                                      "ppv", "npv", "f1", "brier",
+                                                      "calibration_slope")},
+                    "confusion": f"TP {row.get('tp')} FP {row.get('fp')} TN {row.get('tn')} "
+                                 f"FN {row.get('fn')}"})
+            else:
+                section["rows"].append({
+                    "model": name, "r": f"{_fmt(row.get('r'))} [{_fmt(row.get('r_low'))}, "
+                    f"{_fmt(row.get('r_high'))}]",
+                    **{k: _fmt(row.get(k)) for k in ("spearman", "mae", "rmse", "bias",
+                                                      "loa_low", "loa_high")}})
+        comparisons = found["metrics"].get("comparisons", {})
+        section["comparisons"] = [{"pair": pair, "difference": _fmt(c.get("difference")),
+                                   "z": _fmt(c.get("z")), "p": _fmt(c.get("p_value"))}
+                                  for pair, c in comparisons.items()]
+        if found["roc"]:
+            section["figures"].append({"title": f"ROC curves, {title}", "src": plots.roc_figure(
+                {n: (*c, metrics[n]["auc"]) for n, c in found["roc"].items()}, title)})
+        if classification:
+            section["figures"].append({"title": f"Calibration, {title}",
+                                       "src": plots.calibration_figure(
+                                           {n: m.get("calibration_curve") or []
+                                            for n, m in metrics.items()}, title)})
+        if found["scatter"]:
+            section["figures"].append({"title": f"Predicted vs measured, {title}",
+                                       "src": plots.scatter_figure(found["scatter"], title)})
+        federated = found["models"].get("federated") or found["models"].get("nomogram")
+        if federated and federated.get("coefficients"):
+            section["figures"].append({"title": f"Model terms, {title}",
+                                       "src": plots.bars_figure(
+                                           federated["coefficients"], "coefficient "
+                                           "(standardized features)", "federated model")})
+        report["evaluations"].append(section)
+    cnn = read("evaluation_cnn.json")
+    report["cnn"] = cnn
+    return report
+
+
+def write_site_report(site: SiteConfig, protocol: StudyProtocol) -> Path:
+    """Render ``report/site_report.html`` and ``.json`` from what is recorded; the HTML path."""
+    from common.templates import render
+
+    report = build_site_report(site, protocol)
+    folder = report_dir(site, protocol)
+    plain = json.loads(json.dumps(report, default=str))
+    for section in plain["evaluations"]:
+        section.pop("figures", None)
+    atomic_write_json(folder / SITE_JSON, plain)
+    html = folder / SITE_HTML
+    html.write_text(render("site.html.j2", report=report), encoding="utf-8")
+    return html

@@ -1,0 +1,319 @@
+"""The multicentre validation report, written by the coordinator from the study's JSON files.
+
+``report.html`` (self-contained: figures are inline SVG images, it opens offline), ``report.json``
+(everything the page shows, in one file) and ``report.csv`` (one row per site, feature set, model
+and metric), all under the study's output folder. Built from what the study already wrote
+(``handshake.json``, ``prepare.json``, ``combat.json``, ``model.json``, ``nomogram.json``,
+``cnn.json``, ``study.json``), so ``myelofed report OUT`` renders it again at any time.
+
+Per site and model side by side: the local-only model, the federated model, the model trained
+without the site (leave-one-site-out), on raw and on harmonized features, the nomogram and the
+CNN; a forest plot of the per-site AUCs with the random-effects pooled estimate and I-squared;
+the cross-site matrix (each site's local model at every site) as a heat map; calibration and
+decision curves as the sites binned them; DeLong's tests; the selected features; the training
+curves; the protocol hash, what was excluded and why.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import plots
+from common.errors import ConfigError
+from common.provenance import atomic_write_json
+
+REPORT_HTML, REPORT_JSON, REPORT_CSV = "report.html", "report.json", "report.csv"
+PHASE_FILES = ("handshake", "prepare", "combat", "model", "nomogram", "cnn", "study")
+
+
+def read_study(out_dir: Path) -> dict[str, Any]:
+    """The phase files present in ``out_dir`` (a missing phase is absent; a broken file is an
+    error naming it)."""
+    if not out_dir.is_dir():
+        raise ConfigError(str(out_dir), ["not a folder of study results"])
+    found = {}
+    for name in PHASE_FILES:
+        path = out_dir / f"{name}.json"
+        if path.is_file():
+            try:
+                found[name] = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(str(path), [f"not valid JSON: {exc}"]) from None
+    if "handshake" not in found:
+        raise ConfigError(str(out_dir), ["no handshake.json: not the output folder of a study"])
+    return found
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _ci(row: dict[str, Any] | None, metric: str) -> str:
+    """'0.812 [0.701, 0.923]' from a metrics row (or n/a)."""
+    if not row or row.get(metric) is None:
+        return "n/a"
+    low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
+    if low is None or high is None:
+        return _fmt(row[metric])
+    return f"{_fmt(row[metric])} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def _model_label(model: dict[str, Any]) -> str:
+    return "harmonized (federated ComBat)" if model["harmonized"] else "raw features"
+
+
+def _side_by_side(model: dict[str, Any], metric: str) -> list[dict[str, Any]]:
+    """Per site: local-only, federated and leave-site-out with CIs (the paper's table)."""
+    rows = []
+    for site, result in sorted(model["sites"].items()):
+        m = result["metrics"]
+        rows.append({"site": site, "n_test": result["n_test"],
+                     "n_positive": result.get("n_positive"),
+                     "local": _ci(m.get(f"local {site}"), metric),
+                     "federated": _ci(m.get("federated"), metric),
+                     "leave_site_out": _ci(m.get("leave-site-out"), metric),
+                     "p_federated_vs_local": _fmt(result.get("comparisons", {}).get(
+                         f"federated vs local {site}", {}).get("p_value"))})
+    return rows
+
+
+def _forest(model: dict[str, Any], kind: str, metric: str, title: str) -> str | None:
+    pooled = model.get("pooled", {}).get(kind)
+    if not pooled:
+        return None
+    rows = [(site, r["value"], r["low"], r["high"]) for site, r in pooled["sites"].items()]
+    p = pooled["pooled"]
+    return plots.forest_figure(rows, (p["estimate"], p["low"], p["high"]) if p else None,
+                               metric.upper() if metric == "auc" else "Pearson r", title,
+                               0.5 if metric == "auc" else 0.0)
+
+
+def _cross_site(model: dict[str, Any], metric: str) -> tuple[list[str], list[str], np.ndarray]:
+    sites = sorted(model["sites"])
+    rows = ["federated"] + [f"local {s}" for s in sorted(model.get("local_models", {}))]
+    matrix = np.full((len(rows), len(sites)), np.nan)
+    for j, site in enumerate(sites):
+        metrics = model["sites"][site]["metrics"]
+        for i, name in enumerate(rows):
+            value = (metrics.get(name) or {}).get(metric)
+            if value is not None:
+                matrix[i, j] = value
+    return rows, sites, matrix
+
+
+def _threshold_rows(model: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for site, result in sorted(model["sites"].items()):
+        m = result["metrics"].get("federated") or {}
+        rows.append({"site": site, **{k: _fmt(m.get(k)) for k in (
+            "threshold", "sensitivity", "specificity", "ppv", "npv", "accuracy", "f1", "brier",
+            "calibration_intercept", "calibration_slope")},
+            "confusion": f"TP {m.get('tp', 'n/a')} FP {m.get('fp', 'n/a')} "
+                         f"TN {m.get('tn', 'n/a')} FN {m.get('fn', 'n/a')}"})
+    return rows
+
+
+def _regression_rows(model: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for site, result in sorted(model["sites"].items()):
+        m = result["metrics"].get("federated") or {}
+        rows.append({"site": site, "r": _ci(m, "r"), "spearman": _ci(m, "spearman"),
+                     "mae": _fmt(m.get("mae")), "rmse": _fmt(m.get("rmse")),
+                     "bias": _fmt(m.get("bias")),
+                     "loa": f"[{_fmt(m.get('loa_low'))}, {_fmt(m.get('loa_high'))}]"})
+    return rows
+
+
+def _selected(model: dict[str, Any]) -> dict[str, float]:
+    fed = model["training_sets"]["federated"]["model"]
+    return {f: c for f, c in zip(fed["features"], fed["coefficients"]) if c != 0}
+
+
+def _model_section(model: dict[str, Any]) -> dict[str, Any]:
+    metric = "auc" if model["loss"] == "logistic" else "r"
+    label = _model_label(model)
+    section: dict[str, Any] = {"label": label, "metric": metric.upper() if metric == "auc"
+                               else "Pearson r", "rows": _side_by_side(model, metric),
+                               "figures": [], "pooled": []}
+    for kind, title in (("federated", "federated model"), ("leave-site-out",
+                                                          "trained without the site"),
+                        ("local", "each site's local model")):
+        figure = _forest(model, kind, metric, f"{title}, {label}")
+        if figure:
+            section["figures"].append({"title": f"Forest plot: {title}", "src": figure})
+        p = (model.get("pooled", {}).get(kind) or {}).get("pooled")
+        if p:
+            section["pooled"].append({"model": kind, "estimate": _fmt(p["estimate"]),
+                                      "ci": f"[{_fmt(p['low'])}, {_fmt(p['high'])}]",
+                                      "i2": f"{100 * p['i2']:.0f}%", "tau2": _fmt(p["tau2"], 4),
+                                      "p": _fmt(p["p_heterogeneity"]),
+                                      "sites": ", ".join(p["sites"])})
+    rows, sites, matrix = _cross_site(model, metric)
+    section["figures"].append({"title": "Cross-site matrix", "src": plots.heatmap_figure(
+        matrix, rows, sites, f"each model at each site, {label}", metric.upper())})
+    if metric == "auc":
+        section["threshold_rows"] = _threshold_rows(model)
+        curves = {s: (r["metrics"].get("federated") or {}).get("calibration_curve") or []
+                  for s, r in sorted(model["sites"].items())}
+        section["figures"].append({"title": "Calibration of the federated model (binned at "
+                                            "each site)", "src": plots.calibration_figure(
+                                                curves, f"federated model, {label}")})
+        decisions = {s: (r["metrics"].get("federated") or {}).get("decision_curve") or []
+                     for s, r in sorted(model["sites"].items())}
+        section["figures"].append({"title": "Decision curves of the federated model",
+                                   "src": plots.decision_figure(decisions,
+                                                                f"federated model, {label}")})
+    else:
+        section["regression_rows"] = _regression_rows(model)
+    selected = _selected(model)
+    if selected:
+        section["figures"].append({"title": "Selected features (federated model)",
+                                   "src": plots.bars_figure(selected, "standardized coefficient",
+                                                            f"{len(selected)} features, {label}")})
+    fed = model["training_sets"]["federated"]
+    section["figures"].append({"title": "Federated cross-validation", "src": plots.lines_figure(
+        {"CV loss": (fed["lambdas"], fed["cv_loss"])}, "penalty (lambda)", "held-out loss",
+        f"chosen lambda {fed['lambdas'][fed['chosen']]:.3g}", log_x=True)})
+    section["selected"] = list(selected)
+    section["failed"] = model.get("failed", {})
+    return section
+
+
+def _nomogram_section(nomogram: dict[str, Any], ranges: dict[str, Any]) -> dict[str, Any]:
+    if nomogram.get("status") != "done":
+        return {"status": nomogram.get("status", "not run"), "figures": [], "rows": []}
+    fed = nomogram["training_sets"]["federated"]
+    terms = {}
+    for term, coef in fed["coefficients"].items():
+        if term == "radiomics score":
+            ticks = [(f"{v:g}", float(v)) for v in (-4, -2, 0, 2, 4)]
+        elif "=" in term:  # a categorical level's indicator
+            ticks = [("no", 0.0), ("yes", 1.0)]
+        else:  # a continuous covariate over the protocol's range for it
+            low, high = ranges.get(term, (0.0, 100.0))
+            ticks = [(f"{v:g}", float(v)) for v in np.linspace(low, high, 6)]
+        terms[term] = (coef, ticks)
+    figure = plots.nomogram_figure(terms, fed["intercept"], "federated nomogram")
+    rows = []
+    for site, result in sorted(nomogram["sites"].items()):
+        m = result["metrics"]
+        rows.append({"site": site, "n_test": result["n_test"],
+                     "nomogram": _ci(m.get("nomogram"), "auc"),
+                     "leave_site_out": _ci(m.get("nomogram leave-site-out"), "auc")})
+    return {"status": "done", "odds_ratios": {t: _fmt(v) for t, v in fed["odds_ratios"].items()},
+            "figures": [{"title": "Nomogram (federated)", "src": figure}], "rows": rows,
+            "harmonized": nomogram.get("harmonized")}
+
+
+def _cnn_section(cnn: dict[str, Any]) -> dict[str, Any]:
+    history = cnn.get("history", {})
+    rounds = sorted(int(r) for r in history)
+    sites = sorted({s for r in history.values() for s in r})
+    loss = {s: (rounds, [history[str(r)].get(s, {}).get("train_loss") for r in rounds])
+            for s in sites}
+    auc = {s: (rounds, [history[str(r)].get(s, {}).get("global_test_auc") for r in rounds])
+           for s in sites}
+    final = [{"site": s, **{k: _fmt(v) for k, v in m.items()}}
+             for s, m in sorted(cnn.get("final", {}).items())]
+    return {"architecture": cnn.get("architecture"), "aggregator": cnn.get("aggregator"),
+            "rounds": cnn.get("rounds"), "final": final, "failed": cnn.get("failed", {}),
+            "final_keys": sorted({k for m in cnn.get("final", {}).values() for k in m}),
+            "figures": [
+                {"title": "CNN training loss per site and round",
+                 "src": plots.lines_figure(loss, "round", "training loss", "local training")},
+                {"title": "CNN: test AUC of the global model each site received",
+                 "src": plots.lines_figure(auc, "round", "AUC", "global model at each site")}]}
+
+
+def build_report(out_dir: Path) -> dict[str, Any]:
+    """Everything the report shows, from the study's files."""
+    study = read_study(out_dir)
+    handshake = study["handshake"]
+    prepare = study.get("prepare", {})
+    report: dict[str, Any] = {
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "out_dir": str(out_dir), "status": study.get("study", {"status": "unknown"}),
+        "protocol_hash": next((s["protocol_hash"] for s in handshake["sites"]
+                               if s.get("protocol_hash")), ""),
+        "versions": _versions(),
+        "cohort": [{"site": s["site"], "status": s["status"], "reason": s.get("reason", ""),
+                    "usable": s.get("n_usable", 0), "skipped": s.get("skipped", ""),
+                    "labels": s.get("label_counts", "")} for s in handshake["sites"]],
+        "split": [{"site": s["site"], "n_train": s.get("n_train", 0),
+                   "n_test": s.get("n_test", 0), "train_labels": s.get("train_labels", ""),
+                   "test_labels": s.get("test_labels", ""), "batches": s.get("batches", "")}
+                  for s in prepare.get("sites", [])],
+        "excluded": {**handshake.get("excluded", {}), **prepare.get("excluded", {})},
+        "combat": study.get("combat"),
+        "models": [_model_section(m) for m in study.get("model", {}).get("models", [])],
+        "nomogram": (_nomogram_section(study["nomogram"], study["nomogram"].get("ranges", {}))
+                     if "nomogram" in study else None),
+        "cnn": _cnn_section(study["cnn"]) if "cnn" in study else None,
+    }
+    return report
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for package in ("myelofed", "flwr", "pyradiomics-bhklab", "SimpleITK", "monai", "torch",
+                    "scikit-learn", "numpy"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def _csv_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for model in study.get("model", {}).get("models", []):
+        features = "harmonized" if model["harmonized"] else "raw"
+        for site, result in sorted(model["sites"].items()):
+            for name, metrics in sorted(result["metrics"].items()):
+                for metric, value in sorted(metrics.items()):
+                    if not isinstance(value, list):
+                        rows.append({"site": site, "features": features, "model": name,
+                                     "metric": metric, "value": value})
+    nomogram = study.get("nomogram") or {}
+    for site, result in sorted(nomogram.get("sites", {}).items()):
+        for name, metrics in sorted(result["metrics"].items()):
+            for metric, value in sorted(metrics.items()):
+                if not isinstance(value, list):
+                    rows.append({"site": site, "features": "harmonized" if nomogram.get(
+                        "harmonized") else "raw", "model": name, "metric": metric,
+                        "value": value})
+    for site, metrics in sorted((study.get("cnn") or {}).get("final", {}).items()):
+        for metric, value in sorted(metrics.items()):
+            rows.append({"site": site, "features": "image", "model": "cnn", "metric": metric,
+                         "value": value})
+    return rows
+
+
+def write_report(out_dir: Path) -> dict[str, Path]:
+    """Write report.html, report.json and report.csv into ``out_dir``; their paths."""
+    from common.templates import render
+
+    report = build_report(out_dir)
+    study = read_study(out_dir)
+    paths = {"html": out_dir / REPORT_HTML, "json": out_dir / REPORT_JSON,
+             "csv": out_dir / REPORT_CSV}
+    without_figures = json.loads(json.dumps(report, default=str))
+    for section in [*without_figures["models"], without_figures.get("nomogram") or {},
+                    without_figures.get("cnn") or {}]:
+        section.pop("figures", None)
+    atomic_write_json(paths["json"], without_figures)
+    with paths["csv"].open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["site", "features", "model", "metric", "value"])
+        writer.writeheader()
+        writer.writerows(_csv_rows(study))
+    paths["html"].write_text(render("multicentre.html.j2", report=report), encoding="utf-8")
+    return paths
