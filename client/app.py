@@ -261,10 +261,17 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
     def _evaluate(msg: Message, context: Context) -> Message:
         from client.cnn import evaluate_arrays
 
+        from client.report import record_cnn
+
         site, protocol = site_of(context), _protocol(msg)
-        result = evaluate_arrays(site, protocol, global_weights(msg))
+        weights = global_weights(msg)
+        result = evaluate_arrays(site, protocol, weights)
+        study = msg.content["study"]
+        interval = record_cnn(site, protocol, weights,
+                              float(study["threshold"]) if "threshold" in study else 0.5,
+                              int(study["seed"]) if "seed" in study else 0)
         return cnn_reply(msg, site.site_name,
-                         {"num-examples": result.test.n, **result.as_record()})
+                         {"num-examples": result.test.n, **result.as_record(), **interval})
 
     return app
 

@@ -77,6 +77,52 @@ def refresh_site_report(site: SiteConfig, protocol: StudyProtocol) -> None:
                                             site.site_name, exc)
 
 
+def record_cnn(site: SiteConfig, protocol: StudyProtocol, arrays: dict[str, "np.ndarray"],
+               threshold: float, seed: int = 0) -> dict[str, float]:
+    """The final global CNN at this site: the full metric table of its test crops, its ROC
+    curve and Grad-CAM overlays of a few test cases, recorded here for the site report. Returns
+    the AUC's DeLong CI (classification) for the metrics reply."""
+    try:
+        return _record_cnn(site, protocol, arrays, threshold, seed)
+    except Exception as exc:  # noqa: BLE001 - the site's own report must not stop the study
+        import logging
+
+        logging.getLogger(__name__).warning("CNN section of the site report of %s not "
+                                            "written: %r", site.site_name, exc)
+        return {}
+
+
+def _record_cnn(site: SiteConfig, protocol: StudyProtocol, arrays: dict[str, "np.ndarray"],
+                threshold: float, seed: int) -> dict[str, float]:
+    from sklearn.metrics import roc_curve
+
+    from client.cnn import site_view
+    from client.study import MIN_ROWS_SENT, metrics_of
+    from common import plots
+
+    view = site_view(site, protocol, arrays)
+    if len(view.labels) < MIN_ROWS_SENT:
+        return {}
+    table = metrics_of(protocol, view.labels, view.output, threshold, seed)
+    roc = {}
+    classification = protocol.task.kind is TaskKind.CLASSIFICATION
+    if classification and 0 < view.labels.sum() < len(view.labels):
+        fpr, tpr, _ = roc_curve(view.labels, view.output)
+        roc["CNN"] = [fpr.tolist(), tpr.tolist()]
+    overlays = [{"title": f"Grad-CAM, test case {case} (label {label:g})",
+                 "src": plots.cam_figure(crop, cam, f"{case}: label {label:g}")}
+                for (case, label), crop, cam in zip(view.shown, view.crops, view.cams)]
+    atomic_write_json(report_dir(site, protocol) / "evaluation_cnn.json",
+                      {"metrics": {"models": {"CNN": table}, "comparisons": {}}, "roc": roc,
+                       "scatter": {} if classification else {
+                           "CNN": [view.labels.tolist(), view.output.tolist()]},
+                       "models": {}, "overlays": overlays})
+    refresh_site_report(site, protocol)
+    return ({"test_auc_low": float(table["auc_low"]), "test_auc_high": float(table["auc_high"])}
+            if classification else {"test_r_low": float(table["r_low"]),
+                                    "test_r_high": float(table["r_high"])})
+
+
 def _harmonization_diagnostics(site: SiteConfig, protocol: StudyProtocol
                                ) -> dict[str, Any] | None:
     """The scanner effect inside this site before and after ComBat: with two or more scanners
@@ -154,7 +200,8 @@ def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, An
         "prepare": read("prepare.json"), "harmonization": _harmonization_diagnostics(
             site, protocol), "evaluations": []}
     for key, title in (("raw", "raw features"), ("harmonized", "after federated ComBat"),
-                       ("nomogram", "nomogram (radiomics score + clinical factors)")):
+                       ("nomogram", "nomogram (radiomics score + clinical factors)"),
+                       ("cnn", "the federated 3D CNN (final global weights)")):
         found = read(f"evaluation_{key}.json")
         if found is None:
             continue
@@ -192,16 +239,46 @@ def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, An
         if found["scatter"]:
             section["figures"].append({"title": f"Predicted vs measured, {title}",
                                        "src": plots.scatter_figure(found["scatter"], title)})
-        federated = found["models"].get("federated") or found["models"].get("nomogram")
+        nomogram = found["models"].get("nomogram")
+        if key == "nomogram" and nomogram:
+            section["figures"].append({"title": "Nomogram (federated), axes over this site's "
+                                                "patients", "src": _nomogram_figure(
+                                                    site, protocol, nomogram)})
+        federated = found["models"].get("federated") or nomogram
         if federated and federated.get("coefficients"):
             section["figures"].append({"title": f"Model terms, {title}",
                                        "src": plots.bars_figure(
                                            federated["coefficients"], "coefficient "
                                            "(standardized features)", "federated model")})
+        section["figures"] += found.get("overlays", [])
         report["evaluations"].append(section)
-    cnn = read("evaluation_cnn.json")
-    report["cnn"] = cnn
     return report
+
+
+def _nomogram_figure(site: SiteConfig, protocol: StudyProtocol, nomogram: dict[str, Any]
+                     ) -> str:
+    """The federated nomogram drawn with this site's own value ranges (its training rows'
+    5th to 95th percentiles of each continuous factor; the protocol's range when it sets one)."""
+    import numpy as np
+
+    from client.study import PREPARED_FILE, load_study_table
+    from common import plots
+
+    table = load_study_table(site, protocol, PREPARED_FILE)
+    train = table[table["split"] == "train"]
+    terms = {}
+    for term, coef in nomogram["coefficients"].items():
+        if term == "radiomics score":
+            ticks = [(f"{v:g}", float(v)) for v in (-4, -2, 0, 2, 4)]
+        elif "=" in term:
+            ticks = [("no", 0.0), ("yes", 1.0)]
+        else:
+            low, high = protocol.model.clinical_ranges.get(
+                term, tuple(np.percentile(train[term].to_numpy(float), [5, 95])))
+            ticks = [(f"{v:.0f}", float(v)) for v in np.linspace(low, high, 5)]
+        terms[term] = (coef, ticks)
+    return plots.nomogram_figure(terms, nomogram["intercept"], f"federated nomogram at "
+                                 f"{site.site_name}")
 
 
 def write_site_report(site: SiteConfig, protocol: StudyProtocol) -> Path:

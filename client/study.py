@@ -455,7 +455,7 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     from client.report import record_evaluation
 
     names = feature_columns(test, protocol)
-    terms = {name: {"coefficients": (
+    terms = {name: {"intercept": float(model.beta[0]), "coefficients": (
         dict(zip(["radiomics score", *clinical_terms(protocol)], model.beta[1:].tolist()))
         if radiomics and name in radiomics else
         {names[i]: float(c) for i, c in zip(model.features, model.beta[1:]) if c != 0})}

@@ -232,3 +232,18 @@ def scatter_figure(series: Mapping[str, Sequence[Sequence[float]]], title: str) 
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     return to_data_uri(fig)
+
+
+def cam_figure(crop: np.ndarray, cam: np.ndarray, title: str) -> str:
+    """A crop's middle axial slice with its Grad-CAM map over it (site report only: it is a
+    patient's image)."""
+    k = crop.shape[0] // 2
+    fig, axes = plt.subplots(1, 2, figsize=(5.2, 2.8))
+    axes[0].imshow(crop[k], cmap="gray")
+    axes[1].imshow(crop[k], cmap="gray")
+    axes[1].imshow(cam[k], cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    for ax, name in zip(axes, ("crop", "Grad-CAM")):
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    return to_data_uri(fig)

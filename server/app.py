@@ -58,6 +58,7 @@ from server.study import (
     combat_design,
     pool_sites,
     require_sites,
+    training_prevalence,
 )
 
 
@@ -544,7 +545,8 @@ def _save_checkpoint(path: Path, arrays: ArrayRecord) -> None:
 
 
 def run_cnn(grid: Grid, nodes: dict[int, str], settings: StudySettings,
-            progress: Callable[[str], None]) -> dict[str, object]:
+            progress: Callable[[str], None], prevalence: float | None = None
+            ) -> dict[str, object]:
     """Phase 5: the protocol's CNN trained over ``cnn.rounds`` rounds with its aggregator; each
     train reply also carries the site's test metrics of the model it received; a last evaluate
     round scores the final global model at every site."""
@@ -560,8 +562,9 @@ def run_cnn(grid: Grid, nodes: dict[int, str], settings: StudySettings,
     final = result.arrays
     replies, failed = exchange(grid, {n: s for n, s in nodes.items()
                                       if s not in strategy.failed}, "evaluate",
-                               lambda _: RecordDict({"arrays": final,
-                                                     "study": _study_config(settings)}),
+                               lambda _: RecordDict({"arrays": final, "study": _study_config(
+                                   settings, seed=settings.seed,
+                                   threshold=0.5 if prevalence is None else prevalence)}),
                                settings)
     final_metrics = {site: _numbers(reply.content["metrics"])
                      for site, reply in sorted(replies.items())}
@@ -584,6 +587,10 @@ def run_study(grid: Grid, settings: StudySettings, progress: Progress = _flower_
     ``progress`` gets a line per phase and round (Flower's log by default: ``flwr run
     --stream`` shows it)."""
     status = {"status": "done", "until": settings.until, "reason": ""}
+    atomic_write_json(settings.out_dir / "protocol.json",  # the report shows what was run
+                      {"hash": settings.protocol.content_hash(),
+                       "protocol": settings.protocol.model_dump(mode="json"),
+                       "settings": settings.to_run_config("(this file)")})
     try:
         progress(f"phase 1/5 handshake: waiting for {settings.min_sites}+ sites")
         summary = run_handshake(grid, settings)
@@ -624,8 +631,8 @@ def run_study(grid: Grid, settings: StudySettings, progress: Progress = _flower_
                 progress(f"phase 5/5 CNN: {settings.protocol.cnn.architecture}, "
                          f"{settings.protocol.cnn.rounds} rounds of "
                          f"{settings.protocol.cnn.aggregator}")
-                atomic_write_json(settings.out_dir / "cnn.json",
-                                  run_cnn(grid, nodes, settings, progress))
+                atomic_write_json(settings.out_dir / "cnn.json", run_cnn(
+                    grid, nodes, settings, progress, training_prevalence(prepared.kept)))
     except StudyStopped as exc:
         status = {"status": "stopped", "until": settings.until, "reason": str(exc)}
         progress(f"stopped: {exc}")

@@ -30,7 +30,8 @@ from common.errors import ConfigError
 from common.provenance import atomic_write_json
 
 REPORT_HTML, REPORT_JSON, REPORT_CSV = "report.html", "report.json", "report.csv"
-PHASE_FILES = ("handshake", "prepare", "combat", "model", "nomogram", "cnn", "study")
+PHASE_FILES = ("protocol", "handshake", "prepare", "combat", "model", "nomogram", "cnn",
+               "study")
 
 
 def read_study(out_dir: Path) -> dict[str, Any]:
@@ -243,7 +244,9 @@ def build_report(out_dir: Path) -> dict[str, Any]:
         "protocol_hash": next((s["protocol_hash"] for s in handshake["sites"]
                                if s.get("protocol_hash")), ""),
         "versions": _versions(),
+        "protocol": study.get("protocol"),
         "cohort": [{"site": s["site"], "status": s["status"], "reason": s.get("reason", ""),
+                    "hash": (s.get("protocol_hash") or "")[:12],
                     "usable": s.get("n_usable", 0), "skipped": s.get("skipped", ""),
                     "labels": s.get("label_counts", "")} for s in handshake["sites"]],
         "split": [{"site": s["site"], "n_train": s.get("n_train", 0),

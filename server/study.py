@@ -266,3 +266,13 @@ def pool_sites(sites: dict[str, dict[str, Any]], loss: str) -> dict[str, dict[st
             out[kind] = {"metric": "auc" if loss == "logistic" else "r", "sites": rows,
                          "pooled": pooled}
     return out
+
+
+def training_prevalence(kept: list[PrepareReply]) -> float | None:
+    """The share of positives among the training rows of the sites that go on (from their
+    ``train_labels`` counts; None for regression or without counts)."""
+    counts: Counter[str] = Counter()
+    for reply in kept:
+        counts.update(_counts(reply.train_labels))
+    total = sum(counts.values())
+    return counts.get("1", 0) / total if total else None

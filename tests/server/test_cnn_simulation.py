@@ -64,8 +64,16 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
         assert 0.0 <= metrics["global_test_auc"] <= 1.0
     # the final model, scored where it was not poisoned
     assert set(report["final"]) == {"site_A", "site_B"}
-    for metrics in report["final"].values():
+    for site, metrics in report["final"].items():
         assert 0.0 <= metrics["test_auc"] <= 1.0 and metrics["test_n"] >= 5
+        assert metrics["test_auc_low"] <= metrics["test_auc"] <= metrics["test_auc_high"]
+        # the site's own report: the CNN's metrics, ROC and Grad-CAM maps of its test cases
+        folder = cohort / "work" / site / "study" / protocol.short_hash / "report"
+        cnn = json.loads((folder / "evaluation_cnn.json").read_text())
+        assert cnn["metrics"]["models"]["CNN"]["auc"] == pytest.approx(metrics["test_auc"],
+                                                                        abs=1e-6)
+        assert len(cnn["overlays"]) == 4 and cnn["roc"]["CNN"]
+        assert "Grad-CAM" in (folder / "site_report.html").read_text()
     checkpoints = sorted((tmp_path / "out" / "cnn").glob("global_round_*.npz"))
     assert [c.name for c in checkpoints] == [f"global_round_{r:03d}.npz" for r in (1, 2, 3)]
     with np.load(checkpoints[-1]) as final:

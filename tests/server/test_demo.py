@@ -39,6 +39,11 @@ def test_demo_runs_the_study_prints_every_sites_results_and_names_why_it_stops(
             assert row[key] is None or 0.0 <= row[key] <= 1.0
         assert row["federated"] is not None and f"{row['federated']:.3f}" in result.output
         assert row["cnn"] is None
+    # the reports are written by default and their paths printed
+    for path in (tmp_path / "d" / "study" / "report.html",
+                 *(cohort / "work" / s / "study" for s in ("site_A", "site_B", "site_C"))):
+        assert path.exists()
+    assert "multicentre report:" in result.output and result.output.count("site report (") == 3
 
     # ten folds: sites A (28 training rows) and B (49) refuse sums over their < 5-row folds;
     # one site is left, fewer than min-sites = 2: the study stops naming them (exit code 6)
