@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.protocol import StudyProtocol, TaskKind
-from common.provenance import atomic_write_json
+from common.provenance import REPORT_PACKAGES, atomic_write_json, software_versions
 from common.site_config import SiteConfig
 
 if TYPE_CHECKING:
@@ -166,18 +166,6 @@ def _harmonization_diagnostics(site: SiteConfig, protocol: StudyProtocol
     return out
 
 
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for package in ("myelofed", "flwr", "pyradiomics-bhklab", "SimpleITK", "monai", "torch"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = "not installed"
-    return out
-
-
 def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return "n/a" if not math.isfinite(value) else (
@@ -196,7 +184,7 @@ def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, An
     report: dict[str, Any] = {
         "site": site.site_name, "generated": datetime.now(timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"), "protocol": protocol.name,
-        "protocol_hash": protocol.content_hash(), "versions": _versions(),
+        "protocol_hash": protocol.content_hash(), "versions": software_versions(REPORT_PACKAGES),
         "prepare": read("prepare.json"), "harmonization": _harmonization_diagnostics(
             site, protocol), "evaluations": []}
     for key, title in (("raw", "raw features"), ("harmonized", "after federated ComBat"),

@@ -14,13 +14,15 @@ _PACKAGES = (
     "myelofed", "pyradiomics-bhklab", "SimpleITK", "numpy", "pydicom", "highdicom",
     "scikit-image", "pandas", "pyarrow", "pydantic",
 )
+#: What the reports name besides: the federation, the models and the CNN.
+REPORT_PACKAGES = ("flwr", "scikit-learn", "monai", "torch")
 
 
-def software_versions() -> dict[str, str]:
-    """Versions of Python and of the packages that decide the numbers (read from metadata,
-    without importing them)."""
+def software_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions of Python and of the packages that decide the features (read from metadata,
+    without importing them), and of ``extra`` packages."""
     versions = {"python": platform.python_version()}
-    for name in _PACKAGES:
+    for name in _PACKAGES + extra:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

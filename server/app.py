@@ -290,7 +290,8 @@ def run_model(grid: Grid, nodes: dict[int, str], feature_names: Sequence[str],
         "harmonized": harmonized, "loss": batch.loss, "penalty": batch.penalty,
         "lambda_rule": spec.lambda_rule, "rounds": batch.rounds,
         "training_sets": {name: _set_report(batch, t, spec.lambda_rule, sets[name],
-                                            feature_names) | {"prevalence": prevalence[name]}
+                                            feature_names)
+                          | ({"prevalence": prevalence[name]} if batch.loss == "logistic" else {})
                           for t, name in enumerate(names)},
         "local_models": {s: _model_report(m, feature_names) for s, m in sorted(local.items())},
         "sites": (results := _site_results(metrics, failed)),

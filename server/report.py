@@ -27,7 +27,7 @@ import numpy as np
 
 from common import plots
 from common.errors import ConfigError
-from common.provenance import atomic_write_json
+from common.provenance import REPORT_PACKAGES, atomic_write_json, software_versions
 
 REPORT_HTML, REPORT_JSON, REPORT_CSV = "report.html", "report.json", "report.csv"
 PHASE_FILES = ("protocol", "handshake", "prepare", "combat", "model", "nomogram", "cnn",
@@ -243,7 +243,7 @@ def build_report(out_dir: Path) -> dict[str, Any]:
         "out_dir": str(out_dir), "status": study.get("study", {"status": "unknown"}),
         "protocol_hash": next((s["protocol_hash"] for s in handshake["sites"]
                                if s.get("protocol_hash")), ""),
-        "versions": _versions(),
+        "versions": software_versions(REPORT_PACKAGES),
         "protocol": study.get("protocol"),
         "cohort": [{"site": s["site"], "status": s["status"], "reason": s.get("reason", ""),
                     "hash": (s.get("protocol_hash") or "")[:12],
@@ -261,19 +261,6 @@ def build_report(out_dir: Path) -> dict[str, Any]:
         "cnn": _cnn_section(study["cnn"]) if "cnn" in study else None,
     }
     return report
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for package in ("myelofed", "flwr", "pyradiomics-bhklab", "SimpleITK", "monai", "torch",
-                    "scikit-learn", "numpy"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = "not installed"
-    return out
 
 
 def _csv_rows(study: dict[str, Any]) -> list[dict[str, Any]]:

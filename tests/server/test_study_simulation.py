@@ -37,10 +37,22 @@ def audit_mod(path: Path):  # noqa: ANN201 - a Flower mod
                 else:
                     entry["lists"] += [len(v) for v in record.values()
                                        if isinstance(v, list)]
+                    for v in record.values():  # JSON texts (the metrics table): every list
+                        if isinstance(v, str) and v.startswith(("{", "[")):
+                            entry["lists"] += _list_lengths(json.loads(v))
         with path.open("a") as fh:
             fh.write(json.dumps(entry) + "\n")
         return reply
     return mod
+
+
+def _list_lengths(value: object) -> list[int]:
+    """The length of every list nested in a JSON value."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _list_lengths(v)]
+    if isinstance(value, list):
+        return [len(value)] + [n for v in value for n in _list_lengths(v)]
+    return []
 
 
 @pytest.mark.parametrize("scanner_effects", [True, False], ids=["own-scanners", "shared-scanner"])

@@ -1,0 +1,78 @@
+"""The multicentre report from a study folder, without running a study: a regression study's
+files (plasma-cell infiltration) made by hand in the shapes the ServerApp writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.errors import ConfigError
+from server.report import build_report, write_report
+from server.study import pool_sites
+
+
+def _metrics(r: float, n: int) -> dict[str, float]:
+    return {"n": n, "r": r, "r_low": r - 0.2, "r_high": min(r + 0.15, 0.99), "r_p": 0.01,
+            "spearman": r - 0.02, "spearman_low": r - 0.25, "spearman_high": r + 0.1,
+            "spearman_p": 0.02, "mae": 9.5, "rmse": 12.0, "bias": -1.5, "loa_low": -25.0,
+            "loa_high": 22.0}
+
+
+def regression_study(folder: Path) -> None:
+    sites = {"site_A": 12, "site_B": 21, "site_C": 33}
+    results = {s: {"n_test": n, "n_positive": 0, "comparisons": {},
+                   "metrics": {"federated": _metrics(0.7, n), "leave-site-out": _metrics(0.6, n),
+                               **{f"local {o}": _metrics(0.5 + 0.05 * i, n)
+                                  for i, o in enumerate(sites)}}}
+               for s, n in sites.items()}
+    model = {"harmonized": False, "loss": "gaussian", "penalty": "lasso", "failed": {},
+             "sites": results, "pooled": pool_sites(results, "gaussian"),
+             "local_models": {s: {} for s in sites},
+             "training_sets": {"federated": {
+                 "sites": list(sites), "lambdas": [1.0, 0.1, 0.01], "cv_loss": [3.0, 2.0, 2.5],
+                 "chosen": 1,
+                 "model": {"features": ["f1", "f2", "f3"], "coefficients": [0.5, 0.0, -0.2]}}}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "handshake.json").write_text(json.dumps({
+        "sites": [{"site": s, "status": "ok", "protocol_hash": "ab" * 32, "n_usable": n * 3,
+                   "skipped": "", "label_counts": ""} for s, n in sites.items()],
+        "excluded": {}, "go_on": True, "reason": ""}))
+    (folder / "model.json").write_text(json.dumps({"models": [model]}))
+    (folder / "study.json").write_text(json.dumps({"status": "done", "until": "model",
+                                                   "reason": ""}))
+
+
+def test_a_regression_study_reports_pearson_r_pooled_on_fisher_z(tmp_path: Path) -> None:
+    regression_study(tmp_path)
+    report = build_report(tmp_path)
+    section = report["models"][0]
+    assert section["metric"] == "Pearson r" and "threshold_rows" not in section
+    assert [r["site"] for r in section["regression_rows"]] == ["site_A", "site_B", "site_C"]
+    assert section["rows"][0]["federated"] == "0.700 [0.500, 0.850]"
+    pooled = {p["model"]: p for p in section["pooled"]}
+    # three sites with r = 0.7: Fisher z pooling gives back 0.7 with no heterogeneity
+    assert pooled["federated"]["estimate"] == "0.700" and pooled["federated"]["i2"] == "0%"
+    assert section["selected"] == ["f1", "f3"]
+    paths = write_report(tmp_path)
+    html = paths["html"].read_text()
+    assert "Pearson r" in html and "Bland-Altman" in html and html.count("<img ") >= 5
+    rows = paths["csv"].read_text().splitlines()
+    assert "site_B,raw,federated,r,0.7" in rows
+
+
+def test_a_stopped_study_still_reports_what_it_has(tmp_path: Path) -> None:
+    regression_study(tmp_path)
+    (tmp_path / "model.json").unlink()
+    (tmp_path / "study.json").write_text(json.dumps({
+        "status": "stopped", "until": "cnn", "reason": "ComBat round 1: 1 site left"}))
+    html = write_report(tmp_path)["html"].read_text()
+    assert "Study stopped: ComBat round 1: 1 site left" in html and "site_C" in html
+
+
+def test_a_folder_without_a_study_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no handshake.json"):
+        build_report(tmp_path)
+    with pytest.raises(ConfigError, match="not a folder"):
+        build_report(tmp_path / "missing")
