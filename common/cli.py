@@ -29,6 +29,10 @@ HELP = """MyeloFed: federated multicentre radiomics for multiple myeloma.
 A hospital SITE prepares its own data; nothing patient-level leaves it:
   myelofed site check   --protocol study.toml --manifest cases.csv   validate every case
   myelofed site extract --protocol study.toml --manifest cases.csv   standardize + extract features
+  myelofed site keys --site NAME         this site's SuperNode key pair (send the .pub)
+\b
+The COORDINATOR makes the study's credentials:
+  myelofed server certs --host coordinator.example.org   study CA + SuperLink certificate
 \b
 The study PROTOCOL (TOML/YAML) is written by the coordinator and is the same at every site:
   myelofed protocol presets              list ready protocols (IBSI configs, spine MRI, CT, PET)
@@ -52,7 +56,9 @@ app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
                   rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 site_app = typer.Typer(help="Commands a hospital site runs on its own data.", no_args_is_help=True)
 protocol_app = typer.Typer(help="Inspect and validate study protocols.", no_args_is_help=True)
+server_app = typer.Typer(help="Commands the study coordinator runs.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
+app.add_typer(server_app, name="server")
 app.add_typer(protocol_app, name="protocol")
 
 console = Console(stderr=True)
@@ -594,6 +600,52 @@ def demo(
     for html in sorted((cohort / "work").glob(f"*/study/{protocol.short_hash}/report/"
                                               "site_report.html")):
         out.print(f"site report ({html.parts[-5]}, stays at the site): {html}")
+
+
+@server_app.command("certs")
+def server_certs(
+    host: Annotated[list[str], typer.Option(
+        "--host", help="A DNS name or IP address the sites use to reach the coordinator "
+        "(repeat for several; all go in the certificate).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the files go.")
+                       ] = Path("coordinator-secrets"),
+    study: Annotated[str, typer.Option(help="The study's name, in the CA's name.")
+                     ] = "MyeloFed study",
+) -> None:
+    """Make the study's TLS certificate authority and the SuperLink's certificate.
+
+    \b
+    Writes ca.crt (public: give it to every site), ca.key, server.pem and server.key (the keys
+    readable by their owner only; keep them on the coordinator). Never overwrites."""
+    from common.security import make_server_credentials
+
+    try:
+        made = make_server_credentials(out_dir, host, study)
+    except ConfigError as exc:
+        _fail_config(exc)
+    out.print(f"study CA (give to every site): {made.ca_cert}")
+    out.print(f"SuperLink certificate and key (keep here): {made.cert}, {made.key}")
+
+
+@site_app.command("keys")
+def site_keys(
+    site: Annotated[str, typer.Option(help="This site's name (as in its site config).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the key pair goes.")
+                       ] = Path("site-secrets"),
+) -> None:
+    """Make this site's SuperNode key pair (ECDSA P-384, OpenSSH format).
+
+    \b
+    The private key stays here (owner-readable only); send the .pub file to the coordinator,
+    who registers it (flwr supernode register): the SuperLink refuses any other node."""
+    from common.security import make_site_key
+
+    try:
+        made = make_site_key(out_dir, site)
+    except ConfigError as exc:
+        _fail_config(exc)
+    out.print(f"private key (stays at the site): {made.private}")
+    out.print(f"public key (send to the coordinator): {made.public}")
 
 
 @app.command("report")

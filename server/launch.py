@@ -461,7 +461,8 @@ class RunResult:
 
 @dataclass
 class LocalFederation:
-    """A SuperLink and one SuperNode per site on this machine, plain text on loopback.
+    """A SuperLink and one SuperNode per site on this machine, on loopback; secure unless
+    ``secure=False`` is asked for explicitly.
 
     ::
 
@@ -472,7 +473,12 @@ class LocalFederation:
 
     On entry it picks free ports, starts ``flower-superlink`` and waits for its port, then
     starts the SuperNodes (node config ``site-name`` and ``site-config``) and waits until the
-    SuperLink accepted each. On exit it stops every process it started and every process they
+    SuperLink accepted each. Secure (the default), it first makes a study CA and the
+    SuperLink's certificate for the loopback address, and a key pair per site
+    (:mod:`common.security`, under ``secrets/``); the SuperLink serves TLS and refuses any
+    SuperNode whose public key is not registered; each site's key is registered
+    (``flwr supernode register``) before its SuperNode starts. ``secure=False``: plaintext and
+    no node authentication, for tests that measure something else. On exit it stops every process it started and every process they
     started (:func:`stop_processes`), even when the body raised.
 
     Everything goes under ``folder``: ``logs/<process>.log``, and a ``FLWR_HOME`` per process
@@ -501,7 +507,9 @@ class LocalFederation:
     grace_s: float = 10.0
     connection: str = "local"
     host: str = LOOPBACK
+    secure: bool = True
     processes: list[FlowerProcess] = field(default_factory=list, init=False)
+    ca_cert: Path | None = field(default=None, init=False)
     marker: str = field(default_factory=lambda: uuid.uuid4().hex, init=False)
     superlink_port: int = field(default=0, init=False)
     killed: list[str] = field(default_factory=list, init=False)
@@ -533,20 +541,54 @@ class LocalFederation:
         return self
 
     def _start(self) -> None:
+        from common.security import make_server_credentials
+
         ports = free_ports(1 + len(self.sites), self.host)
         self.superlink_port = ports[0]
+        tls = INSECURE
+        if self.secure:
+            credentials = make_server_credentials(self.folder / "secrets" / "coordinator",
+                                                  ["localhost", self.host])
+            tls = ServerTls(credentials.ca_cert, credentials.cert, credentials.key)
+            self.ca_cert = credentials.ca_cert
         superlink = self._spawn("superlink", superlink_command(
-            port=self.superlink_port, tls=INSECURE, host=self.host,
-            database=self.folder / "superlink.db"))
+            port=self.superlink_port, tls=tls, host=self.host,
+            database=self.folder / "superlink.db", supernode_auth=self.secure))
         superlink.wait_ready(self.ready_timeout_s, port=(self.host, self.superlink_port))
         write_connection(self.folder / "flwr-home" / "superlink", self.connection, self.address,
-                         root_certificates=INSECURE)
-        nodes = [self._spawn(f"supernode-{site}", supernode_command(
-                     superlink=self.address, port=port, host=self.host, root_certificates=INSECURE,
-                     node_config={"site-name": site, "site-config": str(path)}))
+                         root_certificates=self.ca_cert)
+        nodes = [self.start_node(site, path, port)
                  for (site, path), port in zip(self.sites.items(), ports[1:])]
         for node in nodes:
             node.wait_ready(self.ready_timeout_s, log_pattern=SUPERNODE_CONNECTED)
+
+    def start_node(self, site: str, site_config: Path, port: int | None = None, *,
+                   register: bool = True) -> FlowerProcess:
+        """Start one site's SuperNode (not waiting for it). Secure: with a new key pair of
+        its own, registered at the SuperLink first unless ``register`` is False (such a node
+        is refused)."""
+        from common.security import make_site_key
+
+        port = port or free_ports(1, self.host)[0]
+        key = None
+        if self.secure:
+            key = make_site_key(self.folder / "secrets" / "sites", site)
+            if register:
+                self.register(site, key.public)
+        return self._spawn(f"supernode-{site}", supernode_command(
+            superlink=self.address, port=port, host=self.host, root_certificates=self.ca_cert,
+            auth_private_key=None if key is None else key.private,
+            node_config={"site-name": site, "site-config": str(site_config)}))
+
+    def register(self, site: str, public_key: Path) -> None:
+        """``flwr supernode register``: let the SuperNode holding ``public_key``'s private
+        key join (through the SuperLink's control interface, as the coordinator)."""
+        done = subprocess.run(["flwr", "supernode", "register", str(public_key),
+                               self.connection, "--name", site], capture_output=True,
+                              text=True, env=self.env("superlink"), cwd=self.folder, timeout=60)
+        if done.returncode != 0:
+            raise FederationError(f"registering {site}'s key failed ({done.returncode}): "
+                                  f"{(done.stdout + done.stderr).strip()[-2000:]}")
 
     def _spawn(self, name: str, command: list[str]) -> FlowerProcess:
         process = FlowerProcess.start(name, command, self.folder / "logs" / f"{name}.log",

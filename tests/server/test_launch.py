@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import sys
 import time
 import tomllib
@@ -15,6 +16,7 @@ import pytest
 from server.launch import (
     INSECURE,
     MARKER_ENV,
+    SUPERNODE_CONNECTED,
     FederationError,
     FlowerProcess,
     LocalFederation,
@@ -161,7 +163,21 @@ def test_failed_runs_say_why_and_leave_no_process(tmp_path: Path):
         # one site of the two asked for, and no time to wait: the ServerApp stops the study
         stopped = federation.run({"out-dir": str(tmp_path / "out"), "until": "handshake",
                                   "min-sites": 2, "timeout-s": 1.0}, timeout_s=120)
+        # secure by default: TLS, and a SuperNode whose key was never registered is refused
+        intruder = federation.start_node("intruder", site, register=False)
+        try:
+            intruder.popen.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"an unregistered SuperNode was not refused\n{intruder.describe()}")
         report = federation.report()
+    commands = {p.name: p.command for p in federation.processes}
+    assert "--enable-supernode-auth" in commands["superlink"]
+    assert "--ssl-certfile" in commands["superlink"] and "--insecure" not in commands["superlink"]
+    assert "--auth-supernode-private-key" in commands["supernode-site_A"]
+    # Flower logs its exit code 305 and the process ends with status 1
+    assert intruder.popen.returncode != 0 and not SUPERNODE_CONNECTED.search(intruder.tail(500))
+    assert "Exit Code: 305" in intruder.tail(500)
+    assert "Failed to activate SuperNode" in intruder.tail(500)
     assert not unknown.ok and unknown.status == "" and "no-such-key" in unknown.output
     # flwr run exits 0 although the ServerApp raised: the status says it failed, and why
     assert stopped.returncode == 0 and not stopped.ok and stopped.status == "finished:failed"
