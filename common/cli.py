@@ -30,9 +30,12 @@ A hospital SITE prepares its own data; nothing patient-level leaves it:
   myelofed site check   --protocol study.toml --manifest cases.csv   validate every case
   myelofed site extract --protocol study.toml --manifest cases.csv   standardize + extract features
   myelofed site keys --site NAME         this site's SuperNode key pair (send the .pub)
+  myelofed site join --superlink HOST:PORT --site-config site.toml --ca ca.crt --key KEY
 \b
-The COORDINATOR makes the study's credentials:
+The COORDINATOR makes the study's credentials and runs the SuperLink:
   myelofed server certs --host coordinator.example.org   study CA + SuperLink certificate
+  myelofed server start                  the SuperLink (TLS + node authentication)
+  myelofed server register site_A.pub --site site_A      let a site join
 \b
 The study PROTOCOL (TOML/YAML) is written by the coordinator and is the same at every site:
   myelofed protocol presets              list ready protocols (IBSI configs, spine MRI, CT, PET)
@@ -625,6 +628,125 @@ def server_certs(
         _fail_config(exc)
     out.print(f"study CA (give to every site): {made.ca_cert}")
     out.print(f"SuperLink certificate and key (keep here): {made.cert}, {made.key}")
+
+
+#: The name of the coordinator's own connection to its SuperLink in its FLWR_HOME.
+CONNECTION = "study"
+
+
+def _exec(command: list[str], env: dict[str, str]) -> None:
+    """Become the Flower process (for systemd and containers: signals reach it directly)."""
+    import os
+    import shutil
+
+    if shutil.which(command[0], path=env.get("PATH")) is None:
+        _fail_config(ConfigError(command[0], ["not found: install myelofed (it brings flwr)"]))
+    sys.stdout.flush()
+    os.execvpe(command[0], command, env)
+
+
+def _need(*paths: Path) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        _fail_config(ConfigError(str(missing[0]), ["not found"]))
+
+
+@server_app.command("start")
+def server_start(
+    secrets: Annotated[Path, typer.Option(help="The folder 'myelofed server certs' wrote: "
+                                          "ca.crt, server.pem, server.key.")
+                       ] = Path("coordinator-secrets"),
+    state: Annotated[Path, typer.Option(help="The SuperLink's database and the coordinator's "
+                                        "FLWR_HOME.")] = Path("coordinator-state"),
+    host: Annotated[str, typer.Option(help="The interface the sites reach.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="The one port of the SuperLink.")] = 9092,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Plaintext, no SuperNode authentication: loopback tests only.")
+    ] = False,
+) -> None:
+    """Start the coordinator's SuperLink: TLS and SuperNode authentication on (only keys
+    registered with 'myelofed server register' may join), its state on disk, no runtime
+    installs. Also writes the coordinator's connection ('study') to <state>/flwr-home, which
+    'myelofed server register' and 'flwr run <app> study' use."""
+    from server.launch import (
+        ServerTls,
+        flower_env,
+        superlink_command,
+        write_connection,
+    )
+
+    tls = None
+    if not insecure:
+        tls = ServerTls(secrets / "ca.crt", secrets / "server.pem", secrets / "server.key")
+        _need(tls.ca_certfile, tls.certfile, tls.keyfile)
+    state = state.resolve()
+    home = state / "flwr-home"
+    write_connection(home, CONNECTION, f"127.0.0.1:{port}",
+                     root_certificates=None if tls is None else tls.ca_certfile.resolve())
+    command = superlink_command(port=port, tls=tls, host=host, database=state / "superlink.db",
+                                supernode_auth=tls is not None)
+    _exec(command, flower_env(home))
+
+
+@server_app.command("register")
+def server_register(
+    public_key: Annotated[Path, typer.Argument(help="A site's .pub file ('myelofed site keys').")],
+    site: Annotated[str, typer.Option(help="The site's name.")],
+    state: Annotated[Path, typer.Option(help="As given to 'myelofed server start'.")
+                     ] = Path("coordinator-state"),
+) -> None:
+    """Let a site's SuperNode join: register its public key at the running SuperLink."""
+    import subprocess
+
+    from server.launch import flower_env
+
+    _need(public_key)
+    env = flower_env(state.resolve() / "flwr-home")
+    done = subprocess.run(["flwr", "supernode", "register", str(public_key), CONNECTION,
+                           "--name", site], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        console.print(f"[bold red]error:[/] registering {site} failed: "
+                      f"{(done.stdout + done.stderr).strip()[-1500:]}", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"registered {site} ({public_key})")
+
+
+@site_app.command("join")
+def site_join(
+    superlink: Annotated[str, typer.Option(help="The coordinator's host:port.")],
+    site_config: Annotated[Path, typer.Option(help="This site's config (site_name, manifest, "
+                                              "work_dir).")],
+    ca: Annotated[Optional[Path], typer.Option(help="The study CA from the coordinator "
+                                               "(ca.crt).")] = None,
+    key: Annotated[Optional[Path], typer.Option(help="This site's private key ('myelofed site "
+                                                "keys').")] = None,
+    port: Annotated[int, typer.Option(help="The SuperNode's local port (its ClientApps "
+                                      "only).")] = 9094,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Plaintext, no authentication: loopback tests only.")] = False,
+) -> None:
+    """Join the study: start this site's SuperNode, over TLS with its key (one outgoing
+    connection to the coordinator; nothing listens outside this machine)."""
+    from common.site_config import load_site_config
+    from server.launch import flower_env, supernode_command
+
+    _need(site_config)
+    if not insecure:
+        if ca is None or key is None:
+            _fail_config(ConfigError("site join", ["--ca and --key are needed (or --insecure "
+                                                   "for a loopback test)"]))
+        _need(ca, key)
+    elif key is not None:
+        _fail_config(ConfigError("--key", ["a key needs TLS: leave out --insecure"]))
+    try:
+        config = load_site_config(site_config)
+    except ConfigError as exc:
+        _fail_config(exc)
+    command = supernode_command(
+        superlink=superlink, port=port, root_certificates=None if insecure else ca.resolve(),
+        auth_private_key=None if insecure else key.resolve(),
+        node_config={"site-name": config.site_name, "site-config": str(site_config.resolve())})
+    _exec(command, flower_env(config.work_dir / "flwr-home"))
 
 
 @site_app.command("keys")
