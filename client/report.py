@@ -35,11 +35,15 @@ def report_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:
 
 def record_prepare(site: SiteConfig, protocol: StudyProtocol, reply: Any,
                    skipped_cases: list[dict[str, str]]) -> None:
-    """The preparation as the site reports it to itself: its counts and every skipped case."""
+    """The preparation as the site reports it to itself: its counts and every skipped case.
+    It starts a run: the evaluations of an earlier run of the same protocol are removed."""
     from dataclasses import asdict
 
     counts = {k: v for k, v in asdict(reply).items() if k != "feature_names"}
-    atomic_write_json(report_dir(site, protocol) / "prepare.json",
+    folder = report_dir(site, protocol)
+    for old in folder.glob("evaluation_*.json"):  # a new preparation: a new run's evaluations
+        old.unlink()
+    atomic_write_json(folder / "prepare.json",
                       {"reply": counts, "skipped_cases": skipped_cases})
 
 
