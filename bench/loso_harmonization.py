@@ -33,15 +33,14 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.study import default_cohorts  # noqa: E402
 from client.study import PREPARED_FILE, feature_columns  # noqa: E402
 from common.protocol import load_protocol  # noqa: E402
 from common.selection import assign_folds, fit_pooled  # noqa: E402
-from common.synthetic import CohortSpec, make_sites, read_cohort_spec, write_cohort  # noqa: E402
 from harmonization.combat import CombatOptions, Design, SiteTable, fit_combat  # noqa: E402
 from server.app import run_in_simulation  # noqa: E402
 from server.study import StudySettings  # noqa: E402
 
-SIZES = (40, 70, 110)
 VARIANTS = ("raw", "ComBat", "ComBat, outcome protected", "oracle location-scale")
 
 
@@ -103,13 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="myelofed-bench-loso-"))
     start = time.perf_counter()
-    tables = {}
-    for effects in (True, False):
-        cohort = work / ("scanners" if effects else "no-scanners")
-        if read_cohort_spec(cohort) is None:
-            write_cohort(cohort, CohortSpec(make_sites(SIZES, effects, 0),
-                                            scanner_effects=effects))
-        tables[effects] = prepared(cohort)
+    tables = {effects: prepared(cohort) for effects, cohort in default_cohorts(work).items()}
     protocol = load_protocol(work / "scanners" / "study.yaml")
     label, spec = protocol.task.label_column, protocol.model
     names = feature_columns(next(iter(tables[True].values())), protocol)

@@ -83,13 +83,9 @@ def centralized_vs_federated(cohort: Path, model_json: dict, harmonized: bool) -
     return roc_auc_score(y, central.score(x)), roc_auc_score(y, federated.score(x))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="study seeds")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="keep the cohorts here (reused when present)")
-    args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="myelofed-bench-study-"))
+def default_cohorts(work: Path) -> dict[bool, Path]:
+    """The default cohort with scanner effects (True) and without (False) under ``work``, made
+    when absent (the same patients' sites, sizes and case mix)."""
     cohorts = {}
     for effects in (True, False):
         cohort = work / ("scanners" if effects else "no-scanners")
@@ -97,6 +93,17 @@ def main() -> None:
             write_cohort(cohort, CohortSpec(make_sites(SIZES, effects, 0),
                                             scanner_effects=effects))
         cohorts[effects] = cohort
+    return cohorts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="study seeds")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the cohorts here (reused when present)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="myelofed-bench-study-"))
+    cohorts = default_cohorts(work)
 
     summary = []
     for seed in args.seeds:

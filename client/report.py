@@ -11,13 +11,13 @@ evaluation, so the report is complete when the study ends and partial if it stop
 from __future__ import annotations
 
 import json
-import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import REPORT_PACKAGES, atomic_write_json, software_versions
+from common.templates import fmt, with_ci
 from common.site_config import SiteConfig
 
 if TYPE_CHECKING:
@@ -170,13 +170,6 @@ def _harmonization_diagnostics(site: SiteConfig, protocol: StudyProtocol
     return out
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return "n/a" if not math.isfinite(value) else (
-            str(value) if isinstance(value, int) else f"{value:.{digits}f}")
-    return "n/a" if value is None else str(value)
-
-
 def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, Any]:
     """Everything the site's page shows, from what the phases recorded here."""
     from common import plots
@@ -202,23 +195,21 @@ def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, An
         for name, row in metrics.items():
             if classification:
                 section["rows"].append({
-                    "model": name, "auc": f"{_fmt(row.get('auc'))} [{_fmt(row.get('auc_low'))}, "
-                    f"{_fmt(row.get('auc_high'))}]",
-                    "boot": f"[{_fmt(row.get('auc_boot_low'))}, {_fmt(row.get('auc_boot_high'))}]",
-                    **{k: _fmt(row.get(k)) for k in ("threshold", "sensitivity", "specificity",
+                    "model": name, "auc": with_ci(row, "auc"),
+                    "boot": f"[{fmt(row.get('auc_boot_low'))}, {fmt(row.get('auc_boot_high'))}]",
+                    **{k: fmt(row.get(k)) for k in ("threshold", "sensitivity", "specificity",
                                                       "ppv", "npv", "f1", "brier",
                                                       "calibration_slope")},
                     "confusion": f"TP {row.get('tp')} FP {row.get('fp')} TN {row.get('tn')} "
                                  f"FN {row.get('fn')}"})
             else:
                 section["rows"].append({
-                    "model": name, "r": f"{_fmt(row.get('r'))} [{_fmt(row.get('r_low'))}, "
-                    f"{_fmt(row.get('r_high'))}]",
-                    **{k: _fmt(row.get(k)) for k in ("spearman", "mae", "rmse", "bias",
+                    "model": name, "r": with_ci(row, "r"),
+                    **{k: fmt(row.get(k)) for k in ("spearman", "mae", "rmse", "bias",
                                                       "loa_low", "loa_high")}})
         comparisons = found["metrics"].get("comparisons", {})
-        section["comparisons"] = [{"pair": pair, "difference": _fmt(c.get("difference")),
-                                   "z": _fmt(c.get("z")), "p": _fmt(c.get("p_value"))}
+        section["comparisons"] = [{"pair": pair, "difference": fmt(c.get("difference")),
+                                   "z": fmt(c.get("z")), "p": fmt(c.get("p_value"))}
                                   for pair, c in comparisons.items()]
         if found["roc"]:
             section["figures"].append({"title": f"ROC curves, {title}", "src": plots.roc_figure(
@@ -258,18 +249,13 @@ def _nomogram_figure(site: SiteConfig, protocol: StudyProtocol, nomogram: dict[s
 
     table = load_study_table(site, protocol, PREPARED_FILE)
     train = table[table["split"] == "train"]
-    terms = {}
-    for term, coef in nomogram["coefficients"].items():
-        if term == "radiomics score":
-            ticks = [(f"{v:g}", float(v)) for v in (-4, -2, 0, 2, 4)]
-        elif "=" in term:
-            ticks = [("no", 0.0), ("yes", 1.0)]
-        else:
-            low, high = protocol.model.clinical_ranges.get(
-                term, tuple(np.percentile(train[term].to_numpy(float), [5, 95])))
-            ticks = [(f"{v:.0f}", float(v)) for v in np.linspace(low, high, 5)]
-        terms[term] = (coef, ticks)
-    return plots.nomogram_figure(terms, nomogram["intercept"], f"federated nomogram at "
+    def over_patients(term: str) -> list[tuple[str, float]]:
+        low, high = protocol.model.clinical_ranges.get(
+            term, tuple(np.percentile(train[term].to_numpy(float), [5, 95])))
+        return [(f"{v:.0f}", float(v)) for v in np.linspace(low, high, 5)]
+
+    return plots.nomogram_figure(plots.nomogram_axes(nomogram["coefficients"], over_patients),
+                                 nomogram["intercept"], f"federated nomogram at "
                                  f"{site.site_name}")
 
 

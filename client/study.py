@@ -440,7 +440,8 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     model whose score it takes) on its design. ``thresholds``: each model's risk cut-off, fixed
     on its training data (default 0.5)."""
     test = _split_table(site, protocol, harmonized, "test")
-    x = test[feature_columns(test, protocol)].to_numpy(float)
+    names = feature_columns(test, protocol)
+    x = test[names].to_numpy(float)
     y = test[protocol.task.label_column].to_numpy(float)
     scores = {name: model.score(_nomogram_design(test, protocol, x, [radiomics[name]])
                                 if radiomics and name in radiomics else x)
@@ -454,7 +455,6 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     content = {"models": table, "comparisons": comparisons}
     from client.report import record_evaluation
 
-    names = feature_columns(test, protocol)
     terms = {name: {"intercept": float(model.beta[0]), "coefficients": (
         dict(zip(["radiomics score", *clinical_terms(protocol)], model.beta[1:].tolist()))
         if radiomics and name in radiomics else

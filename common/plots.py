@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib
 
@@ -168,6 +168,24 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], title
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     return to_data_uri(fig)
+
+
+def nomogram_axes(coefficients: Mapping[str, float],
+                  continuous: Callable[[str], Sequence[tuple[str, float]]]
+                  ) -> dict[str, tuple[float, Sequence[tuple[str, float]]]]:
+    """Each nomogram term's coefficient and axis ticks, for :func:`nomogram_figure`: the
+    radiomics score (a logit) from -4 to 4, a categorical level's indicator (``stage=II``) as
+    no/yes, and a continuous factor over the ticks ``continuous(term)`` gives."""
+    terms = {}
+    for term, coef in coefficients.items():
+        if term == "radiomics score":
+            ticks: Sequence[tuple[str, float]] = [(f"{v:g}", float(v)) for v in (-4, -2, 0, 2, 4)]
+        elif "=" in term:
+            ticks = [("no", 0.0), ("yes", 1.0)]
+        else:
+            ticks = continuous(term)
+        terms[term] = (coef, ticks)
+    return terms
 
 
 def nomogram_figure(terms: Mapping[str, tuple[float, Sequence[tuple[str, float]]]],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Any
 
@@ -18,3 +19,24 @@ def _environment():  # noqa: ANN202 - a jinja2.Environment
 def render(template: str, **context: Any) -> str:
     """The named template (``common/report_templates/``) filled with ``context``."""
     return _environment().get_template(template).render(**context)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A table cell: a float to ``digits`` decimals, an int as it is, "n/a" for None, NaN or
+    infinity."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            return "n/a"
+        return str(value) if isinstance(value, int) else f"{value:.{digits}f}"
+    return "n/a" if value is None else str(value)
+
+
+def with_ci(row: dict[str, Any] | None, metric: str) -> str:
+    """'0.812 [0.701, 0.923]' from a metrics row (``metric``, ``metric_low``,
+    ``metric_high``); the value alone without its bounds; "n/a" without the value."""
+    if not row or row.get(metric) is None:
+        return "n/a"
+    low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
+    if low is None or high is None:
+        return fmt(row[metric])
+    return f"{fmt(row[metric])} [{fmt(low)}, {fmt(high)}]"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 from common import plots
 from common.errors import ConfigError
 from common.provenance import REPORT_PACKAGES, atomic_write_json, software_versions
+from common.templates import fmt, with_ci
 
 REPORT_HTML, REPORT_JSON, REPORT_CSV = "report.html", "report.json", "report.csv"
 PHASE_FILES = ("protocol", "handshake", "prepare", "combat", "model", "nomogram", "cnn",
@@ -52,20 +52,6 @@ def read_study(out_dir: Path) -> dict[str, Any]:
     return found
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _ci(row: dict[str, Any] | None, metric: str) -> str:
-    """'0.812 [0.701, 0.923]' from a metrics row (or n/a)."""
-    if not row or row.get(metric) is None:
-        return "n/a"
-    low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
-    if low is None or high is None:
-        return _fmt(row[metric])
-    return f"{_fmt(row[metric])} [{_fmt(low)}, {_fmt(high)}]"
-
-
 def _model_label(model: dict[str, Any]) -> str:
     return "harmonized (federated ComBat)" if model["harmonized"] else "raw features"
 
@@ -77,10 +63,10 @@ def _side_by_side(model: dict[str, Any], metric: str) -> list[dict[str, Any]]:
         m = result["metrics"]
         rows.append({"site": site, "n_test": result["n_test"],
                      "n_positive": result.get("n_positive"),
-                     "local": _ci(m.get(f"local {site}"), metric),
-                     "federated": _ci(m.get("federated"), metric),
-                     "leave_site_out": _ci(m.get("leave-site-out"), metric),
-                     "p_federated_vs_local": _fmt(result.get("comparisons", {}).get(
+                     "local": with_ci(m.get(f"local {site}"), metric),
+                     "federated": with_ci(m.get("federated"), metric),
+                     "leave_site_out": with_ci(m.get("leave-site-out"), metric),
+                     "p_federated_vs_local": fmt(result.get("comparisons", {}).get(
                          f"federated vs local {site}", {}).get("p_value"))})
     return rows
 
@@ -113,7 +99,7 @@ def _threshold_rows(model: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for site, result in sorted(model["sites"].items()):
         m = result["metrics"].get("federated") or {}
-        rows.append({"site": site, **{k: _fmt(m.get(k)) for k in (
+        rows.append({"site": site, **{k: fmt(m.get(k)) for k in (
             "threshold", "sensitivity", "specificity", "ppv", "npv", "accuracy", "f1", "brier",
             "calibration_intercept", "calibration_slope")},
             "confusion": f"TP {m.get('tp', 'n/a')} FP {m.get('fp', 'n/a')} "
@@ -125,10 +111,10 @@ def _regression_rows(model: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for site, result in sorted(model["sites"].items()):
         m = result["metrics"].get("federated") or {}
-        rows.append({"site": site, "r": _ci(m, "r"), "spearman": _ci(m, "spearman"),
-                     "mae": _fmt(m.get("mae")), "rmse": _fmt(m.get("rmse")),
-                     "bias": _fmt(m.get("bias")),
-                     "loa": f"[{_fmt(m.get('loa_low'))}, {_fmt(m.get('loa_high'))}]"})
+        rows.append({"site": site, "r": with_ci(m, "r"), "spearman": with_ci(m, "spearman"),
+                     "mae": fmt(m.get("mae")), "rmse": fmt(m.get("rmse")),
+                     "bias": fmt(m.get("bias")),
+                     "loa": f"[{fmt(m.get('loa_low'))}, {fmt(m.get('loa_high'))}]"})
     return rows
 
 
@@ -151,10 +137,10 @@ def _model_section(model: dict[str, Any]) -> dict[str, Any]:
             section["figures"].append({"title": f"Forest plot: {title}", "src": figure})
         p = (model.get("pooled", {}).get(kind) or {}).get("pooled")
         if p:
-            section["pooled"].append({"model": kind, "estimate": _fmt(p["estimate"]),
-                                      "ci": f"[{_fmt(p['low'])}, {_fmt(p['high'])}]",
-                                      "i2": f"{100 * p['i2']:.0f}%", "tau2": _fmt(p["tau2"], 4),
-                                      "p": _fmt(p["p_heterogeneity"]),
+            section["pooled"].append({"model": kind, "estimate": fmt(p["estimate"]),
+                                      "ci": f"[{fmt(p['low'])}, {fmt(p['high'])}]",
+                                      "i2": f"{100 * p['i2']:.0f}%", "tau2": fmt(p["tau2"], 4),
+                                      "p": fmt(p["p_heterogeneity"]),
                                       "sites": ", ".join(p["sites"])})
     rows, sites, matrix = _cross_site(model, metric)
     section["figures"].append({"title": "Cross-site matrix", "src": plots.heatmap_figure(
@@ -191,24 +177,19 @@ def _nomogram_section(nomogram: dict[str, Any], ranges: dict[str, Any]) -> dict[
     if nomogram.get("status") != "done":
         return {"status": nomogram.get("status", "not run"), "figures": [], "rows": []}
     fed = nomogram["training_sets"]["federated"]
-    terms = {}
-    for term, coef in fed["coefficients"].items():
-        if term == "radiomics score":
-            ticks = [(f"{v:g}", float(v)) for v in (-4, -2, 0, 2, 4)]
-        elif "=" in term:  # a categorical level's indicator
-            ticks = [("no", 0.0), ("yes", 1.0)]
-        else:  # a continuous covariate over the protocol's range for it
-            low, high = ranges.get(term, (0.0, 100.0))
-            ticks = [(f"{v:g}", float(v)) for v in np.linspace(low, high, 6)]
-        terms[term] = (coef, ticks)
-    figure = plots.nomogram_figure(terms, fed["intercept"], "federated nomogram")
+    def over_range(term: str) -> list[tuple[str, float]]:  # the protocol's range, or 0-100
+        low, high = ranges.get(term, (0.0, 100.0))
+        return [(f"{v:g}", float(v)) for v in np.linspace(low, high, 6)]
+
+    figure = plots.nomogram_figure(plots.nomogram_axes(fed["coefficients"], over_range),
+                                   fed["intercept"], "federated nomogram")
     rows = []
     for site, result in sorted(nomogram["sites"].items()):
         m = result["metrics"]
         rows.append({"site": site, "n_test": result["n_test"],
-                     "nomogram": _ci(m.get("nomogram"), "auc"),
-                     "leave_site_out": _ci(m.get("nomogram leave-site-out"), "auc")})
-    return {"status": "done", "odds_ratios": {t: _fmt(v) for t, v in fed["odds_ratios"].items()},
+                     "nomogram": with_ci(m.get("nomogram"), "auc"),
+                     "leave_site_out": with_ci(m.get("nomogram leave-site-out"), "auc")})
+    return {"status": "done", "odds_ratios": {t: fmt(v) for t, v in fed["odds_ratios"].items()},
             "figures": [{"title": "Nomogram (federated)", "src": figure}], "rows": rows,
             "harmonized": nomogram.get("harmonized")}
 
@@ -221,7 +202,7 @@ def _cnn_section(cnn: dict[str, Any]) -> dict[str, Any]:
             for s in sites}
     auc = {s: (rounds, [history[str(r)].get(s, {}).get("global_test_auc") for r in rounds])
            for s in sites}
-    final = [{"site": s, **{k: _fmt(v) for k, v in m.items()}}
+    final = [{"site": s, **{k: fmt(v) for k, v in m.items()}}
              for s, m in sorted(cnn.get("final", {}).items())]
     return {"architecture": cnn.get("architecture"), "aggregator": cnn.get("aggregator"),
             "rounds": cnn.get("rounds"), "final": final, "failed": cnn.get("failed", {}),
@@ -235,7 +216,10 @@ def _cnn_section(cnn: dict[str, Any]) -> dict[str, Any]:
 
 def build_report(out_dir: Path) -> dict[str, Any]:
     """Everything the report shows, from the study's files."""
-    study = read_study(out_dir)
+    return _report_of(read_study(out_dir), out_dir)
+
+
+def _report_of(study: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     handshake = study["handshake"]
     prepare = study.get("prepare", {})
     report: dict[str, Any] = {
@@ -292,8 +276,8 @@ def write_report(out_dir: Path) -> dict[str, Path]:
     """Write report.html, report.json and report.csv into ``out_dir``; their paths."""
     from common.templates import render
 
-    report = build_report(out_dir)
     study = read_study(out_dir)
+    report = _report_of(study, out_dir)
     paths = {"html": out_dir / REPORT_HTML, "json": out_dir / REPORT_JSON,
              "csv": out_dir / REPORT_CSV}
     without_figures = json.loads(json.dumps(report, default=str))
