@@ -282,21 +282,45 @@ class DecisionPoint:
 
 
 def decision_curve(y: np.ndarray, risk: np.ndarray,
-                   thresholds: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
-                   ) -> list[DecisionPoint]:
-    """Net benefit = TP/N - FP/N x pt / (1 - pt) at each threshold probability pt."""
+                   thresholds: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2)),
+                   min_count: int = 1) -> list[DecisionPoint]:
+    """Net benefit = TP/N - FP/N x pt / (1 - pt) at threshold probabilities pt.
+
+    Net benefit at two thresholds gives the positives and negatives whose risk lies between
+    them, so only thresholds that split the patients into groups of 0 or at least ``min_count``
+    are kept (:func:`coarse_thresholds`): a curve never tells apart fewer patients than a
+    calibration bin holds."""
     y, risk = _binary(y, risk, "decision curve")
     n, prevalence = len(y), float(y.mean())
-    points = []
     for pt in thresholds:
         if not 0 < pt < 1:
             raise ValueError(f"decision curve: threshold {pt} is not strictly between 0 and 1")
+    points = []
+    for pt in coarse_thresholds(risk, thresholds, min_count):
         odds = pt / (1 - pt)
         treat = risk >= pt
         tp, fp = np.sum(treat & (y == 1)), np.sum(treat & (y == 0))
         points.append(DecisionPoint(float(pt), float(tp / n - fp / n * odds),
                                     float(prevalence - (1 - prevalence) * odds)))
     return points
+
+
+def coarse_thresholds(risk: np.ndarray, thresholds: Sequence[float], min_count: int
+                      ) -> list[float]:
+    """The ascending ``thresholds`` to keep so that the patients below the first, between any
+    two consecutive ones and at or above the last number 0 or at least ``min_count`` (greedy
+    from the lowest: a threshold is kept when the group it closes and the group above it both
+    qualify)."""
+    risk = np.sort(np.asarray(risk, float))
+    ok = lambda count: count == 0 or count >= min_count  # noqa: E731
+    kept: list[float] = []
+    below = 0  # patients under the last kept threshold
+    for pt in sorted(set(float(t) for t in thresholds)):
+        under = int(np.searchsorted(risk, pt, side="left"))  # risk < pt
+        if ok(under - below) and ok(len(risk) - under):
+            kept.append(pt)
+            below = under
+    return kept
 
 
 # --- regression ------------------------------------------------------------------------------
@@ -414,7 +438,8 @@ def classification_table(y: np.ndarray, score: np.ndarray, threshold: float, *,
                          seed: int = 0) -> dict[str, object]:
     """Everything a site reports of one logistic model (``score``: its linear predictor) on its
     test rows: flat numbers (NaN where a metric is undefined, e.g. AUC with one class), and the
-    calibration and decision curves as lists of rows. ``threshold`` is on the risk scale."""
+    calibration and decision curves as lists of rows, each telling apart groups of 0 or at
+    least ``min_count`` patients. ``threshold`` is on the risk scale."""
     y, score = _binary(y, score, "test metrics")
     risk = risk_of(score)
     both = 0 < y.sum() < len(y)
@@ -433,7 +458,7 @@ def classification_table(y: np.ndarray, score: np.ndarray, threshold: float, *,
     out["calibration_curve"] = [[b.n, b.mean_risk, b.observed]
                                 for b in calibration_curve(y, risk, n_bins, min_count)]
     out["decision_curve"] = [[d.threshold, d.model, d.treat_all]
-                             for d in decision_curve(y, risk, decision_thresholds)]
+                             for d in decision_curve(y, risk, decision_thresholds, min_count)]
     return out
 
 
@@ -463,5 +488,5 @@ def as_dict(value: object) -> dict[str, object]:
 __all__ = ["Agreement", "AtThreshold", "Auc", "Calibration", "CalibrationBin", "Correlation",
            "DecisionPoint", "PairedTest", "Pooled", "as_dict", "at_threshold", "auc_bootstrap_ci",
            "auc_delong", "bland_altman", "brier_score", "calibration", "calibration_curve",
-           "decision_curve", "delong_test", "pearson", "pool_random_effects", "spearman",
+           "coarse_thresholds", "decision_curve", "delong_test", "pearson", "pool_random_effects", "spearman",
            "youden_threshold", "classification_table", "regression_table", "risk_of"]

@@ -105,14 +105,15 @@ def calibration_figure(curves: Mapping[str, Sequence[Sequence[float]]], title: s
 
 def decision_figure(curves: Mapping[str, Sequence[Sequence[float]]], title: str) -> str:
     """Net benefit against threshold probability (``[threshold, model, treat_all]`` rows): each
-    curve's model (solid) and treating all of its patients (dashed, same colour)."""
+    curve's model (solid, a dot at each threshold the site sent) and treating all of its
+    patients (dashed, same colour)."""
     fig, ax = plt.subplots(figsize=(5.2, 4.0))
     top = 0.05
     for k, (name, rows) in enumerate(curves.items()):
         if rows:
             pt, model, everyone = np.asarray(rows, float).T
             colour = COLOURS[k % len(COLOURS)]
-            ax.plot(pt, model, color=colour, label=name)
+            ax.plot(pt, model, color=colour, marker="o", ms=3, label=name)
             ax.plot(pt, everyone, color=colour, ls="--", lw=0.8, label=f"{name}: treat all")
             top = max(top, float(np.nanmax(model)), float(np.nanmax(everyone)))
     ax.axhline(0, color="black", lw=0.8, label="treat none")

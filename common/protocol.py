@@ -297,10 +297,13 @@ class ModelSpec(_Frozen):
 class ValidationSpec(_Frozen):
     """How each site validates the models on its test rows (``common.metrics``).
 
-    ``min_count``: the fewest patients in any bin of a curve a site sends (the calibration
-    curve); a test set smaller than it sends no curve. ``n_bins``: the most calibration bins.
+    ``min_count``: the fewest patients in any group a curve a site sends tells apart: a
+    calibration bin, or the patients between two thresholds of the decision curve (a site
+    leaves out the thresholds that would split off fewer); a test set smaller than it sends no
+    calibration curve. ``n_bins``: the most calibration bins.
     ``bootstrap``: resamples of the stratified bootstrap CI of the AUC (0 = DeLong's CI only).
-    ``decision_thresholds``: the threshold probabilities of the decision curve.
+    ``decision_thresholds``: the threshold probabilities of the decision curve (those that
+    qualify under ``min_count``).
     """
 
     min_count: int = Field(5, ge=1)

@@ -170,6 +170,29 @@ def test_decision_curve_net_benefit_by_hand():
         decision_curve(y, risk, [1.0])
 
 
+def test_decision_curve_never_tells_apart_fewer_patients_than_the_minimum():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 23).astype(float)
+    risk = rng.uniform(0, 1, 23)
+    thresholds = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    full = decision_curve(y, risk, thresholds)
+    assert len(full) == len(thresholds)  # min_count 1: every threshold
+    for min_count in (2, 5, 8):
+        kept = [p.threshold for p in decision_curve(y, risk, thresholds, min_count)]
+        assert kept, "some thresholds qualify on 23 patients"
+        edges = [-np.inf, *kept, np.inf]
+        groups = [np.sum((risk >= lo) & (risk < hi)) for lo, hi in zip(edges, edges[1:])]
+        assert all(g == 0 or g >= min_count for g in groups), (min_count, kept, groups)
+        assert set(kept) <= set(thresholds)
+    # the points kept are the full curve's points at those thresholds
+    coarse = decision_curve(y, risk, thresholds, 5)
+    by_threshold = {p.threshold: p for p in full}
+    assert all(p == by_threshold[p.threshold] for p in coarse)
+    # a handful of patients (fewer than twice the minimum) tells no two groups apart
+    for point in decision_curve(y[:7], risk[:7], thresholds, 5):
+        assert np.all(risk[:7] >= point.threshold) or np.all(risk[:7] < point.threshold)
+
+
 def test_regression_agreement_matches_scipy():
     rng = np.random.default_rng(7)
     truth = rng.uniform(5, 80, 60)
