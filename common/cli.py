@@ -659,33 +659,110 @@ def server_start(
     state: Annotated[Path, typer.Option(help="The SuperLink's database and the coordinator's "
                                         "FLWR_HOME.")] = Path("coordinator-state"),
     host: Annotated[str, typer.Option(help="The interface the sites reach.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="The one port of the SuperLink.")] = 9092,
+    port: Annotated[int, typer.Option(help="The sites' port (the fleet gateway).")] = 9092,
+    control_port: Annotated[int, typer.Option(
+        help="The SuperLink's own port, on loopback only: the coordinator's flwr CLI and the "
+        "ServerApp use it.")] = 9093,
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="Plaintext, no SuperNode authentication: loopback tests only.")
     ] = False,
 ) -> None:
-    """Start the coordinator's SuperLink: TLS and SuperNode authentication on (only keys
-    registered with 'myelofed server register' may join), its state on disk, no runtime
-    installs. Also writes the coordinator's connection ('study') to <state>/flwr-home, which
-    'myelofed server register' and 'flwr run <app> study' use."""
+    """Start the coordinator: the SuperLink on loopback, and the fleet gateway that alone
+    faces the sites.
+
+    \b
+    The SuperLink runs with TLS and SuperNode authentication (only keys registered with
+    'myelofed server register' may join), its state on disk and no runtime installs. It listens
+    on 127.0.0.1:<control-port>, because Flower serves its unauthenticated Control API (start
+    runs, register nodes) on the same port as the sites' Fleet API. The gateway listens on
+    <host>:<port> with the same certificate and forwards only the Fleet API to it (see
+    server/gateway.py). Also writes the coordinator's connection ('study', to the loopback
+    port) to <state>/flwr-home, which 'myelofed server register' and 'flwr run <app> study'
+    use. Stops both on SIGINT/SIGTERM, or when the SuperLink exits."""
+    import asyncio
+    import subprocess
+
+    from server.gateway import Upstream, serve
     from server.launch import (
-        ServerTls,
+        LOOPBACK,
         flower_env,
+        port_open,
         superlink_command,
         write_connection,
     )
 
-    tls = None
-    if not insecure:
-        tls = ServerTls(secrets / "ca.crt", secrets / "server.pem", secrets / "server.key")
-        _need(tls.ca_certfile, tls.certfile, tls.keyfile)
+    tls = _server_tls(secrets, insecure)
     state = state.resolve()
     home = state / "flwr-home"
-    write_connection(home, CONNECTION, f"127.0.0.1:{port}",
+    write_connection(home, CONNECTION, f"{LOOPBACK}:{control_port}",
                      root_certificates=None if tls is None else tls.ca_certfile.resolve())
-    command = superlink_command(port=port, tls=tls, host=host, database=state / "superlink.db",
-                                supernode_auth=tls is not None)
-    _exec(command, flower_env(home))
+    command = superlink_command(port=control_port, tls=tls, host=LOOPBACK,
+                                database=state / "superlink.db", supernode_auth=tls is not None)
+    superlink = subprocess.Popen(command, env=flower_env(home), stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_open(LOOPBACK, control_port):
+            if superlink.poll() is not None or time.monotonic() > deadline:
+                console.print(f"[bold red]error:[/] the SuperLink did not start on "
+                              f"{LOOPBACK}:{control_port} (exit {superlink.poll()})")
+                raise typer.Exit(1)
+            time.sleep(0.2)
+
+        async def superlink_exited() -> None:
+            while superlink.poll() is None:
+                await asyncio.sleep(0.5)
+            console.print(f"[bold red]the SuperLink exited with {superlink.returncode}[/]")
+
+        serve(_gateway_listen(host, port, tls), Upstream(LOOPBACK, control_port,
+                                                         None if tls is None else tls.ca_certfile),
+              watch=superlink_exited)
+    finally:
+        if superlink.poll() is None:
+            superlink.terminate()
+            try:
+                superlink.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                superlink.kill()
+    if superlink.returncode not in (0, -15, None):
+        raise typer.Exit(1)
+
+
+def _server_tls(secrets: Path, insecure: bool):  # noqa: ANN202 - server.launch.ServerTls
+    """The coordinator's TLS files from ``secrets`` (each checked), or None when insecure."""
+    from server.launch import ServerTls
+
+    if insecure:
+        return None
+    tls = ServerTls(secrets / "ca.crt", secrets / "server.pem", secrets / "server.key")
+    _need(tls.ca_certfile, tls.certfile, tls.keyfile)
+    return tls
+
+
+def _gateway_listen(host: str, port: int, tls):  # noqa: ANN001, ANN202
+    from server.gateway import Listen
+
+    return Listen(host, port, None if tls is None else tls.certfile,
+                  None if tls is None else tls.keyfile)
+
+
+@server_app.command("gateway")
+def server_gateway(
+    superlink_port: Annotated[int, typer.Option(help="The SuperLink's port on loopback.")],
+    secrets: Annotated[Path, typer.Option(help="As for 'myelofed server start'.")
+                       ] = Path("coordinator-secrets"),
+    host: Annotated[str, typer.Option(help="The interface the sites reach.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="The sites' port.")] = 9092,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Plaintext on both sides: loopback tests only.")] = False,
+) -> None:
+    """Only the fleet gateway, in front of a SuperLink already running on loopback (what
+    'myelofed server start' runs with it): forwards Flower's Fleet API, refuses the rest."""
+    from server.gateway import Upstream, serve
+    from server.launch import LOOPBACK
+
+    tls = _server_tls(secrets, insecure)
+    serve(_gateway_listen(host, port, tls),
+          Upstream(LOOPBACK, superlink_port, None if tls is None else tls.ca_certfile))
 
 
 @server_app.command("register")
@@ -724,11 +801,19 @@ def site_join(
                                       "only).")] = 9094,
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="Plaintext, no authentication: loopback tests only.")] = False,
+    allow_any_app: Annotated[bool, typer.Option(
+        "--allow-any-app", help="Run whatever app the coordinator sends, without the site "
+        "config's approved_apps: tests only.")] = False,
 ) -> None:
     """Join the study: start this site's SuperNode, over TLS with its key (one outgoing
-    connection to the coordinator; nothing listens outside this machine)."""
+    connection to the coordinator; nothing listens outside this machine).
+
+    \b
+    The SuperNode runs only the study apps listed in the site config's approved_apps (their
+    SHA-256, 'myelofed app-hash'): a run of any other app is refused before its code runs,
+    with a log line here and the reason sent to the coordinator."""
     from common.site_config import load_site_config
-    from server.launch import flower_env, supernode_command
+    from server.launch import approving, flower_env, supernode_command
 
     _need(site_config)
     if not insecure:
@@ -742,11 +827,17 @@ def site_join(
         config = load_site_config(site_config)
     except ConfigError as exc:
         _fail_config(exc)
+    if not config.approved_apps and not allow_any_app:
+        _fail_config(ConfigError(str(site_config), [
+            "approved_apps: empty; list the SHA-256 of the study app the coordinator announced "
+            "(check it with 'myelofed app-hash <the app folder>'), or pass --allow-any-app for "
+            "a test"]))
     command = supernode_command(
         superlink=superlink, port=port, root_certificates=None if insecure else ca.resolve(),
         auth_private_key=None if insecure else key.resolve(),
         node_config={"site-name": config.site_name, "site-config": str(site_config.resolve())})
-    _exec(command, flower_env(config.work_dir / "flwr-home"))
+    _exec(approving(command, config.site_name, None if allow_any_app else config.approved_apps),
+          flower_env(config.work_dir / "flwr-home"))
 
 
 @site_app.command("keys")
@@ -768,6 +859,20 @@ def site_keys(
         _fail_config(exc)
     out.print(f"private key (stays at the site): {made.private}")
     out.print(f"public key (send to the coordinator): {made.public}")
+
+
+@app.command("app-hash")
+def app_hash_command(
+    app_dir: Annotated[Path, typer.Argument(help="The app folder (with its pyproject.toml), as "
+                                            "'flwr run' is given it.")] = Path("."),
+) -> None:
+    """Print the SHA-256 of the app bundle 'flwr run' makes of APP_DIR: the coordinator
+    announces it with the study, each site puts it in its config's approved_apps."""
+    from client.supernode import app_hash
+
+    if not (app_dir / "pyproject.toml").is_file():
+        _fail_config(ConfigError(str(app_dir), ["no pyproject.toml: not a Flower app folder"]))
+    out.print(app_hash(app_dir))
 
 
 @app.command("report")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -17,7 +17,7 @@ from common.protocol import read_mapping, validation_problems
 
 
 class SiteConfig(BaseModel):
-    """Paths and resources of one hospital site.
+    """Paths and resources of one hospital site, and the study apps it approved.
 
     Relative paths are resolved against the folder of the config file.
     """
@@ -29,6 +29,9 @@ class SiteConfig(BaseModel):
     work_dir: Path = Path("myelofed-work")
     workers: int | None = Field(None, ge=1, description="Parallel cases; default: all cores.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    approved_apps: tuple[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")], ...] = Field(
+        (), description="SHA-256 of each study app bundle this site runs ('myelofed app-hash');"
+        " its SuperNode refuses any other.")
 
     @property
     def n_workers(self) -> int:

@@ -1,13 +1,14 @@
 """Start a study's Flower processes: the SuperLink, one SuperNode per site, and ``flwr run``.
 
 The ``myelofed server``/``myelofed site`` commands and the deployment tests build on this. It
-runs Flower's executables with :mod:`subprocess` and imports nothing from ``flwr`` (only the
-two apps and :mod:`common.records` do).
+runs Flower's executables with :mod:`subprocess` and imports nothing from ``flwr`` at module
+level (only the two apps and :mod:`common.records` do).
 
 Pieces, from small to large:
 
-* :func:`superlink_command`, :func:`supernode_command`, :func:`flwr_run_command`: the command
-  lines (argv lists). TLS and SuperNode authentication have their parameters already; passing
+* :func:`superlink_command`, :func:`gateway_command`, :func:`supernode_command` (and
+  :func:`approving`, the same through the site's app allow-list), :func:`flwr_run_command`:
+  the command lines (argv lists). TLS and SuperNode authentication have their parameters already; passing
   :data:`INSECURE` instead of certificates gives a plaintext run with no node authentication,
   for loopback tests only.
 * :func:`write_connection`: the ``[superlink.<name>]`` connection in ``$FLWR_HOME/config.toml``
@@ -183,6 +184,29 @@ def supernode_command(*, superlink: str, port: int, node_config: Mapping[str, Co
     if auth_private_key is not None:
         command += ["--auth-supernode-private-key", str(auth_private_key)]
     return command
+
+
+def approving(command: Sequence[str], site: str, approved_apps: Sequence[str] | None
+              ) -> list[str]:
+    """A ``flower-supernode`` command line run through :mod:`client.supernode`, which refuses
+    every run whose app bundle's SHA-256 is not in ``approved_apps`` (None: any app, for tests
+    of something else)."""
+    if not command or command[0] != "flower-supernode":
+        raise ValueError(f"not a flower-supernode command: {command[:1]}")
+    allow = (["--allow-any-app"] if approved_apps is None else
+             [a for h in approved_apps for a in ("--approve", h)])
+    return [sys.executable, "-m", "client.supernode", "--site", site, *allow, "--",
+            *command[1:]]
+
+
+def gateway_command(*, port: int, superlink_port: int, secrets: Path | None,
+                    host: str = LOOPBACK) -> list[str]:
+    """The fleet gateway (:mod:`server.gateway`) on ``host:port`` in front of the SuperLink on
+    ``127.0.0.1:superlink_port``; ``secrets`` is the folder with ``ca.crt``, ``server.pem`` and
+    ``server.key`` (``myelofed server certs``), or :data:`INSECURE`."""
+    command = [sys.executable, "-m", "common.cli", "server", "gateway", "--host", host,
+               "--port", str(port), "--superlink-port", str(superlink_port)]
+    return command + (["--insecure"] if secrets is None else ["--secrets", str(secrets)])
 
 
 def flwr_run_command(app_dir: Path, connection: str, run_config: Mapping[str, ConfigValue],
@@ -471,8 +495,13 @@ class LocalFederation:
         if not result.ok:
             raise AssertionError(f"{result.summary()}\n{fed.report()}")
 
-    On entry it picks free ports, starts ``flower-superlink`` and waits for its port, then
-    starts the SuperNodes (node config ``site-name`` and ``site-config``) and waits until the
+    Each SuperNode runs only approved apps (:mod:`client.supernode`): ``approved_apps``, by
+    default the SHA-256 of ``app_dir``'s bundle (:func:`client.supernode.app_hash`).
+
+    On entry it picks free ports, starts ``flower-superlink`` and waits for its port, starts
+    the fleet gateway in front of it (:mod:`server.gateway`, unless ``gateway=False``: the
+    sites' port then serves only Flower's Fleet API, as on a real coordinator), then starts
+    the SuperNodes (node config ``site-name`` and ``site-config``) and waits until the
     SuperLink accepted each. Secure (the default), it first makes a study CA and the
     SuperLink's certificate for the loopback address, and a key pair per site
     (:mod:`common.security`, under ``secrets/``); the SuperLink serves TLS and refuses any
@@ -508,16 +537,25 @@ class LocalFederation:
     connection: str = "local"
     host: str = LOOPBACK
     secure: bool = True
+    gateway: bool = True
+    approved_apps: tuple[str, ...] | None = None
     processes: list[FlowerProcess] = field(default_factory=list, init=False)
     ca_cert: Path | None = field(default=None, init=False)
     marker: str = field(default_factory=lambda: uuid.uuid4().hex, init=False)
     superlink_port: int = field(default=0, init=False)
+    gateway_port: int = field(default=0, init=False)
     killed: list[str] = field(default_factory=list, init=False)
 
     @property
     def address(self) -> str:
-        """The SuperLink's ``host:port`` (sites, CLI and ServerApp alike)."""
+        """The SuperLink's own ``host:port``: the coordinator's CLI and the ServerApp (and the
+        sites too when there is no gateway)."""
         return f"{self.host}:{self.superlink_port}"
+
+    @property
+    def fleet_address(self) -> str:
+        """Where the sites connect: the fleet gateway, or the SuperLink without one."""
+        return f"{self.host}:{self.gateway_port}" if self.gateway else self.address
 
     def env(self, name: str) -> dict[str, str]:
         """The environment of process ``name``: :func:`flower_env` with its own FLWR_HOME and
@@ -543,30 +581,40 @@ class LocalFederation:
     def _start(self) -> None:
         from common.security import make_server_credentials
 
-        ports = free_ports(1 + len(self.sites), self.host)
-        self.superlink_port = ports[0]
+        if self.approved_apps is None:  # the sites approve this federation's own app
+            from client.supernode import app_hash
+
+            self.approved_apps = (app_hash(self.app_dir),)
+        ports = free_ports(2 + len(self.sites), self.host)
+        self.superlink_port, self.gateway_port = ports[:2]
         tls = INSECURE
+        secrets = self.folder / "secrets" / "coordinator"
         if self.secure:
-            credentials = make_server_credentials(self.folder / "secrets" / "coordinator",
-                                                  ["localhost", self.host])
+            credentials = make_server_credentials(secrets, ["localhost", self.host])
             tls = ServerTls(credentials.ca_cert, credentials.cert, credentials.key)
             self.ca_cert = credentials.ca_cert
         superlink = self._spawn("superlink", superlink_command(
             port=self.superlink_port, tls=tls, host=self.host,
             database=self.folder / "superlink.db", supernode_auth=self.secure))
         superlink.wait_ready(self.ready_timeout_s, port=(self.host, self.superlink_port))
+        if self.gateway:
+            self._spawn("gateway", gateway_command(
+                port=self.gateway_port, superlink_port=self.superlink_port, host=self.host,
+                secrets=secrets if self.secure else INSECURE)).wait_ready(
+                    self.ready_timeout_s, port=(self.host, self.gateway_port))
         write_connection(self.folder / "flwr-home" / "superlink", self.connection, self.address,
                          root_certificates=self.ca_cert)
         nodes = [self.start_node(site, path, port)
-                 for (site, path), port in zip(self.sites.items(), ports[1:])]
+                 for (site, path), port in zip(self.sites.items(), ports[2:])]
         for node in nodes:
             node.wait_ready(self.ready_timeout_s, log_pattern=SUPERNODE_CONNECTED)
 
     def start_node(self, site: str, site_config: Path, port: int | None = None, *,
-                   register: bool = True) -> FlowerProcess:
+                   register: bool = True, approved_apps: tuple[str, ...] | None = None
+                   ) -> FlowerProcess:
         """Start one site's SuperNode (not waiting for it). Secure: with a new key pair of
         its own, registered at the SuperLink first unless ``register`` is False (such a node
-        is refused)."""
+        is refused). It runs the apps of ``approved_apps`` (default: the federation's)."""
         from common.security import make_site_key
 
         port = port or free_ports(1, self.host)[0]
@@ -575,10 +623,11 @@ class LocalFederation:
             key = make_site_key(self.folder / "secrets" / "sites", site)
             if register:
                 self.register(site, key.public)
-        return self._spawn(f"supernode-{site}", supernode_command(
-            superlink=self.address, port=port, host=self.host, root_certificates=self.ca_cert,
+        return self._spawn(f"supernode-{site}", approving(supernode_command(
+            superlink=self.fleet_address, port=port, host=self.host, root_certificates=self.ca_cert,
             auth_private_key=None if key is None else key.private,
-            node_config={"site-name": site, "site-config": str(site_config)}))
+            node_config={"site-name": site, "site-config": str(site_config)}), site,
+            approved_apps or self.approved_apps))
 
     def register(self, site: str, public_key: Path) -> None:
         """``flwr supernode register``: let the SuperNode holding ``public_key``'s private

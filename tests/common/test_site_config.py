@@ -20,8 +20,16 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path):
 
 def test_bad_site_config_names_the_field(tmp_path: Path):
     path = tmp_path / "site.yaml"
-    path.write_text("site_name: 'a b'\nmanifest: m.csv\nworkers: 0\ndevice: tpu\n")
+    path.write_text("site_name: 'a b'\nmanifest: m.csv\nworkers: 0\ndevice: tpu\n"
+                    "approved_apps: ['" + "A" * 64 + "']\n")
     with pytest.raises(ConfigError) as err:
         load_site_config(path)
     fields = {p.split(":")[0] for p in err.value.problems}
-    assert fields == {"site_name", "workers", "device"}
+    assert fields == {"site_name", "workers", "device", "approved_apps.0"}
+
+
+def test_approved_apps_are_sha256_digests(tmp_path: Path):
+    path = tmp_path / "site.toml"
+    digest = "0123456789abcdef" * 4
+    path.write_text(f'site_name = "A"\nmanifest = "m.csv"\napproved_apps = ["{digest}"]\n')
+    assert load_site_config(path).approved_apps == (digest,)

@@ -4,9 +4,11 @@ parsed and every command line, path, flag and config key in them is checked to e
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -44,32 +46,44 @@ def flags(command: list[str]) -> list[str]:
     return [c for c in command if c.startswith("--")]
 
 
-def help_text(executable: str) -> str:
-    if shutil.which(executable) is None:
-        pytest.skip(f"{executable} is not on PATH")
-    return subprocess.run([executable, "--help"], capture_output=True, text=True,
-                          timeout=60).stdout
+def help_text(command: list[str]) -> str:
+    """``--help`` of a myelofed command (run with this Python) or of a Flower executable."""
+    if command[0] == "myelofed":
+        command = [sys.executable, "-m", "common.cli", *command[1:]]
+    elif shutil.which(command[0]) is None:
+        pytest.skip(f"{command[0]} is not on PATH")
+    done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+SITE_JOIN = ["myelofed", "site", "join"]
+SERVER_START = ["myelofed", "server", "start"]
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: str(p.relative_to(DEPLOY)))
-def test_dockerfiles_copy_what_exists_and_start_flower_securely(path: Path) -> None:
+def test_dockerfiles_copy_what_exists_and_start_securely(path: Path) -> None:
     steps = dockerfile(path)
     for copy in steps["COPY"]:
         *sources, _ = copy.split()
         for source in sources:
             assert (ROOT / source).exists(), f"{path.name}: COPY {source}: not in the repository"
     entry = exec_form(steps["ENTRYPOINT"][-1])
-    command = entry + exec_form(steps["CMD"][-1])
-    assert entry[0] in ("flower-supernode", "flower-superlink")
-    assert "--insecure" not in command
-    known = help_text(entry[0])
+    command = exec_form(steps["CMD"][-1])
+    assert entry in (SITE_JOIN, SERVER_START), entry
+    assert "--insecure" not in command and "--allow-any-app" not in command
+    known = help_text(entry)
     for flag in flags(command):
-        assert flag in known, f"{path.name}: {entry[0]} has no option {flag}"
-    if entry[0] == "flower-superlink":
-        assert {"--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation"} <= set(command)
+        assert flag in known, f"{path.name}: {' '.join(entry)} has no option {flag}"
+    if entry == SERVER_START:
+        assert {"--secrets", "--state", "--port", "--control-port"} <= set(command)
+        # only the gateway's port is exposed; the SuperLink's own stays on loopback
+        assert steps["EXPOSE"] == [command[command.index("--port") + 1]]
+        assert command[command.index("--control-port") + 1] not in steps["EXPOSE"]
     else:
-        assert {"--root-certificates", "--auth-supernode-private-key"} <= set(command)
+        assert {"--ca", "--key", "--site-config"} <= set(command)
+        assert "EXPOSE" not in steps
     env = " ".join(steps["ENV"])
     for variable in ("FLWR_TELEMETRY_ENABLED=0", "FLWR_DISABLE_UPDATE_CHECK=1",
                      "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1"):
@@ -81,6 +95,7 @@ def test_the_compose_federation_is_secure_and_its_files_exist() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
     assert set(services) == {"superlink", "site_A", "site_B"}
+    known = help_text(SITE_JOIN)
     for name, service in services.items():
         build = service["build"]
         assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() in DOCKERFILES
@@ -89,14 +104,16 @@ def test_the_compose_federation_is_secure_and_its_files_exist() -> None:
             if source.startswith("./templates/"):
                 assert (DEPLOY / source).is_file(), f"{name}: {source} missing"
         if name == "superlink":
-            assert all(p.startswith("127.0.0.1:") for p in service["ports"])  # CLI: host only
+            assert "ports" not in service  # the sites reach the gateway on the compose network
+            secrets = [v.split(":")[0] for v in service["volumes"] if "/sites/" in v]
+            assert secrets and all(v.endswith(".pub") for v in secrets)  # no site's private key
             continue
         command = service["command"]
-        assert "--insecure" not in command
-        known = help_text("flower-supernode")
+        assert "--insecure" not in command and "--allow-any-app" not in command
         assert all(flag in known for flag in flags(command))
-        key = command[command.index("--auth-supernode-private-key") + 1]
-        assert key.endswith(f"/{name}") and f"site-name=\"{name}\"" in command[-1]
+        assert command[command.index("--key") + 1].endswith(f"/{name}")
+        config = next(v.split(":")[0] for v in service["volumes"] if v.endswith("site.toml:ro"))
+        assert load_site_config(DEPLOY / config).site_name == name
 
 
 def test_the_site_config_templates_load(tmp_path: Path) -> None:

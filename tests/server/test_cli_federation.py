@@ -3,6 +3,7 @@ commands a coordinator and a hospital run, as real processes on loopback, secure
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from server.launch import (
 )
 
 MYELOFED = Path(sys.executable).parent / "myelofed"
+APP_DIR = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("flower-superlink") is None or not MYELOFED.exists(),
@@ -33,21 +35,28 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 def test_a_coordinator_and_a_site_started_by_the_commands_meet_over_tls(tmp_path: Path):
     make_server_credentials(tmp_path / "coordinator", ["localhost", "127.0.0.1"])
     key = make_site_key(tmp_path / "site", "site_A")
-    (tmp_path / "site.toml").write_text('site_name = "site_A"\nmanifest = "cases.csv"\n')
-    port, node_port = free_ports(2)
+    hashed = subprocess.run([str(MYELOFED), "app-hash", str(APP_DIR)], capture_output=True,
+                            text=True, timeout=120)
+    digest = hashed.stdout.strip()
+    assert hashed.returncode == 0 and re.fullmatch(r"[0-9a-f]{64}", digest), hashed.stderr
+    (tmp_path / "unapproved.toml").write_text('site_name = "site_A"\nmanifest = "cases.csv"\n')
+    (tmp_path / "site.toml").write_text('site_name = "site_A"\nmanifest = "cases.csv"\n'
+                                        f'approved_apps = ["{digest}"]\n')
+    port, control_port, node_port = free_ports(3)
     marker = uuid.uuid4().hex
     env = {**flower_env(tmp_path / "home"), MARKER_ENV: marker}
     processes = []
     try:
         server = FlowerProcess.start("server", [
             str(MYELOFED), "server", "start", "--secrets", str(tmp_path / "coordinator"),
-            "--state", str(tmp_path / "state"), "--host", "127.0.0.1", "--port", str(port)],
-            tmp_path / "server.log", env)
+            "--state", str(tmp_path / "state"), "--host", "127.0.0.1", "--port", str(port),
+            "--control-port", str(control_port)], tmp_path / "server.log", env)
         processes.append(server)
         server.wait_ready(60, port=("127.0.0.1", port))
-        became = psutil.Process(server.popen.pid).cmdline()  # the command exec'd Flower
-        assert "--enable-supernode-auth" in became and "--ssl-certfile" in became
-        assert "--insecure" not in became
+        superlink = [p.cmdline() for p in psutil.Process(server.popen.pid).children()
+                     if "flower-superlink" in " ".join(p.cmdline())]
+        assert len(superlink) == 1 and "--enable-supernode-auth" in superlink[0]
+        assert "--ssl-certfile" in superlink[0] and "--insecure" not in superlink[0]
         registered = subprocess.run([str(MYELOFED), "server", "register", str(key.public),
                                      "--site", "site_A", "--state", str(tmp_path / "state")],
                                     env=env, capture_output=True, text=True, timeout=60)
@@ -59,6 +68,8 @@ def test_a_coordinator_and_a_site_started_by_the_commands_meet_over_tls(tmp_path
             "--port", str(node_port)], tmp_path / "site.log", env)
         processes.append(site)
         site.wait_ready(60, log_pattern=SUPERNODE_CONNECTED)  # accepted by the SuperLink
+        guarded = " ".join(psutil.Process(site.popen.pid).cmdline())
+        assert "-m client.supernode --site site_A --approve " + digest in guarded
     finally:
         stop_processes(processes, marker, grace_s=5)
     assert processes_marked(marker) == []
@@ -69,3 +80,9 @@ def test_a_coordinator_and_a_site_started_by_the_commands_meet_over_tls(tmp_path
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "--ca and --key are needed" in missing.stdout + \
         missing.stderr
+    # nor does a site that approved no app
+    unapproved = subprocess.run([str(MYELOFED), "site", "join", "--superlink", "127.0.0.1:1",
+                                 "--site-config", str(tmp_path / "unapproved.toml"), "--insecure"],
+                                capture_output=True, text=True, timeout=60)
+    assert unapproved.returncode == 2
+    assert "approved_apps: empty" in unapproved.stdout + unapproved.stderr

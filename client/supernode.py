@@ -1,0 +1,138 @@
+"""A site's SuperNode that runs only the study apps the site approved.
+
+With ``flwr run`` the coordinator ships the app (the ClientApp's code) to every site, and each
+SuperNode runs whatever arrives. Flower 1.42 can verify signed apps (``--trusted-entities``),
+but only with a SuperLink that vouches for them, which the free edition does not. So the site
+keeps its own allow-list: ``approved_apps`` in its site config, the SHA-256 of each approved
+app bundle (FAB) as ``myelofed app hash`` prints it (Flower builds a FAB reproducibly: same
+files, same hash).
+
+This module runs Flower's own ``flower-supernode`` in this process, with one step added where
+the SuperNode fetches the app of a run it has not seen yet: the bundle's SHA-256 must be
+approved, or the run is refused there, before a ClientApp is started, so no code of the app runs
+and no data is touched. The refusal is logged with the hash and answered to the coordinator as
+an error reply (Flower's "invalid FAB" error code, with the site's reason), so the study names
+the site and why. Every later message of that run is refused the same way.
+
+The hook is on a private function of ``flwr.supernode.start_client_internal`` (Flower 1.42.x,
+pinned in pyproject.toml); :func:`install` fails loudly when it is not where it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+#: The private function the hook wraps, and the parameters it must still have.
+_TARGET: Final = "_pull_and_store_message"
+_PARAMETERS: Final = ("state", "object_store", "receive", "get_fab")
+
+
+class AppRefused(Exception):
+    """The app of a run is not in the site's allow-list."""
+
+    def __init__(self, digest: str, run_id: int) -> None:
+        super().__init__(digest, run_id)
+        self.digest, self.run_id = digest, run_id
+
+
+def app_hash(app_dir: Path) -> str:
+    """The SHA-256 (hex) of the app bundle Flower builds from ``app_dir`` for ``flwr run``
+    (the folder with the app's pyproject.toml): what a site approves."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
+
+
+def is_app_hash(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def guard(original: Callable[..., Any], approved: frozenset[str], site: str
+          ) -> Callable[..., Any]:
+    """``original`` (Flower's pull-and-store step) with the app of every new run checked
+    against ``approved``; a refused run gets an error reply instead of a ClientApp."""
+    from logging import ERROR
+
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore import log
+    from flwr.supernode import start_client_internal as flower
+
+    def pull_and_store(**kwargs: Any) -> int | None:
+        received: list[Any] = []
+        receive, get_fab = kwargs["receive"], kwargs["get_fab"]
+
+        def receiving() -> Any:
+            got = receive()
+            if got is not None:
+                received.append(got[0])
+            return got
+
+        def checked_fab(fab_hash: str, run_id: int) -> Any:
+            fab = get_fab(fab_hash, run_id)
+            digest = hashlib.sha256(fab.content).hexdigest()
+            if digest not in approved:
+                raise AppRefused(digest, run_id)
+            return fab
+
+        try:
+            return original(**(kwargs | {"receive": receiving, "get_fab": checked_fab}))
+        except AppRefused as refused:
+            reason = (f"site {site} refuses run {refused.run_id}: its app {refused.digest} is "
+                      "not in the site's approved_apps")
+            log(ERROR, "MyeloFed: %s (nothing of it was run)", reason)
+            reply = Message(Error(ErrorCode.INVALID_FAB, reason), reply_to=received[-1])
+            flower._insert_message(reply, kwargs["state"], kwargs["object_store"])
+            return refused.run_id
+
+    return pull_and_store
+
+
+def install(approved: frozenset[str], site: str) -> None:
+    """Put the check into Flower's SuperNode (this process)."""
+    from flwr.supernode import start_client_internal as flower
+
+    original = getattr(flower, _TARGET, None)
+    if original is None or not set(_PARAMETERS) <= set(inspect.signature(original).parameters):
+        raise RuntimeError(f"flwr.supernode.start_client_internal.{_TARGET} is not the one this "
+                           "site guard was written for (Flower 1.42): the app allow-list "
+                           "cannot be enforced, so the SuperNode does not start")
+    if not hasattr(flower, "_insert_message"):
+        raise RuntimeError("flwr.supernode.start_client_internal._insert_message is missing")
+    setattr(flower, _TARGET, guard(original, approved, site))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m client.supernode --site NAME (--approve HASH ... | --allow-any-app) --
+    <flower-supernode arguments>``."""
+    parser = argparse.ArgumentParser(prog="python -m client.supernode",
+                                     description="flower-supernode with the site's app "
+                                     "allow-list")
+    parser.add_argument("--site", required=True)
+    parser.add_argument("--approve", action="append", default=[], metavar="SHA256")
+    parser.add_argument("--allow-any-app", action="store_true")
+    parser.add_argument("supernode_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
+    bad = [h for h in args.approve if not is_app_hash(h)]
+    if bad:
+        parser.error(f"--approve {bad[0]}: not a SHA-256 in lower-case hex")
+    if not args.approve and not args.allow_any_app:
+        parser.error("no approved app: give --approve (see 'myelofed app hash') or "
+                     "--allow-any-app")
+    if not args.allow_any_app:
+        install(frozenset(args.approve), args.site)
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *rest]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
