@@ -224,14 +224,17 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
 
     # --- phase 5: the CNN, through Flower's strategies (train and evaluate messages) ---------
 
-    def cnn_reply(msg: Message, site_name: str, metrics: dict[str, float],
-                  arrays: dict | None = None) -> Message:
+    def cnn_reply(msg: Message, site_name: str, protocol: StudyProtocol,
+                  metrics: dict[str, float], arrays: dict | None = None) -> Message:
+        """A train or evaluate reply: the metrics, the weights, and the site's name with the
+        hash of the protocol it worked under (the server refuses an update under another)."""
         from flwr.app import Array, ArrayRecord, MetricRecord
 
         content = RecordDict({"metrics": MetricRecord(metrics),
-                              "site": ConfigRecord({"name": site_name})})
+                              "site": ConfigRecord({"name": site_name,
+                                                    "protocol_hash": protocol.content_hash()})})
         if arrays is not None:
-            content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v))
+            content["arrays"] = ArrayRecord({k: Array(np.require(v, requirements="C"))
                                              for k, v in arrays.items()})
         return Message(content, reply_to=msg)
 
@@ -254,7 +257,7 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
         metrics = {"num-examples": result.n_examples, "train_loss": result.loss,
                    "train_seconds": result.seconds,
                    **{f"global_{k}": v for k, v in before.as_record().items()}}
-        return cnn_reply(msg, site.site_name, metrics, result.weights)
+        return cnn_reply(msg, site.site_name, protocol, metrics, result.weights)
 
     @app.evaluate()
     @guarded
@@ -270,7 +273,7 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
         interval = record_cnn(site, protocol, weights,
                               float(study["threshold"]) if "threshold" in study else 0.5,
                               int(study["seed"]) if "seed" in study else 0)
-        return cnn_reply(msg, site.site_name,
+        return cnn_reply(msg, site.site_name, protocol,
                          {"num-examples": result.test.n, **result.as_record(), **interval})
 
     return app

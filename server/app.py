@@ -477,42 +477,62 @@ def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Calla
     elif spec.aggregator == "fedadam":
         options |= {"eta": spec.learning_rate * 10, "eta_l": spec.learning_rate}
     checkpoints = settings.out_dir / "cnn"
+    protocol_hash = settings.protocol.content_hash()
 
     class PerSite(base):  # type: ignore[misc, valid-type]
         history: dict[int, dict[str, dict[str, float | None]]] = {}
-        failed: dict[str, str] = {}
+        failed: dict[str, str] = {}  # a site whose update was malformed: its first reason
+        left_out: list[dict[str, object]] = []  # every round a site was not averaged in, why
         started: dict[int, float] = {}
         round_seconds: dict[int, float] = {}  # from sending a round's messages to aggregating
+        asked: dict[int, set[str]] = {}
+        expected: dict[str, tuple[tuple[int, ...], str]] = {}  # the initial model's arrays
 
         def configure_train(self, server_round, arrays, config, grid):  # noqa: ANN001, ANN201
             self.started[server_round] = time.monotonic()
-            return [m for m in super().configure_train(server_round, arrays, config, grid)
-                    if m.metadata.dst_node_id in nodes]
+            if not self.expected:  # the network's own arrays (an aggregate may change dtypes)
+                self.expected = {k: (tuple(a.shape), str(a.dtype)) for k, a in arrays.items()}
+            messages = [m for m in super().configure_train(server_round, arrays, config, grid)
+                        if m.metadata.dst_node_id in nodes]
+            self.asked[server_round] = {nodes[m.metadata.dst_node_id] for m in messages}
+            return messages
+
+        def leave_out(self, server_round: int, site: str, kind: str, reason: str) -> None:
+            self.left_out.append({"round": server_round, "site": site, "kind": kind,
+                                  "reason": reason})
+            if kind == "excluded":  # the first reason a site's update was refused is kept
+                self.failed.setdefault(site, f"CNN round {server_round}: {reason}")
 
         def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
             replies = list(replies)
-            good = []
+            good, answered = [], set()
             for reply in replies:
                 site = nodes.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
-                if reply.has_error():  # the first reason a site was left out is kept
-                    self.failed.setdefault(site, f"CNN round {server_round}: error "
-                                                 f"{reply.error.code}: {reply.error.reason}")
+                answered.add(site)
+                if reply.has_error():  # a site that dropped out: asked again next round
+                    self.leave_out(server_round, site, "dropped",
+                                   f"error {reply.error.code}: {reply.error.reason}")
                     continue
-                bad = _bad_weights(reply)
+                bad = bad_update(reply, self.expected, protocol_hash)
                 if bad:
-                    self.failed.setdefault(site, f"CNN round {server_round}: {bad}")
+                    self.leave_out(server_round, site, "excluded", bad)
                     continue
                 self.history.setdefault(server_round, {})[site] = _numbers(
                     reply.content["metrics"])
                 good.append(reply)
+            for site in sorted(self.asked.get(server_round, set()) - answered):
+                self.leave_out(server_round, site, "dropped",
+                               f"no reply within {settings.timeout_s:g} s")
             arrays, metrics = super().aggregate_train(server_round, good)
             self.round_seconds[server_round] = time.monotonic() - self.started[server_round]
             if arrays is not None:
                 checkpoints.mkdir(parents=True, exist_ok=True)
                 _save_checkpoint(checkpoints / f"global_round_{server_round:03d}.npz", arrays)
+            out = [e for e in self.left_out if e["round"] == server_round]
             progress(f"  CNN round {server_round}/{spec.rounds}: {len(good)} site(s) trained"
                      + "".join(f", {s} loss {m['train_loss'] or float('nan'):.3f}"
-                               for s, m in sorted(self.history.get(server_round, {}).items())))
+                               for s, m in sorted(self.history.get(server_round, {}).items()))
+                     + "".join(f"; {e['site']} {e['kind']}: {e['reason']}" for e in out))
             return arrays, metrics
 
     return PerSite(**options)
@@ -523,14 +543,35 @@ def _numbers(metrics: Mapping[str, object]) -> dict[str, float | None]:
     return {k: (None if float(v) != float(v) else float(v)) for k, v in metrics.items()}
 
 
-def _bad_weights(reply: Message) -> str:
-    """Why a train reply's weights cannot be averaged ('' when they can)."""
-    if "arrays" not in reply.content or "metrics" not in reply.content:
+def bad_update(reply: Message, expected: Mapping[str, tuple[tuple[int, ...], str]],
+               protocol_hash: str) -> str:
+    """Why a site's train reply cannot be averaged ('' when it can): no weights or metrics, a
+    protocol other than the study's, weights whose names, shapes or types differ from the
+    global model's (``expected``: name -> (shape, dtype)), NaN or infinite values, or no
+    positive number of examples."""
+    content = reply.content
+    if "arrays" not in content or "metrics" not in content:
         return "no weights or no metrics in the reply"
-    for name, array in reply.content["arrays"].items():
+    site = content.get("site")
+    sent = None if site is None else site.get("protocol_hash")
+    if sent != protocol_hash:
+        return (f"trained under protocol {str(sent)[:12] if sent else '(none)'}, not the "
+                f"study's {protocol_hash[:12]}")
+    arrays = content["arrays"]
+    if set(arrays) != set(expected):
+        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        return f"weights do not match the model (missing {missing[:3]}, unknown {extra[:3]})"
+    for name, array in arrays.items():
         values = array.numpy()
+        shape, dtype = expected[name]
+        if tuple(values.shape) != shape or str(values.dtype) != dtype:
+            return (f"weight '{name}' is {values.dtype}{list(values.shape)}, the model's is "
+                    f"{dtype}{list(shape)}")
         if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
             return f"weight '{name}' holds NaN or infinite values"
+    examples = content["metrics"].get("num-examples")
+    if not isinstance(examples, (int, float)) or not examples > 0:
+        return f"num-examples is {examples!r}, not a positive count"
     return ""
 
 
@@ -550,7 +591,12 @@ def run_cnn(grid: Grid, nodes: dict[int, str], settings: StudySettings,
             ) -> dict[str, object]:
     """Phase 5: the protocol's CNN trained over ``cnn.rounds`` rounds with its aggregator; each
     train reply also carries the site's test metrics of the model it received; a last evaluate
-    round scores the final global model at every site."""
+    round scores the final global model at every site but those whose updates were refused.
+
+    A site that drops out of a round (an error reply, or none in time) is recorded in
+    ``left_out`` and asked again the next round; a round goes on with the others as long as
+    Flower's strategy has ``min_sites`` nodes. A malformed update (see :func:`bad_update`) is
+    recorded too, and its site is not scored at the end (``failed``)."""
     from client.cnn import build_network, float32_nbytes, state_arrays
 
     spec = settings.protocol.cnn
@@ -567,13 +613,19 @@ def run_cnn(grid: Grid, nodes: dict[int, str], settings: StudySettings,
                                    settings, seed=settings.seed,
                                    threshold=0.5 if prevalence is None else prevalence)}),
                                settings)
-    final_metrics = {site: _numbers(reply.content["metrics"])
-                     for site, reply in sorted(replies.items())}
+    final_metrics = {}
+    for site, reply in sorted(replies.items()):
+        sent = (reply.content.get("site") or {}).get("protocol_hash")
+        if sent != settings.protocol.content_hash() or "metrics" not in reply.content:
+            failed[site] = "final evaluation: not under the study's protocol"
+            continue
+        final_metrics[site] = _numbers(reply.content["metrics"])
     return {"architecture": spec.architecture, "aggregator": spec.aggregator,
             "rounds": spec.rounds, "weights_bytes": float32_nbytes(initial),
             "history": {str(r): sites for r, sites in sorted(strategy.history.items())},
             "round_seconds": {str(r): t for r, t in sorted(strategy.round_seconds.items())},
-            "final": final_metrics, "failed": strategy.failed | failed}
+            "left_out": strategy.left_out, "final": final_metrics,
+            "failed": strategy.failed | failed}
 
 
 Progress = Callable[[str], None]

@@ -206,6 +206,7 @@ def _cnn_section(cnn: dict[str, Any]) -> dict[str, Any]:
              for s, m in sorted(cnn.get("final", {}).items())]
     return {"architecture": cnn.get("architecture"), "aggregator": cnn.get("aggregator"),
             "rounds": cnn.get("rounds"), "final": final, "failed": cnn.get("failed", {}),
+            "left_out": cnn.get("left_out", []),
             "final_keys": sorted({k for m in cnn.get("final", {}).values() for k in m}),
             "figures": [
                 {"title": "CNN training loss per site and round",

@@ -1,5 +1,7 @@
 """Phase 5 over Flower: the CNN trained with a Flower strategy, each site's metrics kept by name,
-a checkpoint every round, and a site sending NaN weights left out of the average, by name."""
+a checkpoint every round; a site sending NaN weights, weights of the wrong shape or an update
+under another protocol is left out of the average, by name and reason, and a site that drops
+out of a round is asked again the next."""
 
 from __future__ import annotations
 
@@ -17,19 +19,30 @@ from server.study import StudySettings
 pytestmark = pytest.mark.slow
 
 
-def poison_mod(partition: int, from_round: int):  # noqa: ANN201 - a Flower mod
-    """Replaces one site's trained weights with NaN from ``from_round`` on."""
+def misbehave_mod(partition: int, by_round: dict[int, str]):  # noqa: ANN201 - a Flower mod
+    """One site's train replies go wrong in the rounds of ``by_round``: NaN weights, a weight
+    of the wrong shape, another protocol's hash, or an error reply (the site dropped out)."""
     def mod(msg, context, call_next):  # noqa: ANN001, ANN202
         reply = call_next(msg, context)
-        if (msg.metadata.message_type == "train"
-                and int(context.node_config["partition-id"]) == partition
-                and int(msg.content["study"]["server-round"]) >= from_round
-                and reply.has_content()):
-            from flwr.app import Array, ArrayRecord
+        if (msg.metadata.message_type != "train" or not reply.has_content()
+                or int(context.node_config["partition-id"]) != partition):
+            return reply
+        how = by_round.get(int(msg.content["study"]["server-round"]))
+        from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
 
-            reply.content["arrays"] = ArrayRecord(
-                {k: Array(np.full_like(v.numpy(), np.nan) if v.numpy().dtype.kind == "f"
-                          else v.numpy()) for k, v in reply.content["arrays"].items()})
+        weights = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        if how == "nan":
+            weights = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
+                       for k, v in weights.items()}
+        elif how == "shape":
+            name = next(k for k, v in weights.items() if v.ndim == 5)
+            weights[name] = weights[name][:, :, :-1]
+        elif how == "hash":
+            reply.content["site"] = ConfigRecord({"name": "x", "protocol_hash": "0" * 64})
+        elif how == "drop":
+            return Message(Error(0, "connection lost"), reply_to=msg)
+        reply.content["arrays"] = ArrayRecord({k: Array(np.require(v, requirements="C"))
+                                               for k, v in weights.items()})
         return reply
     return mod
 
@@ -44,21 +57,30 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
     write_cohort(cohort, CohortSpec(make_sites((30, 34, 38), True)), workers=2)
     protocol = load_protocol(cohort / "study.yaml").model_copy(update={
         "model": ModelSpec(screening_top_k=5, cv_folds=3, n_lambdas=3),
-        "cnn": CnnSpec(architecture="resnet10", crop_size=(16, 16, 8), rounds=3, batch_size=8,
+        "cnn": CnnSpec(architecture="resnet10", crop_size=(16, 16, 8), rounds=4, batch_size=8,
                        aggregator="fedmedian")})
     settings = StudySettings(protocol, tmp_path / "out", min_sites=2, timeout_s=300, seed=1,
                              combat=CombatOptions(min_batch_size=3, min_cell=1))
     run_simulation(server_app=make_server_app(settings, lambda _: None),
-                   client_app=make_client_app(cohort, mods=[poison_mod(2, from_round=2)]),
+                   client_app=make_client_app(cohort, mods=[
+                       misbehave_mod(2, {2: "nan", 3: "shape", 4: "hash"}),
+                       misbehave_mod(1, {2: "drop"})]),
                    num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1}})
 
     assert json.loads((tmp_path / "out" / "study.json").read_text())["status"] == "done"
     report = json.loads((tmp_path / "out" / "cnn.json").read_text())
     assert report["aggregator"] == "fedmedian" and report["weights_bytes"] > 1e5
     assert set(report["history"]["1"]) == {"site_A", "site_B", "site_C"}
-    for r in ("2", "3"):  # site_C's NaN weights are named and left out
+    assert set(report["history"]["2"]) == {"site_A"}  # fedmedian of one: site_A's weights
+    for r in ("3", "4"):  # site_B is back after its drop; site_C stays out, each time named
         assert set(report["history"][r]) == {"site_A", "site_B"}
-    assert "NaN" in report["failed"]["site_C"]
+    left_out = {(e["round"], e["site"]): (e["kind"], e["reason"]) for e in report["left_out"]}
+    assert set(left_out) == {(2, "site_B"), (2, "site_C"), (3, "site_C"), (4, "site_C")}
+    assert left_out[2, "site_B"] == ("dropped", "error 0: connection lost")
+    assert left_out[2, "site_C"][0] == "excluded" and "NaN" in left_out[2, "site_C"][1]
+    assert "the model's is float32[" in left_out[3, "site_C"][1]
+    assert "not the study's" in left_out[4, "site_C"][1]
+    assert report["failed"] == {"site_C": "CNN round 2: " + left_out[2, "site_C"][1]}
     for metrics in report["history"]["2"].values():  # the model of round 1, at each site
         assert metrics["num-examples"] > 0 and np.isfinite(metrics["train_loss"])
         assert 0.0 <= metrics["global_test_auc"] <= 1.0
@@ -75,7 +97,13 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
         assert len(cnn["overlays"]) == 4 and cnn["roc"]["CNN"]
         assert "Grad-CAM" in (folder / "site_report.html").read_text()
     checkpoints = sorted((tmp_path / "out" / "cnn").glob("global_round_*.npz"))
-    assert [c.name for c in checkpoints] == [f"global_round_{r:03d}.npz" for r in (1, 2, 3)]
+    assert [c.name for c in checkpoints] == [f"global_round_{r:03d}.npz" for r in (1, 2, 3, 4)]
     with np.load(checkpoints[-1]) as final:
         assert all(np.all(np.isfinite(final[k])) for k in final.files
                    if final[k].dtype.kind == "f")
+    # the multicentre report names every round a site was left out of, and why
+    from server.report import write_report
+
+    html = write_report(tmp_path / "out")["html"].read_text()
+    assert "Rounds a site was left out of" in html and "error 0: connection lost" in html
+    assert "Sites not scored with the final CNN" in html and "not the study&#39;s" in html
