@@ -287,20 +287,23 @@ def decision_curve(y: np.ndarray, risk: np.ndarray,
     """Net benefit = TP/N - FP/N x pt / (1 - pt) at threshold probabilities pt.
 
     Net benefit at two thresholds gives the positives and negatives whose risk lies between
-    them, so only thresholds that split the patients into groups of 0 or at least ``min_count``
-    are kept (:func:`coarse_thresholds`): a curve never tells apart fewer patients than a
-    calibration bin holds."""
+    them, so the model's net benefit is NaN at every threshold that would tell apart a group of
+    fewer than ``min_count`` patients (:func:`coarse_thresholds`): a curve never splits off
+    fewer patients than a calibration bin holds. Every threshold keeps its point (treating all
+    depends on the prevalence only), so the curve's length is the protocol's, not the data's."""
     y, risk = _binary(y, risk, "decision curve")
     n, prevalence = len(y), float(y.mean())
     for pt in thresholds:
         if not 0 < pt < 1:
             raise ValueError(f"decision curve: threshold {pt} is not strictly between 0 and 1")
+    kept = set(coarse_thresholds(risk, thresholds, min_count))
     points = []
-    for pt in coarse_thresholds(risk, thresholds, min_count):
+    for pt in thresholds:
         odds = pt / (1 - pt)
         treat = risk >= pt
         tp, fp = np.sum(treat & (y == 1)), np.sum(treat & (y == 0))
-        points.append(DecisionPoint(float(pt), float(tp / n - fp / n * odds),
+        model = float(tp / n - fp / n * odds) if float(pt) in kept else NAN
+        points.append(DecisionPoint(float(pt), model,
                                     float(prevalence - (1 - prevalence) * odds)))
     return points
 

@@ -105,8 +105,8 @@ def calibration_figure(curves: Mapping[str, Sequence[Sequence[float]]], title: s
 
 def decision_figure(curves: Mapping[str, Sequence[Sequence[float]]], title: str) -> str:
     """Net benefit against threshold probability (``[threshold, model, treat_all]`` rows): each
-    curve's model (solid, a dot at each threshold the site sent) and treating all of its
-    patients (dashed, same colour)."""
+    curve's model (solid, a dot at each threshold the site sent a value for; NaN where it
+    withheld one) and treating all of its patients (dashed, same colour)."""
     fig, ax = plt.subplots(figsize=(5.2, 4.0))
     top = 0.05
     for k, (name, rows) in enumerate(curves.items()):
@@ -115,7 +115,7 @@ def decision_figure(curves: Mapping[str, Sequence[Sequence[float]]], title: str)
             colour = COLOURS[k % len(COLOURS)]
             ax.plot(pt, model, color=colour, marker="o", ms=3, label=name)
             ax.plot(pt, everyone, color=colour, ls="--", lw=0.8, label=f"{name}: treat all")
-            top = max(top, float(np.nanmax(model)), float(np.nanmax(everyone)))
+            top = max([top, *model[np.isfinite(model)], *everyone[np.isfinite(everyone)]])
     ax.axhline(0, color="black", lw=0.8, label="treat none")
     ax.set_ylim(-0.05, top * 1.1)
     ax.set_xlabel("threshold probability")

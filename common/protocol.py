@@ -299,11 +299,10 @@ class ValidationSpec(_Frozen):
 
     ``min_count``: the fewest patients in any group a curve a site sends tells apart: a
     calibration bin, or the patients between two thresholds of the decision curve (a site
-    leaves out the thresholds that would split off fewer); a test set smaller than it sends no
-    calibration curve. ``n_bins``: the most calibration bins.
+    withholds the model's net benefit, NaN, at thresholds that would split off fewer); a test
+    set smaller than it sends no calibration curve. ``n_bins``: the most calibration bins.
     ``bootstrap``: resamples of the stratified bootstrap CI of the AUC (0 = DeLong's CI only).
-    ``decision_thresholds``: the threshold probabilities of the decision curve (those that
-    qualify under ``min_count``).
+    ``decision_thresholds``: the threshold probabilities of the decision curve.
     """
 
     min_count: int = Field(5, ge=1)

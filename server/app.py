@@ -50,12 +50,16 @@ from harmonization.combat import (
     estimate_batch_adjustment,
 )
 from server.study import (
+    Checkpoint,
     HandshakeSummary,
+    PrepareSummary,
     StudySettings,
     StudyStopped,
     check_handshake,
     check_prepare,
     combat_design,
+    load_prepare,
+    open_checkpoint,
     pool_sites,
     require_sites,
     training_prevalence,
@@ -75,14 +79,17 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
 def run_handshake(grid: Grid, settings: StudySettings) -> HandshakeSummary:
     """Phase 1: the protocol and its hash to every site; counts (or a refusal) back."""
     nodes = {n: f"node {n}" for n in wait_for_nodes(grid, settings.min_sites, settings.timeout_s)}
+    started = time.monotonic()
     replies, failed = exchange(grid, nodes, "query.handshake",
                                lambda _: RecordDict({"study": _study_config(settings)}), settings)
+    seconds = time.monotonic() - started
     answers = collect(replies, failed, None, HandshakeReply)
     nodes_of = {replies[sender].metadata.src_node_id: answer.site
                 for sender, answer in answers.items()}
     summary = dataclasses.replace(check_handshake(list(answers.values()), failed, settings),
                                   nodes=nodes_of)
-    atomic_write_json(settings.out_dir / "handshake.json", summary.to_json())
+    atomic_write_json(settings.out_dir / "handshake.json",
+                      {**summary.to_json(), "round_seconds": seconds})
     return summary
 
 
@@ -117,27 +124,51 @@ def exchange(grid: Grid, nodes: dict[int, str], message_type: str,
     (by name, with the reason)."""
     messages = [Message(content(node), message_type=message_type, dst_node_id=node,
                         group_id=message_type) for node in nodes]
-    replies, failed = {}, {}
+    replies, failed, orphans = {}, {}, []
     for reply in grid.send_and_receive(messages, timeout=settings.timeout_s):
-        site = nodes.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
-        if reply.has_error():
-            failed[site] = f"{message_type}: error {reply.error.code}: {reply.error.reason}"
+        site = nodes.get(reply.metadata.src_node_id)
+        if site is None:  # Flower's own error for a node that went silent
+            orphans.append(_why(reply))
+        elif reply.has_error():
+            failed[site] = f"{message_type}: {_why(reply)}"
         else:
             replies[site] = reply
-    for site in set(nodes.values()) - set(replies) - set(failed):
-        failed[site] = f"{message_type}: no reply within {settings.timeout_s:g} s"
+    for site, why in _unanswered(set(nodes.values()) - set(replies) - set(failed), orphans,
+                                 settings.timeout_s):
+        failed[site] = f"{message_type}: {why}"
     return replies, failed
+
+
+def _why(reply: Message) -> str:
+    return (f"error {reply.error.code}: {reply.error.reason}" if reply.has_error()
+            else "a reply from a node that is not a site of the study")
+
+
+def _unanswered(sites: set[str], orphans: list[str], timeout_s: float
+                ) -> list[tuple[str, str]]:
+    """Why each of ``sites`` gave no reply of its own. Flower answers for a node that stopped
+    sending heartbeats with an error from the SuperLink (not from the node): when there are as
+    many such errors as silent sites, each site gets one; otherwise they are named together."""
+    sites_sorted = sorted(sites)
+    if orphans and len(orphans) == len(sites_sorted):
+        return list(zip(sites_sorted, orphans))
+    why = f"no reply within {timeout_s:g} s"
+    if orphans:
+        why += f" ({'; '.join(sorted(set(orphans)))})"
+    return [(site, why) for site in sites_sorted]
 
 
 def run_prepare(grid: Grid, nodes: dict[int, str], settings: StudySettings):  # noqa: ANN201
     """Phase 2: each site extracts (cached) and splits; counts back."""
+    started = time.monotonic()
     replies, failed = exchange(
         grid, nodes, "query.prepare",
         lambda _: RecordDict({"study": _study_config(
             settings, seed=settings.seed, test_fraction=settings.test_fraction)}), settings)
     parsed = list(collect(replies, failed, None, PrepareReply).values())
     summary = check_prepare(parsed, failed, settings)
-    atomic_write_json(settings.out_dir / "prepare.json", summary.to_json())
+    atomic_write_json(settings.out_dir / "prepare.json",
+                      {**summary.to_json(), "round_seconds": time.monotonic() - started})
     return summary
 
 
@@ -454,11 +485,17 @@ STRATEGIES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam",
               "fedmedian": "FedMedian", "trimmed_mean": "FedTrimmedAvg", "krum": "Krum"}
 
 
-def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Callable[[str], None]
+def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Callable[[str], None],
+                 expected: Mapping[str, np.ndarray], checkpoint: Checkpoint | None = None
                  ):  # noqa: ANN201 - a flwr Strategy
     """The protocol's aggregator as one of Flower's strategies, extended to keep each site's
     metrics by name every round (Flower's own only average them), to send only to the sites
-    still in the study, and to checkpoint the global model after every round."""
+    still in the study, to refuse updates unlike ``expected`` (the network's arrays) and to
+    checkpoint the global model and the rounds' records after every round.
+
+    With a ``checkpoint`` of a study restarted after CNN round k, Flower's rounds 1, 2, ...
+    are the study's rounds k + 1, k + 2, ... (what the sites are told, and what is recorded),
+    and the records of rounds 1..k are read back from ``cnn_progress.json``."""
     from flwr.serverapp import strategy as flower
 
     spec = settings.protocol.cnn
@@ -478,20 +515,26 @@ def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Calla
         options |= {"eta": spec.learning_rate * 10, "eta_l": spec.learning_rate}
     checkpoints = settings.out_dir / "cnn"
     protocol_hash = settings.protocol.content_hash()
+    offset = checkpoint.cnn_round if checkpoint is not None else 0
+    saved: dict = {}
+    if offset:
+        saved = json.loads((settings.out_dir / "cnn_progress.json").read_text())
 
     class PerSite(base):  # type: ignore[misc, valid-type]
-        history: dict[int, dict[str, dict[str, float | None]]] = {}
-        failed: dict[str, str] = {}  # a site whose update was malformed: its first reason
-        left_out: list[dict[str, object]] = []  # every round a site was not averaged in, why
+        history: dict[int, dict[str, dict[str, float | None]]] = {
+            int(r): sites for r, sites in saved.get("history", {}).items()}
+        failed: dict[str, str] = dict(saved.get("failed", {}))  # a malformed update's site
+        left_out: list[dict[str, object]] = list(saved.get("left_out", []))  # who, when, why
         started: dict[int, float] = {}
-        round_seconds: dict[int, float] = {}  # from sending a round's messages to aggregating
+        round_seconds: dict[int, float] = {  # from sending a round's messages to aggregating
+            int(r): t for r, t in saved.get("round_seconds", {}).items()}
         asked: dict[int, set[str]] = {}
-        expected: dict[str, tuple[tuple[int, ...], str]] = {}  # the initial model's arrays
+        #: the network's own arrays (an aggregate may change a dtype, a site's reply may not)
+        shapes = {k: (tuple(a.shape), str(a.dtype)) for k, a in expected.items()}
 
         def configure_train(self, server_round, arrays, config, grid):  # noqa: ANN001, ANN201
+            server_round += offset
             self.started[server_round] = time.monotonic()
-            if not self.expected:  # the network's own arrays (an aggregate may change dtypes)
-                self.expected = {k: (tuple(a.shape), str(a.dtype)) for k, a in arrays.items()}
             messages = [m for m in super().configure_train(server_round, arrays, config, grid)
                         if m.metadata.dst_node_id in nodes]
             self.asked[server_round] = {nodes[m.metadata.dst_node_id] for m in messages}
@@ -504,36 +547,48 @@ def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Calla
                 self.failed.setdefault(site, f"CNN round {server_round}: {reason}")
 
         def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
-            replies = list(replies)
-            good, answered = [], set()
+            server_round += offset
+            good, answered, orphans = [], set(), []
             for reply in replies:
-                site = nodes.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
+                site = nodes.get(reply.metadata.src_node_id)
+                if site is None:  # Flower's own error for a node that went silent
+                    orphans.append(_why(reply))
+                    continue
                 answered.add(site)
                 if reply.has_error():  # a site that dropped out: asked again next round
-                    self.leave_out(server_round, site, "dropped",
-                                   f"error {reply.error.code}: {reply.error.reason}")
+                    self.leave_out(server_round, site, "dropped", _why(reply))
                     continue
-                bad = bad_update(reply, self.expected, protocol_hash)
+                bad = bad_update(reply, self.shapes, protocol_hash)
                 if bad:
                     self.leave_out(server_round, site, "excluded", bad)
                     continue
                 self.history.setdefault(server_round, {})[site] = _numbers(
                     reply.content["metrics"])
                 good.append(reply)
-            for site in sorted(self.asked.get(server_round, set()) - answered):
-                self.leave_out(server_round, site, "dropped",
-                               f"no reply within {settings.timeout_s:g} s")
+            for site, why in _unanswered(self.asked.get(server_round, set()) - answered,
+                                         orphans, settings.timeout_s):
+                self.leave_out(server_round, site, "dropped", why)
             arrays, metrics = super().aggregate_train(server_round, good)
             self.round_seconds[server_round] = time.monotonic() - self.started[server_round]
             if arrays is not None:
                 checkpoints.mkdir(parents=True, exist_ok=True)
                 _save_checkpoint(checkpoints / f"global_round_{server_round:03d}.npz", arrays)
+                atomic_write_json(settings.out_dir / "cnn_progress.json", self.records())
+                if checkpoint is not None:
+                    checkpoint.cnn_round = server_round
+                    checkpoint.save(settings.out_dir)
             out = [e for e in self.left_out if e["round"] == server_round]
             progress(f"  CNN round {server_round}/{spec.rounds}: {len(good)} site(s) trained"
                      + "".join(f", {s} loss {m['train_loss'] or float('nan'):.3f}"
                                for s, m in sorted(self.history.get(server_round, {}).items()))
                      + "".join(f"; {e['site']} {e['kind']}: {e['reason']}" for e in out))
             return arrays, metrics
+
+        def records(self) -> dict[str, object]:
+            """Per round: each site's metrics, the seconds it took, who was left out, why."""
+            return {"history": {str(r): m for r, m in sorted(self.history.items())},
+                    "round_seconds": {str(r): t for r, t in sorted(self.round_seconds.items())},
+                    "left_out": self.left_out, "failed": self.failed}
 
     return PerSite(**options)
 
@@ -587,8 +642,8 @@ def _save_checkpoint(path: Path, arrays: ArrayRecord) -> None:
 
 
 def run_cnn(grid: Grid, nodes: dict[int, str], settings: StudySettings,
-            progress: Callable[[str], None], prevalence: float | None = None
-            ) -> dict[str, object]:
+            progress: Callable[[str], None], prevalence: float | None = None,
+            checkpoint: Checkpoint | None = None) -> dict[str, object]:
     """Phase 5: the protocol's CNN trained over ``cnn.rounds`` rounds with its aggregator; each
     train reply also carries the site's test metrics of the model it received; a last evaluate
     round scores the final global model at every site but those whose updates were refused.
@@ -596,17 +651,25 @@ def run_cnn(grid: Grid, nodes: dict[int, str], settings: StudySettings,
     A site that drops out of a round (an error reply, or none in time) is recorded in
     ``left_out`` and asked again the next round; a round goes on with the others as long as
     Flower's strategy has ``min_sites`` nodes. A malformed update (see :func:`bad_update`) is
-    recorded too, and its site is not scored at the end (``failed``)."""
+    recorded too, and its site is not scored at the end (``failed``). With a ``checkpoint``
+    after round k, training goes on from round k's saved global model."""
     from client.cnn import build_network, float32_nbytes, state_arrays
 
     spec = settings.protocol.cnn
     network = build_network(spec, settings.protocol.task.kind, seed=settings.seed)
     initial = state_arrays(network)
-    strategy = cnn_strategy(settings, nodes, progress)
-    result = strategy.start(grid, ArrayRecord({k: Array(v) for k, v in initial.items()}),
-                            num_rounds=spec.rounds, timeout=settings.timeout_s,
-                            train_config=_study_config(settings, seed=settings.seed))
-    final = result.arrays
+    strategy = cnn_strategy(settings, nodes, progress, initial, checkpoint)
+    done = checkpoint.cnn_round if checkpoint is not None else 0
+    start = initial
+    if done:
+        with np.load(settings.out_dir / "cnn" / f"global_round_{done:03d}.npz") as saved:
+            start = {k: saved[k] for k in saved.files}
+        progress(f"  CNN: going on from the global model of round {done}")
+    final = ArrayRecord({k: Array(v) for k, v in start.items()})
+    if done < spec.rounds:
+        final = strategy.start(grid, final, num_rounds=spec.rounds - done,
+                               timeout=settings.timeout_s,
+                               train_config=_study_config(settings, seed=settings.seed)).arrays
     replies, failed = exchange(grid, {n: s for n, s in nodes.items()
                                       if s not in strategy.failed}, "evaluate",
                                lambda _: RecordDict({"arrays": final, "study": _study_config(
@@ -622,10 +685,7 @@ def run_cnn(grid: Grid, nodes: dict[int, str], settings: StudySettings,
         final_metrics[site] = _numbers(reply.content["metrics"])
     return {"architecture": spec.architecture, "aggregator": spec.aggregator,
             "rounds": spec.rounds, "weights_bytes": float32_nbytes(initial),
-            "history": {str(r): sites for r, sites in sorted(strategy.history.items())},
-            "round_seconds": {str(r): t for r, t in sorted(strategy.round_seconds.items())},
-            "left_out": strategy.left_out, "final": final_metrics,
-            "failed": strategy.failed | failed}
+            **strategy.records(), "final": final_metrics, "failed": strategy.failed | failed}
 
 
 Progress = Callable[[str], None]
@@ -638,13 +698,23 @@ def _flower_log(line: str) -> None:
 def run_study(grid: Grid, settings: StudySettings, progress: Progress = _flower_log) -> None:
     """The phases in order, up to ``settings.until``; ``study.json`` says how it ended.
     ``progress`` gets a line per phase and round (Flower's log by default: ``flwr run
-    --stream`` shows it)."""
+    --stream`` shows it).
+
+    A coordinator restarted mid-study goes on from its checkpoint (:func:`open_checkpoint`):
+    the handshake runs again (which sites are there, on which protocol), finished phases are
+    read back from their files instead of being redone, and the CNN goes on after its last
+    saved round."""
+    checkpoint, resumed = open_checkpoint(settings)
     status = {"status": "done", "until": settings.until, "reason": ""}
     atomic_write_json(settings.out_dir / "protocol.json",  # the report shows what was run
                       {"hash": settings.protocol.content_hash(),
                        "protocol": settings.protocol.model_dump(mode="json"),
                        "settings": settings.to_run_config("(this file)")})
     try:
+        if resumed:
+            progress(f"resuming the study in {settings.out_dir}: finished "
+                     f"{', '.join(checkpoint.done) or 'no phase'}"
+                     + (f", CNN round {checkpoint.cnn_round}" if checkpoint.cnn_round else ""))
         progress(f"phase 1/5 handshake: waiting for {settings.min_sites}+ sites")
         summary = run_handshake(grid, settings)
         if not summary.go_on:
@@ -653,45 +723,70 @@ def run_study(grid: Grid, settings: StudySettings, progress: Progress = _flower_
         progress(f"handshake: {len(nodes)} site(s) go on"
                  + (f", excluded {summary.excluded}" if summary.excluded else ""))
         if settings.runs("prepare"):
-            progress("phase 2/5 local preparation: ingest, standardize, extract, split")
-            prepared = run_prepare(grid, nodes, settings)
-            if not prepared.go_on:
-                raise StudyStopped(f"local preparation: {prepared.reason}")
+            if checkpoint.finished("prepare"):
+                prepared = load_prepare(settings.out_dir)
+                progress("phase 2/5 local preparation: done before the restart")
+            else:
+                progress("phase 2/5 local preparation: ingest, standardize, extract, split")
+                prepared = run_prepare(grid, nodes, settings)
+                if not prepared.go_on:
+                    raise StudyStopped(f"local preparation: {prepared.reason}")
+                checkpoint.finish(settings.out_dir, "prepare")
             kept = {r.site for r in prepared.kept}
             nodes = {n: s for n, s in nodes.items() if s in kept}
             if settings.runs("combat"):
-                progress("phase 3/5 federated ComBat")
-                failed = run_combat(grid, nodes, prepared.kept, settings)
+                if checkpoint.finished("combat"):
+                    failed = json.loads((settings.out_dir / "combat.json").read_text())["failed"]
+                    progress("phase 3/5 federated ComBat: done before the restart")
+                else:
+                    progress("phase 3/5 federated ComBat")
+                    failed = run_combat(grid, nodes, prepared.kept, settings)
+                    checkpoint.finish(settings.out_dir, "combat")
                 nodes = {n: s for n, s in nodes.items() if s not in failed}
-            if settings.runs("model"):
-                names = prepared.kept[0].feature_names
-                progress("phase 4/5 radiomics model on raw features")
-                passes = [run_model(grid, nodes, names, settings, False, progress)]
-                if settings.runs("combat"):
-                    progress("phase 4/5 radiomics model on harmonized features")
-                    passes.append(run_model(grid, nodes, names, settings, True, progress))
-                atomic_write_json(settings.out_dir / "model.json",
-                                  {"models": [report for _, _, report in passes]})
-                if (settings.protocol.model.clinical
-                        and settings.protocol.task.kind is TaskKind.CLASSIFICATION):
-                    models, sets, report = passes[-1]  # harmonized when ComBat ran
-                    prevalence = {n: t["prevalence"]
-                                  for n, t in report["training_sets"].items()}
-                    atomic_write_json(settings.out_dir / "nomogram.json", run_nomogram(
-                        grid, nodes, settings, models, sets, prevalence, len(passes) == 2,
-                        progress))
+            if settings.runs("model") and checkpoint.finished("model"):
+                progress("phase 4/5 radiomics model: done before the restart")
+            elif settings.runs("model"):
+                run_models(grid, nodes, prepared, settings, progress)
+                checkpoint.finish(settings.out_dir, "model")
             if settings.runs("cnn") and settings.protocol.cnn is not None:
                 progress(f"phase 5/5 CNN: {settings.protocol.cnn.architecture}, "
                          f"{settings.protocol.cnn.rounds} rounds of "
                          f"{settings.protocol.cnn.aggregator}")
                 atomic_write_json(settings.out_dir / "cnn.json", run_cnn(
-                    grid, nodes, settings, progress, training_prevalence(prepared.kept)))
+                    grid, nodes, settings, progress, training_prevalence(prepared.kept),
+                    checkpoint))
+                checkpoint.finish(settings.out_dir, "cnn")
     except StudyStopped as exc:
         status = {"status": "stopped", "until": settings.until, "reason": str(exc)}
         progress(f"stopped: {exc}")
         raise
+    except BaseException as exc:  # the coordinator failed: a restart resumes the study
+        status = {"status": "failed", "until": settings.until,
+                  "reason": f"{type(exc).__name__}: {exc}"[:500]}
+        raise
     finally:
         atomic_write_json(settings.out_dir / "study.json", status)
+
+
+def run_models(grid: Grid, nodes: dict[int, str], prepared: PrepareSummary,
+               settings: StudySettings, progress: Progress) -> None:
+    """Phase 4: the radiomics model on raw features, and on harmonized ones when ComBat ran
+    (``model.json``); then the nomogram when the protocol names clinical factors
+    (``nomogram.json``)."""
+    names = prepared.kept[0].feature_names
+    progress("phase 4/5 radiomics model on raw features")
+    passes = [run_model(grid, nodes, names, settings, False, progress)]
+    if settings.runs("combat"):
+        progress("phase 4/5 radiomics model on harmonized features")
+        passes.append(run_model(grid, nodes, names, settings, True, progress))
+    atomic_write_json(settings.out_dir / "model.json",
+                      {"models": [report for _, _, report in passes]})
+    if (settings.protocol.model.clinical
+            and settings.protocol.task.kind is TaskKind.CLASSIFICATION):
+        models, sets, report = passes[-1]  # harmonized when ComBat ran
+        prevalence = {n: t["prevalence"] for n, t in report["training_sets"].items()}
+        atomic_write_json(settings.out_dir / "nomogram.json", run_nomogram(
+            grid, nodes, settings, models, sets, prevalence, len(passes) == 2, progress))
 
 
 def make_server_app(settings: StudySettings | None = None,

@@ -27,6 +27,7 @@ sessions, so killing our process groups is not enough: every process gets a mark
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -544,6 +545,9 @@ class LocalFederation:
     marker: str = field(default_factory=lambda: uuid.uuid4().hex, init=False)
     superlink_port: int = field(default=0, init=False)
     gateway_port: int = field(default=0, init=False)
+    node_args: dict[str, tuple[Path, int, tuple[str, ...] | None]] = field(
+        default_factory=dict, init=False)
+    superlink_argv: list[str] = field(default_factory=list, init=False)
     killed: list[str] = field(default_factory=list, init=False)
 
     @property
@@ -593,9 +597,10 @@ class LocalFederation:
             credentials = make_server_credentials(secrets, ["localhost", self.host])
             tls = ServerTls(credentials.ca_cert, credentials.cert, credentials.key)
             self.ca_cert = credentials.ca_cert
-        superlink = self._spawn("superlink", superlink_command(
+        self.superlink_argv = superlink_command(
             port=self.superlink_port, tls=tls, host=self.host,
-            database=self.folder / "superlink.db", supernode_auth=self.secure))
+            database=self.folder / "superlink.db", supernode_auth=self.secure)
+        superlink = self._spawn("superlink", self.superlink_argv)
         superlink.wait_ready(self.ready_timeout_s, port=(self.host, self.superlink_port))
         if self.gateway:
             self._spawn("gateway", gateway_command(
@@ -610,24 +615,81 @@ class LocalFederation:
             node.wait_ready(self.ready_timeout_s, log_pattern=SUPERNODE_CONNECTED)
 
     def start_node(self, site: str, site_config: Path, port: int | None = None, *,
-                   register: bool = True, approved_apps: tuple[str, ...] | None = None
-                   ) -> FlowerProcess:
+                   register: bool = True, approved_apps: tuple[str, ...] | None = None,
+                   name: str | None = None) -> FlowerProcess:
         """Start one site's SuperNode (not waiting for it). Secure: with a new key pair of
         its own, registered at the SuperLink first unless ``register`` is False (such a node
         is refused). It runs the apps of ``approved_apps`` (default: the federation's)."""
-        from common.security import make_site_key
+        from common.security import SiteKey, make_site_key
 
         port = port or free_ports(1, self.host)[0]
+        self.node_args[site] = (Path(site_config), port, approved_apps)
         key = None
         if self.secure:
-            key = make_site_key(self.folder / "secrets" / "sites", site)
-            if register:
-                self.register(site, key.public)
-        return self._spawn(f"supernode-{site}", approving(supernode_command(
+            keys = self.folder / "secrets" / "sites"
+            if (keys / site).exists():  # a restart: the same key, so the same node id
+                key = SiteKey(keys / site, keys / f"{site}.pub")
+            else:
+                key = make_site_key(keys, site)
+                if register:
+                    self.register(site, key.public)
+        return self._spawn(name or f"supernode-{site}", approving(supernode_command(
             superlink=self.fleet_address, port=port, host=self.host, root_certificates=self.ca_cert,
             auth_private_key=None if key is None else key.private,
             node_config={"site-name": site, "site-config": str(site_config)}), site,
             approved_apps or self.approved_apps))
+
+    def kill_node(self, site: str) -> None:
+        """Kill ``site``'s SuperNode and the ClientApp it runs (SIGKILL: a crash or a pulled
+        cable, no goodbye to the SuperLink)."""
+        self._kill(f"supernode-{site}")
+
+    def kill_superlink(self) -> None:
+        """Kill the SuperLink and what it runs (the ServerApp): the coordinator's machine going
+        down in the middle of a study. Its database stays."""
+        self._kill("superlink")
+
+    def restart_superlink(self) -> FlowerProcess:
+        """Start the SuperLink again, on its port and with its database (registered nodes,
+        past runs), and wait for its port."""
+        count = sum(p.name.startswith("superlink") for p in self.processes)
+        superlink = self._spawn(f"superlink-restart{count}", self.superlink_argv)
+        superlink.wait_ready(self.ready_timeout_s, port=(self.host, self.superlink_port))
+        return superlink
+
+    def _kill(self, prefix: str) -> None:
+        process = next(p for p in reversed(self.processes)
+                       if p.name.startswith(prefix) and p.popen.poll() is None)
+        try:
+            tree = [psutil.Process(process.popen.pid),
+                    *psutil.Process(process.popen.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for proc in tree:
+            _signal(proc, signal.SIGKILL)
+        process.popen.wait(timeout=30)
+
+    def restart_node(self, site: str, timeout_s: float = 300.0, every_s: float = 5.0
+                     ) -> FlowerProcess:
+        """Start ``site``'s SuperNode again (same config, port, key and node id) and wait until
+        the SuperLink has accepted it, as a site's service manager would (systemd
+        ``Restart=always``, Docker's restart policy): until the SuperLink has seen the old
+        process's heartbeats stop (about a minute), it refuses to activate the same node
+        (Flower exit code 305), so a refused start is tried again every ``every_s``."""
+        config, port, approved = self.node_args[site]
+        deadline = time.monotonic() + timeout_s
+        for attempt in itertools.count(1):
+            node = self.start_node(site, config, port, approved_apps=approved,
+                                   name=f"supernode-{site}-restart{attempt}")
+            try:
+                node.wait_ready(max(1.0, deadline - time.monotonic()),
+                                log_pattern=SUPERNODE_CONNECTED)
+                return node
+            except FederationError:
+                if node.popen.poll() is None or time.monotonic() + every_s > deadline:
+                    raise
+                time.sleep(every_s)
+        raise AssertionError("unreachable")
 
     def register(self, site: str, public_key: Path) -> None:
         """``flwr supernode register``: let the SuperNode holding ``public_key``'s private

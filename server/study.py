@@ -35,6 +35,7 @@ class StudySettings:
     test_fraction: float = 0.3
     combat: CombatOptions = CombatOptions()
     until: str = PHASES[-1]  # the last phase to run
+    radiomics: bool = True  # False: an image-only study (no ComBat, no radiomics model)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> StudySettings:
@@ -49,7 +50,8 @@ class StudySettings:
                            CombatOptions(
                                min_batch_size=int(run_config.get("combat-min-batch-size", 10)),
                                min_cell=int(run_config.get("combat-min-cell", 5))),
-                           str(run_config.get("until", PHASES[-1])))
+                           str(run_config.get("until", PHASES[-1])),
+                           _flag(run_config.get("radiomics", True), "radiomics"))
         except (TypeError, ValueError) as exc:
             raise ConfigError("run config", [str(exc)]) from None
         if settings.min_sites < 1 or settings.min_cases_per_site < 1:
@@ -69,11 +71,24 @@ class StudySettings:
                 "timeout-s": self.timeout_s, "seed": self.seed,
                 "test-fraction": self.test_fraction,
                 "combat-min-batch-size": self.combat.min_batch_size,
-                "combat-min-cell": self.combat.min_cell, "until": self.until}
+                "combat-min-cell": self.combat.min_cell, "until": self.until,
+                "radiomics": self.radiomics}
 
     def runs(self, phase: str) -> bool:
-        """Whether ``phase`` is part of this run (phases up to ``until``)."""
+        """Whether ``phase`` is part of this run: phases up to ``until``, without ComBat and
+        the radiomics model in an image-only study (``radiomics`` False)."""
+        if phase in ("combat", "model") and not self.radiomics:
+            return False
         return PHASES.index(phase) <= PHASES.index(self.until)
+
+
+def _flag(value: object, key: str) -> bool:
+    """A boolean of the run config (TOML true/false, or the words from a command line)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ValueError(f"{key}: {value!r} is not true or false")
 
 
 def require_sites(replies: dict[str, Any], failed: dict[str, str], settings: StudySettings,
@@ -276,3 +291,89 @@ def training_prevalence(kept: list[PrepareReply]) -> float | None:
         counts.update(_counts(reply.train_labels))
     total = sum(counts.values())
     return counts.get("1", 0) / total if total else None
+
+
+# --- resuming a study after a coordinator restart ---------------------------------------------
+
+CHECKPOINT = "checkpoint.json"
+#: The files a study writes in its out-dir (a fresh start removes an earlier study's).
+STUDY_FILES = ("protocol.json", "handshake.json", "prepare.json", "combat.json", "model.json",
+               "nomogram.json", "cnn.json", "cnn_progress.json", "study.json", CHECKPOINT,
+               "report.html", "report.json", "report.csv")
+#: Run-config keys that do not change a study's results (so a restart may differ in them).
+_OPERATIONAL = ("out-dir", "until", "timeout-s", "protocol")
+
+
+def study_key(settings: StudySettings) -> str:
+    """What decides a study's results: the protocol's hash and the other settings."""
+    import hashlib
+    import json
+
+    config = {k: v for k, v in settings.to_run_config("").items() if k not in _OPERATIONAL}
+    text = json.dumps({"protocol": settings.protocol.content_hash(), **config}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """How far a study got: its finished phases, in order, and the last CNN round whose global
+    model is saved (``cnn/global_round_<r>.npz``). Written after each phase and each CNN round,
+    so a coordinator restarted mid-study goes on from there (:func:`open_checkpoint`)."""
+
+    key: str
+    done: list[str] = field(default_factory=list)
+    cnn_round: int = 0
+
+    def finished(self, phase: str) -> bool:
+        return phase in self.done
+
+    def finish(self, out_dir: Path, phase: str) -> None:
+        if phase not in self.done:
+            self.done.append(phase)
+        self.save(out_dir)
+
+    def save(self, out_dir: Path) -> None:
+        from common.provenance import atomic_write_json
+
+        atomic_write_json(out_dir / CHECKPOINT, asdict(self))
+
+
+def open_checkpoint(settings: StudySettings) -> tuple[Checkpoint, bool]:
+    """The checkpoint of this study and whether it resumes one.
+
+    A study resumes when its out-dir holds the checkpoint of an unfinished study (no
+    ``study.json`` saying "done") with the same protocol and settings (:func:`study_key`;
+    ``until`` and ``timeout-s`` may differ). Otherwise it starts afresh: the files of an earlier
+    study in the out-dir are removed, so no stale phase shows in its report.
+    """
+    import json
+    import shutil
+
+    out = settings.out_dir
+    key = study_key(settings)
+    try:
+        saved = json.loads((out / CHECKPOINT).read_text())
+        status = json.loads((out / "study.json").read_text()).get("status") \
+            if (out / "study.json").exists() else None
+        if saved.get("key") == key and status != "done":
+            return Checkpoint(key, [str(p) for p in saved.get("done", [])],
+                              int(saved.get("cnn_round", 0))), True
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    for name in STUDY_FILES:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "cnn", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = Checkpoint(key)
+    checkpoint.save(out)
+    return checkpoint, False
+
+
+def load_prepare(out_dir: Path) -> PrepareSummary:
+    """The local-preparation summary a finished phase 2 wrote (``prepare.json``)."""
+    import json
+
+    data = json.loads((out_dir / "prepare.json").read_text())
+    sites = [PrepareReply(**{**s, "feature_names": tuple(s.get("feature_names", ()))})
+             for s in data["sites"]]
+    return PrepareSummary(sites, dict(data["excluded"]), bool(data["go_on"]), str(data["reason"]))

@@ -174,23 +174,26 @@ def test_decision_curve_never_tells_apart_fewer_patients_than_the_minimum():
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 23).astype(float)
     risk = rng.uniform(0, 1, 23)
-    thresholds = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    thresholds = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
     full = decision_curve(y, risk, thresholds)
-    assert len(full) == len(thresholds)  # min_count 1: every threshold
+    assert all(np.isfinite(p.model) for p in full)  # min_count 1: every threshold
     for min_count in (2, 5, 8):
-        kept = [p.threshold for p in decision_curve(y, risk, thresholds, min_count)]
+        curve = decision_curve(y, risk, thresholds, min_count)
+        # the length is the protocol's, whatever the data: withheld points are NaN
+        assert [p.threshold for p in curve] == list(thresholds)
+        kept = [p.threshold for p in curve if np.isfinite(p.model)]
         assert kept, "some thresholds qualify on 23 patients"
         edges = [-np.inf, *kept, np.inf]
         groups = [np.sum((risk >= lo) & (risk < hi)) for lo, hi in zip(edges, edges[1:])]
         assert all(g == 0 or g >= min_count for g in groups), (min_count, kept, groups)
-        assert set(kept) <= set(thresholds)
-    # the points kept are the full curve's points at those thresholds
-    coarse = decision_curve(y, risk, thresholds, 5)
-    by_threshold = {p.threshold: p for p in full}
-    assert all(p == by_threshold[p.threshold] for p in coarse)
+        # the points kept are the full curve's, and treating all is always there
+        for point, whole in zip(curve, full):
+            assert point.treat_all == whole.treat_all
+            assert np.isnan(point.model) or point.model == whole.model
     # a handful of patients (fewer than twice the minimum) tells no two groups apart
     for point in decision_curve(y[:7], risk[:7], thresholds, 5):
-        assert np.all(risk[:7] >= point.threshold) or np.all(risk[:7] < point.threshold)
+        if np.isfinite(point.model):
+            assert np.all(risk[:7] >= point.threshold) or np.all(risk[:7] < point.threshold)
 
 
 def test_regression_agreement_matches_scipy():

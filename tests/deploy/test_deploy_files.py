@@ -99,6 +99,7 @@ def test_the_compose_federation_is_secure_and_its_files_exist() -> None:
     for name, service in services.items():
         build = service["build"]
         assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() in DOCKERFILES
+        assert service["restart"] == "unless-stopped"  # a crashed process comes back
         for volume in service["volumes"]:
             source = volume.split(":")[0]
             if source.startswith("./templates/"):

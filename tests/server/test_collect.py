@@ -21,3 +21,15 @@ def test_a_malformed_reply_excludes_that_site_by_name_and_keeps_the_others():
     assert list(kept) == ["A"]
     assert "'mean' has shape (5,), expected (4,)" in failed["B"]
     assert "'mean' holds NaN" in failed["C"]
+
+
+def test_flowers_errors_for_silent_nodes_are_given_to_the_silent_sites():
+    from server.app import _unanswered
+
+    lost = "error 5: Node Unavailable"
+    assert _unanswered({"C"}, [lost], 60) == [("C", lost)]
+    assert _unanswered({"B", "C"}, [], 60) == [("B", "no reply within 60 s"),
+                                               ("C", "no reply within 60 s")]
+    # two silent sites, one error from Flower: which is which is unknown, both are told
+    assert _unanswered({"B", "C"}, [lost], 60) == [
+        ("B", f"no reply within 60 s ({lost})"), ("C", f"no reply within 60 s ({lost})")]

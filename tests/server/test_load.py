@@ -1,0 +1,59 @@
+"""Load: a federation of 20 SuperNodes on loopback (TLS, node authentication, the fleet gateway,
+each site's app allow-list) completes a study's first two phases, and every process ends."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from client.study import prepare, resolve_site
+from common.protocol import load_protocol
+from common.synthetic import CohortSpec, make_sites, write_cohort
+from server.launch import LocalFederation, processes_marked
+from server.study import StudySettings
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    shutil.which("flower-superlink") is None, reason="flower-superlink is not installed")]
+
+APP_DIR = Path(__file__).resolve().parents[2]
+N_SITES = 20
+
+
+def test_twenty_sites_complete_the_handshake_and_the_preparation(tmp_path: Path):
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, CohortSpec(make_sites((14,), True)), workers=2)
+    protocol = load_protocol(cohort / "study.yaml")
+    # one site's features, extracted once: every site reads the same cases (small data), and
+    # the extraction cache is keyed by the protocol and the files' contents, not by the site
+    template = resolve_site({"partition-id": 0}, {"simulation-cohort": str(cohort)})
+    prepare(template, protocol, seed=0, test_fraction=0.3)
+    sites = {}
+    for k in range(N_SITES):
+        name = f"site_{k:02d}"
+        work = tmp_path / "work" / name
+        shutil.copytree(template.cache_dir, work / "cache")
+        sites[name] = tmp_path / "sites" / f"{name}.toml"
+        sites[name].parent.mkdir(parents=True, exist_ok=True)
+        sites[name].write_text(
+            f'site_name = "{name}"\nmanifest = {json.dumps(str(template.manifest))}\n'
+            f'work_dir = {json.dumps(str(work))}\nworkers = 1\n')
+    settings = StudySettings(protocol, tmp_path / "out", min_sites=N_SITES,
+                             min_cases_per_site=10, timeout_s=300, seed=0, until="prepare")
+    protocol_file = tmp_path / "protocol.yaml"
+    protocol_file.write_text((cohort / "study.yaml").read_text())
+    with LocalFederation(APP_DIR, sites, tmp_path / "federation",
+                         ready_timeout_s=180) as federation:
+        result = federation.run(settings.to_run_config(str(protocol_file)), timeout_s=900)
+        report = federation.report(lines=30)
+    assert result.ok, f"{result.summary()}\n{report}"
+    assert processes_marked(federation.marker) == []
+    handshake = json.loads((settings.out_dir / "handshake.json").read_text())
+    assert handshake["go_on"] and handshake["excluded"] == {}
+    assert sorted(s["site"] for s in handshake["sites"]) == sorted(sites)
+    prepared = json.loads((settings.out_dir / "prepare.json").read_text())
+    assert prepared["go_on"] and prepared["excluded"] == {}
+    assert len({s["features_hash"] for s in prepared["sites"]}) == 1
+    assert len({(s["n_train"], s["n_test"]) for s in prepared["sites"]}) == 1

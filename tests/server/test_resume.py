@@ -1,0 +1,103 @@
+"""A coordinator that fails in the middle of a study and is started again goes on from its
+checkpoint: the handshake runs again, finished phases are read back instead of redone, and the
+CNN goes on after its last saved round."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.protocol import CnnSpec, ModelSpec, load_protocol
+from common.synthetic import CohortSpec, make_sites, write_cohort
+from harmonization.combat import CombatOptions
+from server.study import StudySettings, open_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+class CoordinatorLost(RuntimeError):
+    """Stands for the coordinator's process dying."""
+
+
+def message_log(path: Path):  # noqa: ANN201 - a Flower mod
+    """Appends each message a site receives (type and CNN round) to ``path``."""
+    def mod(msg, context, call_next):  # noqa: ANN001, ANN202
+        study = msg.content.get("study") if msg.has_content() else None
+        round_ = study.get("server-round", "") if study is not None else ""
+        with path.open("a") as fh:
+            fh.write(f"{msg.metadata.message_type} {round_}\n")
+        return call_next(msg, context)
+    return mod
+
+
+def test_a_restarted_coordinator_goes_on_from_its_checkpoint(tmp_path: Path) -> None:
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, CohortSpec(make_sites((30, 34, 38), True)), workers=2)
+    protocol = load_protocol(cohort / "study.yaml").model_copy(update={
+        "model": ModelSpec(screening_top_k=5, cv_folds=3, n_lambdas=3),
+        "cnn": CnnSpec(architecture="resnet10", crop_size=(16, 16, 8), rounds=3, batch_size=8,
+                       aggregator="fedavg")})
+    out = tmp_path / "out"
+    settings = StudySettings(protocol, out, min_sites=2, timeout_s=300, seed=1,
+                             combat=CombatOptions(min_batch_size=3, min_cell=1))
+
+    def crash_after_round_2(line: str) -> None:
+        if line.strip().startswith("CNN round 2/3"):
+            raise CoordinatorLost("the coordinator's machine went down")
+
+    def study(progress, log: Path) -> None:  # noqa: ANN001
+        run_simulation(server_app=make_server_app(settings, progress),
+                       client_app=make_client_app(cohort, mods=[message_log(log)]),
+                       num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1}})
+
+    try:
+        study(crash_after_round_2, tmp_path / "first.log")
+    except Exception:  # noqa: BLE001 - whether Flower re-raises the ServerApp's error or not
+        pass
+    status = json.loads((out / "study.json").read_text())
+    assert status["status"] == "failed" and "CoordinatorLost" in status["reason"]
+    checkpoint = json.loads((out / "checkpoint.json").read_text())
+    assert checkpoint["done"] == ["prepare", "combat", "model"] and checkpoint["cnn_round"] == 2
+    finished = {name: (out / name).read_bytes()
+                for name in ("prepare.json", "combat.json", "model.json")}
+
+    progress: list[str] = []
+    study(progress.append, tmp_path / "second.log")
+    assert json.loads((out / "study.json").read_text())["status"] == "done"
+    assert any(line.startswith("resuming the study") for line in progress), progress
+    # the sites were asked the handshake again, round 3 and the final evaluation: nothing else
+    asked = sorted((tmp_path / "second.log").read_text().splitlines())
+    assert asked == sorted(["query.handshake "] * 3 + ["train 3"] * 3 + ["evaluate "] * 3)
+    assert all((out / name).read_bytes() == data for name, data in finished.items())
+    cnn = json.loads((out / "cnn.json").read_text())
+    assert sorted(cnn["history"]) == ["1", "2", "3"]  # rounds 1-2 read back, 3 trained now
+    assert all(set(sites) == {"site_A", "site_B", "site_C"} for sites in cnn["history"].values())
+    assert set(cnn["final"]) == {"site_A", "site_B", "site_C"}
+    assert sorted(p.name for p in (out / "cnn").glob("*.npz")) == [
+        f"global_round_{r:03d}.npz" for r in (1, 2, 3)]
+
+    # a finished study is not resumed: the same settings again start afresh
+    again, resumed = open_checkpoint(settings)
+    assert not resumed and again.done == [] and not (out / "cnn.json").exists()
+
+
+def test_another_protocol_in_the_same_folder_starts_afresh(tmp_path: Path) -> None:
+    protocol = load_protocol("preset:spine_mri_t1w")
+    settings = StudySettings(protocol, tmp_path, until="model")
+    first, resumed = open_checkpoint(settings)
+    assert not resumed
+    first.finish(tmp_path, "prepare")
+    (tmp_path / "prepare.json").write_text("{}")
+    again, resumed = open_checkpoint(settings.__class__(protocol, tmp_path, until="cnn",
+                                                       timeout_s=30))
+    assert resumed and again.done == ["prepare"]  # until and timeout may change
+    other = settings.__class__(protocol, tmp_path, seed=7)
+    fresh, resumed = open_checkpoint(other)
+    assert not resumed and fresh.done == [] and not (tmp_path / "prepare.json").exists()
