@@ -91,12 +91,55 @@ def guarded(handler: Callable[[Message, Context], Message]
     return wrapper
 
 
+def local_dp(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+             ) -> Message:
+    """A Flower mod: when the protocol asks for local differential privacy (``cnn.local_dp``),
+    a train reply's float weights leave clipped and noised (Flower's own clipping and Gaussian
+    noise, :mod:`flwr.supercore.differential_privacy`), and the reply says with which epsilon
+    and delta. Other messages, and integer weights (BatchNorm's counters), pass unchanged. If
+    the noise cannot be added, the reply is an error: an update never leaves un-noised."""
+    reply = call_next(msg, context)
+    if msg.metadata.message_type != "train" or reply.has_error():
+        return reply
+    try:
+        spec = _protocol(msg).cnn
+        if spec is None or spec.local_dp is None:
+            return reply
+        from flwr.app import Array, ArrayRecord
+        from flwr.supercore.differential_privacy import (
+            add_gaussian_noise_inplace,
+            compute_clip_model_update,
+        )
+
+        dp = spec.local_dp
+        sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        trained = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        floats = [k for k, v in trained.items() if v.dtype.kind == "f"]
+        update = [trained[k].astype(np.float64) for k in floats]
+        compute_clip_model_update(update, [sent[k].astype(np.float64) for k in floats],
+                                  dp.clipping_norm)
+        add_gaussian_noise_inplace(update, dp.noise_std)
+        for k, v in zip(floats, update, strict=True):
+            trained[k] = v.astype(trained[k].dtype)
+        reply.content["arrays"] = ArrayRecord({k: Array(np.require(v, requirements="C"))
+                                               for k, v in trained.items()})
+        metrics = reply.content["metrics"]
+        metrics["dp_epsilon"], metrics["dp_delta"] = dp.epsilon, dp.delta
+        metrics["dp_noise_std"] = dp.noise_std
+        return reply
+    except Exception as exc:  # noqa: BLE001 - never send the update without its noise
+        log.exception("local differential privacy failed")
+        return Message(error=Error(SITE_FAILED, f"local DP failed ({type(exc).__name__}): the "
+                                                "update was not sent"), reply_to=msg)
+
+
 def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] = ()
                     ) -> ClientApp:
     """The ClientApp. ``simulation_cohort`` stands in for the run config's
     ``simulation-cohort`` (Flower's in-process simulation passes no run config); ``mods`` are
-    Flower mods around every handler (e.g. one that inspects every outgoing reply)."""
-    app = ClientApp(mods=list(mods))
+    Flower mods around every handler (e.g. one that inspects every outgoing reply); the
+    protocol's local differential privacy (:func:`local_dp`) is the innermost."""
+    app = ClientApp(mods=[*mods, local_dp])
 
     def site_of(context: Context):  # noqa: ANN202 - a SiteConfig
         run_config = dict(context.run_config)

@@ -313,11 +313,31 @@ class ValidationSpec(_Frozen):
         0.85, 0.9, 0.95)
 
 
+class LocalDpSpec(_Frozen):
+    """Local differential privacy on a site's CNN updates (optional): each round the site clips
+    its update (trained weights minus the global weights it received, all float weights as one
+    vector) to L2 norm ``clipping_norm`` and adds Gaussian noise of standard deviation
+    2 x clipping_norm x sqrt(2 ln(1.25 / delta)) / epsilon to every float weight before it
+    leaves. Sensitivity 2 x clipping_norm covers any change of the site's data, so each round is
+    (epsilon, delta)-DP for the site (the classical Gaussian mechanism; epsilon at most 1), and
+    R rounds are (R epsilon, R delta)-DP by basic composition. Expect a cost in accuracy: the
+    noise is added to every weight."""
+
+    epsilon: float = Field(gt=0, le=1)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    clipping_norm: PositiveFloat = 1.0
+
+    @property
+    def noise_std(self) -> float:
+        return 2 * self.clipping_norm * math.sqrt(2 * math.log(1.25 / self.delta)) / self.epsilon
+
+
 class CnnSpec(_Frozen):
     """The 3D CNN (phase 5): a MONAI network on ROI-centred crops, trained over ``rounds``
     federated rounds with the named aggregator (``proximal_mu`` is FedProx's; ``trim_fraction``
-    the trimmed mean's; ``krum_byzantine`` the number of bad sites Krum tolerates). DenseNet121
-    needs a crop of at least 29 voxels on every axis."""
+    the trimmed mean's; ``krum_byzantine`` the number of bad sites Krum tolerates; ``local_dp``
+    noises each site's update, see :class:`LocalDpSpec`). DenseNet121 needs a crop of at least
+    29 voxels on every axis."""
 
     architecture: Literal["resnet10", "resnet18", "densenet121"] = "resnet10"
     width: float = Field(0.25, gt=0, le=4, description="ResNet channel multiplier (1 = MONAI's "
@@ -333,6 +353,7 @@ class CnnSpec(_Frozen):
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)
     krum_byzantine: int = Field(0, ge=0)
     augment: bool = True
+    local_dp: LocalDpSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> CnnSpec:

@@ -15,7 +15,7 @@ import time
 from logging import INFO
 from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from client.study import HandshakeReply, ModelMetrics, PrepareReply, clinical_terms, loss_of
-from common.protocol import TaskKind
+from common.protocol import LocalDpSpec, TaskKind
 from common.provenance import atomic_write_json
 from common.records import PayloadError, from_record, pack, unpack
 from common.selection import (
@@ -558,7 +558,7 @@ def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Calla
                 if reply.has_error():  # a site that dropped out: asked again next round
                     self.leave_out(server_round, site, "dropped", _why(reply))
                     continue
-                bad = bad_update(reply, self.shapes, protocol_hash)
+                bad = bad_update(reply, self.shapes, protocol_hash, spec.local_dp)
                 if bad:
                     self.leave_out(server_round, site, "excluded", bad)
                     continue
@@ -599,11 +599,12 @@ def _numbers(metrics: Mapping[str, object]) -> dict[str, float | None]:
 
 
 def bad_update(reply: Message, expected: Mapping[str, tuple[tuple[int, ...], str]],
-               protocol_hash: str) -> str:
+               protocol_hash: str, local_dp: LocalDpSpec | None = None) -> str:
     """Why a site's train reply cannot be averaged ('' when it can): no weights or metrics, a
     protocol other than the study's, weights whose names, shapes or types differ from the
-    global model's (``expected``: name -> (shape, dtype)), NaN or infinite values, or no
-    positive number of examples."""
+    global model's (``expected``: name -> (shape, dtype)), NaN or infinite values, no
+    positive number of examples, or (``local_dp``) no statement that it was noised as the
+    protocol asks."""
     content = reply.content
     if "arrays" not in content or "metrics" not in content:
         return "no weights or no metrics in the reply"
@@ -627,7 +628,30 @@ def bad_update(reply: Message, expected: Mapping[str, tuple[tuple[int, ...], str
     examples = content["metrics"].get("num-examples")
     if not isinstance(examples, (int, float)) or not examples > 0:
         return f"num-examples is {examples!r}, not a positive count"
+    if local_dp is not None and (content["metrics"].get("dp_epsilon") != local_dp.epsilon
+                                 or content["metrics"].get("dp_delta") != local_dp.delta):
+        return (f"not noised with the protocol's local DP (epsilon {local_dp.epsilon}, delta "
+                f"{local_dp.delta})")
     return ""
+
+
+def _privacy(dp: LocalDpSpec | None, records: Mapping[str, Any]) -> dict[str, object]:
+    """What the CNN's updates disclosed, per site: with local DP, the (epsilon, delta) of each
+    round a site sent an update (averaged in, or refused after it arrived) and their basic
+    composition over those rounds."""
+    if dp is None:
+        return {"mechanism": "none"}
+    rounds: dict[str, int] = {}
+    sent = [site for sites in records["history"].values() for site in sites] + [
+        str(e["site"]) for e in records["left_out"] if e["kind"] == "excluded"]
+    for site in sent:
+        rounds[site] = rounds.get(site, 0) + 1
+    return {"mechanism": "local Gaussian (clipped update, noise on every float weight)",
+            "epsilon_per_round": dp.epsilon, "delta_per_round": dp.delta,
+            "clipping_norm": dp.clipping_norm, "noise_std": dp.noise_std,
+            "per_site": {site: {"rounds": r, "epsilon": r * dp.epsilon, "delta": r * dp.delta}
+                         for site, r in sorted(rounds.items())},
+            "composition": "basic composition (the sum over rounds)"}
 
 
 def _save_checkpoint(path: Path, arrays: ArrayRecord) -> None:
@@ -683,9 +707,11 @@ def run_cnn(grid: Grid, nodes: dict[int, str], settings: StudySettings,
             failed[site] = "final evaluation: not under the study's protocol"
             continue
         final_metrics[site] = _numbers(reply.content["metrics"])
+    records = strategy.records()
     return {"architecture": spec.architecture, "aggregator": spec.aggregator,
             "rounds": spec.rounds, "weights_bytes": float32_nbytes(initial),
-            **strategy.records(), "final": final_metrics, "failed": strategy.failed | failed}
+            "privacy": _privacy(spec.local_dp, records),
+            **records, "final": final_metrics, "failed": strategy.failed | failed}
 
 
 Progress = Callable[[str], None]

@@ -8,6 +8,7 @@ node or start a run. ``myelofed server start`` therefore binds the SuperLink to 
 this gateway on the public interface: it terminates TLS with the SuperLink's certificate, forwards
 exactly the Fleet API's routes (POST, the paths Flower's own fleet router declares) over TLS to the
 SuperLink, and answers everything else with 403 and a log line naming the caller and the path.
+A read-only Fleet call the SuperLink fails with 5xx is sent again after 0.5, 1 and 2 s.
 
 SuperNode authentication is untouched: a SuperNode signs a timestamp in its request headers and
 the gateway forwards the headers as they are, so the SuperLink still checks every request.
@@ -40,6 +41,12 @@ _HOP_BY_HOP: Final = frozenset({
 
 #: The largest request body forwarded (a site's model weights travel in such bodies).
 DEFAULT_MAX_BODY: Final = 1 << 30
+
+#: Fleet calls that only read (or only refresh a heartbeat): safe to send again when the
+#: SuperLink answers 5xx, as its SQLite state does when a write waited over 5 s for a lock.
+RETRIED: Final = frozenset({"/v1/fleet/pull-messages", "/v1/fleet/send-node-heartbeat",
+                            "/v1/fleet/get-run", "/v1/fleet/get-fab", "/v1/fleet/pull-object"})
+RETRY_DELAYS_S: Final = (0.5, 1.0, 2.0)
 
 
 def fleet_paths() -> frozenset[str]:
@@ -107,12 +114,19 @@ def create_app(upstream: Upstream, *, allowed: frozenset[str] | None = None,
             if len(body) > max_body:
                 return refusal(request, f"body over {max_body} bytes")
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
-        try:
-            answer = await client.post(path, content=bytes(body), headers=headers)
-        except httpx.HTTPError as exc:
-            log.error("SuperLink unreachable at %s: %s", upstream.url, exc)
-            return PlainTextResponse("MyeloFed gateway: the SuperLink is unreachable\n",
-                                     status_code=502)
+        delays = RETRY_DELAYS_S if path in RETRIED else ()
+        for attempt in range(len(delays) + 1):
+            try:
+                answer = await client.post(path, content=bytes(body), headers=headers)
+            except httpx.HTTPError as exc:
+                log.error("SuperLink unreachable at %s: %s", upstream.url, exc)
+                return PlainTextResponse("MyeloFed gateway: the SuperLink is unreachable\n",
+                                         status_code=502)
+            if answer.status_code < 500 or attempt == len(delays):
+                break
+            log.warning("SuperLink answered %d to %s: trying again in %g s",
+                        answer.status_code, path, delays[attempt])
+            await asyncio.sleep(delays[attempt])
         return Response(answer.content, status_code=answer.status_code,
                         headers={k: v for k, v in answer.headers.items()
                                  if k.lower() not in _HOP_BY_HOP | {"content-encoding"}})

@@ -194,6 +194,14 @@ def _nomogram_section(nomogram: dict[str, Any], ranges: dict[str, Any]) -> dict[
             "harmonized": nomogram.get("harmonized")}
 
 
+def _privacy_section(privacy: dict[str, Any]) -> dict[str, Any]:
+    """The CNN's local differential privacy as the report shows it (per site, its spend)."""
+    rows = [{"site": site, "rounds sent": v["rounds"], "epsilon": fmt(v["epsilon"]),
+             "delta": f"{v['delta']:.2g}"}
+            for site, v in sorted(privacy.get("per_site", {}).items())]
+    return {**privacy, "rows": rows}
+
+
 def _cnn_section(cnn: dict[str, Any]) -> dict[str, Any]:
     history = cnn.get("history", {})
     rounds = sorted(int(r) for r in history)
@@ -207,6 +215,7 @@ def _cnn_section(cnn: dict[str, Any]) -> dict[str, Any]:
     return {"architecture": cnn.get("architecture"), "aggregator": cnn.get("aggregator"),
             "rounds": cnn.get("rounds"), "final": final, "failed": cnn.get("failed", {}),
             "left_out": cnn.get("left_out", []),
+            "privacy": _privacy_section(cnn.get("privacy") or {"mechanism": "none"}),
             "final_keys": sorted({k for m in cnn.get("final", {}).values() for k in m}),
             "figures": [
                 {"title": "CNN training loss per site and round",

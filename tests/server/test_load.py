@@ -44,8 +44,9 @@ def test_twenty_sites_complete_the_handshake_and_the_preparation(tmp_path: Path)
                              min_cases_per_site=10, timeout_s=300, seed=0, until="prepare")
     protocol_file = tmp_path / "protocol.yaml"
     protocol_file.write_text((cohort / "study.yaml").read_text())
-    with LocalFederation(APP_DIR, sites, tmp_path / "federation",
-                         ready_timeout_s=180) as federation:
+    # the sites at a lower priority, as if each had a machine of its own (see site_nice)
+    with LocalFederation(APP_DIR, sites, tmp_path / "federation", ready_timeout_s=180,
+                         site_nice=10) as federation:
         result = federation.run(settings.to_run_config(str(protocol_file)), timeout_s=900)
         report = federation.report(lines=30)
     assert result.ok, f"{result.summary()}\n{report}"
