@@ -60,7 +60,8 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
         "cnn": CnnSpec(architecture="resnet10", crop_size=(16, 16, 8), rounds=4, batch_size=8,
                        aggregator="fedmedian")})
     settings = StudySettings(protocol, tmp_path / "out", min_sites=2, timeout_s=300, seed=1,
-                             combat=CombatOptions(min_batch_size=3, min_cell=1))
+                             combat=CombatOptions(min_batch_size=3, min_cell=1),
+                             radiomics=False)  # the CNN alone: what this test is about
     run_simulation(server_app=make_server_app(settings, lambda _: None),
                    client_app=make_client_app(cohort, mods=[
                        misbehave_mod(2, {2: "nan", 3: "shape", 4: "hash"}),

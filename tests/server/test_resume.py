@@ -1,15 +1,18 @@
 """A coordinator that fails in the middle of a study and is started again goes on from its
 checkpoint: the handshake runs again, finished phases are read back instead of redone, and the
-CNN goes on after its last saved round."""
+CNN goes on after its last saved round. The study's CNN runs with local differential privacy:
+what leaves each site is noised as the protocol says, and each site's spend survives the
+restart."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from common.protocol import CnnSpec, ModelSpec, load_protocol
+from common.protocol import CnnSpec, LocalDpSpec, ModelSpec, load_protocol
 from common.synthetic import CohortSpec, make_sites, write_cohort
 from harmonization.combat import CombatOptions
 from server.study import StudySettings, open_checkpoint
@@ -21,14 +24,30 @@ class CoordinatorLost(RuntimeError):
     """Stands for the coordinator's process dying."""
 
 
-def message_log(path: Path):  # noqa: ANN201 - a Flower mod
-    """Appends each message a site receives (type and CNN round) to ``path``."""
+DP = LocalDpSpec(epsilon=1.0, delta=1e-5, clipping_norm=0.001)
+
+
+def message_log(path: Path, updates: Path):  # noqa: ANN201 - a Flower mod
+    """Appends each message a site receives (type and CNN round) to ``path``, and for each CNN
+    update as it leaves the site the spread of its float weights' change and the dtypes of its
+    other weights to ``updates``."""
     def mod(msg, context, call_next):  # noqa: ANN001, ANN202
         study = msg.content.get("study") if msg.has_content() else None
         round_ = study.get("server-round", "") if study is not None else ""
         with path.open("a") as fh:
             fh.write(f"{msg.metadata.message_type} {round_}\n")
-        return call_next(msg, context)
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train" and not reply.has_error():
+            sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            got = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+            change = np.concatenate([(got[k].astype(float) - sent[k]).ravel()
+                                     for k in got if got[k].dtype.kind == "f"])
+            with updates.open("a") as fh:
+                fh.write(json.dumps({
+                    "std": float(change.std()), "n": int(change.size),
+                    "others": sorted({str(v.dtype) for v in got.values() if v.dtype.kind != "f"}),
+                    "epsilon": reply.content["metrics"].get("dp_epsilon")}) + "\n")
+        return reply
     return mod
 
 
@@ -43,7 +62,7 @@ def test_a_restarted_coordinator_goes_on_from_its_checkpoint(tmp_path: Path) -> 
     protocol = load_protocol(cohort / "study.yaml").model_copy(update={
         "model": ModelSpec(screening_top_k=5, cv_folds=3, n_lambdas=3),
         "cnn": CnnSpec(architecture="resnet10", crop_size=(16, 16, 8), rounds=3, batch_size=8,
-                       aggregator="fedavg")})
+                       aggregator="fedavg", local_dp=DP)})
     out = tmp_path / "out"
     settings = StudySettings(protocol, out, min_sites=2, timeout_s=300, seed=1,
                              combat=CombatOptions(min_batch_size=3, min_cell=1))
@@ -54,7 +73,8 @@ def test_a_restarted_coordinator_goes_on_from_its_checkpoint(tmp_path: Path) -> 
 
     def study(progress, log: Path) -> None:  # noqa: ANN001
         run_simulation(server_app=make_server_app(settings, progress),
-                       client_app=make_client_app(cohort, mods=[message_log(log)]),
+                       client_app=make_client_app(cohort, mods=[
+                           message_log(log, tmp_path / "updates.jsonl")]),
                        num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1}})
 
     try:
@@ -82,6 +102,22 @@ def test_a_restarted_coordinator_goes_on_from_its_checkpoint(tmp_path: Path) -> 
     assert set(cnn["final"]) == {"site_A", "site_B", "site_C"}
     assert sorted(p.name for p in (out / "cnn").glob("*.npz")) == [
         f"global_round_{r:03d}.npz" for r in (1, 2, 3)]
+
+    # every update left its site clipped and noised: next to the noise the clipped update is
+    # tiny, so the spread of the change is the protocol's noise; integer counters untouched
+    updates = [json.loads(line) for line in (tmp_path / "updates.jsonl").read_text().splitlines()]
+    assert len(updates) == 9  # 3 sites x 3 rounds (round 3 after the restart)
+    for u in updates:
+        assert u["std"] == pytest.approx(DP.noise_std, rel=0.03) and u["n"] > 10_000
+        assert u["others"] == ["int64"] and u["epsilon"] == DP.epsilon
+    assert cnn["privacy"]["noise_std"] == DP.noise_std
+    assert cnn["privacy"]["per_site"] == {  # rounds 1-2 read back, round 3 added
+        s: {"rounds": 3, "epsilon": 3.0, "delta": pytest.approx(3e-5)}
+        for s in ("site_A", "site_B", "site_C")}
+    from server.report import write_report
+
+    html = write_report(out)["html"].read_text()
+    assert "Differential privacy of the sites' updates" in html
 
     # a finished study is not resumed: the same settings again start afresh
     again, resumed = open_checkpoint(settings)
