@@ -31,11 +31,14 @@ A hospital SITE prepares its own data; nothing patient-level leaves it:
   myelofed site extract --protocol study.toml --manifest cases.csv   standardize + extract features
   myelofed site keys --site NAME         this site's SuperNode key pair (send the .pub)
   myelofed site join --superlink HOST:PORT --site-config site.toml --ca ca.crt --key KEY
+                                         its SuperNode: runs only the apps in approved_apps
 \b
 The COORDINATOR makes the study's credentials and runs the SuperLink:
   myelofed server certs --host coordinator.example.org   study CA + SuperLink certificate
-  myelofed server start                  the SuperLink (TLS + node authentication)
+  myelofed server start                  the SuperLink on loopback (TLS + node authentication)
+                                         and the fleet gateway the sites reach (port 9092)
   myelofed server register site_A.pub --site site_A      let a site join
+  myelofed app-hash APP_DIR              the study app's SHA-256 (announced; sites approve it)
 \b
 The study PROTOCOL (TOML/YAML) is written by the coordinator and is the same at every site:
   myelofed protocol presets              list ready protocols (IBSI configs, spine MRI, CT, PET)
@@ -48,8 +51,8 @@ The study PROTOCOL (TOML/YAML) is written by the coordinator and is the same at 
   myelofed harmonize TABLE --batch-col scanner -o OUT   ComBat offline (federated halves in-process)
   myelofed ibsi-check                    verify this installation on the IBSI digital phantom
 \b
-The federated study itself runs on Flower (server/app.py, client/app.py): for now through
-'flwr run . --run-config ...' (see the README); 'myelofed server/site' wrappers come later.
+The federated study itself runs on Flower (server/app.py, client/app.py): the coordinator
+starts it with 'flwr run <app> study --run-config ...' (see deploy/README.md).
 \b
 Exit codes: 0 done; 1 unexpected error; 2 unusable protocol/config/manifest; 3 done but some
 cases skipped; 4 done but no usable case; 5 a verification found disagreeing values; 6 a
