@@ -685,7 +685,6 @@ def server_start(
     import asyncio
     import subprocess
 
-    from server.gateway import Upstream, serve
     from server.launch import (
         LOOPBACK,
         flower_env,
@@ -716,9 +715,7 @@ def server_start(
                 await asyncio.sleep(0.5)
             console.print(f"[bold red]the SuperLink exited with {superlink.returncode}[/]")
 
-        serve(_gateway_listen(host, port, tls), Upstream(LOOPBACK, control_port,
-                                                         None if tls is None else tls.ca_certfile),
-              watch=superlink_exited)
+        _serve_gateway(host, port, control_port, tls, watch=superlink_exited)
     finally:
         if superlink.poll() is None:
             superlink.terminate()
@@ -741,11 +738,18 @@ def _server_tls(secrets: Path, insecure: bool):  # noqa: ANN202 - server.launch.
     return tls
 
 
-def _gateway_listen(host: str, port: int, tls):  # noqa: ANN001, ANN202
-    from server.gateway import Listen
+def _serve_gateway(host: str, port: int, superlink_port: int, tls,  # noqa: ANN001
+                   watch=None) -> None:  # noqa: ANN001
+    """The fleet gateway on ``host:port`` with the SuperLink's certificate (``tls``; None:
+    plaintext) in front of the SuperLink on loopback, until stopped or ``watch`` returns."""
+    from server.gateway import Listen, Upstream, serve
+    from server.launch import LOOPBACK
 
-    return Listen(host, port, None if tls is None else tls.certfile,
-                  None if tls is None else tls.keyfile)
+    if tls is None:
+        serve(Listen(host, port), Upstream(LOOPBACK, superlink_port, None), watch=watch)
+    else:
+        serve(Listen(host, port, tls.certfile, tls.keyfile),
+              Upstream(LOOPBACK, superlink_port, tls.ca_certfile), watch=watch)
 
 
 @server_app.command("gateway")
@@ -760,12 +764,7 @@ def server_gateway(
 ) -> None:
     """Only the fleet gateway, in front of a SuperLink already running on loopback (what
     'myelofed server start' runs with it): forwards Flower's Fleet API, refuses the rest."""
-    from server.gateway import Upstream, serve
-    from server.launch import LOOPBACK
-
-    tls = _server_tls(secrets, insecure)
-    serve(_gateway_listen(host, port, tls),
-          Upstream(LOOPBACK, superlink_port, None if tls is None else tls.ca_certfile))
+    _serve_gateway(host, port, superlink_port, _server_tls(secrets, insecure))
 
 
 @server_app.command("register")

@@ -598,6 +598,12 @@ def _numbers(metrics: Mapping[str, object]) -> dict[str, float | None]:
     return {k: (None if float(v) != float(v) else float(v)) for k, v in metrics.items()}
 
 
+def _protocol_hash_of(reply: Message) -> str | None:
+    """The hash of the protocol a site's CNN reply says it worked under (None: not said)."""
+    site = reply.content.get("site")
+    return None if site is None else site.get("protocol_hash")
+
+
 def bad_update(reply: Message, expected: Mapping[str, tuple[tuple[int, ...], str]],
                protocol_hash: str, local_dp: LocalDpSpec | None = None) -> str:
     """Why a site's train reply cannot be averaged ('' when it can): no weights or metrics, a
@@ -608,8 +614,7 @@ def bad_update(reply: Message, expected: Mapping[str, tuple[tuple[int, ...], str
     content = reply.content
     if "arrays" not in content or "metrics" not in content:
         return "no weights or no metrics in the reply"
-    site = content.get("site")
-    sent = None if site is None else site.get("protocol_hash")
+    sent = _protocol_hash_of(reply)
     if sent != protocol_hash:
         return (f"trained under protocol {str(sent)[:12] if sent else '(none)'}, not the "
                 f"study's {protocol_hash[:12]}")
@@ -702,8 +707,8 @@ def run_cnn(grid: Grid, nodes: dict[int, str], settings: StudySettings,
                                settings)
     final_metrics = {}
     for site, reply in sorted(replies.items()):
-        sent = (reply.content.get("site") or {}).get("protocol_hash")
-        if sent != settings.protocol.content_hash() or "metrics" not in reply.content:
+        if (_protocol_hash_of(reply) != settings.protocol.content_hash()
+                or "metrics" not in reply.content):
             failed[site] = "final evaluation: not under the study's protocol"
             continue
         final_metrics[site] = _numbers(reply.content["metrics"])

@@ -1,14 +1,15 @@
 """Start a study's Flower processes: the SuperLink, one SuperNode per site, and ``flwr run``.
 
 The ``myelofed server``/``myelofed site`` commands and the deployment tests build on this. It
-runs Flower's executables with :mod:`subprocess` and imports nothing from ``flwr`` at module
-level (only the two apps and :mod:`common.records` do).
+runs Flower's executables with :mod:`subprocess` and imports nothing from ``flwr`` (its one
+call into Flower's code, the app's hash, goes through :mod:`client.supernode`).
 
 Pieces, from small to large:
 
 * :func:`superlink_command`, :func:`gateway_command`, :func:`supernode_command` (and
   :func:`approving`, the same through the site's app allow-list), :func:`flwr_run_command`:
-  the command lines (argv lists). TLS and SuperNode authentication have their parameters already; passing
+  the command lines (argv lists). TLS and SuperNode authentication have their parameters
+  already; passing
   :data:`INSECURE` instead of certificates gives a plaintext run with no node authentication,
   for loopback tests only.
 * :func:`write_connection`: the ``[superlink.<name>]`` connection in ``$FLWR_HOME/config.toml``
@@ -501,8 +502,9 @@ class LocalFederation:
     default the SHA-256 of ``app_dir``'s bundle (:func:`client.supernode.app_hash`).
 
     On entry it picks free ports, starts ``flower-superlink`` and waits for its port, starts
-    the fleet gateway in front of it (:mod:`server.gateway`, unless ``gateway=False``: the
-    sites' port then serves only Flower's Fleet API, as on a real coordinator), then starts
+    the fleet gateway in front of it (:mod:`server.gateway`; the sites' port then serves only
+    Flower's Fleet API, as on a real coordinator; ``gateway=False``: the sites connect to the
+    SuperLink itself), then starts
     the SuperNodes (node config ``site-name`` and ``site-config``) and waits until the
     SuperLink accepted each. Secure (the default), it first makes a study CA and the
     SuperLink's certificate for the loopback address, and a key pair per site
@@ -640,12 +642,13 @@ class LocalFederation:
                 key = make_site_key(keys, site)
                 if register:
                     self.register(site, key.public)
-        return self._spawn(name or f"supernode-{site}", nice=self.site_nice,
-                           command=approving(supernode_command(
-            superlink=self.fleet_address, port=port, host=self.host, root_certificates=self.ca_cert,
-            auth_private_key=None if key is None else key.private,
-            node_config={"site-name": site, "site-config": str(site_config)}), site,
-            approved_apps or self.approved_apps))
+        command = supernode_command(
+            superlink=self.fleet_address, port=port, host=self.host,
+            root_certificates=self.ca_cert, auth_private_key=None if key is None else key.private,
+            node_config={"site-name": site, "site-config": str(site_config)})
+        return self._spawn(name or f"supernode-{site}",
+                           approving(command, site, approved_apps or self.approved_apps),
+                           nice=self.site_nice)
 
     def kill_node(self, site: str) -> None:
         """Kill ``site``'s SuperNode and the ClientApp it runs (SIGKILL: a crash or a pulled
@@ -666,14 +669,10 @@ class LocalFederation:
         return superlink
 
     def _kill(self, prefix: str) -> None:
+        """SIGKILL the running process named ``prefix...`` and all it started."""
         process = next(p for p in reversed(self.processes)
                        if p.name.startswith(prefix) and p.popen.poll() is None)
-        try:
-            tree = [psutil.Process(process.popen.pid),
-                    *psutil.Process(process.popen.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
-        for proc in tree:
+        for proc in _targets([process], marker=None):
             _signal(proc, signal.SIGKILL)
         process.popen.wait(timeout=30)
 
@@ -740,7 +739,14 @@ class LocalFederation:
             return RunResult(code, output, wall_s)
         run_id = started.group(1)
         status, details = self.run_status(run_id)
-        return RunResult(code, output, wall_s, run_id, status, details)
+        # flwr run --stream can end while the run goes on (its log stream broke, e.g. when the
+        # SuperLink's database was busy): wait for the run itself, within the time left
+        while status and not status.startswith("finished") \
+                and time.monotonic() - start < timeout_s:
+            time.sleep(2)
+            status, details = self.run_status(run_id)
+        return RunResult(code, log_tail(process.log_path, 10_000), time.monotonic() - start,
+                         run_id, status, details)
 
     def run_status(self, run_id: str) -> tuple[str, str]:
         """A run's status and its details, from the SuperLink (``flwr ls``); ("", why) when

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.protocol import CnnSpec, ModelSpec, load_protocol
-from common.synthetic import CohortSpec, make_sites, write_cohort
 from harmonization.combat import CombatOptions
 from server.study import StudySettings
+from tests.server.studies import small_study
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +52,7 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
     from client.app import make_client_app
     from server.app import make_server_app
 
-    cohort = tmp_path / "cohort"
-    write_cohort(cohort, CohortSpec(make_sites((30, 34, 38), True)), workers=2)
-    protocol = load_protocol(cohort / "study.yaml").model_copy(update={
-        "model": ModelSpec(screening_top_k=5, cv_folds=3, n_lambdas=3),
-        "cnn": CnnSpec(architecture="resnet10", crop_size=(16, 16, 8), rounds=4, batch_size=8,
-                       aggregator="fedmedian")})
+    cohort, protocol = small_study(tmp_path, (30, 34, 38), rounds=4, aggregator="fedmedian")
     settings = StudySettings(protocol, tmp_path / "out", min_sites=2, timeout_s=300, seed=1,
                              combat=CombatOptions(min_batch_size=3, min_cell=1),
                              radiomics=False)  # the CNN alone: what this test is about

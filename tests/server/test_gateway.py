@@ -20,7 +20,6 @@ from common.security import make_server_credentials, make_site_key
 from server.gateway import fleet_paths
 from server.launch import (
     MARKER_ENV,
-    SUPERNODE_CONNECTED,
     FlowerProcess,
     LocalFederation,
     flower_env,

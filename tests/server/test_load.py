@@ -14,6 +14,7 @@ from common.protocol import load_protocol
 from common.synthetic import CohortSpec, make_sites, write_cohort
 from server.launch import LocalFederation, processes_marked
 from server.study import StudySettings
+from tests.server.studies import write_site_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("flower-superlink") is None, reason="flower-superlink is not installed")]
@@ -35,11 +36,8 @@ def test_twenty_sites_complete_the_handshake_and_the_preparation(tmp_path: Path)
         name = f"site_{k:02d}"
         work = tmp_path / "work" / name
         shutil.copytree(template.cache_dir, work / "cache")
-        sites[name] = tmp_path / "sites" / f"{name}.toml"
-        sites[name].parent.mkdir(parents=True, exist_ok=True)
-        sites[name].write_text(
-            f'site_name = "{name}"\nmanifest = {json.dumps(str(template.manifest))}\n'
-            f'work_dir = {json.dumps(str(work))}\nworkers = 1\n')
+        sites[name] = write_site_config(tmp_path / "sites" / f"{name}.toml", name,
+                                        template.manifest, work)
     settings = StudySettings(protocol, tmp_path / "out", min_sites=N_SITES,
                              min_cases_per_site=10, timeout_s=300, seed=0, until="prepare")
     protocol_file = tmp_path / "protocol.yaml"

@@ -25,6 +25,7 @@ from common.synthetic import CohortSpec, make_sites, write_cohort
 from harmonization.combat import CombatOptions
 from server.launch import ConfigValue, LocalFederation, processes_marked
 from server.study import StudySettings
+from tests.server.studies import write_site_config
 
 pytestmark = [
     pytest.mark.slow,
@@ -87,13 +88,6 @@ def test_differences_walks_json_and_ignores_order_of_sites_and_timings():
         "$.coef[1]: 2.0 in the simulation, 1.0 in the deployment"]
     assert differences(sim, {**dep, "ok": 1})  # a boolean is not a number
     assert differences({"a": 1}, {"b": 1})[0].startswith("$: keys only in the simulation: ['a']")
-
-
-def write_site_config(path: Path, site: str, manifest: Path, work_dir: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"site_name = {json.dumps(site)}\nmanifest = {json.dumps(str(manifest))}\n"
-                    f"work_dir = {json.dumps(str(work_dir))}\nworkers = 1\n", encoding="utf-8")
-    return path
 
 
 def test_the_study_over_real_processes_gives_the_simulations_results(tmp_path: Path):

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.protocol import CnnSpec, load_protocol
-from common.synthetic import CohortSpec, make_sites, write_cohort
+from common.protocol import load_protocol
 from server.launch import SUPERNODE_CONNECTED, LocalFederation, RunResult, processes_marked
 from server.study import StudySettings
+from tests.server.studies import small_study, write_site_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("flower-superlink") is None, reason="flower-superlink is not installed")]
@@ -29,20 +29,12 @@ ROUND_TIMEOUT_S = 60.0
 
 def image_only_study(tmp_path: Path, rounds: int) -> tuple[dict[str, Path], StudySettings, Path]:
     """Three sites' configs, an image-only CNN study's settings and its protocol file."""
-    cohort = tmp_path / "cohort"
-    write_cohort(cohort, CohortSpec(make_sites((22, 22, 22), True)), workers=2)
-    protocol = load_protocol(cohort / "study.yaml").model_copy(update={"cnn": CnnSpec(
-        architecture="resnet10", crop_size=(16, 16, 8), rounds=rounds, batch_size=8,
-        aggregator="fedavg")})
+    cohort, protocol = small_study(tmp_path, (22, 22, 22), rounds=rounds, aggregator="fedavg")
     protocol_file = tmp_path / "protocol.yaml"
     protocol_file.write_text(yaml.safe_dump(protocol.model_dump(mode="json"), sort_keys=False))
-    configs = {}
-    for site in SITES:
-        configs[site] = tmp_path / "sites" / f"{site}.toml"
-        configs[site].parent.mkdir(parents=True, exist_ok=True)
-        configs[site].write_text(
-            f'site_name = "{site}"\nmanifest = {json.dumps(str(cohort / site / "manifest.csv"))}'
-            f'\nwork_dir = {json.dumps(str(tmp_path / "work" / site))}\nworkers = 1\n')
+    configs = {site: write_site_config(tmp_path / "sites" / f"{site}.toml", site,
+                                       cohort / site / "manifest.csv", tmp_path / "work" / site)
+               for site in SITES}
     settings = StudySettings(load_protocol(protocol_file), tmp_path / "out", min_sites=2,
                              min_cases_per_site=10, timeout_s=ROUND_TIMEOUT_S, seed=1,
                              until="cnn", radiomics=False)

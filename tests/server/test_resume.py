@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.protocol import CnnSpec, LocalDpSpec, ModelSpec, load_protocol
-from common.synthetic import CohortSpec, make_sites, write_cohort
+from common.protocol import LocalDpSpec, load_protocol
 from harmonization.combat import CombatOptions
 from server.study import StudySettings, open_checkpoint
+from tests.server.studies import small_study
 
 pytestmark = pytest.mark.slow
 
@@ -57,12 +57,8 @@ def test_a_restarted_coordinator_goes_on_from_its_checkpoint(tmp_path: Path) -> 
     from client.app import make_client_app
     from server.app import make_server_app
 
-    cohort = tmp_path / "cohort"
-    write_cohort(cohort, CohortSpec(make_sites((30, 34, 38), True)), workers=2)
-    protocol = load_protocol(cohort / "study.yaml").model_copy(update={
-        "model": ModelSpec(screening_top_k=5, cv_folds=3, n_lambdas=3),
-        "cnn": CnnSpec(architecture="resnet10", crop_size=(16, 16, 8), rounds=3, batch_size=8,
-                       aggregator="fedavg", local_dp=DP)})
+    cohort, protocol = small_study(tmp_path, (30, 34, 38), rounds=3, aggregator="fedavg",
+                                   local_dp=DP)
     out = tmp_path / "out"
     settings = StudySettings(protocol, out, min_sites=2, timeout_s=300, seed=1,
                              combat=CombatOptions(min_batch_size=3, min_cell=1))
