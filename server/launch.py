@@ -739,14 +739,7 @@ class LocalFederation:
             return RunResult(code, output, wall_s)
         run_id = started.group(1)
         status, details = self.run_status(run_id)
-        # flwr run --stream can end while the run goes on (its log stream broke, e.g. when the
-        # SuperLink's database was busy): wait for the run itself, within the time left
-        while status and not status.startswith("finished") \
-                and time.monotonic() - start < timeout_s:
-            time.sleep(2)
-            status, details = self.run_status(run_id)
-        return RunResult(code, log_tail(process.log_path, 10_000), time.monotonic() - start,
-                         run_id, status, details)
+        return RunResult(code, output, wall_s, run_id, status, details)
 
     def run_status(self, run_id: str) -> tuple[str, str]:
         """A run's status and its details, from the SuperLink (``flwr ls``); ("", why) when
