@@ -25,6 +25,7 @@ from client.study import (
     combat_inputs,
     combat_model_at_site,
     evaluate_models,
+    feature_width,
     handshake,
     harmonize_site,
     model_summary,
@@ -32,6 +33,7 @@ from client.study import (
     prepare,
     resolve_site,
 )
+from client.guard import PrivacyGuardError, check_reply
 from common.errors import ConfigError, MyeloFedError
 from common.selection import BatchRequest, LinearModel
 from common.protocol import StudyProtocol, protocol_from_mapping
@@ -133,19 +135,55 @@ def local_dp(msg: Message, context: Context, call_next: Callable[[Message, Conte
                                                 "update was not sent"), reply_to=msg)
 
 
+def privacy_guard(site_name: Callable[[Context], str],
+                  features: Callable[[Context, StudyProtocol], int | None]) -> Mod:
+    """A Flower mod: the site's privacy guard (:mod:`client.guard`) on every reply. A reply
+    that breaks its schema, or one the guard cannot check, is withheld: the coordinator gets an
+    error naming the rule and the site's log says what was withheld. ``features`` gives the
+    width of the site's feature table (None before the preparation)."""
+    def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+            ) -> Message:
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        kind = msg.metadata.message_type
+        try:
+            check_reply(kind, msg.content, reply.content, lambda: _protocol(msg),
+                        lambda: features(context, _protocol(msg)), site_name(context))
+            return reply
+        except PrivacyGuardError as exc:
+            reason = str(exc)
+        except Exception as exc:  # noqa: BLE001 - fail closed: an unchecked reply stays here
+            log.exception("the privacy guard could not check a reply to %s", kind)
+            reason = f"the guard could not check it ({type(exc).__name__})"
+        log.error("MyeloFed privacy guard: the reply to %s is withheld: %s", kind, reason)
+        return Message(error=Error(SITE_REFUSED, f"PrivacyGuardError: reply withheld: "
+                                                 f"{reason}"[:300]), reply_to=msg)
+    return mod
+
+
 def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] = ()
                     ) -> ClientApp:
     """The ClientApp. ``simulation_cohort`` stands in for the run config's
     ``simulation-cohort`` (Flower's in-process simulation passes no run config); ``mods`` are
     Flower mods around every handler (e.g. one that inspects every outgoing reply); the
-    protocol's local differential privacy (:func:`local_dp`) is the innermost."""
-    app = ClientApp(mods=[*mods, local_dp])
-
+    protocol's local differential privacy (:func:`local_dp`) is the innermost, inside the
+    site's privacy guard (:mod:`client.guard`), which checks every reply that leaves."""
     def site_of(context: Context):  # noqa: ANN202 - a SiteConfig
         run_config = dict(context.run_config)
         if simulation_cohort is not None:
             run_config["simulation-cohort"] = str(simulation_cohort)
         return resolve_site(dict(context.node_config), run_config)
+
+    def site_name(context: Context) -> str:
+        try:
+            return site_of(context).site_name
+        except MyeloFedError:
+            return str(context.node_config.get("site-name", "this site"))
+
+    guard = privacy_guard(site_name,
+                          lambda context, protocol: feature_width(site_of(context), protocol))
+    app = ClientApp(mods=[*mods, guard, local_dp])
 
     @app.query("handshake")
     @guarded

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from common.errors import ConfigError
 from common.protocol import StudyProtocol, TaskKind, protocol_from_mapping
@@ -138,6 +138,9 @@ class PrepareReply:
     features_hash: str = ""
     feature_names: tuple[str, ...] = ()
 
+    #: What may leave a site (:func:`common.records.check_sent`): none, or every feature name.
+    AXES: ClassVar = {"feature_names": ("features",)}
+
 
 def study_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:
     """Where this site keeps the study's local results (never sent)."""
@@ -147,6 +150,19 @@ def study_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:
 def feature_columns(table: "pd.DataFrame", protocol: StudyProtocol) -> list[str]:
     skip = {*NON_FEATURES, protocol.task.label_column, *protocol.covariates.columns}
     return [c for c in table.columns if c not in skip]
+
+
+def feature_width(site: SiteConfig, protocol: StudyProtocol) -> int | None:
+    """The number of feature columns of this site's prepared table (None before the
+    preparation): fixed by the protocol's extraction settings, the same at every site (the
+    server checks their names' hash). Read from the table's schema, not its rows."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    path = study_dir(site, protocol) / PREPARED_FILE
+    if not path.is_file():
+        return None
+    return len(feature_columns(pd.DataFrame(columns=pq.read_schema(path).names), protocol))
 
 
 def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction: float

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from scipy import stats
@@ -483,13 +483,27 @@ def regression_table(y: np.ndarray, prediction: np.ndarray) -> dict[str, object]
     return out
 
 
+#: What a site's table of one model may hold (:func:`classification_table`,
+#: :func:`regression_table`): the site's privacy guard refuses any other key.
+CLASSIFICATION_KEYS = frozenset({
+    "n", "n_positive", "auc", "auc_variance", "auc_low", "auc_high", "auc_boot_low",
+    "auc_boot_high", *(f.name for f in fields(AtThreshold)), "brier", "calibration_intercept",
+    "calibration_slope", "calibration_curve", "decision_curve"})
+REGRESSION_KEYS = frozenset({
+    "n", "mae", "rmse", *(f"{name}{suffix}" for name in ("r", "spearman")
+                          for suffix in ("", "_low", "_high", "_p")),
+    "bias", "loa_low", "loa_high"})
+
+
 def as_dict(value: object) -> dict[str, object]:
     """A metric dataclass as a JSON-ready dict."""
     return asdict(value)  # type: ignore[call-overload]
 
 
-__all__ = ["Agreement", "AtThreshold", "Auc", "Calibration", "CalibrationBin", "Correlation",
-           "DecisionPoint", "PairedTest", "Pooled", "as_dict", "at_threshold", "auc_bootstrap_ci",
-           "auc_delong", "bland_altman", "brier_score", "calibration", "calibration_curve",
-           "coarse_thresholds", "decision_curve", "delong_test", "pearson", "pool_random_effects", "spearman",
-           "youden_threshold", "classification_table", "regression_table", "risk_of"]
+__all__ = ["Agreement", "AtThreshold", "Auc", "CLASSIFICATION_KEYS", "Calibration",
+           "CalibrationBin", "Correlation", "DecisionPoint", "PairedTest", "Pooled",
+           "REGRESSION_KEYS", "as_dict", "at_threshold", "auc_bootstrap_ci", "auc_delong",
+           "bland_altman", "brier_score", "calibration", "calibration_curve",
+           "coarse_thresholds", "decision_curve", "delong_test", "pearson",
+           "pool_random_effects", "spearman", "youden_threshold", "classification_table",
+           "regression_table", "risk_of"]

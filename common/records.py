@@ -8,13 +8,19 @@ and checks what arrived before any code uses it: the type, every field present, 
 and finite, and, where the caller says, their shapes. A malformed reply is a
 :class:`PayloadError` naming the field and the reason (and the sender, when given), never a
 crash deep in the maths.
+
+A payload a site sends also declares, in data-independent terms, the size of each axis of its
+arrays and string tuples (``AXES``: field -> axis names such as ``"features"`` or ``"fits"``) and
+the counts that must be 0 or at least a protocol minimum (``COUNTS``: field -> the minimum's
+name). :func:`check_sent` holds a packed payload to its declaration: the site's privacy guard
+(:mod:`client.guard`) runs it on every reply before it leaves.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -124,3 +130,74 @@ def unpack(content: RecordDict, name: str, cls: type[T],
            shapes: Mapping[str, tuple[int, ...]] | None = None, sender: str = "a site") -> T:
     """The payload packed under ``name`` by :func:`pack`, checked as :func:`from_record` does."""
     return from_record(content, cls, shapes, sender, prefix=f"{name}.")
+
+
+#: The sizes an axis may have: one size, or a collection (e.g. a ``range``) of them.
+Size = int | Collection[int]
+
+
+def _fits(size: Size, value: int) -> bool:
+    return value == size if isinstance(size, int) else value in size
+
+
+def check_sent(content: RecordDict, cls: type[T], sizes: Mapping[str, Size],
+               minimums: Mapping[str, int], prefix: str = "", sender: str = "this site") -> T:
+    """Hold a packed payload to its class's declaration before it leaves a site.
+
+    Refused, with the field and the reason: any record entry that is not a field of ``cls``;
+    an array or string-tuple field that ``cls.AXES`` does not declare; an axis whose size is
+    not what ``sizes`` allows for its name (the caller resolves the names from the request and
+    the protocol, never from the site's patient counts); a ``cls.COUNTS`` field with a value
+    from 1 to its minimum - 1; and whatever :func:`from_record` refuses.
+    """
+    axes: Mapping[str, tuple[str, ...]] = getattr(cls, "AXES", {})
+    counts: Mapping[str, str] = getattr(cls, "COUNTS", {})
+
+    def fail(reason: str) -> PayloadError:
+        return PayloadError(f"{cls.__name__} from {sender}: {reason}")
+
+    names = [item.name for item in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    try:
+        meta = dict(content[f"{prefix}meta"])
+        arrays = content[f"{prefix}arrays"]
+    except (KeyError, TypeError):
+        raise fail(f"no '{prefix}meta' and '{prefix}arrays' records") from None
+    known = {"payload", "schema", "none"} | {f"{kind}.{n}" for n in names for kind in "ft"}
+    unknown = [k for k in meta if k not in known] + [k for k in arrays if k not in names]
+    if unknown:
+        raise fail(f"'{unknown[0]}' is not a field of the payload")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in names:
+        if name in arrays:
+            shapes[name] = tuple(arrays[name].shape)
+        elif f"t.{name}" in meta:
+            shapes[name] = (len(meta[f"t.{name}"]),)
+        else:
+            continue
+        if name not in axes:
+            raise fail(f"'{name}' declares no axes: it cannot leave the site")
+        declared = axes[name]
+        for axis in declared:
+            if axis not in sizes:
+                raise fail(f"axis '{axis}' of '{name}' has no size for this message")
+        if len(shapes[name]) != len(declared) or not all(
+                _fits(sizes[a], n) for a, n in zip(declared, shapes[name])):
+            allowed = ", ".join(f"{a}={_shown(sizes[a])}" for a in declared)
+            raise fail(f"'{name}' has shape {shapes[name]}, its declaration allows ({allowed})")
+    payload = from_record(content, cls, sender=sender, prefix=prefix)
+    for name, minimum_name in counts.items():
+        minimum = minimums[minimum_name]
+        values = np.atleast_1d(np.asarray(getattr(payload, name)))
+        small = values[(values > 0) & (values < minimum)]
+        if small.size:
+            raise fail(f"'{name}' counts {small[0]:g}, fewer than {minimum_name} = {minimum} "
+                       "(and more than 0)")
+    return payload
+
+
+def _shown(size: Size) -> str:
+    if isinstance(size, int):
+        return str(size)
+    if isinstance(size, range) and size.step == 1:
+        return f"{size.start}..{size.stop - 1}"
+    return "{" + ",".join(str(n) for n in sorted(size)) + "}"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -50,6 +51,10 @@ class Comoments:
     y_mean: float
     y_m2: float
     cross: np.ndarray
+
+    #: What may leave a site (:func:`common.records.check_sent`).
+    AXES: ClassVar = {"mean": ("features",), "m2": ("features",), "cross": ("features",)}
+    COUNTS: ClassVar = {"n": "min_rows"}
 
     @property
     def sd(self) -> np.ndarray:
@@ -127,6 +132,10 @@ class LinearModel:
     sd: np.ndarray
     beta: np.ndarray
 
+    #: A site's local-only model: ``terms`` up to the protocol's screening_top_k.
+    AXES: ClassVar = {"features": ("terms",), "mean": ("terms",), "sd": ("terms",),
+                      "beta": ("coefficients",)}
+
     def __post_init__(self) -> None:
         k = np.shape(self.features)[0] if np.ndim(self.features) == 1 else -1
         if (k < 0 or np.shape(self.mean) != (k,) or np.shape(self.sd) != (k,)
@@ -173,6 +182,12 @@ class BatchTerms:
     loss: np.ndarray
     n_out: np.ndarray
     loss_out: np.ndarray
+
+    #: ``fits`` and ``coefficients``: the request's (J, 1 + k).
+    AXES: ClassVar = {"n": ("fits",), "gradient": ("fits", "coefficients"),
+                      "hessian": ("fits", "coefficients", "coefficients"), "loss": ("fits",),
+                      "n_out": ("fits",), "loss_out": ("fits",)}
+    COUNTS: ClassVar = {"n": "min_rows", "n_out": "min_rows"}
 
 
 def _loss_terms(x: np.ndarray, y: np.ndarray, beta: np.ndarray, loss: str

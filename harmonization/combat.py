@@ -28,6 +28,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict as dataclasses_asdict
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -193,6 +194,11 @@ class DesignMoments:
     xtx: np.ndarray
     xty: np.ndarray
 
+    #: What may leave a site (:func:`common.records.check_sent`): ``columns`` is the design's.
+    AXES: ClassVar = {"batch_counts": ("batches",), "xtx": ("columns", "columns"),
+                      "xty": ("columns", "features")}
+    COUNTS: ClassVar = {"batch_counts": "min_cell"}
+
     @property
     def n(self) -> int:
         return int(self.batch_counts.sum())
@@ -284,6 +290,9 @@ class ResidualMoments:
 
     batch_counts: np.ndarray
     rss: np.ndarray
+
+    AXES: ClassVar = {"batch_counts": ("batches",), "rss": ("batches", "features")}
+    COUNTS: ClassVar = {"batch_counts": "min_cell"}
 
 
 def site_residual_moments(y: np.ndarray, batch: Sequence[object], covariates: Covariates,
@@ -532,6 +541,11 @@ class StackedMoments:
     n: np.ndarray
     mean: np.ndarray
     m2: np.ndarray
+
+    #: ``shared``: at most the batches the server named as shared by several sites.
+    AXES: ClassVar = {"batches": ("shared",), "n": ("shared",), "mean": ("shared", "features"),
+                      "m2": ("shared", "features")}
+    COUNTS: ClassVar = {"n": "min_cell"}
 
     @classmethod
     def of(cls, moments: Sequence[BatchMoments], n_features: int) -> StackedMoments:

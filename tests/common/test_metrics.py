@@ -250,3 +250,22 @@ def test_bad_input_is_named():
         auc_delong(np.array([0, 1.0]), np.array([0.2, np.nan]))
     with pytest.raises(ValueError, match="two or more estimates"):
         pool_random_effects([0.8], [0.01])
+
+
+@pytest.mark.parametrize("n, positives", [(40, 15), (40, 0), (3, 1)],
+                         ids=["both-classes", "one-class", "three-rows"])
+def test_a_table_holds_exactly_the_keys_the_privacy_guard_allows(n: int, positives: int):
+    """The site's privacy guard (client/guard.py) withholds a table with any other key."""
+    from common.metrics import (
+        CLASSIFICATION_KEYS,
+        REGRESSION_KEYS,
+        classification_table,
+        regression_table,
+    )
+
+    rng = np.random.default_rng(3)
+    y = np.zeros(n)
+    y[:positives] = 1
+    score = rng.normal(size=n) + y
+    assert set(classification_table(y, score, 0.5, bootstrap=20)) == CLASSIFICATION_KEYS
+    assert set(regression_table(score * 10, score + rng.normal(size=n))) == REGRESSION_KEYS

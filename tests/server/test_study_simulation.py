@@ -110,6 +110,7 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
         assert not np.allclose(got[names].to_numpy(float), table[names].to_numpy(float))
 
     # privacy: nothing a site sent has a dimension (or a list length) of its number of patients
+    # (the audit sits outside the sites' privacy guard: a second check, by another rule)
     rows = {s["site"]: {s["n_train"], s["n_test"], s["n_train"] + s["n_test"]}
             for s in prepare["sites"]}
     sites = sorted(rows)

@@ -1,0 +1,251 @@
+"""The site's privacy guard: every reply is held to a declared schema before it leaves.
+
+:func:`check_reply` runs in a Flower mod around every handler of the ClientApp
+(:func:`client.app.privacy_guard`, outside local differential privacy, so it checks what
+actually leaves). For each message type it knows the records a reply may hold and what each may
+contain:
+
+- a payload dataclass (:mod:`common.records`) is held to its own declaration
+  (:func:`common.records.check_sent`): no field it does not declare, every array axis of a size
+  named in data-independent terms (``features``, the design's ``columns`` and ``batches``, the
+  request's ``fits``...), which this module resolves from the request, the protocol and the
+  width of the site's feature table, never from its patient counts; counts of 1 to a protocol
+  minimum - 1 refused;
+- a test-metrics table (JSON) holds exactly the requested models, the metric keys of
+  :mod:`common.metrics`, a calibration curve of at most ``n_bins`` bins of at least
+  ``min_count`` patients and a decision curve at the protocol's thresholds;
+- a CNN update holds the weights it was sent (names and shapes) and named scalar metrics.
+
+A reply that breaks its schema, or a message type the guard does not know, is withheld: the
+coordinator gets an error reply naming the rule, and the site's log says what was withheld. An
+error reply passes (it carries a code and a short reason). The guard fails closed: if it cannot
+check a reply, the reply does not leave.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from common.errors import MyeloFedError
+from common.protocol import StudyProtocol, TaskKind
+
+#: Flower's ``RecordDict`` (duck-typed: only the apps import Flower).
+Records = Any
+
+
+class PrivacyGuardError(MyeloFedError):
+    """A reply does not follow what may leave the site."""
+
+
+def _payloads() -> dict[str, dict[str, tuple[type, bool]]]:
+    """Each query's reply: its payloads by the name they are packed under ("" = unprefixed),
+    with whether each must be there."""
+    from client.study import HandshakeReply, ModelMetrics, PrepareReply
+    from common.selection import BatchTerms, Comoments, LinearModel
+    from harmonization.combat import DesignMoments, ResidualMoments, StackedMoments
+
+    return {"query.handshake": {"": (HandshakeReply, True)},
+            "query.prepare": {"": (PrepareReply, True)},
+            "query.combat_design": {"moments": (DesignMoments, True)},
+            "query.combat_residuals": {"residuals": (ResidualMoments, True)},
+            "query.combat_moments": {"moments": (StackedMoments, True)},
+            "query.model_summary": {"moments": (Comoments, True),
+                                    "local": (LinearModel, False)},
+            "query.model_terms": {"terms": (BatchTerms, True)},
+            "query.model_evaluate": {"metrics": (ModelMetrics, True)}}
+
+
+Sizes = tuple[dict[str, Any], dict[str, int]]
+
+
+def _sizes(message_type: str, request: Records, protocol: Callable[[], StudyProtocol],
+           features: Callable[[], int | None]) -> Sizes:
+    """The axis sizes and count minimums a reply may have, resolved from the request
+    and the protocol (and the number of feature columns, the same at every site)."""
+    from client.study import MIN_ROWS_SENT
+
+    minimums = {"min_rows": MIN_ROWS_SENT}
+    if message_type == "query.prepare":
+        width = features()
+        return {"features": {0} if width is None else {0, width}}, minimums
+    if message_type.startswith("query.combat_"):
+        from harmonization.combat import design_from_json
+
+        study = request["study"]
+        design, options = design_from_json(str(study["design"]))
+        shared = list(study["shared_batches"]) if "shared_batches" in study else []
+        return ({"features": _required(features()), "batches": design.n_batch,
+                 "columns": design.n_columns, "shared": range(len(shared) + 1)},
+                minimums | {"min_cell": options.min_cell})
+    if message_type == "query.model_summary":
+        top_k = protocol().model.screening_top_k
+        return ({"features": _required(features()), "terms": range(top_k + 1),
+                 "coefficients": range(1, top_k + 2)}, minimums)
+    if message_type == "query.model_terms":
+        from common.records import unpack
+        from common.selection import BatchRequest
+
+        fits, coefficients = unpack(request, "request", BatchRequest,
+                                    sender="the server").beta.shape
+        return {"fits": fits, "coefficients": coefficients}, minimums
+    return {}, minimums
+
+
+def _required(width: int | None) -> int:
+    if width is None:
+        raise PrivacyGuardError("this site has no prepared feature table to size the reply by")
+    return width
+
+
+def check_reply(kind: str, request: Records, content: Records,
+                protocol: Callable[[], StudyProtocol], features: Callable[[], int | None],
+                site: str = "this site") -> None:
+    """Raise :class:`PrivacyGuardError` unless ``content``, a reply to a message of type
+    ``kind`` with ``request`` content, follows its schema. ``protocol`` and ``features`` (the
+    width of the site's feature table, None before the preparation) are called when needed."""
+    from common.records import PayloadError, check_sent
+
+    if kind in ("train", "evaluate"):
+        _check_cnn(kind, request, content)
+        return
+    if kind == "query.combat_apply":
+        _check_config(content, "result", {"rows": int})
+        return
+    schema = _payloads().get(kind)
+    if schema is None:
+        raise PrivacyGuardError(f"no schema for a reply to '{kind}'")
+    expected = {f"{name}.{part}" if name else part for name in schema
+                for part in ("meta", "arrays")}
+    extra = sorted(set(content.keys()) - expected)
+    if extra:
+        raise PrivacyGuardError(f"record '{extra[0]}' is not part of a reply to '{kind}'")
+    sizes, minimums = _sizes(kind, request, protocol, features)
+    for name, (cls, required) in schema.items():
+        prefix = f"{name}." if name else ""
+        if f"{prefix}meta" not in content and not required:
+            continue
+        try:
+            payload = check_sent(content, cls, sizes, minimums, prefix=prefix, sender=site)
+        except PayloadError as exc:
+            raise PrivacyGuardError(str(exc)) from None
+        if kind == "query.model_evaluate":
+            _check_table(payload.table, json.loads(str(request["study"]["models"])),
+                         protocol())
+
+
+def _check_config(content: Records, name: str, fields: Mapping[str, type]) -> None:
+    if set(content.keys()) != {name}:
+        raise PrivacyGuardError(f"the reply holds {sorted(content.keys())}, not '{name}' alone")
+    _check_fields(content[name], name, fields)
+
+
+def _check_fields(record: Mapping[str, object], name: str, fields: Mapping[str, type]) -> None:
+    for key, value in record.items():
+        if key not in fields or not isinstance(value, fields[key]) or isinstance(value, bool):
+            raise PrivacyGuardError(f"'{name}.{key}' is not a declared {fields.get(key)}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_table(text: str, names: list[str], protocol: StudyProtocol) -> None:
+    """A site's test metrics (:class:`client.study.ModelMetrics`): numbers of the requested
+    models under the keys :mod:`common.metrics` writes, curves as the protocol bounds them."""
+    from common.metrics import CLASSIFICATION_KEYS, REGRESSION_KEYS, PairedTest
+
+    def fail(reason: str) -> PrivacyGuardError:
+        return PrivacyGuardError(f"the metrics table: {reason}")
+
+    table = json.loads(text)
+    if not isinstance(table, dict) or set(table) != {"models", "comparisons"}:
+        raise fail("it must hold 'models' and 'comparisons' only")
+    models, comparisons = table["models"], table["comparisons"]
+    if not isinstance(models, dict) or set(models) != set(names):
+        raise fail(f"its models {sorted(models)} are not the requested {sorted(names)}")
+    classification = protocol.task.kind is TaskKind.CLASSIFICATION
+    keys = CLASSIFICATION_KEYS if classification else REGRESSION_KEYS
+    v = protocol.validation
+    for name, metrics in models.items():
+        if not isinstance(metrics, dict) or set(metrics) != keys:
+            extra = sorted(set(metrics) - keys) if isinstance(metrics, dict) else []
+            raise fail(f"model '{name}' holds other metrics than its task's{': ' if extra else ''}"
+                       f"{', '.join(extra)}")
+        for key, value in metrics.items():
+            if key == "calibration_curve":
+                _check_curve(name, key, value, v.n_bins, fail)
+                small = [row[0] for row in value if row[0] < v.min_count]
+                if small:
+                    raise fail(f"model '{name}': a calibration bin of {small[0]} patients, "
+                               f"fewer than min_count = {v.min_count}")
+            elif key == "decision_curve":
+                _check_curve(name, key, value, len(v.decision_thresholds), fail)
+                if [row[0] for row in value] != [float(t) for t in v.decision_thresholds]:
+                    raise fail(f"model '{name}': the decision curve is not at the protocol's "
+                               "thresholds")
+            elif not _number(value):
+                raise fail(f"model '{name}': '{key}' is not a number")
+    allowed = {f"{names[0]} vs {other}" for other in names[1:]} if names else set()
+    fields = {f.name for f in dataclasses.fields(PairedTest)}
+    if not isinstance(comparisons, dict):
+        raise fail("'comparisons' is not a mapping")
+    for key, test in comparisons.items():
+        if key not in allowed or not isinstance(test, dict) or set(test) != fields or not all(
+                _number(x) for x in test.values()):
+            raise fail(f"comparison '{key}' is not a DeLong test of the requested models")
+
+
+def _check_curve(model: str, key: str, rows: object, most: int,
+                 fail: Callable[[str], PrivacyGuardError]) -> None:
+    if not isinstance(rows, list) or len(rows) > most:
+        raise fail(f"model '{model}': '{key}' is not a list of at most {most} rows")
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 3 or not all(_number(x) for x in row):
+            raise fail(f"model '{model}': a row of '{key}' is not three numbers")
+
+
+def cnn_metric_names(kind: str) -> frozenset[str]:
+    """The scalar metrics a CNN reply may carry (``train`` or ``evaluate``)."""
+    from client.cnn import SplitMetrics
+
+    split = [f.name for f in dataclasses.fields(SplitMetrics)]
+    dp = {"dp_epsilon", "dp_delta", "dp_noise_std"}
+    if kind == "train":
+        return frozenset({"num-examples", "train_loss", "train_seconds", "global_seconds",
+                          *(f"global_test_{k}" for k in split), *dp})
+    return frozenset({"num-examples", "seconds", *(f"{s}_{k}" for s in ("test", "train")
+                                                   for k in split),
+                      "test_auc_low", "test_auc_high", "test_r_low", "test_r_high"})
+
+
+def _check_cnn(kind: str, request: Records, content: Records) -> None:
+    """A CNN reply: named scalar metrics, the site record and (train) the weights it was sent,
+    name for name, with their shapes."""
+    allowed = {"metrics", "site"} | ({"arrays"} if kind == "train" else set())
+    if not set(content.keys()) <= allowed or "metrics" not in content:
+        raise PrivacyGuardError(f"a '{kind}' reply holds {sorted(content.keys())}, not "
+                                f"{sorted(allowed)}")
+    names = cnn_metric_names(kind)
+    for key, value in content["metrics"].items():
+        if key not in names:
+            raise PrivacyGuardError(f"metric '{key}' is not one a '{kind}' reply may carry")
+        if not _number(value):
+            raise PrivacyGuardError(f"metric '{key}' is not one number")
+    if "site" in content:
+        _check_fields(content["site"], "site", {"name": str, "protocol_hash": str})
+    if kind != "train":
+        return
+    if "arrays" not in content:
+        raise PrivacyGuardError("a 'train' reply without its weights")
+    sent = {k: tuple(a.shape) for k, a in request["arrays"].items()}
+    got = {k: tuple(a.shape) for k, a in content["arrays"].items()}
+    if set(got) != set(sent):
+        extra = sorted(set(got) ^ set(sent))
+        raise PrivacyGuardError(f"the update's weights differ from the network's: {extra[0]}")
+    for key, shape in got.items():  # (types may differ: averaging makes counters floats)
+        if shape != sent[key]:
+            raise PrivacyGuardError(f"weight '{key}' has shape {shape}, the network's "
+                                    f"{sent[key]}")
