@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -81,11 +81,7 @@ def from_record(content: RecordDict, cls: type[T], shapes: Mapping[str, tuple[in
     def fail(reason: str) -> PayloadError:
         return PayloadError(f"{cls.__name__} from {sender}: {reason}")
 
-    try:
-        meta = dict(content[f"{prefix}meta"])
-        arrays = content[f"{prefix}arrays"]
-    except (KeyError, TypeError):
-        raise fail(f"no '{prefix}meta' and '{prefix}arrays' records") from None
+    meta, arrays = _records(content, prefix, fail)
     if meta.get("payload") != cls.__name__:
         raise fail(f"payload type is {meta.get('payload')!r}")
     if meta.get("schema") != SCHEMA_VERSION:
@@ -126,6 +122,15 @@ def from_record(content: RecordDict, cls: type[T], shapes: Mapping[str, tuple[in
         raise fail(str(exc)) from None
 
 
+def _records(content: RecordDict, prefix: str, fail: Callable[[str], PayloadError]
+             ) -> tuple[dict[str, Any], ArrayRecord]:
+    """A packed payload's scalars (its ConfigRecord, as a dict) and arrays."""
+    try:
+        return dict(content[f"{prefix}meta"]), content[f"{prefix}arrays"]
+    except (KeyError, TypeError):
+        raise fail(f"no '{prefix}meta' and '{prefix}arrays' records") from None
+
+
 def unpack(content: RecordDict, name: str, cls: type[T],
            shapes: Mapping[str, tuple[int, ...]] | None = None, sender: str = "a site") -> T:
     """The payload packed under ``name`` by :func:`pack`, checked as :func:`from_record` does."""
@@ -145,7 +150,7 @@ def check_sent(content: RecordDict, cls: type[T], sizes: Mapping[str, Size],
     """Hold a packed payload to its class's declaration before it leaves a site.
 
     Refused, with the field and the reason: any record entry that is not a field of ``cls``;
-    an array or string-tuple field that ``cls.AXES`` does not declare; an axis whose size is
+    a scalar field that holds a list; an array or string-tuple field that ``cls.AXES`` does not declare; an axis whose size is
     not what ``sizes`` allows for its name (the caller resolves the names from the request and
     the protocol, never from the site's patient counts); a ``cls.COUNTS`` field with a value
     from 1 to its minimum - 1; and whatever :func:`from_record` refuses.
@@ -157,15 +162,15 @@ def check_sent(content: RecordDict, cls: type[T], sizes: Mapping[str, Size],
         return PayloadError(f"{cls.__name__} from {sender}: {reason}")
 
     names = [item.name for item in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    try:
-        meta = dict(content[f"{prefix}meta"])
-        arrays = content[f"{prefix}arrays"]
-    except (KeyError, TypeError):
-        raise fail(f"no '{prefix}meta' and '{prefix}arrays' records") from None
+    meta, arrays = _records(content, prefix, fail)
     known = {"payload", "schema", "none"} | {f"{kind}.{n}" for n in names for kind in "ft"}
-    unknown = [k for k in meta if k not in known] + [k for k in arrays if k not in names]
+    unknown = ([k for k in meta if k not in known] + [k for k in arrays if k not in names]
+               + [str(k) for k in meta.get("none", []) if k not in names])
     if unknown:
         raise fail(f"'{unknown[0]}' is not a field of the payload")
+    listed = [k for k, v in meta.items() if k.startswith("f.") and isinstance(v, list)]
+    if listed:
+        raise fail(f"'{listed[0][2:]}' holds a list, not one value")
     shapes: dict[str, tuple[int, ...]] = {}
     for name in names:
         if name in arrays:

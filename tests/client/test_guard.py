@@ -70,6 +70,13 @@ def test_combat_moments_pass_and_a_per_patient_axis_is_withheld():
     sneaked["moments.arrays"]["rows"] = Array(rows)
     withheld("query.combat_design", request, sneaked, "'rows' is not a field of the payload")
 
+    listed = pack(metrics=ModelMetrics("site_A", 40, 20, "{}"))  # a list in a scalar field
+    listed["metrics.meta"]["f.n_test"] = RNG.random(40).tolist()
+    withheld("query.model_evaluate", RecordDict({}), listed, "'n_test' holds a list")
+    named = pack(moments=moments)  # the list of absent fields holds something else
+    named["moments.meta"]["none"] = ["P001", "P002"]
+    withheld("query.combat_design", request, named, "'P001' is not a field")
+
     other = pack(moments=moments)  # one more record beside the payload
     other["debug"] = ConfigRecord({"case_ids": ["P001", "P002"]})
     withheld("query.combat_design", request, other, "record 'debug' is not part of a reply")
