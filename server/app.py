@@ -23,6 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from client.study import HandshakeReply, ModelMetrics, PrepareReply, clinical_terms, loss_of
+from common.errors import ConfigError
 from common.protocol import LocalDpSpec, TaskKind
 from common.provenance import atomic_write_json
 from common.records import PayloadError, from_record, pack, unpack
@@ -38,7 +39,6 @@ from common.selection import (
 from harmonization.combat import (
     BatchMoments,
     DesignMoments,
-    LocationFit,
     PooledVariance,
     ResidualMoments,
     StackedAdjustments,
@@ -481,6 +481,8 @@ def _site_results(metrics: dict[str, ModelMetrics], failed: dict[str, str]
     return out
 
 
+#: FedAdam's moments after the last round (in ``out-dir/cnn``), for a restarted study.
+OPTIMIZER_FILE = "optimizer.npz"
 STRATEGIES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam",
               "fedmedian": "FedMedian", "trimmed_mean": "FedTrimmedAvg", "krum": "Krum"}
 
@@ -495,7 +497,8 @@ def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Calla
 
     With a ``checkpoint`` of a study restarted after CNN round k, Flower's rounds 1, 2, ...
     are the study's rounds k + 1, k + 2, ... (what the sites are told, and what is recorded),
-    and the records of rounds 1..k are read back from ``cnn_progress.json``."""
+    and the records of rounds 1..k are read back from ``cnn_progress.json``. FedAdam's moments
+    are saved with each round (``cnn/optimizer.npz``, the last round's) and read back too."""
     from flwr.serverapp import strategy as flower
 
     spec = settings.protocol.cnn
@@ -572,7 +575,12 @@ def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Calla
             self.round_seconds[server_round] = time.monotonic() - self.started[server_round]
             if arrays is not None:
                 checkpoints.mkdir(parents=True, exist_ok=True)
-                _save_checkpoint(checkpoints / f"global_round_{server_round:03d}.npz", arrays)
+                _save_checkpoint(checkpoints / f"global_round_{server_round:03d}.npz",
+                                 {k: v.numpy() for k, v in arrays.items()})
+                moments = self.moments()
+                if moments:
+                    _save_checkpoint(checkpoints / OPTIMIZER_FILE,
+                                     moments | {"round": np.array(server_round)})
                 atomic_write_json(settings.out_dir / "cnn_progress.json", self.records())
                 if checkpoint is not None:
                     checkpoint.cnn_round = server_round
@@ -584,13 +592,28 @@ def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Calla
                      + "".join(f"; {e['site']} {e['kind']}: {e['reason']}" for e in out))
             return arrays, metrics
 
+        def moments(self) -> dict[str, np.ndarray]:
+            """FedAdam's first and second moments (Flower's FedOpt ``m_t``, ``v_t``), by
+            ``m_t/<weight>``; none for the other aggregators."""
+            return {f"{part}/{k}": v for part in ("m_t", "v_t")
+                    for k, v in (getattr(self, part, None) or {}).items()}
+
         def records(self) -> dict[str, object]:
             """Per round: each site's metrics, the seconds it took, who was left out, why."""
             return {"history": {str(r): m for r, m in sorted(self.history.items())},
                     "round_seconds": {str(r): t for r, t in sorted(self.round_seconds.items())},
                     "left_out": self.left_out, "failed": self.failed}
 
-    return PerSite(**options)
+    strategy = PerSite(**options)
+    if offset and (checkpoints / OPTIMIZER_FILE).is_file():
+        with np.load(checkpoints / OPTIMIZER_FILE) as state:
+            if int(state["round"]) != offset:
+                raise ConfigError(str(checkpoints / OPTIMIZER_FILE), [
+                    f"holds round {int(state['round'])}'s moments, not round {offset}'s"])
+            for part in ("m_t", "v_t"):
+                setattr(strategy, part, {k.split("/", 1)[1]: state[k] for k in state.files
+                                         if k.startswith(f"{part}/")})
+    return strategy
 
 
 def _numbers(metrics: Mapping[str, object]) -> dict[str, float | None]:
@@ -659,14 +682,14 @@ def _privacy(dp: LocalDpSpec | None, records: Mapping[str, Any]) -> dict[str, ob
             "composition": "basic composition (the sum over rounds)"}
 
 
-def _save_checkpoint(path: Path, arrays: ArrayRecord) -> None:
-    """The global model of one round (numpy arrays by parameter name), written atomically."""
+def _save_checkpoint(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Numpy arrays by name (a round's global model, FedAdam's moments), written atomically."""
     import io
 
     from common.provenance import atomic_write_bytes
 
     buffer = io.BytesIO()
-    np.savez(buffer, **{k: v.numpy() for k, v in arrays.items()})
+    np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
 
 

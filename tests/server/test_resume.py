@@ -1,11 +1,12 @@
 """A coordinator that fails in the middle of a study and is started again goes on from its
 checkpoint: the handshake runs again, finished phases are read back instead of redone, and the
-CNN goes on after its last saved round. The study's CNN runs with local differential privacy:
-what leaves each site is noised as the protocol says, and each site's spend survives the
-restart."""
+CNN goes on after its last saved round, with FedAdam's moments. The study's CNN runs with local
+differential privacy: what leaves each site is noised as the protocol says, and each site's
+spend survives the restart."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_a_restarted_coordinator_goes_on_from_its_checkpoint(tmp_path: Path) -> 
     from client.app import make_client_app
     from server.app import make_server_app
 
-    cohort, protocol = small_study(tmp_path, (30, 34, 38), rounds=3, aggregator="fedavg",
+    cohort, protocol = small_study(tmp_path, (30, 34, 38), rounds=3, aggregator="fedadam",
                                    local_dp=DP)
     out = tmp_path / "out"
     settings = StudySettings(protocol, out, min_sites=2, timeout_s=300, seed=1,
@@ -83,6 +84,8 @@ def test_a_restarted_coordinator_goes_on_from_its_checkpoint(tmp_path: Path) -> 
     assert checkpoint["done"] == ["prepare", "combat", "model"] and checkpoint["cnn_round"] == 2
     finished = {name: (out / name).read_bytes()
                 for name in ("prepare.json", "combat.json", "model.json")}
+    before = moments(out)
+    assert before.pop("round") == 2
 
     progress: list[str] = []
     study(progress.append, tmp_path / "second.log")
@@ -97,7 +100,21 @@ def test_a_restarted_coordinator_goes_on_from_its_checkpoint(tmp_path: Path) -> 
     assert all(set(sites) == {"site_A", "site_B", "site_C"} for sites in cnn["history"].values())
     assert set(cnn["final"]) == {"site_A", "site_B", "site_C"}
     assert sorted(p.name for p in (out / "cnn").glob("*.npz")) == [
-        f"global_round_{r:03d}.npz" for r in (1, 2, 3)]
+        f"global_round_{r:03d}.npz" for r in (1, 2, 3)] + ["optimizer.npz"]
+    # round 3 went on from round 2's moments (m = b1 m + (1 - b1) d, v = b2 v + (1 - b2) d^2):
+    # the update d that m implies gives v; moments started afresh (zeros) would not
+    from flwr.serverapp.strategy import FedAdam
+
+    b1, b2 = (inspect.signature(FedAdam).parameters[b].default for b in ("beta_1", "beta_2"))
+    after = moments(out)
+    assert after.pop("round") == 3
+    floats = [k[4:] for k in after if k.startswith("m_t/") and after[k].dtype.kind == "f"]
+    assert len(floats) > 10 and np.abs(before["m_t/" + floats[0]]).max() > 0
+    for k in floats:
+        d = (after[f"m_t/{k}"] - b1 * before[f"m_t/{k}"]) / (1 - b1)
+        expected = b2 * before[f"v_t/{k}"] + (1 - b2) * d**2
+        np.testing.assert_allclose(after[f"v_t/{k}"], expected, rtol=1e-3,
+                                   atol=1e-6 * np.abs(expected).max(), err_msg=k)
 
     # every update left its site clipped and noised: next to the noise the clipped update is
     # tiny, so the spread of the change is the protocol's noise; integer counters untouched
@@ -118,6 +135,11 @@ def test_a_restarted_coordinator_goes_on_from_its_checkpoint(tmp_path: Path) -> 
     # a finished study is not resumed: the same settings again start afresh
     again, resumed = open_checkpoint(settings)
     assert not resumed and again.done == [] and not (out / "cnn.json").exists()
+
+
+def moments(out: Path) -> dict[str, np.ndarray]:
+    with np.load(out / "cnn" / "optimizer.npz") as saved:
+        return {k: saved[k] for k in saved.files}
 
 
 def test_another_protocol_in_the_same_folder_starts_afresh(tmp_path: Path) -> None:
