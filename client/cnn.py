@@ -143,7 +143,10 @@ def load_state_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) 
     Every name must be present, with the model's shape, a numeric dtype and finite values;
     otherwise a :class:`~common.glm.ModelError` names the tensors at fault and the model is left
     unchanged. Values are cast to each tensor's dtype (averaged batch counters are rounded); a
-    scalar buffer may come as one value of shape (1,) (Flower's median and trimmed mean).
+    scalar buffer may come as one value of shape (1,) (Flower's median and trimmed mean). A
+    BatchNorm running variance below 0, which the noise of local differential privacy leaves in
+    the average, is clamped to 0 (post-processing: the privacy guarantee holds); unclamped,
+    every output would be NaN.
     """
     from common.glm import ModelError
 
@@ -170,6 +173,8 @@ def load_state_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) 
             raise ModelError(f"weight '{name}' holds {bad} non-finite value(s) (NaN or inf)")
         if not tensor.is_floating_point():
             array = np.rint(array)
+        elif name.endswith("running_var"):
+            array = np.maximum(array, 0.0)
         loaded[name] = torch.as_tensor(array).to(dtype=tensor.dtype)
     model.load_state_dict(loaded, strict=True)
 
@@ -633,11 +638,16 @@ def _split_metrics(protocol: StudyProtocol, labels: np.ndarray, output: np.ndarr
 
     from client.study import MIN_ROWS_SENT
 
+    from common.glm import ModelError
+
     nan = float("nan")
     classification = protocol.task.kind is TaskKind.CLASSIFICATION
     n, n_positive = len(labels), int(labels.sum()) if classification else 0
     if n < MIN_ROWS_SENT:
         return SplitMetrics(n, n_positive, nan, nan, nan, nan)
+    if not np.all(np.isfinite(output)):
+        raise ModelError(f"the model's output is not finite on {int(np.sum(~np.isfinite(output)))}"
+                         f" of {n} crops: its weights have diverged")
     y = _targets(labels, protocol, target)
     with torch.no_grad():
         loss = float(_loss_function(protocol)(torch.from_numpy(output.astype(np.float32)),

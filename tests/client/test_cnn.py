@@ -291,6 +291,8 @@ def test_metrics_over_fewer_rows_than_the_minimum_are_not_sent(study: Study):
 
     assert few.n == MIN_ROWS_SENT - 1 and np.isnan([few.loss, few.auc]).all()
     assert enough.auc == 1.0 and np.isfinite(enough.loss)
+    with pytest.raises(ModelError, match="not finite on 1 of 5 crops"):  # a diverged model
+        _split_metrics(study.protocol, np.r_[labels, 0.0], np.r_[output, np.nan], None)
 
 
 def test_regression_trains_on_the_scaled_target_and_reports_r_and_mae(study: Study,
@@ -370,6 +372,15 @@ def test_load_state_arrays_refuses_bad_weights_by_name(study: Study):
     assert int(loaded["bn1.num_batches_tracked"]) == int(study.initial["bn1.num_batches_tracked"]
                                                          ) + 1
     np.testing.assert_array_equal(loaded["conv1.weight"], study.initial["conv1.weight"])
+
+    # noise (local DP) can leave a running variance below 0: clamped, the outputs stay finite
+    noised = {k: v.copy() for k, v in study.initial.items()}
+    noised["bn1.running_var"][:] = -0.5
+    load_state_arrays(model, noised)
+    assert state_arrays(model)["bn1.running_var"].min() == 0.0
+    with torch.no_grad():
+        output = model.eval()(torch.ones((2, 1, *SPEC.crop_size)))
+    assert torch.isfinite(output).all()
 
 
 def test_select_device():
