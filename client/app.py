@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from client.guard import PrivacyGuardError, check_reply
 from client.study import (
     HandshakeReply,
     PrepareReply,
@@ -33,7 +34,6 @@ from client.study import (
     prepare,
     resolve_site,
 )
-from client.guard import PrivacyGuardError, check_reply
 from common.errors import ConfigError, MyeloFedError
 from common.selection import BatchRequest, LinearModel
 from common.protocol import StudyProtocol, protocol_from_mapping
