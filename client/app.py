@@ -147,9 +147,10 @@ def privacy_guard(site_name: Callable[[Context], str],
         if reply.has_error():
             return reply
         kind = msg.metadata.message_type
+        protocol = functools.cache(lambda: _protocol(msg))  # read once, only where needed
         try:
-            check_reply(kind, msg.content, reply.content, lambda: _protocol(msg),
-                        lambda: features(context, _protocol(msg)), site_name(context))
+            check_reply(kind, msg.content, reply.content, protocol,
+                        lambda: features(context, protocol()), site_name(context))
             return reply
         except PrivacyGuardError as exc:
             reason = str(exc)

@@ -9,9 +9,8 @@ Pieces, from small to large:
 * :func:`superlink_command`, :func:`gateway_command`, :func:`supernode_command` (and
   :func:`approving`, the same through the site's app allow-list), :func:`flwr_run_command`:
   the command lines (argv lists). TLS and SuperNode authentication have their parameters
-  already; passing
-  :data:`INSECURE` instead of certificates gives a plaintext run with no node authentication,
-  for loopback tests only.
+  already; passing :data:`INSECURE` instead of certificates gives a plaintext run with no
+  node authentication, for loopback tests only.
 * :func:`write_connection`: the ``[superlink.<name>]`` connection in ``$FLWR_HOME/config.toml``
   that ``flwr run <app> <name>`` reads.
 * :func:`flower_env`: the environment every process gets (its ``FLWR_HOME``, no telemetry, no
