@@ -1,0 +1,86 @@
+"""Where a site keeps a study: its configuration (from Flower's node config or a simulation
+cohort), its study folder and the tables the phases write there. Nothing here is sent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from common.errors import ConfigError
+from common.glm import ModelError
+from common.payloads import MIN_ROWS_SENT
+from common.protocol import StudyProtocol
+from common.site_config import SiteConfig, load_site_config
+
+#: The site's feature table after the local preparation (all rows, with their split and fold).
+PREPARED_FILE = "prepared.parquet"
+#: The same rows after federated ComBat.
+HARMONIZED_FILE = "harmonized.parquet"
+NON_FEATURES = ("case_id", "batch", "split", "fold")
+
+
+def resolve_site(node_config: dict[str, object], run_config: dict[str, object]) -> SiteConfig:
+    """This SuperNode's site: from ``site-config`` (a site config file, in deployment) or, in
+    the simulation engine, from the run's ``simulation-cohort`` folder and the node's
+    ``partition-id`` (the cohort's sites in name order)."""
+    if node_config.get("site-config"):
+        return load_site_config(Path(str(node_config["site-config"])))
+    cohort = str(run_config.get("simulation-cohort", "") or "")
+    if not cohort or "partition-id" not in node_config:
+        raise ConfigError("node config", ["set 'site-config' (deployment) or the run config's "
+                                          "'simulation-cohort' (simulation)"])
+    root = Path(cohort)
+    sites = sorted(p.parent for p in root.glob("*/manifest.csv"))
+    index = int(str(node_config["partition-id"]))
+    if not 0 <= index < len(sites):
+        raise ConfigError(str(root), [f"partition {index} has no site: {len(sites)} site "
+                                      "folders with a manifest.csv"])
+    site = sites[index]
+    # one worker: the simulation engine runs every virtual site on this one machine
+    return SiteConfig(site_name=site.name, manifest=site / "manifest.csv",
+                      work_dir=root / "work" / site.name, workers=1)
+
+
+def study_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:
+    """Where this site keeps the study's local results (never sent)."""
+    return site.work_dir / "study" / protocol.short_hash
+
+
+def feature_columns(table: pd.DataFrame, protocol: StudyProtocol) -> list[str]:
+    """The feature columns of a study table: every column but the row's identity, split, fold,
+    label and covariates."""
+    skip = {*NON_FEATURES, protocol.task.label_column, *protocol.covariates.columns}
+    return [c for c in table.columns if c not in skip]
+
+
+def feature_width(site: SiteConfig, protocol: StudyProtocol) -> int | None:
+    """The number of feature columns of this site's prepared table (None before the
+    preparation): fixed by the protocol's extraction settings, the same at every site (the
+    server checks their names' hash). Read from the table's schema, not its rows."""
+    path = study_dir(site, protocol) / PREPARED_FILE
+    if not path.is_file():
+        return None
+    return len(feature_columns(pd.DataFrame(columns=pq.read_schema(path).names), protocol))
+
+
+def load_study_table(site: SiteConfig, protocol: StudyProtocol, name: str) -> pd.DataFrame:
+    """One of the tables a phase kept at this site (``PREPARED_FILE``, ``HARMONIZED_FILE``)."""
+    path = study_dir(site, protocol) / name
+    if not path.is_file():
+        raise ConfigError(str(path), [f"missing: the phase that writes {name} has not run here"])
+    return pd.read_parquet(path)
+
+
+def split_table(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str
+                ) -> pd.DataFrame:
+    """One split's rows, raw or after federated ComBat. Training rows are refused below
+    :data:`common.payloads.MIN_ROWS_SENT`: sums over them would come close to a patient's
+    values."""
+    table = load_study_table(site, protocol, HARMONIZED_FILE if harmonized else PREPARED_FILE)
+    table = table[table["split"] == split]
+    if split == "train" and len(table) < MIN_ROWS_SENT:
+        raise ModelError(f"site '{site.site_name}' has {len(table)} training rows, fewer than "
+                         f"{MIN_ROWS_SENT}: it sends no sums over them")
+    return table

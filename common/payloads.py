@@ -1,0 +1,120 @@
+"""What a site sends back in the study's own phases (handshake, preparation, model metrics),
+and the small rules both sides share about them.
+
+The two sides meet here: a site builds these replies (``client/phases``), the coordinator reads
+them (``server/phases``), the privacy guard holds them to their declared axes
+(:func:`common.records.check_sent`). Counts travel as ``"name:count,..."`` strings; nothing in
+a reply is a path, a traceback or a patient's value.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from common.protocol import StudyProtocol, TaskKind
+
+#: A site never sends sums over fewer training rows than this, whatever the server asks.
+MIN_ROWS_SENT = 5
+
+
+@dataclass(frozen=True)
+class HandshakeReply:
+    """A site's answer to the study protocol: counts only.
+
+    ``status`` is ``"ok"`` or ``"refused"``; a refusal carries a stable ``code`` and a short
+    ``reason`` (no path). ``label_counts`` is ``"0:n0,1:n1"`` for classification (empty for
+    regression); ``skipped`` is ``"reason:count,..."``.
+    """
+
+    site: str
+    status: str
+    protocol_hash: str
+    code: str = ""
+    reason: str = ""
+    n_rows: int = 0
+    n_usable: int = 0
+    skipped: str = ""
+    label_counts: str = ""
+
+
+@dataclass(frozen=True)
+class PrepareReply:
+    """Counts after extraction and the local split; the scanner names with their training
+    counts (``"name:count,..."``) and a hash of the feature names, so the server can check
+    every site computed the same features."""
+
+    site: str
+    status: str
+    code: str = ""
+    reason: str = ""
+    n_train: int = 0
+    n_test: int = 0
+    skipped: str = ""
+    train_labels: str = ""
+    test_labels: str = ""
+    batches: str = ""
+    n_features: int = 0
+    features_hash: str = ""
+    feature_names: tuple[str, ...] = ()
+
+    #: What may leave a site (:func:`common.records.check_sent`): none, or every feature name.
+    AXES: ClassVar = {"feature_names": ("features",)}
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """One site's test metrics of each model it was sent, as JSON ``{"models": {model: {metric:
+    value or binned curve}}, "comparisons": {"a vs b": DeLong test}}`` (NaN where a metric is
+    undefined, e.g. AUC on one class): never a per-patient score."""
+
+    site: str
+    n_test: int
+    n_positive: int
+    table: str
+
+
+def format_counts(pairs: Iterable[tuple[object, int]]) -> str:
+    """``"name:count,..."``: how counts travel in a reply (:func:`parse_counts` reads them)."""
+    return ",".join(f"{name}:{count}" for name, count in pairs)
+
+
+def parse_counts(text: str) -> dict[str, int]:
+    """The counts of a ``"name:count,..."`` string (empty: none)."""
+    out: dict[str, int] = {}
+    for part in filter(None, text.split(",")):
+        name, _, count = part.rpartition(":")
+        out[name] = int(count)
+    return out
+
+
+def label_counts(protocol: StudyProtocol, labels: Sequence[float]) -> str:
+    """``"0:n0,1:n1"`` for a classification task, empty otherwise."""
+    if protocol.task.kind is not TaskKind.CLASSIFICATION:
+        return ""
+    counts = Counter(int(v) for v in labels)
+    return format_counts((k, counts.get(k, 0)) for k in (0, 1))
+
+
+def loss_of(protocol: StudyProtocol) -> str:
+    """The GLM loss of the study's task."""
+    return "logistic" if protocol.task.kind is TaskKind.CLASSIFICATION else "gaussian"
+
+
+def clinical_columns(protocol: StudyProtocol) -> list[tuple[str, str | None]]:
+    """The nomogram's clinical columns as (covariate, level): for each covariate in
+    ``model.clinical``, one 0/1 column per level but the first (the reference) of a categorical
+    one, or (covariate, None) for the continuous value."""
+    out: list[tuple[str, str | None]] = []
+    for column in protocol.model.clinical:
+        levels = protocol.covariates.categorical.get(column)
+        out += [(column, level) for level in levels[1:]] if levels else [(column, None)]
+    return out
+
+
+def clinical_terms(protocol: StudyProtocol) -> list[str]:
+    """The names of the nomogram's clinical columns (``iss_stage=II``, ``age``)."""
+    return [column if level is None else f"{column}={level}"
+            for column, level in clinical_columns(protocol)]
