@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from client import dicom
+from client.dicom.files import dicom_modality, is_dicom_file
+from client.dicom.masks import rtstruct_to_mask, seg_to_mask
+from client.dicom.series import read_dicom_series
+from client.dicom.suv import suv_factor_body_weight
 from client.manifest import CaseSpec
 from client.standardize import Volume
 from common.errors import CaseError, SkipReason
@@ -82,12 +85,12 @@ def read_image(case: CaseSpec, protocol: StudyProtocol) -> sitk.Image:
     if not path.exists():
         raise CaseError(SkipReason.FILE_MISSING, f"image '{path}' does not exist")
     if path.is_dir():
-        image, header = dicom.read_dicom_series(path, case.series_uid)
+        image, header = read_dicom_series(path, case.series_uid)
         image = sitk.Cast(image, sitk.sitkFloat32)
         if protocol.modality is Modality.PET and protocol.standardization.suv:
-            image = image * dicom.suv_factor_body_weight(header)
+            image = image * suv_factor_body_weight(header)
         return image
-    if dicom.is_dicom_file(path):
+    if is_dicom_file(path):
         raise CaseError(
             SkipReason.IMAGE_UNREADABLE,
             f"image '{path}' is a single DICOM file; give the folder of the series instead",
@@ -96,8 +99,8 @@ def read_image(case: CaseSpec, protocol: StudyProtocol) -> sitk.Image:
 
 
 def _find_dicom_mask(folder: Path) -> Path:
-    candidates = [p for p in sorted(folder.iterdir()) if p.is_file() and dicom.is_dicom_file(p)]
-    objects = [p for p in candidates if dicom.dicom_modality(p) in ("RTSTRUCT", "SEG")]
+    candidates = [p for p in sorted(folder.iterdir()) if p.is_file() and is_dicom_file(p)]
+    objects = [p for p in candidates if dicom_modality(p) in ("RTSTRUCT", "SEG")]
     if len(objects) != 1:
         raise CaseError(
             SkipReason.MASK_UNREADABLE,
@@ -123,8 +126,8 @@ def read_mask(
         raise CaseError(SkipReason.FILE_MISSING, f"mask '{path}' does not exist")
     if path.is_dir():
         path = _find_dicom_mask(path)
-    if dicom.is_dicom_file(path):
-        kind = dicom.dicom_modality(path)
+    if is_dicom_file(path):
+        kind = dicom_modality(path)
         roi = case.roi or ingestion.rtstruct_roi
         if kind == "RTSTRUCT":
             if roi is None:
@@ -133,9 +136,9 @@ def read_mask(
                     f"RTSTRUCT '{path}': no ROI name (set the protocol's ingestion.rtstruct_roi "
                     "or the manifest's 'roi' column)",
                 )
-            read = dicom.rtstruct_to_mask
+            read = rtstruct_to_mask
         elif kind == "SEG":
-            read = dicom.seg_to_mask
+            read = seg_to_mask
         else:
             raise CaseError(
                 SkipReason.MASK_UNREADABLE,

@@ -15,7 +15,10 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from client import dicom
+from client.dicom.files import dicom_modality, is_dicom_file
+from client.dicom.masks import rtstruct_to_mask, seg_to_mask
+from client.dicom.series import list_series, read_dicom_series
+from client.dicom.suv import suv_factor_body_weight
 from common.errors import CaseError, SkipReason
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -43,7 +46,7 @@ def roi_name(modality: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _series(patient: str, modality: str) -> tuple[sitk.Image, pydicom.Dataset]:
-    return dicom.read_dicom_series(STS / "dicom" / patient / modality / "image")
+    return read_dicom_series(STS / "dicom" / patient / modality / "image")
 
 
 def series(patient: str, modality: str) -> tuple[sitk.Image, pydicom.Dataset]:
@@ -54,7 +57,7 @@ def series(patient: str, modality: str) -> tuple[sitk.Image, pydicom.Dataset]:
 @functools.lru_cache(maxsize=None)
 def _rtstruct_mask(patient: str, modality: str) -> sitk.Image:
     image, _ = _series(patient, modality)
-    return dicom.rtstruct_to_mask(
+    return rtstruct_to_mask(
         STS / "dicom" / patient / modality / "mask" / "RS.dcm", image, roi_name(modality)
     )
 
@@ -124,8 +127,8 @@ def test_rtstruct_mask_has_the_reference_geometry() -> None:
 
 def test_rtstruct_roi_name_matches_case_insensitively() -> None:
     image, _ = series("STS_002", "CT")
-    lower = dicom.rtstruct_to_mask(sts("dicom", "STS_002", "CT", "mask", "RS.dcm"), image,
-                                   "gtv_mass_ct")
+    lower = rtstruct_to_mask(sts("dicom", "STS_002", "CT", "mask", "RS.dcm"), image,
+                             "gtv_mass_ct")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(lower),
                                   sitk.GetArrayFromImage(rtstruct_mask("STS_002", "CT")))
 
@@ -135,8 +138,8 @@ def test_rtstruct_contours_off_the_grid_give_an_empty_mask() -> None:
     grid = sitk.Image([8, 8, 4], sitk.sitkInt16)
     grid.SetOrigin((5000.0, 5000.0, 5000.0))
     # Execute
-    mask = dicom.rtstruct_to_mask(sts("dicom", "STS_002", "CT", "mask", "RS.dcm"), grid,
-                                  "GTV_Mass_CT")
+    mask = rtstruct_to_mask(sts("dicom", "STS_002", "CT", "mask", "RS.dcm"), grid,
+                            "GTV_Mass_CT")
     # Assert
     assert mask.GetSize() == (8, 8, 4) and sitk.GetArrayViewFromImage(mask).sum() == 0
 
@@ -152,7 +155,7 @@ def test_rtstruct_holes_combine_by_xor(tmp_path: Path) -> None:
     path = tmp_path / "rs.dcm"
     _write_rtstruct(path, "Ring", [square(2.5, 12.5, 2.0), square(5.5, 9.5, 2.0)])
     # Execute
-    mask = sitk.GetArrayFromImage(dicom.rtstruct_to_mask(path, grid, "Ring"))
+    mask = sitk.GetArrayFromImage(rtstruct_to_mask(path, grid, "Ring"))
     # Assert: z = 2 mm is slice 1; voxel centres 3..12 inside the outer, 6..9 inside the hole
     assert mask[0].sum() == 0 and mask[2].sum() == 0
     assert mask[1].sum() == 10 * 10 - 4 * 4
@@ -210,7 +213,7 @@ def test_dicom_image_matches_nifti_image(patient: str, modality: str) -> None:
         # Units = GML (g/mL), so the SUV factor is 1 and the values already equal the NIfTI SUV.
         assert image.GetPixelID() == sitk.sitkFloat32
         assert str(header.Units) == "GML"
-        factor = dicom.suv_factor_body_weight(header)
+        factor = suv_factor_body_weight(header)
         assert factor == 1.0
         np.testing.assert_allclose(values * factor, target, rtol=1e-6, atol=1e-6)
     else:
@@ -259,28 +262,28 @@ ONE_HOUR_FACTOR = 3.158133505344494e-4
 
 
 def test_suv_factor_decays_the_dose_to_the_series_start() -> None:
-    assert dicom.suv_factor_body_weight(_pet_header()) == pytest.approx(ONE_HOUR_FACTOR, rel=1e-9)
+    assert suv_factor_body_weight(_pet_header()) == pytest.approx(ONE_HOUR_FACTOR, rel=1e-9)
 
 
 def test_suv_factor_falls_back_to_acquisition_time_and_start_datetime() -> None:
     header = _pet_header(SeriesTime=None, RadiopharmaceuticalStartTime=None,
                          RadiopharmaceuticalStartDateTime="20240101101500.00+0100")
-    assert dicom.suv_factor_body_weight(header) == pytest.approx(ONE_HOUR_FACTOR, rel=1e-9)
+    assert suv_factor_body_weight(header) == pytest.approx(ONE_HOUR_FACTOR, rel=1e-9)
 
 
 def test_suv_factor_without_decay_for_admin() -> None:
     header = _pet_header(DecayCorrection="ADMIN")
-    assert dicom.suv_factor_body_weight(header) == pytest.approx(80_000 / 370e6, rel=1e-12)
+    assert suv_factor_body_weight(header) == pytest.approx(80_000 / 370e6, rel=1e-12)
 
 
 def test_suv_factor_is_one_for_gml() -> None:
-    assert dicom.suv_factor_body_weight(_pet_header(Units="GML", PatientWeight=None)) == 1.0
+    assert suv_factor_body_weight(_pet_header(Units="GML", PatientWeight=None)) == 1.0
 
 
 def test_suv_factor_crosses_midnight() -> None:
     # Injection 23:30, series 00:30 the next day: one hour of decay, not minus 23 hours.
     header = _pet_header(RadiopharmaceuticalStartTime="233000", SeriesTime="003000.000000")
-    assert dicom.suv_factor_body_weight(header) == pytest.approx(ONE_HOUR_FACTOR, rel=1e-9)
+    assert suv_factor_body_weight(header) == pytest.approx(ONE_HOUR_FACTOR, rel=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -300,7 +303,7 @@ def test_suv_factor_crosses_midnight() -> None:
 )
 def test_suv_factor_names_the_missing_tag(change: dict, tag: str) -> None:
     with pytest.raises(CaseError) as err:
-        dicom.suv_factor_body_weight(_pet_header(**change))
+        suv_factor_body_weight(_pet_header(**change))
     assert err.value.reason is SkipReason.SUV_TAGS_MISSING
     assert tag in err.value.detail
 
@@ -327,7 +330,7 @@ def test_truncated_slice_is_refused_naming_the_file(tmp_path: Path, keep_bytes: 
     victim.write_bytes(data[:keep_bytes])
     # Execute
     with pytest.raises(CaseError) as err:
-        dicom.read_dicom_series(tmp_path / "series")
+        read_dicom_series(tmp_path / "series")
     # Assert: refused (GDCM alone would skip the file and stack the others)
     assert err.value.reason is SkipReason.IMAGE_UNREADABLE
     assert victim.name in err.value.detail
@@ -335,12 +338,12 @@ def test_truncated_slice_is_refused_naming_the_file(tmp_path: Path, keep_bytes: 
 
 def test_missing_slice_is_refused(tmp_path: Path) -> None:
     files = _copy_series(sts("dicom", "STS_008", "MR_T1", "image"), tmp_path / "series")
-    ordered = dicom.list_series(tmp_path / "series")
+    ordered = list_series(tmp_path / "series")
     (only,) = ordered.values()
     assert len(only) == len(files)
     only[len(only) // 2].unlink()
     with pytest.raises(CaseError) as err:
-        dicom.read_dicom_series(tmp_path / "series")
+        read_dicom_series(tmp_path / "series")
     assert err.value.reason is SkipReason.IMAGE_UNREADABLE
     assert "uneven slice spacing" in err.value.detail
 
@@ -352,35 +355,35 @@ def test_two_series_in_one_folder_need_a_series_uid(tmp_path: Path) -> None:
     _copy_series(sts("dicom", "STS_019", "MR_T1", "image"), folder, "mr_")
     shutil.copy(sts("dicom", "STS_019", "CT", "mask", "RS.dcm"), folder / "RS.dcm")
     # Execute
-    found = dicom.list_series(folder)
+    found = list_series(folder)
     # Assert
     assert len(found) == 2
     with pytest.raises(CaseError) as err:
-        dicom.read_dicom_series(folder)
+        read_dicom_series(folder)
     assert err.value.reason is SkipReason.SERIES_NOT_FOUND
     assert "series_uid" in err.value.detail
     assert all(uid in err.value.detail for uid in found)
     sizes = set()
     for uid, files in found.items():
-        image, header = dicom.read_dicom_series(folder, uid)
+        image, header = read_dicom_series(folder, uid)
         assert str(header.SeriesInstanceUID) == uid
         assert image.GetSize()[2] == len(files)
         sizes.add(image.GetSize())
     assert sizes == {series("STS_019", "CT")[0].GetSize(), series("STS_019", "MR_T1")[0].GetSize()}
     with pytest.raises(CaseError) as err:
-        dicom.read_dicom_series(folder, "1.2.3.4")
+        read_dicom_series(folder, "1.2.3.4")
     assert err.value.reason is SkipReason.SERIES_NOT_FOUND
     assert "1.2.3.4" in err.value.detail and str(folder) in err.value.detail
 
 
 def test_missing_or_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(CaseError) as err:
-        dicom.read_dicom_series(tmp_path / "nowhere")
+        read_dicom_series(tmp_path / "nowhere")
     assert err.value.reason is SkipReason.FILE_MISSING
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not DICOM")
     with pytest.raises(CaseError) as err:
-        dicom.read_dicom_series(tmp_path / "empty")
+        read_dicom_series(tmp_path / "empty")
     assert err.value.reason is SkipReason.IMAGE_UNREADABLE
     assert str(tmp_path / "empty") in err.value.detail
 
@@ -389,7 +392,7 @@ def test_wrong_roi_name_lists_the_available_names() -> None:
     image, _ = series("STS_002", "CT")
     rs = sts("dicom", "STS_002", "CT", "mask", "RS.dcm")
     with pytest.raises(CaseError) as err:
-        dicom.rtstruct_to_mask(rs, image, "Liver")
+        rtstruct_to_mask(rs, image, "Liver")
     assert err.value.reason is SkipReason.ROI_NOT_FOUND
     assert "Liver" in err.value.detail and str(rs) in err.value.detail
     assert "GTV_Mass_CT" in err.value.detail
@@ -400,11 +403,11 @@ def test_non_dicom_or_non_rtstruct_mask_is_unreadable(tmp_path: Path) -> None:
     junk = tmp_path / "RS.dcm"
     junk.write_bytes(b"this is not a DICOM file\n" * 20)
     with pytest.raises(CaseError) as err:
-        dicom.rtstruct_to_mask(junk, image, "GTV_Mass_CT")
+        rtstruct_to_mask(junk, image, "GTV_Mass_CT")
     assert err.value.reason is SkipReason.MASK_UNREADABLE and str(junk) in err.value.detail
     ct_slice = sorted(sts("dicom", "STS_002", "CT", "image").iterdir())[0]
     with pytest.raises(CaseError) as err:
-        dicom.rtstruct_to_mask(ct_slice, image, "GTV_Mass_CT")
+        rtstruct_to_mask(ct_slice, image, "GTV_Mass_CT")
     assert err.value.reason is SkipReason.MASK_UNREADABLE
 
 
@@ -412,11 +415,11 @@ def test_is_dicom_file_and_modality(tmp_path: Path) -> None:
     ct_slice = sorted(sts("dicom", "STS_002", "CT", "image").iterdir())[0]
     text = tmp_path / "a.txt"
     text.write_text("hello")
-    assert dicom.is_dicom_file(ct_slice) and not dicom.is_dicom_file(text)
-    assert not dicom.is_dicom_file(tmp_path / "missing.dcm")
-    assert dicom.dicom_modality(ct_slice) == "CT"
-    assert dicom.dicom_modality(sts("dicom", "STS_002", "CT", "mask", "RS.dcm")) == "RTSTRUCT"
-    assert dicom.dicom_modality(text) is None
+    assert is_dicom_file(ct_slice) and not is_dicom_file(text)
+    assert not is_dicom_file(tmp_path / "missing.dcm")
+    assert dicom_modality(ct_slice) == "CT"
+    assert dicom_modality(sts("dicom", "STS_002", "CT", "mask", "RS.dcm")) == "RTSTRUCT"
+    assert dicom_modality(text) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +436,7 @@ def test_seg_round_trip_equals_the_rtstruct_mask(tmp_path: Path) -> None:
     folder = sts("dicom", "STS_002", "CT", "image")
     image, _ = series("STS_002", "CT")
     expected = sitk.GetArrayFromImage(rtstruct_mask("STS_002", "CT"))
-    (files,) = dicom.list_series(folder).values()  # in stacking order, as the array's z axis
+    (files,) = list_series(folder).values()  # in stacking order, as the array's z axis
     sources = [pydicom.dcmread(p) for p in files]
     description = hd.seg.SegmentDescription(
         segment_number=1,
@@ -460,18 +463,18 @@ def test_seg_round_trip_equals_the_rtstruct_mask(tmp_path: Path) -> None:
     seg.save_as(path)
     assert int(seg.NumberOfFrames) < len(files)  # empty frames omitted: SEG covers some slices
     # Execute
-    by_default = dicom.seg_to_mask(path, image)
-    by_label = dicom.seg_to_mask(path, image, "gtv_mass")
-    by_number = dicom.seg_to_mask(path, image, 1)
+    by_default = seg_to_mask(path, image)
+    by_label = seg_to_mask(path, image, "gtv_mass")
+    by_number = seg_to_mask(path, image, 1)
     # Assert
-    assert dicom.dicom_modality(path) == "SEG"
+    assert dicom_modality(path) == "SEG"
     for mask in (by_default, by_label, by_number):
         assert mask.GetPixelID() == sitk.sitkUInt8
         assert same_grid(mask, image)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), expected)
     with pytest.raises(CaseError) as err:
-        dicom.seg_to_mask(path, image, "Liver")
+        seg_to_mask(path, image, "Liver")
     assert err.value.reason is SkipReason.ROI_NOT_FOUND and "GTV_Mass" in err.value.detail
     with pytest.raises(CaseError) as err:
-        dicom.seg_to_mask(sts("dicom", "STS_002", "CT", "mask", "RS.dcm"), image)
+        seg_to_mask(sts("dicom", "STS_002", "CT", "mask", "RS.dcm"), image)
     assert err.value.reason is SkipReason.MASK_UNREADABLE
