@@ -28,14 +28,17 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict as dataclasses_asdict
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
 from common.errors import HarmonizationError
 from common.glm import FeatureMoments, combine_feature_moments, site_feature_moments
 
 Covariates = Mapping[str, Sequence[object]]
+FloatArray: TypeAlias = npt.NDArray[np.float64]
+IntArray: TypeAlias = npt.NDArray[np.intp]
 
 
 @dataclass(frozen=True)
@@ -118,14 +121,14 @@ class Design:
     def ref_index(self) -> int | None:
         return None if self.ref_batch is None else self.batches.index(self.ref_batch)
 
-    def applied(self) -> np.ndarray:
+    def applied(self) -> npt.NDArray[np.bool_]:
         """Which covariate columns (after the batch indicators) :meth:`CombatModel.transform`
         uses: all but those of :attr:`fit_only`, (n_columns - n_batch,) booleans."""
         return np.array([c not in self.fit_only for c, lv in self.categorical
                          for _ in lv[1:]] + [c not in self.fit_only for c in self.continuous],
                         dtype=bool)
 
-    def batch_index(self, batch: Sequence[object]) -> np.ndarray:
+    def batch_index(self, batch: Sequence[object]) -> IntArray:
         """Each row's batch as an index into :attr:`batches` (unknown batch: refused)."""
         lookup = {b: i for i, b in enumerate(self.batches)}
         try:
@@ -135,7 +138,7 @@ class Design:
                 f"batch '{exc.args[0]}' is not in the fitted batches {list(self.batches)}"
             ) from None
 
-    def matrix(self, batch: Sequence[object], covariates: Covariates) -> np.ndarray:
+    def matrix(self, batch: Sequence[object], covariates: Covariates) -> FloatArray:
         """The design matrix, (n_samples, n_columns)."""
         n = len(batch)
         index = self.batch_index(batch)
@@ -154,14 +157,14 @@ class Design:
                                    dtype=float).reshape(n, len(levels) - 1))
         for column in self.continuous:
             try:
-                values = np.asarray(_column(covariates, column, n), dtype=float)
+                numbers = np.asarray(_column(covariates, column, n), dtype=float)
             except (TypeError, ValueError):
                 raise HarmonizationError(
                     f"continuous covariate '{column}' holds non-numeric values") from None
-            if not np.all(np.isfinite(values)):
+            if not np.all(np.isfinite(numbers)):
                 raise HarmonizationError(
                     f"continuous covariate '{column}' holds missing or infinite values")
-            blocks.append(values.reshape(n, 1))
+            blocks.append(numbers.reshape(n, 1))
         return np.hstack(blocks)
 
 
@@ -174,7 +177,7 @@ def _column(covariates: Covariates, column: str, n: int) -> Sequence[object]:
     return values
 
 
-def _features(y: np.ndarray, where: str) -> np.ndarray:
+def _features(y: npt.ArrayLike, where: str) -> FloatArray:
     y = np.asarray(y, dtype=np.float64)
     if y.ndim != 2:
         raise HarmonizationError(f"{where}: features must be (n_samples, n_features), got shape "
@@ -190,9 +193,9 @@ def _features(y: np.ndarray, where: str) -> np.ndarray:
 class DesignMoments:
     """What a site sends in round 1: counts and the sums ``X'X`` (p, p) and ``X'Y`` (p, F)."""
 
-    batch_counts: np.ndarray  # (n_batch,)
-    xtx: np.ndarray
-    xty: np.ndarray
+    batch_counts: IntArray  # (n_batch,)
+    xtx: FloatArray
+    xty: FloatArray
 
     #: What may leave a site (:func:`common.records.check_sent`): ``columns`` is the design's.
     AXES: ClassVar = {"batch_counts": ("batches",), "xtx": ("columns", "columns"),
@@ -204,17 +207,17 @@ class DesignMoments:
         return int(self.batch_counts.sum())
 
 
-def _check_cells(design: Design, index: np.ndarray, covariates: Covariates,
+def _check_cells(design: Design, index: IntArray, covariates: Covariates,
                  options: CombatOptions, site: str) -> None:
     """Refuse batches, levels and batch x level cells of 1 to min_cell - 1 patients."""
     def small(count: int) -> bool:
         return 0 < count < options.min_cell
 
     counts = np.bincount(index, minlength=design.n_batch)
-    for b, count in zip(design.batches, counts):
+    for batch_name, count in zip(design.batches, counts, strict=True):
         if small(int(count)):
             raise HarmonizationError(
-                f"site '{site}': batch '{b}' has {count} patients, fewer than min_cell = "
+                f"site '{site}': batch '{batch_name}' has {count} patients, fewer than min_cell = "
                 f"{options.min_cell}: its sums would expose them")
     for column, levels in design.categorical:
         values = np.asarray([str(v) for v in _column(covariates, column, len(index))])
@@ -233,7 +236,7 @@ def _check_cells(design: Design, index: np.ndarray, covariates: Covariates,
                         "them")
 
 
-def site_design_moments(y: np.ndarray, batch: Sequence[object], covariates: Covariates,
+def site_design_moments(y: npt.ArrayLike, batch: Sequence[object], covariates: Covariates,
                         design: Design, options: CombatOptions, site: str = "site"
                         ) -> DesignMoments:
     """Round 1 at a site: ``n`` per batch, ``X'X`` and ``X'Y`` of its training rows."""
@@ -250,9 +253,9 @@ def site_design_moments(y: np.ndarray, batch: Sequence[object], covariates: Cova
 class LocationFit:
     """What the server returns after round 1: the coefficients (p, F) and the grand mean (F,)."""
 
-    beta: np.ndarray
-    grand_mean: np.ndarray
-    batch_counts: np.ndarray  # (n_batch,) over all sites
+    beta: FloatArray
+    grand_mean: FloatArray
+    batch_counts: IntArray  # (n_batch,) over all sites
 
 
 def combine_design_moments(parts: Sequence[DesignMoments], design: Design,
@@ -261,7 +264,9 @@ def combine_design_moments(parts: Sequence[DesignMoments], design: Design,
     if not parts:
         raise HarmonizationError("no site sent design moments")
     counts = np.sum([p.batch_counts for p in parts], axis=0)
-    for name, count in zip(design.batches, counts):
+    # strict=False: as before, a counts vector of another length is not refused here (the
+    # server checks the replies' shapes when it unpacks them).
+    for name, count in zip(design.batches, counts, strict=False):
         if count < options.min_batch_size:
             raise HarmonizationError(
                 f"batch '{name}' has {int(count)} training patients, fewer than min_batch_size "
@@ -288,14 +293,14 @@ def combine_design_moments(parts: Sequence[DesignMoments], design: Design,
 class ResidualMoments:
     """What a site sends in round 2: per batch, the residual sum of squares (n_batch, F)."""
 
-    batch_counts: np.ndarray
-    rss: np.ndarray
+    batch_counts: IntArray
+    rss: FloatArray
 
     AXES: ClassVar = {"batch_counts": ("batches",), "rss": ("batches", "features")}
     COUNTS: ClassVar = {"batch_counts": "min_cell"}
 
 
-def site_residual_moments(y: np.ndarray, batch: Sequence[object], covariates: Covariates,
+def site_residual_moments(y: npt.ArrayLike, batch: Sequence[object], covariates: Covariates,
                           design: Design, fit: LocationFit) -> ResidualMoments:
     """Round 2 at a site: per-batch sums of squared residuals of the pooled fit."""
     y = _features(y, "residuals")
@@ -307,7 +312,7 @@ def site_residual_moments(y: np.ndarray, batch: Sequence[object], covariates: Co
     return ResidualMoments(np.bincount(index, minlength=design.n_batch), rss)
 
 
-def combine_residual_moments(parts: Sequence[ResidualMoments], design: Design) -> np.ndarray:
+def combine_residual_moments(parts: Sequence[ResidualMoments], design: Design) -> FloatArray:
     """Round 2 at the server: the pooled variance (F,), over all rows or the reference batch.
 
     A feature constant over those rows gets variance 1 (it stays constant).
@@ -330,12 +335,12 @@ class BatchMoments:
 
     batch: str
     n: int
-    mean: np.ndarray
-    m2: np.ndarray
+    mean: FloatArray
+    m2: FloatArray
 
 
-def standardize(y: np.ndarray, batch: Sequence[object], covariates: Covariates, design: Design,
-                fit: LocationFit, var_pooled: np.ndarray) -> np.ndarray:
+def standardize(y: npt.ArrayLike, batch: Sequence[object], covariates: Covariates, design: Design,
+                fit: LocationFit, var_pooled: FloatArray) -> FloatArray:
     """(y - grand mean - covariate effects) / sqrt(pooled variance), (n_samples, F)."""
     x = design.matrix(batch, covariates)
     covariate_effect = x[:, design.n_batch:] @ fit.beta[design.n_batch:]
@@ -343,7 +348,7 @@ def standardize(y: np.ndarray, batch: Sequence[object], covariates: Covariates, 
         var_pooled)
 
 
-def site_batch_moments(standardized: np.ndarray, batch: Sequence[object], design: Design
+def site_batch_moments(standardized: FloatArray, batch: Sequence[object], design: Design
                        ) -> dict[str, BatchMoments]:
     """Round 3 at a site: the moments of each batch it holds (a numerically safe second pass)."""
     index = design.batch_index(batch)
@@ -365,8 +370,8 @@ class BatchAdjustment:
     """A batch's location (gamma*) and scale (delta*) effects on the standardized scale, (F,)."""
 
     batch: str
-    gamma: np.ndarray
-    delta: np.ndarray
+    gamma: FloatArray
+    delta: FloatArray
 
 
 def estimate_batch_adjustment(moments: BatchMoments, options: CombatOptions
@@ -404,9 +409,9 @@ def estimate_batch_adjustment(moments: BatchMoments, options: CombatOptions
     return BatchAdjustment(moments.batch, gamma, delta)
 
 
-def _parametric_eb(m: BatchMoments, gamma_hat: np.ndarray, delta_hat: np.ndarray,
+def _parametric_eb(m: BatchMoments, gamma_hat: FloatArray, delta_hat: FloatArray,
                    gamma_bar: float, t2: float, options: CombatOptions
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   ) -> tuple[FloatArray, FloatArray]:
     """Iterate the posterior means from the batch estimates until the largest relative change
     is at most ``options.tolerance`` (Johnson et al.'s inverse-gamma prior on delta)."""
     mean, s2 = delta_hat.mean(), delta_hat.var(ddof=1)
@@ -427,8 +432,8 @@ def _parametric_eb(m: BatchMoments, gamma_hat: np.ndarray, delta_hat: np.ndarray
     raise HarmonizationError(f"batch '{m.batch}': empirical Bayes did not converge")
 
 
-def _nonparametric_eb(m: BatchMoments, gamma_hat: np.ndarray, delta_hat: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def _nonparametric_eb(m: BatchMoments, gamma_hat: FloatArray, delta_hat: FloatArray
+                      ) -> tuple[FloatArray, FloatArray]:
     """Each feature's effects as the likelihood-weighted average of the other features'
     estimates (Johnson et al.'s non-parametric prior), in the log domain so that large batches
     do not underflow."""
@@ -456,15 +461,15 @@ class CombatModel:
 
     design: Design
     options: CombatOptions
-    beta: np.ndarray         # (p, F)
-    grand_mean: np.ndarray   # (F,)
-    var_pooled: np.ndarray   # (F,)
-    gamma: np.ndarray        # (n_batch, F) on the standardized scale
-    delta: np.ndarray        # (n_batch, F)
-    batch_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    beta: FloatArray         # (p, F)
+    grand_mean: FloatArray   # (F,)
+    var_pooled: FloatArray   # (F,)
+    gamma: FloatArray        # (n_batch, F) on the standardized scale
+    delta: FloatArray        # (n_batch, F)
+    batch_counts: IntArray = field(default_factory=lambda: np.zeros(0, dtype=int))
 
-    def transform(self, y: np.ndarray, batch: Sequence[object], covariates: Covariates
-                  ) -> np.ndarray:
+    def transform(self, y: npt.ArrayLike, batch: Sequence[object], covariates: Covariates
+                  ) -> FloatArray:
         """Harmonize rows: remove their batch's effects, keep the covariates' effects.
 
         Rows of the reference batch come back unchanged. Needs the covariates the model
@@ -497,7 +502,7 @@ class SiteTable:
     """One site's training rows, as the in-process driver hands them to the site halves."""
 
     name: str
-    features: np.ndarray          # (n_samples, F)
+    features: FloatArray          # (n_samples, F)
     batch: Sequence[object]
     covariates: Covariates
 
@@ -538,9 +543,9 @@ class StackedMoments:
     """The moments of several batches, (k,) counts and (k, F) means and sums of squares."""
 
     batches: tuple[str, ...]
-    n: np.ndarray
-    mean: np.ndarray
-    m2: np.ndarray
+    n: IntArray
+    mean: FloatArray
+    m2: FloatArray
 
     #: ``shared``: at most the batches the server named as shared by several sites.
     AXES: ClassVar = {"batches": ("shared",), "n": ("shared",), "mean": ("shared", "features"),
@@ -554,8 +559,11 @@ class StackedMoments:
                    np.array([m.m2 for m in moments]).reshape(len(moments), n_features))
 
     def unstack(self) -> list[BatchMoments]:
+        # strict=False: as before, the shortest of the four decides (not checked against each
+        # other on receipt).
         return [BatchMoments(b, int(n), mean, m2)
-                for b, n, mean, m2 in zip(self.batches, self.n, self.mean, self.m2)]
+                for b, n, mean, m2 in zip(self.batches, self.n, self.mean, self.m2,
+                                          strict=False)]
 
 
 @dataclass(frozen=True)
@@ -563,8 +571,8 @@ class StackedAdjustments:
     """The EB estimates of several batches, (k, F) each."""
 
     batches: tuple[str, ...]
-    gamma: np.ndarray
-    delta: np.ndarray
+    gamma: FloatArray
+    delta: FloatArray
 
     @classmethod
     def of(cls, adjustments: Sequence[BatchAdjustment], n_features: int) -> StackedAdjustments:
@@ -573,15 +581,15 @@ class StackedAdjustments:
                    np.array([a.delta for a in adjustments]).reshape(len(adjustments), n_features))
 
     def unstack(self) -> dict[str, BatchAdjustment]:
-        return {b: BatchAdjustment(b, g, d) for b, g, d in zip(self.batches, self.gamma,
-                                                               self.delta)}
+        return {b: BatchAdjustment(b, g, d)
+                for b, g, d in zip(self.batches, self.gamma, self.delta, strict=False)}
 
 
 @dataclass(frozen=True)
 class PooledVariance:
     """The server's pooled variance per feature, (F,)."""
 
-    var: np.ndarray
+    var: FloatArray
 
 
 def design_to_json(design: Design, options: CombatOptions) -> str:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from scipy import stats
 
 
@@ -13,7 +14,7 @@ from scipy import stats
 class SiteEffect:
     """Kruskal-Wallis test of each feature across batches."""
 
-    pvalues: np.ndarray  # (F,), NaN where a feature is constant
+    pvalues: npt.NDArray[np.float64]  # (F,), NaN where a feature is constant
     alpha: float
 
     @property
@@ -23,7 +24,7 @@ class SiteEffect:
         return float(np.mean(tested < self.alpha)) if tested.size else 0.0
 
 
-def site_effect(features: np.ndarray, batch: Sequence[object], alpha: float = 0.05
+def site_effect(features: npt.NDArray[np.float64], batch: Sequence[object], alpha: float = 0.05
                 ) -> SiteEffect:
     """Kruskal-Wallis p-value of every feature (column of ``features``, (n_samples, F)) across
     the batches. Batches differ in case mix too: test residuals of the preserved covariates to
@@ -40,8 +41,9 @@ def site_effect(features: np.ndarray, batch: Sequence[object], alpha: float = 0.
     return SiteEffect(pvalues, alpha)
 
 
-def site_effect_png(before: np.ndarray, after: np.ndarray, batch: Sequence[object],
-                    names: Sequence[str], effect: SiteEffect, top: int = 6) -> bytes:
+def site_effect_png(before: npt.NDArray[np.float64], after: npt.NDArray[np.float64],
+                    batch: Sequence[object], names: Sequence[str], effect: SiteEffect,
+                    top: int = 6) -> bytes:
     """A picture of the ``top`` features with the strongest site effect before harmonization:
     their distribution per batch before (upper row) and after (lower row), as PNG bytes."""
     import io

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from common.errors import HarmonizationError
 
@@ -31,8 +32,9 @@ class HarmonyOptions:
     seed: int = 0
 
 
-def harmony_embeddings(embeddings: np.ndarray, batch: Sequence[object],
-                       options: HarmonyOptions = HarmonyOptions()) -> np.ndarray:
+def harmony_embeddings(embeddings: npt.ArrayLike, batch: Sequence[object],
+                       options: HarmonyOptions = HarmonyOptions()
+                       ) -> npt.NDArray[np.float64]:
     """Harmony-corrected embeddings, (n_samples, n_dims) like the input."""
     import harmonypy
     import pandas as pd
@@ -55,8 +57,8 @@ def harmony_embeddings(embeddings: np.ndarray, batch: Sequence[object],
     return corrected if corrected.shape == x.shape else corrected.T
 
 
-def lisi(embeddings: np.ndarray, labels: Sequence[object], perplexity: float = 30.0
-         ) -> np.ndarray:
+def lisi(embeddings: npt.ArrayLike, labels: Sequence[object], perplexity: float = 30.0
+         ) -> npt.NDArray[np.float64]:
     """Local inverse Simpson's index of ``labels`` around each point, (n_samples,).
 
     As Korsunsky et al. define it: Gaussian weights over the ``3 * perplexity`` nearest
@@ -81,12 +83,13 @@ def lisi(embeddings: np.ndarray, labels: Sequence[object], perplexity: float = 3
     return out
 
 
-def _perplexity_weights(d2: np.ndarray, target_entropy: float) -> np.ndarray:
+def _perplexity_weights(d2: npt.NDArray[np.float64], target_entropy: float
+                        ) -> npt.NDArray[np.float64]:
     """Normalized Gaussian weights exp(-beta d2) whose entropy is ``target_entropy``."""
     lo, hi, beta = 0.0, np.inf, 1.0
     shifted = d2 - d2.min()
     for _ in range(64):
-        weights = np.exp(-beta * shifted)
+        weights: npt.NDArray[np.float64] = np.exp(-beta * shifted)
         total = weights.sum()
         weights /= total
         entropy = -np.sum(weights[weights > 0] * np.log(weights[weights > 0]))
