@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import html
 import inspect
+import itertools
 import json
 import os
 import re
@@ -116,35 +117,36 @@ def _help_blocks(help_text: str) -> str:
     for paragraph in re.split(r"\n\s*\n", inspect.cleandoc(help_text).strip()):
         lines = paragraph.splitlines()
         if lines and lines[0].strip() == "\x08":
-            prose: list[str] = []
-            code: list[str] = []
-
-            def flush_prose() -> None:
-                if prose:
-                    out.append(_text(" ".join(prose)))
-                    prose.clear()
-
-            def flush_code() -> None:
-                if code:
-                    text = textwrap.dedent("\n".join(code)).strip("\n")
-                    out.append(f"```text\n{text}\n```")
-                    code.clear()
-
-            for line in lines[1:]:
-                if line.strip() == "\x08":
-                    flush_prose()
-                    flush_code()
-                elif line[:1].isspace():
-                    flush_prose()
-                    code.append(line)
-                else:
-                    flush_code()
-                    prose.append(line.strip())
-            flush_prose()
-            flush_code()
+            out += _no_rewrap(lines[1:])
         else:
             out.append(_text(" ".join(line.strip() for line in lines)))
     return "\n\n".join(block for block in out if block.strip())
+
+
+def _no_rewrap(lines: list[str]) -> list[str]:
+    """The lines of a no-rewrap paragraph -> markdown blocks: each run of indented lines a code
+    block, each run of other lines one prose paragraph; a lone marker line ends a run."""
+    blocks: list[str] = []
+    run: list[str] = []
+    run_is_code = False
+
+    def is_code(line: str) -> bool:
+        return line[:1].isspace()
+
+    for line in [*lines, "\x08"]:
+        marker = line.strip() == "\x08"
+        if run and (marker or is_code(line) != run_is_code):
+            if run_is_code:
+                text = textwrap.dedent("\n".join(run)).strip("\n")
+                blocks.append(f"```text\n{text}\n```")
+            else:
+                blocks.append(_text(" ".join(x.strip() for x in run)))
+            run = []
+        if not marker:
+            if not run:
+                run_is_code = is_code(line)
+            run.append(line)
+    return blocks
 
 
 def _shown_path(path: Path) -> str:
@@ -160,13 +162,9 @@ def _shown_path(path: Path) -> str:
 # --- the command line --------------------------------------------------------------------------
 
 def _cli_app() -> Any:
-    """The ``myelofed`` typer app: ``cli.main.app`` (``common.cli.app`` until the move)."""
-    try:
-        from cli.main import app
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("cli", "cli.main"):
-            raise
-        from common.cli import app
+    """The ``myelofed`` typer app: ``cli.main.app``."""
+    from cli.main import app
+
     return app
 
 
@@ -286,12 +284,7 @@ def _slug(text: str) -> str:
 
 def _exit_codes() -> list[str]:
     """``ExitCode``'s members with the docstring written under each one."""
-    try:
-        from cli.exit_codes import ExitCode
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("cli", "cli.exit_codes"):
-            raise
-        from common.errors import ExitCode  # type: ignore[no-redef]
+    from cli.exit_codes import ExitCode
 
     source = Path(inspect.getsourcefile(ExitCode) or "")
     tree = ast.parse(source.read_text(encoding="utf-8"))
@@ -299,13 +292,14 @@ def _exit_codes() -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == ExitCode.__name__:
             body = node.body
-            for stmt, after in zip(body, body[1:]):
+            for stmt, after in itertools.pairwise(body):
                 if (isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name)
                         and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)):
                     docs[stmt.targets[0].id] = str(after.value.value)
     rows = ["| code | name | meaning |", "|---|---|---|"]
     for member in ExitCode:
-        rows.append(f"| `{int(member)}` | `{member.name}` | {_doc_cell(docs.get(member.name, ''))} |")
+        meaning = _doc_cell(docs.get(member.name, ""))
+        rows.append(f"| `{int(member)}` | `{member.name}` | {meaning} |")
     return rows
 
 
@@ -501,13 +495,15 @@ def render_protocol() -> str:
 def render_config() -> str:
     from common.site_config import SiteConfig
 
-    out = ["## The site config", "",
-           "Read by `myelofed site check`, `site extract` and `site join`, and by the site's "
-           "ClientApp (`--node-config 'site-config=\"/path/site.toml\"'`). Relative paths are "
-           "taken from the config file's folder. It never leaves the site and is not hashed.", "",
-           render_model(SiteConfig, "Top level", level=3), "## The run config", "",
-           "The keys `flwr run` accepts in `--run-config` (declared in `pyproject.toml` under "
-           "`[tool.flwr.app.config]`; descriptions from `deploy/templates/study-run.toml`).", "",
+    site_intro = ("Read by `myelofed site check`, `site extract` and `site join`, and by the "
+                  "site's ClientApp (`--node-config 'site-config=\"/path/site.toml\"'`). "
+                  "Relative paths are taken from the config file's folder. It never leaves the "
+                  "site and is not hashed.")
+    run_intro = ("The keys `flwr run` accepts in `--run-config` (declared in `pyproject.toml` "
+                 "under `[tool.flwr.app.config]`; descriptions from "
+                 "`deploy/templates/study-run.toml`).")
+    out = ["## The site config", "", site_intro, "",
+           render_model(SiteConfig, "Top level", level=3), "## The run config", "", run_intro, "",
            "| key | default | description |", "|---|---|---|"]
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     keys = config["tool"]["flwr"]["app"]["config"]
