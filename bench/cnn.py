@@ -26,16 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from client.cnn import (  # noqa: E402
-    build_network,
-    crop_path,
-    evaluate_arrays,
-    float32_nbytes,
-    prepare_crops,
-    state_arrays,
-    train_round,
-)
-from client.study import prepare  # noqa: E402
+from client.cnn.crops import crop_path, prepare_crops  # noqa: E402
+from client.cnn.evaluate import evaluate_arrays  # noqa: E402
+from client.cnn.train import train_round  # noqa: E402
+from client.phases.prepare import prepare  # noqa: E402
+from common.network import build_network, float32_nbytes, state_arrays  # noqa: E402
 from common.protocol import CnnSpec, RadiomicsSpec, StudyProtocol, load_protocol  # noqa: E402
 from common.site_config import SiteConfig  # noqa: E402
 from common.synthetic import CohortSpec, make_sites, write_cohort  # noqa: E402

@@ -70,7 +70,7 @@ def main() -> None:
                                          lambda: protocol, lambda: features), args.repeat))]
 
     # a CNN update of the protocol's default network
-    from client.cnn import build_network, state_arrays
+    from common.network import build_network, state_arrays
 
     weights = state_arrays(build_network(protocol.cnn, protocol.task.kind))
     sent = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()})})

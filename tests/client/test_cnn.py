@@ -18,27 +18,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-import client.loading
-from client.cnn import (
-    CnnMetrics,
-    SplitMetrics,
-    TargetScale,
-    TrainResult,
-    _split_metrics,
-    build_network,
-    crop_path,
-    crop_volume,
-    evaluate_arrays,
-    float32_nbytes,
-    load_state_arrays,
-    prepare_crops,
-    select_device,
-    state_arrays,
-    train_round,
-)
-from client.study import MIN_ROWS_SENT, PREPARED_FILE, prepare, study_dir
+from client.cnn.crops import crop_path, crop_volume, prepare_crops
+from client.cnn.device import select_device
+from client.cnn.evaluate import CnnMetrics, SplitMetrics, _split_metrics, evaluate_arrays
+from client.cnn.train import TargetScale, TrainResult, train_round
+from client.phases.prepare import prepare
+from client.workspace import PREPARED_FILE, study_dir
 from common.errors import ConfigError
 from common.glm import ModelError
+from common.network import build_network, float32_nbytes, load_state_arrays, state_arrays
+from common.payloads import MIN_ROWS_SENT
 from common.protocol import CnnSpec, RadiomicsSpec, StudyProtocol, TaskKind, TaskSpec, load_protocol
 from common.provenance import atomic_write_parquet
 from common.site_config import SiteConfig
@@ -148,7 +137,7 @@ def test_crops_have_the_documented_shape_and_the_second_call_reads_the_cache(
     def no_loading(*args: object) -> None:
         raise AssertionError("a cached crop was loaded again")
 
-    monkeypatch.setattr(client.loading, "load_case", no_loading)
+    monkeypatch.setattr("client.cnn.crops.load_case", no_loading)
     again = prepare_crops(study.site, study.protocol)
     assert again.cached and not crops.cached
     np.testing.assert_array_equal(again.crops, crops.crops)
