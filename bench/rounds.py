@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 from flwr.app import Array, ArrayRecord  # noqa: E402
 
-from client.cnn import build_network, float32_nbytes, state_arrays  # noqa: E402
+from common.network import build_network, float32_nbytes, state_arrays  # noqa: E402
 from common.protocol import CnnSpec, ModelSpec, load_protocol  # noqa: E402
 from common.synthetic import CohortSpec, make_sites, read_cohort_spec, write_cohort  # noqa: E402
 from harmonization.combat import CombatOptions  # noqa: E402

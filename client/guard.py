@@ -209,7 +209,7 @@ def _check_curve(model: str, key: str, rows: object, most: int,
 
 def cnn_metric_names(kind: str) -> frozenset[str]:
     """The scalar metrics a CNN reply may carry (``train`` or ``evaluate``)."""
-    from client.cnn import SplitMetrics
+    from client.cnn.evaluate import SplitMetrics
 
     split = [f.name for f in dataclasses.fields(SplitMetrics)]
     dp = {"dp_epsilon", "dp_delta", "dp_noise_std"}

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from client.cnn.gradcam import site_view
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import REPORT_PACKAGES, atomic_write_json, software_versions
 from common.templates import fmt, with_ci
@@ -100,7 +101,6 @@ def _record_cnn(site: SiteConfig, protocol: StudyProtocol, arrays: dict[str, "np
                 threshold: float, seed: int) -> dict[str, float]:
     from sklearn.metrics import roc_curve
 
-    from client.cnn import site_view
     from client.study import MIN_ROWS_SENT, metrics_of
     from common import plots
 
