@@ -21,17 +21,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeAlias, overload
 
 import numpy as np
+import numpy.typing as npt
 
 from common.errors import MyeloFedError
+
+FloatArray: TypeAlias = npt.NDArray[np.float64]
 
 
 class ModelError(MyeloFedError):
     """A federated model cannot be fitted as asked (singular system, no convergence, bad input)."""
 
 
-def _checked(x: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+@overload
+def _checked(x: npt.ArrayLike, y: None = None) -> tuple[FloatArray, None]: ...
+
+
+@overload
+def _checked(x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[FloatArray, FloatArray]: ...
+
+
+def _checked(x: npt.ArrayLike, y: npt.ArrayLike | None = None
+             ) -> tuple[FloatArray, FloatArray | None]:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or not np.all(np.isfinite(x)):
         raise ModelError(f"features must be a finite (n_samples, n_features) array, got {x.shape}")
@@ -43,7 +56,7 @@ def _checked(x: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np
     return x, y
 
 
-def with_intercept(x: np.ndarray) -> np.ndarray:
+def with_intercept(x: FloatArray) -> FloatArray:
     """A column of ones in front: (n_samples, 1 + n_features)."""
     return np.hstack([np.ones((x.shape[0], 1)), x])
 
@@ -55,16 +68,16 @@ class FeatureMoments:
     """Count, mean and centred sum of squares of each feature, (F,)."""
 
     n: int
-    mean: np.ndarray
-    m2: np.ndarray
+    mean: FloatArray
+    m2: FloatArray
 
     @property
-    def sd(self) -> np.ndarray:
+    def sd(self) -> FloatArray:
         """Population standard deviation (scikit-learn's StandardScaler)."""
         return np.sqrt(self.m2 / self.n)
 
 
-def site_feature_moments(x: np.ndarray) -> FeatureMoments:
+def site_feature_moments(x: npt.ArrayLike) -> FeatureMoments:
     x, _ = _checked(x)
     mean = x.mean(axis=0)
     return FeatureMoments(x.shape[0], mean, ((x - mean) ** 2).sum(axis=0))
@@ -91,18 +104,18 @@ class Gram:
     """A site's ``X'X`` ((p+1, p+1), intercept first), ``X'y`` (p+1,), ``y'y`` and count."""
 
     n: int
-    xtx: np.ndarray
-    xty: np.ndarray
+    xtx: FloatArray
+    xty: FloatArray
     yty: float
 
 
-def site_gram(x: np.ndarray, y: np.ndarray) -> Gram:
+def site_gram(x: npt.ArrayLike, y: npt.ArrayLike) -> Gram:
     x, y = _checked(x, y)
     xi = with_intercept(x)
     return Gram(x.shape[0], xi.T @ xi, xi.T @ y, float(y @ y))
 
 
-def fit_linear(parts: Sequence[Gram], l2: float = 0.0) -> np.ndarray:
+def fit_linear(parts: Sequence[Gram], l2: float = 0.0) -> FloatArray:
     """Coefficients (intercept first) of the pooled least-squares (``l2 = 0``) or ridge fit
     (scikit-learn's ``Ridge(alpha=l2)``: the intercept is not penalized)."""
     xtx = np.sum([p.xtx for p in parts], axis=0)
@@ -124,12 +137,12 @@ class LogisticTerms:
     (p+1, p+1) of its negative log-likelihood, the value itself and its count."""
 
     n: int
-    gradient: np.ndarray
-    hessian: np.ndarray
+    gradient: FloatArray
+    hessian: FloatArray
     loss: float
 
 
-def site_logistic_terms(x: np.ndarray, y: np.ndarray, beta: np.ndarray) -> LogisticTerms:
+def site_logistic_terms(x: npt.ArrayLike, y: npt.ArrayLike, beta: FloatArray) -> LogisticTerms:
     """Gradient and Hessian of sum_i log(1 + exp(-s_i x_i'beta)) over this site's rows."""
     x, y = _checked(x, y)
     if not np.all((y == 0) | (y == 1)):
@@ -146,12 +159,12 @@ def site_logistic_terms(x: np.ndarray, y: np.ndarray, beta: np.ndarray) -> Logis
 class NewtonStep:
     """The server's update: new coefficients and the size of the step taken."""
 
-    beta: np.ndarray
+    beta: FloatArray
     step: float
     loss: float  # penalized loss at the coefficients the terms were computed at
 
 
-def newton_step(parts: Sequence[LogisticTerms], beta: np.ndarray, l2: float = 0.0
+def newton_step(parts: Sequence[LogisticTerms], beta: FloatArray, l2: float = 0.0
                 ) -> NewtonStep:
     """One Newton step on the summed terms plus the L2 penalty (intercept not penalized)."""
     penalty = np.full(beta.shape[0], float(l2))
@@ -167,8 +180,8 @@ def newton_step(parts: Sequence[LogisticTerms], beta: np.ndarray, l2: float = 0.
     return NewtonStep(beta - delta, float(np.max(np.abs(delta))), loss)
 
 
-def fit_logistic(sites: Sequence[tuple[np.ndarray, np.ndarray]], l2: float = 0.0,
-                 tolerance: float = 1e-10, max_iter: int = 100) -> np.ndarray:
+def fit_logistic(sites: Sequence[tuple[npt.ArrayLike, npt.ArrayLike]], l2: float = 0.0,
+                 tolerance: float = 1e-10, max_iter: int = 100) -> FloatArray:
     """Federated logistic regression in-process: each round, every site computes its terms at
     the current coefficients and the server takes a Newton step. Returns the coefficients
     (intercept first). Unpenalized data that separate the classes have no finite fit: refused.

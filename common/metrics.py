@@ -28,16 +28,25 @@ score. Arrays are 1-D, one value a patient.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, ParamSpec, TypeAlias, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 from scipy import stats
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+FloatArray: TypeAlias = npt.NDArray[np.float64]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 Z95 = float(stats.norm.ppf(0.975))
 
 
-def _binary(y: np.ndarray, score: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _binary(y: npt.ArrayLike, score: npt.ArrayLike, what: str) -> tuple[FloatArray, FloatArray]:
     y = np.asarray(y, dtype=float).ravel()
     score = np.asarray(score, dtype=float).ravel()
     if y.shape != score.shape:
@@ -49,9 +58,10 @@ def _binary(y: np.ndarray, score: np.ndarray, what: str) -> tuple[np.ndarray, np
     return y, score
 
 
-def _midranks(x: np.ndarray) -> np.ndarray:
+def _midranks(x: FloatArray) -> FloatArray:
     """1-based ranks with ties given their mean rank."""
-    return stats.rankdata(x, method="average")
+    ranks: FloatArray = stats.rankdata(x, method="average")
+    return ranks
 
 
 @dataclass(frozen=True)
@@ -66,8 +76,8 @@ class Auc:
     n_negative: int
 
 
-def _delong_components(y: np.ndarray, scores: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _delong_components(y: FloatArray, scores: FloatArray
+                       ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """AUCs (k,) and the structural components V10 (k, m) and V01 (k, n) of ``scores`` (k, N)
     by Sun & Xu's midrank formulation."""
     pos, neg = y == 1, y == 0
@@ -84,7 +94,7 @@ def _delong_components(y: np.ndarray, scores: np.ndarray
     return aucs, v10, v01
 
 
-def _delong_covariance(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _delong_covariance(y: FloatArray, scores: FloatArray) -> tuple[FloatArray, FloatArray]:
     aucs, v10, v01 = _delong_components(y, scores)
     m, n = v10.shape[1], v01.shape[1]
     s10 = np.atleast_2d(np.cov(v10)) if m > 1 else np.zeros((len(aucs), len(aucs)))
@@ -92,7 +102,7 @@ def _delong_covariance(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
     return aucs, s10 / m + s01 / n
 
 
-def auc_delong(y: np.ndarray, score: np.ndarray) -> Auc:
+def auc_delong(y: npt.ArrayLike, score: npt.ArrayLike) -> Auc:
     """The AUC and its DeLong variance and 95% CI. Needs both classes."""
     y, score = _binary(y, score, "AUC")
     m, n = int(y.sum()), int((1 - y).sum())
@@ -115,7 +125,7 @@ class PairedTest:
     p_value: float
 
 
-def delong_test(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> PairedTest:
+def delong_test(y: npt.ArrayLike, score_a: npt.ArrayLike, score_b: npt.ArrayLike) -> PairedTest:
     """Two-sided DeLong test of AUC(a) = AUC(b) on the same patients."""
     y, score_a = _binary(y, score_a, "DeLong test")
     _, score_b = _binary(y, score_b, "DeLong test")
@@ -130,7 +140,7 @@ def delong_test(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> Pair
     return PairedTest(float(aucs[0]), float(aucs[1]), diff, z, float(2 * stats.norm.sf(abs(z))))
 
 
-def auc_bootstrap_ci(y: np.ndarray, score: np.ndarray, n_boot: int = 2000, seed: int = 0,
+def auc_bootstrap_ci(y: npt.ArrayLike, score: npt.ArrayLike, n_boot: int = 2000, seed: int = 0,
                      level: float = 0.95) -> tuple[float, float]:
     """Percentile CI of the AUC from a bootstrap stratified by class (each resample keeps the
     numbers of positives and negatives)."""
@@ -153,7 +163,7 @@ def auc_bootstrap_ci(y: np.ndarray, score: np.ndarray, n_boot: int = 2000, seed:
 
 # --- at a threshold --------------------------------------------------------------------------
 
-def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
+def youden_threshold(y: npt.ArrayLike, score: npt.ArrayLike) -> float:
     """The score cut-off maximizing sensitivity + specificity - 1 on (training) data; a case is
     positive when its score is >= the cut-off. Ties in J: the highest cut-off."""
     y, score = _binary(y, score, "Youden threshold")
@@ -189,7 +199,7 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
 
 
-def at_threshold(y: np.ndarray, score: np.ndarray, threshold: float) -> AtThreshold:
+def at_threshold(y: npt.ArrayLike, score: npt.ArrayLike, threshold: float) -> AtThreshold:
     y, score = _binary(y, score, "threshold metrics")
     predicted = score >= threshold
     tp = int(np.sum(predicted & (y == 1)))
@@ -203,18 +213,18 @@ def at_threshold(y: np.ndarray, score: np.ndarray, threshold: float) -> AtThresh
 
 # --- calibration and utility -----------------------------------------------------------------
 
-def _risk(p: np.ndarray, what: str) -> np.ndarray:
+def _risk(p: FloatArray, what: str) -> FloatArray:
     if np.any((p <= 0) | (p >= 1)):
         raise ValueError(f"{what}: risks must lie strictly between 0 and 1")
     return p
 
 
-def brier_score(y: np.ndarray, risk: np.ndarray) -> float:
+def brier_score(y: npt.ArrayLike, risk: npt.ArrayLike) -> float:
     y, risk = _binary(y, risk, "Brier score")
     return float(np.mean((risk - y) ** 2))
 
 
-def _logistic_fit(y: np.ndarray, x: np.ndarray, offset: np.ndarray) -> np.ndarray:
+def _logistic_fit(y: FloatArray, x: FloatArray, offset: FloatArray) -> FloatArray:
     """Unpenalized maximum likelihood of y ~ x (columns) + offset, by Newton's method."""
     beta = np.zeros(x.shape[1])
     for _ in range(100):
@@ -237,7 +247,7 @@ class Calibration:
     slope: float
 
 
-def calibration(y: np.ndarray, risk: np.ndarray) -> Calibration:
+def calibration(y: npt.ArrayLike, risk: npt.ArrayLike) -> Calibration:
     """Logistic recalibration of predicted risks on observed outcomes."""
     y, risk = _binary(y, risk, "calibration")
     if y.sum() == 0 or y.sum() == len(y):
@@ -257,7 +267,7 @@ class CalibrationBin:
     observed: float
 
 
-def calibration_curve(y: np.ndarray, risk: np.ndarray, n_bins: int = 10, min_count: int = 5
+def calibration_curve(y: npt.ArrayLike, risk: npt.ArrayLike, n_bins: int = 10, min_count: int = 5
                       ) -> list[CalibrationBin]:
     """Bins of equal size by predicted risk (at most ``n_bins``, each of at least ``min_count``
     patients; fewer bins when the rows are few). Fewer than ``min_count`` rows: no curve."""
@@ -281,7 +291,7 @@ class DecisionPoint:
     treat_all: float
 
 
-def decision_curve(y: np.ndarray, risk: np.ndarray,
+def decision_curve(y: npt.ArrayLike, risk: npt.ArrayLike,
                    thresholds: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2)),
                    min_count: int = 1) -> list[DecisionPoint]:
     """Net benefit = TP/N - FP/N x pt / (1 - pt) at threshold probabilities pt.
@@ -308,14 +318,17 @@ def decision_curve(y: np.ndarray, risk: np.ndarray,
     return points
 
 
-def coarse_thresholds(risk: np.ndarray, thresholds: Sequence[float], min_count: int
+def coarse_thresholds(risk: npt.ArrayLike, thresholds: Sequence[float], min_count: int
                       ) -> list[float]:
     """The ascending ``thresholds`` to keep so that the patients below the first, between any
     two consecutive ones and at or above the last number 0 or at least ``min_count`` (greedy
     from the lowest: a threshold is kept when the group it closes and the group above it both
     qualify)."""
     risk = np.sort(np.asarray(risk, float))
-    ok = lambda count: count == 0 or count >= min_count  # noqa: E731
+
+    def ok(count: int) -> bool:
+        return count == 0 or count >= min_count
+
     kept: list[float] = []
     below = 0  # patients under the last kept threshold
     for pt in sorted(set(float(t) for t in thresholds)):
@@ -341,7 +354,7 @@ def _fisher_ci(r: float, se: float) -> tuple[float, float]:
     return math.tanh(z - Z95 * se), math.tanh(z + Z95 * se)
 
 
-def pearson(y: np.ndarray, prediction: np.ndarray) -> Correlation:
+def pearson(y: npt.ArrayLike, prediction: npt.ArrayLike) -> Correlation:
     """Pearson r with its Fisher-z 95% CI (needs 4 or more rows)."""
     y, prediction = np.asarray(y, float), np.asarray(prediction, float)
     if len(y) < 4:
@@ -351,7 +364,7 @@ def pearson(y: np.ndarray, prediction: np.ndarray) -> Correlation:
     return Correlation(float(result.statistic), low, high, float(result.pvalue))
 
 
-def spearman(y: np.ndarray, prediction: np.ndarray) -> Correlation:
+def spearman(y: npt.ArrayLike, prediction: npt.ArrayLike) -> Correlation:
     """Spearman rho with a Fisher-z 95% CI using Bonett & Wright's variance (1 + rho^2/2)/(n-3)."""
     y, prediction = np.asarray(y, float), np.asarray(prediction, float)
     if len(y) < 4:
@@ -372,7 +385,7 @@ class Agreement:
     upper: float
 
 
-def bland_altman(y: np.ndarray, prediction: np.ndarray) -> Agreement:
+def bland_altman(y: npt.ArrayLike, prediction: npt.ArrayLike) -> Agreement:
     d = np.asarray(prediction, float) - np.asarray(y, float)
     if len(d) < 2:
         raise ValueError("Bland-Altman: needs at least 2 rows")
@@ -421,21 +434,23 @@ def pool_random_effects(estimates: Sequence[float], variances: Sequence[float]) 
 NAN = float("nan")
 
 
-def _nan_if_fails(compute, *args, **kwargs):  # noqa: ANN001, ANN202
+def _nan_if_fails(compute: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R | None:
+    """``compute(*args, **kwargs)``, or None where it refuses its input (ValueError)."""
     try:
         return compute(*args, **kwargs)
     except ValueError:
         return None
 
 
-def risk_of(score: np.ndarray) -> np.ndarray:
+def risk_of(score: npt.ArrayLike) -> FloatArray:
     """A logistic model's linear predictor as a risk, kept inside (0, 1)."""
     from scipy.special import expit
 
-    return np.clip(expit(np.asarray(score, float)), 1e-12, 1 - 1e-12)
+    risk: FloatArray = np.clip(expit(np.asarray(score, float)), 1e-12, 1 - 1e-12)
+    return risk
 
 
-def classification_table(y: np.ndarray, score: np.ndarray, threshold: float, *,
+def classification_table(y: npt.ArrayLike, score: npt.ArrayLike, threshold: float, *,
                          min_count: int = 5, n_bins: int = 10, bootstrap: int = 1000,
                          decision_thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5),
                          seed: int = 0) -> dict[str, object]:
@@ -465,7 +480,7 @@ def classification_table(y: np.ndarray, score: np.ndarray, threshold: float, *,
     return out
 
 
-def regression_table(y: np.ndarray, prediction: np.ndarray) -> dict[str, object]:
+def regression_table(y: npt.ArrayLike, prediction: npt.ArrayLike) -> dict[str, object]:
     """What a site reports of one regression model on its test rows (NaN where undefined)."""
     y, prediction = np.asarray(y, float), np.asarray(prediction, float)
     error = prediction - y
@@ -495,9 +510,9 @@ REGRESSION_KEYS = frozenset({
     "bias", "loa_low", "loa_high"})
 
 
-def as_dict(value: object) -> dict[str, object]:
+def as_dict(value: DataclassInstance) -> dict[str, object]:
     """A metric dataclass as a JSON-ready dict."""
-    return asdict(value)  # type: ignore[call-overload]
+    return asdict(value)
 
 
 __all__ = ["Agreement", "AtThreshold", "Auc", "CLASSIFICATION_KEYS", "Calibration",

@@ -11,18 +11,23 @@ import base64
 import io
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
            "#e377c2", "#7f7f7f", "#bcbd22")
 
 
-def to_data_uri(fig: plt.Figure) -> str:
+def to_data_uri(fig: Figure) -> str:
     """The figure as a base64 SVG data URI (and the figure closed)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="svg", bbox_inches="tight")
@@ -41,8 +46,11 @@ def forest_figure(rows: Sequence[tuple[str, float | None, float | None, float | 
     labels = [r[0] for r in rows] + (["pooled (random effects)"] if pooled else [])
     fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(labels) + 1.2))
     y = np.arange(len(labels))[::-1]
-    for yi, (_, value, low, high) in zip(y, rows):
-        if _finite(value, low, high):
+    # strict=False: y has one more row than ``rows`` when the pooled estimate is drawn
+    for yi, (_, value, low, high) in zip(y, rows, strict=False):
+        if value is None:
+            continue
+        if low is not None and high is not None and _finite(value, low, high):
             ax.plot([low, high], [yi, yi], color="black", lw=1.2)
             ax.plot(value, yi, "s", color=COLOURS[0], ms=7)
         elif _finite(value):
@@ -61,7 +69,7 @@ def forest_figure(rows: Sequence[tuple[str, float | None, float | None, float | 
     return to_data_uri(fig)
 
 
-def heatmap_figure(matrix: np.ndarray, rows: Sequence[str], columns: Sequence[str], title: str,
+def heatmap_figure(matrix: npt.ArrayLike, rows: Sequence[str], columns: Sequence[str], title: str,
                    label: str) -> str:
     """A matrix of metric values (NaN = not available) with the values written in the cells."""
     matrix = np.asarray(matrix, float)
@@ -156,7 +164,8 @@ def bars_figure(values: Mapping[str, float], xlabel: str, title: str) -> str:
     return to_data_uri(fig)
 
 
-def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], title: str) -> str:
+def roc_figure(curves: Mapping[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float]],
+               title: str) -> str:
     """ROC curves (false and true positive rates) with their AUC in the legend: for a site's own
     report only, since the curve's corners are its patients."""
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
@@ -253,7 +262,8 @@ def scatter_figure(series: Mapping[str, Sequence[Sequence[float]]], title: str) 
     return to_data_uri(fig)
 
 
-def cam_figure(crop: np.ndarray, cam: np.ndarray, title: str) -> str:
+def cam_figure(crop: npt.NDArray[np.floating[Any]], cam: npt.NDArray[np.floating[Any]],
+               title: str) -> str:
     """A crop's middle axial slice with its Grad-CAM map over it (site report only: it is a
     patient's image)."""
     k = crop.shape[0] // 2
@@ -261,7 +271,7 @@ def cam_figure(crop: np.ndarray, cam: np.ndarray, title: str) -> str:
     axes[0].imshow(crop[k], cmap="gray")
     axes[1].imshow(crop[k], cmap="gray")
     axes[1].imshow(cam[k], cmap="jet", alpha=0.4, vmin=0, vmax=1)
-    for ax, name in zip(axes, ("crop", "Grad-CAM")):
+    for ax, name in zip(axes, ("crop", "Grad-CAM"), strict=True):
         ax.set_title(name, fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)

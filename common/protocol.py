@@ -15,7 +15,7 @@ import json
 import math
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import yaml
 from pydantic import (
@@ -29,7 +29,7 @@ from pydantic import (
 
 from common.errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 #: pyradiomics feature classes a protocol may enable.
 FEATURE_CLASSES = ("shape", "shape2D", "firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
@@ -233,6 +233,13 @@ class ImageTypesSpec(_Frozen):
         return self
 
 
+def _all_feature_classes() -> dict[str, tuple[str, ...]]:
+    """Every pyradiomics feature class, each with all its features (an empty tuple)."""
+    return {
+        name: () for name in ("shape", "firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
+    }
+
+
 class RadiomicsSpec(_Frozen):
     """Feature extraction settings, handed to pyradiomics after the project's standardization.
 
@@ -242,11 +249,7 @@ class RadiomicsSpec(_Frozen):
     """
 
     image_types: ImageTypesSpec = ImageTypesSpec()
-    feature_classes: dict[str, tuple[str, ...]] = Field(
-        default_factory=lambda: {
-            name: () for name in ("shape", "firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
-        }
-    )
+    feature_classes: dict[str, tuple[str, ...]] = Field(default_factory=_all_feature_classes)
     discretization: Literal["fixed_bin_size", "fixed_bin_number"] = "fixed_bin_size"
     bin_width: PositiveFloat | None = 25.0
     bin_count: int | None = Field(None, ge=2)
@@ -400,9 +403,10 @@ class StudyProtocol(_Frozen):
                 raise ValueError("normalization is for MR protocols only")
         if std.normalization is not None and std.normalization.reference_label is not None:
             if std.normalization.reference_label == self.ingestion.roi_label:
-                raise ValueError("normalization.reference_label must differ from ingestion.roi_label")
+                raise ValueError(
+                    "normalization.reference_label must differ from ingestion.roi_label")
         reserved = {self.task.label_column, self.batch_column, "case_id", "image", "mask"}
-        clash = reserved & set(self.covariates.columns)
+        clash = set(self.covariates.columns) & reserved
         if clash:
             raise ValueError(f"covariate columns clash with reserved columns: {sorted(clash)}")
         unknown = set(self.model.clinical) - set(self.covariates.columns)

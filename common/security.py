@@ -20,8 +20,12 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
 CA_KEY = "ca.key"
@@ -62,10 +66,10 @@ def _refuse_overwrite(*paths: Path) -> None:
                                         "old ones away first, and re-register the sites)"])
 
 
-def _subject_alternative_names(hosts: list[str]):  # noqa: ANN202 - cryptography's type
+def _subject_alternative_names(hosts: list[str]) -> x509.SubjectAlternativeName:
     from cryptography import x509
 
-    names = []
+    names: list[x509.GeneralName] = []
     for host in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
@@ -92,7 +96,7 @@ def make_server_credentials(folder: Path, hosts: list[str], study: str = "MyeloF
     out = ServerCredentials(folder / CA_CERT, folder / CA_KEY, folder / SERVER_CERT,
                             folder / SERVER_KEY)
     _refuse_overwrite(out.ca_cert, out.ca_key, out.cert, out.key)
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{study} CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)

@@ -28,11 +28,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeAlias, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from common.glm import ModelError, with_intercept
+
+FloatArray: TypeAlias = npt.NDArray[np.float64]
+IndexArray: TypeAlias = npt.NDArray[np.int64]  # feature indices, fold numbers
 
 LOSSES = ("logistic", "gaussian")
 PENALTIES = ("lasso", "ridge")
@@ -46,30 +50,30 @@ class Comoments:
     of squares, and the centred cross-products of each feature with the label, (F,)."""
 
     n: int
-    mean: np.ndarray
-    m2: np.ndarray
+    mean: FloatArray
+    m2: FloatArray
     y_mean: float
     y_m2: float
-    cross: np.ndarray
+    cross: FloatArray
 
     #: What may leave a site (:func:`common.records.check_sent`).
     AXES: ClassVar = {"mean": ("features",), "m2": ("features",), "cross": ("features",)}
     COUNTS: ClassVar = {"n": "min_rows"}
 
     @property
-    def sd(self) -> np.ndarray:
+    def sd(self) -> FloatArray:
         """Population SD, with 1 where a feature is constant (it then stays at zero)."""
         sd = np.sqrt(self.m2 / self.n)
         return np.where(sd > 0, sd, 1.0)
 
-    def correlation(self) -> np.ndarray:
+    def correlation(self) -> FloatArray:
         """Pearson r of each feature with the label (0 where either is constant)."""
         denominator = np.sqrt(self.m2 * self.y_m2)
         return np.divide(self.cross, denominator, out=np.zeros_like(self.cross),
                          where=denominator > 0)
 
 
-def site_comoments(x: np.ndarray, y: np.ndarray) -> Comoments:
+def site_comoments(x: npt.ArrayLike, y: npt.ArrayLike) -> Comoments:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
@@ -95,7 +99,7 @@ def combine_comoments(parts: Sequence[Comoments]) -> Comoments:
     return total
 
 
-def screen(moments: Comoments, top_k: int) -> np.ndarray:
+def screen(moments: Comoments, top_k: int) -> IndexArray:
     """Indices of the ``top_k`` features with the largest |r| with the label (ties by index),
     in increasing order; constant features never pass."""
     r = np.abs(moments.correlation())
@@ -106,7 +110,7 @@ def screen(moments: Comoments, top_k: int) -> np.ndarray:
     return np.sort(np.asarray(keep, dtype=np.int64))
 
 
-def lambda_max(moments: Comoments, features: np.ndarray) -> float:
+def lambda_max(moments: Comoments, features: IndexArray) -> float:
     """The smallest L1 penalty at which every coefficient of the standardized GLM is zero: the
     largest |gradient| / n at the intercept-only fit, ``|cross_j| / (n sd_j)`` for both losses."""
     return float(np.max(np.abs(moments.cross[features]) / (moments.n * moments.sd[features])))
@@ -127,10 +131,10 @@ class LinearModel:
     """A fitted model: ``beta[0] + sum_j beta[1 + j] * (x[:, features[j]] - mean[j]) / sd[j]``
     (a logit for classification, the value for regression)."""
 
-    features: np.ndarray
-    mean: np.ndarray
-    sd: np.ndarray
-    beta: np.ndarray
+    features: IndexArray
+    mean: FloatArray
+    sd: FloatArray
+    beta: FloatArray
 
     #: A site's local-only model: ``terms`` up to the protocol's screening_top_k.
     AXES: ClassVar = {"features": ("terms",), "mean": ("terms",), "sd": ("terms",),
@@ -145,14 +149,16 @@ class LinearModel:
         if k and (np.min(self.features) < 0 or np.any(np.asarray(self.sd) <= 0)):
             raise ModelError("a linear model needs non-negative feature indices and SDs > 0")
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def score(self, x: npt.ArrayLike) -> FloatArray:
         z = (np.asarray(x, dtype=np.float64)[:, self.features] - self.mean) / self.sd
-        return self.beta[0] + z @ self.beta[1:]
+        scores: FloatArray = self.beta[0] + z @ self.beta[1:]
+        return scores
 
     @property
-    def selected(self) -> np.ndarray:
+    def selected(self) -> IndexArray:
         """Feature indices with a non-zero coefficient."""
-        return self.features[self.beta[1:] != 0]
+        chosen: IndexArray = self.features[self.beta[1:] != 0]
+        return chosen
 
 
 # --- the sites' half: terms of many fits at once ------------------------------------------------
@@ -163,12 +169,12 @@ class BatchRequest:
     standardization ((T, k) each); per fit ``j`` its set, the fold it leaves out (-1 = none) and
     its trial coefficients ((J, 1 + k))."""
 
-    features: np.ndarray
-    mean: np.ndarray
-    sd: np.ndarray
-    fit_set: np.ndarray
-    fit_fold: np.ndarray
-    beta: np.ndarray
+    features: IndexArray
+    mean: FloatArray
+    sd: FloatArray
+    fit_set: IndexArray
+    fit_fold: IndexArray
+    beta: FloatArray
 
 
 @dataclass(frozen=True)
@@ -176,12 +182,12 @@ class BatchTerms:
     """A site's sums for each fit ``j`` of a request: rows used, gradient (J, 1 + k), Hessian
     (J, 1 + k, 1 + k) and loss over the rows in the fit; rows and loss of the fold left out."""
 
-    n: np.ndarray
-    gradient: np.ndarray
-    hessian: np.ndarray
-    loss: np.ndarray
-    n_out: np.ndarray
-    loss_out: np.ndarray
+    n: FloatArray
+    gradient: FloatArray
+    hessian: FloatArray
+    loss: FloatArray
+    n_out: FloatArray
+    loss_out: FloatArray
 
     #: ``fits`` and ``coefficients``: the request's (J, 1 + k).
     AXES: ClassVar = {"n": ("fits",), "gradient": ("fits", "coefficients"),
@@ -190,8 +196,8 @@ class BatchTerms:
     COUNTS: ClassVar = {"n": "min_rows", "n_out": "min_rows"}
 
 
-def _loss_terms(x: np.ndarray, y: np.ndarray, beta: np.ndarray, loss: str
-                ) -> tuple[np.ndarray, np.ndarray, float]:
+def _loss_terms(x: FloatArray, y: FloatArray, beta: FloatArray, loss: str
+                ) -> tuple[FloatArray, FloatArray, float]:
     xi = with_intercept(x)
     z = xi @ beta
     if loss == "logistic":
@@ -202,14 +208,14 @@ def _loss_terms(x: np.ndarray, y: np.ndarray, beta: np.ndarray, loss: str
     return xi.T @ r, xi.T @ xi, float(0.5 * r @ r)
 
 
-def _loss_value(x: np.ndarray, y: np.ndarray, beta: np.ndarray, loss: str) -> float:
+def _loss_value(x: FloatArray, y: FloatArray, beta: FloatArray, loss: str) -> float:
     z = with_intercept(x) @ beta
     if loss == "logistic":
         return float(np.sum(np.logaddexp(0.0, z) - y * z))
     return float(0.5 * np.sum((z - y) ** 2))
 
 
-def site_batch_terms(x: np.ndarray, y: np.ndarray, folds: np.ndarray, request: BatchRequest,
+def site_batch_terms(x: npt.ArrayLike, y: npt.ArrayLike, folds: IndexArray, request: BatchRequest,
                      loss: str, min_rows: int) -> BatchTerms:
     """This site's terms for every fit in ``request``. A fit over fewer than ``min_rows`` of
     this site's rows, or a held-out fold smaller than that, is refused: its sums would come
@@ -244,7 +250,8 @@ def site_batch_terms(x: np.ndarray, y: np.ndarray, folds: np.ndarray, request: B
     return out
 
 
-def assign_folds(labels: np.ndarray, n_folds: int, seed: int, stratify: bool) -> np.ndarray:
+def assign_folds(labels: npt.NDArray[np.generic], n_folds: int, seed: int, stratify: bool
+                 ) -> IndexArray:
     """Fold numbers 0..n_folds-1 for a site's training rows, seeded, stratified by label."""
     rng = np.random.default_rng(seed)
     folds = np.empty(len(labels), dtype=np.int64)
@@ -266,10 +273,10 @@ class _Fit:
     fold: int
     lam_index: int
     lam: float
-    trial: np.ndarray
-    beta: np.ndarray | None = None
+    trial: FloatArray
+    beta: FloatArray | None = None
     objective: float = np.inf
-    direction: np.ndarray | None = None
+    direction: FloatArray | None = None
     step: float = 1.0
     rounds: int = 0
     done: bool = False
@@ -278,8 +285,8 @@ class _Fit:
     loss_out: float = 0.0
 
 
-def proximal_newton_target(gradient: np.ndarray, hessian: np.ndarray, beta: np.ndarray,
-                           lam: float, penalty: str, max_sweeps: int = 5_000) -> np.ndarray:
+def proximal_newton_target(gradient: FloatArray, hessian: FloatArray, beta: FloatArray,
+                           lam: float, penalty: str, max_sweeps: int = 5_000) -> FloatArray:
     """The minimizer of the quadratic model ``g'd + d'Hd/2 + penalty(beta + d)`` (per-row
     scale): Newton's target for a ridge penalty; for the L1 penalty, coordinate descent with soft
     thresholding, every few sweeps finished exactly by solving the equations of its active set
@@ -291,7 +298,8 @@ def proximal_newton_target(gradient: np.ndarray, hessian: np.ndarray, beta: np.n
         ridge = np.full(width, lam)
         ridge[0] = 0.0
         try:
-            return np.linalg.solve(hessian + np.diag(ridge), b)
+            # numpy's stubs type solve() as floating[Any]; float64 in, float64 out
+            return cast(FloatArray, np.linalg.solve(hessian + np.diag(ridge), b))
         except np.linalg.LinAlgError:
             raise ModelError("singular Hessian: a constant or repeated feature") from None
     if hessian[0, 0] <= 0:
@@ -329,8 +337,8 @@ def proximal_newton_target(gradient: np.ndarray, hessian: np.ndarray, beta: np.n
     return exact if exact is not None else w
 
 
-def _active_set_solution(hessian: np.ndarray, b: np.ndarray, lam: float, w: np.ndarray
-                         ) -> np.ndarray | None:
+def _active_set_solution(hessian: FloatArray, b: FloatArray, lam: float, w: FloatArray
+                         ) -> FloatArray | None:
     """The exact L1 quadratic minimizer on the support and signs of ``w``, or None when the
     optimality conditions fail (coordinate descent has not found the support yet)."""
     active = w != 0
@@ -359,11 +367,11 @@ class FitBatch:
 
     loss: str
     penalty: str
-    features: np.ndarray
-    mean: np.ndarray
-    sd: np.ndarray
-    grids: np.ndarray
-    intercepts: np.ndarray
+    features: IndexArray
+    mean: FloatArray
+    sd: FloatArray
+    grids: FloatArray
+    intercepts: FloatArray
     folds: int
     tolerance: float = 1e-8
     max_rounds: int = 100
@@ -397,7 +405,7 @@ class FitBatch:
                             np.array([self.fits[j].trial for j in fits]).reshape(
                                 len(fits), self.features.shape[1] + 1))
 
-    def _penalty_value(self, fit: _Fit, beta: np.ndarray) -> float:
+    def _penalty_value(self, fit: _Fit, beta: FloatArray) -> float:
         if self.penalty == "lasso":
             return fit.lam * float(np.sum(np.abs(beta[1:])))
         return 0.5 * fit.lam * float(np.sum(beta[1:] ** 2))
@@ -421,6 +429,7 @@ class FitBatch:
                 if fit.step < 1e-10:
                     fit.done = True
                 else:
+                    assert fit.direction is not None  # set in the same round as fit.beta
                     fit.trial = fit.beta + fit.step * fit.direction
                 continue
             gain = fit.objective - objective  # inf on the first round
@@ -437,12 +446,12 @@ class FitBatch:
             else:
                 fit.trial = target
 
-    def coefficients(self, set_index: int, fold: int = -1) -> np.ndarray:
+    def coefficients(self, set_index: int, fold: int = -1) -> FloatArray:
         """(L, 1 + k): the fits of one set and fold along its penalty grid."""
         return np.array([f.beta for f in self.fits
                          if f.set_index == set_index and f.fold == fold])
 
-    def cv_loss(self, set_index: int) -> tuple[np.ndarray, np.ndarray]:
+    def cv_loss(self, set_index: int) -> tuple[FloatArray, FloatArray]:
         """Mean held-out loss per row along the grid, and its standard error across folds."""
         per_fold = np.zeros((len(self.grids[set_index]), self.folds))
         for f in self.fits:
@@ -465,7 +474,7 @@ class FitBatch:
                            beta)
 
 
-def lambda_grid(largest: float, count: int, penalty: str, ratio: float = 0.01) -> np.ndarray:
+def lambda_grid(largest: float, count: int, penalty: str, ratio: float = 0.01) -> FloatArray:
     """A decreasing log-spaced penalty grid. L1: from ``largest`` (all coefficients zero) to
     ``ratio`` of it; ridge: the same span shifted one decade up (ridge keeps every feature)."""
     largest = max(largest, 1e-12)
@@ -480,16 +489,16 @@ def new_batch(sets: Sequence[Comoments], loss: str, penalty: str, top_k: int, n_
     features = np.array([screen(m, top_k) for m in sets])  # same k for every set
     k = min(len(f) for f in features)
     features = np.array([f[:k] for f in features])
-    mean = np.array([m.mean[f] for m, f in zip(sets, features)])
-    sd = np.array([m.sd[f] for m, f in zip(sets, features)])
+    mean = np.array([m.mean[f] for m, f in zip(sets, features, strict=True)])
+    sd = np.array([m.sd[f] for m, f in zip(sets, features, strict=True)])
     grids = np.array([lambda_grid(lambda_max(m, f), n_lambdas, penalty)
-                      for m, f in zip(sets, features)])
+                      for m, f in zip(sets, features, strict=True)])
     intercepts = np.array([null_intercept(m, loss) for m in sets])
     return FitBatch(loss, penalty, features, mean, sd, grids, intercepts, folds)
 
 
 def run_in_process(batch: FitBatch,
-                   sites: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                   sites: Sequence[tuple[npt.ArrayLike, npt.ArrayLike, IndexArray]],
                    members: Sequence[Sequence[int]], min_rows: int = 1) -> FitBatch:
     """Drive ``batch`` to the end with the sites' data at hand (tests; a site's own local-only
     model). ``members[t]`` lists the sites in training set ``t``."""
@@ -520,7 +529,7 @@ def update_by_site(batch: FitBatch, pending: Sequence[int],
 
 
 
-def fit_pooled(sites: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], loss: str,
+def fit_pooled(sites: Sequence[tuple[npt.ArrayLike, npt.ArrayLike, IndexArray]], loss: str,
                penalty: str, top_k: int, n_lambdas: int, folds: int, rule: str,
                min_rows: int = 1) -> tuple[LinearModel, FitBatch]:
     """Screening, the penalty path, cross-validation and the chosen model over ``sites`` (each

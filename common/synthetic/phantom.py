@@ -37,10 +37,15 @@ import enum
 import hashlib
 import math
 from dataclasses import dataclass, replace
+from typing import TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
 from scipy import ndimage
+
+FloatArray: TypeAlias = npt.NDArray[np.float64]
+Mask: TypeAlias = npt.NDArray[np.bool_]
 
 ROI_LABEL = 1       #: vertebral-body trabecular marrow: the radiomics ROI
 MUSCLE_LABEL = 2    #: paraspinal muscle: reference tissue for MRI normalization
@@ -154,6 +159,7 @@ def _stable_int(*parts: object) -> int:
 
 def default_sites(scanner_effects: bool = True) -> tuple[SiteSpec, ...]:
     """Three hospitals of different sizes, case mix and scanners (sites B and C have two)."""
+    scanners: tuple[tuple[ScannerEffects, ...], ...]
     if scanner_effects:
         scanners = (
             (ScannerEffects("A_GE_1.5T", (0.7, 0.7, 3.0), 1.35, 40.0, 0.25, 0.03, 0.3, 1.45, 1.18,
@@ -261,6 +267,9 @@ def make_patients(site: SiteSpec, task: Task = Task.DIAGNOSIS, seed: int = 0) ->
     task = Task(task)
     rng = np.random.default_rng([seed, _stable_int(site.name), _stable_int(task.value)])
     patients = []
+    iss: str | None
+    response: int | None
+    mrd: int | None
     for i in range(site.n_patients):
         is_mm = task is not Task.DIAGNOSIS or rng.random() < site.mm_fraction
         scanner = site.scanners[0]
@@ -271,17 +280,17 @@ def make_patients(site: SiteSpec, task: Task = Task.DIAGNOSIS, seed: int = 0) ->
             scanner = site.scanners[1]
         if is_mm:
             pattern, pci, age, sex, iss, response, mrd, lesions = _myeloma(rng, site)
-            extra = dict(iss_stage=iss, response=response, mrd=mrd)
         else:
             pattern = Pattern.METASTASIS
             pci, age, sex, lesions = _metastasis(rng)
-            extra = dict(iss_stage=None, response=None, mrd=None)
+            iss, response, mrd = None, None, None
         size = float(np.exp(rng.normal(0.04 if sex == "M" else -0.04, 0.06)))
         patients.append(Patient(
             case_id=f"{site.name}_{i:03d}", site=site.name, scanner=scanner.name,
             timepoint="after_treatment" if task is Task.MRD else "diagnosis",
             diagnosis="myeloma" if is_mm else "metastasis", pattern=pattern, pci=round(pci, 1),
-            age=round(age), sex=sex, lesions=tuple(lesions), size=size, **extra))
+            age=round(age), sex=sex, lesions=tuple(lesions), size=size, iss_stage=iss,
+            response=response, mrd=mrd))
     return patients
 
 
@@ -293,15 +302,15 @@ def make_cohort(sites: tuple[SiteSpec, ...], task: Task = Task.DIAGNOSIS, seed: 
 
 # --- images -----------------------------------------------------------------------------------
 
-def _grid(spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _grid(spacing: tuple[float, float, float]) -> tuple[FloatArray, FloatArray, FloatArray]:
     """LPS coordinates (mm, centred on the field of view) of every voxel, as (z, y, x) arrays."""
-    n = [max(8, int(round(f / s))) for f, s in zip(FOV_MM, spacing)]
-    axes = [(np.arange(k) - (k - 1) / 2.0) * s for k, s in zip(n, spacing)]
+    n = [max(8, int(round(f / s))) for f, s in zip(FOV_MM, spacing, strict=True)]
+    axes = [(np.arange(k) - (k - 1) / 2.0) * s for k, s in zip(n, spacing, strict=True)]
     z, y, x = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
     return x, y, z
 
 
-def _anatomy(x: np.ndarray, a: np.ndarray, z: np.ndarray, size: float) -> dict[str, np.ndarray]:
+def _anatomy(x: FloatArray, a: FloatArray, z: FloatArray, size: float) -> dict[str, Mask]:
     """Boolean masks of each tissue; ``a`` is the anterior coordinate (mm, = -y in LPS)."""
     x, a = x / size, a / size
     body = (x / 46.0) ** 2 + ((a + 2.0) / 44.0) ** 2 <= 1.0
@@ -310,7 +319,7 @@ def _anatomy(x: np.ndarray, a: np.ndarray, z: np.ndarray, size: float) -> dict[s
     nearest = np.min(np.abs(z[..., None] - centres), axis=-1)
     vertebra_z = nearest <= 12.5 * size
     disc = np.zeros_like(vertebra_z)
-    for lower, upper in zip(centres[:-1], centres[1:]):
+    for lower, upper in zip(centres[:-1], centres[1:], strict=True):
         disc |= np.abs(z - (lower + upper) / 2.0) <= (upper - lower) / 2.0 - 12.5 * size
     cylinder = (x / 20.0) ** 2 + ((a - 10.0) / 15.0) ** 2 <= 1.0
     inner = (x / 18.3) ** 2 + ((a - 10.0) / 13.3) ** 2 <= 1.0
@@ -436,9 +445,9 @@ def render(patient: Patient, scanner: ScannerEffects, modality: str, seed: int
     return out[0], out[1], out[2]
 
 
-def _acquire(values: np.ndarray, scanner: ScannerEffects, mr: bool, normal: float,
-             xyz: tuple[np.ndarray, np.ndarray, np.ndarray], rng: np.random.Generator
-             ) -> np.ndarray:
+def _acquire(values: FloatArray, scanner: ScannerEffects, mr: bool, normal: float,
+             xyz: tuple[FloatArray, FloatArray, FloatArray], rng: np.random.Generator
+             ) -> FloatArray:
     """The scanner's view of the object: blur, then (MR) a non-linear response, a smooth bias
     field, scale, offset and Rician noise, or (CT) a calibration offset and Gaussian noise.
     Returns values rounded to integers (int16 range)."""
@@ -458,4 +467,5 @@ def _acquire(values: np.ndarray, scanner: ScannerEffects, mr: bool, normal: floa
     else:
         values = values + 0.5 * scanner.intensity_offset + rng.normal(0, noise_sd * 500,
                                                                       x.shape)
-    return np.clip(np.round(values), -32768, 32767)
+    acquired: FloatArray = np.clip(np.round(values), -32768, 32767)
+    return acquired

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
 import yaml
 
@@ -128,7 +129,7 @@ def _dicom_series(image: sitk.Image, patient: Patient, scanner: ScannerEffects, 
                   seed: int) -> list[Any]:
     """One pydicom Dataset a slice (MR or CT Image Storage, explicit VR little endian)."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
     array = sitk.GetArrayFromImage(image).astype(np.int16)
     sx, sy, sz = image.GetSpacing()
@@ -138,8 +139,9 @@ def _dicom_series(image: sitk.Image, patient: Patient, scanner: ScannerEffects, 
     slices = []
     for k in range(array.shape[0]):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = _SOP_CLASS[modality]
-        meta.MediaStorageSOPInstanceUID = _uid(seed, patient.case_id, "slice", k)
+        # pydicom makes a UID of a str on assignment; UID() here says so to the type checker
+        meta.MediaStorageSOPClassUID = UID(_SOP_CLASS[modality])
+        meta.MediaStorageSOPInstanceUID = UID(_uid(seed, patient.case_id, "slice", k))
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds = Dataset()
@@ -189,8 +191,8 @@ def _dicom_series(image: sitk.Image, patient: Patient, scanner: ScannerEffects, 
     return slices
 
 
-def _dicom_seg(slices: list[Any], labels: np.ndarray, lesions: np.ndarray, patient: Patient,
-               seed: int) -> Any:
+def _dicom_seg(slices: list[Any], labels: npt.NDArray[np.uint8], lesions: npt.NDArray[np.uint8],
+               patient: Patient, seed: int) -> Any:
     """A BINARY DICOM SEG (highdicom) of the marrow ROI, the muscle and the lesions."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -301,19 +303,19 @@ def write_cohort(out_dir: Path, spec: CohortSpec, workers: int | None = None,
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     if workers == 1:
         for job in jobs:
-            site, cid, rows = _write_case_job(job)
-            results[site][cid] = rows
+            site_name, cid, rows = _write_case_job(job)
+            results[site_name][cid] = rows
             if on_case is not None:
                 on_case(cid)
     else:
         with ProcessPoolExecutor(workers) as pool:
             for future in as_completed([pool.submit(_write_case_job, job) for job in jobs]):
-                site, cid, rows = future.result()
-                results[site][cid] = rows
+                site_name, cid, rows = future.result()
+                results[site_name][cid] = rows
                 if on_case is not None:
                     on_case(cid)
 
-    manifests = {}
+    manifests: dict[str, Path] = {}
     names = {"nifti": "manifest.csv", "dicom": "manifest.csv"}
     if spec.file_format == "both":
         names["dicom"] = "manifest_dicom.csv"
@@ -346,7 +348,8 @@ def read_cohort_spec(out_dir: Path) -> dict[str, Any] | None:
     path = Path(out_dir) / COHORT_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    spec: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return spec
 
 
 # --- preview ----------------------------------------------------------------------------------
