@@ -101,7 +101,7 @@ def from_record(content: RecordDict, cls: type[T], shapes: Mapping[str, tuple[in
                 raise fail(f"'{name}' holds NaN or infinite values")
             expected = (shapes or {}).get(name)
             if expected is not None and (len(expected) != value.ndim or any(
-                    e not in (-1, v) for e, v in zip(expected, value.shape))):
+                    e not in (-1, v) for e, v in zip(expected, value.shape, strict=True))):
                 raise fail(f"'{name}' has shape {value.shape}, expected {expected}")
             values[name] = value
         elif name in meta.get("none", []):
@@ -126,9 +126,12 @@ def _records(content: RecordDict, prefix: str, fail: Callable[[str], PayloadErro
              ) -> tuple[dict[str, Any], ArrayRecord]:
     """A packed payload's scalars (its ConfigRecord, as a dict) and arrays."""
     try:
-        return dict(content[f"{prefix}meta"]), content[f"{prefix}arrays"]
+        meta, arrays = dict(content[f"{prefix}meta"]), content[f"{prefix}arrays"]
     except (KeyError, TypeError):
         raise fail(f"no '{prefix}meta' and '{prefix}arrays' records") from None
+    if not isinstance(arrays, ArrayRecord):  # a reply may hold any record under any name
+        raise fail(f"'{prefix}arrays' is a {type(arrays).__name__}, not an ArrayRecord")
+    return meta, arrays
 
 
 def unpack(content: RecordDict, name: str, cls: type[T],
@@ -150,10 +153,11 @@ def check_sent(content: RecordDict, cls: type[T], sizes: Mapping[str, Size],
     """Hold a packed payload to its class's declaration before it leaves a site.
 
     Refused, with the field and the reason: any record entry that is not a field of ``cls``;
-    a scalar field that holds a list; an array or string-tuple field that ``cls.AXES`` does not declare; an axis whose size is
-    not what ``sizes`` allows for its name (the caller resolves the names from the request and
-    the protocol, never from the site's patient counts); a ``cls.COUNTS`` field with a value
-    from 1 to its minimum - 1; and whatever :func:`from_record` refuses.
+    a scalar field that holds a list; an array or string-tuple field that ``cls.AXES`` does not
+    declare; an axis whose size is not what ``sizes`` allows for its name (the caller resolves
+    the names from the request and the protocol, never from the site's patient counts); a
+    ``cls.COUNTS`` field with a value from 1 to its minimum - 1; and whatever
+    :func:`from_record` refuses.
     """
     axes: Mapping[str, tuple[str, ...]] = getattr(cls, "AXES", {})
     counts: Mapping[str, str] = getattr(cls, "COUNTS", {})
@@ -186,7 +190,7 @@ def check_sent(content: RecordDict, cls: type[T], sizes: Mapping[str, Size],
             if axis not in sizes:
                 raise fail(f"axis '{axis}' of '{name}' has no size for this message")
         if len(shapes[name]) != len(declared) or not all(
-                _fits(sizes[a], n) for a, n in zip(declared, shapes[name])):
+                _fits(sizes[a], n) for a, n in zip(declared, shapes[name], strict=True)):
             allowed = ", ".join(f"{a}={_shown(sizes[a])}" for a in declared)
             raise fail(f"'{name}' has shape {shapes[name]}, its declaration allows ({allowed})")
     payload = from_record(content, cls, sender=sender, prefix=prefix)
