@@ -387,13 +387,13 @@ def render(patient: Patient, scanner: ScannerEffects, modality: str, seed: int
     level = normal * fat * (1.0 - drop * min(effective, 1.0))
     # Trabecular texture: band-limited noise whose contrast is a property of the marrow and of
     # the scanner's reconstruction kernel.
-    grain = ndimage.gaussian_filter(rng.normal(0, 1, x.shape), 0.8)
+    grain: FloatArray = ndimage.gaussian_filter(rng.normal(0, 1, x.shape), 0.8)
     grain /= grain.std() + 1e-9
     texture = ((0.05 + 0.10 * min(effective, 1.0)) * scanner.texture_gain * normal
                * math.exp(rng.normal(0.0, 0.3)))
     values[marrow] = level + texture * grain[marrow]
     if patient.pattern is Pattern.SALT_AND_PEPPER:
-        speckle = ndimage.gaussian_filter(rng.normal(0, 1, x.shape), 0.5)
+        speckle: FloatArray = ndimage.gaussian_filter(rng.normal(0, 1, x.shape), 0.5)
         spots = marrow & (speckle > np.quantile(speckle[marrow], 0.8))
         values[spots] *= 0.75
 
