@@ -1,7 +1,7 @@
 """Scale: round time and memory against the number of sites, with real processes on loopback.
 
 For each number of sites (default 2, 5, 10, 20, 50) it starts a federation as a real coordinator
-runs it (``server/launch.py``'s LocalFederation: a SuperLink with TLS and SuperNode
+runs it (``server/federation.py``'s LocalFederation: a SuperLink with TLS and SuperNode
 authentication, the fleet gateway, one SuperNode per site behind its app allow-list) and runs
 a study's first two phases (handshake and local preparation) with every site required. Every
 site reads the same small cohort (14 patients) and starts from the same extraction cache, so
@@ -39,7 +39,7 @@ import psutil  # noqa: E402
 from client.study import prepare, resolve_site  # noqa: E402
 from common.protocol import load_protocol  # noqa: E402
 from common.synthetic import CohortSpec, make_sites, write_cohort  # noqa: E402
-from server.launch import LocalFederation  # noqa: E402
+from server.federation import LocalFederation  # noqa: E402
 from server.study import StudySettings  # noqa: E402
 
 

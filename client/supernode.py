@@ -4,8 +4,8 @@ With ``flwr run`` the coordinator ships the app (the ClientApp's code) to every 
 SuperNode runs whatever arrives. Flower 1.42 can verify signed apps (``--trusted-entities``),
 but only with a SuperLink that vouches for them, which the free edition does not. So the site
 keeps its own allow-list: ``approved_apps`` in its site config, the SHA-256 of each approved
-app bundle (FAB) as ``myelofed app hash`` prints it (Flower builds a FAB reproducibly: same
-files, same hash).
+app bundle (FAB) as ``myelofed app-hash`` prints it (:mod:`common.bundle`: Flower builds a FAB
+reproducibly, same files, same hash).
 
 This module runs Flower's own ``flower-supernode`` in this process, with one step added where
 the SuperNode fetches the app of a run it has not seen yet: the bundle's SHA-256 must be
@@ -25,8 +25,16 @@ import hashlib
 import inspect
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from logging import ERROR
 from typing import Any, Final
+
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
+from flwr.supercore import log
+from flwr.supernode import start_client_internal as flower
+from flwr.supernode.cli.flower_supernode import flower_supernode
+
+from common.bundle import is_app_hash
 
 #: The private function the hook wraps, and the parameters it must still have.
 _TARGET: Final = "_pull_and_store_message"
@@ -41,28 +49,10 @@ class AppRefused(Exception):
         self.digest, self.run_id = digest, run_id
 
 
-def app_hash(app_dir: Path) -> str:
-    """The SHA-256 (hex) of the app bundle Flower builds from ``app_dir`` for ``flwr run``
-    (the folder with the app's pyproject.toml): what a site approves."""
-    from flwr.cli.build import build_fab_from_disk
-
-    return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
-
-
-def is_app_hash(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
-
-
-def guard(original: Callable[..., Any], approved: frozenset[str], site: str
-          ) -> Callable[..., Any]:
+def guard(original: Callable[..., int | None], approved: frozenset[str], site: str
+          ) -> Callable[..., int | None]:
     """``original`` (Flower's pull-and-store step) with the app of every new run checked
     against ``approved``; a refused run gets an error reply instead of a ClientApp."""
-    from logging import ERROR
-
-    from flwr.app import Error, Message
-    from flwr.common.constant import ErrorCode
-    from flwr.supercore import log
-    from flwr.supernode import start_client_internal as flower
 
     def pull_and_store(**kwargs: Any) -> int | None:
         received: list[Any] = []
@@ -96,8 +86,6 @@ def guard(original: Callable[..., Any], approved: frozenset[str], site: str
 
 def install(approved: frozenset[str], site: str) -> None:
     """Put the check into Flower's SuperNode (this process)."""
-    from flwr.supernode import start_client_internal as flower
-
     original = getattr(flower, _TARGET, None)
     if original is None or not set(_PARAMETERS) <= set(inspect.signature(original).parameters):
         raise RuntimeError(f"flwr.supernode.start_client_internal.{_TARGET} is not the one this "
@@ -124,12 +112,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if bad:
         parser.error(f"--approve {bad[0]}: not a SHA-256 in lower-case hex")
     if not args.approve and not args.allow_any_app:
-        parser.error("no approved app: give --approve (see 'myelofed app hash') or "
+        parser.error("no approved app: give --approve (see 'myelofed app-hash') or "
                      "--allow-any-app")
     if not args.allow_any_app:
         install(frozenset(args.approve), args.site)
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()
 

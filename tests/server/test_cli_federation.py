@@ -14,11 +14,11 @@ import psutil
 import pytest
 
 from common.security import make_server_credentials, make_site_key
-from server.launch import (
+from server.commands import flower_env
+from server.processes import (
     MARKER_ENV,
     SUPERNODE_CONNECTED,
     FlowerProcess,
-    flower_env,
     free_ports,
     processes_marked,
     stop_processes,

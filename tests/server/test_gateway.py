@@ -17,17 +17,10 @@ import psutil
 import pytest
 
 from common.security import make_server_credentials, make_site_key
+from server.commands import flower_env, write_connection
+from server.federation import LocalFederation
 from server.gateway import fleet_paths
-from server.launch import (
-    MARKER_ENV,
-    FlowerProcess,
-    LocalFederation,
-    flower_env,
-    free_ports,
-    processes_marked,
-    stop_processes,
-    write_connection,
-)
+from server.processes import MARKER_ENV, FlowerProcess, free_ports, processes_marked, stop_processes
 
 APP_DIR = Path(__file__).resolve().parents[2]
 MYELOFED = Path(sys.executable).parent / "myelofed"

@@ -13,23 +13,25 @@ from pathlib import Path
 
 import pytest
 
-from server.launch import (
+from server.commands import (
     INSECURE,
-    MARKER_ENV,
-    SUPERNODE_CONNECTED,
-    FederationError,
-    FlowerProcess,
-    LocalFederation,
     ServerTls,
     flower_env,
     flwr_run_command,
     format_config,
-    free_ports,
-    processes_marked,
-    stop_processes,
     superlink_command,
     supernode_command,
     write_connection,
+)
+from server.federation import LocalFederation
+from server.processes import (
+    MARKER_ENV,
+    SUPERNODE_CONNECTED,
+    FederationError,
+    FlowerProcess,
+    free_ports,
+    processes_marked,
+    stop_processes,
 )
 
 APP_DIR = Path(__file__).resolve().parents[2]

@@ -12,7 +12,8 @@ import pytest
 from client.study import prepare, resolve_site
 from common.protocol import load_protocol
 from common.synthetic import CohortSpec, make_sites, write_cohort
-from server.launch import LocalFederation, processes_marked
+from server.federation import LocalFederation
+from server.processes import processes_marked
 from server.study import StudySettings
 from tests.server.studies import write_site_config
 

@@ -23,7 +23,8 @@ from common.protocol import ModelSpec, load_protocol
 from common.site_config import SiteConfig, load_site_config
 from common.synthetic import CohortSpec, make_sites, write_cohort
 from harmonization.combat import CombatOptions
-from server.launch import LocalFederation, processes_marked
+from server.federation import LocalFederation
+from server.processes import processes_marked
 from server.study import StudySettings
 from tests.server.studies import write_site_config
 

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from common.protocol import load_protocol
-from server.launch import SUPERNODE_CONNECTED, LocalFederation, RunResult, processes_marked
+from server.federation import LocalFederation, RunResult
+from server.processes import SUPERNODE_CONNECTED, processes_marked
 from server.study import StudySettings
 from tests.server.studies import small_study, write_site_config
 

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from client.supernode import app_hash, is_app_hash, main
-from server.launch import SUPERNODE_CONNECTED, LocalFederation, approving
+from client.supernode import main
+from common.bundle import app_hash, is_app_hash
+from server.commands import approving
+from server.federation import LocalFederation
+from server.processes import SUPERNODE_CONNECTED
 
 APP_DIR = Path(__file__).resolve().parents[2]
 
