@@ -153,7 +153,7 @@ def main() -> None:
             b_wall, b_peak, b_rc = run_measured(
                 [sys.executable, __file__, "--baseline", str(manifest), str(proto)])
             o_wall, o_peak, o_rc = run_measured(
-                [sys.executable, "-m", "common.cli", "site", "extract", "-p", str(proto),
+                [sys.executable, "-m", "cli.main", "site", "extract", "-p", str(proto),
                  "-m", str(manifest), "-o", str(work / f"out_{modality}"), "--no-cache",
                  "-j", str(args.workers)])
             if b_rc != 0 or o_rc not in (0, 3):

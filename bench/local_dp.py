@@ -25,9 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cli.simulation import run_in_simulation  # noqa: E402
 from common.protocol import CnnSpec, LocalDpSpec, load_protocol  # noqa: E402
 from common.synthetic import CohortSpec, make_sites, read_cohort_spec, write_cohort  # noqa: E402
-from server.app import run_in_simulation  # noqa: E402
 from server.study import StudySettings  # noqa: E402
 
 

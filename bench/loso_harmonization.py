@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.study import default_cohorts  # noqa: E402
+from cli.simulation import run_in_simulation  # noqa: E402
 from client.study import PREPARED_FILE, feature_columns  # noqa: E402
 from common.protocol import load_protocol  # noqa: E402
 from common.selection import assign_folds, fit_pooled  # noqa: E402
 from harmonization.combat import CombatOptions, Design, SiteTable, fit_combat  # noqa: E402
-from server.app import run_in_simulation  # noqa: E402
 from server.study import StudySettings  # noqa: E402
 
 VARIANTS = ("raw", "ComBat", "ComBat, outcome protected", "oracle location-scale")

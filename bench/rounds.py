@@ -2,7 +2,7 @@
 
 Runs one small study (three sites of 30-38 patients, the CNN phase with the protocol's default
 network) twice: in Flower's simulation engine, and with real processes on loopback (a
-``flower-superlink``, one ``flower-supernode`` per site, ``flwr run``; ``server/launch.py``).
+``flower-superlink``, one ``flower-supernode`` per site, ``flwr run``; ``server/federation.py``).
 For each CNN round it prints the wall time (from sending the round's messages to aggregating
 the replies), the local compute (the slowest site's evaluation of the model it received plus its
 training) and the difference, the federation overhead. Then the bytes of the weights a site
@@ -28,12 +28,12 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 from flwr.app import Array, ArrayRecord  # noqa: E402
 
+from cli.simulation import run_in_simulation  # noqa: E402
 from common.network import build_network, float32_nbytes, state_arrays  # noqa: E402
 from common.protocol import CnnSpec, ModelSpec, load_protocol  # noqa: E402
 from common.synthetic import CohortSpec, make_sites, read_cohort_spec, write_cohort  # noqa: E402
 from harmonization.combat import CombatOptions  # noqa: E402
-from server.app import run_in_simulation  # noqa: E402
-from server.launch import LocalFederation  # noqa: E402
+from server.federation import LocalFederation  # noqa: E402
 from server.study import StudySettings  # noqa: E402
 
 SITES = ("site_A", "site_B", "site_C")

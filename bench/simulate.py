@@ -24,7 +24,7 @@ DEFAULT = (40, 70, 110)
 
 def run(out: Path, scale: int, file_format: str, workers: int) -> float:
     sizes = ",".join(str(n * scale) for n in DEFAULT)
-    cmd = [sys.executable, "-m", "common.cli", "simulate", "-o", str(out), "--patients", sizes,
+    cmd = [sys.executable, "-m", "cli.main", "simulate", "-o", str(out), "--patients", sizes,
            "--format", file_format, "--workers", str(workers)]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,

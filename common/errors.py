@@ -1,4 +1,4 @@
-"""The error hierarchy and the process exit codes.
+"""The error hierarchy.
 
 Two kinds of failure exist at a site:
 
@@ -14,25 +14,6 @@ leaves the site except the short reason code.
 from __future__ import annotations
 
 import enum
-
-
-class ExitCode(enum.IntEnum):
-    """Exit status of every ``myelofed`` command (documented in ``myelofed --help``)."""
-
-    OK = 0
-    """Everything asked for was done."""
-    INTERNAL = 1
-    """An unexpected error (a bug): the traceback is printed."""
-    CONFIG = 2
-    """The protocol, site config, manifest or command line is unusable; nothing was processed."""
-    CASES_SKIPPED = 3
-    """The run completed, but some cases were skipped (see the ingestion report)."""
-    NO_USABLE_CASE = 4
-    """The run completed, but no case was usable."""
-    CHECK_FAILED = 5
-    """A verification (e.g. ``myelofed ibsi-check``) found values that disagree."""
-    STUDY_STOPPED = 6
-    """A federated study stopped before its end (too few sites left; the reason is printed)."""
 
 
 class SkipReason(str, enum.Enum):

@@ -15,9 +15,9 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
+from cli.exit_codes import ExitCode
+from cli.main import app
 from client.pipeline import read_features_metadata
-from common.cli import app
-from common.errors import ExitCode
 from common.protocol import load_protocol
 from tests.conftest import SHARED_DATA, make_volume
 
@@ -238,7 +238,7 @@ def test_sigkill_mid_run_then_rerun_keeps_every_finished_case(tmp_path):
     (tmp_path / "study.toml").write_text(PROTOCOL_TOML.replace(
         "[radiomics]", '[radiomics]\nimage_types = { original = true, log_sigma_mm = [1.0, 2.0] }'))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "common.cli", "site", "extract", "-p",
+    cmd = [sys.executable, "-m", "cli.main", "site", "extract", "-p",
            str(tmp_path / "study.toml"), "-m", str(tmp_path / "m.csv"), "-o", str(out), "-j", "1"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

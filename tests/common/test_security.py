@@ -52,7 +52,7 @@ def test_a_site_key_is_an_ecdsa_p384_pair_in_openssh_format(tmp_path: Path):
 def test_the_commands_make_the_files_and_never_overwrite(tmp_path: Path):
     from typer.testing import CliRunner
 
-    from common.cli import app
+    from cli.main import app
 
     runner = CliRunner()
     made = runner.invoke(app, ["server", "certs", "--host", "localhost", "-o", str(tmp_path)])

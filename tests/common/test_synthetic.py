@@ -10,10 +10,11 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
+from cli.exit_codes import ExitCode
+from cli.main import app
 from client.loading import load_case
 from client.manifest import read_manifest
-from common.cli import app
-from common.errors import CaseError, ExitCode, SkipReason
+from common.errors import CaseError, SkipReason
 from common.protocol import load_protocol, protocol_from_mapping
 from common.synthetic import (
     MUSCLE_LABEL,

@@ -49,7 +49,7 @@ def flags(command: list[str]) -> list[str]:
 def help_text(command: list[str]) -> str:
     """``--help`` of a myelofed command (run with this Python) or of a Flower executable."""
     if command[0] == "myelofed":
-        command = [sys.executable, "-m", "common.cli", *command[1:]]
+        command = [sys.executable, "-m", "cli.main", *command[1:]]
     elif shutil.which(command[0]) is None:
         pytest.skip(f"{command[0]} is not on PATH")
     done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60,

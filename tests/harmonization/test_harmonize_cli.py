@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 from typer.testing import CliRunner
 
-from common.cli import app
-from common.errors import ExitCode
+from cli.exit_codes import ExitCode
+from cli.main import app
 from harmonization.combat import CombatOptions, Design, SiteTable, fit_combat
 from tests.harmonization.test_combat import make_table
 

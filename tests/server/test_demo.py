@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from common.cli import app
+from cli.main import app
 from common.synthetic import CohortSpec, make_sites, write_cohort
 from server.study import summary_rows
 

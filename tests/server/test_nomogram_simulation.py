@@ -124,7 +124,7 @@ def test_myelofed_report_renders_again_and_names_a_bad_folder(
         response_study: tuple[Path, Path, object], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from common.cli import app
+    from cli.main import app
 
     _, out, _ = response_study
     result = CliRunner().invoke(app, ["report", str(out)])

@@ -1,0 +1,139 @@
+"""``myelofed demo``: the whole federated study on the synthetic cohort, on this machine, ending
+with a table per site and the reports."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.progress import Progress
+from rich.table import Table
+
+from cli.console import console, fail_config, out, progress_columns
+from cli.exit_codes import ExitCode
+from cli.tools import cohort_sizes, parse_task
+from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from common.synthetic import Task
+
+
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the cohort and the study "
+                                          "results go.")] = Path("myelofed-demo"),
+    cohort: Annotated[Path | None, typer.Option(
+        help="A cohort made by 'myelofed simulate' (default: <out>/cohort, made if absent).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="The study seed (train/test split, CV folds).")] = 0,
+    task: Annotated[str, typer.Option(
+        help="The cohort's task: diagnosis (MM vs metastasis), response (with the ISS "
+        "nomogram), pci (plasma-cell infiltration, a regression) or mrd.")] = "diagnosis",
+) -> None:
+    """Run the whole federated study on the built-in synthetic cohort, on this machine.
+
+    Makes the default three-site cohort if absent, then runs the study in Flower's simulation
+    engine, one virtual SuperNode per site: handshake, local preparation, federated ComBat and
+    the radiomics model (screening + LASSO chosen by federated cross-validation) on raw and on
+    harmonized features, with every site left out once, then the 3D CNN over Flower rounds.
+    Ends with a table per site: the test AUC of its local-only model, the federated model, the
+    federated model after ComBat, the model trained without the site (leave-site-out, the
+    external validation) and the federated CNN; with --task response, the nomogram (radiomics
+    score + ISS stage + age) too; with --task pci, Pearson r instead of the AUC.
+
+    \b
+    Writes, under --out:
+      cohort/            the synthetic cohort (cohort-<task>/ for another task; or --cohort)
+      study/             handshake.json prepare.json combat.json model.json cnn.json
+                         study.json (nomogram.json with --task response),
+                         cnn/global_round_NNN.npz (a checkpoint per round),
+                         report.html report.json report.csv (the multicentre report)
+      cohort/work/<site>/study/<hash>/report/site_report.html
+                         each site's own report (it stays at the site)"""
+    # deferred: heavy (see cli/__init__.py); the simulation brings torch, flwr and Ray
+    from cli.simulation import run_in_simulation
+    from common.protocol import load_protocol  # deferred: heavy
+    from common.synthetic import Task, read_cohort_spec  # deferred: heavy
+    from server.report import write_report  # deferred: heavy
+    from server.study import StudySettings, StudyStopped  # deferred: heavy
+
+    try:
+        the_task = parse_task(task)
+    except ConfigError as exc:
+        fail_config(exc)
+    cohort = cohort or out_dir / ("cohort" if the_task is Task.DIAGNOSIS else f"cohort-{task}")
+    existing = read_cohort_spec(cohort)
+    if existing is not None and existing.get("task") != the_task.value:
+        fail_config(ConfigError(str(cohort), [f"a cohort for the task '{existing.get('task')}'"
+                                              f", not '{task}'"]))
+    if existing is None:
+        _make_cohort(cohort, the_task)
+    try:
+        protocol = load_protocol(cohort / "study.yaml")
+    except ConfigError as exc:
+        fail_config(exc)
+    study = out_dir / "study"
+    settings = StudySettings(protocol, study, min_sites=2, seed=seed)
+    started = time.monotonic()
+    try:
+        run_in_simulation(cohort, settings,
+                          lambda line: console.print(f"[{time.monotonic() - started:5.0f} s] "
+                                                     f"{line}", highlight=False))
+    except StudyStopped as exc:
+        console.print(f"[bold red]study stopped:[/] {exc}")
+        raise typer.Exit(ExitCode.STUDY_STOPPED) from None
+    status = json.loads((study / "study.json").read_text())
+    if status["status"] != "done":
+        console.print(f"[bold red]study stopped:[/] {status['reason']}")
+        raise typer.Exit(ExitCode.STUDY_STOPPED)
+    out.print(summary_table(study, time.monotonic() - started))
+    out.print(f"results: {study}")
+    paths = write_report(study)
+    out.print(f"multicentre report: {paths['html']} (also {paths['json'].name}, "
+              f"{paths['csv'].name})")
+    for html in sorted((cohort / "work").glob(f"*/study/{protocol.short_hash}/report/"
+                                              "site_report.html")):
+        out.print(f"site report ({html.parts[-5]}, stays at the site): {html}")
+
+
+def _make_cohort(cohort: Path, task: Task) -> None:
+    """The default three-site cohort for ``task`` (made again when an earlier one is
+    incomplete)."""
+    # deferred: heavy (see cli/__init__.py)
+    from common.synthetic import CohortSpec, make_sites, write_cohort
+
+    if (cohort / "study.yaml").exists() or any(cohort.glob("*/manifest.csv")):
+        console.print(f"{cohort}: an incomplete cohort (no cohort.json): it is made again")
+    spec = CohortSpec(make_sites(cohort_sizes(None, None), True, 0), task)
+    with Progress(*progress_columns(), console=console) as progress:
+        bar = progress.add_task("synthetic cohort", total=sum(cohort_sizes(None, None)))
+        write_cohort(cohort, spec, on_case=lambda _: progress.advance(bar))
+
+
+def summary_table(study: Path, wall_s: float) -> Table:
+    """The demo's closing table from a finished study's folder: per site, the test metric of
+    every model (local, federated, after ComBat, left out, nomogram, CNN)."""
+    from server.phases.validation import summary_rows  # deferred: heavy (see cli/__init__.py)
+
+    def read(name: str) -> Any:
+        return json.loads((study / name).read_text()) if (study / name).exists() else None
+
+    metric, rows = summary_rows(read("model.json")["models"], read("cnn.json"),
+                                read("nomogram.json"))
+    table = Table("site", "test", "local", "federated", "fed. + ComBat", "left out",
+                  "left out + ComBat", "nomogram", "CNN",
+                  title=f"Test {metric.upper()} per site ({wall_s:.0f} s)",
+                  caption="radiomics: local-only model, federated model (raw features, after "
+                  "federated ComBat), model trained without the site; the nomogram (radiomics "
+                  "score + clinical factors, response task); the final federated CNN")
+    for r in rows:
+        table.add_row(r["site"], str(r["n_test"]), _show(r["local"]), _show(r["federated"]),
+                      _show(r["federated_combat"]), _show(r["leave_site_out"]),
+                      _show(r["leave_site_out_combat"]), _show(r["nomogram"]), _show(r["cnn"]))
+    return table
+
+
+def _show(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
