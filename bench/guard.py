@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
 
 from client.guard import check_reply  # noqa: E402
+from common.messages import MessageType  # noqa: E402
 from common.protocol import protocol_from_mapping  # noqa: E402
 from common.records import pack  # noqa: E402
 from common.selection import BatchRequest, site_batch_terms  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> None:
     reply = pack(terms=terms)
     rows = [("model terms", f"{fits} fits x (1 + {k})^2",
              best_ms(lambda: pack(terms=terms), args.repeat),
-             best_ms(lambda: check_reply("query.model_terms", message, reply,
+             best_ms(lambda: check_reply(MessageType.MODEL_TERMS, message, reply,
                                          lambda: protocol, lambda: features), args.repeat))]
 
     # a CNN update of the protocol's default network

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.study import default_cohorts  # noqa: E402
 from cli.simulation import run_in_simulation  # noqa: E402
-from client.study import PREPARED_FILE, feature_columns  # noqa: E402
+from client.workspace import PREPARED_FILE, feature_columns  # noqa: E402
 from common.protocol import load_protocol  # noqa: E402
 from common.selection import assign_folds, fit_pooled  # noqa: E402
 from harmonization.combat import CombatOptions, Design, SiteTable, fit_combat  # noqa: E402

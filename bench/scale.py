@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from client.study import prepare, resolve_site  # noqa: E402
+from client.phases.prepare import prepare  # noqa: E402
+from client.workspace import resolve_site  # noqa: E402
 from common.protocol import load_protocol  # noqa: E402
 from common.synthetic import CohortSpec, make_sites, write_cohort  # noqa: E402
 from server.federation import LocalFederation  # noqa: E402

@@ -1,63 +1,55 @@
 """The Flower ClientApp: a site's answers to each phase of the study (``flower-supernode``).
 
-Thin by design: each handler resolves the site once, unpacks the message, calls one function of
-:mod:`client.study` and packs the reply with :mod:`common.records`. Phases built so far: 1, the
-handshake; 2, local preparation; 3, federated ComBat; 4, the radiomics model; 5, the CNN
-(Flower's train and evaluate messages).
+Thin by design: one handler per message type (:class:`common.messages.MessageType`); each
+resolves the site, reads the typed request (:func:`common.records.unpack_request`), calls one
+function of the phase's module in :mod:`client.phases` and packs the reply. Around every
+handler: the site's privacy guard (:mod:`client.guard`) and, innermost, the protocol's local
+differential privacy on CNN updates.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
+from flwr.app import RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.supercore.differential_privacy import (
+    add_gaussian_noise_inplace,
+    compute_clip_model_update,
+)
 
 from client.guard import PrivacyGuardError, check_reply
-from client.study import (
-    HandshakeReply,
-    PrepareReply,
-    combat_inputs,
-    combat_model_at_site,
-    evaluate_models,
-    feature_width,
-    handshake,
-    harmonize_site,
-    model_summary,
-    model_terms,
-    prepare,
-    resolve_site,
-)
+from client.phases import combat, handshake, radiomics
+from client.workspace import feature_width, resolve_site
 from common.errors import ConfigError, MyeloFedError
-from common.selection import BatchRequest, LinearModel
-from common.protocol import StudyProtocol, protocol_from_mapping
-from common.records import pack, to_record, unpack
-from harmonization.combat import (
-    LocationFit,
-    PooledVariance,
-    StackedAdjustments,
-    StackedMoments,
-    design_from_json,
-    site_batch_moments,
-    site_design_moments,
-    site_residual_moments,
-    standardize,
+from common.messages import (
+    STUDY_RECORD,
+    EvaluateRequest,
+    MessageType,
+    ModelTermsRequest,
+    StudyConfig,
+    StudyRequest,
 )
+from common.protocol import StudyProtocol
+from common.records import pack, to_record, unpack_request
+from common.site_config import SiteConfig
+from harmonization.messages import CombatRequest
+
+
+def study_of(msg: Message) -> StudyConfig:
+    """The study settings a phase message carries, typed."""
+    return StudyConfig.from_mapping(dict(msg.content[STUDY_RECORD]))
 
 
 def _protocol(msg: Message) -> StudyProtocol:
     """The study protocol a phase message carries, checked against its hash."""
-    study = msg.content["study"]
-    protocol = protocol_from_mapping(json.loads(str(study["protocol"])), "study protocol")
-    if protocol.content_hash() != str(study["protocol_hash"]):
-        raise ConfigError("study protocol", ["does not match its hash"])
-    return protocol
+    return study_of(msg).protocol()
 
 
 #: Error codes of a site's replies (Flower's own codes are below 100): a refusal (bad input,
@@ -101,18 +93,12 @@ def local_dp(msg: Message, context: Context, call_next: Callable[[Message, Conte
     and delta. Other messages, and integer weights (BatchNorm's counters), pass unchanged. If
     the noise cannot be added, the reply is an error: an update never leaves un-noised."""
     reply = call_next(msg, context)
-    if msg.metadata.message_type != "train" or reply.has_error():
+    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
         return reply
     try:
         spec = _protocol(msg).cnn
         if spec is None or spec.local_dp is None:
             return reply
-        from flwr.app import Array, ArrayRecord
-        from flwr.supercore.differential_privacy import (
-            add_gaussian_noise_inplace,
-            compute_clip_model_update,
-        )
-
         dp = spec.local_dp
         sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
         trained = {k: v.numpy() for k, v in reply.content["arrays"].items()}
@@ -170,7 +156,7 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
     Flower mods around every handler (e.g. one that inspects every outgoing reply); the
     protocol's local differential privacy (:func:`local_dp`) is the innermost, inside the
     site's privacy guard (:mod:`client.guard`), which checks every reply that leaves."""
-    def site_of(context: Context):  # noqa: ANN202 - a SiteConfig
+    def site_of(context: Context) -> SiteConfig:
         run_config = dict(context.run_config)
         if simulation_cohort is not None:
             run_config["simulation-cohort"] = str(simulation_cohort)
@@ -186,132 +172,97 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
                           lambda context, protocol: feature_width(site_of(context), protocol))
     app = ClientApp(mods=[*mods, guard, local_dp])
 
-    @app.query("handshake")
+    def reply(msg: Message, **payloads: object) -> Message:
+        return Message(pack(**payloads), reply_to=msg)
+
+    @app.query(MessageType.HANDSHAKE.query)
     @guarded
     def _handshake(msg: Message, context: Context) -> Message:
-        study = msg.content["study"]
-        expected = str(study["protocol_hash"])
+        study = unpack_request(msg.content, StudyRequest).study
         try:
             site = site_of(context)
         except ConfigError as exc:
             name = str(context.node_config.get("site-name", "unknown site"))
-            reply = HandshakeReply(name, "refused", expected, "site_config_invalid",
-                                   exc.problems[0][:200] if exc.problems else "")
+            answer = handshake.refused(name, study.protocol_hash, exc)
         else:
-            reply = handshake(site, str(study["protocol"]), expected)
-        return Message(to_record(reply), reply_to=msg)
+            answer = handshake.handshake(site, study.protocol_json, study.protocol_hash)
+        return Message(to_record(answer), reply_to=msg)
 
-    @app.query("prepare")
+    @app.query(MessageType.PREPARE.query)
     @guarded
     def _prepare(msg: Message, context: Context) -> Message:
+        # Each message starts a fresh ClientApp process: the phases that need pyradiomics and
+        # SimpleITK (the preparation), matplotlib (the site report, written by the preparation,
+        # the validation and the CNN) or torch and MONAI (the CNN) load them only in the
+        # processes that run them, which keeps every other round's start quick.
+        from client.phases import prepare
+
         site = site_of(context)
-        study = msg.content["study"]
+        study = unpack_request(msg.content, StudyRequest).study
         try:
-            reply = prepare(site, _protocol(msg), int(study["seed"]),
-                            float(study["test_fraction"]))
+            answer = prepare.prepare(site, study.protocol(), study.required("seed"),
+                                     study.required("test_fraction"))
         except MyeloFedError as exc:
-            reply = PrepareReply(site.site_name, "refused", type(exc).__name__,
-                                 str(exc).splitlines()[0][:200])
-        return Message(to_record(reply), reply_to=msg)
+            answer = prepare.refused(site.site_name, exc)
+        return Message(to_record(answer), reply_to=msg)
 
-    def combat_context(msg: Message, context: Context):  # noqa: ANN202
-        site, protocol = site_of(context), _protocol(msg)
-        design, options = design_from_json(str(msg.content["study"]["design"]))
-        return site, protocol, design, options
+    def combat_request(msg: Message, context: Context
+                       ) -> tuple[SiteConfig, StudyProtocol, CombatRequest]:
+        request = unpack_request(msg.content, CombatRequest)
+        return site_of(context), request.study.protocol(), request
 
-    def pooled_estimates(msg: Message):  # noqa: ANN202 - (LocationFit, pooled variance)
-        fit = unpack(msg.content, "fit", LocationFit, sender="the server")
-        return fit, unpack(msg.content, "var", PooledVariance, sender="the server").var
-
-    @app.query("combat_design")
+    @app.query(MessageType.COMBAT_DESIGN.query)
     @guarded
     def _combat_design(msg: Message, context: Context) -> Message:
-        site, protocol, design, options = combat_context(msg, context)
-        y, batch, covariates, _ = combat_inputs(site, protocol)
-        moments = site_design_moments(y, batch, covariates, design, options, site.site_name)
-        return Message(pack(moments=moments), reply_to=msg)
+        return reply(msg, moments=combat.design_moments(*combat_request(msg, context)))
 
-    @app.query("combat_residuals")
+    @app.query(MessageType.COMBAT_RESIDUALS.query)
     @guarded
     def _combat_residuals(msg: Message, context: Context) -> Message:
-        site, protocol, design, _ = combat_context(msg, context)
-        y, batch, covariates, _ = combat_inputs(site, protocol)
-        fit = unpack(msg.content, "fit", LocationFit, sender="the server")
-        residuals = site_residual_moments(y, batch, covariates, design, fit)
-        return Message(pack(residuals=residuals), reply_to=msg)
+        return reply(msg, residuals=combat.residual_moments(*combat_request(msg, context)))
 
-    @app.query("combat_moments")
+    @app.query(MessageType.COMBAT_MOMENTS.query)
     @guarded
     def _combat_moments(msg: Message, context: Context) -> Message:
-        """Only for batches this site shares with another: their moments."""
-        site, protocol, design, _ = combat_context(msg, context)
-        y, batch, covariates, _ = combat_inputs(site, protocol)
-        fit, var = pooled_estimates(msg)
-        shared = set(msg.content["study"]["shared_batches"])
-        z = standardize(y, batch, covariates, design, fit, var)
-        mine = [m for name, m in sorted(site_batch_moments(z, batch, design).items())
-                if name in shared]
-        return Message(pack(moments=StackedMoments.of(mine, y.shape[1])), reply_to=msg)
+        return reply(msg, moments=combat.shared_moments(*combat_request(msg, context)))
 
-    @app.query("combat_apply")
+    @app.query(MessageType.COMBAT_APPLY.query)
     @guarded
     def _combat_apply(msg: Message, context: Context) -> Message:
-        site, protocol, design, options = combat_context(msg, context)
-        fit, var = pooled_estimates(msg)
-        shared = unpack(msg.content, "shared", StackedAdjustments, sender="the server")
-        model = combat_model_at_site(site, protocol, design, options, fit, var,
-                                     shared.unstack())
-        rows = harmonize_site(site, protocol, model)
+        rows = combat.apply(*combat_request(msg, context))
         return Message(RecordDict({"result": ConfigRecord({"rows": rows})}), reply_to=msg)
 
-    def model_context(msg: Message, context: Context):  # noqa: ANN202
-        return site_of(context), _protocol(msg), bool(msg.content["study"]["harmonized"])
-
-    @app.query("model_summary")
+    @app.query(MessageType.MODEL_SUMMARY.query)
     @guarded
     def _model_summary(msg: Message, context: Context) -> Message:
-        site, protocol, harmonized = model_context(msg, context)
-        moments, local = model_summary(site, protocol, harmonized)
-        payloads = {"moments": moments} | ({"local": local} if local is not None else {})
-        return Message(pack(**payloads), reply_to=msg)
+        study = unpack_request(msg.content, StudyRequest).study
+        moments, local = radiomics.model_summary(site_of(context), study.protocol(),
+                                                 bool(study.required("harmonized")))
+        return reply(msg, moments=moments, **({"local": local} if local is not None else {}))
 
-    @app.query("model_terms")
+    @app.query(MessageType.MODEL_TERMS.query)
     @guarded
     def _model_terms(msg: Message, context: Context) -> Message:
-        site, protocol, harmonized = model_context(msg, context)
-        request = unpack(msg.content, "request", BatchRequest, sender="the server")
-        radiomics = None
-        if "radiomics" in msg.content["study"]:  # the nomogram: one radiomics model a set
-            radiomics = [unpack(msg.content, f"radiomics{t}", LinearModel, sender="the server")
-                         for t in range(int(msg.content["study"]["radiomics"]))]
-        return Message(pack(terms=model_terms(site, protocol, harmonized, request, radiomics)),
-                       reply_to=msg)
+        request = unpack_request(msg.content, ModelTermsRequest)
+        return reply(msg, terms=radiomics.model_terms(site_of(context), request.study.protocol(),
+                                                      request))
 
-    @app.query("model_evaluate")
+    @app.query(MessageType.MODEL_EVALUATE.query)
     @guarded
     def _model_evaluate(msg: Message, context: Context) -> Message:
-        site, protocol, harmonized = model_context(msg, context)
-        names = json.loads(str(msg.content["study"]["models"]))
-        models = {name: unpack(msg.content, f"model{i}", LinearModel, sender="the server")
-                  for i, name in enumerate(names)}
-        radiomics = {name: unpack(msg.content, f"radiomics{i}", LinearModel,
-                                  sender="the server")
-                     for i, name in enumerate(names) if f"radiomics{i}.meta" in msg.content}
-        study = msg.content["study"]
-        thresholds = (dict(zip(names, json.loads(str(study["thresholds"]))))
-                      if "thresholds" in study else None)
-        return Message(pack(metrics=evaluate_models(
-            site, protocol, harmonized, models, radiomics, thresholds,
-            int(study["seed"]) if "seed" in study else 0)), reply_to=msg)
+        from client.phases import validation  # the site report: see _prepare
 
-    # --- phase 5: the CNN, through Flower's strategies (train and evaluate messages) ---------
+        request = unpack_request(msg.content, EvaluateRequest)
+        return reply(msg, metrics=validation.evaluate_request(
+            site_of(context), request.study.protocol(), request))
+
+    # --- the CNN, through Flower's strategies (train and evaluate messages) -----------------
 
     def cnn_reply(msg: Message, site_name: str, protocol: StudyProtocol,
-                  metrics: dict[str, float], arrays: dict | None = None) -> Message:
+                  metrics: dict[str, float], arrays: dict[str, np.ndarray] | None = None
+                  ) -> Message:
         """A train or evaluate reply: the metrics, the weights, and the site's name with the
         hash of the protocol it worked under (the server refuses an update under another)."""
-        from flwr.app import Array, ArrayRecord, MetricRecord
-
         content = RecordDict({"metrics": MetricRecord(metrics),
                               "site": ConfigRecord({"name": site_name,
                                                     "protocol_hash": protocol.content_hash()})})
@@ -320,43 +271,28 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
                                              for k, v in arrays.items()})
         return Message(content, reply_to=msg)
 
-    def global_weights(msg: Message) -> dict:
+    def global_weights(msg: Message) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in msg.content["arrays"].items()}
 
     @app.train()
     @guarded
     def _train(msg: Message, context: Context) -> Message:
-        """Evaluate the global weights received on the test crops (one message a round: the
-        metrics of round r - 1's model come back with round r's training), then train them."""
-        from client.cnn import evaluate_arrays, train_round
+        from client.phases import cnn  # torch and MONAI: see _prepare
 
-        site, protocol = site_of(context), _protocol(msg)
-        study = msg.content["study"]
-        weights = global_weights(msg)
-        before = evaluate_arrays(site, protocol, weights, include_train=False)
-        result = train_round(site, protocol, weights, round_index=int(study["server-round"]),
-                             seed=int(study["seed"]))
-        metrics = {"num-examples": result.n_examples, "train_loss": result.loss,
-                   "train_seconds": result.seconds,
-                   **{f"global_{k}": v for k, v in before.as_record().items()}}
+        site, study = site_of(context), study_of(msg)
+        protocol = study.protocol()
+        metrics, result = cnn.train(site, protocol, study, global_weights(msg))
         return cnn_reply(msg, site.site_name, protocol, metrics, result.weights)
 
     @app.evaluate()
     @guarded
     def _evaluate(msg: Message, context: Context) -> Message:
-        from client.cnn import evaluate_arrays
+        from client.phases import cnn  # torch and MONAI: see _prepare
 
-        from client.report import record_cnn
-
-        site, protocol = site_of(context), _protocol(msg)
-        weights = global_weights(msg)
-        result = evaluate_arrays(site, protocol, weights)
-        study = msg.content["study"]
-        interval = record_cnn(site, protocol, weights,
-                              float(study["threshold"]) if "threshold" in study else 0.5,
-                              int(study["seed"]) if "seed" in study else 0)
-        return cnn_reply(msg, site.site_name, protocol,
-                         {"num-examples": result.test.n, **result.as_record(), **interval})
+        site, study = site_of(context), study_of(msg)
+        protocol = study.protocol()
+        metrics = cnn.evaluate(site, protocol, study, global_weights(msg))
+        return cnn_reply(msg, site.site_name, protocol, metrics)
 
     return app
 

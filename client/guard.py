@@ -30,7 +30,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from common.errors import MyeloFedError
+from common.messages import STUDY_RECORD, MessageType, StudyConfig
+from common.metrics import CLASSIFICATION_KEYS, REGRESSION_KEYS, PairedTest
+from common.payloads import (
+    MIN_ROWS_SENT,
+    HandshakeReply,
+    ModelMetrics,
+    PrepareReply,
+    SplitMetrics,
+)
 from common.protocol import StudyProtocol, TaskKind
+from common.records import PayloadError, check_sent, unpack
+from common.selection import BatchRequest, BatchTerms, Comoments, LinearModel
+from harmonization.combat import DesignMoments, ResidualMoments, StackedMoments, design_from_json
 
 #: Flower's ``RecordDict`` (duck-typed: only the apps import Flower).
 Records = Any
@@ -40,54 +52,42 @@ class PrivacyGuardError(MyeloFedError):
     """A reply does not follow what may leave the site."""
 
 
-def _payloads() -> dict[str, dict[str, tuple[type, bool]]]:
-    """Each query's reply: its payloads by the name they are packed under ("" = unprefixed),
-    with whether each must be there."""
-    from client.study import HandshakeReply, ModelMetrics, PrepareReply
-    from common.selection import BatchTerms, Comoments, LinearModel
-    from harmonization.combat import DesignMoments, ResidualMoments, StackedMoments
-
-    return {"query.handshake": {"": (HandshakeReply, True)},
-            "query.prepare": {"": (PrepareReply, True)},
-            "query.combat_design": {"moments": (DesignMoments, True)},
-            "query.combat_residuals": {"residuals": (ResidualMoments, True)},
-            "query.combat_moments": {"moments": (StackedMoments, True)},
-            "query.model_summary": {"moments": (Comoments, True),
-                                    "local": (LinearModel, False)},
-            "query.model_terms": {"terms": (BatchTerms, True)},
-            "query.model_evaluate": {"metrics": (ModelMetrics, True)}}
+#: Each query's reply: its payloads by the name they are packed under ("" = unprefixed), with
+#: whether each must be there.
+PAYLOADS: dict[MessageType, dict[str, tuple[type, bool]]] = {
+    MessageType.HANDSHAKE: {"": (HandshakeReply, True)},
+    MessageType.PREPARE: {"": (PrepareReply, True)},
+    MessageType.COMBAT_DESIGN: {"moments": (DesignMoments, True)},
+    MessageType.COMBAT_RESIDUALS: {"residuals": (ResidualMoments, True)},
+    MessageType.COMBAT_MOMENTS: {"moments": (StackedMoments, True)},
+    MessageType.MODEL_SUMMARY: {"moments": (Comoments, True), "local": (LinearModel, False)},
+    MessageType.MODEL_TERMS: {"terms": (BatchTerms, True)},
+    MessageType.MODEL_EVALUATE: {"metrics": (ModelMetrics, True)}}
 
 
 Sizes = tuple[dict[str, Any], dict[str, int]]
 
 
-def _sizes(message_type: str, request: Records, protocol: Callable[[], StudyProtocol],
+def _sizes(message_type: MessageType, request: Records, protocol: Callable[[], StudyProtocol],
            features: Callable[[], int | None]) -> Sizes:
     """The axis sizes and count minimums a reply may have, resolved from the request
     and the protocol (and the number of feature columns, the same at every site)."""
-    from client.study import MIN_ROWS_SENT
-
     minimums = {"min_rows": MIN_ROWS_SENT}
-    if message_type == "query.prepare":
+    if message_type is MessageType.PREPARE:
         width = features()
         return {"features": {0} if width is None else {0, width}}, minimums
-    if message_type.startswith("query.combat_"):
-        from harmonization.combat import design_from_json
-
-        study = request["study"]
-        design, options = design_from_json(str(study["design"]))
-        shared = list(study["shared_batches"]) if "shared_batches" in study else []
+    if message_type.is_combat:
+        study = StudyConfig.from_mapping(dict(request[STUDY_RECORD]))
+        design, options = design_from_json(str(study.design))
+        shared = study.shared_batches or ()
         return ({"features": _required(features()), "batches": design.n_batch,
                  "columns": design.n_columns, "shared": range(len(shared) + 1)},
                 minimums | {"min_cell": options.min_cell})
-    if message_type == "query.model_summary":
+    if message_type is MessageType.MODEL_SUMMARY:
         top_k = protocol().model.screening_top_k
         return ({"features": _required(features()), "terms": range(top_k + 1),
                  "coefficients": range(1, top_k + 2)}, minimums)
-    if message_type == "query.model_terms":
-        from common.records import unpack
-        from common.selection import BatchRequest
-
+    if message_type is MessageType.MODEL_TERMS:
         fits, coefficients = unpack(request, "request", BatchRequest,
                                     sender="the server").beta.shape
         return {"fits": fits, "coefficients": coefficients}, minimums
@@ -100,23 +100,24 @@ def _required(width: int | None) -> int:
     return width
 
 
-def check_reply(kind: str, request: Records, content: Records,
+def check_reply(message_type: str, request: Records, content: Records,
                 protocol: Callable[[], StudyProtocol], features: Callable[[], int | None],
                 site: str = "this site") -> None:
     """Raise :class:`PrivacyGuardError` unless ``content``, a reply to a message of type
-    ``kind`` with ``request`` content, follows its schema. ``protocol`` and ``features`` (the
-    width of the site's feature table, None before the preparation) are called when needed."""
-    from common.records import PayloadError, check_sent
-
-    if kind in ("train", "evaluate"):
+    ``message_type`` with ``request`` content, follows its schema. ``protocol`` and
+    ``features`` (the width of the site's feature table, None before the preparation) are
+    called when needed."""
+    try:
+        kind = MessageType(message_type)
+    except ValueError:
+        raise PrivacyGuardError(f"no schema for a reply to '{message_type}'") from None
+    if kind in (MessageType.TRAIN, MessageType.EVALUATE):
         _check_cnn(kind, request, content)
         return
-    if kind == "query.combat_apply":
+    if kind is MessageType.COMBAT_APPLY:
         _check_config(content, "result", {"rows": int})
         return
-    schema = _payloads().get(kind)
-    if schema is None:
-        raise PrivacyGuardError(f"no schema for a reply to '{kind}'")
+    schema = PAYLOADS[kind]
     expected = {f"{name}.{part}" if name else part for name in schema
                 for part in ("meta", "arrays")}
     extra = sorted(set(content.keys()) - expected)
@@ -131,9 +132,9 @@ def check_reply(kind: str, request: Records, content: Records,
             payload = check_sent(content, cls, sizes, minimums, prefix=prefix, sender=site)
         except PayloadError as exc:
             raise PrivacyGuardError(str(exc)) from None
-        if kind == "query.model_evaluate":
-            _check_table(payload.table, json.loads(str(request["study"]["models"])),
-                         protocol())
+        if kind is MessageType.MODEL_EVALUATE:
+            models = StudyConfig.from_mapping(dict(request[STUDY_RECORD])).models
+            _check_table(payload.table, list(models or ()), protocol())
 
 
 def _check_config(content: Records, name: str, fields: Mapping[str, type]) -> None:
@@ -153,10 +154,8 @@ def _number(value: object) -> bool:
 
 
 def _check_table(text: str, names: list[str], protocol: StudyProtocol) -> None:
-    """A site's test metrics (:class:`client.study.ModelMetrics`): numbers of the requested
+    """A site's test metrics (:class:`common.payloads.ModelMetrics`): numbers of the requested
     models under the keys :mod:`common.metrics` writes, curves as the protocol bounds them."""
-    from common.metrics import CLASSIFICATION_KEYS, REGRESSION_KEYS, PairedTest
-
     def fail(reason: str) -> PrivacyGuardError:
         return PrivacyGuardError(f"the metrics table: {reason}")
 
@@ -209,8 +208,6 @@ def _check_curve(model: str, key: str, rows: object, most: int,
 
 def cnn_metric_names(kind: str) -> frozenset[str]:
     """The scalar metrics a CNN reply may carry (``train`` or ``evaluate``)."""
-    from client.cnn.evaluate import SplitMetrics
-
     split = [f.name for f in dataclasses.fields(SplitMetrics)]
     dp = {"dp_epsilon", "dp_delta", "dp_noise_std"}
     if kind == "train":

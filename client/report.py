@@ -11,26 +11,35 @@ evaluation, so the report is complete when the study ends and partial if it stop
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from client.cnn.gradcam import site_view
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn.metrics import roc_curve
+
+from client.workspace import (
+    HARMONIZED_FILE,
+    PREPARED_FILE,
+    feature_columns,
+    load_study_table,
+    study_dir,
+)
+from common import plots
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import REPORT_PACKAGES, atomic_write_json, software_versions
-from common.templates import fmt, with_ci
 from common.site_config import SiteConfig
-
-if TYPE_CHECKING:
-    import numpy as np
+from common.templates import fmt, render, with_ci
 
 REPORT_DIR = "report"
 SITE_HTML, SITE_JSON = "site_report.html", "site_report.json"
 
 
 def report_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:
-    from client.study import study_dir
-
     return study_dir(site, protocol) / REPORT_DIR
 
 
@@ -38,8 +47,6 @@ def record_prepare(site: SiteConfig, protocol: StudyProtocol, reply: Any,
                    skipped_cases: list[dict[str, str]]) -> None:
     """The preparation as the site reports it to itself: its counts and every skipped case.
     It starts a run: the evaluations of an earlier run of the same protocol are removed."""
-    from dataclasses import asdict
-
     counts = {k: v for k, v in asdict(reply).items() if k != "feature_names"}
     folder = report_dir(site, protocol)
     for old in folder.glob("evaluation_*.json"):  # a new preparation: a new run's evaluations
@@ -53,9 +60,6 @@ def record_evaluation(site: SiteConfig, protocol: StudyProtocol, key: str,
                       models: dict[str, Any]) -> None:
     """One evaluation (``key``: raw, harmonized or nomogram): the metrics sent, plus the ROC
     curves of this site's own test rows and each model's terms (kept here)."""
-    import numpy as np
-    from sklearn.metrics import roc_curve
-
     roc = {}
     if protocol.task.kind is TaskKind.CLASSIFICATION and 0 < y.sum() < len(y):
         for name, score in scores.items():
@@ -73,8 +77,6 @@ def record_evaluation(site: SiteConfig, protocol: StudyProtocol, key: str,
 def refresh_site_report(site: SiteConfig, protocol: StudyProtocol) -> None:
     """Render the site report again; a failure is logged, never raised (the evaluation it
     follows is already recorded, and the study goes on)."""
-    import logging
-
     try:
         write_site_report(site, protocol)
     except Exception as exc:  # noqa: BLE001 - the report must not stop the study
@@ -82,65 +84,16 @@ def refresh_site_report(site: SiteConfig, protocol: StudyProtocol) -> None:
                                             site.site_name, exc)
 
 
-def record_cnn(site: SiteConfig, protocol: StudyProtocol, arrays: dict[str, "np.ndarray"],
-               threshold: float, seed: int = 0) -> dict[str, float]:
-    """The final global CNN at this site: the full metric table of its test crops, its ROC
-    curve and Grad-CAM overlays of a few test cases, recorded here for the site report. Returns
-    the AUC's DeLong CI (classification) for the metrics reply."""
-    try:
-        return _record_cnn(site, protocol, arrays, threshold, seed)
-    except Exception as exc:  # noqa: BLE001 - the site's own report must not stop the study
-        import logging
-
-        logging.getLogger(__name__).warning("CNN section of the site report of %s not "
-                                            "written: %r", site.site_name, exc)
-        return {}
-
-
-def _record_cnn(site: SiteConfig, protocol: StudyProtocol, arrays: dict[str, "np.ndarray"],
-                threshold: float, seed: int) -> dict[str, float]:
-    from sklearn.metrics import roc_curve
-
-    from client.study import MIN_ROWS_SENT, metrics_of
-    from common import plots
-
-    view = site_view(site, protocol, arrays)
-    if len(view.labels) < MIN_ROWS_SENT:
-        return {}
-    table = metrics_of(protocol, view.labels, view.output, threshold, seed)
-    roc = {}
-    classification = protocol.task.kind is TaskKind.CLASSIFICATION
-    if classification and 0 < view.labels.sum() < len(view.labels):
-        fpr, tpr, _ = roc_curve(view.labels, view.output)
-        roc["CNN"] = [fpr.tolist(), tpr.tolist()]
-    overlays = [{"title": f"Grad-CAM, test case {case} (label {label:g})",
-                 "src": plots.cam_figure(crop, cam, f"{case}: label {label:g}")}
-                for (case, label), crop, cam in zip(view.shown, view.crops, view.cams)]
-    atomic_write_json(report_dir(site, protocol) / "evaluation_cnn.json",
-                      {"metrics": {"models": {"CNN": table}, "comparisons": {}}, "roc": roc,
-                       "scatter": {} if classification else {
-                           "CNN": [view.labels.tolist(), view.output.tolist()]},
-                       "models": {}, "overlays": overlays})
-    refresh_site_report(site, protocol)
-    return ({"test_auc_low": float(table["auc_low"]), "test_auc_high": float(table["auc_high"])}
-            if classification else {"test_r_low": float(table["r_low"]),
-                                    "test_r_high": float(table["r_high"])})
-
-
 def _harmonization_diagnostics(site: SiteConfig, protocol: StudyProtocol
                                ) -> dict[str, Any] | None:
     """The scanner effect inside this site before and after ComBat: with two or more scanners
     here, the share of features whose training rows differ between them (Kruskal-Wallis
     p < 0.05 on the features less their class mean, so that case mix does not count)."""
-    import numpy as np
-    from scipy import stats
 
-    from client.study import HARMONIZED_FILE, PREPARED_FILE, feature_columns, study_dir
 
     folder = study_dir(site, protocol)
     if not (folder / PREPARED_FILE).is_file():
         return None
-    import pandas as pd
 
     out: dict[str, Any] = {}
     for name, file in (("before", PREPARED_FILE), ("after", HARMONIZED_FILE)):
@@ -172,8 +125,6 @@ def _harmonization_diagnostics(site: SiteConfig, protocol: StudyProtocol
 
 def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, Any]:
     """Everything the site's page shows, from what the phases recorded here."""
-    from common import plots
-
     folder = report_dir(site, protocol)
     read = lambda name: (json.loads((folder / name).read_text())  # noqa: E731
                          if (folder / name).is_file() else None)
@@ -242,10 +193,7 @@ def _nomogram_figure(site: SiteConfig, protocol: StudyProtocol, nomogram: dict[s
                      ) -> str:
     """The federated nomogram drawn with this site's own value ranges (its training rows'
     5th to 95th percentiles of each continuous factor; the protocol's range when it sets one)."""
-    import numpy as np
 
-    from client.study import PREPARED_FILE, load_study_table
-    from common import plots
 
     table = load_study_table(site, protocol, PREPARED_FILE)
     train = table[table["split"] == "train"]
@@ -261,8 +209,6 @@ def _nomogram_figure(site: SiteConfig, protocol: StudyProtocol, nomogram: dict[s
 
 def write_site_report(site: SiteConfig, protocol: StudyProtocol) -> Path:
     """Render ``report/site_report.html`` and ``.json`` from what is recorded; the HTML path."""
-    from common.templates import render
-
     report = build_site_report(site, protocol)
     folder = report_dir(site, protocol)
     plain = json.loads(json.dumps(report, default=str))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from common.protocol import StudyProtocol, TaskKind
@@ -74,6 +74,46 @@ class ModelMetrics:
     n_test: int
     n_positive: int
     table: str
+
+
+# --- the CNN's metric replies --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SplitMetrics:
+    """Metrics of one split's crops: numbers only, never a per-patient value.
+
+    ``n`` crops and ``n_positive`` of them labelled 1 (classification; 0 for regression).
+    ``loss`` as in training (BCE, or MSE on the scaled target); ``auc`` (classification, NaN
+    with one class present); ``pearson_r`` and ``mae`` (regression, MAE in label units). Every
+    metric is NaN below :data:`common.payloads.MIN_ROWS_SENT` crops.
+    """
+
+    n: int
+    n_positive: int
+    loss: float
+    auc: float
+    pearson_r: float
+    mae: float
+
+
+@dataclass(frozen=True)
+class CnnMetrics:
+    """A site's evaluation of one set of global weights: its test crops and, for training
+    curves, its training crops (``None`` when not asked for)."""
+
+    site: str
+    test: SplitMetrics
+    train: SplitMetrics | None
+    seconds: float
+
+    def as_record(self) -> dict[str, int | float]:
+        """Flat ``{"test_auc": ..., "train_n": ...}``: what a metrics reply carries."""
+        out: dict[str, int | float] = {}
+        for prefix, metrics in (("test", self.test), ("train", self.train)):
+            if metrics is not None:
+                out.update({f"{prefix}_{k}": v for k, v in asdict(metrics).items()})
+        out["seconds"] = self.seconds
+        return out
 
 
 def format_counts(pairs: Iterable[tuple[object, int]]) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from common.errors import MyeloFedError
+from common.messages import StudyConfig
 
 SCHEMA_VERSION = 1
 T = TypeVar("T")
@@ -210,3 +211,55 @@ def _shown(size: Size) -> str:
     if isinstance(size, range) and size.step == 1:
         return f"{size.start}..{size.stop - 1}"
     return "{" + ",".join(str(n) for n in sorted(size)) + "}"
+
+
+def pack_request(request: Any) -> RecordDict:
+    """A typed request (:mod:`common.messages`) as Flower's records: its study settings under
+    ``study``, each payload under its field's name, each payload of a tuple field under the
+    name and its index (``model0``, ``model1``...); absent (None) payloads left out."""
+    out = RecordDict({})
+    for item in dataclasses.fields(request):
+        value = getattr(request, item.name)
+        if isinstance(value, StudyConfig):
+            out[item.name] = ConfigRecord(value.to_mapping())
+        elif isinstance(value, tuple):
+            for i, payload in enumerate(value):
+                for key, record in to_record(payload, prefix=f"{item.name}{i}.").items():
+                    out[key] = record
+        elif value is not None:
+            for key, record in to_record(value, prefix=f"{item.name}.").items():
+                out[key] = record
+    return out
+
+
+def unpack_request(content: RecordDict, cls: type[T], sender: str = "the server") -> T:
+    """The typed request ``cls`` packed by :func:`pack_request`, every payload checked as
+    :func:`from_record` does; a :class:`PayloadError` names what is malformed."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(cls):  # type: ignore[arg-type]
+        kind = hints[item.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if kind is StudyConfig:
+            if item.name not in content:
+                raise PayloadError(f"{cls.__name__} from {sender}: no '{item.name}' record")
+            values[item.name] = StudyConfig.from_mapping(dict(content[item.name]))
+        elif typing.get_origin(kind) is tuple:
+            found: list[Any] = []
+            while f"{item.name}{len(found)}.meta" in content:
+                found.append(from_record(content, args[0], sender=sender,
+                                         prefix=f"{item.name}{len(found)}."))
+            values[item.name] = tuple(found)
+        elif f"{item.name}.meta" in content:
+            values[item.name] = from_record(content, args[0] if args else kind, sender=sender,
+                                            prefix=f"{item.name}.")
+        elif item.default is dataclasses.MISSING:
+            raise PayloadError(f"{cls.__name__} from {sender}: no '{item.name}' payload")
+    return cls(**values)
+
+
+def pack_weights(arrays: Mapping[str, np.ndarray], study: StudyConfig) -> RecordDict:
+    """A CNN message: the global weights (``arrays``, by name) and the study settings."""
+    return RecordDict({"arrays": ArrayRecord({k: Array(np.require(v, requirements="C"))
+                                              for k, v in arrays.items()}),
+                       "study": ConfigRecord(study.to_mapping())})

@@ -1,21 +1,26 @@
-"""The coordinator's side of a study, independent of Flower: settings and the checks between
-phases. ``server/app.py`` sends the messages and calls these."""
+"""The coordinator's study, independent of Flower: its settings (Flower's run config, typed
+once), the rule that stops it, and its checkpoint (what a restarted coordinator reads back).
+The phases are in :mod:`server.phases`; :mod:`server.orchestrator` runs them in order."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collections import Counter
-
-from client.study import HandshakeReply, PrepareReply
 from common.errors import ConfigError, MyeloFedError
-from common.protocol import StudyProtocol, TaskKind, load_protocol
-from harmonization.combat import CombatOptions, Design
+from common.protocol import StudyProtocol, load_protocol
+from common.provenance import atomic_write_json
+from harmonization.combat import CombatOptions
 
 
 PHASES = ("handshake", "prepare", "combat", "model", "cnn")
+#: Where a study says how it goes: a line per phase and round.
+Progress = Callable[[str], None]
 
 
 class StudyStopped(MyeloFedError):
@@ -100,199 +105,6 @@ def require_sites(replies: dict[str, Any], failed: dict[str, str], settings: Stu
                            f"{settings.min_sites} ({detail or 'no site connected'})")
 
 
-@dataclass(frozen=True)
-class HandshakeSummary:
-    """Which sites go on, which do not and why, and whether the study can go on."""
-
-    sites: list[HandshakeReply]
-    excluded: dict[str, str]   # site -> reason
-    go_on: bool
-    reason: str
-    nodes: dict[int, str] = field(default_factory=dict)  # SuperNode id -> site name
-
-    def to_json(self) -> dict[str, Any]:
-        return {"sites": [asdict(s) for s in self.sites], "excluded": self.excluded,
-                "go_on": self.go_on, "reason": self.reason}
-
-
-def check_handshake(replies: list[HandshakeReply], failed: dict[str, str],
-                    settings: StudySettings) -> HandshakeSummary:
-    """Exclude sites that refused, failed or have too few usable cases; go on only with at
-    least ``min_sites`` left. ``failed``: node -> error for nodes that gave no usable reply."""
-    excluded = dict(failed)
-    for reply in replies:
-        if reply.status != "ok":
-            excluded[reply.site] = f"refused: {reply.code} ({reply.reason})"
-        elif reply.protocol_hash != settings.protocol.content_hash():
-            excluded[reply.site] = "answered for another protocol"
-        elif reply.n_usable < settings.min_cases_per_site:
-            excluded[reply.site] = (f"{reply.n_usable} usable cases, fewer than "
-                                    f"min-cases-per-site = {settings.min_cases_per_site}")
-    kept = [r for r in replies if r.site not in excluded]
-    go_on = len(kept) >= settings.min_sites
-    reason = (f"{len(kept)} site(s) ready" if go_on else
-              f"only {len(kept)} site(s) ready, fewer than min-sites = {settings.min_sites}")
-    return HandshakeSummary(replies, excluded, go_on, reason)
-
-
-def _counts(text: str) -> dict[str, int]:
-    """``"name:count,..."`` -> dict (names may hold ':' only before the last one)."""
-    out = {}
-    for part in filter(None, text.split(",")):
-        name, _, count = part.rpartition(":")
-        out[name] = int(count)
-    return out
-
-
-@dataclass(frozen=True)
-class PrepareSummary:
-    sites: list[PrepareReply]
-    excluded: dict[str, str]
-    go_on: bool
-    reason: str
-
-    @property
-    def kept(self) -> list[PrepareReply]:
-        return [r for r in self.sites if r.site not in self.excluded]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"sites": [asdict(s) for s in self.sites], "excluded": self.excluded,
-                "go_on": self.go_on, "reason": self.reason}
-
-
-def check_prepare(replies: list[PrepareReply], failed: dict[str, str],
-                  settings: StudySettings) -> PrepareSummary:
-    """Exclude sites that failed, refused, or computed other features than the majority."""
-    excluded = dict(failed)
-    ok = [r for r in replies if r.status == "ok"]
-    for reply in replies:
-        if reply.status != "ok":
-            excluded[reply.site] = f"refused: {reply.code} ({reply.reason})"
-    if ok:
-        majority, _ = Counter(r.features_hash for r in ok).most_common(1)[0]
-        for reply in ok:
-            if reply.features_hash != majority:
-                excluded[reply.site] = "computed other features than the other sites"
-    kept = [r for r in replies if r.site not in excluded]
-    go_on = len(kept) >= settings.min_sites
-    reason = (f"{len(kept)} site(s) prepared" if go_on else
-              f"only {len(kept)} site(s) prepared, fewer than min-sites = {settings.min_sites}")
-    return PrepareSummary(replies, excluded, go_on, reason)
-
-
-def combat_design(protocol: StudyProtocol, kept: list[PrepareReply]) -> tuple[Design, set[str]]:
-    """The ComBat design for the sites that go on (their training scanners, the protocol's
-    covariates that ComBat protects and, with ``protect_outcome``, the label as a covariate of
-    the estimation only) and the batches held by more than one site."""
-    holders: Counter[str] = Counter()
-    for reply in kept:
-        holders.update(_counts(reply.batches).keys())
-    covariates = protocol.covariates
-    categorical = [(c, tuple(lv)) for c, lv in covariates.categorical.items()
-                   if covariates.harmonized(c)]
-    continuous = [c for c in covariates.continuous if covariates.harmonized(c)]
-    fit_only: tuple[str, ...] = ()
-    if covariates.protect_outcome:  # the label as the site sends it: see client.study
-        label = protocol.task.label_column
-        if protocol.task.kind is TaskKind.CLASSIFICATION:
-            categorical.append((label, ("0", "1")))
-        else:
-            continuous.append(label)
-        fit_only = (label,)
-    design = Design(tuple(sorted(holders)), tuple(categorical), tuple(continuous),
-                    fit_only=fit_only)
-    return design, {b for b, k in holders.items() if k > 1}
-
-
-def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None,
-                 nomogram: dict[str, Any] | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """The demo's table from ``model.json``'s models (and ``cnn.json``): per site, its test size
-    and the headline metric (AUC, or Pearson r for regression) of its local-only model, the
-    federated model and the model trained without it, on raw features and after federated
-    ComBat, the federated nomogram's and the final federated CNN's."""
-    raw = next((m for m in models if not m["harmonized"]), None)
-    combat = next((m for m in models if m["harmonized"]), None)
-    metric = "auc" if (raw or combat or {}).get("loss") == "logistic" else "r"
-
-    def value(model: dict[str, Any] | None, site: str, name: str) -> float | None:
-        if model is None:
-            return None
-        return model["sites"].get(site, {}).get("metrics", {}).get(name, {}).get(metric)
-
-    sites = sorted({s for m in models for s in m["sites"]})
-    rows = []
-    for site in sites:
-        any_model = raw if raw and site in raw["sites"] else combat
-        rows.append({
-            "site": site, "n_test": any_model["sites"][site]["n_test"] if any_model else 0,
-            "local": value(raw, site, f"local {site}"), "federated": value(raw, site, "federated"),
-            "federated_combat": value(combat, site, "federated"),
-            "leave_site_out": value(raw, site, "leave-site-out"),
-            "leave_site_out_combat": value(combat, site, "leave-site-out"),
-            "nomogram": (nomogram or {}).get("sites", {}).get(site, {}).get(
-                "metrics", {}).get("nomogram", {}).get(metric),
-            "cnn": ((cnn or {}).get("final", {}).get(site, {}).get(
-                "test_auc" if metric == "auc" else "test_pearson_r"))})
-    return metric, rows
-
-
-#: The models pooled across sites in the multicentre summary: the federated model, the model
-#: trained without the site, and each site's own local model (``local <site>`` at that site).
-POOLED_MODELS = ("federated", "leave-site-out", "local", "nomogram", "nomogram leave-site-out")
-
-
-def pool_sites(sites: dict[str, dict[str, Any]], loss: str) -> dict[str, dict[str, Any]]:
-    """Per model, the sites' headline metric side by side and their random-effects pooled
-    estimate with I-squared (:func:`common.metrics.pool_random_effects`): AUC with its DeLong
-    variance (classification), or Pearson r on Fisher's z with variance 1/(n - 3) (regression).
-    A site whose metric is undefined is listed but not pooled; fewer than two sites: no pool."""
-    import math
-
-    from common.metrics import pool_random_effects
-
-    out = {}
-    for kind in POOLED_MODELS:
-        rows = {}
-        for site, result in sorted(sites.items()):
-            row = result.get("metrics", {}).get(f"local {site}" if kind == "local" else kind)
-            if row is None:
-                continue
-            if loss == "logistic":
-                value, low, high, var = (row.get(k) for k in ("auc", "auc_low", "auc_high",
-                                                              "auc_variance"))
-            else:
-                value, low, high = row.get("r"), row.get("r_low"), row.get("r_high")
-                n = result.get("n_test", 0)
-                var = 1.0 / (n - 3) if n > 3 and value is not None and abs(value) < 1 else None
-            rows[site] = {"value": value, "low": low, "high": high, "variance": var}
-        usable = {s: r for s, r in rows.items()
-                  if r["value"] is not None and r["variance"] is not None and r["variance"] > 0}
-        pooled = None
-        if len(usable) >= 2:
-            values = [r["value"] for r in usable.values()]
-            if loss != "logistic":
-                values = [math.atanh(v) for v in values]
-            p = pool_random_effects(values, [r["variance"] for r in usable.values()])
-            back = (lambda v: v) if loss == "logistic" else math.tanh
-            pooled = {"estimate": back(p.estimate), "low": back(p.low), "high": back(p.high),
-                      "tau2": p.tau2, "q": p.q, "i2": p.i2, "p_heterogeneity": p.p_value,
-                      "sites": sorted(usable)}
-        if rows:
-            out[kind] = {"metric": "auc" if loss == "logistic" else "r", "sites": rows,
-                         "pooled": pooled}
-    return out
-
-
-def training_prevalence(kept: list[PrepareReply]) -> float | None:
-    """The share of positives among the training rows of the sites that go on (from their
-    ``train_labels`` counts; None for regression or without counts)."""
-    counts: Counter[str] = Counter()
-    for reply in kept:
-        counts.update(_counts(reply.train_labels))
-    total = sum(counts.values())
-    return counts.get("1", 0) / total if total else None
-
-
 # --- resuming a study after a coordinator restart ---------------------------------------------
 
 CHECKPOINT = "checkpoint.json"
@@ -306,9 +118,6 @@ _OPERATIONAL = ("out-dir", "until", "timeout-s", "protocol")
 
 def study_key(settings: StudySettings) -> str:
     """What decides a study's results: the protocol's hash and the other settings."""
-    import hashlib
-    import json
-
     config = {k: v for k, v in settings.to_run_config("").items() if k not in _OPERATIONAL}
     text = json.dumps({"protocol": settings.protocol.content_hash(), **config}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -333,8 +142,6 @@ class Checkpoint:
         self.save(out_dir)
 
     def save(self, out_dir: Path) -> None:
-        from common.provenance import atomic_write_json
-
         atomic_write_json(out_dir / CHECKPOINT, asdict(self))
 
 
@@ -346,9 +153,6 @@ def open_checkpoint(settings: StudySettings) -> tuple[Checkpoint, bool]:
     ``until`` and ``timeout-s`` may differ). Otherwise it starts afresh: the files of an earlier
     study in the out-dir are removed, so no stale phase shows in its report.
     """
-    import json
-    import shutil
-
     out = settings.out_dir
     key = study_key(settings)
     try:
@@ -369,11 +173,3 @@ def open_checkpoint(settings: StudySettings) -> tuple[Checkpoint, bool]:
     return checkpoint, False
 
 
-def load_prepare(out_dir: Path) -> PrepareSummary:
-    """The local-preparation summary a finished phase 2 wrote (``prepare.json``)."""
-    import json
-
-    data = json.loads((out_dir / "prepare.json").read_text())
-    sites = [PrepareReply(**{**s, "feature_names": tuple(s.get("feature_names", ()))})
-             for s in data["sites"]]
-    return PrepareSummary(sites, dict(data["excluded"]), bool(data["go_on"]), str(data["reason"]))

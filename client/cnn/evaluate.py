@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -16,47 +15,9 @@ from client.cnn.device import crop_tensor, select_device, torch_threads
 from client.cnn.train import TargetScale, loss_function, scaled_targets
 from common.glm import ModelError
 from common.network import build_network, load_state_arrays
-from common.payloads import MIN_ROWS_SENT
+from common.payloads import MIN_ROWS_SENT, CnnMetrics, SplitMetrics
 from common.protocol import StudyProtocol, TaskKind
 from common.site_config import SiteConfig
-
-
-@dataclass(frozen=True)
-class SplitMetrics:
-    """Metrics of one split's crops: numbers only, never a per-patient value.
-
-    ``n`` crops and ``n_positive`` of them labelled 1 (classification; 0 for regression).
-    ``loss`` as in training (BCE, or MSE on the scaled target); ``auc`` (classification, NaN
-    with one class present); ``pearson_r`` and ``mae`` (regression, MAE in label units). Every
-    metric is NaN below :data:`common.payloads.MIN_ROWS_SENT` crops.
-    """
-
-    n: int
-    n_positive: int
-    loss: float
-    auc: float
-    pearson_r: float
-    mae: float
-
-
-@dataclass(frozen=True)
-class CnnMetrics:
-    """A site's evaluation of one set of global weights: its test crops and, for training
-    curves, its training crops (``None`` when not asked for)."""
-
-    site: str
-    test: SplitMetrics
-    train: SplitMetrics | None
-    seconds: float
-
-    def as_record(self) -> dict[str, int | float]:
-        """Flat ``{"test_auc": ..., "train_n": ...}``: what a metrics reply carries."""
-        out: dict[str, int | float] = {}
-        for prefix, metrics in (("test", self.test), ("train", self.train)):
-            if metrics is not None:
-                out.update({f"{prefix}_{k}": v for k, v in asdict(metrics).items()})
-        out["seconds"] = self.seconds
-        return out
 
 
 def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int, device: torch.device

@@ -20,14 +20,14 @@ import torch
 
 from client.cnn.crops import crop_path, crop_volume, prepare_crops
 from client.cnn.device import select_device
-from client.cnn.evaluate import CnnMetrics, SplitMetrics, _split_metrics, evaluate_arrays
+from client.cnn.evaluate import _split_metrics, evaluate_arrays
 from client.cnn.train import TargetScale, TrainResult, train_round
 from client.phases.prepare import prepare
 from client.workspace import PREPARED_FILE, study_dir
 from common.errors import ConfigError
 from common.glm import ModelError
 from common.network import build_network, float32_nbytes, load_state_arrays, state_arrays
-from common.payloads import MIN_ROWS_SENT
+from common.payloads import MIN_ROWS_SENT, CnnMetrics, SplitMetrics
 from common.protocol import CnnSpec, RadiomicsSpec, StudyProtocol, TaskKind, TaskSpec, load_protocol
 from common.provenance import atomic_write_parquet
 from common.site_config import SiteConfig

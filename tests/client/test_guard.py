@@ -15,9 +15,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.guard import PrivacyGuardError, check_reply
-from client.study import ModelMetrics, metrics_of
+from client.scoring import metrics_of
+from common.messages import EvaluateRequest, MessageType, StudyConfig
+from common.payloads import ModelMetrics
 from common.protocol import protocol_from_mapping
-from common.records import PayloadError, check_sent, pack, to_record
+from common.records import PayloadError, check_sent, pack, pack_request, to_record
 from common.selection import BatchRequest, BatchTerms, LinearModel, site_batch_terms
 from common.synthetic import Task
 from common.synthetic.write import study_protocol_mapping
@@ -28,6 +30,7 @@ from harmonization.combat import (
     design_to_json,
     site_design_moments,
 )
+from harmonization.messages import CombatRequest
 
 RNG = np.random.default_rng(7)
 N, F = 24, 6  # a site's training rows and its features
@@ -35,11 +38,11 @@ DIAGNOSIS = protocol_from_mapping(study_protocol_mapping(Task.DIAGNOSIS, "MR"))
 PCI = protocol_from_mapping(study_protocol_mapping(Task.PCI, "MR"))
 
 
-def check(kind: str, request: RecordDict, reply: RecordDict, protocol=DIAGNOSIS) -> None:  # noqa: ANN001
+def check(kind: MessageType | str, request: RecordDict, reply: RecordDict, protocol=DIAGNOSIS) -> None:  # noqa: ANN001
     check_reply(kind, request, reply, lambda: protocol, lambda: F, "site_A")
 
 
-def withheld(kind: str, request: RecordDict, reply: RecordDict, match: str,
+def withheld(kind: MessageType | str, request: RecordDict, reply: RecordDict, match: str,
              protocol=DIAGNOSIS) -> None:  # noqa: ANN001
     with pytest.raises(PrivacyGuardError, match=match):
         check(kind, request, reply, protocol)
@@ -53,42 +56,43 @@ def combat_round_one(options: CombatOptions) -> tuple[RecordDict, DesignMoments]
     y = RNG.normal(size=(N, F))
     moments = site_design_moments(y, batch, {"age": RNG.normal(60, 8, N).tolist()}, design,
                                   options, "site_A")
-    request = RecordDict({"study": ConfigRecord({"design": design_to_json(design, options)})})
+    request = pack_request(CombatRequest(StudyConfig.of(DIAGNOSIS,
+                                                        design=design_to_json(design, options))))
     return request, moments
 
 
 def test_combat_moments_pass_and_a_per_patient_axis_is_withheld():
     request, moments = combat_round_one(CombatOptions(min_cell=5))
-    check("query.combat_design", request, pack(moments=moments))
+    check(MessageType.COMBAT_DESIGN, request, pack(moments=moments))
 
     rows = RNG.normal(size=(N, F))  # the patients' own values in place of X'Y (p, F)
-    withheld("query.combat_design", request,
+    withheld(MessageType.COMBAT_DESIGN, request,
              pack(moments=dataclasses.replace(moments, xty=rows)),
              r"'xty' has shape \(24, 6\), its declaration allows \(columns=3, features=6\)")
 
     sneaked = pack(moments=moments)  # one more array inside the payload's record
     sneaked["moments.arrays"]["rows"] = Array(rows)
-    withheld("query.combat_design", request, sneaked, "'rows' is not a field of the payload")
+    withheld(MessageType.COMBAT_DESIGN, request, sneaked, "'rows' is not a field of the payload")
 
     listed = pack(metrics=ModelMetrics("site_A", 40, 20, "{}"))  # a list in a scalar field
     listed["metrics.meta"]["f.n_test"] = RNG.random(40).tolist()
-    withheld("query.model_evaluate", RecordDict({}), listed, "'n_test' holds a list")
+    withheld(MessageType.MODEL_EVALUATE, RecordDict({}), listed, "'n_test' holds a list")
     named = pack(moments=moments)  # the list of absent fields holds something else
     named["moments.meta"]["none"] = ["P001", "P002"]
-    withheld("query.combat_design", request, named, "'P001' is not a field")
+    withheld(MessageType.COMBAT_DESIGN, request, named, "'P001' is not a field")
 
     other = pack(moments=moments)  # one more record beside the payload
     other["debug"] = ConfigRecord({"case_ids": ["P001", "P002"]})
-    withheld("query.combat_design", request, other, "record 'debug' is not part of a reply")
+    withheld(MessageType.COMBAT_DESIGN, request, other, "record 'debug' is not part of a reply")
 
 
 def test_a_count_of_fewer_patients_than_the_minimum_cell_is_withheld():
     request, moments = combat_round_one(CombatOptions(min_cell=5))
     small = dataclasses.replace(moments, batch_counts=np.array([3, 21]))
-    withheld("query.combat_design", request, pack(moments=small),
+    withheld(MessageType.COMBAT_DESIGN, request, pack(moments=small),
              "'batch_counts' counts 3, fewer than min_cell = 5")
     absent = dataclasses.replace(moments, batch_counts=np.array([0, 24]))  # 0: no such batch
-    check("query.combat_design", request, pack(moments=absent))
+    check(MessageType.COMBAT_DESIGN, request, pack(moments=absent))
 
 
 @dataclass(frozen=True)
@@ -110,12 +114,12 @@ def test_model_terms_follow_the_request_and_fewer_rows_than_the_minimum_are_with
     folds = np.arange(N) % 3
     terms = site_batch_terms(x, y, folds, request, "logistic", 5)
     message = pack(request=request)
-    check("query.model_terms", message, pack(terms=terms))
+    check(MessageType.MODEL_TERMS, message, pack(terms=terms))
 
     per_row = BatchTerms(*(np.resize(a, (N, *a.shape[1:])) for a in dataclasses.astuple(terms)))
-    withheld("query.model_terms", message, pack(terms=per_row), r"'n' has shape \(24,\)")
+    withheld(MessageType.MODEL_TERMS, message, pack(terms=per_row), r"'n' has shape \(24,\)")
     few = dataclasses.replace(terms, n_out=np.array([0.0, 2.0, 8.0, 8.0]))
-    withheld("query.model_terms", message, pack(terms=few), "'n_out' counts 2, fewer than "
+    withheld(MessageType.MODEL_TERMS, message, pack(terms=few), "'n_out' counts 2, fewer than "
              "min_rows = 5")
 
 
@@ -125,16 +129,16 @@ def test_a_local_model_has_at_most_the_protocols_screened_features():
     x, y = RNG.normal(size=(N, F)), RNG.integers(0, 2, N).astype(float)
     top_k = DIAGNOSIS.model.screening_top_k
     local = LinearModel(np.arange(3), np.zeros(3), np.ones(3), np.zeros(4))
-    check("query.model_summary", RecordDict({}),
+    check(MessageType.MODEL_SUMMARY, RecordDict({}),
           pack(moments=site_comoments(x, y), local=local))
-    check("query.model_summary", RecordDict({}), pack(moments=site_comoments(x, y)))
+    check(MessageType.MODEL_SUMMARY, RecordDict({}), pack(moments=site_comoments(x, y)))
     wide = top_k + 1
-    withheld("query.model_summary", RecordDict({}),
+    withheld(MessageType.MODEL_SUMMARY, RecordDict({}),
              pack(moments=site_comoments(x, y), local=LinearModel(
                  np.arange(wide), np.zeros(wide), np.ones(wide), np.zeros(wide + 1))),
              "'features' has shape")
     few = Comoments(3, *dataclasses.astuple(site_comoments(x, y))[1:])
-    withheld("query.model_summary", RecordDict({}), pack(moments=few),
+    withheld(MessageType.MODEL_SUMMARY, RecordDict({}), pack(moments=few),
              "'n' counts 3, fewer than min_rows = 5")
 
 
@@ -146,7 +150,7 @@ def evaluation(protocol, names: list[str], n: int = 40) -> tuple[RecordDict, dic
         y = RNG.normal(20, 10, n)
     table = {"models": {name: metrics_of(protocol, y, y + RNG.normal(0, 1, n), seed=1)
                         for name in names}, "comparisons": {}}
-    request = RecordDict({"study": ConfigRecord({"models": json.dumps(names)})})
+    request = pack_request(EvaluateRequest(StudyConfig.of(protocol, models=tuple(names)), ()))
     return request, table
 
 
@@ -156,17 +160,17 @@ def metrics(table: dict) -> RecordDict:
 
 def test_a_metrics_table_holds_the_requested_models_and_their_declared_metrics():
     request, table = evaluation(DIAGNOSIS, ["federated", "local"])
-    check("query.model_evaluate", request, metrics(table))
+    check(MessageType.MODEL_EVALUATE, request, metrics(table))
     request_r, table_r = evaluation(PCI, ["federated"])
-    check("query.model_evaluate", request_r, metrics(table_r), PCI)
+    check(MessageType.MODEL_EVALUATE, request_r, metrics(table_r), PCI)
 
     scores = json.loads(json.dumps(table))
     scores["models"]["federated"]["scores"] = RNG.random(40).tolist()  # per-patient scores
-    withheld("query.model_evaluate", request, metrics(scores), "holds other metrics than its "
+    withheld(MessageType.MODEL_EVALUATE, request, metrics(scores), "holds other metrics than its "
              "task's: scores")
     other = {"models": {**table["models"], "site_B's": table["models"]["local"]},
              "comparisons": {}}
-    withheld("query.model_evaluate", request, metrics(other), "are not the requested")
+    withheld(MessageType.MODEL_EVALUATE, request, metrics(other), "are not the requested")
 
 
 def test_curves_keep_the_protocols_bins_and_thresholds():
@@ -176,11 +180,11 @@ def test_curves_keep_the_protocols_bins_and_thresholds():
     assert curve and all(row[0] >= v.min_count for row in curve)
     fine = json.loads(json.dumps(table))
     fine["models"]["federated"]["calibration_curve"] = [[1, 0.5, 1.0]] + curve[1:]
-    withheld("query.model_evaluate", request, metrics(fine),
+    withheld(MessageType.MODEL_EVALUATE, request, metrics(fine),
              f"a calibration bin of 1 patients, fewer than min_count = {v.min_count}")
     dropped = json.loads(json.dumps(table))
     dropped["models"]["federated"]["decision_curve"].pop()
-    withheld("query.model_evaluate", request, metrics(dropped),
+    withheld(MessageType.MODEL_EVALUATE, request, metrics(dropped),
              "not at the protocol's thresholds")
 
 
@@ -200,25 +204,25 @@ def train_reply(arrays: ArrayRecord, **metrics: object) -> RecordDict:
 
 def test_a_cnn_update_is_the_network_it_was_sent_with_named_scalar_metrics():
     request = RecordDict({"arrays": network()})
-    check("train", request, train_reply(network(), dp_epsilon=1.0, global_test_auc=0.5))
+    check(MessageType.TRAIN, request, train_reply(network(), dp_epsilon=1.0, global_test_auc=0.5))
     bigger = network()
     bigger["conv.weight"] = Array(np.zeros((5, 1, 3, 3, 3), np.float32))
-    withheld("train", request, train_reply(bigger), r"weight 'conv.weight' has shape \(5, 1, 3, 3, 3\)")
+    withheld(MessageType.TRAIN, request, train_reply(bigger), r"weight 'conv.weight' has shape \(5, 1, 3, 3, 3\)")
     extra = network()
     extra["features"] = Array(np.zeros((20, 512), np.float32))  # the crops' embeddings
-    withheld("train", request, train_reply(extra), "differ from the network's: features")
-    withheld("train", request, train_reply(network(), **{"prediction_0": 0.3}),
+    withheld(MessageType.TRAIN, request, train_reply(extra), "differ from the network's: features")
+    withheld(MessageType.TRAIN, request, train_reply(network(), **{"prediction_0": 0.3}),
              "metric 'prediction_0' is not one")
-    withheld("train", request, train_reply(network(), global_test_auc=[0.1, 0.9]),
+    withheld(MessageType.TRAIN, request, train_reply(network(), global_test_auc=[0.1, 0.9]),
              "metric 'global_test_auc' is not one number")
 
 
 def test_replies_to_unknown_messages_are_withheld():
     withheld("query.export_rows", RecordDict({}), RecordDict({}), "no schema")
-    withheld("query.combat_apply", RecordDict({}),
+    withheld(MessageType.COMBAT_APPLY, RecordDict({}),
              RecordDict({"result": ConfigRecord({"rows": 30, "case_ids": ["P1"]})}),
              "'result.case_ids' is not a declared")
-    check("query.combat_apply", RecordDict({}), RecordDict({"result": ConfigRecord({"rows": 30})}))
+    check(MessageType.COMBAT_APPLY, RecordDict({}), RecordDict({"result": ConfigRecord({"rows": 30})}))
 
 
 # --- the mod ----------------------------------------------------------------------------------
@@ -236,7 +240,7 @@ def test_the_mod_withholds_a_bad_reply_and_says_why(caplog: pytest.LogCaptureFix
     monkeypatch.setattr(TaskIdentity, "_node_id", 2)
     monkeypatch.setattr(TaskIdentity, "_task_id", 3)
     mod = privacy_guard(lambda _: "site_A", lambda *_: F)
-    message = Message(RecordDict({"arrays": network()}), dst_node_id=2, message_type="train")
+    message = Message(RecordDict({"arrays": network()}), dst_node_id=2, message_type=MessageType.TRAIN)
     good = mod(message, None, lambda m, _: Message(train_reply(network()), reply_to=m))
     assert not good.has_error() and "arrays" in good.content
     extra = network()

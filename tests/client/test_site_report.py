@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from client.report import record_prepare, report_dir
-from client.study import PrepareReply
+from common.payloads import PrepareReply
 from common.protocol import load_protocol
 from common.site_config import SiteConfig
 

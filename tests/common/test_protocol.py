@@ -94,8 +94,8 @@ def test_json_round_trip_keeps_open_bounds():
 
 
 def test_combat_protects_only_the_covariates_named_in_harmonize():
-    from client.study import PrepareReply
-    from server.study import combat_design
+    from common.payloads import PrepareReply
+    from server.phases.combat import combat_design
 
     base = load_protocol("preset:spine_mri_t1w").model_dump(mode="json")
     base["covariates"] = {"continuous": ["age"], "categorical": {"sex": ["F", "M"],

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.messages import MessageType
 from harmonization.combat import CombatOptions
 from server.study import StudySettings
 from tests.server.studies import small_study
@@ -23,7 +24,7 @@ def misbehave_mod(partition: int, by_round: dict[int, str]):  # noqa: ANN201 - a
     of the wrong shape, another protocol's hash, or an error reply (the site dropped out)."""
     def mod(msg, context, call_next):  # noqa: ANN001, ANN202
         reply = call_next(msg, context)
-        if (msg.metadata.message_type != "train" or not reply.has_content()
+        if (msg.metadata.message_type != MessageType.TRAIN or not reply.has_content()
                 or int(context.node_config["partition-id"]) != partition):
             return reply
         how = by_round.get(int(msg.content["study"]["server-round"]))

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from common.synthetic import CohortSpec, make_sites, write_cohort
-from server.study import summary_rows
+from server.phases.validation import summary_rows
 
 pytestmark = pytest.mark.slow
 

@@ -5,12 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from client.study import HandshakeReply, handshake, resolve_site
+from client.phases.handshake import handshake
+
+from client.workspace import resolve_site
+
+from common.payloads import HandshakeReply
 from common.errors import ConfigError
 from common.protocol import load_protocol
 from common.site_config import SiteConfig
 from common.synthetic import CohortSpec, make_sites, write_cohort
-from server.study import StudySettings, check_handshake
+from server.phases.handshake import check_handshake
+from server.study import StudySettings
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +106,9 @@ def test_a_phase_every_site_refuses_stops_the_study_naming_them(cohort: Path, tm
 def test_a_site_sends_no_sums_over_fewer_than_five_training_rows(tmp_path: Path):
     import pandas as pd
 
-    from client.study import PREPARED_FILE, model_rows, study_dir
+    from client.phases.radiomics import model_rows
+
+    from client.workspace import PREPARED_FILE, study_dir
     from common.glm import ModelError
 
     protocol = load_protocol("preset:spine_mri_t1w")

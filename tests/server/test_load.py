@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from client.study import prepare, resolve_site
+from client.phases.prepare import prepare
+from client.workspace import resolve_site
 from common.protocol import load_protocol
 from common.synthetic import CohortSpec, make_sites, write_cohort
 from server.federation import LocalFederation

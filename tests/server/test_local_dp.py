@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from common.protocol import LocalDpSpec
-from server.app import _privacy, bad_update
+from server.phases.cnn import privacy
+from server.strategy import bad_update
 
 DP = LocalDpSpec(epsilon=1.0, delta=1e-5, clipping_norm=0.01)
 
@@ -44,8 +45,8 @@ def test_each_site_spends_epsilon_for_every_update_it_sent():
     records = {"history": {"1": {"A": {}, "B": {}}, "2": {"A": {}}},
                "left_out": [{"round": 2, "site": "B", "kind": "excluded", "reason": "x"},
                             {"round": 3, "site": "A", "kind": "dropped", "reason": "y"}]}
-    privacy = _privacy(DP, records)
+    disclosed = privacy(DP, records)
     # B's refused update was sent all the same; A's dropped round sent nothing
-    assert privacy["per_site"] == {"A": {"rounds": 2, "epsilon": 2.0, "delta": 2e-5},
+    assert disclosed["per_site"] == {"A": {"rounds": 2, "epsilon": 2.0, "delta": 2e-5},
                                    "B": {"rounds": 2, "epsilon": 2.0, "delta": 2e-5}}
-    assert _privacy(None, records) == {"mechanism": "none"}
+    assert privacy(None, records) == {"mechanism": "none"}

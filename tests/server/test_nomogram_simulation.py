@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.study import HARMONIZED_FILE, feature_columns
+from client.workspace import HARMONIZED_FILE, feature_columns
 from common.glm import fit_logistic
 from common.protocol import ModelSpec, load_protocol
 from common.selection import LinearModel
 from common.synthetic import CohortSpec, Task, make_sites, write_cohort
 from harmonization.combat import CombatOptions
-from server.app import NOMOGRAM_L2
+from server.phases.nomogram import NOMOGRAM_L2
 from server.study import StudySettings
 
 pytestmark = pytest.mark.slow

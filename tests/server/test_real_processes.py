@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from client.study import HARMONIZED_FILE, PREPARED_FILE, study_dir
+from client.workspace import HARMONIZED_FILE, PREPARED_FILE, study_dir
 from common.protocol import ModelSpec, load_protocol
 from common.site_config import SiteConfig, load_site_config
 from common.synthetic import CohortSpec, make_sites, write_cohort

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.messages import MessageType
 from common.protocol import load_protocol
 from server.federation import LocalFederation, RunResult
 from server.processes import SUPERNODE_CONNECTED, processes_marked
@@ -114,7 +115,8 @@ def test_a_killed_site_and_a_killed_coordinator_are_survived(tmp_path: Path):
         if site == "site_C":  # restarted: its last log is the one that saw the second run
             log = max(log.parent.glob("supernode-site_C*.log"), key=lambda p: p.stat().st_mtime)
         assert [received(log, kind, second.run_id) for kind in (
-            "query.handshake", "query.prepare", "train", "evaluate")] == [1, 0, 1, 1], site
+            MessageType.HANDSHAKE, MessageType.PREPARE, MessageType.TRAIN,
+            MessageType.EVALUATE)] == [1, 0, 1, 1], site
     assert json.loads((settings.out_dir / "checkpoint.json").read_text())["done"] == [
         "prepare", "cnn"]
     assert not (settings.out_dir / "combat.json").exists()  # an image-only study

@@ -10,7 +10,7 @@ import pytest
 
 from common.errors import ConfigError
 from server.report import build_report, write_report
-from server.study import pool_sites
+from server.phases.validation import pool_sites
 
 
 def _metrics(r: float, n: int) -> dict[str, float]:

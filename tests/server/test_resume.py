@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.messages import MessageType
 from common.protocol import LocalDpSpec, load_protocol
 from harmonization.combat import CombatOptions
 from server.study import StudySettings, open_checkpoint
@@ -38,7 +39,7 @@ def message_log(path: Path, updates: Path):  # noqa: ANN201 - a Flower mod
         with path.open("a") as fh:
             fh.write(f"{msg.metadata.message_type} {round_}\n")
         reply = call_next(msg, context)
-        if msg.metadata.message_type == "train" and not reply.has_error():
+        if msg.metadata.message_type == MessageType.TRAIN and not reply.has_error():
             sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
             got = {k: v.numpy() for k, v in reply.content["arrays"].items()}
             change = np.concatenate([(got[k].astype(float) - sent[k]).ravel()

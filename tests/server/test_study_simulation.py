@@ -9,12 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.study import HARMONIZED_FILE, PREPARED_FILE, PrepareReply, feature_columns
+from client.workspace import HARMONIZED_FILE, PREPARED_FILE, feature_columns
+
+from common.messages import MessageType
+from common.payloads import PrepareReply
 from common.protocol import ModelSpec, load_protocol
 from common.selection import fit_pooled
 from common.synthetic import CohortSpec, make_sites, write_cohort
 from harmonization.combat import CombatOptions, SiteTable, fit_combat
-from server.study import StudySettings, combat_design
+from server.phases.combat import combat_design
+from server.study import StudySettings
 
 pytestmark = pytest.mark.slow
 
@@ -115,10 +119,10 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
             for s in prepare["sites"]}
     sites = sorted(rows)
     sent = [json.loads(line) for line in audit.read_text().splitlines()]
-    assert {e["type"] for e in sent} >= {"query.handshake", "query.prepare",
-                                         "query.combat_design", "query.combat_apply",
-                                         "query.model_summary", "query.model_terms",
-                                         "query.model_evaluate"}
+    assert {e["type"] for e in sent} >= {
+        MessageType.HANDSHAKE, MessageType.PREPARE, MessageType.COMBAT_DESIGN,
+        MessageType.COMBAT_APPLY, MessageType.MODEL_SUMMARY, MessageType.MODEL_TERMS,
+        MessageType.MODEL_EVALUATE}
     assert any(d > 100 for e in sent for shape in e["arrays"] for d in shape)  # arrays seen
     for entry in sent:
         counts = rows[sites[entry["partition"]]]

@@ -1,0 +1,45 @@
+"""The typed request of federated ComBat's rounds (its payloads are this package's).
+
+Round 1 (``combat_design``) carries the design only; round 2 (``combat_residuals``) adds the
+pooled location fit; round 3 (``combat_moments``, for batches shared by sites) adds the pooled
+variance and names the shared batches; the last (``combat_apply``) adds the shared batches'
+adjustments. Packed and checked by :mod:`common.records`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.errors import ConfigError
+from common.messages import StudyConfig
+from harmonization.combat import (
+    CombatOptions,
+    Design,
+    LocationFit,
+    PooledVariance,
+    StackedAdjustments,
+    design_from_json,
+)
+
+
+@dataclass(frozen=True)
+class CombatRequest:
+    """A ComBat round's request: the study (with the design as JSON) and what the rounds
+    before it pooled."""
+
+    study: StudyConfig
+    fit: LocationFit | None = None
+    var: PooledVariance | None = None
+    shared: StackedAdjustments | None = None
+
+    def design(self) -> tuple[Design, CombatOptions]:
+        """The study's ComBat design and options."""
+        if self.study.design is None:
+            raise ConfigError("ComBat request", ["carries no design"])
+        return design_from_json(self.study.design)
+
+    def pooled(self) -> tuple[LocationFit, PooledVariance]:
+        """The pooled location fit and variance (rounds 3 and 4)."""
+        if self.fit is None or self.var is None:
+            raise ConfigError("ComBat request", ["carries no pooled fit and variance"])
+        return self.fit, self.var

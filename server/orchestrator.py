@@ -1,0 +1,113 @@
+"""The study, phase by phase, independent of Flower: the handshake, the local preparation,
+federated ComBat, the radiomics model and the nomogram, the CNN (each in :mod:`server.phases`),
+with the validation inside each; ``study.json`` says how it ended and ``checkpoint.json`` how
+far it got, so a restarted coordinator resumes it."""
+
+from __future__ import annotations
+
+import json
+
+from common.protocol import TaskKind
+from common.provenance import atomic_write_json
+from server.phases.cnn import run_cnn
+from server.phases.combat import run_combat
+from server.phases.handshake import run_handshake
+from server.phases.nomogram import run_nomogram
+from server.phases.prepare import PrepareSummary, load_prepare, run_prepare, training_prevalence
+from server.phases.radiomics import run_model
+from server.rounds import Transport
+from server.study import Progress, StudySettings, StudyStopped, open_checkpoint
+
+
+def run_study(transport: Transport, settings: StudySettings, progress: Progress) -> None:
+    """The phases in order, up to ``settings.until``; ``study.json`` says how it ended.
+    ``progress`` gets a line per phase and round (Flower's log in :mod:`server.app`: ``flwr
+    run --stream`` shows it).
+
+    A coordinator restarted mid-study goes on from its checkpoint (:func:`open_checkpoint`):
+    the handshake runs again (which sites are there, on which protocol), finished phases are
+    read back from their files instead of being redone, and the CNN goes on after its last
+    saved round."""
+    checkpoint, resumed = open_checkpoint(settings)
+    status = {"status": "done", "until": settings.until, "reason": ""}
+    atomic_write_json(settings.out_dir / "protocol.json",  # the report shows what was run
+                      {"hash": settings.protocol.content_hash(),
+                       "protocol": settings.protocol.model_dump(mode="json"),
+                       "settings": settings.to_run_config("(this file)")})
+    try:
+        if resumed:
+            progress(f"resuming the study in {settings.out_dir}: finished "
+                     f"{', '.join(checkpoint.done) or 'no phase'}"
+                     + (f", CNN round {checkpoint.cnn_round}" if checkpoint.cnn_round else ""))
+        progress(f"phase 1/5 handshake: waiting for {settings.min_sites}+ sites")
+        summary = run_handshake(transport, settings)
+        if not summary.go_on:
+            raise StudyStopped(f"handshake: {summary.reason}")
+        nodes = {n: s for n, s in summary.nodes.items() if s not in summary.excluded}
+        progress(f"handshake: {len(nodes)} site(s) go on"
+                 + (f", excluded {summary.excluded}" if summary.excluded else ""))
+        if settings.runs("prepare"):
+            if checkpoint.finished("prepare"):
+                prepared = load_prepare(settings.out_dir)
+                progress("phase 2/5 local preparation: done before the restart")
+            else:
+                progress("phase 2/5 local preparation: ingest, standardize, extract, split")
+                prepared = run_prepare(transport, nodes, settings)
+                if not prepared.go_on:
+                    raise StudyStopped(f"local preparation: {prepared.reason}")
+                checkpoint.finish(settings.out_dir, "prepare")
+            kept = {r.site for r in prepared.kept}
+            nodes = {n: s for n, s in nodes.items() if s in kept}
+            if settings.runs("combat"):
+                if checkpoint.finished("combat"):
+                    failed = json.loads((settings.out_dir / "combat.json").read_text())["failed"]
+                    progress("phase 3/5 federated ComBat: done before the restart")
+                else:
+                    progress("phase 3/5 federated ComBat")
+                    failed = run_combat(transport, nodes, prepared.kept, settings)
+                    checkpoint.finish(settings.out_dir, "combat")
+                nodes = {n: s for n, s in nodes.items() if s not in failed}
+            if settings.runs("model") and checkpoint.finished("model"):
+                progress("phase 4/5 radiomics model: done before the restart")
+            elif settings.runs("model"):
+                run_models(transport, nodes, prepared, settings, progress)
+                checkpoint.finish(settings.out_dir, "model")
+            if settings.runs("cnn") and settings.protocol.cnn is not None:
+                progress(f"phase 5/5 CNN: {settings.protocol.cnn.architecture}, "
+                         f"{settings.protocol.cnn.rounds} rounds of "
+                         f"{settings.protocol.cnn.aggregator}")
+                atomic_write_json(settings.out_dir / "cnn.json", run_cnn(
+                    transport, nodes, settings, progress, training_prevalence(prepared.kept),
+                    checkpoint))
+                checkpoint.finish(settings.out_dir, "cnn")
+    except StudyStopped as exc:
+        status = {"status": "stopped", "until": settings.until, "reason": str(exc)}
+        progress(f"stopped: {exc}")
+        raise
+    except BaseException as exc:  # the coordinator failed: a restart resumes the study
+        status = {"status": "failed", "until": settings.until,
+                  "reason": f"{type(exc).__name__}: {exc}"[:500]}
+        raise
+    finally:
+        atomic_write_json(settings.out_dir / "study.json", status)
+
+
+def run_models(transport: Transport, nodes: dict[int, str], prepared: PrepareSummary,
+               settings: StudySettings, progress: Progress) -> None:
+    """Phase 4: the radiomics model on raw features, and on harmonized ones when ComBat ran
+    (``model.json``); then the nomogram when the protocol names clinical factors
+    (``nomogram.json``)."""
+    names = prepared.kept[0].feature_names
+    progress("phase 4/5 radiomics model on raw features")
+    passes = [run_model(transport, nodes, names, settings, False, progress)]
+    if settings.runs("combat"):
+        progress("phase 4/5 radiomics model on harmonized features")
+        passes.append(run_model(transport, nodes, names, settings, True, progress))
+    atomic_write_json(settings.out_dir / "model.json",
+                      {"models": [report for _, _, report in passes]})
+    if (settings.protocol.model.clinical
+            and settings.protocol.task.kind is TaskKind.CLASSIFICATION):
+        models, sets, report = passes[-1]  # harmonized when ComBat ran
+        prevalence = {n: t["prevalence"] for n, t in report["training_sets"].items()}
+        atomic_write_json(settings.out_dir / "nomogram.json", run_nomogram(
+            transport, nodes, settings, models, sets, prevalence, len(passes) == 2, progress))

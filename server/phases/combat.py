@@ -1,0 +1,122 @@
+"""Phase 3, federated ComBat: d-ComBat's rounds on the sites' training rows (the design's
+moments, the residuals, the moments of batches shared by sites), then each site harmonizes its
+own training and test rows with the pooled model. The coordinator's estimates equal the
+centralized fit (:mod:`harmonization.combat`)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from common.messages import MessageType
+from common.payloads import PrepareReply, parse_counts
+from common.protocol import StudyProtocol, TaskKind
+from common.provenance import atomic_write_json
+from common.records import pack_request
+from harmonization.combat import (
+    BatchMoments,
+    Design,
+    DesignMoments,
+    LocationFit,
+    PooledVariance,
+    ResidualMoments,
+    StackedAdjustments,
+    StackedMoments,
+    combine_batch_moments,
+    combine_design_moments,
+    combine_residual_moments,
+    design_to_json,
+    estimate_batch_adjustment,
+)
+from harmonization.messages import CombatRequest
+from server.rounds import Records, Transport, collect, exchange, study_config
+from server.study import StudySettings, require_sites
+
+
+def combat_design(protocol: StudyProtocol, kept: list[PrepareReply]) -> tuple[Design, set[str]]:
+    """The ComBat design for the sites that go on (their training scanners, the protocol's
+    covariates that ComBat protects and, with ``protect_outcome``, the label as a covariate of
+    the estimation only) and the batches held by more than one site."""
+    holders: Counter[str] = Counter()
+    for reply in kept:
+        holders.update(parse_counts(reply.batches).keys())
+    covariates = protocol.covariates
+    categorical = [(c, tuple(lv)) for c, lv in covariates.categorical.items()
+                   if covariates.harmonized(c)]
+    continuous = [c for c in covariates.continuous if covariates.harmonized(c)]
+    fit_only: tuple[str, ...] = ()
+    if covariates.protect_outcome:  # the label as the site sends it: see client.phases.combat
+        label = protocol.task.label_column
+        if protocol.task.kind is TaskKind.CLASSIFICATION:
+            categorical.append((label, ("0", "1")))
+        else:
+            continuous.append(label)
+        fit_only = (label,)
+    design = Design(tuple(sorted(holders)), tuple(categorical), tuple(continuous),
+                    fit_only=fit_only)
+    return design, {b for b, k in holders.items() if k > 1}
+
+
+def run_combat(transport: Transport, nodes: dict[int, str], kept: list[PrepareReply],
+               settings: StudySettings) -> dict[str, str]:
+    """Phase 3: d-ComBat's rounds on the sites' training rows; each site then harmonizes its
+    own training and test rows. Returns the sites that failed, by name."""
+    design, shared = combat_design(settings.protocol, kept)
+    options = settings.combat
+    f = kept[0].n_features
+    p = design.n_columns
+    config = study_config(settings, design=design_to_json(design, options))
+
+    def ask(fit: LocationFit | None = None, var: PooledVariance | None = None,
+            adjustments: StackedAdjustments | None = None, **extra: object
+            ) -> Callable[[int], Records]:
+        study = study_config(settings, design=config.design, **extra) if extra else config
+        records = pack_request(CombatRequest(study, fit, var, adjustments))
+        return lambda _: records
+
+    replies, failed = exchange(transport, nodes, MessageType.COMBAT_DESIGN, ask(), settings)
+    moments = collect(replies, failed, "moments", DesignMoments,
+                      {"batch_counts": (design.n_batch,), "xtx": (p, p), "xty": (p, f)})
+    require_sites(moments, failed, settings, "ComBat round 1")
+    nodes = {n: s for n, s in nodes.items() if s in moments}
+    fit = combine_design_moments([moments[s] for s in sorted(moments)], design, options)
+
+    replies, more = exchange(transport, nodes, MessageType.COMBAT_RESIDUALS, ask(fit), settings)
+    failed.update(more)
+    residuals = collect(replies, failed, "residuals", ResidualMoments,
+                        {"batch_counts": (design.n_batch,), "rss": (design.n_batch, f)})
+    require_sites(residuals, failed, settings, "ComBat round 2")
+    nodes = {n: s for n, s in nodes.items() if s in residuals}
+    pooled = PooledVariance(combine_residual_moments([residuals[s] for s in sorted(residuals)],
+                                                     design))
+    adjustments = StackedAdjustments((), np.zeros((0, f)), np.zeros((0, f)))
+    if shared:
+        replies, more = exchange(transport, nodes, MessageType.COMBAT_MOMENTS,
+                                 ask(fit, pooled, shared_batches=tuple(sorted(shared))),
+                                 settings)
+        failed.update(more)
+        stacked = collect(replies, failed, "moments", StackedMoments,
+                          {"n": (-1,), "mean": (-1, f), "m2": (-1, f)})
+        require_sites(stacked, failed, settings, "ComBat round 3")
+        nodes = {n: s for n, s in nodes.items() if s in stacked}
+        by_batch: dict[str, list[BatchMoments]] = {}
+        for _, payload in sorted(stacked.items()):
+            for m in payload.unstack():
+                by_batch.setdefault(m.batch, []).append(m)
+        adjustments = StackedAdjustments.of(
+            [estimate_batch_adjustment(combine_batch_moments(parts), options)
+             for _, parts in sorted(by_batch.items())], f)
+    replies, more = exchange(transport, nodes, MessageType.COMBAT_APPLY,
+                             ask(fit, pooled, adjustments), settings)
+    failed.update(more)
+    atomic_write_json(settings.out_dir / "combat.json", {
+        "batches": list(design.batches), "shared_batches": sorted(shared),
+        "covariates": {"categorical": [c for c, _ in design.categorical],
+                       "continuous": list(design.continuous),
+                       "estimation_only": list(design.fit_only)},
+        "harmonized_rows": {site: int(r.content["result"]["rows"])
+                            for site, r in replies.items()},
+        "failed": failed})
+    return failed

@@ -1,0 +1,70 @@
+"""Phase 1, the handshake: the protocol and its hash to every site; counts (or a refusal) back.
+Sites that refused, failed, answered for another protocol or have too few usable cases are
+excluded, by name, with the reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from common.messages import MessageType, StudyRequest
+from common.payloads import HandshakeReply
+from common.provenance import atomic_write_json
+from common.records import pack_request
+from server.rounds import Transport, collect, exchange, study_config, wait_for_nodes
+from server.study import StudySettings
+
+
+@dataclass(frozen=True)
+class HandshakeSummary:
+    """Which sites go on, which do not and why, and whether the study can go on."""
+
+    sites: list[HandshakeReply]
+    excluded: dict[str, str]   # site -> reason
+    go_on: bool
+    reason: str
+    nodes: dict[int, str] = field(default_factory=dict)  # SuperNode id -> site name
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sites": [asdict(s) for s in self.sites], "excluded": self.excluded,
+                "go_on": self.go_on, "reason": self.reason}
+
+
+def check_handshake(replies: list[HandshakeReply], failed: dict[str, str],
+                    settings: StudySettings) -> HandshakeSummary:
+    """Exclude sites that refused, failed or have too few usable cases; go on only with at
+    least ``min_sites`` left. ``failed``: node -> error for nodes that gave no usable reply."""
+    excluded = dict(failed)
+    for reply in replies:
+        if reply.status != "ok":
+            excluded[reply.site] = f"refused: {reply.code} ({reply.reason})"
+        elif reply.protocol_hash != settings.protocol.content_hash():
+            excluded[reply.site] = "answered for another protocol"
+        elif reply.n_usable < settings.min_cases_per_site:
+            excluded[reply.site] = (f"{reply.n_usable} usable cases, fewer than "
+                                    f"min-cases-per-site = {settings.min_cases_per_site}")
+    kept = [r for r in replies if r.site not in excluded]
+    go_on = len(kept) >= settings.min_sites
+    reason = (f"{len(kept)} site(s) ready" if go_on else
+              f"only {len(kept)} site(s) ready, fewer than min-sites = {settings.min_sites}")
+    return HandshakeSummary(replies, excluded, go_on, reason)
+
+
+def run_handshake(transport: Transport, settings: StudySettings) -> HandshakeSummary:
+    """Phase 1: the protocol and its hash to every site; counts (or a refusal) back."""
+    nodes = {n: f"node {n}"
+             for n in wait_for_nodes(transport, settings.min_sites, settings.timeout_s)}
+    started = time.monotonic()
+    replies, failed = exchange(transport, nodes, MessageType.HANDSHAKE,
+                               lambda _: pack_request(StudyRequest(study_config(settings))),
+                               settings)
+    seconds = time.monotonic() - started
+    answers = collect(replies, failed, None, HandshakeReply)
+    nodes_of = {replies[sender].node: answer.site for sender, answer in answers.items()}
+    summary = dataclasses.replace(check_handshake(list(answers.values()), failed, settings),
+                                  nodes=nodes_of)
+    atomic_write_json(settings.out_dir / "handshake.json",
+                      {**summary.to_json(), "round_seconds": seconds})
+    return summary

@@ -1,0 +1,127 @@
+"""The validation, the coordinator's side: each site's test metrics of every model, checked
+(a malformed table excludes its site, by name), side by side and pooled across sites
+(random effects, with I-squared); the demo's summary table."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from common.metrics import pool_random_effects
+from common.payloads import ModelMetrics
+
+
+def _number(v: object) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{v!r} is not a number")
+    return None if v != v else float(v)
+
+
+def _metric_value(v: object) -> float | None | list[list[float | None]]:
+    """A number (None = NaN), or a binned curve: rows of numbers."""
+    if isinstance(v, list):
+        return [[_number(x) for x in row] for row in v]
+    return _number(v)
+
+
+def _metrics_table(reply: ModelMetrics, site: str, failed: dict[str, str]
+                   ) -> tuple[dict[str, dict[str, object]], dict[str, dict[str, float | None]]]:
+    """A site's metrics JSON, checked: model names to metric names to numbers (None = NaN) or
+    binned curves, and the paired comparisons. A malformed table excludes the site, named."""
+    try:
+        table = json.loads(reply.table)
+        models = {str(model): {str(k): _metric_value(v) for k, v in row.items()}
+                  for model, row in table["models"].items()}
+        comparisons = {str(name): {str(k): _number(v) for k, v in row.items()}
+                       for name, row in table.get("comparisons", {}).items()}
+        return models, comparisons
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        failed[site] = f"model metrics: malformed table ({exc!r})"
+        return {}, {}
+
+
+def site_results(metrics: dict[str, ModelMetrics], failed: dict[str, str]
+                  ) -> dict[str, dict[str, object]]:
+    """Each site's test counts, metrics per model and paired comparisons (model.json)."""
+    out = {}
+    for site, m in sorted(metrics.items()):
+        models, comparisons = _metrics_table(m, site, failed)
+        out[site] = {"n_test": m.n_test, "n_positive": m.n_positive, "metrics": models,
+                     "comparisons": comparisons}
+    return out
+
+
+#: The models pooled across sites in the multicentre summary: the federated model, the model
+#: trained without the site, and each site's own local model (``local <site>`` at that site).
+POOLED_MODELS = ("federated", "leave-site-out", "local", "nomogram", "nomogram leave-site-out")
+
+
+def pool_sites(sites: dict[str, dict[str, Any]], loss: str) -> dict[str, dict[str, Any]]:
+    """Per model, the sites' headline metric side by side and their random-effects pooled
+    estimate with I-squared (:func:`common.metrics.pool_random_effects`): AUC with its DeLong
+    variance (classification), or Pearson r on Fisher's z with variance 1/(n - 3) (regression).
+    A site whose metric is undefined is listed but not pooled; fewer than two sites: no pool."""
+    out = {}
+    for kind in POOLED_MODELS:
+        rows = {}
+        for site, result in sorted(sites.items()):
+            row = result.get("metrics", {}).get(f"local {site}" if kind == "local" else kind)
+            if row is None:
+                continue
+            if loss == "logistic":
+                value, low, high, var = (row.get(k) for k in ("auc", "auc_low", "auc_high",
+                                                              "auc_variance"))
+            else:
+                value, low, high = row.get("r"), row.get("r_low"), row.get("r_high")
+                n = result.get("n_test", 0)
+                var = 1.0 / (n - 3) if n > 3 and value is not None and abs(value) < 1 else None
+            rows[site] = {"value": value, "low": low, "high": high, "variance": var}
+        usable = {s: r for s, r in rows.items()
+                  if r["value"] is not None and r["variance"] is not None and r["variance"] > 0}
+        pooled = None
+        if len(usable) >= 2:
+            values = [r["value"] for r in usable.values()]
+            if loss != "logistic":
+                values = [math.atanh(v) for v in values]
+            p = pool_random_effects(values, [r["variance"] for r in usable.values()])
+            back = (lambda v: v) if loss == "logistic" else math.tanh
+            pooled = {"estimate": back(p.estimate), "low": back(p.low), "high": back(p.high),
+                      "tau2": p.tau2, "q": p.q, "i2": p.i2, "p_heterogeneity": p.p_value,
+                      "sites": sorted(usable)}
+        if rows:
+            out[kind] = {"metric": "auc" if loss == "logistic" else "r", "sites": rows,
+                         "pooled": pooled}
+    return out
+
+
+def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None,
+                 nomogram: dict[str, Any] | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """The demo's table from ``model.json``'s models (and ``cnn.json``): per site, its test size
+    and the headline metric (AUC, or Pearson r for regression) of its local-only model, the
+    federated model and the model trained without it, on raw features and after federated
+    ComBat, the federated nomogram's and the final federated CNN's."""
+    raw = next((m for m in models if not m["harmonized"]), None)
+    combat = next((m for m in models if m["harmonized"]), None)
+    metric = "auc" if (raw or combat or {}).get("loss") == "logistic" else "r"
+
+    def value(model: dict[str, Any] | None, site: str, name: str) -> float | None:
+        if model is None:
+            return None
+        return model["sites"].get(site, {}).get("metrics", {}).get(name, {}).get(metric)
+
+    sites = sorted({s for m in models for s in m["sites"]})
+    rows = []
+    for site in sites:
+        any_model = raw if raw and site in raw["sites"] else combat
+        rows.append({
+            "site": site, "n_test": any_model["sites"][site]["n_test"] if any_model else 0,
+            "local": value(raw, site, f"local {site}"), "federated": value(raw, site, "federated"),
+            "federated_combat": value(combat, site, "federated"),
+            "leave_site_out": value(raw, site, "leave-site-out"),
+            "leave_site_out_combat": value(combat, site, "leave-site-out"),
+            "nomogram": (nomogram or {}).get("sites", {}).get(site, {}).get(
+                "metrics", {}).get("nomogram", {}).get(metric),
+            "cnn": ((cnn or {}).get("final", {}).get(site, {}).get(
+                "test_auc" if metric == "auc" else "test_pearson_r"))})
+    return metric, rows

@@ -1,0 +1,189 @@
+"""The server's round mechanics (server/rounds.py) and the phases driven through a fake transport:
+the orchestration without Flower, with the sites' real phase code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from client.phases import combat
+from client.workspace import HARMONIZED_FILE, PREPARED_FILE, study_dir
+from common.glm import FeatureMoments
+from common.messages import MessageType
+from common.payloads import PrepareReply, format_counts
+from common.protocol import StudyProtocol, load_protocol
+from common.records import pack, unpack_request
+from common.site_config import SiteConfig
+from harmonization.combat import CombatOptions, SiteTable, fit_combat
+from harmonization.messages import CombatRequest
+from server.phases.combat import combat_design, run_combat
+from server.rounds import Reply, collect, exchange, unanswered
+from server.study import StudySettings, StudyStopped
+
+
+def test_a_malformed_reply_excludes_that_site_by_name_and_keeps_the_others():
+    good = FeatureMoments(20, np.zeros(4), np.ones(4))
+    wrong_shape = FeatureMoments(20, np.zeros(5), np.ones(5))
+    poisoned = FeatureMoments(20, np.full(4, np.nan), np.ones(4))
+    # collect reads only a reply's content: a stand-in for Flower's Message does
+    replies = {site: SimpleNamespace(content=pack(moments=payload))
+               for site, payload in (("A", good), ("B", wrong_shape), ("C", poisoned))}
+    failed: dict[str, str] = {}
+    kept = collect(replies, failed, "moments", FeatureMoments, {"mean": (4,), "m2": (4,)})
+    assert list(kept) == ["A"]
+    assert "'mean' has shape (5,), expected (4,)" in failed["B"]
+    assert "'mean' holds NaN" in failed["C"]
+
+
+def test_flowers_errors_for_silent_nodes_are_given_to_the_silent_sites():
+    lost = "error 5: Node Unavailable"
+    assert unanswered({"C"}, [lost], 60) == [("C", lost)]
+    assert unanswered({"B", "C"}, [], 60) == [("B", "no reply within 60 s"),
+                                               ("C", "no reply within 60 s")]
+    # two silent sites, one error from Flower: which is which is unknown, both are told
+    assert unanswered({"B", "C"}, [lost], 60) == [
+        ("B", f"no reply within 60 s ({lost})"), ("C", f"no reply within 60 s ({lost})")]
+
+
+# --- the phases over a fake transport: the server's orchestration without Flower ----------------
+
+class FakeSites:
+    """A :class:`server.rounds.Transport` whose nodes answer with the site's real phase code
+    (``client.phases``) on prepared tables in a folder, or fail as told."""
+
+    def __init__(self, sites: dict[int, SiteConfig], protocol: StudyProtocol,
+                 fail: dict[tuple[int, MessageType], str] | None = None,
+                 silent: set[tuple[int, MessageType]] | None = None) -> None:
+        self.sites, self.protocol = sites, protocol
+        self.fail, self.silent = fail or {}, silent or set()
+        self.sent: list[tuple[MessageType, int]] = []
+
+    def node_ids(self) -> list[int]:
+        return sorted(self.sites)
+
+    def send_and_receive(self, message_type: MessageType, contents: dict[int, RecordDict],
+                         timeout_s: float) -> list[Reply]:
+        out = []
+        for node, content in contents.items():
+            self.sent.append((message_type, node))
+            if (node, message_type) in self.silent:
+                continue
+            if (node, message_type) in self.fail:
+                out.append(Reply(node, error=self.fail[(node, message_type)]))
+                continue
+            out.append(Reply(node, self.answer(self.sites[node], message_type, content)))
+        return out
+
+    def answer(self, site: SiteConfig, message_type: MessageType, content: RecordDict
+               ) -> RecordDict:
+        request = unpack_request(content, CombatRequest)
+        if message_type is MessageType.COMBAT_DESIGN:
+            return pack(moments=combat.design_moments(site, self.protocol, request))
+        if message_type is MessageType.COMBAT_RESIDUALS:
+            return pack(residuals=combat.residual_moments(site, self.protocol, request))
+        if message_type is MessageType.COMBAT_MOMENTS:
+            return pack(moments=combat.shared_moments(site, self.protocol, request))
+        rows = combat.apply(site, self.protocol, request)
+        return RecordDict({"result": ConfigRecord({"rows": rows})})
+
+
+def prepared_sites(root: Path, protocol: StudyProtocol, seed: int = 0
+                   ) -> tuple[dict[int, SiteConfig], list[PrepareReply]]:
+    """Three sites' prepared tables (scanner s2 at two sites), as the preparation writes them."""
+    rng = np.random.default_rng(seed)
+    label = protocol.task.label_column
+    sites, replies = {}, []
+    for node, (name, scanners) in enumerate([("A", ["s1", "s2"]), ("B", ["s2"]), ("C", ["s3"])]):
+        n = 24 * len(scanners)
+        batch = np.repeat(scanners, 24)
+        frame = pd.DataFrame({
+            "case_id": [f"{name}{i}" for i in range(n)], "batch": batch,
+            label: np.tile([0, 1], n // 2), "sex": rng.choice(["F", "M"], n),
+            "age": rng.normal(60, 8, n).round(),
+            "split": np.where(np.arange(n) % 4 == 3, "test", "train"), "fold": 0})
+        shift = {"s1": 0.0, "s2": 2.0, "s3": -1.5}
+        for j in range(5):
+            frame[f"f{j}"] = (rng.normal(10, 1, n) + frame[label] * 0.7
+                              + [shift[b] * (j + 1) for b in batch])
+        site = SiteConfig(site_name=name, manifest=root / name / "manifest.csv",
+                          work_dir=root / name)
+        path = study_dir(site, protocol) / PREPARED_FILE
+        path.parent.mkdir(parents=True)
+        frame.to_parquet(path)
+        sites[node + 1] = site
+        train = frame[frame.split == "train"]
+        replies.append(PrepareReply(name, "ok", n_train=len(train), n_test=n - len(train),
+                                    batches=format_counts(train.batch.value_counts().items()),
+                                    n_features=5, feature_names=tuple(f"f{j}" for j in range(5))))
+    return sites, replies
+
+
+def test_federated_combat_through_the_phases_equals_the_centralized_fit(tmp_path: Path):
+    protocol = load_protocol("preset:spine_mri_t1w")
+    sites, kept = prepared_sites(tmp_path / "sites", protocol)
+    settings = StudySettings(protocol, tmp_path / "study",
+                             combat=CombatOptions(min_batch_size=8, min_cell=3))
+    settings.out_dir.mkdir()
+    transport = FakeSites(sites, protocol)
+    nodes = {n: s.site_name for n, s in sites.items()}
+    failed = run_combat(transport, nodes, kept, settings)
+    assert failed == {}
+    # the rounds: the shared scanner s2 (sites A and B) makes round 3 necessary
+    assert [t for t, _ in transport.sent[::3]] == [
+        MessageType.COMBAT_DESIGN, MessageType.COMBAT_RESIDUALS, MessageType.COMBAT_MOMENTS,
+        MessageType.COMBAT_APPLY]
+    design, _ = combat_design(protocol, kept)
+    tables = [combat.combat_inputs(site, protocol) for site in sites.values()]
+    central = fit_combat([SiteTable("all", np.vstack([y for y, *_ in tables]),
+                                    [b for _, batch, *_ in tables for b in batch],
+                                    {c: [v for *_, cov, _ in tables for v in cov[c]]
+                                     for c in tables[0][2]})],
+                         design, settings.combat)
+    for site in sites.values():
+        y, batch, covariates, _ = combat.combat_inputs(site, protocol, split=None)
+        got = pd.read_parquet(study_dir(site, protocol) / HARMONIZED_FILE)
+        expected = central.transform(y, batch, covariates)
+        np.testing.assert_allclose(got[[f"f{j}" for j in range(5)]].to_numpy(), expected,
+                                   rtol=1e-9, atol=1e-9)
+
+
+def test_a_site_that_fails_or_stays_silent_is_named_and_the_others_go_on(tmp_path: Path):
+    protocol = load_protocol("preset:spine_mri_t1w")
+    sites, kept = prepared_sites(tmp_path / "sites", protocol)
+    settings = StudySettings(protocol, tmp_path / "study", timeout_s=5,
+                             combat=CombatOptions(min_batch_size=8, min_cell=3))
+    settings.out_dir.mkdir()
+    nodes = {n: s.site_name for n, s in sites.items()}
+    transport = FakeSites(sites, protocol, fail={(3, MessageType.COMBAT_APPLY): "error 400: no"},
+                          silent={(2, MessageType.COMBAT_APPLY)})
+    failed = run_combat(transport, nodes, kept, settings)
+    assert failed == {"C": "query.combat_apply: error 400: no",
+                      "B": "query.combat_apply: no reply within 5 s"}
+    # fewer than min-sites left: the study stops, naming each site and why, and the sites
+    # lost are asked nothing more
+    transport = FakeSites(sites, protocol, fail={(n, MessageType.COMBAT_DESIGN): "error 400: no"
+                                                 for n in (1, 2)})
+    with pytest.raises(StudyStopped, match=r"ComBat round 1: 1 site\(s\) answered.*A: "):
+        run_combat(transport, nodes, kept, settings)
+
+
+def test_exchange_names_every_site_that_gave_no_payload():
+    class Grid:
+        def node_ids(self) -> list[int]:
+            return [1, 2, 3]
+
+        def send_and_receive(self, message_type, contents, timeout_s):  # noqa: ANN001, ANN201
+            return [Reply(1, RecordDict({})), Reply(2, error="error 500: internal error"),
+                    Reply(99, error="error 5: Node Unavailable")]  # Flower's, for node 3
+
+    settings = StudySettings(load_protocol("preset:spine_mri_t1w"), Path("unused"))
+    replies, failed = exchange(Grid(), {1: "A", 2: "B", 3: "C"}, MessageType.HANDSHAKE,
+                               lambda _: RecordDict({}), settings)
+    assert list(replies) == ["A"]
+    assert failed == {"B": "query.handshake: error 500: internal error",
+                      "C": "query.handshake: error 5: Node Unavailable"}
