@@ -25,6 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import SimpleITK as sitk
+
+from client.extract import FeatureExtractor
+from client.standardize import Volume, build_steps, standardize
+from common.errors import ConfigError
+from common.protocol import load_protocol
+
 # IBSI tag -> (pyradiomics feature name, conversion from the pyradiomics value to IBSI's).
 _IDENTITY: Callable[[float], float] = lambda v: v  # noqa: E731
 
@@ -191,12 +198,7 @@ def compare_with_reference(features: dict[str, float], reference_csv: Path) -> l
 def run_phantom_check(data_dir: Path) -> list[Comparison]:
     """Extract the IBSI digital phantom in ``data_dir`` with the ``ibsi_digital_phantom`` preset
     (the whole site path: load, standardize, extract) and compare with the reference CSV."""
-    import SimpleITK as sitk
 
-    from client.extract import FeatureExtractor
-    from client.standardize import Volume, build_steps, standardize
-    from common.errors import ConfigError
-    from common.protocol import load_protocol
 
     image_path = data_dir / "digital_phantom" / "nifti" / "image" / "phantom.nii.gz"
     mask_path = data_dir / "digital_phantom" / "nifti" / "mask" / "mask.nii.gz"

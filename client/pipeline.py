@@ -21,24 +21,20 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import SimpleITK as sitk
 from threadpoolctl import threadpool_limits
 
-from client.extract import FeatureExtractor
+from client.extract import FeatureExtractor, pyradiomics_settings
 from client.loading import check_roi, load_case
 from client.manifest import CaseSpec, RowProblem
 from client.standardize import build_steps, standardize
 from common.errors import CaseError, SkipReason
 from common.protocol import StudyProtocol
 from common.provenance import atomic_write_bytes, atomic_write_json, software_versions
-
-if TYPE_CHECKING:
-    import pyarrow as pa
-
-# pyarrow is imported where the table is built, not at start-up: a site run pays for it once the
-# cases are done (pandas is not needed at all to write the table).
 
 CACHE_SCHEMA_VERSION = 1
 TABLE_SCHEMA_VERSION = 1
@@ -50,7 +46,6 @@ Mode = Literal["check", "extract"]
 @dataclass(frozen=True)
 class CaseOutcome:
     """What happened to one case. ``features`` is set for extracted cases only."""
-
     case_id: str
     row: int
     reason: SkipReason | None = None
@@ -91,7 +86,6 @@ def case_cache_key(case: CaseSpec, protocol_hash: str, versions: dict[str, str])
 class CaseProcessor:
     """Processes cases in one process: holds the protocol, the standardization steps and the
     pyradiomics extractor, built once."""
-
     def __init__(self, protocol: StudyProtocol, mode: Mode, cache_dir: Path | None) -> None:
         self.protocol = protocol
         self.mode = mode
@@ -243,8 +237,6 @@ def features_table(
     cases: list[CaseSpec], outcomes: list[CaseOutcome], protocol: StudyProtocol
 ) -> pa.Table:
     """One row per extracted case: case_id, batch, label, covariates, then the features."""
-    import pyarrow as pa
-
     records = []
     for case, outcome in zip(cases, outcomes, strict=True):
         if not outcome.ok or outcome.features is None:
@@ -265,9 +257,7 @@ def write_features_table(
 ) -> None:
     """Parquet, with the protocol, its hash, the standardization steps as run, the pyradiomics
     settings and the software versions in the file metadata."""
-    import pyarrow.parquet as pq
 
-    from client.extract import pyradiomics_settings
 
     meta = {
         "schema_version": TABLE_SCHEMA_VERSION,
@@ -289,8 +279,6 @@ def write_features_table(
 
 def read_features_metadata(path: Path) -> dict[str, Any]:
     """The MyeloFed metadata of a features table (protocol hash, protocol, software)."""
-    import pyarrow.parquet as pq
-
     schema = pq.read_schema(path)
     return json.loads((schema.metadata or {})[b"myelofed"])
 

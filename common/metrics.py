@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, ParamSpec, TypeAlias, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from scipy import stats
+from scipy import special, stats
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -229,7 +229,7 @@ def _logistic_fit(y: FloatArray, x: FloatArray, offset: FloatArray) -> FloatArra
     beta = np.zeros(x.shape[1])
     for _ in range(100):
         eta = x @ beta + offset
-        p = 1.0 / (1.0 + np.exp(-eta))
+        p = special.expit(eta)  # overflow-free for a large |eta|
         grad = x.T @ (y - p)
         hess = (x * (p * (1 - p))[:, None]).T @ x
         step = np.linalg.solve(hess, grad)
@@ -444,9 +444,7 @@ def _nan_if_fails(compute: Callable[P, R], *args: P.args, **kwargs: P.kwargs) ->
 
 def risk_of(score: npt.ArrayLike) -> FloatArray:
     """A logistic model's linear predictor as a risk, kept inside (0, 1)."""
-    from scipy.special import expit
-
-    risk: FloatArray = np.clip(expit(np.asarray(score, float)), 1e-12, 1 - 1e-12)
+    risk: FloatArray = np.clip(special.expit(np.asarray(score, float)), 1e-12, 1 - 1e-12)
     return risk
 
 

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from common.errors import ConfigError
+from common.presets import preset_path
 
 SCHEMA_VERSION: Final = 1
 
@@ -55,12 +56,10 @@ class TaskKind(str, enum.Enum):
 
 class TaskSpec(_Frozen):
     """What is predicted, and from which manifest column.
-
     For classification the label is either 0/1, or text when ``classes`` names the two values
     (negative first, positive second), e.g. ``["metastasis", "myeloma"]``.
     For regression ``value_range`` bounds the label (e.g. plasma-cell infiltration 0-100 %).
     """
-
     kind: TaskKind
     label_column: str = "label"
     classes: tuple[str, str] | None = None
@@ -81,7 +80,6 @@ class TaskSpec(_Frozen):
 
 class CovariateSpec(_Frozen):
     """Clinical covariates read from the manifest.
-
     ``categorical`` maps each column to its study-wide list of levels (a site may lack a level; a
     value outside the list makes the case invalid). ``continuous`` lists numeric columns.
     ``harmonize`` names the covariates ComBat protects (absent = all): each categorical one
@@ -92,7 +90,6 @@ class CovariateSpec(_Frozen):
     pathway) keeps that difference; harmonizing a row does not need its label. A classification
     label then splits every scanner at every site into two cells of at least ``min_cell``.
     """
-
     categorical: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     continuous: tuple[str, ...] = ()
     harmonize: tuple[str, ...] | None = None
@@ -124,7 +121,6 @@ class CovariateSpec(_Frozen):
 
 class IngestionSpec(_Frozen):
     """Which mask label is the ROI, and the per-case quality checks."""
-
     roi_label: int = Field(1, ge=1, description="Mask value of the region of interest.")
     rtstruct_roi: str | None = Field(
         None, description="ROI name in RTSTRUCT masks (a manifest 'roi' column overrides it)."
@@ -141,11 +137,9 @@ class IngestionSpec(_Frozen):
 
 class ResampleSpec(_Frozen):
     """IBSI resampling: grid centres aligned, interpolation per protocol.
-
     ``spacing_mm`` is (x, y, z). With ``in_plane_only`` the slice spacing is kept (IBSI 2D configs)
     and the z value is ignored.
     """
-
     spacing_mm: tuple[PositiveFloat, PositiveFloat, PositiveFloat]
     in_plane_only: bool = False
     interpolation: Literal["nearest", "linear", "bspline"] = "linear"
@@ -155,14 +149,12 @@ class ResampleSpec(_Frozen):
 
 class NormalizationSpec(_Frozen):
     """MRI intensity normalization.
-
     * ``zscore``: (x - mean) / sd over the body foreground (Otsu), times ``scale``.
     * ``percentile``: the ``percentiles`` of the foreground mapped to 0 and ``scale``.
     * ``reference_tissue``: x / median(reference tissue) times ``scale``; the reference tissue is
       ``reference_label`` in the mask (e.g. paraspinal muscle), as MM MRI studies do. With an
       RTSTRUCT or DICOM SEG mask, the ROI / segment named ``reference_roi`` is read as that label.
     """
-
     method: Literal["zscore", "percentile", "reference_tissue"]
     scale: PositiveFloat = 100.0
     percentiles: tuple[float, float] = (1.0, 99.0)
@@ -186,7 +178,6 @@ class NormalizationSpec(_Frozen):
 class BiasCorrectionSpec(_Frozen):
     """N4 bias-field correction (SimpleITK), fitted on a shrunken image for speed.
     ``iterations`` gives the maximum iterations per fitting level (its length = the levels)."""
-
     shrink_factor: int = Field(4, ge=1, le=8)
     iterations: tuple[Annotated[int, Field(ge=1)], ...] = Field((50, 50, 30), min_length=1,
                                                               max_length=6)
@@ -195,7 +186,6 @@ class BiasCorrectionSpec(_Frozen):
 class StandardizationSpec(_Frozen):
     """Image standardization, applied in the IBSI order: SUV (PET), N4 and intensity
     normalization (MR), resampling with CT rounding, re-segmentation range, outlier filtering."""
-
     resample: ResampleSpec | None = None
     bias_correction: BiasCorrectionSpec | None = None
     normalization: NormalizationSpec | None = None
@@ -221,7 +211,6 @@ class StandardizationSpec(_Frozen):
 
 class ImageTypesSpec(_Frozen):
     """pyradiomics image types: the original image and optional filtered ones."""
-
     original: bool = True
     log_sigma_mm: tuple[PositiveFloat, ...] = ()
     wavelet: bool = False
@@ -242,12 +231,10 @@ def _all_feature_classes() -> dict[str, tuple[str, ...]]:
 
 class RadiomicsSpec(_Frozen):
     """Feature extraction settings, handed to pyradiomics after the project's standardization.
-
     Discretization ``fixed_bin_size`` follows IBSI: the first bin starts at the lower
     re-segmentation bound (or the ROI minimum when there is none) for the original image.
     ``feature_classes`` maps a pyradiomics class to the features to compute (empty = all).
     """
-
     image_types: ImageTypesSpec = ImageTypesSpec()
     feature_classes: dict[str, tuple[str, ...]] = Field(default_factory=_all_feature_classes)
     discretization: Literal["fixed_bin_size", "fixed_bin_number"] = "fixed_bin_size"
@@ -277,7 +264,6 @@ class RadiomicsSpec(_Frozen):
 
 class ModelSpec(_Frozen):
     """The radiomics model (phase 4), fitted federatedly on the training rows.
-
     Univariate screening keeps the ``screening_top_k`` features with the largest pooled Welch t
     (classification) or |Pearson r| (regression); then a penalized GLM (logistic or linear) on the
     pooled-standardized features, its penalty chosen by federated ``cv_folds``-fold
@@ -287,7 +273,6 @@ class ModelSpec(_Frozen):
     ``clinical_ranges`` gives a continuous clinical factor's axis on the nomogram plot (e.g.
     ``age: [40, 90]``; absent = 0 to 100).
     """
-
     screening_top_k: int = Field(30, ge=1)
     penalty: Literal["lasso", "ridge"] = "lasso"
     cv_folds: int = Field(5, ge=2, le=10)
@@ -299,7 +284,6 @@ class ModelSpec(_Frozen):
 
 class ValidationSpec(_Frozen):
     """How each site validates the models on its test rows (``common.metrics``).
-
     ``min_count``: the fewest patients in any group a curve a site sends tells apart: a
     calibration bin, or the patients between two thresholds of the decision curve (a site
     withholds the model's net benefit, NaN, at thresholds that would split off fewer); a test
@@ -307,7 +291,6 @@ class ValidationSpec(_Frozen):
     ``bootstrap``: resamples of the stratified bootstrap CI of the AUC (0 = DeLong's CI only).
     ``decision_thresholds``: the threshold probabilities of the decision curve.
     """
-
     min_count: int = Field(5, ge=1)
     n_bins: int = Field(10, ge=2, le=50)
     bootstrap: int = Field(1000, ge=0, le=100_000)
@@ -325,7 +308,6 @@ class LocalDpSpec(_Frozen):
     (epsilon, delta)-DP for the site (the classical Gaussian mechanism; epsilon at most 1), and
     R rounds are (R epsilon, R delta)-DP by basic composition. Expect a cost in accuracy: the
     noise is added to every weight."""
-
     epsilon: float = Field(gt=0, le=1)
     delta: float = Field(1e-5, gt=0, lt=1)
     clipping_norm: PositiveFloat = 1.0
@@ -341,7 +323,6 @@ class CnnSpec(_Frozen):
     the trimmed mean's; ``krum_byzantine`` the number of bad sites Krum tolerates; ``local_dp``
     noises each site's update, see :class:`LocalDpSpec`). DenseNet121 needs a crop of at least
     29 voxels on every axis."""
-
     architecture: Literal["resnet10", "resnet18", "densenet121"] = "resnet10"
     width: float = Field(0.25, gt=0, le=4, description="ResNet channel multiplier (1 = MONAI's "
                          "64-512 channels; 0.25 = 16-128, 1/16 of the weights).")
@@ -368,7 +349,6 @@ class CnnSpec(_Frozen):
 
 class StudyProtocol(_Frozen):
     """The whole study protocol. Unknown fields are refused (a typo is an error, not a default)."""
-
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(min_length=1)
     description: str = ""
@@ -473,8 +453,6 @@ def protocol_from_mapping(data: dict[str, Any], source: str = "protocol") -> Stu
 def load_protocol(path: Path | str) -> StudyProtocol:
     """Load and validate a study protocol from a ``.toml``, ``.yaml`` or ``.yml`` file, or from
     a preset name (``preset:spine_mri_t1w``; see :func:`common.presets.list_presets`)."""
-    from common.presets import preset_path
-
     text = str(path)
     if text.startswith("preset:"):
         path = preset_path(text.removeprefix("preset:"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -52,8 +53,6 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 def atomic_write_parquet(path: Path, frame: Any) -> None:
     """A pandas DataFrame as Parquet (no index), written atomically."""
-    import io
-
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     atomic_write_bytes(path, buffer.getvalue())

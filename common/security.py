@@ -20,12 +20,13 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import ConfigError
-
-if TYPE_CHECKING:
-    from cryptography import x509
 
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
 CA_KEY = "ca.key"
@@ -35,7 +36,6 @@ CA_KEY = "ca.key"
 class ServerCredentials:
     """The coordinator's files: the study CA (certificate and key) and the SuperLink's
     certificate and key."""
-
     ca_cert: Path
     ca_key: Path
     cert: Path
@@ -45,7 +45,6 @@ class ServerCredentials:
 @dataclass(frozen=True)
 class SiteKey:
     """A site's SuperNode key pair: the private key (stays) and the public key (registered)."""
-
     private: Path
     public: Path
 
@@ -67,8 +66,6 @@ def _refuse_overwrite(*paths: Path) -> None:
 
 
 def _subject_alternative_names(hosts: list[str]) -> x509.SubjectAlternativeName:
-    from cryptography import x509
-
     names: list[x509.GeneralName] = []
     for host in hosts:
         try:
@@ -85,11 +82,6 @@ def make_server_credentials(folder: Path, hosts: list[str], study: str = "MyeloF
                             days: int = 825) -> ServerCredentials:
     """A new study CA and a SuperLink certificate for ``hosts`` (the names and addresses sites
     use to reach the coordinator; they go in its subjectAltName), valid ``days``."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     if not hosts:
         raise ConfigError("--host", ["name at least one host name or IP address the sites "
                                      "connect to"])
@@ -132,9 +124,6 @@ def make_server_credentials(folder: Path, hosts: list[str], study: str = "MyeloF
 def make_site_key(folder: Path, site: str) -> SiteKey:
     """A new ECDSA P-384 key pair for ``site``'s SuperNode, in OpenSSH format (what
     ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode register`` read)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     if not site or any(c in site for c in "/\\ \n"):
         raise ConfigError("--site", [f"'{site}' cannot name a key file"])
     out = SiteKey(folder / site, folder / f"{site}.pub")

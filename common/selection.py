@@ -26,6 +26,7 @@ leaves a site is indexed by fit or by feature, never by patient.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeAlias, cast
@@ -310,7 +311,10 @@ def proximal_newton_target(gradient: FloatArray, hessian: FloatArray, beta: Floa
     # Coordinate descent (scikit-learn's compiled Lasso) on the quadratic with the intercept
     # profiled out: H_s = H_rr - H_r0 H_0r / H_00, b_s likewise; with H_s = L L', minimizing
     # w'H_s w / 2 - b_s'w + lam |w|_1 is a Lasso of L^-1 b_s on L' with alpha = lam / k.
+    # scikit-learn loads only for a fit the active set cannot solve (the sites import this
+    # module too, and never fit)
     from scipy.linalg import cholesky, solve_triangular
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import Lasso
 
     h0 = hessian[1:, 0]
@@ -325,10 +329,6 @@ def proximal_newton_target(gradient: FloatArray, hessian: FloatArray, beta: Floa
     lasso = Lasso(alpha=lam / k, fit_intercept=False, tol=1e-12, max_iter=max_sweeps * 20,
                   warm_start=True, selection="cyclic")
     lasso.coef_ = beta[1:].copy()
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         lasso.fit(lower.T, solve_triangular(lower, b_reduced, lower=True))

@@ -6,14 +6,14 @@ import math
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
 if TYPE_CHECKING:
     from jinja2 import Environment
 
 
 @lru_cache(maxsize=1)
 def _environment() -> Environment:
-    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
-
     return Environment(loader=PackageLoader("common", "report_templates"),
                        autoescape=select_autoescape(["html", "j2"]), undefined=StrictUndefined,
                        trim_blocks=True, lstrip_blocks=True)

@@ -24,6 +24,7 @@ Arrays are samples x features (``(n_samples, n_features)``), float64.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict as dataclasses_asdict
@@ -44,13 +45,11 @@ IntArray: TypeAlias = npt.NDArray[np.intp]
 @dataclass(frozen=True)
 class CombatOptions:
     """How ComBat estimates the batch effects, and the privacy guards.
-
     ``min_batch_size``: a smaller batch is refused (its estimates would be unstable and its sums
     close to a patient's values). ``min_cell``: at a site, a batch, a categorical level or a
     batch x level cell holding 1 to ``min_cell - 1`` patients is refused, since ``X'Y`` would
     expose them.
     """
-
     eb: bool = True
     parametric: bool = True
     mean_only: bool = False
@@ -76,7 +75,6 @@ class Design:
     read these columns: their effect stays in the harmonized values (scaled, like the residuals,
     by the batch's 1/sqrt(delta*)), so training and held-out rows are harmonized alike.
     """
-
     batches: tuple[str, ...]
     categorical: tuple[tuple[str, tuple[str, ...]], ...] = ()
     continuous: tuple[str, ...] = ()
@@ -192,7 +190,6 @@ def _features(y: npt.ArrayLike, where: str) -> FloatArray:
 @dataclass(frozen=True)
 class DesignMoments:
     """What a site sends in round 1: counts and the sums ``X'X`` (p, p) and ``X'Y`` (p, F)."""
-
     batch_counts: IntArray  # (n_batch,)
     xtx: FloatArray
     xty: FloatArray
@@ -252,7 +249,6 @@ def site_design_moments(y: npt.ArrayLike, batch: Sequence[object], covariates: C
 @dataclass(frozen=True)
 class LocationFit:
     """What the server returns after round 1: the coefficients (p, F) and the grand mean (F,)."""
-
     beta: FloatArray
     grand_mean: FloatArray
     batch_counts: IntArray  # (n_batch,) over all sites
@@ -292,7 +288,6 @@ def combine_design_moments(parts: Sequence[DesignMoments], design: Design,
 @dataclass(frozen=True)
 class ResidualMoments:
     """What a site sends in round 2: per batch, the residual sum of squares (n_batch, F)."""
-
     batch_counts: IntArray
     rss: FloatArray
 
@@ -314,7 +309,6 @@ def site_residual_moments(y: npt.ArrayLike, batch: Sequence[object], covariates:
 
 def combine_residual_moments(parts: Sequence[ResidualMoments], design: Design) -> FloatArray:
     """Round 2 at the server: the pooled variance (F,), over all rows or the reference batch.
-
     A feature constant over those rows gets variance 1 (it stays constant).
     """
     counts = np.sum([p.batch_counts for p in parts], axis=0)
@@ -332,7 +326,6 @@ def combine_residual_moments(parts: Sequence[ResidualMoments], design: Design) -
 class BatchMoments:
     """One batch's standardized rows summarized per feature: count, mean, centred sum of
     squares (F,). Enough for both EB variants: sum((s - g)^2) = m2 + n (mean - g)^2."""
-
     batch: str
     n: int
     mean: FloatArray
@@ -368,7 +361,6 @@ def combine_batch_moments(parts: Sequence[BatchMoments]) -> BatchMoments:
 @dataclass(frozen=True)
 class BatchAdjustment:
     """A batch's location (gamma*) and scale (delta*) effects on the standardized scale, (F,)."""
-
     batch: str
     gamma: FloatArray
     delta: FloatArray
@@ -377,7 +369,6 @@ class BatchAdjustment:
 def estimate_batch_adjustment(moments: BatchMoments, options: CombatOptions
                               ) -> BatchAdjustment:
     """The EB (or plain) estimate of one batch's effects from its moments alone.
-
     Runs where the batch's moments are: at the site that holds the batch, or at the server for a
     batch spread over sites. The reference batch gets no adjustment (gamma 0, delta 1).
     """
@@ -458,7 +449,6 @@ def _nonparametric_eb(m: BatchMoments, gamma_hat: FloatArray, delta_hat: FloatAr
 @dataclass(frozen=True)
 class CombatModel:
     """Fitted ComBat: apply it to training or held-out rows of the fitted batches."""
-
     design: Design
     options: CombatOptions
     beta: FloatArray         # (p, F)
@@ -500,7 +490,6 @@ class CombatModel:
 @dataclass(frozen=True)
 class SiteTable:
     """One site's training rows, as the in-process driver hands them to the site halves."""
-
     name: str
     features: FloatArray          # (n_samples, F)
     batch: Sequence[object]
@@ -541,7 +530,6 @@ def fit_combat(sites: Sequence[SiteTable], design: Design, options: CombatOption
 @dataclass(frozen=True)
 class StackedMoments:
     """The moments of several batches, (k,) counts and (k, F) means and sums of squares."""
-
     batches: tuple[str, ...]
     n: IntArray
     mean: FloatArray
@@ -569,7 +557,6 @@ class StackedMoments:
 @dataclass(frozen=True)
 class StackedAdjustments:
     """The EB estimates of several batches, (k, F) each."""
-
     batches: tuple[str, ...]
     gamma: FloatArray
     delta: FloatArray
@@ -588,13 +575,10 @@ class StackedAdjustments:
 @dataclass(frozen=True)
 class PooledVariance:
     """The server's pooled variance per feature, (F,)."""
-
     var: FloatArray
 
 
 def design_to_json(design: Design, options: CombatOptions) -> str:
-    import json
-
     return json.dumps({"batches": list(design.batches),
                        "categorical": [[c, list(lv)] for c, lv in design.categorical],
                        "continuous": list(design.continuous), "ref_batch": design.ref_batch,
@@ -603,8 +587,6 @@ def design_to_json(design: Design, options: CombatOptions) -> str:
 
 
 def design_from_json(text: str) -> tuple[Design, CombatOptions]:
-    import json
-
     data = json.loads(text)
     design = Design(tuple(data["batches"]),
                     tuple((c, tuple(lv)) for c, lv in data["categorical"]),

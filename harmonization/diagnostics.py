@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import matplotlib
 import numpy as np
 import numpy.typing as npt
 from scipy import stats
+
+matplotlib.use("Agg")  # no display: figures are drawn to PNG bytes
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -46,13 +51,6 @@ def site_effect_png(before: npt.NDArray[np.float64], after: npt.NDArray[np.float
                     top: int = 6) -> bytes:
     """A picture of the ``top`` features with the strongest site effect before harmonization:
     their distribution per batch before (upper row) and after (lower row), as PNG bytes."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     order = np.argsort(np.where(np.isfinite(effect.pvalues), effect.pvalues, np.inf))[:top]
     labels = np.asarray([str(b) for b in batch])
     levels = list(np.unique(labels))

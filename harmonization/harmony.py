@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
+from sklearn.neighbors import NearestNeighbors
 
 from common.errors import HarmonizationError
 
@@ -25,7 +27,6 @@ from common.errors import HarmonizationError
 class HarmonyOptions:
     """harmonypy's main knobs: diversity penalty ``theta``, clusters (None = harmonypy's
     default), iterations and the seed of its k-means start."""
-
     theta: float = 2.0
     n_clusters: int | None = None
     max_iter: int = 10
@@ -36,8 +37,7 @@ def harmony_embeddings(embeddings: npt.ArrayLike, batch: Sequence[object],
                        options: HarmonyOptions = HarmonyOptions()
                        ) -> npt.NDArray[np.float64]:
     """Harmony-corrected embeddings, (n_samples, n_dims) like the input."""
-    import harmonypy
-    import pandas as pd
+    import harmonypy  # optional at the site: only embedding harmonization needs it
 
     x = np.asarray(embeddings, dtype=np.float64)
     if x.ndim != 2 or not np.all(np.isfinite(x)):
@@ -60,13 +60,10 @@ def harmony_embeddings(embeddings: npt.ArrayLike, batch: Sequence[object],
 def lisi(embeddings: npt.ArrayLike, labels: Sequence[object], perplexity: float = 30.0
          ) -> npt.NDArray[np.float64]:
     """Local inverse Simpson's index of ``labels`` around each point, (n_samples,).
-
     As Korsunsky et al. define it: Gaussian weights over the ``3 * perplexity`` nearest
     neighbours, each point's bandwidth set by bisection so that the weights' perplexity is
     ``perplexity``; the index is 1 / sum over labels of (weight share of the label)^2.
     """
-    from sklearn.neighbors import NearestNeighbors
-
     x = np.asarray(embeddings, dtype=np.float64)
     codes = np.unique(np.asarray([str(v) for v in labels]), return_inverse=True)[1]
     k = int(min(3 * perplexity, x.shape[0] - 1))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Final
 
 import httpx
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -51,6 +52,7 @@ RETRY_DELAYS_S: Final = (0.5, 1.0, 2.0)
 
 def fleet_paths() -> frozenset[str]:
     """The Fleet API's routes as the installed Flower declares them (``/v1/fleet/...``)."""
+    # the SuperLink's own modules: only a running gateway needs them
     from flwr.superlink.routers.fleet.router import router
 
     paths = frozenset(route.path for route in router.routes)
@@ -63,7 +65,6 @@ def fleet_paths() -> frozenset[str]:
 class Upstream:
     """Where the SuperLink listens (loopback) and the CA its certificate is checked against
     (None: plaintext, for ``--insecure`` loopback tests)."""
-
     host: str
     port: int
     ca_certfile: Path | None
@@ -144,7 +145,6 @@ def create_app(upstream: Upstream, *, allowed: frozenset[str] | None = None,
 @dataclass(frozen=True)
 class Listen:
     """Where the gateway listens, and its TLS files (None: plaintext, loopback tests only)."""
-
     host: str
     port: int
     certfile: Path | None = None
@@ -155,8 +155,6 @@ def serve(listen: Listen, upstream: Upstream, *,
           watch: Callable[[], Awaitable[None]] | None = None) -> None:
     """Run the gateway until SIGINT/SIGTERM, or until ``watch`` returns (e.g. the SuperLink it
     fronts has exited)."""
-    import uvicorn
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(
         create_app(upstream), host=listen.host, port=listen.port, log_level="warning",

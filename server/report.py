@@ -27,7 +27,7 @@ import numpy as np
 from common import plots
 from common.errors import ConfigError
 from common.provenance import REPORT_PACKAGES, atomic_write_json, software_versions
-from common.templates import fmt, with_ci
+from common.templates import fmt, render, with_ci
 
 REPORT_HTML, REPORT_JSON, REPORT_CSV = "report.html", "report.json", "report.csv"
 PHASE_FILES = ("protocol", "handshake", "prepare", "combat", "model", "nomogram", "cnn",
@@ -284,8 +284,6 @@ def _csv_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_report(out_dir: Path) -> dict[str, Path]:
     """Write report.html, report.json and report.csv into ``out_dir``; their paths."""
-    from common.templates import render
-
     study = read_study(out_dir)
     report = _report_of(study, out_dir)
     paths = {"html": out_dir / REPORT_HTML, "json": out_dir / REPORT_JSON,

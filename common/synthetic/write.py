@@ -10,6 +10,7 @@ study protocol matching its task and modality (``study.yaml``), a preview pictur
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Callable
@@ -22,7 +23,12 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 import yaml
+from PIL import Image, ImageDraw
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
+from common.protocol import CnnSpec, load_protocol, protocol_from_mapping
 from common.provenance import atomic_write_bytes, atomic_write_json, software_versions
 from common.synthetic.phantom import (
     MM_PATTERNS,
@@ -65,7 +71,6 @@ _TASK_SPEC = {
 @dataclass(frozen=True)
 class CohortSpec:
     """Everything that decides a cohort: the same spec gives the same files."""
-
     sites: tuple[SiteSpec, ...]
     task: Task = Task.DIAGNOSIS
     modality: str = "MR"
@@ -85,8 +90,6 @@ def study_protocol_mapping(task: Task, modality: str) -> dict[str, Any]:
     """The study protocol for a synthetic cohort: the modality's preset (standardization,
     radiomics) with the task's label and covariates, the DICOM SEG segment names and the CNN
     phase with its defaults."""
-    from common.protocol import CnnSpec, load_protocol, protocol_from_mapping
-
     task = Task(task)
     base = load_protocol(f"preset:{_BASE_PRESET[modality]}").model_dump(mode="json")
     spec, what = _TASK_SPEC[task]
@@ -120,17 +123,12 @@ _SOP_CLASS = {"MR": "1.2.840.10008.5.1.4.1.1.4", "CT": "1.2.840.10008.5.1.4.1.1.
 
 
 def _uid(*parts: object) -> str:
-    from pydicom.uid import generate_uid
-
     return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
 
 
 def _dicom_series(image: sitk.Image, patient: Patient, scanner: ScannerEffects, modality: str,
                   seed: int) -> list[Any]:
     """One pydicom Dataset a slice (MR or CT Image Storage, explicit VR little endian)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
-
     array = sitk.GetArrayFromImage(image).astype(np.int16)
     sx, sy, sz = image.GetSpacing()
     ox, oy, oz = image.GetOrigin()
@@ -194,8 +192,7 @@ def _dicom_series(image: sitk.Image, patient: Patient, scanner: ScannerEffects, 
 def _dicom_seg(slices: list[Any], labels: npt.NDArray[np.uint8], lesions: npt.NDArray[np.uint8],
                patient: Patient, seed: int) -> Any:
     """A BINARY DICOM SEG (highdicom) of the marrow ROI, the muscle and the lesions."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
+    import highdicom as hd  # highdicom loads only to write DICOM SEG
 
     def describe(number: int, label: str, category: Any, kind: Any) -> Any:
         return hd.seg.SegmentDescription(
@@ -271,8 +268,6 @@ def _write_case_job(args: tuple[Path, Patient, ScannerEffects, CohortSpec]
 
 
 def _manifest_bytes(rows: list[dict[str, Any]]) -> bytes:
-    import io
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -283,7 +278,6 @@ def _manifest_bytes(rows: list[dict[str, Any]]) -> bytes:
 def write_cohort(out_dir: Path, spec: CohortSpec, workers: int | None = None,
                  on_case: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Write every site's images, masks and manifest, the study protocol and ``cohort.json``.
-
     Cases are rendered in ``workers`` processes (default: all cores). Returns site name ->
     manifest path (``manifest.csv``; with ``file_format="both"`` it points at the NIfTI files and
     ``manifest_dicom.csv`` beside it at the DICOM ones).
@@ -357,8 +351,6 @@ def read_cohort_spec(out_dir: Path) -> dict[str, Any] | None:
 def preview_png(path: Path, spec: CohortSpec) -> None:
     """A picture for a person: per site (rows) one patient of each pattern (columns), an axial
     slice through a vertebral body and a sagittal one through the spine, at a common scale."""
-    from PIL import Image, ImageDraw
-
     patterns = list(MM_PATTERNS) + ([Pattern.METASTASIS] if spec.task is Task.DIAGNOSIS else [])
     window = (0.0, 1000.0) if spec.modality == "MR" else (-200.0, 1200.0)
     mm_per_px = 0.8
@@ -395,8 +387,6 @@ def preview_png(path: Path, spec: CohortSpec) -> None:
 
 
 def _png_bytes(image: Any) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
