@@ -47,7 +47,8 @@ SIZES = (40, 70, 110)
 def run(cohort: Path, out: Path, seed: int) -> tuple[dict, float]:
     protocol = load_protocol(cohort / "study.yaml")
     start = time.perf_counter()
-    run_in_simulation(cohort, StudySettings(protocol, out, seed=seed, until="model"), lambda _: None)
+    run_in_simulation(cohort, StudySettings(protocol, out, seed=seed, until="model"),
+                      lambda _: None)
     return json.loads((out / "model.json").read_text()), time.perf_counter() - start
 
 

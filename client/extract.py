@@ -21,14 +21,12 @@ from functools import cache
 from typing import Any
 
 import numpy as np
+import radiomics
 import SimpleITK as sitk
+from radiomics import featureextractor, getFeatureClasses
 
 from common.errors import CaseError, SkipReason
 from common.protocol import RadiomicsSpec, StudyProtocol
-
-from radiomics import featureextractor, getFeatureClasses
-
-import radiomics
 
 # pyradiomics logs per-feature notes (e.g. "Sum Average = 2 * Joint Average") as warnings on its
 # own handler; the site's ingestion report says what matters.
@@ -138,7 +136,8 @@ class FeatureExtractor:
         if ibsi and rng is not None and math.isfinite(rng[0]):
             self.lower_bound = float(rng[0])
 
-        shape_classes = {k: list(v) for k, v in spec.feature_classes.items() if k.startswith("shape")}
+        shape_classes = {k: list(v) for k, v in spec.feature_classes.items()
+                         if k.startswith("shape")}
         other_classes = {
             k: list(v) for k, v in spec.feature_classes.items() if not k.startswith("shape")
         }

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import SimpleITK as sitk
 
@@ -85,7 +85,8 @@ _GLDM = {
     "dcnu": "DependenceNonUniformity", "dcnu_norm": "DependenceNonUniformityNormalized",
     "gl_var": "GrayLevelVariance", "dc_var": "DependenceVariance", "dc_entr": "DependenceEntropy",
 }
-_NGTDM = {k: k.capitalize() for k in ("coarseness", "contrast", "busyness", "complexity", "strength")}
+_NGTDM = {k: k.capitalize()
+          for k in ("coarseness", "contrast", "busyness", "complexity", "strength")}
 _SHAPE = {
     "volume": "MeshVolume", "vol_approx": "VoxelVolume", "area_mesh": "SurfaceArea",
     "av": "SurfaceVolumeRatio", "sphericity": "Sphericity", "diam": "Maximum3DDiameter",

@@ -120,8 +120,10 @@ def read_manifest(
     for row_number, row in enumerate(rows, start=2):  # row 1 is the header
         case_id = row.get("case_id", "")
 
-        def problem(reason: SkipReason, detail: str) -> None:
-            problems.append(RowProblem(case_id or f"<row {row_number}>", row_number, reason, detail))
+        def problem(reason: SkipReason, detail: str, case_id: str = case_id,
+                    row_number: int = row_number) -> None:  # this row's, bound here
+            problems.append(RowProblem(case_id or f"<row {row_number}>", row_number, reason,
+                                       detail))
 
         if not case_id:
             problem(SkipReason.MISSING_FIELD, f"row {row_number}: empty case_id")

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -267,7 +267,7 @@ def write_features_table(
         "standardization_steps": [step.record() for step in build_steps(protocol)],
         "pyradiomics_settings": pyradiomics_settings(protocol.radiomics),
         "software": software_versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     merged = dict(arrow.schema.metadata or {})
     merged[b"myelofed"] = json.dumps(meta).encode("utf-8")
@@ -317,7 +317,7 @@ def ingestion_report(
         "protocol_name": protocol.name,
         "protocol_hash": protocol.content_hash(),
         "software": software_versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "counts": {"total": len(entries), "usable": len(entries) - len(skipped),
                    "skipped": len(skipped)},
         "skipped_by_reason": dict(sorted(by_reason.items())),

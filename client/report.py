@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ def record_prepare(site: SiteConfig, protocol: StudyProtocol, reply: Any,
 
 
 def record_evaluation(site: SiteConfig, protocol: StudyProtocol, key: str,
-                      table: dict[str, Any], y: "np.ndarray", scores: dict[str, "np.ndarray"],
+                      table: dict[str, Any], y: np.ndarray, scores: dict[str, np.ndarray],
                       models: dict[str, Any]) -> None:
     """One evaluation (``key``: raw, harmonized or nomogram): the metrics sent, plus the ROC
     curves of this site's own test rows and each model's terms (kept here)."""
@@ -130,7 +130,7 @@ def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, An
                          if (folder / name).is_file() else None)
     classification = protocol.task.kind is TaskKind.CLASSIFICATION
     report: dict[str, Any] = {
-        "site": site.site_name, "generated": datetime.now(timezone.utc).strftime(
+        "site": site.site_name, "generated": datetime.now(UTC).strftime(
             "%Y-%m-%d %H:%M UTC"), "protocol": protocol.name,
         "protocol_hash": protocol.content_hash(), "versions": software_versions(REPORT_PACKAGES),
         "prepare": read("prepare.json"), "harmonization": _harmonization_diagnostics(

@@ -182,4 +182,6 @@ class EvaluateRequest:
         if len(names) != len(self.model):
             raise ConfigError("evaluation request", [
                 f"{len(names)} model names for {len(self.model)} models"])
-        return dict(zip(names, self.model)), dict(zip(names, self.radiomics))
+        # a nomogram request carries one radiomics model per model; others none
+        return (dict(zip(names, self.model, strict=True)),
+                dict(zip(names, self.radiomics, strict=False)))

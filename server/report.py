@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,7 @@ def _regression_rows(model: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _selected(model: dict[str, Any]) -> dict[str, float]:
     fed = model["training_sets"]["federated"]["model"]
-    return {f: c for f, c in zip(fed["features"], fed["coefficients"]) if c != 0}
+    return {f: c for f, c in zip(fed["features"], fed["coefficients"], strict=True) if c != 0}
 
 
 def _model_section(model: dict[str, Any]) -> dict[str, Any]:
@@ -233,7 +233,7 @@ def _report_of(study: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     handshake = study["handshake"]
     prepare = study.get("prepare", {})
     report: dict[str, Any] = {
-        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "out_dir": str(out_dir), "status": study.get("study", {"status": "unknown"}),
         "protocol_hash": next((s["protocol_hash"] for s in handshake["sites"]
                                if s.get("protocol_hash")), ""),

@@ -123,7 +123,7 @@ def unanswered(sites: set[str], orphans: list[str], timeout_s: float
     many such errors as silent sites, each site gets one; otherwise they are named together."""
     sites_sorted = sorted(sites)
     if orphans and len(orphans) == len(sites_sorted):
-        return list(zip(sites_sorted, orphans))
+        return list(zip(sites_sorted, orphans, strict=True))
     reason = f"no reply within {timeout_s:g} s"
     if orphans:
         reason += f" ({'; '.join(sorted(set(orphans)))})"

@@ -17,7 +17,6 @@ from common.protocol import StudyProtocol, load_protocol
 from common.provenance import atomic_write_json
 from harmonization.combat import CombatOptions
 
-
 PHASES = ("handshake", "prepare", "combat", "model", "cnn")
 #: Where a study says how it goes: a line per phase and round.
 Progress = Callable[[str], None]

@@ -44,7 +44,7 @@ def site_view(site: SiteConfig, protocol: StudyProtocol, arrays: Mapping[str, np
     device = device or select_device(site.device)
     crops = prepare_crops(site, protocol)
     x, labels = crops.split("test")
-    ids = [c for c, s in zip(crops.case_ids, crops.splits) if s == "test"]
+    ids = [c for c, s in zip(crops.case_ids, crops.splits, strict=True) if s == "test"]
     with torch_threads(site.n_workers):
         model = build_network(spec, protocol.task.kind)
         load_state_arrays(model, arrays)

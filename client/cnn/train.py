@@ -179,7 +179,8 @@ def train_round(site: SiteConfig, protocol: StudyProtocol, global_arrays: Mappin
                 loss = criterion(output.float().reshape(-1), yb)
                 objective = loss
                 if mu > 0:
-                    drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                    drift = sum(((p - a) ** 2).sum()
+                                for p, a in zip(model.parameters(), anchor, strict=True))
                     objective = loss + mu / 2.0 * drift
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(objective).backward()

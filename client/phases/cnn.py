@@ -72,7 +72,8 @@ def _record_cnn(site: SiteConfig, protocol: StudyProtocol, arrays: dict[str, np.
         roc["CNN"] = [fpr.tolist(), tpr.tolist()]
     overlays = [{"title": f"Grad-CAM, test case {case} (label {label:g})",
                  "src": plots.cam_figure(crop, cam, f"{case}: label {label:g}")}
-                for (case, label), crop, cam in zip(view.shown, view.crops, view.cams)]
+                for (case, label), crop, cam in zip(view.shown, view.crops, view.cams,
+                                                    strict=True)]
     atomic_write_json(report_dir(site, protocol) / "evaluation_cnn.json",
                       {"metrics": {"models": {"CNN": table}, "comparisons": {}}, "roc": roc,
                        "scatter": {} if classification else {

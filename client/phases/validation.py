@@ -21,7 +21,8 @@ def evaluate_request(site: SiteConfig, protocol: StudyProtocol, request: Evaluat
     """:func:`evaluate_models` of an evaluation request (each model cut at its threshold)."""
     models, radiomics = request.named()
     study = request.study
-    thresholds = dict(zip(study.models or (), study.thresholds)) if study.thresholds else None
+    thresholds = (dict(zip(study.models or (), study.thresholds, strict=True))
+                  if study.thresholds else None)
     return evaluate_models(site, protocol, bool(study.harmonized), models, radiomics or None,
                            thresholds, study.seed if study.seed is not None else 0)
 
@@ -49,9 +50,11 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     positives = int(y.sum()) if classification else 0
     content = {"models": table, "comparisons": comparisons}
     terms = {name: {"intercept": float(model.beta[0]), "coefficients": (
-        dict(zip(["radiomics score", *clinical_terms(protocol)], model.beta[1:].tolist()))
+        dict(zip(["radiomics score", *clinical_terms(protocol)], model.beta[1:].tolist(),
+                 strict=True))
         if radiomics and name in radiomics else
-        {names[i]: float(c) for i, c in zip(model.features, model.beta[1:]) if c != 0})}
+        {names[i]: float(c) for i, c in zip(model.features, model.beta[1:], strict=True)
+         if c != 0})}
         for name, model in models.items()}
     record_evaluation(site, protocol, "nomogram" if radiomics else
                       ("harmonized" if harmonized else "raw"), content, y, scores, terms)

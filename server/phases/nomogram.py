@@ -16,7 +16,6 @@ from server.phases.validation import pool_sites, site_results
 from server.rounds import Records, Transport, collect, exchange, study_config
 from server.study import Progress, StudySettings
 
-
 #: The nomogram's ridge penalty (per row): next to nothing, but finite when a small training
 #: set separates the classes.
 NOMOGRAM_L2 = 1e-4
@@ -70,8 +69,9 @@ def run_nomogram(transport: Transport, nodes: dict[int, str], settings: StudySet
     return report | {
         "status": "done",
         "training_sets": {n: {"sites": sets[n], "intercept": float(m.beta[0]),
-                              "coefficients": dict(zip(terms, m.beta[1:].tolist())),
-                              "odds_ratios": dict(zip(terms, np.exp(m.beta[1:]).tolist()))}
+                              "coefficients": dict(zip(terms, m.beta[1:].tolist(), strict=True)),
+                              "odds_ratios": dict(zip(terms, np.exp(m.beta[1:]).tolist(),
+                                                      strict=True))}
                           for n, m in nomograms.items()},
         "sites": (results := site_results(metrics, failed)),
         "pooled": pool_sites(results, "logistic")}

@@ -130,7 +130,7 @@ def run_batch(transport: Transport, nodes: dict[int, str], batch: FitBatch,
                 for site in nodes.values()}
         replies, more = exchange(
             transport, nodes, MessageType.MODEL_TERMS,
-            lambda node: ask(batch.request(mine[nodes[node]])), settings)
+            lambda node, mine=mine: ask(batch.request(mine[nodes[node]])), settings)
         failed.update(more)
         width = batch.features.shape[1] + 1
         terms: dict[str, BatchTerms] = {}

@@ -44,7 +44,7 @@ def roi_name(modality: str) -> str:
     return f"GTV_Mass_{modality}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _series(patient: str, modality: str) -> tuple[sitk.Image, pydicom.Dataset]:
     return read_dicom_series(STS / "dicom" / patient / modality / "image")
 
@@ -54,7 +54,7 @@ def series(patient: str, modality: str) -> tuple[sitk.Image, pydicom.Dataset]:
     return _series(patient, modality)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rtstruct_mask(patient: str, modality: str) -> sitk.Image:
     image, _ = _series(patient, modality)
     return rtstruct_to_mask(

@@ -38,7 +38,8 @@ DIAGNOSIS = protocol_from_mapping(study_protocol_mapping(Task.DIAGNOSIS, "MR"))
 PCI = protocol_from_mapping(study_protocol_mapping(Task.PCI, "MR"))
 
 
-def check(kind: MessageType | str, request: RecordDict, reply: RecordDict, protocol=DIAGNOSIS) -> None:  # noqa: ANN001
+def check(kind: MessageType | str, request: RecordDict, reply: RecordDict,
+          protocol=DIAGNOSIS) -> None:  # noqa: ANN001
     check_reply(kind, request, reply, lambda: protocol, lambda: F, "site_A")
 
 
@@ -207,7 +208,8 @@ def test_a_cnn_update_is_the_network_it_was_sent_with_named_scalar_metrics():
     check(MessageType.TRAIN, request, train_reply(network(), dp_epsilon=1.0, global_test_auc=0.5))
     bigger = network()
     bigger["conv.weight"] = Array(np.zeros((5, 1, 3, 3, 3), np.float32))
-    withheld(MessageType.TRAIN, request, train_reply(bigger), r"weight 'conv.weight' has shape \(5, 1, 3, 3, 3\)")
+    withheld(MessageType.TRAIN, request, train_reply(bigger),
+             r"weight 'conv.weight' has shape \(5, 1, 3, 3, 3\)")
     extra = network()
     extra["features"] = Array(np.zeros((20, 512), np.float32))  # the crops' embeddings
     withheld(MessageType.TRAIN, request, train_reply(extra), "differ from the network's: features")
@@ -222,7 +224,8 @@ def test_replies_to_unknown_messages_are_withheld():
     withheld(MessageType.COMBAT_APPLY, RecordDict({}),
              RecordDict({"result": ConfigRecord({"rows": 30, "case_ids": ["P1"]})}),
              "'result.case_ids' is not a declared")
-    check(MessageType.COMBAT_APPLY, RecordDict({}), RecordDict({"result": ConfigRecord({"rows": 30})}))
+    check(MessageType.COMBAT_APPLY, RecordDict({}),
+          RecordDict({"result": ConfigRecord({"rows": 30})}))
 
 
 # --- the mod ----------------------------------------------------------------------------------
@@ -240,7 +243,8 @@ def test_the_mod_withholds_a_bad_reply_and_says_why(caplog: pytest.LogCaptureFix
     monkeypatch.setattr(TaskIdentity, "_node_id", 2)
     monkeypatch.setattr(TaskIdentity, "_task_id", 3)
     mod = privacy_guard(lambda _: "site_A", lambda *_: F)
-    message = Message(RecordDict({"arrays": network()}), dst_node_id=2, message_type=MessageType.TRAIN)
+    message = Message(RecordDict({"arrays": network()}), dst_node_id=2,
+                      message_type=MessageType.TRAIN)
     good = mod(message, None, lambda m, _: Message(train_reply(network()), reply_to=m))
     assert not good.has_error() and "arrays" in good.content
     extra = network()

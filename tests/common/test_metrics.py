@@ -184,10 +184,11 @@ def test_decision_curve_never_tells_apart_fewer_patients_than_the_minimum():
         kept = [p.threshold for p in curve if np.isfinite(p.model)]
         assert kept, "some thresholds qualify on 23 patients"
         edges = [-np.inf, *kept, np.inf]
-        groups = [np.sum((risk >= lo) & (risk < hi)) for lo, hi in zip(edges, edges[1:])]
+        groups = [np.sum((risk >= lo) & (risk < hi))
+                  for lo, hi in zip(edges, edges[1:], strict=False)]
         assert all(g == 0 or g >= min_count for g in groups), (min_count, kept, groups)
         # the points kept are the full curve's, and treating all is always there
-        for point, whole in zip(curve, full):
+        for point, whole in zip(curve, full, strict=True):
             assert point.treat_all == whole.treat_all
             assert np.isnan(point.model) or point.model == whole.model
     # a handful of patients (fewer than twice the minimum) tells no two groups apart

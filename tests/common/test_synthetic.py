@@ -203,7 +203,7 @@ def test_dicom_series_and_seg_read_back_equal_to_the_nifti(tmp_path: Path):
     nifti, _ = read_manifest(site_dir / "manifest.csv", protocol, "site_B")
     dicom, _ = read_manifest(site_dir / "manifest_dicom.csv", protocol, "site_B")
     assert [c.case_id for c in nifti] == [c.case_id for c in dicom]
-    for a, b in zip(nifti, dicom):
+    for a, b in zip(nifti, dicom, strict=True):
         from_nifti, from_dicom = load_case(a, protocol), load_case(b, protocol)
         np.testing.assert_array_equal(_array(from_nifti.image), _array(from_dicom.image))
         # the SEG's marrow and muscle segments give the same label map as the NIfTI

@@ -6,11 +6,9 @@ from pathlib import Path
 import pytest
 
 from client.phases.handshake import handshake
-
 from client.workspace import resolve_site
-
-from common.payloads import HandshakeReply
 from common.errors import ConfigError
+from common.payloads import HandshakeReply
 from common.protocol import load_protocol
 from common.site_config import SiteConfig
 from common.synthetic import CohortSpec, make_sites, write_cohort
@@ -107,7 +105,6 @@ def test_a_site_sends_no_sums_over_fewer_than_five_training_rows(tmp_path: Path)
     import pandas as pd
 
     from client.phases.radiomics import model_rows
-
     from client.workspace import PREPARED_FILE, study_dir
     from common.glm import ModelError
 

@@ -75,7 +75,7 @@ def test_the_nomogram_equals_the_pooled_fit_and_is_scored_at_every_site(
         got = [fitted["intercept"], *fitted["coefficients"].values()]
         np.testing.assert_allclose(got, pooled, atol=1e-6, err_msg=set_name)
         assert fitted["odds_ratios"]["age"] == pytest.approx(np.exp(pooled[-1]))
-    for site, result in nomogram["sites"].items():
+    for result in nomogram["sites"].values():
         assert set(result["metrics"]) == {"nomogram", "nomogram leave-site-out"}
         assert all(0.0 <= m["auc"] <= 1.0 for m in result["metrics"].values())
 
@@ -161,8 +161,9 @@ def test_reports_render_in_headless_chromium(response_study: tuple[Path, Path, o
             for page_path in pages:
                 page = browser.new_page()
                 errors: list[str] = []
-                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("console", lambda m, errors=errors: errors.append(m.text)
+                        if m.type == "error" else None)
+                page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
                 page.goto(page_path.resolve().as_uri())
                 images = page.evaluate("Array.from(document.images).map("
                                        "i => [i.alt, i.complete && i.naturalWidth > 0])")

@@ -67,7 +67,7 @@ def differences(a: Any, b: Any, path: str = "$", rel: float = 1e-6, abs_: float 
             return [f"{path}: {len(a)} items in the simulation, {len(b)} in the deployment"]
         if all(isinstance(x, dict) and "site" in x for x in a + b):
             a, b = (sorted(x, key=lambda item: str(item["site"])) for x in (a, b))
-        return [d for i, (x, y) in enumerate(zip(a, b))
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
                 for d in differences(x, y, f"{path}[{i}]", rel, abs_)]
     numbers = (int, float)
     if (isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from common.errors import ConfigError
-from server.report import build_report, write_report
 from server.phases.validation import pool_sites
+from server.report import build_report, write_report
 
 
 def _metrics(r: float, n: int) -> dict[str, float]:

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from client.workspace import HARMONIZED_FILE, PREPARED_FILE, feature_columns
-
 from common.messages import MessageType
 from common.payloads import PrepareReply
 from common.protocol import ModelSpec, load_protocol
@@ -36,8 +35,8 @@ def audit_mod(path: Path):  # noqa: ANN201 - a Flower mod
         if reply.has_content():
             for record in reply.content.values():
                 if hasattr(record, "to_numpy_ndarrays"):  # an ArrayRecord
-                    entry["arrays"] += [list(a.shape)[1:] if list(a.shape)[:1] == [fits] else list(a.shape)
-                                        for a in record.values()]
+                    entry["arrays"] += [list(a.shape)[1:] if list(a.shape)[:1] == [fits]
+                                        else list(a.shape) for a in record.values()]
                 else:
                     entry["lists"] += [len(v) for v in record.values()
                                        if isinstance(v, list)]
@@ -138,7 +137,7 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
                   for s in ("site_A", "site_B", "site_C")}
         assert set(model_json["training_sets"]) == {"federated", "without site_A",
                                                     "without site_B", "without site_C"}
-        for name, report in model_json["training_sets"].items():
+        for report in model_json["training_sets"].values():
             rows = [(t[t.split == "train"][names].to_numpy(float),
                      t[t.split == "train"][label].to_numpy(float),
                      t[t.split == "train"].fold.to_numpy()) for s, t in tables.items()
@@ -151,7 +150,7 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
             np.testing.assert_allclose([fitted["intercept"], *fitted["coefficients"]], pooled.beta,
                                        atol=1e-6)
         assert set(model_json["local_models"]) == set(tables)
-        for site, metrics in model_json["sites"].items():
+        for metrics in model_json["sites"].values():
             assert metrics["n_test"] > 0
             assert set(metrics["metrics"]) == {"federated", "leave-site-out", "local site_A",
                                                "local site_B", "local site_C"}
