@@ -24,12 +24,10 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harmonization.combat import (  # noqa: E402
-    CombatOptions,
-    Design,
+from harmonization.combat.design import CombatOptions, Design  # noqa: E402
+from harmonization.combat.model import SiteTable, fit_combat  # noqa: E402
+from harmonization.combat.moments import (  # noqa: E402
     LocationFit,
-    SiteTable,
-    fit_combat,
     site_batch_moments,
     site_design_moments,
     site_residual_moments,

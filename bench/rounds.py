@@ -32,7 +32,7 @@ from cli.simulation import run_in_simulation  # noqa: E402
 from common.network import build_network, float32_nbytes, state_arrays  # noqa: E402
 from common.protocol import CnnSpec, ModelSpec, load_protocol  # noqa: E402
 from common.synthetic import CohortSpec, make_sites, read_cohort_spec, write_cohort  # noqa: E402
-from harmonization.combat import CombatOptions  # noqa: E402
+from harmonization.combat.design import CombatOptions  # noqa: E402
 from server.federation import LocalFederation  # noqa: E402
 from server.study import StudySettings  # noqa: E402
 

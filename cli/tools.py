@@ -157,7 +157,7 @@ def harmonize(
       myelofed harmonize work/features.parquet --batch-col batch --categorical sex \\
         --continuous age -o work/features_combat.parquet"""
     # deferred: heavy (see cli/__init__.py)
-    from harmonization.combat import CombatOptions
+    from harmonization.combat.design import CombatOptions
     from harmonization.diagnostics import site_effect_png  # deferred: heavy
     from harmonization.offline import harmonize_offline  # deferred: heavy
 

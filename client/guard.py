@@ -42,7 +42,8 @@ from common.payloads import (
 from common.protocol import StudyProtocol, TaskKind
 from common.records import PayloadError, check_sent, unpack
 from common.selection import BatchRequest, BatchTerms, Comoments, LinearModel
-from harmonization.combat import DesignMoments, ResidualMoments, StackedMoments, design_from_json
+from harmonization.combat.design import design_from_json
+from harmonization.combat.moments import DesignMoments, ResidualMoments, StackedMoments
 
 #: Flower's ``RecordDict`` (duck-typed: only the apps import Flower).
 Records = Any

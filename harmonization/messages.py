@@ -12,14 +12,9 @@ from dataclasses import dataclass
 
 from common.errors import ConfigError
 from common.messages import StudyConfig
-from harmonization.combat import (
-    CombatOptions,
-    Design,
-    LocationFit,
-    PooledVariance,
-    StackedAdjustments,
-    design_from_json,
-)
+from harmonization.combat.design import CombatOptions, Design, design_from_json
+from harmonization.combat.eb import StackedAdjustments
+from harmonization.combat.moments import LocationFit, PooledVariance
 
 
 @dataclass(frozen=True)

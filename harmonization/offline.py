@@ -15,14 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from harmonization.combat import (
-    CombatModel,
-    CombatOptions,
-    Covariates,
-    Design,
-    SiteTable,
-    fit_combat,
-)
+from harmonization.combat.design import CombatOptions, Covariates, Design
+from harmonization.combat.model import CombatModel, SiteTable, fit_combat
 from harmonization.diagnostics import SiteEffect, site_effect
 
 FloatArray = npt.NDArray[np.float64]

@@ -15,7 +15,7 @@ from typing import Any
 from common.errors import ConfigError, MyeloFedError
 from common.protocol import StudyProtocol, load_protocol
 from common.provenance import atomic_write_json
-from harmonization.combat import CombatOptions
+from harmonization.combat.design import CombatOptions
 
 PHASES = ("handshake", "prepare", "combat", "model", "cnn")
 #: Where a study says how it goes: a line per phase and round.

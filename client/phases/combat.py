@@ -17,16 +17,14 @@ from common.errors import HarmonizationError
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import atomic_write_parquet
 from common.site_config import SiteConfig
-from harmonization.combat import (
-    BatchAdjustment,
-    CombatModel,
-    CombatOptions,
-    Design,
+from harmonization.combat.design import CombatOptions, Design
+from harmonization.combat.eb import BatchAdjustment, estimate_batch_adjustment
+from harmonization.combat.model import CombatModel
+from harmonization.combat.moments import (
     DesignMoments,
     LocationFit,
     ResidualMoments,
     StackedMoments,
-    estimate_batch_adjustment,
     site_batch_moments,
     site_design_moments,
     site_residual_moments,

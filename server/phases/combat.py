@@ -15,20 +15,18 @@ from common.payloads import PrepareReply, parse_counts
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import atomic_write_json
 from common.records import pack_request
-from harmonization.combat import (
+from harmonization.combat.design import Design, design_to_json
+from harmonization.combat.eb import StackedAdjustments, estimate_batch_adjustment
+from harmonization.combat.moments import (
     BatchMoments,
-    Design,
     DesignMoments,
     LocationFit,
     PooledVariance,
     ResidualMoments,
-    StackedAdjustments,
     StackedMoments,
     combine_batch_moments,
     combine_design_moments,
     combine_residual_moments,
-    design_to_json,
-    estimate_batch_adjustment,
 )
 from harmonization.messages import CombatRequest
 from server.rounds import Records, Transport, collect, exchange, study_config

@@ -23,13 +23,8 @@ from common.records import PayloadError, check_sent, pack, pack_request, to_reco
 from common.selection import BatchRequest, BatchTerms, LinearModel, site_batch_terms
 from common.synthetic import Task
 from common.synthetic.write import study_protocol_mapping
-from harmonization.combat import (
-    CombatOptions,
-    Design,
-    DesignMoments,
-    design_to_json,
-    site_design_moments,
-)
+from harmonization.combat.design import CombatOptions, Design, design_to_json
+from harmonization.combat.moments import DesignMoments, site_design_moments
 from harmonization.messages import CombatRequest
 
 RNG = np.random.default_rng(7)

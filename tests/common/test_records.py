@@ -6,7 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from common.glm import LogisticTerms, site_logistic_terms
 from common.records import PayloadError, from_record, to_record
-from harmonization.combat import BatchMoments, DesignMoments
+from harmonization.combat.moments import BatchMoments, DesignMoments
 
 
 def test_round_trip_keeps_arrays_and_scalars_exactly():

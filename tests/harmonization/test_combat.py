@@ -7,14 +7,12 @@ import pandas as pd
 import pytest
 
 from common.errors import HarmonizationError
-from harmonization.combat import (
+from harmonization.combat.design import CombatOptions, Design
+from harmonization.combat.model import SiteTable, fit_combat
+from harmonization.combat.moments import (
     BatchMoments,
-    CombatOptions,
-    Design,
     LocationFit,
-    SiteTable,
     combine_batch_moments,
-    fit_combat,
     site_batch_moments,
     site_design_moments,
     site_residual_moments,

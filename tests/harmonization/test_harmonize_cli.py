@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from cli.exit_codes import ExitCode
 from cli.main import app
-from harmonization.combat import CombatOptions, Design, SiteTable, fit_combat
+from harmonization.combat.design import CombatOptions, Design
+from harmonization.combat.model import SiteTable, fit_combat
 from tests.harmonization.test_combat import make_table
 
 runner = CliRunner()

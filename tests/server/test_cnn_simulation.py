@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from common.messages import MessageType
-from harmonization.combat import CombatOptions
+from harmonization.combat.design import CombatOptions
 from server.study import StudySettings
 from tests.server.studies import small_study
 

@@ -16,7 +16,7 @@ from common.glm import fit_logistic
 from common.protocol import ModelSpec, load_protocol
 from common.selection import LinearModel
 from common.synthetic import CohortSpec, Task, make_sites, write_cohort
-from harmonization.combat import CombatOptions
+from harmonization.combat.design import CombatOptions
 from server.phases.nomogram import NOMOGRAM_L2
 from server.study import StudySettings
 

@@ -22,7 +22,7 @@ from client.workspace import HARMONIZED_FILE, PREPARED_FILE, study_dir
 from common.protocol import ModelSpec, load_protocol
 from common.site_config import SiteConfig, load_site_config
 from common.synthetic import CohortSpec, make_sites, write_cohort
-from harmonization.combat import CombatOptions
+from harmonization.combat.design import CombatOptions
 from server.federation import LocalFederation
 from server.processes import processes_marked
 from server.study import StudySettings

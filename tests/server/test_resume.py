@@ -15,7 +15,7 @@ import pytest
 
 from common.messages import MessageType
 from common.protocol import LocalDpSpec, load_protocol
-from harmonization.combat import CombatOptions
+from harmonization.combat.design import CombatOptions
 from server.study import StudySettings, open_checkpoint
 from tests.server.studies import small_study
 

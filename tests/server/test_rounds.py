@@ -19,7 +19,8 @@ from common.payloads import PrepareReply, format_counts
 from common.protocol import StudyProtocol, load_protocol
 from common.records import pack, unpack_request
 from common.site_config import SiteConfig
-from harmonization.combat import CombatOptions, SiteTable, fit_combat
+from harmonization.combat.design import CombatOptions
+from harmonization.combat.model import SiteTable, fit_combat
 from harmonization.messages import CombatRequest
 from server.phases.combat import combat_design, run_combat
 from server.rounds import Reply, collect, exchange, unanswered

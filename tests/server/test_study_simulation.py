@@ -15,7 +15,8 @@ from common.payloads import PrepareReply
 from common.protocol import ModelSpec, load_protocol
 from common.selection import fit_pooled
 from common.synthetic import CohortSpec, make_sites, write_cohort
-from harmonization.combat import CombatOptions, SiteTable, fit_combat
+from harmonization.combat.design import CombatOptions
+from harmonization.combat.model import SiteTable, fit_combat
 from server.phases.combat import combat_design
 from server.study import StudySettings
 
