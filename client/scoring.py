@@ -7,7 +7,9 @@ from dataclasses import asdict
 
 import numpy as np
 
-from common.metrics import classification_table, delong_test, regression_table
+from common.metrics.classification import classification_table
+from common.metrics.discrimination import delong_test
+from common.metrics.regression import regression_table
 from common.protocol import StudyProtocol, TaskKind
 
 

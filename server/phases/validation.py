@@ -8,7 +8,7 @@ import json
 import math
 from typing import Any
 
-from common.metrics import pool_random_effects
+from common.metrics.pooling import pool_random_effects
 from common.payloads import ModelMetrics
 
 
@@ -59,8 +59,9 @@ POOLED_MODELS = ("federated", "leave-site-out", "local", "nomogram", "nomogram l
 
 def pool_sites(sites: dict[str, dict[str, Any]], loss: str) -> dict[str, dict[str, Any]]:
     """Per model, the sites' headline metric side by side and their random-effects pooled
-    estimate with I-squared (:func:`common.metrics.pool_random_effects`): AUC with its DeLong
-    variance (classification), or Pearson r on Fisher's z with variance 1/(n - 3) (regression).
+    estimate with I-squared (:func:`common.metrics.pooling.pool_random_effects`): AUC with its
+    DeLong variance (classification), or Pearson r on Fisher's z with variance 1/(n - 3)
+    (regression).
     A site whose metric is undefined is listed but not pooled; fewer than two sites: no pool."""
     out = {}
     for kind in POOLED_MODELS:

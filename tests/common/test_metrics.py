@@ -16,21 +16,11 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from common.metrics import (
-    at_threshold,
-    auc_bootstrap_ci,
-    auc_delong,
-    bland_altman,
-    brier_score,
-    calibration,
-    calibration_curve,
-    decision_curve,
-    delong_test,
-    pearson,
-    pool_random_effects,
-    spearman,
-    youden_threshold,
-)
+from common.metrics.calibration import brier_score, calibration, calibration_curve, decision_curve
+from common.metrics.discrimination import auc_bootstrap_ci, auc_delong, delong_test
+from common.metrics.pooling import pool_random_effects
+from common.metrics.regression import bland_altman, pearson, spearman
+from common.metrics.threshold import at_threshold, youden_threshold
 
 
 def scores(seed: int, n: int = 80, ties: bool = False) -> tuple[np.ndarray, np.ndarray,
@@ -257,12 +247,8 @@ def test_bad_input_is_named():
                          ids=["both-classes", "one-class", "three-rows"])
 def test_a_table_holds_exactly_the_keys_the_privacy_guard_allows(n: int, positives: int):
     """The site's privacy guard (client/guard.py) withholds a table with any other key."""
-    from common.metrics import (
-        CLASSIFICATION_KEYS,
-        REGRESSION_KEYS,
-        classification_table,
-        regression_table,
-    )
+    from common.metrics.classification import CLASSIFICATION_KEYS, classification_table
+    from common.metrics.regression import REGRESSION_KEYS, regression_table
 
     rng = np.random.default_rng(3)
     y = np.zeros(n)
