@@ -29,7 +29,7 @@ from client.guard import check_reply  # noqa: E402
 from common.messages import MessageType  # noqa: E402
 from common.protocol import protocol_from_mapping  # noqa: E402
 from common.records import pack  # noqa: E402
-from common.selection import BatchRequest, site_batch_terms  # noqa: E402
+from common.selection.terms import BatchRequest, site_batch_terms  # noqa: E402
 from common.synthetic import Task  # noqa: E402
 from common.synthetic.write import study_protocol_mapping  # noqa: E402
 

@@ -37,7 +37,8 @@ from bench.study import default_cohorts  # noqa: E402
 from cli.simulation import run_in_simulation  # noqa: E402
 from client.workspace import PREPARED_FILE, feature_columns  # noqa: E402
 from common.protocol import load_protocol  # noqa: E402
-from common.selection import assign_folds, fit_pooled  # noqa: E402
+from common.selection.pooled import fit_pooled  # noqa: E402
+from common.selection.terms import assign_folds  # noqa: E402
 from harmonization.combat.design import CombatOptions, Design  # noqa: E402
 from harmonization.combat.model import SiteTable, fit_combat  # noqa: E402
 from server.study import StudySettings  # noqa: E402

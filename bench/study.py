@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from cli.simulation import run_in_simulation  # noqa: E402
 from client.workspace import HARMONIZED_FILE, PREPARED_FILE, feature_columns  # noqa: E402
 from common.protocol import load_protocol  # noqa: E402
-from common.selection import LinearModel, fit_pooled  # noqa: E402
+from common.selection.model import LinearModel  # noqa: E402
+from common.selection.pooled import fit_pooled  # noqa: E402
 from common.synthetic import CohortSpec, make_sites, read_cohort_spec, write_cohort  # noqa: E402
 from server.study import StudySettings  # noqa: E402
 

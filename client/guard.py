@@ -43,7 +43,9 @@ from common.payloads import (
 )
 from common.protocol import StudyProtocol, TaskKind
 from common.records import PayloadError, check_sent, unpack
-from common.selection import BatchRequest, BatchTerms, Comoments, LinearModel
+from common.selection.model import LinearModel
+from common.selection.screening import Comoments
+from common.selection.terms import BatchRequest, BatchTerms
 from harmonization.combat.design import design_from_json
 from harmonization.combat.moments import DesignMoments, ResidualMoments, StackedMoments
 

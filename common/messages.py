@@ -18,7 +18,8 @@ from typing import Any
 
 from common.errors import ConfigError
 from common.protocol import StudyProtocol, protocol_from_mapping
-from common.selection import BatchRequest, LinearModel
+from common.selection.model import LinearModel
+from common.selection.terms import BatchRequest
 
 
 class MessageType(str, enum.Enum):
@@ -158,8 +159,8 @@ class StudyRequest:
 
 @dataclass(frozen=True)
 class ModelTermsRequest:
-    """A batch of model fits to step (:class:`common.selection.BatchRequest`); for the nomogram,
-    one radiomics model per training set, whose score is its first term."""
+    """A batch of model fits to step (:class:`common.selection.terms.BatchRequest`); for the
+    nomogram, one radiomics model per training set, whose score is its first term."""
 
     study: StudyConfig
     request: BatchRequest

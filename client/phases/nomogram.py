@@ -11,7 +11,7 @@ import pandas as pd
 from client.workspace import feature_columns, split_table
 from common.payloads import clinical_columns
 from common.protocol import StudyProtocol
-from common.selection import LinearModel
+from common.selection.model import LinearModel
 from common.site_config import SiteConfig
 
 

@@ -17,7 +17,7 @@ from common.errors import MyeloFedError
 from common.payloads import PrepareReply, format_counts, label_counts
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import atomic_write_parquet
-from common.selection import assign_folds
+from common.selection.terms import assign_folds
 from common.site_config import SiteConfig
 
 

@@ -11,14 +11,10 @@ from common.glm import ModelError
 from common.messages import ModelTermsRequest
 from common.payloads import MIN_ROWS_SENT, loss_of
 from common.protocol import StudyProtocol
-from common.selection import (
-    BatchTerms,
-    Comoments,
-    LinearModel,
-    fit_pooled,
-    site_batch_terms,
-    site_comoments,
-)
+from common.selection.model import LinearModel
+from common.selection.pooled import fit_pooled
+from common.selection.screening import Comoments, site_comoments
+from common.selection.terms import BatchTerms, site_batch_terms
 from common.site_config import SiteConfig
 
 

@@ -12,7 +12,7 @@ from client.workspace import feature_columns, split_table
 from common.messages import EvaluateRequest
 from common.payloads import ModelMetrics, clinical_terms
 from common.protocol import StudyProtocol, TaskKind
-from common.selection import LinearModel
+from common.selection.model import LinearModel
 from common.site_config import SiteConfig
 
 

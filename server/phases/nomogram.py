@@ -10,7 +10,8 @@ import numpy as np
 from common.messages import EvaluateRequest, MessageType, ModelTermsRequest
 from common.payloads import ModelMetrics, clinical_terms
 from common.records import pack_request
-from common.selection import FitBatch, LinearModel
+from common.selection.batch import FitBatch
+from common.selection.model import LinearModel
 from server.phases.radiomics import run_batch
 from server.phases.validation import pool_sites, site_results
 from server.rounds import Records, Transport, collect, exchange, study_config

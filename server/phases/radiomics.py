@@ -14,16 +14,10 @@ import numpy as np
 from common.messages import EvaluateRequest, MessageType, ModelTermsRequest, StudyRequest
 from common.payloads import ModelMetrics, loss_of
 from common.records import pack_request
-from common.selection import (
-    BatchRequest,
-    BatchTerms,
-    Comoments,
-    FitBatch,
-    LinearModel,
-    combine_comoments,
-    new_batch,
-    update_by_site,
-)
+from common.selection.batch import FitBatch, new_batch, update_by_site
+from common.selection.model import LinearModel
+from common.selection.screening import Comoments, combine_comoments
+from common.selection.terms import BatchRequest, BatchTerms
 from server.phases.validation import pool_sites, site_results
 from server.rounds import Records, Transport, collect, exchange, study_config
 from server.study import Progress, StudySettings, require_sites

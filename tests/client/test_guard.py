@@ -20,7 +20,8 @@ from common.messages import EvaluateRequest, MessageType, StudyConfig
 from common.payloads import ModelMetrics
 from common.protocol import protocol_from_mapping
 from common.records import PayloadError, check_sent, pack, pack_request, to_record
-from common.selection import BatchRequest, BatchTerms, LinearModel, site_batch_terms
+from common.selection.model import LinearModel
+from common.selection.terms import BatchRequest, BatchTerms, site_batch_terms
 from common.synthetic import Task
 from common.synthetic.write import study_protocol_mapping
 from harmonization.combat.design import CombatOptions, Design, design_to_json
@@ -120,7 +121,7 @@ def test_model_terms_follow_the_request_and_fewer_rows_than_the_minimum_are_with
 
 
 def test_a_local_model_has_at_most_the_protocols_screened_features():
-    from common.selection import Comoments, site_comoments
+    from common.selection.screening import Comoments, site_comoments
 
     x, y = RNG.normal(size=(N, F)), RNG.integers(0, 2, N).astype(float)
     top_k = DIAGNOSIS.model.screening_top_k

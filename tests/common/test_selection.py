@@ -7,18 +7,10 @@ import pytest
 from sklearn.linear_model import Lasso, LogisticRegression
 
 from common.glm import ModelError
-from common.selection import (
-    FitBatch,
-    assign_folds,
-    combine_comoments,
-    fit_pooled,
-    lambda_max,
-    new_batch,
-    run_in_process,
-    screen,
-    site_batch_terms,
-    site_comoments,
-)
+from common.selection.batch import FitBatch, new_batch
+from common.selection.pooled import fit_pooled, run_in_process
+from common.selection.screening import combine_comoments, lambda_max, screen, site_comoments
+from common.selection.terms import assign_folds, site_batch_terms
 
 
 def _sites(seed: int, binary: bool, sizes=(60, 80, 70), n_features=12):  # noqa: ANN001, ANN202
@@ -156,7 +148,7 @@ def test_unknown_loss_is_refused() -> None:
 
 def test_a_linear_model_with_inconsistent_parts_is_refused_also_on_receipt() -> None:
     from common.records import PayloadError, from_record, to_record
-    from common.selection import LinearModel
+    from common.selection.model import LinearModel
 
     good = LinearModel(np.array([0, 3]), np.zeros(2), np.ones(2), np.array([0.1, 1.0, -1.0]))
     assert np.allclose(good.score(np.eye(4)), [1.1, 0.1, 0.1, -0.9])

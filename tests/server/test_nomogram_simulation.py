@@ -14,7 +14,7 @@ import pytest
 from client.workspace import HARMONIZED_FILE, feature_columns
 from common.glm import fit_logistic
 from common.protocol import ModelSpec, load_protocol
-from common.selection import LinearModel
+from common.selection.model import LinearModel
 from common.synthetic import CohortSpec, Task, make_sites, write_cohort
 from harmonization.combat.design import CombatOptions
 from server.phases.nomogram import NOMOGRAM_L2

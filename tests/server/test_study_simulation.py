@@ -13,7 +13,7 @@ from client.workspace import HARMONIZED_FILE, PREPARED_FILE, feature_columns
 from common.messages import MessageType
 from common.payloads import PrepareReply
 from common.protocol import ModelSpec, load_protocol
-from common.selection import fit_pooled
+from common.selection.pooled import fit_pooled
 from common.synthetic import CohortSpec, make_sites, write_cohort
 from harmonization.combat.design import CombatOptions
 from harmonization.combat.model import SiteTable, fit_combat

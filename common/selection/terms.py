@@ -1,0 +1,119 @@
+"""The sites' half of the penalized fits: a site's sums for many fits at once, at the trial
+coefficients the server asks for, and the site's cross-validation folds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from common.glm import ModelError, with_intercept
+
+FloatArray: TypeAlias = npt.NDArray[np.float64]
+IndexArray: TypeAlias = npt.NDArray[np.int64]  # feature indices, fold numbers
+
+LOSSES = ("logistic", "gaussian")
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """What the server asks a site for: per training set ``t`` its screened features and
+    standardization ((T, k) each); per fit ``j`` its set, the fold it leaves out (-1 = none) and
+    its trial coefficients ((J, 1 + k))."""
+
+    features: IndexArray
+    mean: FloatArray
+    sd: FloatArray
+    fit_set: IndexArray
+    fit_fold: IndexArray
+    beta: FloatArray
+
+
+@dataclass(frozen=True)
+class BatchTerms:
+    """A site's sums for each fit ``j`` of a request: rows used, gradient (J, 1 + k), Hessian
+    (J, 1 + k, 1 + k) and loss over the rows in the fit; rows and loss of the fold left out."""
+
+    n: FloatArray
+    gradient: FloatArray
+    hessian: FloatArray
+    loss: FloatArray
+    n_out: FloatArray
+    loss_out: FloatArray
+
+    #: ``fits`` and ``coefficients``: the request's (J, 1 + k).
+    AXES: ClassVar = {"n": ("fits",), "gradient": ("fits", "coefficients"),
+                      "hessian": ("fits", "coefficients", "coefficients"), "loss": ("fits",),
+                      "n_out": ("fits",), "loss_out": ("fits",)}
+    COUNTS: ClassVar = {"n": "min_rows", "n_out": "min_rows"}
+
+
+def _loss_terms(x: FloatArray, y: FloatArray, beta: FloatArray, loss: str
+                ) -> tuple[FloatArray, FloatArray, float]:
+    xi = with_intercept(x)
+    z = xi @ beta
+    if loss == "logistic":
+        p = 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function without overflow
+        return (xi.T @ (p - y), (xi * (p * (1 - p))[:, None]).T @ xi,
+                float(np.sum(np.logaddexp(0.0, z) - y * z)))
+    r = z - y
+    return xi.T @ r, xi.T @ xi, float(0.5 * r @ r)
+
+
+def _loss_value(x: FloatArray, y: FloatArray, beta: FloatArray, loss: str) -> float:
+    z = with_intercept(x) @ beta
+    if loss == "logistic":
+        return float(np.sum(np.logaddexp(0.0, z) - y * z))
+    return float(0.5 * np.sum((z - y) ** 2))
+
+
+def site_batch_terms(x: npt.ArrayLike, y: npt.ArrayLike, folds: IndexArray, request: BatchRequest,
+                     loss: str, min_rows: int) -> BatchTerms:
+    """This site's terms for every fit in ``request``. A fit over fewer than ``min_rows`` of
+    this site's rows, or a held-out fold smaller than that, is refused: its sums would come
+    close to single patients' values."""
+    if loss not in LOSSES:
+        raise ModelError(f"unknown loss '{loss}'")
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    j_count, width = request.beta.shape
+    out = BatchTerms(np.zeros(j_count), np.zeros((j_count, width)),
+                     np.zeros((j_count, width, width)), np.zeros(j_count), np.zeros(j_count),
+                     np.zeros(j_count))
+    standardized = {}
+    for j in range(j_count):
+        t, fold = int(request.fit_set[j]), int(request.fit_fold[j])
+        if t not in standardized:
+            feats = request.features[t].astype(np.int64)
+            if feats.min() < 0 or feats.max() >= x.shape[1]:
+                raise ModelError(f"training set {t}: feature index out of range")
+            standardized[t] = (x[:, feats] - request.mean[t]) / request.sd[t]
+        z = standardized[t]
+        inside = folds != fold
+        if inside.sum() < min_rows or (fold >= 0 and (~inside).sum() < min_rows):
+            raise ModelError(f"fold {fold} leaves {int(inside.sum())} training rows in and "
+                             f"{int((~inside).sum())} out here, fewer than {min_rows}: this site "
+                             "sends no sums over them (use fewer cv_folds)")
+        g, h, value = _loss_terms(z[inside], y[inside], request.beta[j], loss)
+        out.n[j], out.gradient[j], out.hessian[j], out.loss[j] = inside.sum(), g, h, value
+        if fold >= 0:
+            out.n_out[j] = (~inside).sum()
+            out.loss_out[j] = _loss_value(z[~inside], y[~inside], request.beta[j], loss)
+    return out
+
+
+def assign_folds(labels: npt.NDArray[np.generic], n_folds: int, seed: int, stratify: bool
+                 ) -> IndexArray:
+    """Fold numbers 0..n_folds-1 for a site's training rows, seeded, stratified by label."""
+    rng = np.random.default_rng(seed)
+    folds = np.empty(len(labels), dtype=np.int64)
+    groups = [np.flatnonzero(labels == v) for v in np.unique(labels)] if stratify \
+        else [np.arange(len(labels))]
+    offset = 0
+    for rows in groups:
+        rows = rng.permutation(rows)
+        folds[rows] = (np.arange(len(rows)) + offset) % n_folds
+        offset += len(rows)
+    return folds
