@@ -5,6 +5,13 @@ site. Its content hash (:meth:`StudyProtocol.content_hash`) travels with every s
 numbers can only be compared when they were computed under the same protocol.
 
 Later phases (harmonization, models, federation) add their own sections to :class:`StudyProtocol`.
+
+Longer than 400 lines: it is one pydantic schema. Every class here is a section of
+:class:`StudyProtocol` or a type a section uses; its validator checks the sections against each
+other (the modality against standardization, normalization against ingestion, the model's
+clinical factors against the covariates), and its JSON schema generates the protocol reference
+of the docs. Split by section, one document would be read across files. The loaders at the end
+(about 50 lines) are the schema's way in from a file.
 """
 
 from __future__ import annotations
