@@ -1,12 +1,11 @@
 """The built-in synthetic multi-site myeloma cohort (``myelofed simulate``).
 
-:mod:`.phantom` draws patients and renders their images (pure functions of a seed);
-:mod:`.write` writes them as NIfTI and/or DICOM + SEG with the site manifests.
+:mod:`.cohort` draws sites, scanners and patients and :mod:`.images` renders their images (pure
+functions of a seed); :mod:`.write` writes them as NIfTI and/or DICOM + SEG with the site
+manifests.
 """
 
-from common.synthetic.phantom import (
-    MUSCLE_LABEL,
-    ROI_LABEL,
+from common.synthetic.cohort import (
     Patient,
     Pattern,
     ScannerEffects,
@@ -16,8 +15,8 @@ from common.synthetic.phantom import (
     make_cohort,
     make_patients,
     make_sites,
-    render,
 )
+from common.synthetic.images import MUSCLE_LABEL, ROI_LABEL, render
 from common.synthetic.write import CohortSpec, preview_png, read_cohort_spec, write_cohort
 
 __all__ = [

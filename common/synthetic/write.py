@@ -30,18 +30,16 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian,
 
 from common.protocol import CnnSpec, load_protocol, protocol_from_mapping
 from common.provenance import atomic_write_bytes, atomic_write_json, software_versions
-from common.synthetic.phantom import (
+from common.synthetic.cohort import (
     MM_PATTERNS,
-    MUSCLE_LABEL,
-    ROI_LABEL,
     Patient,
     Pattern,
     ScannerEffects,
     SiteSpec,
     Task,
     make_patients,
-    render,
 )
+from common.synthetic.images import MUSCLE_LABEL, ROI_LABEL, render
 
 FORMATS = ("nifti", "dicom", "both")
 MARROW_SEGMENT = "Vertebral marrow"
