@@ -40,8 +40,8 @@ def proximal_newton_target(gradient: FloatArray, hessian: FloatArray, beta: Floa
     # Coordinate descent (scikit-learn's compiled Lasso) on the quadratic with the intercept
     # profiled out: H_s = H_rr - H_r0 H_0r / H_00, b_s likewise; with H_s = L L', minimizing
     # w'H_s w / 2 - b_s'w + lam |w|_1 is a Lasso of L^-1 b_s on L' with alpha = lam / k.
-    # scikit-learn loads only for a fit the active set cannot solve (the sites import this
-    # module too, and never fit)
+    # scikit-learn loads only for a fit the active set cannot solve: most processes that import
+    # this module (every site's model rounds, the privacy guard) never need it
     from scipy.linalg import cholesky, solve_triangular
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import Lasso
