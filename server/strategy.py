@@ -160,6 +160,9 @@ class PerSite:
         for site, why in unanswered(self.asked.get(server_round, set()) - answered, orphans,
                                     self.settings.timeout_s):
             self.leave_out(server_round, site, "dropped", why)
+        # in site order: Flower sums the updates in the order they arrive, and float sums in
+        # another order differ in their last bits (the global model must not depend on timing)
+        good.sort(key=lambda reply: self.nodes[reply.metadata.src_node_id])
         arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
         self.round_seconds[server_round] = time.monotonic() - self.started[server_round]
         if arrays is not None:

@@ -1,0 +1,61 @@
+"""The CNN's aggregation (server/strategy.py), on Flower's own messages: the global model does
+not depend on the order in which the sites' updates arrive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.messages import MessageType
+from common.network import build_network, state_arrays
+from common.protocol import CnnSpec, load_protocol
+from server.strategy import cnn_strategy
+from server.study import StudySettings
+
+NODES = {11: "site_A", 12: "site_B", 13: "site_C"}
+
+
+def updates(expected: dict[str, np.ndarray], protocol_hash: str) -> list[Message]:
+    """Each site's train reply: the network's weights moved by a random step, and its number of
+    examples."""
+    rng = np.random.default_rng(3)
+    out = []
+    for node, examples in zip(NODES, (17, 29, 41), strict=True):
+        request = Message(RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
+        arrays = {k: (v + rng.normal(0, 0.1, v.shape).astype(v.dtype)
+                      if v.dtype.kind == "f" else v) for k, v in expected.items()}
+        out.append(Message(RecordDict({
+            "arrays": ArrayRecord({k: Array(np.require(v, requirements="C"))
+                                   for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": examples, "train_loss": 0.5}),
+            "site": ConfigRecord({"name": NODES[node], "protocol_hash": protocol_hash})}),
+            reply_to=request))
+    return out
+
+
+def test_the_global_model_does_not_depend_on_the_order_updates_arrive_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # Flower makes messages inside a run only: this process plays a run's ServerApp
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 2)
+    protocol = load_protocol("preset:spine_mri_t1w").model_copy(update={"cnn": CnnSpec(
+        architecture="resnet10", crop_size=(16, 16, 8), batch_size=8, rounds=1)})
+    expected = state_arrays(build_network(protocol.cnn, protocol.task.kind))
+    replies = updates(expected, protocol.content_hash())
+    models = []
+    for order in (replies, replies[::-1], [replies[1], replies[2], replies[0]]):
+        settings = StudySettings(protocol, tmp_path / f"study{len(models)}")
+        strategy = cnn_strategy(settings, NODES, lambda _: None, expected)
+        strategy.started[1] = 0.0  # what configure_train records
+        strategy.asked[1] = set(NODES.values())
+        arrays, _ = strategy.aggregate_train(1, order)
+        assert strategy.history.get(1, {}).keys() == set(NODES.values()), strategy.left_out
+        models.append({k: v.numpy() for k, v in arrays.items()})
+    for other in models[1:]:
+        for name, weights in models[0].items():
+            np.testing.assert_array_equal(other[name], weights, err_msg=name)
