@@ -31,9 +31,7 @@ from typing import Any
 
 from common.errors import MyeloFedError
 from common.messages import STUDY_RECORD, MessageType, StudyConfig
-from common.metrics.classification import CLASSIFICATION_KEYS
-from common.metrics.discrimination import PairedTest
-from common.metrics.regression import REGRESSION_KEYS
+from common.metrics.tables import CLASSIFICATION_KEYS, REGRESSION_KEYS, PairedTest
 from common.payloads import (
     MIN_ROWS_SENT,
     HandshakeReply,

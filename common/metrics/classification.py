@@ -5,7 +5,7 @@ it may hold."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import numpy as np
 import numpy.typing as npt
@@ -19,7 +19,7 @@ from common.metrics.calibration import (
     decision_curve,
 )
 from common.metrics.discrimination import auc_bootstrap_ci, auc_delong
-from common.metrics.threshold import AtThreshold, at_threshold
+from common.metrics.threshold import at_threshold
 
 
 def risk_of(score: npt.ArrayLike) -> FloatArray:
@@ -58,9 +58,3 @@ def classification_table(y: npt.ArrayLike, score: npt.ArrayLike, threshold: floa
     return out
 
 
-#: What a site's table of one logistic model may hold (:func:`classification_table`): the
-#: site's privacy guard refuses any other key.
-CLASSIFICATION_KEYS = frozenset({
-    "n", "n_positive", "auc", "auc_variance", "auc_low", "auc_high", "auc_boot_low",
-    "auc_boot_high", *(f.name for f in fields(AtThreshold)), "brier", "calibration_intercept",
-    "calibration_slope", "calibration_curve", "decision_curve"})

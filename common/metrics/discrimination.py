@@ -12,6 +12,7 @@ import numpy.typing as npt
 from scipy import stats
 
 from common.metrics.base import Z95, FloatArray, checked_binary
+from common.metrics.tables import PairedTest
 
 
 def _midranks(x: FloatArray) -> FloatArray:
@@ -70,15 +71,6 @@ def auc_delong(y: npt.ArrayLike, score: npt.ArrayLike) -> Auc:
     return Auc(auc, var, max(0.0, auc - half), min(1.0, auc + half), m, n)
 
 
-@dataclass(frozen=True)
-class PairedTest:
-    """DeLong's test of two correlated AUCs (same patients): difference a - b, z and p."""
-
-    auc_a: float
-    auc_b: float
-    difference: float
-    z: float
-    p_value: float
 
 
 def delong_test(y: npt.ArrayLike, score_a: npt.ArrayLike, score_b: npt.ArrayLike) -> PairedTest:

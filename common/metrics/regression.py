@@ -84,9 +84,3 @@ def regression_table(y: npt.ArrayLike, prediction: npt.ArrayLike) -> dict[str, o
     return out
 
 
-#: What a site's table of one regression model may hold (:func:`regression_table`): the
-#: site's privacy guard refuses any other key.
-REGRESSION_KEYS = frozenset({
-    "n", "mae", "rmse", *(f"{name}{suffix}" for name in ("r", "spearman")
-                          for suffix in ("", "_low", "_high", "_p")),
-    "bias", "loa_low", "loa_high"})
