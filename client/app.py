@@ -47,7 +47,7 @@ from common.messages import (
 from common.protocol import StudyProtocol
 from common.records import pack, to_record, unpack_request
 from common.site_config import SiteConfig
-from harmonization.messages import CombatRequest
+from harmonization.messages import CombatRequest, HarmonizedRows
 
 
 def study_of(msg: Message) -> StudyConfig:
@@ -237,8 +237,7 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
     @app.query(MessageType.COMBAT_APPLY.query)
     @guarded
     def _combat_apply(msg: Message, context: Context) -> Message:
-        rows = combat.apply(*combat_request(msg, context))
-        return Message(RecordDict({"result": ConfigRecord({"rows": rows})}), reply_to=msg)
+        return reply(msg, result=HarmonizedRows(combat.apply(*combat_request(msg, context))))
 
     @app.query(MessageType.MODEL_SUMMARY.query)
     @guarded

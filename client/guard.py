@@ -46,6 +46,7 @@ from common.selection.screening import Comoments
 from common.selection.terms import BatchRequest, BatchTerms
 from harmonization.combat.design import design_from_json
 from harmonization.combat.moments import DesignMoments, ResidualMoments, StackedMoments
+from harmonization.messages import HarmonizedRows
 
 #: Flower's ``RecordDict`` (duck-typed: only the apps import Flower).
 Records = Any
@@ -63,6 +64,7 @@ PAYLOADS: dict[MessageType, dict[str, tuple[type, bool]]] = {
     MessageType.COMBAT_DESIGN: {"moments": (DesignMoments, True)},
     MessageType.COMBAT_RESIDUALS: {"residuals": (ResidualMoments, True)},
     MessageType.COMBAT_MOMENTS: {"moments": (StackedMoments, True)},
+    MessageType.COMBAT_APPLY: {"result": (HarmonizedRows, True)},
     MessageType.MODEL_SUMMARY: {"moments": (Comoments, True), "local": (LinearModel, False)},
     MessageType.MODEL_TERMS: {"terms": (BatchTerms, True)},
     MessageType.MODEL_EVALUATE: {"metrics": (ModelMetrics, True)}}
@@ -117,9 +119,6 @@ def check_reply(message_type: str, request: Records, content: Records,
     if kind in (MessageType.TRAIN, MessageType.EVALUATE):
         _check_cnn(kind, request, content)
         return
-    if kind is MessageType.COMBAT_APPLY:
-        _check_config(content, "result", {"rows": int})
-        return
     schema = PAYLOADS[kind]
     expected = {f"{name}.{part}" if name else part for name in schema
                 for part in ("meta", "arrays")}
@@ -138,12 +137,6 @@ def check_reply(message_type: str, request: Records, content: Records,
         if kind is MessageType.MODEL_EVALUATE:
             models = StudyConfig.from_mapping(dict(request[STUDY_RECORD])).models
             _check_table(payload.table, list(models or ()), protocol())
-
-
-def _check_config(content: Records, name: str, fields: Mapping[str, type]) -> None:
-    if set(content.keys()) != {name}:
-        raise PrivacyGuardError(f"the reply holds {sorted(content.keys())}, not '{name}' alone")
-    _check_fields(content[name], name, fields)
 
 
 def _check_fields(record: Mapping[str, object], name: str, fields: Mapping[str, type]) -> None:

@@ -3,7 +3,8 @@
 Round 1 (``combat_design``) carries the design only; round 2 (``combat_residuals``) adds the
 pooled location fit; round 3 (``combat_moments``, for batches shared by sites) adds the pooled
 variance and names the shared batches; the last (``combat_apply``) adds the shared batches'
-adjustments. Packed and checked by :mod:`common.records`.
+adjustments, and a site answers it with :class:`HarmonizedRows`. Packed and checked by
+:mod:`common.records`.
 """
 
 from __future__ import annotations
@@ -38,3 +39,11 @@ class CombatRequest:
         if self.fit is None or self.var is None:
             raise ConfigError("ComBat request", ["carries no pooled fit and variance"])
         return self.fit, self.var
+
+
+@dataclass(frozen=True)
+class HarmonizedRows:
+    """A site's answer to ComBat's last round: how many of its rows (training and test) it
+    harmonized and keeps."""
+
+    rows: int

@@ -28,7 +28,7 @@ from harmonization.combat.moments import (
     combine_design_moments,
     combine_residual_moments,
 )
-from harmonization.messages import CombatRequest
+from harmonization.messages import CombatRequest, HarmonizedRows
 from server.rounds import Records, Transport, collect, exchange, study_config
 from server.study import StudySettings, require_sites
 
@@ -109,12 +109,12 @@ def run_combat(transport: Transport, nodes: dict[int, str], kept: list[PrepareRe
     replies, more = exchange(transport, nodes, MessageType.COMBAT_APPLY,
                              ask(fit, pooled, adjustments), settings)
     failed.update(more)
+    harmonized = collect(replies, failed, "result", HarmonizedRows)
     atomic_write_json(settings.out_dir / "combat.json", {
         "batches": list(design.batches), "shared_batches": sorted(shared),
         "covariates": {"categorical": [c for c, _ in design.categorical],
                        "continuous": list(design.continuous),
                        "estimation_only": list(design.fit_only)},
-        "harmonized_rows": {site: int(r.content["result"]["rows"])
-                            for site, r in replies.items()},
+        "harmonized_rows": {site: r.rows for site, r in harmonized.items()},
         "failed": failed})
     return failed

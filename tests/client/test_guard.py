@@ -26,7 +26,7 @@ from common.synthetic import Task
 from common.synthetic.write import study_protocol_mapping
 from harmonization.combat.design import CombatOptions, Design, design_to_json
 from harmonization.combat.moments import DesignMoments, site_design_moments
-from harmonization.messages import CombatRequest
+from harmonization.messages import CombatRequest, HarmonizedRows
 
 RNG = np.random.default_rng(7)
 N, F = 24, 6  # a site's training rows and its features
@@ -217,11 +217,13 @@ def test_a_cnn_update_is_the_network_it_was_sent_with_named_scalar_metrics():
 
 def test_replies_to_unknown_messages_are_withheld():
     withheld("query.export_rows", RecordDict({}), RecordDict({}), "no schema")
-    withheld(MessageType.COMBAT_APPLY, RecordDict({}),
-             RecordDict({"result": ConfigRecord({"rows": 30, "case_ids": ["P1"]})}),
-             "'result.case_ids' is not a declared")
-    check(MessageType.COMBAT_APPLY, RecordDict({}),
-          RecordDict({"result": ConfigRecord({"rows": 30})}))
+    request, _ = combat_round_one(CombatOptions(min_cell=3))
+    check(MessageType.COMBAT_APPLY, request, pack(result=HarmonizedRows(30)))
+    listed = pack(result=HarmonizedRows(30))
+    listed["result.meta"]["t.case_ids"] = ["P1"]
+    withheld(MessageType.COMBAT_APPLY, request, listed, "'t.case_ids' is not a field")
+    withheld(MessageType.COMBAT_APPLY, request,
+             RecordDict({"result": ConfigRecord({"rows": 30})}), "record 'result' is not part")
 
 
 # --- the mod ----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
 from client.phases import combat
 from client.workspace import HARMONIZED_FILE, PREPARED_FILE, study_dir
@@ -21,7 +21,7 @@ from common.records import pack, unpack_request
 from common.site_config import SiteConfig
 from harmonization.combat.design import CombatOptions
 from harmonization.combat.model import SiteTable, fit_combat
-from harmonization.messages import CombatRequest
+from harmonization.messages import CombatRequest, HarmonizedRows
 from server.phases.combat import combat_design, run_combat
 from server.rounds import Reply, collect, exchange, unanswered
 from server.study import StudySettings, StudyStopped
@@ -89,8 +89,7 @@ class FakeSites:
             return pack(residuals=combat.residual_moments(site, self.protocol, request))
         if message_type is MessageType.COMBAT_MOMENTS:
             return pack(moments=combat.shared_moments(site, self.protocol, request))
-        rows = combat.apply(site, self.protocol, request)
-        return RecordDict({"result": ConfigRecord({"rows": rows})})
+        return pack(result=HarmonizedRows(combat.apply(site, self.protocol, request)))
 
 
 def prepared_sites(root: Path, protocol: StudyProtocol, seed: int = 0
