@@ -11,18 +11,20 @@ import pandas as pd
 import pytest
 from flwr.app import RecordDict
 
-from client.phases import combat
+from client.phases import combat, radiomics, validation
 from client.workspace import HARMONIZED_FILE, PREPARED_FILE, study_dir
 from common.glm import FeatureMoments
-from common.messages import MessageType
+from common.messages import EvaluateRequest, MessageType, ModelTermsRequest, StudyRequest
 from common.payloads import PrepareReply, format_counts
-from common.protocol import StudyProtocol, load_protocol
+from common.protocol import ModelSpec, StudyProtocol, load_protocol
 from common.records import pack, unpack_request
+from common.selection.pooled import fit_pooled
 from common.site_config import SiteConfig
 from harmonization.combat.design import CombatOptions
 from harmonization.combat.model import SiteTable, fit_combat
 from harmonization.messages import CombatRequest, HarmonizedRows
 from server.phases.combat import combat_design, run_combat
+from server.phases.radiomics import run_model
 from server.rounds import Reply, collect, exchange, unanswered
 from server.study import StudySettings, StudyStopped
 
@@ -82,6 +84,17 @@ class FakeSites:
 
     def answer(self, site: SiteConfig, message_type: MessageType, content: RecordDict
                ) -> RecordDict:
+        """What ``client/app.py``'s handler of ``message_type`` answers, without Flower."""
+        if message_type is MessageType.MODEL_SUMMARY:
+            study = unpack_request(content, StudyRequest).study
+            moments, local = radiomics.model_summary(site, self.protocol, bool(study.harmonized))
+            return pack(moments=moments, **({"local": local} if local is not None else {}))
+        if message_type is MessageType.MODEL_TERMS:
+            terms = unpack_request(content, ModelTermsRequest)
+            return pack(terms=radiomics.model_terms(site, self.protocol, terms))
+        if message_type is MessageType.MODEL_EVALUATE:
+            evaluate = unpack_request(content, EvaluateRequest)
+            return pack(metrics=validation.evaluate_request(site, self.protocol, evaluate))
         request = unpack_request(content, CombatRequest)
         if message_type is MessageType.COMBAT_DESIGN:
             return pack(moments=combat.design_moments(site, self.protocol, request))
@@ -105,7 +118,8 @@ def prepared_sites(root: Path, protocol: StudyProtocol, seed: int = 0
             "case_id": [f"{name}{i}" for i in range(n)], "batch": batch,
             label: np.tile([0, 1], n // 2), "sex": rng.choice(["F", "M"], n),
             "age": rng.normal(60, 8, n).round(),
-            "split": np.where(np.arange(n) % 4 == 3, "test", "train"), "fold": 0})
+            "split": np.where(np.arange(n) % 4 == 3, "test", "train")})
+        frame["fold"] = np.where(frame.split == "train", np.arange(n) % 3, -1)
         shift = {"s1": 0.0, "s2": 2.0, "s3": -1.5}
         for j in range(5):
             frame[f"f{j}"] = (rng.normal(10, 1, n) + frame[label] * 0.7
@@ -150,6 +164,39 @@ def test_federated_combat_through_the_phases_equals_the_centralized_fit(tmp_path
         expected = central.transform(y, batch, covariates)
         np.testing.assert_allclose(got[[f"f{j}" for j in range(5)]].to_numpy(), expected,
                                    rtol=1e-9, atol=1e-9)
+
+
+def test_the_radiomics_phase_through_the_fake_transport_equals_the_pooled_fit(tmp_path: Path):
+    """Screening, the penalty path and federated cross-validation for all sites and each site
+    left out, driven round by round by the server's phase: every chosen model is the pooled
+    recipe's; every site scores the federated, leave-site-out and local models."""
+    protocol = load_protocol("preset:spine_mri_t1w").model_copy(update={
+        "model": ModelSpec(screening_top_k=3, cv_folds=3, n_lambdas=3)})
+    sites, kept = prepared_sites(tmp_path / "sites", protocol)
+    settings = StudySettings(protocol, tmp_path / "study")
+    settings.out_dir.mkdir()
+    nodes = {n: s.site_name for n, s in sites.items()}
+    names = kept[0].feature_names
+    models, sets, report = run_model(FakeSites(sites, protocol), nodes, names, settings, False)
+    assert report["failed"] == {}
+    label, spec = protocol.task.label_column, protocol.model
+    for name, members in sets.items():
+        rows = []
+        for site in sites.values():
+            if site.site_name in members:
+                table = pd.read_parquet(study_dir(site, protocol) / PREPARED_FILE)
+                train = table[table.split == "train"]
+                rows.append((train[list(names)].to_numpy(float),
+                             train[label].to_numpy(float), train.fold.to_numpy()))
+        pooled, _ = fit_pooled(rows, "logistic", spec.penalty, spec.screening_top_k,
+                               spec.n_lambdas, spec.cv_folds, spec.lambda_rule)
+        np.testing.assert_array_equal(models[name].features, pooled.features)
+        np.testing.assert_allclose(models[name].beta, pooled.beta, atol=1e-6, err_msg=name)
+    assert set(sets) == {"federated", "without A", "without B", "without C"}
+    assert np.any(models["federated"].beta[1:] != 0)  # the label signal was found
+    for site, result in report["sites"].items():
+        assert set(result["metrics"]) == {"federated", "leave-site-out", "local A", "local B",
+                                          "local C"}, site
 
 
 def test_a_site_that_fails_or_stays_silent_is_named_and_the_others_go_on(tmp_path: Path):
