@@ -31,7 +31,14 @@ from typing import Any
 
 from common.errors import MyeloFedError
 from common.messages import STUDY_RECORD, MessageType, StudyConfig
-from common.metrics.tables import CLASSIFICATION_KEYS, REGRESSION_KEYS, PairedTest
+from common.metrics.tables import (
+    CLASSIFICATION_KEYS,
+    CONFUSION_CELLS,
+    REGRESSION_KEYS,
+    THRESHOLD_METRICS,
+    PairedTest,
+    small_cells,
+)
 from common.payloads import (
     MIN_ROWS_SENT,
     HandshakeReply,
@@ -183,6 +190,8 @@ def _check_table(text: str, names: list[str], protocol: StudyProtocol) -> None:
                                "thresholds")
             elif not _number(value):
                 raise fail(f"model '{name}': '{key}' is not a number")
+        if classification:
+            _check_confusion(name, metrics, v.min_count, fail)
     allowed = {f"{names[0]} vs {other}" for other in names[1:]} if names else set()
     fields = {f.name for f in dataclasses.fields(PairedTest)}
     if not isinstance(comparisons, dict):
@@ -191,6 +200,21 @@ def _check_table(text: str, names: list[str], protocol: StudyProtocol) -> None:
         if key not in allowed or not isinstance(test, dict) or set(test) != fields or not all(
                 _number(x) for x in test.values()):
             raise fail(f"comparison '{key}' is not a DeLong test of the requested models")
+
+
+def _check_confusion(model: str, row: Mapping[str, object], min_count: int,
+                     fail: Callable[[str], PrivacyGuardError]) -> None:
+    """No confusion-matrix cell of 1 to min_count - 1 patients; a withheld matrix (a NaN cell)
+    takes every metric built from it along (with the test counts, one would give the cells)."""
+    small = small_cells(row, min_count)
+    if small:
+        raise fail(f"model '{model}': confusion-matrix cell '{small[0]}' counts "
+                   f"{row[small[0]]:g}, fewer than min_count = {min_count} (and more than 0)")
+    if any(row[c] != row[c] for c in CONFUSION_CELLS):
+        shown = [k for k in THRESHOLD_METRICS if row[k] == row[k]]
+        if shown:
+            raise fail(f"model '{model}': '{shown[0]}' is sent with its confusion matrix "
+                       "withheld")
 
 
 def _check_curve(model: str, key: str, rows: object, most: int,

@@ -33,7 +33,7 @@ from common import plots
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import REPORT_PACKAGES, atomic_write_json, software_versions
 from common.site_config import SiteConfig
-from common.templates import fmt, render, with_ci
+from common.templates import confusion, fmt, render, with_ci
 
 REPORT_DIR = "report"
 SITE_HTML, SITE_JSON = "site_report.html", "site_report.json"
@@ -58,7 +58,8 @@ def record_prepare(site: SiteConfig, protocol: StudyProtocol, reply: Any,
 def record_evaluation(site: SiteConfig, protocol: StudyProtocol, key: str,
                       table: dict[str, Any], y: np.ndarray, scores: dict[str, np.ndarray],
                       models: dict[str, Any]) -> None:
-    """One evaluation (``key``: raw, harmonized or nomogram): the metrics sent, plus the ROC
+    """One evaluation (``key``: raw, harmonized or nomogram): the metrics (the whole table, of
+    which the site sends what :func:`common.metrics.tables.releasable` keeps), plus the ROC
     curves of this site's own test rows and each model's terms (kept here)."""
     roc = {}
     if protocol.task.kind is TaskKind.CLASSIFICATION and 0 < y.sum() < len(y):
@@ -151,8 +152,7 @@ def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, An
                     **{k: fmt(row.get(k)) for k in ("threshold", "sensitivity", "specificity",
                                                       "ppv", "npv", "f1", "brier",
                                                       "calibration_slope")},
-                    "confusion": f"TP {row.get('tp')} FP {row.get('fp')} TN {row.get('tn')} "
-                                 f"FN {row.get('fn')}"})
+                    "confusion": confusion(row)})
             else:
                 section["rows"].append({
                     "model": name, "r": with_ci(row, "r"),

@@ -43,3 +43,12 @@ def with_ci(row: dict[str, Any] | None, metric: str) -> str:
     if low is None or high is None:
         return fmt(row[metric])
     return f"{fmt(row[metric])} [{fmt(low)}, {fmt(high)}]"
+
+
+def confusion(row: dict[str, Any]) -> str:
+    """A model's confusion matrix as a table cell ('TP 9 FP 2 TN 11 FN 3'); "withheld" when a
+    site did not send it (a cell under the minimum count)."""
+    cells = [row.get(c) for c in ("tp", "fp", "tn", "fn")]
+    if any(c is None or (isinstance(c, float) and not math.isfinite(c)) for c in cells):
+        return "withheld (a cell under the minimum count)"
+    return "TP {} FP {} TN {} FN {}".format(*(fmt(c, 0) for c in cells))

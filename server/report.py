@@ -27,7 +27,7 @@ import numpy as np
 from common import plots
 from common.errors import ConfigError
 from common.provenance import REPORT_PACKAGES, atomic_write_json, software_versions
-from common.templates import fmt, render, with_ci
+from common.templates import confusion, fmt, render, with_ci
 
 REPORT_HTML, REPORT_JSON, REPORT_CSV = "report.html", "report.json", "report.csv"
 PHASE_FILES = ("protocol", "handshake", "prepare", "combat", "model", "nomogram", "cnn",
@@ -102,8 +102,7 @@ def _threshold_rows(model: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"site": site, **{k: fmt(m.get(k)) for k in (
             "threshold", "sensitivity", "specificity", "ppv", "npv", "accuracy", "f1", "brier",
             "calibration_intercept", "calibration_slope")},
-            "confusion": f"TP {m.get('tp', 'n/a')} FP {m.get('fp', 'n/a')} "
-                         f"TN {m.get('tn', 'n/a')} FN {m.get('fn', 'n/a')}"})
+            "confusion": confusion(m) if m else "n/a"})
     return rows
 
 

@@ -10,6 +10,7 @@ from client.report import record_evaluation
 from client.scoring import metrics_of, paired_comparisons
 from client.workspace import feature_columns, split_table
 from common.messages import EvaluateRequest
+from common.metrics.tables import releasable
 from common.payloads import ModelMetrics, clinical_terms
 from common.protocol import StudyProtocol, TaskKind
 from common.selection.model import LinearModel
@@ -31,7 +32,8 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                     models: dict[str, LinearModel],
                     radiomics: dict[str, LinearModel] | None = None,
                     thresholds: dict[str, float] | None = None, seed: int = 0) -> ModelMetrics:
-    """Each model's metrics on this site's test rows, and DeLong's test of the first model (the
+    """Each model's metrics on this site's test rows (as they may leave the site:
+    :func:`common.metrics.tables.releasable`), and DeLong's test of the first model (the
     federated one) against each other; a nomogram (named in ``radiomics``, with the radiomics
     model whose score it takes) on its design. ``thresholds``: each model's risk cut-off, fixed
     on its training data (default 0.5)."""
@@ -49,6 +51,10 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                    if classification and scores else {})
     positives = int(y.sum()) if classification else 0
     content = {"models": table, "comparisons": comparisons}
+    # what leaves the site: no confusion matrix with a cell under the minimum; the site's own
+    # report keeps the whole table
+    sent = {"models": {name: releasable(row, protocol.validation.min_count)
+                       for name, row in table.items()}, "comparisons": comparisons}
     terms = {name: {"intercept": float(model.beta[0]), "coefficients": (
         dict(zip(["radiomics score", *clinical_terms(protocol)], model.beta[1:].tolist(),
                  strict=True))
@@ -58,4 +64,4 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
         for name, model in models.items()}
     record_evaluation(site, protocol, "nomogram" if radiomics else
                       ("harmonized" if harmonized else "raw"), content, y, scores, terms)
-    return ModelMetrics(site.site_name, len(y), positives, json.dumps(content))
+    return ModelMetrics(site.site_name, len(y), positives, json.dumps(sent))

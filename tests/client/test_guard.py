@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from client.guard import PrivacyGuardError, check_reply
 from client.scoring import metrics_of
 from common.messages import EvaluateRequest, MessageType, StudyConfig
+from common.metrics.tables import releasable
 from common.payloads import ModelMetrics
 from common.protocol import protocol_from_mapping
 from common.records import PayloadError, check_sent, pack, pack_request, to_record
@@ -145,7 +146,9 @@ def evaluation(protocol, names: list[str], n: int = 40) -> tuple[RecordDict, dic
     y = RNG.integers(0, 2, n).astype(float)
     if protocol is PCI:
         y = RNG.normal(20, 10, n)
-    table = {"models": {name: metrics_of(protocol, y, y + RNG.normal(0, 1, n), seed=1)
+    min_count = protocol.validation.min_count
+    table = {"models": {name: releasable(metrics_of(protocol, y, y + RNG.normal(0, 1, n), seed=1),
+                                         min_count)
                         for name in names}, "comparisons": {}}
     request = pack_request(EvaluateRequest(StudyConfig.of(protocol, models=tuple(names)), ()))
     return request, table
@@ -153,6 +156,32 @@ def evaluation(protocol, names: list[str], n: int = 40) -> tuple[RecordDict, dic
 
 def metrics(table: dict) -> RecordDict:
     return pack(metrics=ModelMetrics("site_A", 40, 20, json.dumps(table)))
+
+
+def test_a_confusion_matrix_cell_under_the_minimum_never_leaves_the_site():
+    """One false negative is one patient's predicted class against their label: the attack
+    reads it off the table a site used to send; the table it sends now withholds the matrix
+    and every metric built from it, and the guard refuses a table that does not."""
+    y = np.array([1.0] * 12 + [0.0] * 12)
+    score = np.where(y == 1, 2.0, -2.0)
+    score[0] = -3.0  # the one positive the model misses
+    full = metrics_of(DIAGNOSIS, y, score, seed=1)
+    # the attack on the full table: fn = 1, and sensitivity * positives says the same
+    assert full["fn"] == 1 and round((1 - full["sensitivity"]) * full["n_positive"]) == 1
+    sent = releasable(full, DIAGNOSIS.validation.min_count)
+    assert all(np.isnan(sent[k]) for k in ("tp", "fp", "tn", "fn", "sensitivity",
+                                           "specificity", "ppv", "npv", "accuracy", "f1"))
+    assert sent["auc"] == full["auc"] and sent["threshold"] == full["threshold"]
+    request = pack_request(EvaluateRequest(StudyConfig.of(DIAGNOSIS, models=("federated",)), ()))
+    check(MessageType.MODEL_EVALUATE, request,
+          metrics({"models": {"federated": sent}, "comparisons": {}}))
+    withheld(MessageType.MODEL_EVALUATE, request,
+             metrics({"models": {"federated": full}, "comparisons": {}}),
+             "confusion-matrix cell 'fn' counts 1, fewer than min_count = 5")
+    half = {**sent, "sensitivity": full["sensitivity"]}  # the cells withheld, a ratio not
+    withheld(MessageType.MODEL_EVALUATE, request,
+             metrics({"models": {"federated": half}, "comparisons": {}}),
+             "'sensitivity' is sent with its confusion matrix withheld")
 
 
 def test_a_metrics_table_holds_the_requested_models_and_their_declared_metrics():

@@ -3,6 +3,7 @@ the orchestration without Flower, with the sites' real phase code."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ import pytest
 from flwr.app import RecordDict
 
 from client.phases import combat, radiomics, validation
+from client.report import report_dir
 from client.workspace import HARMONIZED_FILE, PREPARED_FILE, study_dir
 from common.glm import FeatureMoments
 from common.messages import EvaluateRequest, MessageType, ModelTermsRequest, StudyRequest
@@ -194,9 +196,26 @@ def test_the_radiomics_phase_through_the_fake_transport_equals_the_pooled_fit(tm
         np.testing.assert_allclose(models[name].beta, pooled.beta, atol=1e-6, err_msg=name)
     assert set(sets) == {"federated", "without A", "without B", "without C"}
     assert np.any(models["federated"].beta[1:] != 0)  # the label signal was found
+    withheld = 0
     for site, result in report["sites"].items():
         assert set(result["metrics"]) == {"federated", "leave-site-out", "local A", "local B",
                                           "local C"}, site
+        # what left each site: no confusion matrix with a cell under the minimum; the site's
+        # own report keeps the whole table
+        kept = json.loads((report_dir(sites[next(n for n, s in nodes.items() if s == site)],
+                                      protocol) / "evaluation_raw.json").read_text())
+        for name, row in result["metrics"].items():
+            cells = [row[c] for c in ("tp", "fp", "tn", "fn")]
+            full = [kept["metrics"]["models"][name][c] for c in ("tp", "fp", "tn", "fn")]
+            assert None not in full
+            if None in cells:
+                withheld += 1
+                assert min(c for c in full if c > 0) < protocol.validation.min_count
+                assert row["sensitivity"] is None and row["ppv"] is None
+            else:
+                assert cells == full
+                assert all(c == 0 or c >= protocol.validation.min_count for c in cells)
+    assert withheld  # the small test sets (6 patients at B and C) have small cells
 
 
 def test_a_site_that_fails_or_stays_silent_is_named_and_the_others_go_on(tmp_path: Path):

@@ -158,7 +158,12 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
             assert all(0.0 <= m["auc"] <= 1.0 for m in metrics["metrics"].values())
             federated = metrics["metrics"]["federated"]
             assert federated["auc_low"] <= federated["auc"] <= federated["auc_high"]
-            assert federated["tp"] + federated["fn"] == metrics["n_positive"]
+            if federated["tp"] is not None:  # withheld when a cell is under the minimum
+                assert federated["tp"] + federated["fn"] == metrics["n_positive"]
+                assert all(federated[c] == 0 or federated[c] >= protocol.validation.min_count
+                           for c in ("tp", "fp", "tn", "fn"))
+            else:
+                assert federated["sensitivity"] is None and federated["fn"] is None
             assert federated["threshold"] == pytest.approx(
                 model_json["training_sets"]["federated"]["prevalence"])
             # curves leave the site only in bins of at least the protocol's minimum count
