@@ -81,6 +81,7 @@ def split_table(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, spl
     table = load_study_table(site, protocol, HARMONIZED_FILE if harmonized else PREPARED_FILE)
     table = table[table["split"] == split]
     if split == "train" and len(table) < MIN_ROWS_SENT:
-        raise ModelError(f"site '{site.site_name}' has {len(table)} training rows, fewer than "
-                         f"{MIN_ROWS_SENT}: it sends no sums over them")
+        raise ModelError(f"site '{site.site_name}' has fewer than {MIN_ROWS_SENT} training rows "
+                         "(a reason that leaves the site names no count under the minimum): it "
+                         "sends no sums over them")
     return table

@@ -42,8 +42,8 @@ def _split_metrics(protocol: StudyProtocol, labels: np.ndarray, output: np.ndarr
     if n < MIN_ROWS_SENT:
         return SplitMetrics(n, n_positive, nan, nan, nan, nan)
     if not np.all(np.isfinite(output)):
-        raise ModelError(f"the model's output is not finite on {int(np.sum(~np.isfinite(output)))}"
-                         f" of {n} crops: its weights have diverged")
+        raise ModelError("the model's output is not finite on some of this site's crops: its "
+                         "weights have diverged")
     y = scaled_targets(labels, protocol, target)
     with torch.no_grad():
         loss = float(loss_function(protocol)(torch.from_numpy(output.astype(np.float32)),

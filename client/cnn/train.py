@@ -147,8 +147,8 @@ def train_round(site: SiteConfig, protocol: StudyProtocol, global_arrays: Mappin
     device = device or select_device(site.device)
     x, labels = prepare_crops(site, protocol).split("train")
     if len(labels) < MIN_ROWS_SENT:
-        raise ModelError(f"site '{site.site_name}' has {len(labels)} training crops, fewer than "
-                         f"{MIN_ROWS_SENT}: it sends no weights trained on them")
+        raise ModelError(f"site '{site.site_name}' has fewer than {MIN_ROWS_SENT} training "
+                         "crops: it sends no weights trained on them")
     y = scaled_targets(labels, protocol, target)
     this_seed = round_seed(seed, site.site_name, round_index)
     cuda = device.type == "cuda"

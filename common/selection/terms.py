@@ -93,9 +93,10 @@ def site_batch_terms(x: npt.ArrayLike, y: npt.ArrayLike, folds: IndexArray, requ
         z = standardized[t]
         inside = folds != fold
         if inside.sum() < min_rows or (fold >= 0 and (~inside).sum() < min_rows):
-            raise ModelError(f"fold {fold} leaves {int(inside.sum())} training rows in and "
-                             f"{int((~inside).sum())} out here, fewer than {min_rows}: this site "
-                             "sends no sums over them (use fewer cv_folds)")
+            # the reason says no count: it leaves the site, and a count under the minimum is
+            # what it protects
+            raise ModelError(f"fold {fold} leaves fewer than {min_rows} training rows in or out "
+                             "here: this site sends no sums over them (use fewer cv_folds)")
         g, h, value = _loss_terms(z[inside], y[inside], request.beta[j], loss)
         out.n[j], out.gradient[j], out.hessian[j], out.loss[j] = inside.sum(), g, h, value
         if fold >= 0:

@@ -47,6 +47,8 @@ class DesignMoments:
 def _check_cells(design: Design, index: IntArray, covariates: Covariates,
                  options: CombatOptions, site: str) -> None:
     """Refuse batches, levels and batch x level cells of 1 to min_cell - 1 patients."""
+    # The reasons below name no count: they leave the site, and a count of 1 to min_cell - 1
+    # is what the rule protects.
     def small(count: int) -> bool:
         return 0 < count < options.min_cell
 
@@ -54,23 +56,22 @@ def _check_cells(design: Design, index: IntArray, covariates: Covariates,
     for batch_name, count in zip(design.batches, counts, strict=True):
         if small(int(count)):
             raise HarmonizationError(
-                f"site '{site}': batch '{batch_name}' has {count} patients, fewer than min_cell = "
-                f"{options.min_cell}: its sums would expose them")
+                f"site '{site}': batch '{batch_name}' has fewer than min_cell = "
+                f"{options.min_cell} patients: its sums would expose them")
     for column, levels in design.categorical:
         values = np.asarray([str(v) for v in covariate_column(covariates, column, len(index))])
         for level in levels:
             at_level = values == level
             if small(int(at_level.sum())):
                 raise HarmonizationError(
-                    f"site '{site}': covariate '{column}' = '{level}' holds {int(at_level.sum())} "
-                    f"patients, fewer than min_cell = {options.min_cell}: X'Y would expose them")
+                    f"site '{site}': covariate '{column}' = '{level}' holds fewer than "
+                    f"min_cell = {options.min_cell} patients: X'Y would expose them")
             for b, name in enumerate(design.batches):
                 cell = int((at_level & (index == b)).sum())
                 if small(cell):
                     raise HarmonizationError(
-                        f"site '{site}': batch '{name}' x {column} = '{level}' holds {cell} "
-                        f"patients, fewer than min_cell = {options.min_cell}: X'Y would expose "
-                        "them")
+                        f"site '{site}': batch '{name}' x {column} = '{level}' holds fewer "
+                        f"than min_cell = {options.min_cell} patients: X'Y would expose them")
 
 
 def site_design_moments(y: npt.ArrayLike, batch: Sequence[object], covariates: Covariates,
