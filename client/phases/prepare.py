@@ -33,7 +33,7 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
     table = features_table(cases, outcomes, protocol).to_pandas()
     if len(table) < 4:
         return PrepareReply(site.site_name, "refused", "too_few_cases",
-                            f"{len(table)} usable cases")
+                            "fewer than 4 usable cases")  # not how many: the reply leaves
     labels = table[protocol.task.label_column].to_numpy()
     classification = protocol.task.kind is TaskKind.CLASSIFICATION
     stratify = labels if classification and np.min(np.unique(labels, return_counts=True)[1]) > 1 \
