@@ -66,7 +66,8 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "study.json").read_text())["status"] == "done"
     report = json.loads((tmp_path / "out" / "cnn.json").read_text())
     assert report["aggregator"] == "fedmedian" and report["weights_bytes"] > 1e5
-    assert set(report["history"]["1"]) == {"site_A", "site_B", "site_C"}
+    # (on failure, say who was left out of which round and why)
+    assert set(report["history"]["1"]) == {"site_A", "site_B", "site_C"}, report["left_out"]
     assert set(report["history"]["2"]) == {"site_A"}  # fedmedian of one: site_A's weights
     for r in ("3", "4"):  # site_B is back after its drop; site_C stays out, each time named
         assert set(report["history"][r]) == {"site_A", "site_B"}
