@@ -112,6 +112,11 @@ class StackedAdjustments:
     gamma: FloatArray
     delta: FloatArray
 
+    def __post_init__(self) -> None:
+        if not len(self.batches) == len(self.gamma) == len(self.delta):
+            raise HarmonizationError(f"stacked adjustments of {len(self.batches)} batches hold "
+                                     f"{len(self.gamma)} gammas and {len(self.delta)} deltas")
+
     @classmethod
     def of(cls, adjustments: Sequence[BatchAdjustment], n_features: int) -> StackedAdjustments:
         return cls(tuple(a.batch for a in adjustments),
@@ -120,4 +125,4 @@ class StackedAdjustments:
 
     def unstack(self) -> dict[str, BatchAdjustment]:
         return {b: BatchAdjustment(b, g, d)
-                for b, g, d in zip(self.batches, self.gamma, self.delta, strict=False)}
+                for b, g, d in zip(self.batches, self.gamma, self.delta, strict=True)}

@@ -214,6 +214,13 @@ class StackedMoments:
                       "m2": ("shared", "features")}
     COUNTS: ClassVar = {"n": "min_cell"}
 
+    def __post_init__(self) -> None:
+        sizes = {len(self.batches), len(self.n), len(self.mean), len(self.m2)}
+        if len(sizes) != 1:
+            raise HarmonizationError(f"stacked moments of {len(self.batches)} batches hold "
+                                     f"{len(self.n)} counts, {len(self.mean)} means and "
+                                     f"{len(self.m2)} sums of squares")
+
     @classmethod
     def of(cls, moments: Sequence[BatchMoments], n_features: int) -> StackedMoments:
         return cls(tuple(m.batch for m in moments), np.array([m.n for m in moments], dtype=int),
@@ -221,11 +228,9 @@ class StackedMoments:
                    np.array([m.m2 for m in moments]).reshape(len(moments), n_features))
 
     def unstack(self) -> list[BatchMoments]:
-        # strict=False: as before, the shortest of the four decides (not checked against each
-        # other on receipt).
         return [BatchMoments(b, int(n), mean, m2)
                 for b, n, mean, m2 in zip(self.batches, self.n, self.mean, self.m2,
-                                          strict=False)]
+                                          strict=True)]
 
 
 @dataclass(frozen=True)

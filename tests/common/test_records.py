@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from common.glm import LogisticTerms, site_logistic_terms
 from common.records import PayloadError, from_record, to_record
-from harmonization.combat.moments import BatchMoments, DesignMoments
+from harmonization.combat.eb import StackedAdjustments
+from harmonization.combat.moments import BatchMoments, DesignMoments, StackedMoments
 
 
 def test_round_trip_keeps_arrays_and_scalars_exactly():
@@ -37,3 +38,23 @@ def test_malformed_payloads_are_refused_naming_field_and_sender():
         from_record(missing, DesignMoments)
     with pytest.raises(PayloadError, match="no 'meta' and 'arrays'"):
         from_record(RecordDict({}), DesignMoments)
+
+
+def test_stacked_batches_whose_lengths_disagree_are_refused_on_receipt():
+    """A site's moments of its shared batches, or the server's adjustments of them, list the
+    batches and one row per batch: a reply naming two batches with three rows is refused by
+    name, not cut to the shortest."""
+    moments = StackedMoments.of([BatchMoments("s1", 6, np.zeros(3), np.ones(3)),
+                                 BatchMoments("s2", 7, np.ones(3), np.ones(3))], 3)
+    assert [m.batch for m in from_record(to_record(moments), StackedMoments).unstack()] == [
+        "s1", "s2"]
+    content = to_record(moments)
+    content["meta"]["t.batches"] = ["s1"]
+    with pytest.raises(PayloadError, match="StackedMoments from a site: stacked moments of 1 "
+                                           "batches hold 2 counts"):
+        from_record(content, StackedMoments)
+    adjustments = StackedAdjustments(("s1", "s2"), np.zeros((2, 3)), np.ones((2, 3)))
+    content = to_record(adjustments)
+    content["arrays"]["delta"] = Array(np.ones((3, 3)))
+    with pytest.raises(PayloadError, match="2 batches hold 2 gammas and 3 deltas"):
+        from_record(content, StackedAdjustments, sender="the server")
