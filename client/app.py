@@ -33,7 +33,7 @@ from flwr.supercore.differential_privacy import (
 )
 
 from client.guard import PrivacyGuardError, check_reply
-from client.phases import combat, handshake, radiomics
+from client.phases import handshake
 from client.workspace import feature_width, resolve_site
 from common.errors import ConfigError, MyeloFedError
 from common.messages import (
@@ -199,10 +199,10 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
     @app.query(MessageType.PREPARE.query)
     @guarded
     def _prepare(msg: Message, context: Context) -> Message:
-        # Each message starts a fresh ClientApp process: the phases that need pyradiomics and
-        # SimpleITK (the preparation), matplotlib (the site report, written by the preparation,
-        # the validation and the CNN) or torch and MONAI (the CNN) load them only in the
-        # processes that run them, which keeps every other round's start quick.
+        # Each message starts a fresh ClientApp process: a phase's module, and the libraries it
+        # needs (pandas for the tables; pyradiomics and SimpleITK for the preparation;
+        # matplotlib for the site report; torch and MONAI for the CNN), load only in the
+        # processes that run that phase, which keeps every round's start quick.
         from client.phases import prepare
 
         site = site_of(context)
@@ -216,32 +216,43 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
 
     def combat_request(msg: Message, context: Context
                        ) -> tuple[SiteConfig, StudyProtocol, CombatRequest]:
+        """The site, its protocol and a ComBat round's request."""
         request = unpack_request(msg.content, CombatRequest)
         return site_of(context), request.study.protocol(), request
 
     @app.query(MessageType.COMBAT_DESIGN.query)
     @guarded
     def _combat_design(msg: Message, context: Context) -> Message:
+        from client.phases import combat  # see _prepare
+
         return reply(msg, moments=combat.design_moments(*combat_request(msg, context)))
 
     @app.query(MessageType.COMBAT_RESIDUALS.query)
     @guarded
     def _combat_residuals(msg: Message, context: Context) -> Message:
+        from client.phases import combat  # see _prepare
+
         return reply(msg, residuals=combat.residual_moments(*combat_request(msg, context)))
 
     @app.query(MessageType.COMBAT_MOMENTS.query)
     @guarded
     def _combat_moments(msg: Message, context: Context) -> Message:
+        from client.phases import combat  # see _prepare
+
         return reply(msg, moments=combat.shared_moments(*combat_request(msg, context)))
 
     @app.query(MessageType.COMBAT_APPLY.query)
     @guarded
     def _combat_apply(msg: Message, context: Context) -> Message:
+        from client.phases import combat  # see _prepare
+
         return reply(msg, result=HarmonizedRows(combat.apply(*combat_request(msg, context))))
 
     @app.query(MessageType.MODEL_SUMMARY.query)
     @guarded
     def _model_summary(msg: Message, context: Context) -> Message:
+        from client.phases import radiomics  # see _prepare
+
         study = unpack_request(msg.content, StudyRequest).study
         moments, local = radiomics.model_summary(site_of(context), study.protocol(),
                                                  bool(study.required("harmonized")))
@@ -250,6 +261,8 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
     @app.query(MessageType.MODEL_TERMS.query)
     @guarded
     def _model_terms(msg: Message, context: Context) -> Message:
+        from client.phases import radiomics  # see _prepare
+
         request = unpack_request(msg.content, ModelTermsRequest)
         return reply(msg, terms=radiomics.model_terms(site_of(context), request.study.protocol(),
                                                       request))

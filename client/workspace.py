@@ -3,16 +3,18 @@ cohort), its study folder and the tables the phases write there. Nothing here is
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-
-import pandas as pd
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from common.errors import ConfigError
 from common.glm import ModelError
 from common.payloads import MIN_ROWS_SENT
 from common.protocol import StudyProtocol
 from common.site_config import SiteConfig, load_site_config
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: The site's feature table after the local preparation (all rows, with their split and fold).
 PREPARED_FILE = "prepared.parquet"
@@ -51,8 +53,12 @@ def study_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:
 def feature_columns(table: pd.DataFrame, protocol: StudyProtocol) -> list[str]:
     """The feature columns of a study table: every column but the row's identity, split, fold,
     label and covariates."""
+    return _features_of(table.columns, protocol)
+
+
+def _features_of(columns: Iterable[str], protocol: StudyProtocol) -> list[str]:
     skip = {*NON_FEATURES, protocol.task.label_column, *protocol.covariates.columns}
-    return [c for c in table.columns if c not in skip]
+    return [c for c in columns if c not in skip]
 
 
 def feature_width(site: SiteConfig, protocol: StudyProtocol) -> int | None:
@@ -62,11 +68,17 @@ def feature_width(site: SiteConfig, protocol: StudyProtocol) -> int | None:
     path = study_dir(site, protocol) / PREPARED_FILE
     if not path.is_file():
         return None
-    return len(feature_columns(pd.DataFrame(columns=pq.read_schema(path).names), protocol))
+    # pyarrow and pandas load only in the processes that read a table: each message starts a
+    # fresh ClientApp process, and the handshake reads none
+    import pyarrow.parquet as pq
+
+    return len(_features_of(pq.read_schema(path).names, protocol))
 
 
 def load_study_table(site: SiteConfig, protocol: StudyProtocol, name: str) -> pd.DataFrame:
     """One of the tables a phase kept at this site (``PREPARED_FILE``, ``HARMONIZED_FILE``)."""
+    import pandas as pd  # see feature_width
+
     path = study_dir(site, protocol) / name
     if not path.is_file():
         raise ConfigError(str(path), [f"missing: the phase that writes {name} has not run here"])
