@@ -217,18 +217,19 @@ def pack_request(request: Any) -> RecordDict:
     """A typed request (:mod:`common.messages`) as Flower's records: its study settings under
     ``study``, each payload under its field's name, each payload of a tuple field under the
     name and its index (``model0``, ``model1``...); absent (None) payloads left out."""
-    out = RecordDict({})
+    payloads: dict[str, Any] = {}
+    settings: dict[str, StudyConfig] = {}
     for item in dataclasses.fields(request):
         value = getattr(request, item.name)
         if isinstance(value, StudyConfig):
-            out[item.name] = ConfigRecord(value.to_mapping())
+            settings[item.name] = value
         elif isinstance(value, tuple):
-            for i, payload in enumerate(value):
-                for key, record in to_record(payload, prefix=f"{item.name}{i}.").items():
-                    out[key] = record
+            payloads |= {f"{item.name}{i}": payload for i, payload in enumerate(value)}
         elif value is not None:
-            for key, record in to_record(value, prefix=f"{item.name}.").items():
-                out[key] = record
+            payloads[item.name] = value
+    out = pack(**payloads)
+    for name, config in settings.items():
+        out[name] = ConfigRecord(config.to_mapping())
     return out
 
 
