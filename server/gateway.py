@@ -8,7 +8,9 @@ node or start a run. ``myelofed server start`` therefore binds the SuperLink to 
 this gateway on the public interface: it terminates TLS with the SuperLink's certificate, forwards
 exactly the Fleet API's routes (POST, the paths Flower's own fleet router declares) over TLS to the
 SuperLink, and answers everything else with 403 and a log line naming the caller and the path.
-A read-only Fleet call the SuperLink fails with 5xx is sent again after 0.5, 1 and 2 s.
+A Fleet call the SuperLink fails with 5xx is sent again (after 0.5, 1, 2 and 4 s, within 20 s)
+where that is safe: the calls that only read or refresh a heartbeat, and the pushes of a site's
+reply and of its objects (see :data:`RETRIED`).
 
 SuperNode authentication is untouched: a SuperNode signs a timestamp in its request headers and
 the gateway forwards the headers as they are, so the SuperLink still checks every request.
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +46,19 @@ _HOP_BY_HOP: Final = frozenset({
 #: The largest request body forwarded (a site's model weights travel in such bodies).
 DEFAULT_MAX_BODY: Final = 1 << 30
 
-#: Fleet calls that only read (or only refresh a heartbeat): safe to send again when the
-#: SuperLink answers 5xx, as its SQLite state does when a write waited over 5 s for a lock.
+#: Fleet calls safe to send again when the SuperLink answers 5xx, as its SQLite state does when
+#: a write waited over 5 s for a lock (many sites on a loaded coordinator). The reads and the
+#: heartbeat change nothing that a second call would double. The two pushes are how a site's
+#: reply reaches the server, and a SuperNode does not send them again itself (Flower 1.42 retries
+#: 502, 503 and 504, not 500): a lost push is a site lost for the phase. Sending them again is
+#: safe because the SuperLink stores a reply in one transaction and refuses a second copy of it,
+#: and stores an object under its content's hash only while the object is still pending.
 RETRIED: Final = frozenset({"/v1/fleet/pull-messages", "/v1/fleet/send-node-heartbeat",
-                            "/v1/fleet/get-run", "/v1/fleet/get-fab", "/v1/fleet/pull-object"})
-RETRY_DELAYS_S: Final = (0.5, 1.0, 2.0)
+                            "/v1/fleet/get-run", "/v1/fleet/get-fab", "/v1/fleet/pull-object",
+                            "/v1/fleet/push-messages", "/v1/fleet/push-object"})
+RETRY_DELAYS_S: Final = (0.5, 1.0, 2.0, 4.0)
+#: No new attempt starts later than this after the first (a SuperNode waits 30 s for an answer).
+RETRY_BUDGET_S: Final = 20.0
 
 
 def fleet_paths() -> frozenset[str]:
@@ -83,15 +94,17 @@ def refusal(request: Request, why: str) -> Response:
 
 
 def create_app(upstream: Upstream, *, allowed: frozenset[str] | None = None,
-               max_body: int = DEFAULT_MAX_BODY, timeout_s: float = 300.0) -> Starlette:
+               max_body: int = DEFAULT_MAX_BODY, timeout_s: float = 300.0,
+               transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The gateway as an ASGI app: ``allowed`` paths (default: :func:`fleet_paths`) are
-    forwarded to ``upstream``; anything else gets 403."""
+    forwarded to ``upstream``; anything else gets 403. ``transport``: how the upstream is
+    reached (default: the network; a mock in the tests)."""
     allowed = fleet_paths() if allowed is None else allowed
     verify: ssl.SSLContext | bool = False
     if upstream.ca_certfile is not None:
         verify = ssl.create_default_context(cafile=str(upstream.ca_certfile))
     client = httpx.AsyncClient(base_url=upstream.url, verify=verify, timeout=timeout_s,
-                               limits=httpx.Limits(max_connections=256))
+                               limits=httpx.Limits(max_connections=256), transport=transport)
 
     async def forward(request: Request) -> Response:
         path = request.scope["path"]
@@ -116,6 +129,7 @@ def create_app(upstream: Upstream, *, allowed: frozenset[str] | None = None,
                 return refusal(request, f"body over {max_body} bytes")
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
         delays = RETRY_DELAYS_S if path in RETRIED else ()
+        started = time.monotonic()
         for attempt in range(len(delays) + 1):
             try:
                 answer = await client.post(path, content=bytes(body), headers=headers)
@@ -123,7 +137,8 @@ def create_app(upstream: Upstream, *, allowed: frozenset[str] | None = None,
                 log.error("SuperLink unreachable at %s: %s", upstream.url, exc)
                 return PlainTextResponse("MyeloFed gateway: the SuperLink is unreachable\n",
                                          status_code=502)
-            if answer.status_code < 500 or attempt == len(delays):
+            if (answer.status_code < 500 or attempt == len(delays)
+                    or time.monotonic() - started + delays[attempt] > RETRY_BUDGET_S):
                 break
             log.warning("SuperLink answered %d to %s: trying again in %g s",
                         answer.status_code, path, delays[attempt])
