@@ -1,11 +1,15 @@
-"""The site's privacy guard: what checking a reply costs, against what making the reply costs.
+"""The site's privacy guard and release ledger: what checking a reply costs, against what making
+the reply costs.
 
 Times :func:`client.guard.check_reply` on the two largest replies a site sends: the model's terms
 for a full batch of fits (the default protocol's 240 fits: four training sets, each
 ``n_lambdas`` x (``cv_folds`` + 1), at ``screening_top_k`` features: a gradient and a Hessian
 per fit) and a CNN update (the protocol's default network). The baseline
 is packing the same reply into Flower's records (:func:`common.records.pack`, Flower's
-``ArrayRecord``), which every reply costs anyway.
+``ArrayRecord``), which every reply costs anyway. The release ledger
+(:func:`client.ledger.release`) is timed on the same model-terms reply at a site of 120 training
+rows whose ledger already holds ComBat's sums (two scanners, each by label) and the comoments:
+reading the ledger, the exact check of the span and writing it back.
 
     python bench/guard.py [--repeat 20]
 """
@@ -69,6 +73,30 @@ def main() -> None:
              best_ms(lambda: pack(terms=terms), args.repeat),
              best_ms(lambda: check_reply(MessageType.MODEL_TERMS, message, reply,
                                          lambda: protocol, lambda: features), args.repeat))]
+
+    # the release ledger on the same reply: its subsets (all rows and each fold left out, each
+    # split by label), in a ledger holding ComBat's and the comoments' subsets
+    import tempfile
+
+    from client.ledger import LEDGER_FILE, release
+
+    folds = np.arange(n) % spec.cv_folds
+    scanner = np.arange(n) < n // 2
+    case_ids = [f"case{i:04d}" for i in range(n)]
+    labels = [y == 0, y == 1]
+    earlier = [part & s for s in (scanner, ~scanner, np.ones(n, bool)) for part in labels]
+    released = [part & (folds != f) for f in range(-1, spec.cv_folds) for part in labels]
+    with tempfile.TemporaryDirectory() as folder:
+        release(Path(folder), "earlier", case_ids, earlier)
+        start = (Path(folder) / LEDGER_FILE).read_text()
+
+        def ledger() -> None:
+            (Path(folder) / LEDGER_FILE).write_text(start)
+            release(Path(folder), "model terms", case_ids, released)
+
+        rows.append(("ledger", f"{len(released)} subsets of {n} rows",
+                     best_ms(lambda: pack(terms=terms), args.repeat),
+                     best_ms(ledger, args.repeat)))
 
     # a CNN update of the protocol's default network
     from common.network import build_network, state_arrays

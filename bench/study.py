@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cli.simulation import run_in_simulation  # noqa: E402
+from client.ledger import LEDGER_FILE  # noqa: E402
 from client.workspace import HARMONIZED_FILE, PREPARED_FILE, feature_columns  # noqa: E402
 from common.protocol import load_protocol  # noqa: E402
 from common.selection.model import LinearModel  # noqa: E402
@@ -111,6 +112,10 @@ def main() -> None:
     for seed in args.seeds:
         results, seconds = {}, {}
         for effects, cohort in cohorts.items():
+            # each seed stands for a study at fresh sites: their release ledgers are cleared
+            # (a real site keeps its ledger, and refuses another split of the same patients)
+            for ledger in (cohort / "work").glob(f"*/study/*/{LEDGER_FILE}"):
+                ledger.unlink()
             results[effects], seconds[effects] = run(cohort, work / f"out-{effects}-{seed}", seed)
         raw, harmonized = (next(m for m in results[True]["models"] if m["harmonized"] is h)
                            for h in (False, True))

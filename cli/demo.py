@@ -16,6 +16,7 @@ from cli.console import console, fail_config, out, progress_columns
 from cli.exit_codes import ExitCode
 from cli.tools import cohort_sizes, parse_task
 from common.errors import ConfigError
+from common.payloads import shown_count
 
 if TYPE_CHECKING:
     from common.synthetic import Task
@@ -129,9 +130,10 @@ def summary_table(study: Path, wall_s: float) -> Table:
                   "federated ComBat), model trained without the site; the nomogram (radiomics "
                   "score + clinical factors, response task); the final federated CNN")
     for r in rows:
-        table.add_row(r["site"], str(r["n_test"]), _show(r["local"]), _show(r["federated"]),
-                      _show(r["federated_combat"]), _show(r["leave_site_out"]),
-                      _show(r["leave_site_out_combat"]), _show(r["nomogram"]), _show(r["cnn"]))
+        table.add_row(r["site"], str(shown_count(r["n_test"])), _show(r["local"]),
+                      _show(r["federated"]), _show(r["federated_combat"]),
+                      _show(r["leave_site_out"]), _show(r["leave_site_out_combat"]),
+                      _show(r["nomogram"]), _show(r["cnn"]))
     return table
 
 

@@ -44,6 +44,7 @@ from common.messages import (
     StudyConfig,
     StudyRequest,
 )
+from common.payloads import MIN_ROWS_SENT
 from common.protocol import StudyProtocol
 from common.records import pack, to_record, unpack_request
 from common.site_config import SiteConfig
@@ -130,11 +131,13 @@ def local_dp(msg: Message, context: Context, call_next: Callable[[Message, Conte
 
 
 def privacy_guard(site_name: Callable[[Context], str],
-                  features: Callable[[Context, StudyProtocol], int | None]) -> Mod:
+                  features: Callable[[Context, StudyProtocol], int | None],
+                  floor: Callable[[Context], int] = lambda _: MIN_ROWS_SENT) -> Mod:
     """A Flower mod: the site's privacy guard (:mod:`client.guard`) on every reply. A reply
     that breaks its schema, or one the guard cannot check, is withheld: the coordinator gets an
     error naming the rule and the site's log says what was withheld. ``features`` gives the
-    width of the site's feature table (None before the preparation)."""
+    width of the site's feature table (None before the preparation), ``floor`` the site's
+    ``min_patients``."""
     def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
             ) -> Message:
         reply = call_next(msg, context)
@@ -144,7 +147,8 @@ def privacy_guard(site_name: Callable[[Context], str],
         protocol = functools.cache(lambda: _protocol(msg))  # read once, only where needed
         try:
             check_reply(kind, msg.content, reply.content, protocol,
-                        lambda: features(context, protocol()), site_name(context))
+                        lambda: features(context, protocol()), site_name(context),
+                        floor(context))
             return reply
         except PrivacyGuardError as exc:
             reason = str(exc)
@@ -157,10 +161,11 @@ def privacy_guard(site_name: Callable[[Context], str],
     return mod
 
 
-def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] = ()
-                    ) -> ClientApp:
+def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] = (),
+                    min_patients: int | None = None) -> ClientApp:
     """The ClientApp. ``simulation_cohort`` stands in for the run config's
-    ``simulation-cohort`` (Flower's in-process simulation passes no run config); ``mods`` are
+    ``simulation-cohort`` (Flower's in-process simulation passes no run config), and
+    ``min_patients`` for its ``simulation-min-patients`` (the virtual sites' floor); ``mods`` are
     Flower mods around every handler (e.g. one that inspects every outgoing reply); the
     protocol's local differential privacy (:func:`local_dp`) is the innermost, inside the
     site's privacy guard (:mod:`client.guard`), which checks every reply that leaves."""
@@ -168,6 +173,8 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
         run_config = dict(context.run_config)
         if simulation_cohort is not None:
             run_config["simulation-cohort"] = str(simulation_cohort)
+        if min_patients is not None:
+            run_config["simulation-min-patients"] = min_patients
         return resolve_site(dict(context.node_config), run_config)
 
     def site_name(context: Context) -> str:
@@ -176,8 +183,15 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
         except MyeloFedError:
             return str(context.node_config.get("site-name", "this site"))
 
+    def floor(context: Context) -> int:
+        try:
+            return site_of(context).min_patients
+        except MyeloFedError:  # no site: the default floor (the handler refuses anyway)
+            return MIN_ROWS_SENT
+
     guard = privacy_guard(site_name,
-                          lambda context, protocol: feature_width(site_of(context), protocol))
+                          lambda context, protocol: feature_width(site_of(context), protocol),
+                          floor)
     app = ClientApp(mods=[*mods, guard, local_dp])
 
     def reply(msg: Message, **payloads: object) -> Message:

@@ -81,10 +81,11 @@ Sizes = tuple[dict[str, Any], dict[str, int]]
 
 
 def _sizes(message_type: MessageType, request: Records, protocol: Callable[[], StudyProtocol],
-           features: Callable[[], int | None]) -> Sizes:
+           features: Callable[[], int | None], min_patients: int) -> Sizes:
     """The axis sizes and count minimums a reply may have, resolved from the request
-    and the protocol (and the number of feature columns, the same at every site)."""
-    minimums = {"min_rows": MIN_ROWS_SENT}
+    and the protocol (and the number of feature columns, the same at every site); ComBat's
+    ``min_cell`` never below the site's own ``min_patients``."""
+    minimums = {"min_rows": MIN_ROWS_SENT, "min_patients": min_patients}
     if message_type is MessageType.PREPARE:
         width = features()
         return {"features": {0} if width is None else {0, width}}, minimums
@@ -94,7 +95,7 @@ def _sizes(message_type: MessageType, request: Records, protocol: Callable[[], S
         shared = study.shared_batches or ()
         return ({"features": _required(features()), "batches": design.n_batch,
                  "columns": design.n_columns, "shared": range(len(shared) + 1)},
-                minimums | {"min_cell": options.min_cell})
+                minimums | {"min_cell": max(options.min_cell, min_patients)})
     if message_type is MessageType.MODEL_SUMMARY:
         top_k = protocol().model.screening_top_k
         return ({"features": _required(features()), "terms": range(top_k + 1),
@@ -114,11 +115,11 @@ def _required(width: int | None) -> int:
 
 def check_reply(message_type: str, request: Records, content: Records,
                 protocol: Callable[[], StudyProtocol], features: Callable[[], int | None],
-                site: str = "this site") -> None:
+                site: str = "this site", min_patients: int = MIN_ROWS_SENT) -> None:
     """Raise :class:`PrivacyGuardError` unless ``content``, a reply to a message of type
     ``message_type`` with ``request`` content, follows its schema. ``protocol`` and
     ``features`` (the width of the site's feature table, None before the preparation) are
-    called when needed."""
+    called when needed; ``min_patients`` is the site's own floor (its site config)."""
     try:
         kind = MessageType(message_type)
     except ValueError:
@@ -132,7 +133,7 @@ def check_reply(message_type: str, request: Records, content: Records,
     extra = sorted(set(content.keys()) - expected)
     if extra:
         raise PrivacyGuardError(f"record '{extra[0]}' is not part of a reply to '{kind}'")
-    sizes, minimums = _sizes(kind, request, protocol, features)
+    sizes, minimums = _sizes(kind, request, protocol, features, min_patients)
     for name, (cls, required) in schema.items():
         prefix = f"{name}." if name else ""
         if f"{prefix}meta" not in content and not required:

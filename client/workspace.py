@@ -26,7 +26,8 @@ NON_FEATURES = ("case_id", "batch", "split", "fold")
 def resolve_site(node_config: dict[str, object], run_config: dict[str, object]) -> SiteConfig:
     """This SuperNode's site: from ``site-config`` (a site config file, in deployment) or, in
     the simulation engine, from the run's ``simulation-cohort`` folder and the node's
-    ``partition-id`` (the cohort's sites in name order)."""
+    ``partition-id`` (the cohort's sites in name order; ``simulation-min-patients`` stands in
+    for the sites' ``min_patients``, for tests on tiny synthetic cohorts)."""
     if node_config.get("site-config"):
         return load_site_config(Path(str(node_config["site-config"])))
     cohort = str(run_config.get("simulation-cohort", "") or "")
@@ -41,8 +42,10 @@ def resolve_site(node_config: dict[str, object], run_config: dict[str, object]) 
                                       "folders with a manifest.csv"])
     site = sites[index]
     # one worker: the simulation engine runs every virtual site on this one machine
+    floor = run_config.get("simulation-min-patients")
     return SiteConfig(site_name=site.name, manifest=site / "manifest.csv",
-                      work_dir=root / "work" / site.name, workers=1)
+                      work_dir=root / "work" / site.name, workers=1,
+                      **({} if floor is None else {"min_patients": int(str(floor))}))
 
 
 def study_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:

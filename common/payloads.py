@@ -26,7 +26,8 @@ class HandshakeReply:
 
     ``status`` is ``"ok"`` or ``"refused"``; a refusal carries a stable ``code`` and a short
     ``reason`` (no path). ``label_counts`` is ``"0:n0,1:n1"`` for classification (empty for
-    regression); ``skipped`` is ``"reason:count,..."``.
+    regression); ``skipped`` is ``"reason:count,..."``. Every count, in a field or a string, is
+    0, at least the site's ``min_patients``, or :data:`SUPPRESSED` (see :func:`released`).
     """
 
     site: str
@@ -39,12 +40,15 @@ class HandshakeReply:
     skipped: str = ""
     label_counts: str = ""
 
+    COUNTS: ClassVar = {"n_rows": "min_patients", "n_usable": "min_patients",
+                        "skipped": "min_patients", "label_counts": "min_patients"}
+
 
 @dataclass(frozen=True)
 class PrepareReply:
     """Counts after extraction and the local split; the scanner names with their training
     counts (``"name:count,..."``) and a hash of the feature names, so the server can check
-    every site computed the same features."""
+    every site computed the same features. Counts follow :func:`released`."""
 
     site: str
     status: str
@@ -62,18 +66,23 @@ class PrepareReply:
 
     #: What may leave a site (:func:`common.records.check_sent`): none, or every feature name.
     AXES: ClassVar = {"feature_names": ("features",)}
+    COUNTS: ClassVar = {f: "min_patients" for f in ("n_train", "n_test", "skipped",
+                                                    "train_labels", "test_labels", "batches")}
 
 
 @dataclass(frozen=True)
 class ModelMetrics:
     """One site's test metrics of each model it was sent, as JSON ``{"models": {model: {metric:
     value or binned curve}}, "comparisons": {"a vs b": DeLong test}}`` (NaN where a metric is
-    undefined, e.g. AUC on one class): never a per-patient score."""
+    undefined, e.g. AUC on one class): never a per-patient score. The counts follow
+    :func:`released`."""
 
     site: str
     n_test: int
     n_positive: int
     table: str
+
+    COUNTS: ClassVar = {"n_test": "min_patients", "n_positive": "min_patients"}
 
 
 # --- the CNN's metric replies --------------------------------------------------------------------
@@ -116,9 +125,33 @@ class CnnMetrics:
         return out
 
 
-def format_counts(pairs: Iterable[tuple[object, int]]) -> str:
-    """``"name:count,..."``: how counts travel in a reply (:func:`parse_counts` reads them)."""
-    return ",".join(f"{name}:{count}" for name, count in pairs)
+#: A count of 1 to the site's minimum - 1, as it leaves the site (see :func:`released`).
+SUPPRESSED = -1
+
+
+def released(count: int, minimum: int) -> int:
+    """A count as it may leave a site: itself when 0 or at least ``minimum`` (the site's
+    ``min_patients``), else :data:`SUPPRESSED` (a small count says a patient of that kind
+    exists)."""
+    return count if count == 0 or count >= minimum else SUPPRESSED
+
+
+def format_counts(pairs: Iterable[tuple[object, int]], minimum: int | None = None) -> str:
+    """``"name:count,..."``: how counts travel in a reply (:func:`parse_counts` reads them);
+    with ``minimum``, each count as :func:`released` lets it leave."""
+    return ",".join(f"{name}:{count if minimum is None else released(int(count), minimum)}"
+                    for name, count in pairs)
+
+
+def shown_count(count: int) -> int | str:
+    """A count for a report: a suppressed one as "under the minimum"."""
+    return "under the minimum" if count == SUPPRESSED else count
+
+
+def shown_counts(text: str) -> str:
+    """A ``"name:count,..."`` string for a report, a suppressed count as "under the minimum"."""
+    return ", ".join(f"{name}: {shown_count(count)}"
+                     for name, count in parse_counts(text).items()) if text else ""
 
 
 def parse_counts(text: str) -> dict[str, int]:
@@ -130,12 +163,14 @@ def parse_counts(text: str) -> dict[str, int]:
     return out
 
 
-def label_counts(protocol: StudyProtocol, labels: Sequence[float]) -> str:
-    """``"0:n0,1:n1"`` for a classification task, empty otherwise."""
+def label_counts(protocol: StudyProtocol, labels: Sequence[float], minimum: int | None = None
+                 ) -> str:
+    """``"0:n0,1:n1"`` for a classification task, empty otherwise (with ``minimum``: as they
+    may leave the site)."""
     if protocol.task.kind is not TaskKind.CLASSIFICATION:
         return ""
     counts = Counter(int(v) for v in labels)
-    return format_counts((k, counts.get(k, 0)) for k in (0, 1))
+    return format_counts(((k, counts.get(k, 0)) for k in (0, 1)), minimum)
 
 
 def loss_of(protocol: StudyProtocol) -> str:

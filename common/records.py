@@ -197,12 +197,33 @@ def check_sent(content: RecordDict, cls: type[T], sizes: Mapping[str, Size],
     payload = from_record(content, cls, sender=sender, prefix=prefix)
     for name, minimum_name in counts.items():
         minimum = minimums[minimum_name]
-        values = np.atleast_1d(np.asarray(getattr(payload, name)))
+        value = getattr(payload, name)
+        values = np.atleast_1d(np.asarray(_counts_in(value, name, fail) if isinstance(value, str)
+                                          else value))
         small = values[(values > 0) & (values < minimum)]
         if small.size:
             raise fail(f"'{name}' counts {small[0]:g}, fewer than {minimum_name} = {minimum} "
                        "(and more than 0)")
+        if np.any(values < SUPPRESSED_COUNT):
+            raise fail(f"'{name}' holds a negative count other than {SUPPRESSED_COUNT} "
+                       "(suppressed)")
     return payload
+
+
+#: How a count under the minimum leaves a site (``common.payloads.SUPPRESSED``).
+SUPPRESSED_COUNT = -1
+
+
+def _counts_in(text: str, name: str, fail: Callable[[str], PayloadError]) -> list[int]:
+    """The counts of a ``"name:count,..."`` string, or a refusal: a count field holds nothing
+    else."""
+    out = []
+    for part in filter(None, text.split(",")):
+        _, colon, count = part.rpartition(":")
+        if not colon or not count.lstrip("-").isdigit():
+            raise fail(f"'{name}' must be name:count pairs, not {part[:40]!r}")
+        out.append(int(count))
+    return out
 
 
 def _shown(size: Size) -> str:

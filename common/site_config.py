@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.errors import ConfigError
+from common.payloads import MIN_ROWS_SENT
 from common.protocol import read_mapping, validation_problems
 
 
@@ -29,6 +30,11 @@ class SiteConfig(BaseModel):
     work_dir: Path = Path("myelofed-work")
     workers: int | None = Field(None, ge=1, description="Parallel cases; default: all cores.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    min_patients: int = Field(
+        MIN_ROWS_SENT, ge=1,
+        description="The fewest patients that any sum this site sends, or any combination of its "
+        "sums, may cover (the release ledger); a study can ask for more (ComBat's min_cell), "
+        "never for fewer.")
     approved_apps: tuple[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")], ...] = Field(
         (), description="SHA-256 of each study app bundle this site runs ('myelofed app-hash');"
         " its SuperNode refuses any other.")

@@ -26,6 +26,7 @@ import numpy as np
 
 from common import plots
 from common.errors import ConfigError
+from common.payloads import shown_count, shown_counts
 from common.provenance import REPORT_PACKAGES, atomic_write_json, software_versions
 from common.templates import confusion, fmt, render, with_ci
 
@@ -61,7 +62,7 @@ def _side_by_side(model: dict[str, Any], metric: str) -> list[dict[str, Any]]:
     rows = []
     for site, result in sorted(model["sites"].items()):
         m = result["metrics"]
-        rows.append({"site": site, "n_test": result["n_test"],
+        rows.append({"site": site, "n_test": shown_count(result["n_test"]),
                      "n_positive": result.get("n_positive"),
                      "local": with_ci(m.get(f"local {site}"), metric),
                      "federated": with_ci(m.get("federated"), metric),
@@ -185,12 +186,13 @@ def _nomogram_section(nomogram: dict[str, Any], ranges: dict[str, Any]) -> dict[
     rows = []
     for site, result in sorted(nomogram["sites"].items()):
         m = result["metrics"]
-        rows.append({"site": site, "n_test": result["n_test"],
+        rows.append({"site": site, "n_test": shown_count(result["n_test"]),
                      "nomogram": with_ci(m.get("nomogram"), "auc"),
                      "leave_site_out": with_ci(m.get("nomogram leave-site-out"), "auc")})
     return {"status": "done", "odds_ratios": {t: fmt(v) for t, v in fed["odds_ratios"].items()},
             "figures": [{"title": "Nomogram (federated)", "src": figure}], "rows": rows,
-            "harmonized": nomogram.get("harmonized")}
+            "harmonized": nomogram.get("harmonized"),
+            "left_out": dict(nomogram.get("left_out", {}))}
 
 
 def _privacy_section(privacy: dict[str, Any]) -> dict[str, Any]:
@@ -240,11 +242,15 @@ def _report_of(study: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "protocol": study.get("protocol"),
         "cohort": [{"site": s["site"], "status": s["status"], "reason": s.get("reason", ""),
                     "hash": (s.get("protocol_hash") or "")[:12],
-                    "usable": s.get("n_usable", 0), "skipped": s.get("skipped", ""),
-                    "labels": s.get("label_counts", "")} for s in handshake["sites"]],
-        "split": [{"site": s["site"], "n_train": s.get("n_train", 0),
-                   "n_test": s.get("n_test", 0), "train_labels": s.get("train_labels", ""),
-                   "test_labels": s.get("test_labels", ""), "batches": s.get("batches", "")}
+                    "usable": shown_count(s.get("n_usable", 0)),
+                    "skipped": shown_counts(s.get("skipped", "")),
+                    "labels": shown_counts(s.get("label_counts", ""))}
+                   for s in handshake["sites"]],
+        "split": [{"site": s["site"], "n_train": shown_count(s.get("n_train", 0)),
+                   "n_test": shown_count(s.get("n_test", 0)),
+                   "train_labels": shown_counts(s.get("train_labels", "")),
+                   "test_labels": shown_counts(s.get("test_labels", "")),
+                   "batches": shown_counts(s.get("batches", ""))}
                   for s in prepare.get("sites", [])],
         "excluded": {**handshake.get("excluded", {}), **prepare.get("excluded", {})},
         "combat": study.get("combat"),

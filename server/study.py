@@ -95,6 +95,12 @@ def _flag(value: object, key: str) -> bool:
     raise ValueError(f"{key}: {value!r} is not true or false")
 
 
+def excluded_detail(excluded: dict[str, str]) -> str:
+    """`` (site: why; ...)``, naming every excluded site in a stop reason (empty: none)."""
+    return f" ({'; '.join(f'{s}: {why}' for s, why in sorted(excluded.items()))})" \
+        if excluded else ""
+
+
 def require_sites(replies: dict[str, Any], failed: dict[str, str], settings: StudySettings,
                   phase: str) -> None:
     """Stop the study, naming every failed site, when fewer than min-sites answered."""

@@ -1,11 +1,16 @@
 """Phase 3, federated ComBat: the site's halves of d-ComBat's rounds on its training rows, then
-the fitted model applied to all of its rows (kept here)."""
+the fitted model applied to all of its rows (kept here). Every round's sums (over each scanner's
+rows, split by the design's categorical covariates) are entered in the site's release ledger
+(:mod:`client.ledger`) before they leave."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pandas as pd
 
+from client.ledger import release
 from client.workspace import (
     HARMONIZED_FILE,
     PREPARED_FILE,
@@ -55,8 +60,12 @@ def design_moments(site: SiteConfig, protocol: StudyProtocol, request: CombatReq
                    ) -> DesignMoments:
     """Round 1: the design's moments over this site's training rows."""
     design, options = request.design()
-    y, batch, covariates, _ = combat_inputs(site, protocol)
-    return site_design_moments(y, batch, covariates, design, options, site.site_name)
+    y, batch, covariates, table = combat_inputs(site, protocol)
+    # the site's own floor holds whatever the study asks: the coordinator cannot lower it
+    floor = dataclasses.replace(options, min_cell=max(options.min_cell, site.min_patients))
+    moments = site_design_moments(y, batch, covariates, design, floor, site.site_name)
+    record_release(site, protocol, table, batch, covariates, "ComBat's design moments")
+    return moments
 
 
 def residual_moments(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest
@@ -65,8 +74,10 @@ def residual_moments(site: SiteConfig, protocol: StudyProtocol, request: CombatR
     design, _ = request.design()
     if request.fit is None:
         raise HarmonizationError("ComBat round 2: the request carries no location fit")
-    y, batch, covariates, _ = combat_inputs(site, protocol)
-    return site_residual_moments(y, batch, covariates, design, request.fit)
+    y, batch, covariates, table = combat_inputs(site, protocol)
+    moments = site_residual_moments(y, batch, covariates, design, request.fit)
+    record_release(site, protocol, table, batch, covariates, "ComBat's residual moments")
+    return moments
 
 
 def shared_moments(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest
@@ -75,10 +86,12 @@ def shared_moments(site: SiteConfig, protocol: StudyProtocol, request: CombatReq
     design, _ = request.design()
     fit, var = request.pooled()
     shared = set(request.study.shared_batches or ())
-    y, batch, covariates, _ = combat_inputs(site, protocol)
+    y, batch, covariates, table = combat_inputs(site, protocol)
     z = standardize(y, batch, covariates, design, fit, var.var)
     mine = [m for name, m in sorted(site_batch_moments(z, batch, design).items())
             if name in shared]
+    record_release(site, protocol, table, batch, covariates, "ComBat's shared moments",
+                   sorted(shared))
     return StackedMoments.of(mine, y.shape[1])
 
 
@@ -125,3 +138,24 @@ def harmonize_site(site: SiteConfig, protocol: StudyProtocol, model: CombatModel
     table[feature_columns(table, protocol)] = model.transform(y, batch, covariates)
     atomic_write_parquet(study_dir(site, protocol) / HARMONIZED_FILE, table)
     return len(table)
+
+
+def record_release(site: SiteConfig, protocol: StudyProtocol, table: pd.DataFrame,
+                   batch: list[str], covariates: dict[str, list[object]], what: str,
+                   only: list[str] | None = None) -> None:
+    """Enter a round's sums in the release ledger: over each scanner's training rows (of
+    ``only`` these scanners) and over each level of the design's categorical covariates within
+    it (the label among them when the outcome is protected in a classification)."""
+    categorical = [c for c in covariates if c in protocol.covariates.categorical
+                   or (c == protocol.task.label_column
+                       and protocol.task.kind is TaskKind.CLASSIFICATION)]
+    scanners = np.asarray(batch)
+    subsets = []
+    for name in sorted(set(batch)) if only is None else only:
+        rows = scanners == name
+        subsets.append(rows)
+        for column in categorical:
+            values = np.asarray([str(v) for v in covariates[column]])
+            subsets += [rows & (values == v) for v in np.unique(values)]
+    release(study_dir(site, protocol), what, table["case_id"].astype(str).tolist(), subsets,
+            site.min_patients)

@@ -8,7 +8,7 @@ from collections import Counter
 
 from client.manifest import read_manifest
 from common.errors import ConfigError
-from common.payloads import HandshakeReply, format_counts, label_counts
+from common.payloads import HandshakeReply, format_counts, label_counts, released
 from common.protocol import protocol_from_mapping
 from common.site_config import SiteConfig
 
@@ -30,11 +30,13 @@ def handshake(site: SiteConfig, protocol_json: str, protocol_hash: str) -> Hands
         cases, problems = read_manifest(site.manifest, protocol, default_batch=site.site_name)
     except ConfigError as exc:
         return refuse("manifest_unusable", exc.problems[0][:200] if exc.problems else "")
+    # every count leaves as released() lets it: 0, at least min_patients, or suppressed
+    floor = site.min_patients
     return HandshakeReply(
-        site.site_name, "ok", protocol_hash, n_rows=len(cases) + len(problems),
-        n_usable=len(cases),
-        skipped=format_counts(sorted(Counter(p.reason.value for p in problems).items())),
-        label_counts=label_counts(protocol, [c.label for c in cases]))
+        site.site_name, "ok", protocol_hash, n_rows=released(len(cases) + len(problems), floor),
+        n_usable=released(len(cases), floor),
+        skipped=format_counts(sorted(Counter(p.reason.value for p in problems).items()), floor),
+        label_counts=label_counts(protocol, [c.label for c in cases], floor))
 
 
 def refused(site_name: str, protocol_hash: str, exc: ConfigError) -> HandshakeReply:

@@ -14,7 +14,13 @@ from client.pipeline import features_table, run_cases
 from client.report import record_prepare
 from client.workspace import PREPARED_FILE, feature_columns, study_dir
 from common.errors import MyeloFedError
-from common.payloads import PrepareReply, format_counts, label_counts
+from common.payloads import (
+    MIN_ROWS_SENT,
+    PrepareReply,
+    format_counts,
+    label_counts,
+    released,
+)
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import atomic_write_parquet
 from common.selection.terms import assign_folds
@@ -44,26 +50,35 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
                                 random_state=state, stratify=stratify)
     table["split"] = "test"
     table.loc[train, "split"] = "train"
-    table["fold"] = -1  # cross-validation folds of the training rows, seeded like the split
-    table.loc[train, "fold"] = assign_folds(labels[train], protocol.model.cv_folds, state,
-                                            stratify is not None)
+    # cross-validation folds of the training rows, seeded like the split, built from atoms of at
+    # least MIN_ROWS_SENT rows of a label (and scanner): no sum the folds split can be
+    # differenced down to fewer patients
+    table["fold"] = -1
+    table.loc[train, "fold"] = assign_folds(
+        labels[train], protocol.model.cv_folds, state, classification, MIN_ROWS_SENT,
+        table["batch"].to_numpy()[train])
     atomic_write_parquet(study_dir(site, protocol) / PREPARED_FILE, table)
     names = feature_columns(table, protocol)
     is_train = table["split"] == "train"
     counts = table.loc[is_train, "batch"].value_counts().sort_index()
-    reply = PrepareReply(
-        site.site_name, "ok", n_train=int(is_train.sum()), n_test=int((~is_train).sum()),
-        skipped=format_counts(sorted(skipped.items())),
-        train_labels=label_counts(protocol, list(labels[is_train.to_numpy()])),
-        test_labels=label_counts(protocol, list(labels[~is_train.to_numpy()])),
-        batches=format_counts(counts.items()),
-        n_features=len(names),
-        features_hash=hashlib.sha256("\n".join(names).encode()).hexdigest(),
-        feature_names=tuple(names))
-    record_prepare(site, protocol, reply, [
+
+    def reply(floor: int) -> PrepareReply:  # counts as released() lets them leave
+        return PrepareReply(
+            site.site_name, "ok", n_train=released(int(is_train.sum()), floor),
+            n_test=released(int((~is_train).sum()), floor),
+            skipped=format_counts(sorted(skipped.items()), floor),
+            train_labels=label_counts(protocol, list(labels[is_train.to_numpy()]), floor),
+            test_labels=label_counts(protocol, list(labels[~is_train.to_numpy()]), floor),
+            batches=format_counts(counts.items(), floor),
+            n_features=len(names),
+            features_hash=hashlib.sha256("\n".join(names).encode()).hexdigest(),
+            feature_names=tuple(names))
+
+    # the site's own report keeps every count; the reply, only those the floor lets leave
+    record_prepare(site, protocol, reply(1), [
         {"case_id": c.case_id, "row": c.row, "reason": c.reason.value, "detail": c.detail}
         for c in [*problems, *(o for o in outcomes if o.reason is not None)]])
-    return reply
+    return reply(site.min_patients)
 
 
 def refused(site_name: str, exc: MyeloFedError) -> PrepareReply:

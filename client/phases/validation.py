@@ -11,7 +11,7 @@ from client.scoring import metrics_of, paired_comparisons
 from client.workspace import feature_columns, split_table
 from common.messages import EvaluateRequest
 from common.metrics.tables import releasable
-from common.payloads import ModelMetrics, clinical_terms
+from common.payloads import ModelMetrics, clinical_terms, released
 from common.protocol import StudyProtocol, TaskKind
 from common.selection.model import LinearModel
 from common.site_config import SiteConfig
@@ -64,4 +64,5 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
         for name, model in models.items()}
     record_evaluation(site, protocol, "nomogram" if radiomics else
                       ("harmonized" if harmonized else "raw"), content, y, scores, terms)
-    return ModelMetrics(site.site_name, len(y), positives, json.dumps(sent))
+    return ModelMetrics(site.site_name, released(len(y), site.min_patients),
+                        released(positives, site.min_patients), json.dumps(sent))

@@ -72,8 +72,9 @@ def _loss_value(x: FloatArray, y: FloatArray, beta: FloatArray, loss: str) -> fl
 def site_batch_terms(x: npt.ArrayLike, y: npt.ArrayLike, folds: IndexArray, request: BatchRequest,
                      loss: str, min_rows: int) -> BatchTerms:
     """This site's terms for every fit in ``request``. A fit over fewer than ``min_rows`` of
-    this site's rows, or a held-out fold smaller than that, is refused: its sums would come
-    close to single patients' values."""
+    this site's rows, or a held-out fold of 1 to ``min_rows - 1`` of them, is refused: its sums
+    would come close to single patients' values. A fold with none of this site's rows (see
+    :func:`assign_folds`) leaves all of them in."""
     if loss not in LOSSES:
         raise ModelError(f"unknown loss '{loss}'")
     x = np.asarray(x, dtype=np.float64)
@@ -92,29 +93,61 @@ def site_batch_terms(x: npt.ArrayLike, y: npt.ArrayLike, folds: IndexArray, requ
             standardized[t] = (x[:, feats] - request.mean[t]) / request.sd[t]
         z = standardized[t]
         inside = folds != fold
-        if inside.sum() < min_rows or (fold >= 0 and (~inside).sum() < min_rows):
+        held_out = int((~inside).sum())
+        if inside.sum() < min_rows or 0 < held_out < min_rows:
             # the reason says no count: it leaves the site, and a count under the minimum is
             # what it protects
             raise ModelError(f"fold {fold} leaves fewer than {min_rows} training rows in or out "
                              "here: this site sends no sums over them (use fewer cv_folds)")
         g, h, value = _loss_terms(z[inside], y[inside], request.beta[j], loss)
         out.n[j], out.gradient[j], out.hessian[j], out.loss[j] = inside.sum(), g, h, value
-        if fold >= 0:
-            out.n_out[j] = (~inside).sum()
+        if held_out:
+            out.n_out[j] = held_out
             out.loss_out[j] = _loss_value(z[~inside], y[~inside], request.beta[j], loss)
     return out
 
 
-def assign_folds(labels: npt.NDArray[np.generic], n_folds: int, seed: int, stratify: bool
+def assign_folds(labels: npt.NDArray[np.generic], n_folds: int, seed: int, stratify: bool,
+                 min_rows: int = 1, batches: npt.NDArray[np.generic] | None = None
                  ) -> IndexArray:
-    """Fold numbers 0..n_folds-1 for a site's training rows, seeded, stratified by label."""
+    """Fold numbers 0..n_folds-1 for a site's training rows, seeded, built from atoms.
+
+    The rows are grouped (by label when ``stratify``, and by batch where every label x batch
+    group with rows holds at least ``min_rows``, else by label alone); each group is cut at
+    random into ``min(n_folds, size // min_rows)`` atoms of near-equal size (at least one), and
+    each atom goes whole to one fold, the groups' atoms taking the folds in turn. So every
+    fold x group cell holds 0 or at least ``min_rows`` rows, and a coordinator that subtracts
+    the sums of two fits (one without fold k) gets a sum over at least that many patients of a
+    label, never one patient's values. A group of ``n_folds * min_rows`` rows or more is spread
+    over every fold exactly as a stratified split would; a smaller one fills fewer folds (its
+    other folds hold none of it). With ``min_rows = 1`` and no batches: label-stratified folds.
+    """
+    labels = np.asarray(labels)
+    keys = [labels if stratify else np.zeros(len(labels))]
+    if batches is not None:
+        with_batch = [*keys, np.asarray(batches)]
+        if min(_group_sizes(with_batch)) >= min_rows:
+            keys = with_batch
     rng = np.random.default_rng(seed)
     folds = np.empty(len(labels), dtype=np.int64)
-    groups = [np.flatnonzero(labels == v) for v in np.unique(labels)] if stratify \
-        else [np.arange(len(labels))]
     offset = 0
-    for rows in groups:
+    for rows in _groups(keys):
         rows = rng.permutation(rows)
-        folds[rows] = (np.arange(len(rows)) + offset) % n_folds
-        offset += len(rows)
+        n_atoms = int(np.clip(len(rows) // max(min_rows, 1), 1, n_folds))
+        for k, atom in enumerate(np.array_split(rows, n_atoms)):
+            folds[atom] = (offset + k) % n_folds
+        offset += n_atoms
     return folds
+
+
+def _groups(keys: list[npt.NDArray[np.generic]]) -> list[IndexArray]:
+    """The row indices of each distinct combination of ``keys``, in a fixed order."""
+    if not len(keys[0]):
+        return []
+    codes = np.column_stack([np.unique(k.astype(str), return_inverse=True)[1] for k in keys])
+    _, group = np.unique(codes, axis=0, return_inverse=True)
+    return [np.flatnonzero(group.ravel() == g) for g in range(int(group.max()) + 1)]
+
+
+def _group_sizes(keys: list[npt.NDArray[np.generic]]) -> list[int]:
+    return [len(rows) for rows in _groups(keys)] or [0]

@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from common.messages import MessageType, StudyRequest
-from common.payloads import HandshakeReply
+from common.payloads import HandshakeReply, shown_count
 from common.provenance import atomic_write_json
 from common.records import pack_request
 from server.rounds import Transport, collect, exchange, study_config, wait_for_nodes
-from server.study import StudySettings
+from server.study import StudySettings, excluded_detail
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,13 @@ def check_handshake(replies: list[HandshakeReply], failed: dict[str, str],
         elif reply.protocol_hash != settings.protocol.content_hash():
             excluded[reply.site] = "answered for another protocol"
         elif reply.n_usable < settings.min_cases_per_site:
-            excluded[reply.site] = (f"{reply.n_usable} usable cases, fewer than "
+            excluded[reply.site] = (f"{shown_count(reply.n_usable)} usable cases, fewer than "
                                     f"min-cases-per-site = {settings.min_cases_per_site}")
     kept = [r for r in replies if r.site not in excluded]
     go_on = len(kept) >= settings.min_sites
     reason = (f"{len(kept)} site(s) ready" if go_on else
-              f"only {len(kept)} site(s) ready, fewer than min-sites = {settings.min_sites}")
+              f"only {len(kept)} site(s) ready, fewer than min-sites = {settings.min_sites}"
+              f"{excluded_detail(excluded)}")
     return HandshakeSummary(replies, excluded, go_on, reason)
 
 

@@ -32,25 +32,43 @@ def run_nomogram(transport: Transport, nodes: dict[int, str], settings: StudySet
     the one trained without the site; each cut at its training set's ``prevalence``)."""
     terms = ["radiomics score", *clinical_terms(settings.protocol)]
     nodes = {n: s for n, s in nodes.items() if s in sets["federated"]}  # the model's sites
-    p, names = len(terms), [n for n in sets if n in radiomics]
-    count = len(names)
-    batch = FitBatch("logistic", "ridge", np.array([np.arange(t * p, (t + 1) * p)
-                                                    for t in range(count)]),
-                     np.zeros((count, p)), np.ones((count, p)), np.full((count, 1), NOMOGRAM_L2),
-                     np.zeros(count), folds=0)
-    scores = tuple(radiomics[n] for n in names)
-    study = study_config(settings, harmonized=harmonized, radiomics=count)
-
-    failed: dict[str, str] = {}
-    progress(f"  nomogram: {count} training set(s), terms {', '.join(terms)}")
-    lost = run_batch(transport, nodes, batch, [set(sets[n]) for n in names], settings,
-                     lambda request: pack_request(ModelTermsRequest(study, request, scores)),
-                     failed, progress)
+    p = len(terms)
+    members = {n: list(sets[n]) for n in sets if n in radiomics}
+    failed: dict[str, str] = {}  # sites that could not score the nomograms
+    left_out: dict[str, str] = {}  # sites that could not send the fits' terms
     report: dict[str, object] = {"terms": terms, "l2": NOMOGRAM_L2, "harmonized": harmonized,
                                  "ranges": dict(settings.protocol.model.clinical_ranges),
-                                 "rounds": batch.rounds, "failed": failed}
-    if lost:
-        return report | {"status": f"stopped: site(s) {lost} lost mid-fit"}
+                                 "left_out": left_out, "failed": failed}
+    fitting = dict(nodes)
+    while True:
+        names = list(members)
+        count = len(names)
+        batch = FitBatch("logistic", "ridge", np.array([np.arange(t * p, (t + 1) * p)
+                                                        for t in range(count)]),
+                         np.zeros((count, p)), np.ones((count, p)),
+                         np.full((count, 1), NOMOGRAM_L2), np.zeros(count), folds=0)
+        scores = tuple(radiomics[n] for n in names)
+        study = study_config(settings, harmonized=harmonized, radiomics=count)
+        progress(f"  nomogram: {count} training set(s), terms {', '.join(terms)}")
+        lost = run_batch(transport, fitting, batch, [set(members[n]) for n in names], settings,
+                         lambda request, study=study, scores=scores: pack_request(
+                             ModelTermsRequest(study, request, scores)),
+                         left_out, progress)
+        if not lost:
+            break
+        # a site that cannot send the terms (e.g. its release ledger refuses a clinical level
+        # of too few patients) leaves the nomogram's fits, which restart without it; it still
+        # scores the nomograms on its test rows
+        progress(f"  nomogram: restarting without {', '.join(lost)}")
+        fitting = {n: s for n, s in fitting.items() if s not in lost}
+        members = {n: [s for s in m if s not in lost] for n, m in members.items()}
+        members = {n: m for n, m in members.items() if m}
+        if "federated" not in members or len(members["federated"]) < settings.min_sites:
+            return report | {"rounds": batch.rounds,
+                             "status": f"stopped: site(s) {sorted(left_out)} could not send "
+                                       f"the terms and fewer than min-sites = "
+                                       f"{settings.min_sites} remain"}
+    report["rounds"] = batch.rounds
     nomograms = {n: LinearModel(np.arange(p), np.zeros(p), np.ones(p), batch.coefficients(t)[0])
                  for t, n in enumerate(names)}
 
@@ -69,7 +87,7 @@ def run_nomogram(transport: Transport, nodes: dict[int, str], settings: StudySet
     metrics = collect(replies, failed, "metrics", ModelMetrics)
     return report | {
         "status": "done",
-        "training_sets": {n: {"sites": sets[n], "intercept": float(m.beta[0]),
+        "training_sets": {n: {"sites": members[n], "intercept": float(m.beta[0]),
                               "coefficients": dict(zip(terms, m.beta[1:].tolist(), strict=True)),
                               "odds_ratios": dict(zip(terms, np.exp(m.beta[1:]).tolist(),
                                                       strict=True))}

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from common.messages import MessageType, StudyRequest
-from common.payloads import PrepareReply, parse_counts
+from common.payloads import SUPPRESSED, PrepareReply, parse_counts
 from common.provenance import atomic_write_json
 from common.records import pack_request
 from server.rounds import Transport, collect, exchange, study_config
-from server.study import StudySettings
+from server.study import StudySettings, excluded_detail
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ def check_prepare(replies: list[PrepareReply], failed: dict[str, str],
     kept = [r for r in replies if r.site not in excluded]
     go_on = len(kept) >= settings.min_sites
     reason = (f"{len(kept)} site(s) prepared" if go_on else
-              f"only {len(kept)} site(s) prepared, fewer than min-sites = {settings.min_sites}")
+              f"only {len(kept)} site(s) prepared, fewer than min-sites = {settings.min_sites}"
+              f"{excluded_detail(excluded)}")
     return PrepareSummary(replies, excluded, go_on, reason)
 
 
@@ -78,9 +79,12 @@ def load_prepare(out_dir: Path) -> PrepareSummary:
 
 def training_prevalence(kept: list[PrepareReply]) -> float | None:
     """The share of positives among the training rows of the sites that go on (from their
-    ``train_labels`` counts; None for regression or without counts)."""
+    ``train_labels`` counts, without a site whose counts were suppressed as under its minimum;
+    None for regression or without counts)."""
     counts: Counter[str] = Counter()
     for reply in kept:
-        counts.update(parse_counts(reply.train_labels))
+        site = parse_counts(reply.train_labels)
+        if SUPPRESSED not in site.values():
+            counts.update(site)
     total = sum(counts.values())
     return counts.get("1", 0) / total if total else None

@@ -18,9 +18,16 @@ from client.guard import PrivacyGuardError, check_reply
 from client.scoring import metrics_of
 from common.messages import EvaluateRequest, MessageType, StudyConfig
 from common.metrics.tables import releasable
-from common.payloads import ModelMetrics
+from common.payloads import SUPPRESSED, HandshakeReply, ModelMetrics, PrepareReply
 from common.protocol import protocol_from_mapping
-from common.records import PayloadError, check_sent, pack, pack_request, to_record
+from common.records import (
+    SUPPRESSED_COUNT,
+    PayloadError,
+    check_sent,
+    pack,
+    pack_request,
+    to_record,
+)
 from common.selection.model import LinearModel
 from common.selection.terms import BatchRequest, BatchTerms, site_batch_terms
 from common.synthetic import Task
@@ -91,6 +98,17 @@ def test_a_count_of_fewer_patients_than_the_minimum_cell_is_withheld():
              "'batch_counts' counts 3, fewer than min_cell = 5")
     absent = dataclasses.replace(moments, batch_counts=np.array([0, 24]))  # 0: no such batch
     check(MessageType.COMBAT_DESIGN, request, pack(moments=absent))
+
+
+def test_a_coordinator_cannot_lower_the_sites_floor():
+    """A study that asks for ComBat cells of 1 still gets none under the site's min_patients."""
+    request, moments = combat_round_one(CombatOptions(min_cell=1))
+    small = pack(moments=dataclasses.replace(moments, batch_counts=np.array([3, 21])))
+    with pytest.raises(PrivacyGuardError, match="counts 3, fewer than min_cell = 5"):
+        check_reply(MessageType.COMBAT_DESIGN, request, small, lambda: DIAGNOSIS, lambda: F,
+                    "site_A")  # the default floor
+    check_reply(MessageType.COMBAT_DESIGN, request, small, lambda: DIAGNOSIS, lambda: F,
+                "site_A", min_patients=3)  # a site that allows 3
 
 
 @dataclass(frozen=True)
@@ -281,3 +299,33 @@ def test_the_mod_withholds_a_bad_reply_and_says_why(caplog: pytest.LogCaptureFix
     assert bad.has_error() and bad.error.code == SITE_REFUSED
     assert bad.error.reason.startswith("PrivacyGuardError: reply withheld: the update's")
     assert "the reply to train is withheld" in caplog.text
+
+
+# --- counts in the handshake and preparation replies --------------------------------------------
+
+def test_counts_under_the_minimum_leave_only_as_suppressed():
+    """The issue's strings ("X_3T:3", "0:10,1:1", "mask_empty:1") and small count fields are
+    withheld; a suppressed count passes; a count field holds name:count pairs and nothing else."""
+    h = DIAGNOSIS.content_hash()
+    for reply in (HandshakeReply("site_A", "ok", h, n_rows=14, n_usable=14,
+                                 label_counts="0:10,1:1"),
+                  HandshakeReply("site_A", "ok", h, n_rows=14, n_usable=3),
+                  PrepareReply("site_A", "ok", n_train=20, n_test=6, batches="X_3T:3"),
+                  PrepareReply("site_A", "ok", n_train=20, n_test=6, skipped="mask_empty:1")):
+        kind = MessageType.HANDSHAKE if isinstance(reply, HandshakeReply) else \
+            MessageType.PREPARE
+        withheld(kind, RecordDict({}), to_record(reply), "fewer than min_patients = 5")
+    check(MessageType.HANDSHAKE, RecordDict({}), to_record(HandshakeReply(
+        "site_A", "ok", h, n_rows=14, n_usable=14, label_counts=f"0:10,1:{SUPPRESSED}")))
+    withheld(MessageType.PREPARE, RecordDict({}),
+             to_record(PrepareReply("site_A", "ok", n_train=20, n_test=6,
+                                    skipped="case P001 has no mask")),
+             "'skipped' must be name:count pairs")
+    withheld(MessageType.PREPARE, RecordDict({}),
+             to_record(PrepareReply("site_A", "ok", n_train=20, n_test=-3)),
+             "a negative count other than -1")
+    assert SUPPRESSED == SUPPRESSED_COUNT
+    # the site's own floor: a site that allows 3 sends its 3
+    check_reply(MessageType.PREPARE, RecordDict({}), to_record(PrepareReply(
+        "site_A", "ok", n_train=20, n_test=6, batches="X_3T:3")), lambda: DIAGNOSIS,
+        lambda: F, "site_A", min_patients=3)

@@ -23,9 +23,11 @@ def small_study(tmp_path: Path, sizes: tuple[int, ...], **cnn: object
     return cohort, protocol
 
 
-def write_site_config(path: Path, site: str, manifest: Path, work_dir: Path) -> Path:
-    """A site config file (one worker) at ``path``."""
+def write_site_config(path: Path, site: str, manifest: Path, work_dir: Path,
+                      min_patients: int = 5) -> Path:
+    """A site config file (one worker; ``min_patients``: its floor) at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"site_name = {json.dumps(site)}\nmanifest = {json.dumps(str(manifest))}\n"
-                    f"work_dir = {json.dumps(str(work_dir))}\nworkers = 1\n", encoding="utf-8")
+                    f"work_dir = {json.dumps(str(work_dir))}\nworkers = 1\n"
+                    f"min_patients = {min_patients}\n", encoding="utf-8")
     return path

@@ -58,7 +58,8 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
                              combat=CombatOptions(min_batch_size=3, min_cell=1),
                              radiomics=False)  # the CNN alone: what this test is about
     run_simulation(server_app=make_server_app(settings, lambda _: None),
-                   client_app=make_client_app(cohort, mods=[
+                   # tiny synthetic sites: they allow cells of 1 (min_patients), as min_cell
+                   client_app=make_client_app(cohort, min_patients=1, mods=[
                        misbehave_mod(2, {2: "nan", 3: "shape", 4: "hash"}),
                        misbehave_mod(1, {2: "drop"})]),
                    num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1}})

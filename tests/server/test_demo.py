@@ -45,12 +45,16 @@ def test_demo_runs_the_study_prints_every_sites_results_and_names_why_it_stops(
         assert path.exists()
     assert "multicentre report:" in result.output and result.output.count("site report (") == 3
 
-    # ten folds: sites A (28 training rows) and B (49) refuse sums over their < 5-row folds;
-    # one site is left, fewer than min-sites = 2: the study stops naming them (exit code 6)
-    study["model"]["cv_folds"] = 10
-    protocol.write_text(yaml.safe_dump(study))
+    # sites A and B keep three cases each: the handshake excludes them (a count under 5 leaves a
+    # site only as "under the minimum"); one site is left, fewer than min-sites = 2: the study
+    # stops naming them (exit code 6). (Ten folds used to do this; folds of atoms leave no fold
+    # under 5 rows.)
+    for site in ("site_A", "site_B"):
+        manifest = cohort / site / "manifest.csv"
+        manifest.write_text("\n".join(manifest.read_text().splitlines()[:4]) + "\n")
     result = CliRunner().invoke(app, ["demo", "--cohort", str(cohort), "-o", str(tmp_path / "e")])
     assert result.exit_code == 6, result.output
     status = json.loads((tmp_path / "e" / "study" / "study.json").read_text())
     assert status["status"] == "stopped"
-    assert "site_A" in status["reason"] and "fewer than 5" in status["reason"]
+    assert "site_A: under the minimum usable cases" in status["reason"]
+    assert "site_B: under the minimum usable cases" in status["reason"]

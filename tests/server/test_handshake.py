@@ -8,7 +8,7 @@ import pytest
 from client.phases.handshake import handshake
 from client.workspace import resolve_site
 from common.errors import ConfigError
-from common.payloads import HandshakeReply
+from common.payloads import SUPPRESSED, HandshakeReply
 from common.protocol import load_protocol
 from common.site_config import SiteConfig
 from common.synthetic import CohortSpec, make_sites, write_cohort
@@ -34,7 +34,11 @@ def test_site_answers_counts_or_refuses_with_a_code(cohort: Path):
     reply = handshake(site, _protocol_json(protocol), protocol.content_hash())
     assert (reply.status, reply.n_rows, reply.n_usable) == ("ok", 14, 14)
     n0, n1 = (int(part.split(":")[1]) for part in reply.label_counts.split(","))
-    assert n0 + n1 == 14
+    # a count of 1 to 4 leaves as SUPPRESSED (this site has 4 positives): it would say that a
+    # patient of that kind exists
+    assert (n0, n1) == (10, SUPPRESSED)
+    assert handshake(site.model_copy(update={"min_patients": 1}), _protocol_json(protocol),
+                     protocol.content_hash()).label_counts == "0:10,1:4"
     tampered = handshake(site, _protocol_json(protocol), "0" * 64)
     assert tampered.status == "refused" and tampered.code == "protocol_hash_mismatch"
     gone = SiteConfig(site_name="x", manifest=cohort / "nope.csv")

@@ -40,7 +40,8 @@ def response_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     settings = StudySettings(protocol, tmp_path / "out", min_sites=3, timeout_s=300, seed=2,
                              combat=CombatOptions(min_batch_size=3, min_cell=1), until="model")
     run_simulation(server_app=make_server_app(settings, lambda _: None),
-                   client_app=make_client_app(cohort), num_supernodes=3,
+                   # tiny synthetic sites: they allow cells of 1 (min_patients), as min_cell
+                   client_app=make_client_app(cohort, min_patients=1), num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 1}})
     return cohort, tmp_path / "out", protocol
 

@@ -114,7 +114,9 @@ def test_the_study_over_real_processes_gives_the_simulations_results(tmp_path: P
 
     # (a) Flower's simulation engine, in this process
     start = time.monotonic()
-    run_simulation(server_app=make_server_app(settings), client_app=make_client_app(cohort),
+    run_simulation(server_app=make_server_app(settings),
+                   # tiny synthetic sites: they allow cells of 1 (min_patients), as min_cell
+                   client_app=make_client_app(cohort, min_patients=1),
                    num_supernodes=len(SITES),
                    backend_config={"client_resources": {"num_cpus": 1}})
     simulation_s = time.monotonic() - start
@@ -130,7 +132,8 @@ def test_the_study_over_real_processes_gives_the_simulations_results(tmp_path: P
         work = deploy / "work" / site
         shutil.copytree(cohort / "work" / site / "cache", work / "cache")
         site_configs[site] = write_site_config(deploy / "sites" / f"{site}.toml", site,
-                                               cohort / site / "manifest.csv", work)
+                                               cohort / site / "manifest.csv", work,
+                                               min_patients=1)
     with LocalFederation(APP_DIR, site_configs, deploy / "federation") as federation:
         result = federation.run(run_config, timeout_s=RUN_TIMEOUT_S)
     logs = federation.report(lines=60)  # the logs outlive the processes

@@ -71,7 +71,8 @@ def test_a_restarted_coordinator_goes_on_from_its_checkpoint(tmp_path: Path) -> 
 
     def study(progress, log: Path) -> None:  # noqa: ANN001
         run_simulation(server_app=make_server_app(settings, progress),
-                       client_app=make_client_app(cohort, mods=[
+                       # tiny synthetic sites: they allow cells of 1 (min_patients), as min_cell
+                       client_app=make_client_app(cohort, min_patients=1, mods=[
                            message_log(log, tmp_path / "updates.jsonl")]),
                        num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1}})
 

@@ -12,15 +12,18 @@ import pandas as pd
 import pytest
 from flwr.app import RecordDict
 
+from client.app import SITE_REFUSED, refusal
 from client.phases import combat, radiomics, validation
 from client.report import report_dir
 from client.workspace import HARMONIZED_FILE, PREPARED_FILE, study_dir
+from common.errors import MyeloFedError
 from common.glm import FeatureMoments
 from common.messages import EvaluateRequest, MessageType, ModelTermsRequest, StudyRequest
-from common.payloads import PrepareReply, format_counts
+from common.payloads import MIN_ROWS_SENT, PrepareReply, format_counts
 from common.protocol import ModelSpec, StudyProtocol, load_protocol
 from common.records import pack, unpack_request
 from common.selection.pooled import fit_pooled
+from common.selection.terms import assign_folds
 from common.site_config import SiteConfig
 from harmonization.combat.design import CombatOptions
 from harmonization.combat.model import SiteTable, fit_combat
@@ -81,7 +84,10 @@ class FakeSites:
             if (node, message_type) in self.fail:
                 out.append(Reply(node, error=self.fail[(node, message_type)]))
                 continue
-            out.append(Reply(node, self.answer(self.sites[node], message_type, content)))
+            try:
+                out.append(Reply(node, self.answer(self.sites[node], message_type, content)))
+            except MyeloFedError as exc:  # as client/app.py's handlers answer a refusal
+                out.append(Reply(node, error=f"error {SITE_REFUSED}: {refusal(exc)}"))
         return out
 
     def answer(self, site: SiteConfig, message_type: MessageType, content: RecordDict
@@ -121,7 +127,10 @@ def prepared_sites(root: Path, protocol: StudyProtocol, seed: int = 0
             label: np.tile([0, 1], n // 2), "sex": rng.choice(["F", "M"], n),
             "age": rng.normal(60, 8, n).round(),
             "split": np.where(np.arange(n) % 4 == 3, "test", "train")})
-        frame["fold"] = np.where(frame.split == "train", np.arange(n) % 3, -1)
+        train = (frame.split == "train").to_numpy()
+        frame["fold"] = -1  # folds of atoms, as the preparation makes them
+        frame.loc[train, "fold"] = assign_folds(frame[label].to_numpy()[train], 3, node, True,
+                                                MIN_ROWS_SENT, batch[train])
         shift = {"s1": 0.0, "s2": 2.0, "s3": -1.5}
         for j in range(5):
             frame[f"f{j}"] = (rng.normal(10, 1, n) + frame[label] * 0.7

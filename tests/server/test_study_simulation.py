@@ -80,7 +80,9 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
                              until="model")  # the CNN has its own test
     audit = tmp_path / "outgoing.jsonl"
     run_simulation(server_app=make_server_app(settings),
-                   client_app=make_client_app(cohort, mods=[audit_mod(audit)]),
+                   # tiny synthetic sites: they allow cells of 1 (min_patients), as min_cell
+                   client_app=make_client_app(cohort, min_patients=1,
+                                              mods=[audit_mod(audit)]),
                    num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1}})
 
     prepare = json.loads((tmp_path / "out" / "prepare.json").read_text())
