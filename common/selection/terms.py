@@ -3,6 +3,7 @@ coefficients the server asks for, and the site's cross-validation folds."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
 
@@ -108,26 +109,27 @@ def site_batch_terms(x: npt.ArrayLike, y: npt.ArrayLike, folds: IndexArray, requ
 
 
 def assign_folds(labels: npt.NDArray[np.generic], n_folds: int, seed: int, stratify: bool,
-                 min_rows: int = 1, batches: npt.NDArray[np.generic] | None = None
+                 min_rows: int = 1, strata: Sequence[npt.NDArray[np.generic]] = ()
                  ) -> IndexArray:
     """Fold numbers 0..n_folds-1 for a site's training rows, seeded, built from atoms.
 
-    The rows are grouped (by label when ``stratify``, and by batch where every label x batch
-    group with rows holds at least ``min_rows``, else by label alone); each group is cut at
-    random into ``min(n_folds, size // min_rows)`` atoms of near-equal size (at least one), and
-    each atom goes whole to one fold, the groups' atoms taking the folds in turn. So every
-    fold x group cell holds 0 or at least ``min_rows`` rows, and a coordinator that subtracts
-    the sums of two fits (one without fold k) gets a sum over at least that many patients of a
+    The rows are grouped by label (when ``stratify``) and by each of ``strata`` in turn (e.g.
+    the scanner, the nomogram's clinical levels) that keeps every group with rows at
+    ``min_rows`` or more; each group is cut at random into ``min(n_folds, size // min_rows)``
+    atoms of near-equal size (at least one), and each atom goes whole to one fold, the groups'
+    atoms taking the folds in turn. So every fold x group cell holds 0 or at least ``min_rows``
+    rows, and a coordinator that subtracts the sums of two fits (one without fold k), or adds
+    sums over a group from another phase, gets a sum over at least that many patients of a
     label, never one patient's values. A group of ``n_folds * min_rows`` rows or more is spread
     over every fold exactly as a stratified split would; a smaller one fills fewer folds (its
-    other folds hold none of it). With ``min_rows = 1`` and no batches: label-stratified folds.
+    other folds hold none of it). With ``min_rows = 1`` and no strata: label-stratified folds.
     """
     labels = np.asarray(labels)
     keys = [labels if stratify else np.zeros(len(labels))]
-    if batches is not None:
-        with_batch = [*keys, np.asarray(batches)]
-        if min(_group_sizes(with_batch)) >= min_rows:
-            keys = with_batch
+    for stratum in strata:
+        refined = [*keys, np.asarray(stratum)]
+        if min(_group_sizes(refined)) >= min_rows:
+            keys = refined
     rng = np.random.default_rng(seed)
     folds = np.empty(len(labels), dtype=np.int64)
     offset = 0

@@ -130,7 +130,7 @@ def prepared_sites(root: Path, protocol: StudyProtocol, seed: int = 0
         train = (frame.split == "train").to_numpy()
         frame["fold"] = -1  # folds of atoms, as the preparation makes them
         frame.loc[train, "fold"] = assign_folds(frame[label].to_numpy()[train], 3, node, True,
-                                                MIN_ROWS_SENT, batch[train])
+                                                MIN_ROWS_SENT, [batch[train]])
         shift = {"s1": 0.0, "s2": 2.0, "s3": -1.5}
         for j in range(5):
             frame[f"f{j}"] = (rng.normal(10, 1, n) + frame[label] * 0.7
