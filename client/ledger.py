@@ -13,9 +13,10 @@ over them, however many replies it takes to compute.
 
 The check is exact and cheap: the rows fall into cells (rows in exactly the same subsets), a
 vector of the span is constant on each cell, and a support of fewer than the minimum can only be
-made of cells smaller than it. Where even dropping all such cells leaves the span's rank as it
-is, none can be isolated; otherwise each small group of them is tried (a nonzero vector of the
-span vanishes outside the group exactly when dropping the group lowers the rank).
+made of cells smaller than it. The span's vectors that vanish on every larger cell form a small
+space; where it is empty, nothing can be isolated; otherwise each group of small cells under the
+minimum is tried (one of those vectors vanishes outside the group exactly when dropping the
+group's cells lowers that space's rank).
 
 The ledger lives in the study's folder (a restarted or repeated run of the same study is checked
 against everything sent before). A refused release records nothing, and the phase answers with an
@@ -85,27 +86,47 @@ def isolable(subsets: set[tuple[str, ...]], min_rows: int) -> bool:
     for k, subset in enumerate(sorted(subsets)):
         a[k, [index[r] for r in subset]] = 1.0
     cells, sizes = np.unique(a, axis=1, return_counts=True)
-    small = [c for c in np.argsort(sizes, kind="stable") if sizes[c] < min_rows]
-    if not small:
+    small = np.flatnonzero(sizes < min_rows)
+    if not len(small):
         return False
-    full = np.linalg.matrix_rank(cells)
-
-    def rank_without(group: Sequence[int]) -> int:
-        return int(np.linalg.matrix_rank(np.delete(cells, list(group), axis=1)))
-
-    if rank_without(small) == full:
+    # the span's vectors that vanish on every large cell: w'A with w'A_large = 0, seen on the
+    # small cells (a basis of them, as rows)
+    large = np.flatnonzero(sizes >= min_rows)
+    kernel = _left_null(cells[:, large]) if len(large) else np.eye(len(cells))
+    vanishing = _row_basis(kernel @ cells[:, small])
+    d = len(vanishing)
+    if d == 0:
         return False
+    # a group of small cells can carry one of them exactly when dropping it lowers the rank
+    order = np.argsort(sizes[small], kind="stable")
     tried = 0
     for size in range(1, len(small) + 1):
-        for group in itertools.combinations(small, size):
-            if sum(int(sizes[c]) for c in group) >= min_rows:
+        for group in itertools.combinations(order, size):
+            if sum(int(sizes[small[c]]) for c in group) >= min_rows:
                 continue
             tried += 1
-            if tried > MAX_GROUPS_TRIED or rank_without(group) < full:
+            rest = np.delete(vanishing, list(group), axis=1)
+            if tried > MAX_GROUPS_TRIED or np.linalg.matrix_rank(rest) < d:
                 return True
-        if sum(sorted(int(sizes[c]) for c in small)[:size + 1]) >= min_rows:
+        if sum(np.sort(sizes[small])[:size + 1]) >= min_rows:
             break
     return False
+
+
+def _left_null(m: np.ndarray) -> np.ndarray:
+    """A basis (rows) of the vectors w with w'm = 0."""
+    u, s, _ = np.linalg.svd(m, full_matrices=True)
+    rank = int(np.sum(s > max(m.shape) * np.finfo(float).eps * (s[0] if len(s) else 0.0)))
+    return u[:, rank:].T
+
+
+def _row_basis(m: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (rows) of the row space of ``m``."""
+    if m.size == 0:
+        return np.zeros((0, m.shape[1]))
+    _, s, vt = np.linalg.svd(m, full_matrices=False)
+    rank = int(np.sum(s > max(m.shape) * np.finfo(float).eps * (s[0] if len(s) else 0.0)))
+    return vt[:rank]
 
 
 def _load(path: Path) -> set[tuple[str, ...]]:

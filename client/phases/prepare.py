@@ -7,16 +7,15 @@ import hashlib
 from collections import Counter
 
 import numpy as np
-import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from client.folds import site_folds
 from client.manifest import read_manifest
 from client.pipeline import features_table, run_cases
 from client.report import record_prepare
 from client.workspace import PREPARED_FILE, feature_columns, study_dir
 from common.errors import MyeloFedError
 from common.payloads import (
-    MIN_ROWS_SENT,
     PrepareReply,
     format_counts,
     label_counts,
@@ -24,7 +23,6 @@ from common.payloads import (
 )
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import atomic_write_parquet
-from common.selection.terms import assign_folds
 from common.site_config import SiteConfig
 
 
@@ -51,11 +49,10 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
                                 random_state=state, stratify=stratify)
     table["split"] = "test"
     table.loc[train, "split"] = "train"
-    # cross-validation folds of the training rows, seeded like the split, built from atoms
+    # cross-validation folds of the training rows, seeded like the split, built from atoms of
+    # at least the site's floor (client/folds.py)
     table["fold"] = -1
-    table.loc[train, "fold"] = assign_folds(labels[train], protocol.model.cv_folds, state,
-                                            classification, MIN_ROWS_SENT,
-                                            fold_strata(table.iloc[train], protocol))
+    table.loc[train, "fold"] = site_folds(table.iloc[train], protocol, state, site.min_patients)
     atomic_write_parquet(study_dir(site, protocol) / PREPARED_FILE, table)
     names = feature_columns(table, protocol)
     is_train = table["split"] == "train"
@@ -78,19 +75,6 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
         {"case_id": c.case_id, "row": c.row, "reason": c.reason.value, "detail": c.detail}
         for c in [*problems, *(o for o in outcomes if o.reason is not None)]])
     return reply(site.min_patients)
-
-
-def fold_strata(rows: pd.DataFrame, protocol: StudyProtocol) -> list[np.ndarray]:
-    """What a site's fold atoms are split by beside the label, where its rows allow (see
-    :func:`common.selection.terms.assign_folds`): the scanner, the nomogram's categorical
-    clinical columns and ComBat's categorical covariates. Their sums in other phases then meet
-    the folds' in cells of 0 or at least :data:`MIN_ROWS_SENT` patients, which differencing
-    across phases cannot split further."""
-    categorical = protocol.covariates.categorical
-    columns = ["batch", *[c for c in protocol.model.clinical if c in categorical],
-               *[c for c in categorical
-                 if protocol.covariates.harmonized(c) and c not in protocol.model.clinical]]
-    return [rows[c].astype(str).to_numpy() for c in columns if c in rows.columns]
 
 
 def refused(site_name: str, exc: MyeloFedError) -> PrepareReply:

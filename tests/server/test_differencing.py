@@ -22,7 +22,7 @@ import pytest
 from flwr.app import RecordDict
 
 import client.phases.radiomics as radiomics
-from client.phases.prepare import fold_strata
+from client.folds import site_folds
 from client.workspace import PREPARED_FILE, study_dir
 from common.messages import MessageType, ModelTermsRequest
 from common.payloads import MIN_ROWS_SENT, clinical_columns
@@ -94,8 +94,7 @@ def small_federation(root: Path, protocol: StudyProtocol, atoms: bool
         frame["iss_stage"] = stage
         frame["fold"] = -1
         frame.loc[train, "fold"] = (
-            assign_folds(y[train], 5, node, True, MIN_ROWS_SENT,
-                         fold_strata(frame[train], protocol))
+            site_folds(frame[train], protocol, node, MIN_ROWS_SENT)
             if atoms else assign_folds(y[train], 5, node, True))
         for j in range(N_FEATURES):
             frame[f"f{j}"] = rng.normal(10, 1, n) + 0.8 * y * (j < 2)

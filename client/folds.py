@@ -1,0 +1,80 @@
+"""A site's cross-validation folds: made of atoms, as coarse as privacy needs and no coarser.
+
+The folds of the training rows are built from atoms of at least the site's ``min_patients``
+(:func:`common.selection.terms.assign_folds`), so no two fits' sums differ by fewer patients of a
+label. The model's fold sums also meet the other phases' sums over the same patients (ComBat's per
+scanner and covariate level, the nomogram's per clinical level), and the release ledger
+(:mod:`client.ledger`) refuses a reply that would let a combination of them isolate fewer than
+the minimum. Splitting the atoms by those groups too rules that out, but coarser folds make the
+cross-validation (and a site's local-only model) noisier. So the site tries the groups in turn
+(none; the scanner; the nomogram's clinical levels; ComBat's categorical covariates) and keeps
+the first folds under which every sum the study will ask of it passes the ledger's check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from client.ledger import isolable
+from common.protocol import StudyProtocol, TaskKind
+from common.selection.terms import IndexArray, assign_folds
+
+
+def fold_strata(rows: pd.DataFrame, protocol: StudyProtocol) -> list[np.ndarray]:
+    """What a site's fold atoms may be split by beside the label, in the order tried: the
+    scanner, the nomogram's categorical clinical columns and ComBat's categorical covariates."""
+    categorical = protocol.covariates.categorical
+    columns = ["batch", *[c for c in protocol.model.clinical if c in categorical],
+               *[c for c in categorical
+                 if protocol.covariates.harmonized(c) and c not in protocol.model.clinical]]
+    return [rows[c].astype(str).to_numpy() for c in columns if c in rows.columns]
+
+
+def study_subsets(rows: pd.DataFrame, folds: IndexArray, protocol: StudyProtocol
+                  ) -> set[tuple[str, ...]]:
+    """The subsets of the training ``rows`` (as case ids) whose sums the study will ask of the
+    site, as the phases enter them in the release ledger: ComBat's per scanner and level of a
+    categorical covariate (and label, when the outcome is protected); the model's comoments and
+    fold complements, by label; the nomogram's per clinical level, by label."""
+    ids = rows["case_id"].astype(str).to_numpy()
+    classification = protocol.task.kind is TaskKind.CLASSIFICATION
+    label = rows[protocol.task.label_column].astype(str).to_numpy()
+    by_label = [np.ones(len(rows), dtype=bool)]
+    if classification:
+        by_label += [label == v for v in np.unique(label)]
+    masks: list[np.ndarray] = []
+    categorical = [c for c in protocol.covariates.categorical
+                   if protocol.covariates.harmonized(c) and c in rows.columns]
+    combat = [rows[c].astype(str).to_numpy() for c in categorical]
+    if classification and protocol.covariates.protect_outcome:
+        combat.append(label)
+    batch = rows["batch"].astype(str).to_numpy()
+    for name in np.unique(batch):
+        scanner = batch == name
+        masks.append(scanner)
+        masks += [scanner & (values == v) for values in combat for v in np.unique(values)]
+    for fold in [-1, *np.unique(folds)]:
+        masks += [(folds != fold) & part for part in by_label]
+    levels = [rows[c].astype(str).to_numpy() for c in protocol.model.clinical
+              if c in protocol.covariates.categorical and c in rows.columns]
+    for values in levels:
+        masks += [part & (values == v) for part in by_label for v in np.unique(values)]
+    return {tuple(sorted(ids[m])) for m in masks if m.any()}
+
+
+def site_folds(rows: pd.DataFrame, protocol: StudyProtocol, seed: int, min_patients: int
+               ) -> IndexArray:
+    """Fold numbers of the training ``rows``: the first folds, by ever finer atoms, under which
+    no combination of the study's sums at this site covers 1 to ``min_patients`` - 1 patients;
+    the finest when none does (the ledger then refuses what it must)."""
+    labels = rows[protocol.task.label_column].to_numpy()
+    classification = protocol.task.kind is TaskKind.CLASSIFICATION
+    strata = fold_strata(rows, protocol)
+    folds = np.zeros(len(rows), dtype=np.int64)
+    for k in range(len(strata) + 1):
+        folds = assign_folds(labels, protocol.model.cv_folds, seed, classification,
+                             min_patients, strata[:k])
+        if not isolable(study_subsets(rows, folds, protocol), min_patients):
+            break
+    return folds

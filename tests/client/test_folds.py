@@ -1,0 +1,53 @@
+"""A site's folds: atoms as coarse as the study's sums need, no coarser."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from client.folds import fold_strata, site_folds, study_subsets
+from client.ledger import isolable
+from common.protocol import ModelSpec, protocol_from_mapping
+from common.selection.terms import assign_folds
+from common.synthetic import Task
+from common.synthetic.write import study_protocol_mapping
+
+RESPONSE = protocol_from_mapping(study_protocol_mapping(Task.RESPONSE, "MR")).model_copy(
+    update={"model": ModelSpec(cv_folds=5, clinical=("iss_stage", "age"))})
+
+
+def rows(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"case_id": [f"p{i}" for i in range(n)], "batch": "s1",
+                         "response": rng.integers(0, 2, n), "sex": rng.choice(["F", "M"], n),
+                         "iss_stage": rng.choice(["I", "II", "III"], n),
+                         "age": rng.normal(65, 8, n)})
+
+
+def test_the_folds_pass_the_ledger_and_are_the_coarsest_that_do():
+    """Seeds 0, 2 and 4: label-only atoms pass; atoms by scanner and ISS stage are needed; no
+    folds pass (an ISS stage x label cell under 5 at the site: the finest are kept, and the
+    ledger will refuse the nomogram's terms)."""
+    for seed, needed in ((0, 0), (2, 2), (4, None)):
+        table = rows(60, seed)
+        folds = site_folds(table, RESPONSE, seed, 5)
+        label = table.response.to_numpy()
+        strata = fold_strata(table, RESPONSE)
+        candidates = [assign_folds(label, 5, seed, True, 5, strata[:k])
+                      for k in range(len(strata) + 1)]
+        passing = [k for k, c in enumerate(candidates)
+                   if not isolable(study_subsets(table, c, RESPONSE), 5)]
+        assert (passing[0] if passing else None) == needed
+        np.testing.assert_array_equal(folds, candidates[len(strata) if needed is None
+                                                        else needed])
+        # every fold x label cell holds 0 or at least 5
+        for fold in range(5):
+            for value in (0, 1):
+                n = int(np.sum((folds == fold) & (label == value)))
+                assert n == 0 or n >= 5
+
+
+def test_a_floor_of_one_gives_label_stratified_folds():
+    table = rows(40, 1)
+    folds = site_folds(table, RESPONSE, 3, 1)
+    np.testing.assert_array_equal(folds, assign_folds(table.response.to_numpy(), 5, 3, True))
