@@ -106,18 +106,22 @@ def isolable(subsets: set[tuple[str, ...]], min_rows: int) -> bool:
                 continue
             tried += 1
             rest = np.delete(vanishing, list(group), axis=1)
-            if tried > MAX_GROUPS_TRIED or np.linalg.matrix_rank(rest) < d:
+            if tried > MAX_GROUPS_TRIED or np.linalg.matrix_rank(rest, tol=_TOLERANCE) < d:
                 return True
         if sum(np.sort(sizes[small])[:size + 1]) >= min_rows:
             break
     return False
 
 
+#: Singular values under this are zero: the matrices hold 0/1 indicators and orthonormal
+#: combinations of them, so their nonzero singular values are far above it.
+_TOLERANCE = 1e-9
+
+
 def _left_null(m: np.ndarray) -> np.ndarray:
     """A basis (rows) of the vectors w with w'm = 0."""
     u, s, _ = np.linalg.svd(m, full_matrices=True)
-    rank = int(np.sum(s > max(m.shape) * np.finfo(float).eps * (s[0] if len(s) else 0.0)))
-    return u[:, rank:].T
+    return u[:, int(np.sum(s > _TOLERANCE)):].T
 
 
 def _row_basis(m: np.ndarray) -> np.ndarray:
@@ -125,8 +129,7 @@ def _row_basis(m: np.ndarray) -> np.ndarray:
     if m.size == 0:
         return np.zeros((0, m.shape[1]))
     _, s, vt = np.linalg.svd(m, full_matrices=False)
-    rank = int(np.sum(s > max(m.shape) * np.finfo(float).eps * (s[0] if len(s) else 0.0)))
-    return vt[:rank]
+    return vt[:int(np.sum(s > _TOLERANCE))]
 
 
 def _load(path: Path) -> set[tuple[str, ...]]:

@@ -86,3 +86,20 @@ def test_an_unreadable_ledger_stops_every_release(tmp_path: Path):
 def test_case_ids_must_be_unique(tmp_path: Path):
     with pytest.raises(ReleaseRefused, match="not unique"):
         release(tmp_path, "any", ["a", "a", "b", "c", "d", "e"], [np.ones(6, dtype=bool)])
+
+
+def test_a_scanners_sums_by_sex_and_by_label_isolate_nobody():
+    """The demo's site A in ComBat's first round: one scanner, its women, men, negatives and
+    positives (a cell of 2 women positive, 12, 8 and 6 in the others): every combination that
+    vanishes on the large cells vanishes everywhere (a regression: a relative tolerance on a
+    zero matrix once called this isolable)."""
+    sex = ["F"] * 14 + ["M"] * 14
+    label = [0] * 12 + [1] * 2 + [0] * 8 + [1] * 6
+
+    def subset(keep: list[bool]) -> tuple[str, ...]:
+        return tuple(sorted(r for r, k in zip(ROWS[:28], keep, strict=True) if k))
+
+    subsets = {subset([True] * 28), subset([s == "F" for s in sex]),
+               subset([s == "M" for s in sex]), subset([v == 0 for v in label]),
+               subset([v == 1 for v in label])}
+    assert not isolable(subsets, 5)
