@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from client.ledger import isolable
+from client.ledger import crossed, isolable, scanner_subsets
 from common.protocol import StudyProtocol, TaskKind
 from common.selection.terms import IndexArray, assign_folds
 
@@ -40,26 +40,18 @@ def study_subsets(rows: pd.DataFrame, folds: IndexArray, protocol: StudyProtocol
     ids = rows["case_id"].astype(str).to_numpy()
     classification = protocol.task.kind is TaskKind.CLASSIFICATION
     label = rows[protocol.task.label_column].astype(str).to_numpy()
-    by_label = [np.ones(len(rows), dtype=bool)]
-    if classification:
-        by_label += [label == v for v in np.unique(label)]
-    masks: list[np.ndarray] = []
     categorical = [c for c in protocol.covariates.categorical
                    if protocol.covariates.harmonized(c) and c in rows.columns]
     combat = [rows[c].astype(str).to_numpy() for c in categorical]
     if classification and protocol.covariates.protect_outcome:
         combat.append(label)
-    batch = rows["batch"].astype(str).to_numpy()
-    for name in np.unique(batch):
-        scanner = batch == name
-        masks.append(scanner)
-        masks += [scanner & (values == v) for values in combat for v in np.unique(values)]
+    masks = scanner_subsets(rows["batch"].astype(str).to_numpy(), combat)
+    by_label = crossed(len(rows), [label] if classification else [])
     for fold in [-1, *np.unique(folds)]:
         masks += [(folds != fold) & part for part in by_label]
     levels = [rows[c].astype(str).to_numpy() for c in protocol.model.clinical
               if c in protocol.covariates.categorical and c in rows.columns]
-    for values in levels:
-        masks += [part & (values == v) for part in by_label for v in np.unique(values)]
+    masks += crossed(len(rows), ([label] if classification else []) + levels)
     return {tuple(sorted(ids[m])) for m in masks if m.any()}
 
 
@@ -71,7 +63,6 @@ def site_folds(rows: pd.DataFrame, protocol: StudyProtocol, seed: int, min_patie
     labels = rows[protocol.task.label_column].to_numpy()
     classification = protocol.task.kind is TaskKind.CLASSIFICATION
     strata = fold_strata(rows, protocol)
-    folds = np.zeros(len(rows), dtype=np.int64)
     for k in range(len(strata) + 1):
         folds = assign_folds(labels, protocol.model.cv_folds, seed, classification,
                              min_patients, strata[:k])

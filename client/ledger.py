@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import numpy.typing as npt
 
 from common.errors import MyeloFedError
 from common.payloads import MIN_ROWS_SENT
+from common.provenance import atomic_write_json
 
 LEDGER_FILE = "release_ledger.json"
 
@@ -73,6 +73,28 @@ def release(folder: Path, what: str, rows: Sequence[str], subsets: Sequence[npt.
         f"{what}: with the sums this site has already sent in this study, these would let the "
         f"coordinator compute a sum over fewer than {min_rows} patients (by differencing sums "
         "over nearly the same rows); nothing is sent")
+
+
+def crossed(n: int, groupings: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The row masks a linear request splits a sum over ``n`` rows into: all of them, then each
+    level of each grouping in turn crossed with every mask before it (a logistic fit's first
+    round splits by label; the nomogram's indicators by clinical level, and level x label)."""
+    out = [np.ones(n, dtype=bool)]
+    for values in groupings:
+        out += [part & (values == v) for part in list(out) for v in np.unique(values)]
+    return out
+
+
+def scanner_subsets(batch: np.ndarray, levels: Sequence[np.ndarray],
+                    only: Sequence[str] | None = None) -> list[np.ndarray]:
+    """ComBat's subsets: each scanner's rows (of ``only`` these scanners), and each level of each
+    categorical covariate within it (its design is additive: the covariates are not crossed)."""
+    subsets = []
+    for name in sorted(set(batch.tolist())) if only is None else only:
+        rows = batch == name
+        subsets += [rows, *(rows & (values == v) for values in levels
+                            for v in np.unique(values))]
+    return subsets
 
 
 def isolable(subsets: set[tuple[str, ...]], min_rows: int) -> bool:
@@ -146,7 +168,4 @@ def _load(path: Path) -> set[tuple[str, ...]]:
 
 
 def _save(path: Path, released: set[tuple[str, ...]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps({"subsets": sorted(released)}))
-    os.replace(partial, path)
+    atomic_write_json(path, {"subsets": sorted(released)})

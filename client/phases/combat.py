@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from client.ledger import release
+from client.ledger import release, scanner_subsets
 from client.workspace import (
     HARMONIZED_FILE,
     PREPARED_FILE,
@@ -149,13 +149,6 @@ def record_release(site: SiteConfig, protocol: StudyProtocol, table: pd.DataFram
     categorical = [c for c in covariates if c in protocol.covariates.categorical
                    or (c == protocol.task.label_column
                        and protocol.task.kind is TaskKind.CLASSIFICATION)]
-    scanners = np.asarray(batch)
-    subsets = []
-    for name in sorted(set(batch)) if only is None else only:
-        rows = scanners == name
-        subsets.append(rows)
-        for column in categorical:
-            values = np.asarray([str(v) for v in covariates[column]])
-            subsets += [rows & (values == v) for v in np.unique(values)]
-    release(study_dir(site, protocol), what, table["case_id"].astype(str).tolist(), subsets,
-            site.min_patients)
+    levels = [np.asarray([str(v) for v in covariates[c]]) for c in categorical]
+    release(study_dir(site, protocol), what, table["case_id"].astype(str).tolist(),
+            scanner_subsets(np.asarray(batch), levels, only), site.min_patients)

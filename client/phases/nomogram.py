@@ -8,11 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from client.workspace import feature_columns, split_table
 from common.payloads import clinical_columns
 from common.protocol import StudyProtocol
 from common.selection.model import LinearModel
-from common.site_config import SiteConfig
 
 
 def nomogram_design(table: pd.DataFrame, protocol: StudyProtocol, x: np.ndarray,
@@ -23,13 +21,3 @@ def nomogram_design(table: pd.DataFrame, protocol: StudyProtocol, x: np.ndarray,
                 else (table[column].astype(str) == str(level)).to_numpy(float)
                 for column, level in clinical_columns(protocol)]
     return np.hstack([np.column_stack([model.score(x), *clinical]) for model in radiomics])
-
-
-def nomogram_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str,
-                  radiomics: list[LinearModel]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The nomogram's design at this site, one block of columns per radiomics model (one per
-    training set): the model's score (the radiomics score, a logit) and the clinical columns."""
-    table = split_table(site, protocol, harmonized, split)
-    x = table[feature_columns(table, protocol)].to_numpy(float)
-    return (nomogram_design(table, protocol, x, radiomics),
-            table[protocol.task.label_column].to_numpy(float), table["fold"].to_numpy())

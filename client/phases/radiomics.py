@@ -5,9 +5,10 @@ Every sum is entered in the site's release ledger (:mod:`client.ledger`) before 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
-from client.ledger import release
-from client.phases.nomogram import nomogram_rows
+from client.ledger import crossed, release
+from client.phases.nomogram import nomogram_design
 from client.workspace import feature_columns, split_table, study_dir
 from common.glm import ModelError
 from common.messages import ModelTermsRequest
@@ -24,7 +25,12 @@ def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, spli
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features, labels and CV folds of one split, raw or after federated ComBat. Training rows
     are refused below :data:`MIN_ROWS_SENT`: their sums would come close to a patient's values."""
-    table = split_table(site, protocol, harmonized, split)
+    return rows_of(split_table(site, protocol, harmonized, split), protocol)
+
+
+def rows_of(table: pd.DataFrame, protocol: StudyProtocol
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A study table's features, labels and CV folds."""
     return (table[feature_columns(table, protocol)].to_numpy(float),
             table[protocol.task.label_column].to_numpy(float), table["fold"].to_numpy())
 
@@ -34,8 +40,9 @@ def model_summary(site: SiteConfig, protocol: StudyProtocol, harmonized: bool
     """The first model round: this site's comoments over its training rows, and its local-only
     model (the same recipe on its own rows: the baseline that shows what federation adds; None
     when its rows cannot support one, e.g. too few of a class for the folds)."""
-    x, y, folds = model_rows(site, protocol, harmonized, "train")
-    record_release(site, protocol, harmonized, "the model's comoments",
+    table = split_table(site, protocol, harmonized, "train")
+    x, y, folds = rows_of(table, protocol)
+    record_release(table, site, protocol, "the model's comoments",
                    [np.ones(len(y), dtype=bool)])
     spec = protocol.model
     try:
@@ -51,36 +58,30 @@ def model_terms(site: SiteConfig, protocol: StudyProtocol, request: ModelTermsRe
                 ) -> BatchTerms:
     """This site's terms for a batch of fits: of the radiomics model, or (the request carries
     radiomics models) of the nomogram on their scores and the clinical columns."""
-    harmonized = bool(request.study.harmonized)
+    table = split_table(site, protocol, bool(request.study.harmonized), "train")
+    x, y, folds = rows_of(table, protocol)
     if request.radiomics:
-        x, y, folds = nomogram_rows(site, protocol, harmonized, "train",
-                                    list(request.radiomics))
-    else:
-        x, y, folds = model_rows(site, protocol, harmonized, "train")
+        x = nomogram_design(table, protocol, x, list(request.radiomics))
     terms = site_batch_terms(x, y, folds, request.request, loss_of(protocol), MIN_ROWS_SENT)
     left_out = sorted({int(f) for f in request.request.fit_fold})
-    record_release(site, protocol, harmonized,
+    record_release(table, site, protocol,
                    "the nomogram's terms" if request.radiomics else "the model's terms",
                    [folds != fold for fold in left_out], bool(request.radiomics))
     return terms
 
 
-def record_release(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, what: str,
+def record_release(table: pd.DataFrame, site: SiteConfig, protocol: StudyProtocol, what: str,
                    subsets: list[np.ndarray], clinical: bool = False) -> None:
-    """Enter sums over ``subsets`` of the training rows in the release ledger, with the parts
-    that linear requests split them into: each class of a classification (its first-round sums
-    are over each), and in the nomogram each level of a categorical clinical column and each
-    level x class (their indicators weight rows 0 or 1)."""
-    table = split_table(site, protocol, harmonized, "train")
-    splits: list[np.ndarray] = [np.ones(len(table), dtype=bool)]
+    """Enter sums over ``subsets`` of the training rows (``table``) in the release ledger, with
+    the parts that linear requests split them into: each class of a classification (its
+    first-round sums are over each), and in the nomogram each level of a categorical clinical
+    column and each level x class (their indicators weight rows 0 or 1)."""
+    groupings = []
     if protocol.task.kind is TaskKind.CLASSIFICATION:
-        label = table[protocol.task.label_column].to_numpy()
-        splits += [label == v for v in np.unique(label)]
+        groupings.append(table[protocol.task.label_column].to_numpy())
     if clinical:
-        for column in protocol.model.clinical:
-            if column in protocol.covariates.categorical:
-                values = table[column].astype(str).to_numpy()
-                splits += [part & (values == v) for part in list(splits)
-                           for v in np.unique(values)]
+        groupings += [table[c].astype(str).to_numpy() for c in protocol.model.clinical
+                      if c in protocol.covariates.categorical]
+    parts = crossed(len(table), groupings)
     release(study_dir(site, protocol), what, table["case_id"].astype(str).tolist(),
-            [subset & part for subset in subsets for part in splits], site.min_patients)
+            [subset & part for subset in subsets for part in parts], site.min_patients)

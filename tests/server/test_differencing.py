@@ -35,7 +35,7 @@ from common.synthetic.write import study_protocol_mapping
 from server.phases.nomogram import run_nomogram
 from server.phases.radiomics import run_model
 from server.study import StudySettings, StudyStopped
-from tests.server.test_rounds import FakeSites
+from tests.server.test_rounds import FakeSites, write_prepared
 
 N_FEATURES = 5
 
@@ -98,12 +98,7 @@ def small_federation(root: Path, protocol: StudyProtocol, atoms: bool
             if atoms else assign_folds(y[train], 5, node, True))
         for j in range(N_FEATURES):
             frame[f"f{j}"] = rng.normal(10, 1, n) + 0.8 * y * (j < 2)
-        site = SiteConfig(site_name=name, manifest=root / name / "manifest.csv",
-                          work_dir=root / name)
-        path = study_dir(site, protocol) / PREPARED_FILE
-        path.parent.mkdir(parents=True)
-        frame.to_parquet(path)
-        sites[node + 1] = site
+        sites[node + 1] = write_prepared(root, name, protocol, frame)
     return sites, [f"f{j}" for j in range(N_FEATURES)]
 
 

@@ -113,6 +113,16 @@ class FakeSites:
         return pack(result=HarmonizedRows(combat.apply(site, self.protocol, request)))
 
 
+def write_prepared(root: Path, name: str, protocol: StudyProtocol, frame: pd.DataFrame
+                   ) -> SiteConfig:
+    """Site ``name`` under ``root`` with ``frame`` as its prepared table."""
+    site = SiteConfig(site_name=name, manifest=root / name / "manifest.csv", work_dir=root / name)
+    path = study_dir(site, protocol) / PREPARED_FILE
+    path.parent.mkdir(parents=True)
+    frame.to_parquet(path)
+    return site
+
+
 def prepared_sites(root: Path, protocol: StudyProtocol, seed: int = 0
                    ) -> tuple[dict[int, SiteConfig], list[PrepareReply]]:
     """Three sites' prepared tables (scanner s2 at two sites), as the preparation writes them."""
@@ -135,12 +145,7 @@ def prepared_sites(root: Path, protocol: StudyProtocol, seed: int = 0
         for j in range(5):
             frame[f"f{j}"] = (rng.normal(10, 1, n) + frame[label] * 0.7
                               + [shift[b] * (j + 1) for b in batch])
-        site = SiteConfig(site_name=name, manifest=root / name / "manifest.csv",
-                          work_dir=root / name)
-        path = study_dir(site, protocol) / PREPARED_FILE
-        path.parent.mkdir(parents=True)
-        frame.to_parquet(path)
-        sites[node + 1] = site
+        sites[node + 1] = write_prepared(root, name, protocol, frame)
         train = frame[frame.split == "train"]
         replies.append(PrepareReply(name, "ok", n_train=len(train), n_test=n - len(train),
                                     batches=format_counts(train.batch.value_counts().items()),
