@@ -8,7 +8,8 @@ scanner and covariate level, the nomogram's per clinical level), and the release
 the minimum. Splitting the atoms by those groups too rules that out, but coarser folds make the
 cross-validation (and a site's local-only model) noisier. So the site tries the groups in turn
 (none; the scanner; the nomogram's clinical levels; ComBat's categorical covariates) and keeps
-the first folds under which every sum the study will ask of it passes the ledger's check.
+the first folds under which every sum the study will ask of it passes the ledger's check
+(ComBat's left out where they fail it on their own: the site then takes no part in ComBat).
 """
 
 from __future__ import annotations
@@ -31,21 +32,28 @@ def fold_strata(rows: pd.DataFrame, protocol: StudyProtocol) -> list[np.ndarray]
     return [rows[c].astype(str).to_numpy() for c in columns if c in rows.columns]
 
 
-def study_subsets(rows: pd.DataFrame, folds: IndexArray, protocol: StudyProtocol
-                  ) -> set[tuple[str, ...]]:
+def combat_subsets(rows: pd.DataFrame, protocol: StudyProtocol) -> list[np.ndarray]:
+    """The masks of the training ``rows`` ComBat's sums are over, as its phase enters them in
+    the release ledger: per scanner and level of a categorical covariate (and label, when the
+    outcome is protected), and two covariates' levels crossed."""
+    categorical = [c for c in protocol.covariates.categorical
+                   if protocol.covariates.harmonized(c) and c in rows.columns]
+    levels = [rows[c].astype(str).to_numpy() for c in categorical]
+    if protocol.task.kind is TaskKind.CLASSIFICATION and protocol.covariates.protect_outcome:
+        levels.append(rows[protocol.task.label_column].astype(str).to_numpy())
+    return scanner_subsets(rows["batch"].astype(str).to_numpy(), levels)
+
+
+def study_subsets(rows: pd.DataFrame, folds: IndexArray, protocol: StudyProtocol,
+                  combat: bool = True) -> set[tuple[str, ...]]:
     """The subsets of the training ``rows`` (as case ids) whose sums the study will ask of the
-    site, as the phases enter them in the release ledger: ComBat's per scanner and level of a
-    categorical covariate (and label, when the outcome is protected); the model's comoments and
-    fold complements, by label; the nomogram's per clinical level, by label."""
+    site, as the phases enter them in the release ledger: ComBat's (unless ``combat`` is
+    False); the model's comoments and fold complements, by label; the nomogram's per clinical
+    level, by label."""
     ids = rows["case_id"].astype(str).to_numpy()
     classification = protocol.task.kind is TaskKind.CLASSIFICATION
     label = rows[protocol.task.label_column].astype(str).to_numpy()
-    categorical = [c for c in protocol.covariates.categorical
-                   if protocol.covariates.harmonized(c) and c in rows.columns]
-    combat = [rows[c].astype(str).to_numpy() for c in categorical]
-    if classification and protocol.covariates.protect_outcome:
-        combat.append(label)
-    masks = scanner_subsets(rows["batch"].astype(str).to_numpy(), combat)
+    masks = combat_subsets(rows, protocol) if combat else []
     by_label = crossed(len(rows), [label] if classification else [])
     for fold in [-1, *np.unique(folds)]:
         masks += [(folds != fold) & part for part in by_label]
@@ -63,9 +71,14 @@ def site_folds(rows: pd.DataFrame, protocol: StudyProtocol, seed: int, min_patie
     labels = rows[protocol.task.label_column].to_numpy()
     classification = protocol.task.kind is TaskKind.CLASSIFICATION
     strata = fold_strata(rows, protocol)
+    # where ComBat's sums isolate patients on their own, the ledger refuses them whatever the
+    # folds, and the site's models use raw features: the folds need not make room for them
+    ids = rows["case_id"].astype(str).to_numpy()
+    combat = not isolable({tuple(sorted(ids[m])) for m in combat_subsets(rows, protocol)
+                           if m.any()}, min_patients)
     for k in range(len(strata) + 1):
         folds = assign_folds(labels, protocol.model.cv_folds, seed, classification,
                              min_patients, strata[:k])
-        if not isolable(study_subsets(rows, folds, protocol), min_patients):
+        if not isolable(study_subsets(rows, folds, protocol, combat), min_patients):
             break
     return folds

@@ -88,12 +88,18 @@ def crossed(n: int, groupings: Sequence[np.ndarray]) -> list[np.ndarray]:
 def scanner_subsets(batch: np.ndarray, levels: Sequence[np.ndarray],
                     only: Sequence[str] | None = None) -> list[np.ndarray]:
     """ComBat's subsets: each scanner's rows (of ``only`` these scanners), and each level of each
-    categorical covariate within it (its design is additive: the covariates are not crossed)."""
+    categorical covariate within it (its design is additive: the covariates are not crossed in
+    the sums of features). Without ``only`` (the design's round, whose ``X'X`` counts the rows
+    of every two covariates' levels together, over all the site's scanners), each crossing of
+    two covariates' levels too."""
     subsets = []
     for name in sorted(set(batch.tolist())) if only is None else only:
         rows = batch == name
         subsets += [rows, *(rows & (values == v) for values in levels
                             for v in np.unique(values))]
+    if only is None:
+        for first, second in itertools.combinations(levels, 2):
+            subsets += crossed(len(batch), [first, second])
     return subsets
 
 

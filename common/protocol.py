@@ -90,8 +90,12 @@ class CovariateSpec(_Frozen):
     ``categorical`` maps each column to its study-wide list of levels (a site may lack a level; a
     value outside the list makes the case invalid). ``continuous`` lists numeric columns.
     ``harmonize`` names the covariates ComBat protects (absent = all): each categorical one
-    splits every scanner into cells that must hold at least ComBat's ``min_cell`` patients, so
-    a many-level factor used only by the nomogram (e.g. ISS stage) is better left out of it.
+    splits every scanner into cells that must hold at least ComBat's ``min_cell`` patients, and
+    its levels crossed with every other categorical one (the outcome among them, below) count
+    patients in ComBat's sums, so every crossing at a site must hold 0 or at least the site's
+    ``min_patients`` (its release ledger refuses ComBat otherwise, and the site's models use
+    raw features). A many-level factor used only by the nomogram (e.g. ISS stage), or sex at
+    small sites, is better left out of it.
     ``protect_outcome`` (default on): ComBat also protects the task's label while it estimates
     the scanner effects on training rows, so that a scanner seeing more myeloma (a referral
     pathway) keeps that difference; harmonizing a row does not need its label. A classification

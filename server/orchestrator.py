@@ -58,6 +58,7 @@ def run_study(transport: Transport, settings: StudySettings, progress: Progress)
                 checkpoint.finish(settings.out_dir, "prepare")
             kept = {r.site for r in prepared.kept}
             nodes = {n: s for n, s in nodes.items() if s in kept}
+            harmonized: dict[int, str] = {}  # the sites whose rows ComBat harmonized
             if settings.runs("combat"):
                 if checkpoint.finished("combat"):
                     failed = json.loads((settings.out_dir / "combat.json").read_text())["failed"]
@@ -66,11 +67,13 @@ def run_study(transport: Transport, settings: StudySettings, progress: Progress)
                     progress("phase 3/5 federated ComBat")
                     failed = run_combat(transport, nodes, prepared.kept, settings)
                     checkpoint.finish(settings.out_dir, "combat")
-                nodes = {n: s for n, s in nodes.items() if s not in failed}
+                harmonized = {n: s for n, s in nodes.items() if s not in failed}
+                if failed:
+                    progress(f"ComBat: raw features only at {', '.join(sorted(failed))}")
             if settings.runs("model") and checkpoint.finished("model"):
                 progress("phase 4/5 radiomics model: done before the restart")
             elif settings.runs("model"):
-                run_models(transport, nodes, prepared, settings, progress)
+                run_models(transport, nodes, harmonized, prepared, settings, progress)
                 checkpoint.finish(settings.out_dir, "model")
             if settings.runs("cnn") and settings.protocol.cnn is not None:
                 progress(f"phase 5/5 CNN: {settings.protocol.cnn.architecture}, "
@@ -92,22 +95,24 @@ def run_study(transport: Transport, settings: StudySettings, progress: Progress)
         atomic_write_json(settings.out_dir / "study.json", status)
 
 
-def run_models(transport: Transport, nodes: dict[int, str], prepared: PrepareSummary,
-               settings: StudySettings, progress: Progress) -> None:
-    """Phase 4: the radiomics model on raw features, and on harmonized ones when ComBat ran
-    (``model.json``); then the nomogram when the protocol names clinical factors
-    (``nomogram.json``)."""
+def run_models(transport: Transport, nodes: dict[int, str], harmonized: dict[int, str],
+               prepared: PrepareSummary, settings: StudySettings, progress: Progress) -> None:
+    """Phase 4: the radiomics model on raw features at every site, and on harmonized ones at
+    the ``harmonized`` sites when there are min-sites of them (``model.json``); then the
+    nomogram when the protocol names clinical factors (``nomogram.json``), on harmonized
+    features when every site has them."""
     names = prepared.kept[0].feature_names
     progress("phase 4/5 radiomics model on raw features")
     passes = [run_model(transport, nodes, names, settings, False, progress)]
-    if settings.runs("combat"):
+    if len(harmonized) >= settings.min_sites:
         progress("phase 4/5 radiomics model on harmonized features")
-        passes.append(run_model(transport, nodes, names, settings, True, progress))
+        passes.append(run_model(transport, harmonized, names, settings, True, progress))
     atomic_write_json(settings.out_dir / "model.json",
                       {"models": [report for _, _, report in passes]})
     if (settings.protocol.model.clinical
             and settings.protocol.task.kind is TaskKind.CLASSIFICATION):
-        models, sets, report = passes[-1]  # harmonized when ComBat ran
+        on_harmonized = len(passes) == 2 and harmonized == nodes
+        models, sets, report = passes[-1] if on_harmonized else passes[0]
         prevalence = {n: t["prevalence"] for n, t in report["training_sets"].items()}
         atomic_write_json(settings.out_dir / "nomogram.json", run_nomogram(
-            transport, nodes, settings, models, sets, prevalence, len(passes) == 2, progress))
+            transport, nodes, settings, models, sets, prevalence, on_harmonized, progress))

@@ -64,7 +64,7 @@ def design_moments(site: SiteConfig, protocol: StudyProtocol, request: CombatReq
     # the site's own floor holds whatever the study asks: the coordinator cannot lower it
     floor = dataclasses.replace(options, min_cell=max(options.min_cell, site.min_patients))
     moments = site_design_moments(y, batch, covariates, design, floor, site.site_name)
-    record_release(site, protocol, table, batch, covariates, "ComBat's design moments")
+    record_release(site, protocol, table, batch, covariates, design, "ComBat's design moments")
     return moments
 
 
@@ -76,7 +76,8 @@ def residual_moments(site: SiteConfig, protocol: StudyProtocol, request: CombatR
         raise HarmonizationError("ComBat round 2: the request carries no location fit")
     y, batch, covariates, table = combat_inputs(site, protocol)
     moments = site_residual_moments(y, batch, covariates, design, request.fit)
-    record_release(site, protocol, table, batch, covariates, "ComBat's residual moments")
+    record_release(site, protocol, table, batch, covariates, design,
+                   "ComBat's residual moments")
     return moments
 
 
@@ -90,7 +91,7 @@ def shared_moments(site: SiteConfig, protocol: StudyProtocol, request: CombatReq
     z = standardize(y, batch, covariates, design, fit, var.var)
     mine = [m for name, m in sorted(site_batch_moments(z, batch, design).items())
             if name in shared]
-    record_release(site, protocol, table, batch, covariates, "ComBat's shared moments",
+    record_release(site, protocol, table, batch, covariates, design, "ComBat's shared moments",
                    sorted(shared))
     return StackedMoments.of(mine, y.shape[1])
 
@@ -141,14 +142,12 @@ def harmonize_site(site: SiteConfig, protocol: StudyProtocol, model: CombatModel
 
 
 def record_release(site: SiteConfig, protocol: StudyProtocol, table: pd.DataFrame,
-                   batch: list[str], covariates: dict[str, list[object]], what: str,
-                   only: list[str] | None = None) -> None:
+                   batch: list[str], covariates: dict[str, list[object]], design: Design,
+                   what: str, only: list[str] | None = None) -> None:
     """Enter a round's sums in the release ledger: over each scanner's training rows (of
     ``only`` these scanners) and over each level of the design's categorical covariates within
-    it (the label among them when the outcome is protected in a classification)."""
-    categorical = [c for c in covariates if c in protocol.covariates.categorical
-                   or (c == protocol.task.label_column
-                       and protocol.task.kind is TaskKind.CLASSIFICATION)]
-    levels = [np.asarray([str(v) for v in covariates[c]]) for c in categorical]
+    it (the label among them when the outcome is protected in a classification). The
+    protocol's other columns are not in the design, so no sum is split by them."""
+    levels = [np.asarray([str(v) for v in covariates[c]]) for c, _ in design.categorical]
     release(study_dir(site, protocol), what, table["case_id"].astype(str).tolist(),
             scanner_subsets(np.asarray(batch), levels, only), site.min_patients)

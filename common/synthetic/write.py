@@ -105,8 +105,11 @@ def study_protocol_mapping(task: Task, modality: str) -> dict[str, Any]:
     if task is Task.RESPONSE:  # the nomogram: the radiomics score with the clinical factors
         base["model"] = {**base.get("model", {}), "clinical": ["iss_stage", "age"],
                          "clinical_ranges": {"age": [40, 90]}}
-        # ISS splits each scanner three ways: too few patients per cell for ComBat's guard
-        base["covariates"]["harmonize"] = ["age", "sex"]
+    # ComBat protects the outcome and age. A categorical covariate in its design would need,
+    # at every site, each of its levels crossed with the outcome (ComBat's X'X counts them) to
+    # hold 0 or at least min_patients, which the synthetic sites of 40 to 110 patients do not
+    # for sex (a site's release ledger then refuses ComBat), nor for the ISS stage
+    base["covariates"]["harmonize"] = ["age"]
     base["ingestion"]["rtstruct_roi"] = MARROW_SEGMENT
     normalization = base["standardization"].get("normalization")
     if normalization and normalization["method"] == "reference_tissue":

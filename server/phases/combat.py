@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from common.messages import MessageType
+from common.errors import HarmonizationError
+from common.messages import MessageType, StudyConfig
 from common.payloads import PrepareReply, parse_counts
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import atomic_write_json
@@ -30,7 +31,7 @@ from harmonization.combat.moments import (
 )
 from harmonization.messages import CombatRequest, HarmonizedRows
 from server.rounds import Records, Transport, collect, exchange, study_config
-from server.study import StudySettings, require_sites
+from server.study import StudySettings, StudyStopped, require_sites
 
 
 def combat_design(protocol: StudyProtocol, kept: list[PrepareReply]) -> tuple[Design, set[str]]:
@@ -57,28 +58,59 @@ def combat_design(protocol: StudyProtocol, kept: list[PrepareReply]) -> tuple[De
     return design, {b for b, k in holders.items() if k > 1}
 
 
-def run_combat(transport: Transport, nodes: dict[int, str], kept: list[PrepareReply],
-               settings: StudySettings) -> dict[str, str]:
-    """Phase 3: d-ComBat's rounds on the sites' training rows; each site then harmonizes its
-    own training and test rows. Returns the sites that failed, by name."""
-    design, shared = combat_design(settings.protocol, kept)
-    options = settings.combat
-    f = kept[0].n_features
-    p = design.n_columns
-    config = study_config(settings, design=design_to_json(design, options))
-
+def requests(settings: StudySettings, config: StudyConfig
+             ) -> Callable[..., Callable[[int], Records]]:
+    """The requests of one ComBat design: ``ask(fit, var, adjustments, **extra)`` gives every
+    node the same request, with ``extra`` fields in its study config."""
     def ask(fit: LocationFit | None = None, var: PooledVariance | None = None,
             adjustments: StackedAdjustments | None = None, **extra: object
             ) -> Callable[[int], Records]:
         study = study_config(settings, design=config.design, **extra) if extra else config
         records = pack_request(CombatRequest(study, fit, var, adjustments))
         return lambda _: records
+    return ask
 
-    replies, failed = exchange(transport, nodes, MessageType.COMBAT_DESIGN, ask(), settings)
-    moments = collect(replies, failed, "moments", DesignMoments,
-                      {"batch_counts": (design.n_batch,), "xtx": (p, p), "xty": (p, f)})
-    require_sites(moments, failed, settings, "ComBat round 1")
-    nodes = {n: s for n, s in nodes.items() if s in moments}
+
+def run_combat(transport: Transport, nodes: dict[int, str], kept: list[PrepareReply],
+               settings: StudySettings) -> dict[str, str]:
+    """Phase 3: d-ComBat's rounds on the sites' training rows; each site then harmonizes its
+    own training and test rows. Returns the sites whose rows were not harmonized, by name, with
+    the reason.
+
+    ComBat serves the study but is not needed for it: a site that refuses it (its release
+    ledger finds that two covariates' crossing holds too few patients, a scanner is too small)
+    or fails goes on with raw features only, and where fewer than min-sites can take part or
+    the pooled design cannot be fitted, ComBat does not run (``combat.json`` says why) and the
+    whole study goes on with raw features."""
+    failed: dict[str, str] = {}
+    try:
+        report = {"status": "done", **_rounds(transport, nodes, kept, settings, failed)}
+    except (StudyStopped, HarmonizationError) as exc:
+        failed = {s: failed.get(s, "ComBat did not run") for s in nodes.values()}
+        report = {"status": "not run", "reason": str(exc)}
+    atomic_write_json(settings.out_dir / "combat.json", {**report, "failed": failed})
+    return failed
+
+
+def _rounds(transport: Transport, nodes: dict[int, str], kept: list[PrepareReply],
+            settings: StudySettings, failed: dict[str, str]) -> dict[str, object]:
+    """ComBat's rounds; the sites that fail go to ``failed``. What ``combat.json`` says of the
+    fit: its scanners, covariates and the rows each site harmonized."""
+    options = settings.combat
+    f = kept[0].n_features
+    while True:  # round 1, again without the sites that refused it (their scanners leave too)
+        design, shared = combat_design(settings.protocol,
+                                       [r for r in kept if r.site in nodes.values()])
+        p = design.n_columns
+        ask = requests(settings, study_config(settings, design=design_to_json(design, options)))
+        replies, more = exchange(transport, nodes, MessageType.COMBAT_DESIGN, ask(), settings)
+        failed.update(more)
+        moments = collect(replies, failed, "moments", DesignMoments,
+                          {"batch_counts": (design.n_batch,), "xtx": (p, p), "xty": (p, f)})
+        require_sites(moments, failed, settings, "ComBat round 1")
+        if len(moments) == len(nodes):
+            break
+        nodes = {n: s for n, s in nodes.items() if s in moments}
     fit = combine_design_moments([moments[s] for s in sorted(moments)], design, options)
 
     replies, more = exchange(transport, nodes, MessageType.COMBAT_RESIDUALS, ask(fit), settings)
@@ -110,11 +142,8 @@ def run_combat(transport: Transport, nodes: dict[int, str], kept: list[PrepareRe
                              ask(fit, pooled, adjustments), settings)
     failed.update(more)
     harmonized = collect(replies, failed, "result", HarmonizedRows)
-    atomic_write_json(settings.out_dir / "combat.json", {
-        "batches": list(design.batches), "shared_batches": sorted(shared),
-        "covariates": {"categorical": [c for c, _ in design.categorical],
-                       "continuous": list(design.continuous),
-                       "estimation_only": list(design.fit_only)},
-        "harmonized_rows": {site: r.rows for site, r in harmonized.items()},
-        "failed": failed})
-    return failed
+    return {"batches": list(design.batches), "shared_batches": sorted(shared),
+            "covariates": {"categorical": [c for c, _ in design.categorical],
+                           "continuous": list(design.continuous),
+                           "estimation_only": list(design.fit_only)},
+            "harmonized_rows": {site: r.rows for site, r in harmonized.items()}}

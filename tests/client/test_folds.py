@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from client.folds import fold_strata, site_folds, study_subsets
+from client.folds import combat_subsets, fold_strata, site_folds, study_subsets
 from client.ledger import isolable
 from common.protocol import ModelSpec, protocol_from_mapping
 from common.selection.terms import assign_folds
@@ -25,10 +25,10 @@ def rows(n: int, seed: int) -> pd.DataFrame:
 
 
 def test_the_folds_pass_the_ledger_and_are_the_coarsest_that_do():
-    """Seeds 0, 2 and 4: label-only atoms pass; atoms by scanner and ISS stage are needed; no
+    """Seeds 0, 17 and 4: label-only atoms pass; atoms by scanner and ISS stage are needed; no
     folds pass (an ISS stage x label cell under 5 at the site: the finest are kept, and the
     ledger will refuse the nomogram's terms)."""
-    for seed, needed in ((0, 0), (2, 2), (4, None)):
+    for seed, needed in ((0, 0), (17, 2), (4, None)):
         table = rows(60, seed)
         folds = site_folds(table, RESPONSE, seed, 5)
         label = table.response.to_numpy()
@@ -51,3 +51,20 @@ def test_a_floor_of_one_gives_label_stratified_folds():
     table = rows(40, 1)
     folds = site_folds(table, RESPONSE, 3, 1)
     np.testing.assert_array_equal(folds, assign_folds(table.response.to_numpy(), 5, 3, True))
+
+
+def test_the_folds_make_no_room_for_combat_sums_the_ledger_will_refuse():
+    """With sex in ComBat's design and 3 women among the responders, ComBat's sums isolate them
+    on their own (the site will take no part in ComBat): the folds are those the models alone
+    need, not the finest."""
+    with_sex = RESPONSE.model_copy(update={"covariates": RESPONSE.covariates.model_copy(
+        update={"harmonize": ("age", "sex")})})
+    table = rows(60, 0)
+    table["sex"] = "M"
+    table.loc[table.index[table.response == 1][:3], "sex"] = "F"
+    table.loc[table.index[table.response == 0][:10], "sex"] = "F"
+    ids = table.case_id.to_numpy()
+    assert isolable({tuple(sorted(ids[m])) for m in combat_subsets(table, with_sex) if m.any()},
+                    5)
+    folds = site_folds(table, with_sex, 0, 5)
+    np.testing.assert_array_equal(folds, assign_folds(table.response.to_numpy(), 5, 0, True, 5))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.ledger import LEDGER_FILE, ReleaseRefused, isolable, release
+from client.ledger import LEDGER_FILE, ReleaseRefused, isolable, release, scanner_subsets
 
 ROWS = [f"p{i:02d}" for i in range(30)]
 
@@ -103,3 +103,20 @@ def test_a_scanners_sums_by_sex_and_by_label_isolate_nobody():
                subset([s == "M" for s in sex]), subset([v == 0 for v in label]),
                subset([v == 1 for v in label])}
     assert not isolable(subsets, 5)
+
+
+def test_combats_design_round_counts_two_covariates_crossed():
+    """The same site as ComBat's design round sends it: ``X'X`` counts the women among the
+    positives (2), so the subsets of that round hold the crossing and are isolable; the later
+    rounds (per scanner, by level) are not."""
+    sex = np.array(["F"] * 14 + ["M"] * 14)
+    label = np.array(["0"] * 12 + ["1"] * 2 + ["0"] * 8 + ["1"] * 6)
+    batch = np.array(["s1"] * 28)
+
+    def ids(masks: list[np.ndarray]) -> set[tuple[str, ...]]:
+        return {tuple(sorted(np.asarray(ROWS[:28])[m])) for m in masks if m.any()}
+
+    design = scanner_subsets(batch, [sex, label])
+    assert ids([(sex == "F") & (label == "1")]) <= ids(design)
+    assert isolable(ids(design), 5)
+    assert not isolable(ids(scanner_subsets(batch, [sex, label], only=["s1"])), 5)

@@ -82,7 +82,8 @@ def test_handshake_runs_in_flowers_simulation_engine(cohort: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_a_phase_every_site_refuses_stops_the_study_naming_them(cohort: Path, tmp_path: Path):
+def test_a_combat_every_site_refuses_does_not_run_and_the_study_goes_on(cohort: Path,
+                                                                        tmp_path: Path):
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
@@ -97,12 +98,17 @@ def test_a_phase_every_site_refuses_stops_the_study_naming_them(cohort: Path, tm
                        backend_config={"client_resources": {"num_cpus": 1}})
     except Exception:  # noqa: BLE001 - the engine may re-raise the ServerApp's StudyStopped
         pass
+    combat = json.loads((tmp_path / "combat.json").read_text())
+    assert combat["status"] == "not run"
+    assert combat["reason"].startswith("ComBat round 1: 0 site(s) answered")
+    for site in ("site_A", "site_B", "site_C"):
+        assert f"{site}: query.combat_design: error 400: HarmonizationError" in combat["reason"]
+        assert "HarmonizationError" in combat["failed"][site]
+    assert str(cohort) not in combat["reason"]  # no path crosses the network
+    # the study went on to the model on raw features, where this tiny cohort stops it
     status = json.loads((tmp_path / "study.json").read_text())
     assert status["status"] == "stopped"
-    assert status["reason"].startswith("ComBat round 1: 0 site(s) answered")
-    for site in ("site_A", "site_B", "site_C"):
-        assert f"{site}: query.combat_design: error 400: HarmonizationError" in status["reason"]
-    assert str(cohort) not in status["reason"]  # no path crosses the network
+    assert status["reason"].startswith("model comoments: 0 site(s) answered")
 
 
 def test_a_site_sends_no_sums_over_fewer_than_five_training_rows(tmp_path: Path):

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
-import pytest
 from flwr.app import RecordDict
 
 from client.app import SITE_REFUSED, refusal
@@ -31,7 +30,7 @@ from harmonization.messages import CombatRequest, HarmonizedRows
 from server.phases.combat import combat_design, run_combat
 from server.phases.radiomics import run_model
 from server.rounds import Reply, collect, exchange, unanswered
-from server.study import StudySettings, StudyStopped
+from server.study import StudySettings
 
 
 def test_a_malformed_reply_excludes_that_site_by_name_and_keeps_the_others():
@@ -134,7 +133,7 @@ def prepared_sites(root: Path, protocol: StudyProtocol, seed: int = 0
         batch = np.repeat(scanners, 24)
         frame = pd.DataFrame({
             "case_id": [f"{name}{i}" for i in range(n)], "batch": batch,
-            label: np.tile([0, 1], n // 2), "sex": rng.choice(["F", "M"], n),
+            label: np.tile([0, 1], n // 2), "sex": np.resize(["F", "F", "M", "M"], n),
             "age": rng.normal(60, 8, n).round(),
             "split": np.where(np.arange(n) % 4 == 3, "test", "train")})
         train = (frame.split == "train").to_numpy()
@@ -244,12 +243,17 @@ def test_a_site_that_fails_or_stays_silent_is_named_and_the_others_go_on(tmp_pat
     failed = run_combat(transport, nodes, kept, settings)
     assert failed == {"C": "query.combat_apply: error 400: no",
                       "B": "query.combat_apply: no reply within 5 s"}
-    # fewer than min-sites left: the study stops, naming each site and why, and the sites
-    # lost are asked nothing more
+    # fewer than min-sites left: ComBat does not run, naming each site and why, the sites lost
+    # are asked nothing more, and the study goes on with raw features
     transport = FakeSites(sites, protocol, fail={(n, MessageType.COMBAT_DESIGN): "error 400: no"
                                                  for n in (1, 2)})
-    with pytest.raises(StudyStopped, match=r"ComBat round 1: 1 site\(s\) answered.*A: "):
-        run_combat(transport, nodes, kept, settings)
+    failed = run_combat(transport, nodes, kept, settings)
+    assert failed == {"A": "query.combat_design: error 400: no",
+                      "B": "query.combat_design: error 400: no", "C": "ComBat did not run"}
+    report = json.loads((settings.out_dir / "combat.json").read_text())
+    assert report["status"] == "not run"
+    assert report["reason"].startswith("ComBat round 1: 1 site(s) answered")
+    assert [t for t, _ in transport.sent] == [MessageType.COMBAT_DESIGN] * 3
 
 
 def test_exchange_names_every_site_that_gave_no_payload():
