@@ -76,6 +76,10 @@ def _parse_label(text: str, protocol: StudyProtocol) -> float:
     return value
 
 
+#: Where the csv module puts a row's fields beyond the header's.
+_EXTRA = "\x00extra"
+
+
 def read_manifest(
     path: Path, protocol: StudyProtocol, default_batch: str
 ) -> tuple[list[CaseSpec], list[RowProblem]]:
@@ -99,17 +103,25 @@ def read_manifest(
         raise ConfigError(str(path), ["manifest file not found"])
     try:
         with path.open(encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
+            reader = csv.DictReader(fh, restkey=_EXTRA)
             header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+            rows = [{k.strip(): v if k == _EXTRA else (v or "").strip() for k, v in r.items()}
+                    for r in reader]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise ConfigError(str(path), [f"not a readable CSV file: {exc}"]) from None
+    twice = sorted(c for c, n in Counter(header).items() if n > 1)
+    if twice:
+        raise ConfigError(str(path), [f"column '{c}' appears more than once in the header"
+                                      for c in twice])
     label_col = protocol.task.label_column
     missing = [c for c in (*REQUIRED_COLUMNS, label_col) if c not in header]
     missing += [c for c in protocol.covariates.columns if c not in header]
     if missing:
+        hint = ([f"the header is one column holding '{sep}': a manifest is comma-separated"
+                 for sep in (";", "\t") if len(header) == 1 and sep in header[0]])
         raise ConfigError(
-            str(path), [f"missing column '{c}' (columns found: {header})" for c in missing]
+            str(path), [*hint, *(f"missing column '{c}' (columns found: {header})"
+                                 for c in missing)]
         )
     has_batch = protocol.batch_column is not None and protocol.batch_column in header
 
@@ -134,9 +146,17 @@ def read_manifest(
                 f"case_id '{case_id}' appears {counts[case_id]} times; every copy is skipped",
             )
             continue
+        if _EXTRA in row:
+            problem(SkipReason.MISSING_FIELD, f"row {row_number} has {len(row[_EXTRA])} more "
+                    "field(s) than the header (an unquoted comma?)")
+            continue
         empty = [c for c in ("image", "mask") if not row.get(c)]
         if empty:
             problem(SkipReason.MISSING_FIELD, f"empty {', '.join(empty)}")
+            continue
+        unusable = [c for c in ("image", "mask") if "\x00" in row[c]]
+        if unusable:
+            problem(SkipReason.FILE_MISSING, f"{', '.join(unusable)}: the path holds a NUL byte")
             continue
         if not row.get(label_col):
             problem(SkipReason.LABEL_MISSING, f"no value in label column '{label_col}'")

@@ -90,3 +90,29 @@ def test_unusable_manifest_is_a_config_error(tmp_path: Path):
         read_manifest(path, PROTOCOL, "s")
     assert "missing column 'mask'" in str(err.value)
     assert "missing column 'iss_stage'" in str(err.value)
+
+
+def test_rows_with_extra_fields_or_nul_bytes_are_skipped_by_name(tmp_path: Path):
+    """A row with more fields than the header (an unquoted comma) used to crash the reader
+    (AttributeError); a NUL byte in a path, the path resolution (ValueError)."""
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(b"case_id,image,mask,diagnosis,iss_stage,age\n"
+                     b"ok,a,b,myeloma,I,50\n"
+                     b"wide,a,b,myeloma,I,50,extra,more\n"
+                     b"nul,a\x00b,b,myeloma,I,50\n")
+    cases, problems = read_manifest(path, PROTOCOL, default_batch="s")
+    assert [c.case_id for c in cases] == ["ok"]
+    detail = {p.case_id: (p.reason, p.detail) for p in problems}
+    assert detail["wide"] == (SkipReason.MISSING_FIELD,
+                              "row 3 has 2 more field(s) than the header (an unquoted comma?)")
+    assert detail["nul"] == (SkipReason.FILE_MISSING, "image: the path holds a NUL byte")
+
+
+def test_a_repeated_column_or_a_semicolon_manifest_is_named(tmp_path: Path):
+    path = _write(tmp_path, "case_id,image,mask,diagnosis,age,iss_stage,age\n"
+                            "p1,a,b,myeloma,50,I,51\n")
+    with pytest.raises(ConfigError, match="column 'age' appears more than once"):
+        read_manifest(path, PROTOCOL, "s")
+    path = _write(tmp_path, "case_id;image;mask;diagnosis;iss_stage;age\np1;a;b;myeloma;I;50\n")
+    with pytest.raises(ConfigError, match="one column holding ';': a manifest is comma-sep"):
+        read_manifest(path, PROTOCOL, "s")
