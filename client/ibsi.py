@@ -196,17 +196,34 @@ def compare_with_reference(features: dict[str, float], reference_csv: Path) -> l
     return rows
 
 
+#: Where the phantom and the reference table may lie under the data folder: this project's
+#: layout first, then that of IBSI's own repositories (``ibsi_1_digital_phantom/``,
+#: ``reference_values/``).
+PHANTOM_DIRS = ("digital_phantom", "ibsi_1_digital_phantom")
+REFERENCE_DIRS = (".", "reference_values")
+REFERENCE_FILE = "ibsi_1_reference_values_digital_phantom.csv"
+
+
+def _first(candidates: list[Path]) -> Path | None:
+    return next((p for p in candidates if p.is_file()), None)
+
+
 def run_phantom_check(data_dir: Path) -> list[Comparison]:
     """Extract the IBSI digital phantom in ``data_dir`` with the ``ibsi_digital_phantom`` preset
     (the whole site path: load, standardize, extract) and compare with the reference CSV."""
-
-
-    image_path = data_dir / "digital_phantom" / "nifti" / "image" / "phantom.nii.gz"
-    mask_path = data_dir / "digital_phantom" / "nifti" / "mask" / "mask.nii.gz"
-    reference = data_dir / "ibsi_1_reference_values_digital_phantom.csv"
-    missing = [str(p) for p in (image_path, mask_path, reference) if not p.is_file()]
-    if missing:
-        raise ConfigError(str(data_dir), [f"missing {m}" for m in missing])
+    image_path = _first([data_dir / d / "nifti" / "image" / "phantom.nii.gz"
+                         for d in PHANTOM_DIRS])
+    mask_path = _first([data_dir / d / "nifti" / "mask" / "mask.nii.gz" for d in PHANTOM_DIRS])
+    reference = _first([data_dir / d / REFERENCE_FILE for d in REFERENCE_DIRS])
+    if image_path is None or mask_path is None or reference is None:
+        phantom = "{" + ",".join(PHANTOM_DIRS) + "}/nifti"
+        raise ConfigError(str(data_dir), [
+            f"missing the {what}: looked for {where}" for what, path, where in (
+                ("image", image_path, f"{phantom}/image/phantom.nii.gz"),
+                ("mask", mask_path, f"{phantom}/mask/mask.nii.gz"),
+                ("reference values", reference,
+                 "{" + ",".join(REFERENCE_DIRS) + "}/" + REFERENCE_FILE))
+            if path is None])
     protocol = load_protocol("preset:ibsi_digital_phantom")
     image = sitk.ReadImage(str(image_path), sitk.sitkFloat32)
     labels = sitk.ReadImage(str(mask_path), sitk.sitkUInt8)

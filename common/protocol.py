@@ -424,17 +424,58 @@ class StudyProtocol(_Frozen):
         return self.content_hash()[:12]
 
 
+#: A configuration file's largest size and deepest nesting: a protocol or site config is a few
+#: kB and a few levels deep; the parsers recurse per level (a file nested 20,000 deep overflowed
+#: Python's stack).
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_DEPTH = 32
+
+
+class _DepthLimitedLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """PyYAML's safe loader, refusing documents nested deeper than :data:`MAX_CONFIG_DEPTH`."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_CONFIG_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _nesting(text: str) -> int:
+    """The deepest bracket nesting of a TOML text (arrays and inline tables), strings aside
+    only roughly: enough to refuse a file before ``tomllib`` recurses through it."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
 def read_mapping(path: Path) -> dict[str, Any]:
     """Read a TOML or YAML file into a dict, or raise :class:`ConfigError` naming the file."""
     if not path.is_file():
         raise ConfigError(str(path), ["file not found"])
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(str(path), [f"larger than {MAX_CONFIG_BYTES:,} bytes: not a "
+                                      "configuration file"])
     suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8")
         if suffix == ".toml":
+            if _nesting(text) > MAX_CONFIG_DEPTH:
+                raise ConfigError(str(path), [f"cannot parse: nested deeper than "
+                                              f"{MAX_CONFIG_DEPTH} levels"])
             data = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_DepthLimitedLoader)  # noqa: S506 - a safe loader
         else:
             raise ConfigError(str(path), [f"unknown format '{suffix}': use .toml, .yaml or .yml"])
     except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:

@@ -43,3 +43,24 @@ def test_unimplemented_features_are_reported_not_hidden(comparisons):
     # pyradiomics has no distance-zone matrix, intensity-volume histogram or local intensity peak.
     assert {"dzm_sde_3D", "ivh_v10", "loc_peak_glob"} <= missing
     assert not missing & set(IBSI_TO_PYRADIOMICS)
+
+
+def test_the_check_reads_ibsis_own_layout_and_names_what_is_missing(tmp_path):
+    """The reference table under ``reference_values/`` and the phantom under
+    ``ibsi_1_digital_phantom/`` (IBSI's repositories) are found like this project's layout;
+    what is missing is named with where it was looked for."""
+    import shutil
+
+    from common.errors import ConfigError
+
+    source = shared_data("ibsi")
+    shutil.copytree(source / "digital_phantom", tmp_path / "ibsi_1_digital_phantom")
+    (tmp_path / "reference_values").mkdir()
+    with pytest.raises(ConfigError) as missing:
+        run_phantom_check(tmp_path)
+    assert "missing the reference values: looked for {.,reference_values}/" in str(missing.value)
+    assert "missing the image" not in str(missing.value)
+    shutil.copy(source / "ibsi_1_reference_values_digital_phantom.csv",
+                tmp_path / "reference_values")
+    rows = run_phantom_check(tmp_path)
+    assert not [r for r in rows if r.status == "fail"]

@@ -71,6 +71,26 @@ def test_unreadable_files_are_config_errors(tmp_path: Path):
         load_protocol("preset:nope")
 
 
+def test_deeply_nested_or_huge_files_are_config_errors(tmp_path: Path):
+    """A protocol nested 20,000 deep overflowed the parsers' recursion (RecursionError)."""
+    deep_yaml = tmp_path / "deep.yaml"
+    deep_yaml.write_text("name: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    with pytest.raises(ConfigError, match="nested deeper than 32 levels"):
+        load_protocol(deep_yaml)
+    block = tmp_path / "block.yaml"
+    block.write_text("a:\n" + "".join("  " * i + "b:\n" for i in range(1, 500)))
+    with pytest.raises(ConfigError, match="nested deeper than 32 levels"):
+        load_protocol(block)
+    deep_toml = tmp_path / "deep.toml"
+    deep_toml.write_text("name = " + "[" * 20_000 + "]" * 20_000 + "\n")
+    with pytest.raises(ConfigError, match="nested deeper than 32 levels"):
+        load_protocol(deep_toml)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * 2_000_000 + "\n")
+    with pytest.raises(ConfigError, match="not a configuration file"):
+        load_protocol(huge)
+
+
 def test_mr_reference_tissue_needs_distinct_label():
     with pytest.raises(ConfigError, match="must differ"):
         protocol_from_mapping({
@@ -120,3 +140,21 @@ def test_combat_protects_only_the_covariates_named_in_harmonize():
     base["model"] = {"clinical": ["ecog"]}
     with pytest.raises(ConfigError, match="model.clinical names \\['ecog'\\]"):
         protocol_from_mapping(base)
+
+
+@pytest.mark.parametrize(("config", "reseg", "bins"), [
+    ("a", (-500.0, 400.0), ("fixed_bin_size", 25.0)),
+    ("b", (-500.0, 400.0), ("fixed_bin_number", 32)),
+    ("c", (-1000.0, 400.0), ("fixed_bin_size", 25.0)),
+    ("d", None, ("fixed_bin_number", 32)),
+    ("e", (-1000.0, 400.0), ("fixed_bin_number", 32)),
+])
+def test_the_ibsi_presets_follow_the_ibsi_configurations(config, reseg, bins):
+    """IBSI-1's CT configurations A to E (its manual's table of configurations): the
+    re-segmentation range and the discretization of each preset (config B had [-1000, 400])."""
+    protocol = load_protocol(f"preset:ibsi_ct_{config}")
+    assert protocol.standardization.resegmentation_range == reseg
+    method, value = bins
+    assert protocol.radiomics.discretization == method
+    assert (protocol.radiomics.bin_width if method == "fixed_bin_size"
+            else protocol.radiomics.bin_count) == value
