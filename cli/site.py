@@ -67,7 +67,7 @@ def _site_setup(protocol_src: str, manifest: Path | None, site_config: Path | No
 
 
 def _run_with_progress(cases: list[Any], protocol: Any, mode: Literal["check", "extract"],
-                       workers: int, cache_dir: Path | None) -> list[Any]:
+                       config: Any, cache_dir: Path | None) -> list[Any]:
     from client.pipeline import run_cases  # deferred: heavy (see cli/__init__.py)
 
     columns = progress_columns(TextColumn("{task.fields[skipped]} skipped"))
@@ -80,8 +80,9 @@ def _run_with_progress(cases: list[Any], protocol: Any, mode: Literal["check", "
             skipped += 0 if outcome.ok else 1
             progress.update(task, advance=1, skipped=skipped)
 
-        return run_cases(cases, protocol, mode=mode, workers=workers, cache_dir=cache_dir,
-                         on_done=on_done)
+        return run_cases(cases, protocol, mode=mode, workers=config.n_workers,
+                         cache_dir=cache_dir, on_done=on_done,
+                         max_voxels=config.max_case_voxels)
 
 
 def _print_report(report: dict[str, Any], report_path: Path) -> None:
@@ -114,7 +115,7 @@ def site_check(protocol: ProtocolOpt, manifest: ManifestOpt = None,
 
     proto, config, cases, problems = _site_setup(protocol, manifest, site_config, out_dir,
                                                  workers, site_name)
-    outcomes = _run_with_progress(cases, proto, "check", config.n_workers, None)
+    outcomes = _run_with_progress(cases, proto, "check", config, None)
     report = ingestion_report(outcomes, problems, proto, config.site_name, "check")
     path = config.work_dir / "ingestion_report.json"
     atomic_write_json(path, report)
@@ -140,7 +141,7 @@ def site_extract(protocol: ProtocolOpt, manifest: ManifestOpt = None,
     proto, config, cases, problems = _site_setup(protocol, manifest, site_config, out_dir,
                                                  workers, site_name)
     cache_dir = None if no_cache else config.cache_dir
-    outcomes = _run_with_progress(cases, proto, "extract", config.n_workers, cache_dir)
+    outcomes = _run_with_progress(cases, proto, "extract", config, cache_dir)
     report = ingestion_report(outcomes, problems, proto, config.site_name, "extract")
     report_path = config.work_dir / "ingestion_report.json"
     atomic_write_json(report_path, report)

@@ -25,6 +25,7 @@ import radiomics
 import SimpleITK as sitk
 from radiomics import featureextractor, getFeatureClasses
 
+from client.limits import check_bins
 from common.errors import CaseError, SkipReason
 from common.protocol import RadiomicsSpec, StudyProtocol
 
@@ -50,6 +51,8 @@ class _IbsiFixedBinSize:
         low = self.settings.get(_LOWER_BOUND_KEY)
         if low is None:
             low = float(values.min())
+        check_bins(int(np.floor((float(values.max()) - low) / width + 1e-9)) + 1,
+                   f"fixed bin size {width:g} over [{low:g}, {float(values.max()):g}]")
         binned = np.zeros(matrix.shape, dtype=int)
         # The tiny epsilon keeps a value that sits on a bin edge in the upper bin despite
         # floating-point division (0.3 / 0.1 = 2.9999999999999996).
@@ -182,6 +185,8 @@ class FeatureExtractor:
                 out.update(_as_floats(self._shape.execute(image, morph_mask)))
             if self._texture is not None:
                 out.update(_as_floats(self._texture.execute(image, intensity_mask)))
+        except CaseError:
+            raise
         except (ValueError, RuntimeError, IndexError) as exc:
             raise CaseError(SkipReason.EXTRACTION_FAILED, f"pyradiomics: {exc}") from None
         return out

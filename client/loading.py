@@ -20,6 +20,7 @@ from client.dicom.files import dicom_modality, is_dicom_file
 from client.dicom.masks import rtstruct_to_mask, seg_to_mask
 from client.dicom.series import read_dicom_series
 from client.dicom.suv import suv_factor_body_weight
+from client.limits import MAX_CASE_VOXELS, check_voxels
 from client.manifest import CaseSpec
 from client.standardize import Volume
 from common.errors import CaseError, SkipReason
@@ -60,7 +61,16 @@ def _nifti_problem(path: Path) -> str | None:
     return None
 
 
-def _read_file(path: Path, what: str, reason: SkipReason) -> sitk.Image:
+def _read_file(path: Path, what: str, reason: SkipReason,
+               max_voxels: int = MAX_CASE_VOXELS) -> sitk.Image:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()  # the header only
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        raise CaseError(reason, f"{what} '{path}' cannot be read: {first}") from None
+    check_voxels(reader.GetSize(), f"{what} '{path}'", max_voxels)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         problem = _nifti_problem(path)
         if problem is not None:
@@ -79,13 +89,15 @@ def _read_file(path: Path, what: str, reason: SkipReason) -> sitk.Image:
     return image
 
 
-def read_image(case: CaseSpec, protocol: StudyProtocol) -> sitk.Image:
-    """The case's image as float32 (HU for CT, SUV for PET)."""
+def read_image(case: CaseSpec, protocol: StudyProtocol, max_voxels: int = MAX_CASE_VOXELS
+               ) -> sitk.Image:
+    """The case's image as float32 (HU for CT, SUV for PET); one of more than ``max_voxels``
+    voxels is refused from its header."""
     path = case.image
     if not path.exists():
         raise CaseError(SkipReason.FILE_MISSING, f"image '{path}' does not exist")
     if path.is_dir():
-        image, header = read_dicom_series(path, case.series_uid)
+        image, header = read_dicom_series(path, case.series_uid, max_voxels)
         image = sitk.Cast(image, sitk.sitkFloat32)
         if protocol.modality is Modality.PET and protocol.standardization.suv:
             image = image * suv_factor_body_weight(header)
@@ -95,7 +107,8 @@ def read_image(case: CaseSpec, protocol: StudyProtocol) -> sitk.Image:
             SkipReason.IMAGE_UNREADABLE,
             f"image '{path}' is a single DICOM file; give the folder of the series instead",
         )
-    return sitk.Cast(_read_file(path, "image", SkipReason.IMAGE_UNREADABLE), sitk.sitkFloat32)
+    return sitk.Cast(_read_file(path, "image", SkipReason.IMAGE_UNREADABLE, max_voxels),
+                     sitk.sitkFloat32)
 
 
 def _find_dicom_mask(folder: Path) -> Path:
@@ -154,7 +167,9 @@ def read_mask(
         mask = sitk.GetImageFromArray(labels)
         mask.CopyInformation(image)
         return mask
-    mask = _read_file(path, "mask", SkipReason.MASK_UNREADABLE)
+    # the mask must match the image's grid: larger is refused before it is read
+    mask = _read_file(path, "mask", SkipReason.MASK_UNREADABLE,
+                      int(np.prod(image.GetSize(), dtype=np.int64)))
     check_geometry(image, mask, ingestion.geometry_tolerance, case.image, path)
     values = sitk.GetArrayViewFromImage(mask)
     if np.issubdtype(values.dtype, np.floating) and not np.all(np.mod(values, 1) == 0):
@@ -208,9 +223,11 @@ def check_roi(labels: sitk.Image, ingestion: IngestionSpec, where: str) -> int:
     return count
 
 
-def load_case(case: CaseSpec, protocol: StudyProtocol) -> Volume:
-    """Read and check one case: the volume on its native grid, ready for standardization."""
-    image = read_image(case, protocol)
+def load_case(case: CaseSpec, protocol: StudyProtocol, max_voxels: int = MAX_CASE_VOXELS
+              ) -> Volume:
+    """Read and check one case: the volume on its native grid, ready for standardization (an
+    image of more than ``max_voxels`` voxels is refused from its header)."""
+    image = read_image(case, protocol, max_voxels)
     norm = protocol.standardization.normalization
     reference = None
     if norm is not None and norm.reference_roi is not None and norm.reference_label is not None:

@@ -29,6 +29,7 @@ import SimpleITK as sitk
 from threadpoolctl import threadpool_limits
 
 from client.extract import FeatureExtractor, pyradiomics_settings
+from client.limits import MAX_CASE_VOXELS
 from client.loading import check_roi, load_case
 from client.manifest import CaseSpec, RowProblem
 from client.standardize import build_steps, standardize
@@ -86,13 +87,15 @@ def case_cache_key(case: CaseSpec, protocol_hash: str, versions: dict[str, str])
 class CaseProcessor:
     """Processes cases in one process: holds the protocol, the standardization steps and the
     pyradiomics extractor, built once."""
-    def __init__(self, protocol: StudyProtocol, mode: Mode, cache_dir: Path | None) -> None:
+    def __init__(self, protocol: StudyProtocol, mode: Mode, cache_dir: Path | None,
+                 max_voxels: int = MAX_CASE_VOXELS) -> None:
         self.protocol = protocol
         self.mode = mode
         self.cache_dir = cache_dir
+        self.max_voxels = max_voxels
         self.protocol_hash = protocol.content_hash()
         self.versions = software_versions()
-        self.steps = build_steps(protocol)
+        self.steps = build_steps(protocol, max_voxels)
         self.extractor = FeatureExtractor(protocol) if mode == "extract" else None
 
     def _cache_path(self, key: str) -> Path | None:
@@ -121,7 +124,7 @@ class CaseProcessor:
                 return CaseOutcome(case.case_id, case.row, features=cached["features"],
                                    roi_voxels=cached["roi_voxels"], cached=True,
                                    seconds=time.perf_counter() - start)
-        volume = load_case(case, self.protocol)
+        volume = load_case(case, self.protocol, self.max_voxels)
         if self.mode == "check" or self.extractor is None:
             voxels = check_roi(volume.labels, self.protocol.ingestion, case.case_id)
             return CaseOutcome(case.case_id, case.row, roi_voxels=voxels,
@@ -160,14 +163,14 @@ def _read_cache(path: Path, case_id: str) -> dict[str, Any] | None:
 _WORKER: CaseProcessor | None = None
 
 
-def _init_worker(protocol: StudyProtocol, mode: Mode, cache_dir: str | None, threads: int
-                 ) -> None:
+def _init_worker(protocol: StudyProtocol, mode: Mode, cache_dir: str | None, threads: int,
+                 max_voxels: int) -> None:
     global _WORKER
     # Each worker gets its share of the cores: ITK and BLAS (numpy's eigvals in pyradiomics'
     # GLCM MCC) would otherwise each start a thread per core in every worker and thrash.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     threadpool_limits(threads)
-    _WORKER = CaseProcessor(protocol, mode, Path(cache_dir) if cache_dir else None)
+    _WORKER = CaseProcessor(protocol, mode, Path(cache_dir) if cache_dir else None, max_voxels)
 
 
 def _run_in_worker(case: CaseSpec) -> CaseOutcome:
@@ -192,13 +195,16 @@ def run_cases(
     workers: int,
     cache_dir: Path | None,
     on_done: Callable[[CaseOutcome], None] | None = None,
+    max_voxels: int = MAX_CASE_VOXELS,
 ) -> list[CaseOutcome]:
     """Process ``cases`` with ``workers`` processes (1 = in this process); outcomes in input
-    order. ``on_done`` is called in this process as each case finishes (progress display)."""
+    order. ``on_done`` is called in this process as each case finishes (progress display). A
+    case whose image or resampled grid holds more than ``max_voxels`` voxels is skipped
+    (``resource_limit``) before it is allocated."""
     workers = max(1, min(workers, len(cases))) if cases else 1
     outcomes: dict[int, CaseOutcome] = {}
     if workers == 1:
-        processor = CaseProcessor(protocol, mode, cache_dir)
+        processor = CaseProcessor(protocol, mode, cache_dir, max_voxels)
         for i, case in enumerate(cases):
             outcomes[i] = processor(case)
             if on_done:
@@ -207,8 +213,8 @@ def run_cases(
         threads = max(1, (os.cpu_count() or 1) // workers)
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        init_args = (protocol, mode, str(cache_dir) if cache_dir else None,
-                     threads)
+        init_args = (protocol, mode, str(cache_dir) if cache_dir else None, threads,
+                     max_voxels)
         # Largest cases first (longest-processing-time order): no worker is left with one big
         # case at the end while the others idle.
         order = sorted(range(len(cases)), key=lambda i: -_size_on_disk(cases[i].image))

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from client.limits import MAX_CASE_VOXELS, check_voxels
 from common.errors import CaseError, SkipReason
 from common.protocol import (
     BiasCorrectionSpec,
@@ -161,16 +162,18 @@ class Resample:
     """
 
     def __init__(self, spec: ResampleSpec, round_intensities: bool,
-                 margin_voxels: int | None = None) -> None:
+                 margin_voxels: int | None = None, max_voxels: int = MAX_CASE_VOXELS) -> None:
         self.spec = spec
         self.round_intensities = round_intensities
         self.margin_voxels = margin_voxels
+        self.max_voxels = max_voxels
 
     def __call__(self, volume: Volume) -> Volume:
         spec = self.spec
         grid = ibsi_grid(volume.image, spec.spacing_mm, spec.in_plane_only)
         if self.margin_voxels is not None:
             grid = crop_grid(grid, volume.labels, self.margin_voxels)
+        check_voxels(grid[0], f"the grid resampled to {spec.spacing_mm} mm", self.max_voxels)
         image = _resample_to(volume.image, grid, _INTERPOLATORS[spec.interpolation])
         if self.round_intensities:
             image = _like(np.round(_array(image)).astype(np.float32), image)
@@ -332,8 +335,9 @@ def filter_margin_voxels(protocol: StudyProtocol) -> int:
     return max(5, math.ceil(3.0 * max(sigmas) / spacing) if sigmas else 0)
 
 
-def build_steps(protocol: StudyProtocol) -> list[Any]:
-    """The protocol's standardization as an ordered list of steps.
+def build_steps(protocol: StudyProtocol, max_voxels: int = MAX_CASE_VOXELS) -> list[Any]:
+    """The protocol's standardization as an ordered list of steps; a resampled grid of more
+    than ``max_voxels`` voxels is refused before it is allocated.
 
     PET SUV conversion happens when the DICOM series is read (it needs the DICOM header).
     """
@@ -345,7 +349,8 @@ def build_steps(protocol: StudyProtocol) -> list[Any]:
         steps.append(Normalize(std.normalization))
     if std.resample is not None:
         steps.append(Resample(std.resample, round_intensities=protocol.modality is Modality.CT,
-                              margin_voxels=filter_margin_voxels(protocol)))
+                              margin_voxels=filter_margin_voxels(protocol),
+                              max_voxels=max_voxels))
     if std.resegmentation_range is not None or std.outlier_sigma is not None:
         steps.append(Resegment(std.resegmentation_range, std.outlier_sigma))
     return steps

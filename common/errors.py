@@ -35,7 +35,14 @@ class SkipReason(str, enum.Enum):
     COVARIATE_INVALID = "covariate_invalid"
     STANDARDIZATION_FAILED = "standardization_failed"
     EXTRACTION_FAILED = "extraction_failed"
+    RESOURCE_LIMIT = "resource_limit"
     INTERNAL_ERROR = "internal_error"
+
+
+#: The most voxels one case's image, or the grid it is resampled to, may hold unless a site
+#: says otherwise (``max_case_voxels`` in its site config): 2^28, a 512 x 512 x 1024 CT, 1 GiB
+#: as float32; a case's standardization holds a few such copies, which an 8 GB site can afford.
+MAX_CASE_VOXELS = 2**28
 
 
 class MyeloFedError(Exception):

@@ -42,6 +42,63 @@ SCHEMA_VERSION: Final = 1
 #: pyradiomics feature classes a protocol may enable.
 FEATURE_CLASSES = ("shape", "shape2D", "firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
 
+#: Every feature pyradiomics 3.1 computes per class, deprecated ones included (they are computed
+#: when named): a protocol naming another is refused before any case is extracted
+#: (``tests/client/test_extract.py`` holds this table to the installed pyradiomics).
+FEATURE_NAMES: dict[str, frozenset[str]] = {
+    "shape": frozenset("""
+        Compactness1 Compactness2 Elongation Flatness LeastAxisLength MajorAxisLength
+        Maximum2DDiameterColumn Maximum2DDiameterRow Maximum2DDiameterSlice Maximum3DDiameter
+        MeshVolume MinorAxisLength SphericalDisproportion Sphericity SurfaceArea
+        SurfaceVolumeRatio VoxelVolume
+    """.split()),
+    "shape2D": frozenset("""
+        Elongation MajorAxisLength MaximumDiameter MeshSurface MinorAxisLength Perimeter
+        PerimeterSurfaceRatio PixelSurface SphericalDisproportion Sphericity
+    """.split()),
+    "firstorder": frozenset("""
+        10Percentile 90Percentile Energy Entropy InterquartileRange Kurtosis Maximum Mean
+        MeanAbsoluteDeviation Median Minimum Range RobustMeanAbsoluteDeviation RootMeanSquared
+        Skewness StandardDeviation TotalEnergy Uniformity Variance
+    """.split()),
+    "glcm": frozenset("""
+        Autocorrelation ClusterProminence ClusterShade ClusterTendency Contrast Correlation
+        DifferenceAverage DifferenceEntropy DifferenceVariance Dissimilarity Homogeneity1
+        Homogeneity2 Id Idm Idmn Idn Imc1 Imc2 InverseVariance JointAverage JointEnergy
+        JointEntropy MCC MaximumProbability SumAverage SumEntropy SumSquares SumVariance
+    """.split()),
+    "glrlm": frozenset("""
+        GrayLevelNonUniformity GrayLevelNonUniformityNormalized GrayLevelVariance
+        HighGrayLevelRunEmphasis LongRunEmphasis LongRunHighGrayLevelEmphasis
+        LongRunLowGrayLevelEmphasis LowGrayLevelRunEmphasis RunEntropy RunLengthNonUniformity
+        RunLengthNonUniformityNormalized RunPercentage RunVariance ShortRunEmphasis
+        ShortRunHighGrayLevelEmphasis ShortRunLowGrayLevelEmphasis
+    """.split()),
+    "glszm": frozenset("""
+        GrayLevelNonUniformity GrayLevelNonUniformityNormalized GrayLevelVariance
+        HighGrayLevelZoneEmphasis LargeAreaEmphasis LargeAreaHighGrayLevelEmphasis
+        LargeAreaLowGrayLevelEmphasis LowGrayLevelZoneEmphasis SizeZoneNonUniformity
+        SizeZoneNonUniformityNormalized SmallAreaEmphasis SmallAreaHighGrayLevelEmphasis
+        SmallAreaLowGrayLevelEmphasis ZoneEntropy ZonePercentage ZoneVariance
+    """.split()),
+    "gldm": frozenset("""
+        DependenceEntropy DependenceNonUniformity DependenceNonUniformityNormalized
+        DependencePercentage DependenceVariance GrayLevelNonUniformity
+        GrayLevelNonUniformityNormalized GrayLevelVariance HighGrayLevelEmphasis
+        LargeDependenceEmphasis LargeDependenceHighGrayLevelEmphasis
+        LargeDependenceLowGrayLevelEmphasis LowGrayLevelEmphasis SmallDependenceEmphasis
+        SmallDependenceHighGrayLevelEmphasis SmallDependenceLowGrayLevelEmphasis
+    """.split()),
+    "ngtdm": frozenset("""
+        Busyness Coarseness Complexity Contrast Strength
+    """.split()),
+}
+
+#: The most grey levels a discretization may give: pyradiomics' texture matrices grow with their
+#: square (a GLCM of 1,024 levels in 13 directions is 110 MB), and IBSI's configurations use 32
+#: to a few hundred.
+MAX_BINS = 1024
+
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
@@ -249,11 +306,11 @@ class RadiomicsSpec(_Frozen):
     image_types: ImageTypesSpec = ImageTypesSpec()
     feature_classes: dict[str, tuple[str, ...]] = Field(default_factory=_all_feature_classes)
     discretization: Literal["fixed_bin_size", "fixed_bin_number"] = "fixed_bin_size"
-    bin_width: PositiveFloat | None = 25.0
-    bin_count: int | None = Field(None, ge=2)
+    bin_width: float | None = Field(25.0, gt=0, allow_inf_nan=False)
+    bin_count: int | None = Field(None, ge=2, le=MAX_BINS)
     force_2d: bool = False
-    glcm_distances: tuple[int, ...] = (1,)
-    gldm_alpha: int = Field(0, ge=0)
+    glcm_distances: tuple[Annotated[int, Field(ge=1, le=10)], ...] = (1,)
+    gldm_alpha: int = Field(0, ge=0, le=MAX_BINS)
 
     @model_validator(mode="after")
     def _check(self) -> RadiomicsSpec:
@@ -264,6 +321,11 @@ class RadiomicsSpec(_Frozen):
             )
         if not self.feature_classes:
             raise ValueError("enable at least one feature class")
+        for name, features in self.feature_classes.items():
+            wrong = sorted(set(features) - FEATURE_NAMES[name])
+            if wrong:
+                raise ValueError(f"feature_classes.{name}: no feature {wrong} in pyradiomics; "
+                                 f"known: {', '.join(sorted(FEATURE_NAMES[name]))}")
         if self.discretization == "fixed_bin_size" and self.bin_width is None:
             raise ValueError("fixed_bin_size discretization needs 'bin_width'")
         if self.discretization == "fixed_bin_number" and self.bin_count is None:

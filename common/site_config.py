@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.errors import ConfigError
+from common.errors import MAX_CASE_VOXELS, ConfigError
 from common.payloads import MIN_ROWS_SENT
 from common.protocol import read_mapping, validation_problems
 
@@ -35,6 +35,10 @@ class SiteConfig(BaseModel):
         description="The fewest patients that any sum this site sends, or any combination of its "
         "sums, may cover (the release ledger); a study can ask for more (ComBat's min_cell), "
         "never for fewer.")
+    max_case_voxels: int = Field(
+        MAX_CASE_VOXELS, ge=1_000_000,
+        description="The most voxels a case's image, or its resampled grid, may hold: a larger "
+        "case is skipped (resource_limit) before it is read into memory.")
     approved_apps: tuple[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")], ...] = Field(
         (), description="SHA-256 of each study app bundle this site runs ('myelofed app-hash');"
         " its SuperNode refuses any other.")

@@ -13,6 +13,7 @@ import pydicom
 import SimpleITK as sitk
 
 from client.dicom.files import RTSTRUCT_SOP_CLASS, SEG_SOP_CLASS, is_dicom_file, short_reason
+from client.limits import MAX_CASE_VOXELS, check_voxels
 from common.errors import CaseError, SkipReason
 
 __all__ = ["list_series", "read_dicom_series"]
@@ -158,7 +159,7 @@ def _check_headers(folder: Path, files: list[Path]) -> pydicom.Dataset:
 
 
 def read_dicom_series(
-    folder: Path, series_uid: str | None = None
+    folder: Path, series_uid: str | None = None, max_voxels: int = MAX_CASE_VOXELS
 ) -> tuple[sitk.Image, pydicom.Dataset]:
     """Read one DICOM image series as a 3D volume.
 
@@ -172,6 +173,8 @@ def read_dicom_series(
         The folder holding the series' files.
     series_uid
         The SeriesInstanceUID to read; may be None when the folder holds one series only.
+    max_voxels
+        A series of more voxels (from its headers) is refused before its pixels are read.
 
     Returns
     -------
@@ -185,7 +188,8 @@ def read_dicom_series(
     ------
     CaseError
         ``FILE_MISSING`` (no such folder), ``SERIES_NOT_FOUND`` (several series and no uid, or an
-        unknown uid), ``IMAGE_UNREADABLE`` (no series, corrupt/truncated files, uneven slices).
+        unknown uid), ``IMAGE_UNREADABLE`` (no series, corrupt/truncated files, uneven slices),
+        ``RESOURCE_LIMIT`` (more than ``max_voxels``).
     """
     folder = Path(folder)
     if not folder.exists():
@@ -225,6 +229,9 @@ def read_dicom_series(
     files = series[uid]
     _check_folder_files(folder, uid, [p for group in series.values() for p in group])
     header = _check_headers(folder, files)
+    check_voxels((int(header.get("Columns", 0) or 0), int(header.get("Rows", 0) or 0),
+                  len(files) * max(1, int(header.get("NumberOfFrames", 1) or 1))),
+                 f"DICOM series {uid} in '{folder}'", max_voxels)
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(p) for p in files])

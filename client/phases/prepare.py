@@ -32,7 +32,7 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
     seeded by the study seed and the site's name: the split never changes across phases."""
     cases, problems = read_manifest(site.manifest, protocol, default_batch=site.site_name)
     outcomes = run_cases(cases, protocol, mode="extract", workers=site.n_workers,
-                         cache_dir=site.cache_dir)
+                         cache_dir=site.cache_dir, max_voxels=site.max_case_voxels)
     skipped = Counter([p.reason.value for p in problems]
                       + [o.reason.value for o in outcomes if o.reason is not None])
     table = features_table(cases, outcomes, protocol).to_pandas()

@@ -1,0 +1,130 @@
+"""Resource limits (issue 20): what is sized by the input (an image's voxels, the grid it is
+resampled to, the grey levels of its discretization) is checked before it is allocated, and a
+protocol names only what pyradiomics computes, within sane ranges."""
+
+from __future__ import annotations
+
+import gzip
+import resource
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from client.extract import FeatureExtractor
+from client.loading import read_image
+from client.manifest import CaseSpec
+from client.standardize import Volume, build_steps, standardize
+from common.errors import MAX_CASE_VOXELS, CaseError, ConfigError, SkipReason
+from common.protocol import FEATURE_NAMES, MAX_BINS, load_protocol, protocol_from_mapping
+from tests.conftest import make_volume
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def nifti_bomb(path: Path, dims: tuple[int, int, int]) -> None:
+    """A valid gzipped NIfTI-1 of zeros (uint8) whose header declares ``dims``: a few MB on disk,
+    ``prod(dims)`` bytes once read."""
+    header = bytearray(352)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, 3, *dims, 1, 1, 1, 1)
+    struct.pack_into("<hh", header, 70, 2, 8)  # datatype uint8, 8 bits
+    struct.pack_into("<8f", header, 76, 1, 1, 1, 1, 1, 1, 1, 1)
+    struct.pack_into("<f", header, 108, 352.0)  # vox_offset
+    struct.pack_into("<f", header, 112, 1.0)  # scl_slope
+    struct.pack_into("<h", header, 254, 1)  # sform_code
+    struct.pack_into("<4f", header, 280, 1, 0, 0, 0)
+    struct.pack_into("<4f", header, 296, 0, 1, 0, 0)
+    struct.pack_into("<4f", header, 312, 0, 0, 1, 0)
+    header[344:348] = b"n+1\x00"
+    zeros = bytes(1 << 24)
+    with gzip.open(path, "wb", compresslevel=1) as fh:
+        fh.write(bytes(header))
+        left = int(np.prod(dims))
+        while left:
+            fh.write(zeros[: min(left, len(zeros))])
+            left -= min(left, len(zeros))
+
+
+def case(image: Path) -> CaseSpec:
+    return CaseSpec(case_id="bomb", row=2, image=image, mask=image, label=1.0, batch="s",
+                    roi=None, series_uid=None, covariates={})
+
+
+def test_a_nifti_whose_header_declares_too_many_voxels_is_refused_before_it_is_read(
+        tmp_path: Path):
+    """A small .nii.gz of zeros declaring 1024 x 1024 x 512 voxels (over the default limit of
+    2^28) is skipped from its header: no memory is spent on it (before, the whole volume was
+    read, then copied as float32)."""
+    path = tmp_path / "bomb.nii.gz"
+    nifti_bomb(path, (1024, 1024, 512))
+    assert path.stat().st_size < 8 << 20
+    before = _peak_rss_mb()
+    with pytest.raises(CaseError) as refused:
+        read_image(case(path), load_protocol("preset:spine_mri_t1w"))
+    assert refused.value.reason is SkipReason.RESOURCE_LIMIT
+    assert "1024 x 1024 x 512 = 536,870,912 voxels, more than this site's max_case_voxels " \
+        f"({MAX_CASE_VOXELS:,})" in refused.value.detail
+    assert _peak_rss_mb() - before < 100
+    # a site that allows it reads it (a smaller one here, to keep the test light)
+    small = tmp_path / "small.nii.gz"
+    nifti_bomb(small, (64, 64, 32))
+    with pytest.raises(CaseError, match="max_case_voxels"):
+        read_image(case(small), load_protocol("preset:spine_mri_t1w"), max_voxels=100_000)
+    assert read_image(case(small), load_protocol("preset:spine_mri_t1w"),
+                      max_voxels=200_000).GetSize() == (64, 64, 32)
+
+
+def test_a_resampled_grid_over_the_limit_is_refused_before_it_is_allocated():
+    """spacing_mm [0.01, 0.01, 4] used to take minutes and gigabytes on one case; here on a
+    small volume (a 12 mm ROI: 1.2 million voxels a slice at 0.01 mm) against a limit of 10^6."""
+    image, labels = make_volume()
+    mapping = load_protocol("preset:spine_mri_t1w").model_dump(mode="json")
+    mapping["standardization"]["resample"]["spacing_mm"] = [0.01, 0.01, 4.0]
+    mapping["standardization"]["bias_correction"] = None
+    protocol = protocol_from_mapping(mapping)
+    with pytest.raises(CaseError) as refused:
+        standardize(Volume(image, labels, 1), build_steps(protocol, max_voxels=1_000_000))
+    assert refused.value.reason is SkipReason.RESOURCE_LIMIT
+    assert "the grid resampled to (0.01, 0.01, 4.0) mm has" in refused.value.detail
+
+
+def test_a_fixed_bin_size_giving_too_many_grey_levels_is_refused():
+    image, labels = make_volume()
+    mapping = load_protocol("preset:ibsi_digital_phantom").model_dump(mode="json")
+    mapping["radiomics"]["bin_width"] = 1e-6
+    extractor = FeatureExtractor(protocol_from_mapping(mapping))
+    roi = sitk.Cast(labels == 1, sitk.sitkUInt8)
+    with pytest.raises(CaseError) as refused:
+        extractor.extract(image, roi, roi)
+    assert refused.value.reason is SkipReason.RESOURCE_LIMIT
+    assert f"more than {MAX_BINS:,}: widen radiomics.bin_width" in refused.value.detail
+
+
+@pytest.mark.parametrize(("patch", "reason"), [
+    ({"bin_count": 10**12, "discretization": "fixed_bin_number"},
+     "radiomics.bin_count: Input should be less than or equal to 1024"),
+    ({"bin_width": float("inf")}, "radiomics.bin_width: Input should be a finite number"),
+    ({"feature_classes": {"firstorder": ["NoSuchFeature"]}},
+     "feature_classes.firstorder: no feature ['NoSuchFeature'] in pyradiomics"),
+])
+def test_the_protocol_refuses_what_extraction_would_fail_on(patch, reason):
+    mapping = load_protocol("preset:spine_mri_t1w").model_dump(mode="json")
+    mapping["radiomics"].update(patch)
+    with pytest.raises(ConfigError) as refused:
+        protocol_from_mapping(mapping)
+    assert reason in str(refused.value)
+
+
+def test_the_feature_names_are_pyradiomics():
+    from radiomics import getFeatureClasses
+
+    assert {name: frozenset(cls.getFeatureNames()) for name, cls in getFeatureClasses().items()
+            } == FEATURE_NAMES
+
