@@ -26,39 +26,89 @@ from client.standardize import Volume
 from common.errors import CaseError, SkipReason
 from common.protocol import IngestionSpec, Modality, StudyProtocol
 
+#: NIfTI datatypes whose voxels can be NaN or infinite: float32, float64.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
 
-def _nifti_problem(path: Path) -> str | None:
-    """Why a NIfTI file is incomplete, or None. ITK reads a truncated NIfTI without complaint
-    (the missing voxels become zeros), so the file length is checked against its header."""
+
+def _nifti_scan(path: Path) -> tuple[str | None, np.ndarray | None]:
+    """Why a NIfTI file is incomplete (or None), and which of its voxels are NaN or infinite
+    (a flat boolean array in file order, or None when none is). ITK reads a truncated NIfTI
+    without complaint (the missing voxels become zeros), so the file length is checked against
+    its header; and it reads NaN and infinite voxels as 0, so they are found here."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as fh:
             header = fh.read(540)
-            size = len(header) + sum(len(b) for b in iter(lambda: fh.read(1 << 20), b""))
+            layout = _nifti_layout(header)
+            dtype = None
+            if layout is not None and layout[3] in _NIFTI_FLOATS:
+                dtype = np.dtype(layout[0] + _NIFTI_FLOATS[layout[3]])
+            scan = _NonFinite(dtype, layout[2] if layout else 0, layout[1] if layout else 0)
+            scan.feed(header)
+            size = len(header)
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                size += len(block)
+                scan.feed(block)
     except (OSError, EOFError, zlib.error) as exc:
-        return f"damaged compressed data ({exc})"
+        return f"damaged compressed data ({exc})", None
     if len(header) < 348:
-        return f"only {size} bytes: not a NIfTI file"
+        return f"only {size} bytes: not a NIfTI file", None
+    if layout is None:
+        return "no NIfTI header", None
+    _, voxels, offset, _, bitpix = layout
+    expected = max(offset, 348) + voxels * max(bitpix, 8) // 8
+    if size < expected:
+        return f"truncated: {size} of {expected} bytes", None
+    return None, scan.found
+
+
+def _nifti_layout(header: bytes) -> tuple[str, int, int, int, int] | None:
+    """(byte order, voxels, data offset, datatype, bits per voxel) from a NIfTI-1 or -2 header."""
+    if len(header) < 348:
+        return None
     for order in ("<", ">"):
         (sizeof_hdr,) = struct.unpack(order + "i", header[:4])
         if sizeof_hdr == 348:
             dims = struct.unpack(order + "8h", header[40:56])
-            (bitpix,) = struct.unpack(order + "h", header[72:74])
+            datatype, bitpix = struct.unpack(order + "hh", header[70:74])
             offset = int(struct.unpack(order + "f", header[108:112])[0])
             break
         if sizeof_hdr == 540 and len(header) >= 540:
             dims = struct.unpack(order + "8q", header[16:80])
-            (bitpix,) = struct.unpack(order + "h", header[14:16])
+            datatype, bitpix = struct.unpack(order + "hh", header[12:16])
             (offset,) = struct.unpack(order + "q", header[168:176])
             break
     else:
-        return "no NIfTI header"
+        return None
     n_dims = max(0, min(int(dims[0]), 7))
-    voxels = int(np.prod([max(1, int(d)) for d in dims[1: n_dims + 1]]))
-    expected = max(offset, 348) + voxels * max(bitpix, 8) // 8
-    if size < expected:
-        return f"truncated: {size} of {expected} bytes"
-    return None
+    voxels = int(np.prod([max(1, int(d)) for d in dims[1: n_dims + 1]], dtype=object))
+    return order, voxels, max(int(offset), 0), int(datatype), int(bitpix)
+
+
+class _NonFinite:
+    """Finds the NaN and infinite voxels of a NIfTI's float data as its bytes stream past."""
+
+    def __init__(self, dtype: np.dtype | None, offset: int, voxels: int) -> None:
+        self.dtype, self.offset, self.voxels = dtype, offset, voxels
+        self.seen = 0  # bytes of the file so far
+        self.carry = b""  # the start of a voxel split between two blocks
+        self.index = 0  # voxels scanned
+        self.found: np.ndarray | None = None
+
+    def feed(self, block: bytes) -> None:
+        start, self.seen = self.seen, self.seen + len(block)
+        if self.dtype is None or self.seen <= self.offset:
+            return
+        data = self.carry + block[max(self.offset - start, 0):]
+        whole = len(data) // self.dtype.itemsize * self.dtype.itemsize
+        self.carry = data[whole:]
+        values = np.frombuffer(data[:whole], dtype=self.dtype)[: self.voxels - self.index]
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            if self.found is None:
+                self.found = np.zeros(self.voxels, dtype=bool)
+            self.found[self.index + bad] = True
+        self.index += len(values)
 
 
 def _read_file(path: Path, what: str, reason: SkipReason,
@@ -71,8 +121,9 @@ def _read_file(path: Path, what: str, reason: SkipReason,
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
         raise CaseError(reason, f"{what} '{path}' cannot be read: {first}") from None
     check_voxels(reader.GetSize(), f"{what} '{path}'", max_voxels)
+    non_finite = None
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        problem = _nifti_problem(path)
+        problem, non_finite = _nifti_scan(path)
         if problem is not None:
             raise CaseError(reason, f"{what} '{path}' cannot be read: {problem}")
     try:
@@ -86,6 +137,13 @@ def _read_file(path: Path, what: str, reason: SkipReason,
             f"{what} '{path}' is {image.GetDimension()}D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s); expected a 3D scalar volume",
         )
+    if non_finite is not None and non_finite.size == int(np.prod(image.GetSize())):
+        # ITK read them as 0: put them back as NaN (voxel order is the file's, x fastest)
+        values = sitk.GetArrayFromImage(image).astype(np.float32)
+        values.reshape(-1)[non_finite] = np.nan
+        marked = sitk.GetImageFromArray(values)
+        marked.CopyInformation(image)
+        return marked
     return image
 
 
@@ -223,6 +281,30 @@ def check_roi(labels: sitk.Image, ingestion: IngestionSpec, where: str) -> int:
     return count
 
 
+def _finite(image: sitk.Image, labels: sitk.Image, policy: str, what: str
+            ) -> tuple[sitk.Image, sitk.Image]:
+    """The image and labels unchanged when every voxel is finite; otherwise the case is skipped
+    (``policy`` "skip") or the non-finite voxels leave every label and take the image's median
+    ("mask"): read as numbers, a NaN or inf would corrupt every statistic of the case."""
+    values = sitk.GetArrayViewFromImage(image)
+    bad = ~np.isfinite(values)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return image, labels
+    inside = int((bad & (sitk.GetArrayViewFromImage(labels) != 0)).sum())
+    if policy == "skip" or n_bad == bad.size:
+        raise CaseError(SkipReason.NON_FINITE_VOXELS,
+                        f"{what} holds {n_bad:,} NaN or infinite voxel(s), {inside:,} of them "
+                        "labelled" + ("" if n_bad == bad.size else
+                                      ": set ingestion.non_finite = 'mask' to leave them out"))
+    fixed = np.where(bad, np.median(values[~bad]), values).astype(np.float32)
+    kept = np.where(bad, 0, sitk.GetArrayViewFromImage(labels)).astype(np.uint8)
+    out_image, out_labels = sitk.GetImageFromArray(fixed), sitk.GetImageFromArray(kept)
+    out_image.CopyInformation(image)
+    out_labels.CopyInformation(labels)
+    return out_image, out_labels
+
+
 def load_case(case: CaseSpec, protocol: StudyProtocol, max_voxels: int = MAX_CASE_VOXELS
               ) -> Volume:
     """Read and check one case: the volume on its native grid, ready for standardization (an
@@ -233,5 +315,6 @@ def load_case(case: CaseSpec, protocol: StudyProtocol, max_voxels: int = MAX_CAS
     if norm is not None and norm.reference_roi is not None and norm.reference_label is not None:
         reference = (norm.reference_roi, norm.reference_label)
     labels = read_mask(case, image, protocol.ingestion, reference)
+    image, labels = _finite(image, labels, protocol.ingestion.non_finite, f"image '{case.image}'")
     check_roi(labels, protocol.ingestion, f"mask '{case.mask}'")
     return Volume(image=image, labels=labels, roi_label=protocol.ingestion.roi_label)

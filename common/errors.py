@@ -36,6 +36,7 @@ class SkipReason(str, enum.Enum):
     STANDARDIZATION_FAILED = "standardization_failed"
     EXTRACTION_FAILED = "extraction_failed"
     RESOURCE_LIMIT = "resource_limit"
+    NON_FINITE_VOXELS = "non_finite_voxels"
     INTERNAL_ERROR = "internal_error"
 
 

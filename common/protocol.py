@@ -201,6 +201,10 @@ class IngestionSpec(_Frozen):
         description="Image/mask geometry must agree within this fraction of a voxel spacing "
         "(origin, spacing) and this absolute difference of direction cosines.",
     )
+    non_finite: Literal["skip", "mask"] = Field(
+        "skip", description="An image holding NaN or infinite voxels: skip the case "
+        "(non_finite_voxels), or leave those voxels out of every label (the ROI and the "
+        "reference tissue) and give them the image's median, so no filter reads them.")
 
 
 class ResampleSpec(_Frozen):

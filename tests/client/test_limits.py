@@ -128,3 +128,38 @@ def test_the_feature_names_are_pyradiomics():
     assert {name: frozenset(cls.getFeatureNames()) for name, cls in getFeatureClasses().items()
             } == FEATURE_NAMES
 
+
+
+# --- non-finite voxels -------------------------------------------------------------------------
+
+def test_nan_or_inf_voxels_skip_the_case_or_leave_every_label(tmp_path: Path):
+    """An image with a slice of NaN and an inf voxel was extracted as if they were numbers. It is
+    skipped by name now, or, with ``ingestion.non_finite = "mask"``, those voxels leave the ROI
+    and the reference tissue and take the image's median."""
+    from client.loading import load_case
+
+    image, labels = make_volume()
+    values = sitk.GetArrayFromImage(image)
+    values[6] = np.nan  # a slice through the ROI
+    values[0, 0, 0] = np.inf
+    bad_image = sitk.GetImageFromArray(values)
+    bad_image.CopyInformation(image)
+    sitk.WriteImage(bad_image, str(tmp_path / "image.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "mask.nii.gz"))
+    spec = CaseSpec(case_id="nan", row=2, image=tmp_path / "image.nii.gz",
+                    mask=tmp_path / "mask.nii.gz", label=1.0, batch="s")
+    protocol = load_protocol("preset:spine_mri_t1w")
+    roi_in_slice = int((sitk.GetArrayViewFromImage(labels)[6] != 0).sum())
+    with pytest.raises(CaseError) as refused:
+        load_case(spec, protocol)
+    assert refused.value.reason is SkipReason.NON_FINITE_VOXELS
+    assert (f"holds {24 * 24 + 1:,} NaN or infinite voxel(s), {roi_in_slice} of them labelled: "
+            "set ingestion.non_finite = 'mask'") in refused.value.detail
+    mapping = protocol.model_dump(mode="json")
+    mapping["ingestion"]["non_finite"] = "mask"
+    volume = load_case(spec, protocol_from_mapping(mapping))
+    got = sitk.GetArrayViewFromImage(volume.image)
+    assert np.isfinite(got).all()
+    assert not sitk.GetArrayViewFromImage(volume.labels)[6].any()
+    assert sitk.GetArrayViewFromImage(volume.labels).sum() == \
+        sitk.GetArrayViewFromImage(labels).sum() - roi_in_slice
