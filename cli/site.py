@@ -60,7 +60,8 @@ def _site_setup(protocol_src: str, manifest: Path | None, site_config: Path | No
         if site_name is not None:
             updates["site_name"] = site_name
         config = config.model_copy(update=updates)
-        cases, problems = read_manifest(config.manifest, protocol, default_batch=config.site_name)
+        cases, problems = read_manifest(config.manifest, protocol, default_batch=config.site_name,
+                                        data_root=config.data_root)
     except ConfigError as exc:
         fail_config(exc)
     return protocol, config, cases, problems

@@ -317,4 +317,11 @@ def load_case(case: CaseSpec, protocol: StudyProtocol, max_voxels: int = MAX_CAS
     labels = read_mask(case, image, protocol.ingestion, reference)
     image, labels = _finite(image, labels, protocol.ingestion.non_finite, f"image '{case.image}'")
     check_roi(labels, protocol.ingestion, f"mask '{case.mask}'")
+    if (norm is not None and norm.method == "reference_tissue" and norm.reference_label
+            is not None and not (sitk.GetArrayViewFromImage(labels) == norm.reference_label).any()):
+        # found here, so that `site check` finds every case extraction will refuse
+        raise CaseError(SkipReason.ROI_NOT_FOUND,
+                        f"mask '{case.mask}': the reference tissue (label {norm.reference_label}"
+                        + (f", '{norm.reference_roi}'" if norm.reference_roi else "")
+                        + ") that MR normalization divides by is absent")
     return Volume(image=image, labels=labels, roi_label=protocol.ingestion.roi_label)

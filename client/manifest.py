@@ -81,7 +81,7 @@ _EXTRA = "\x00extra"
 
 
 def read_manifest(
-    path: Path, protocol: StudyProtocol, default_batch: str
+    path: Path, protocol: StudyProtocol, default_batch: str, data_root: Path | None = None
 ) -> tuple[list[CaseSpec], list[RowProblem]]:
     """Read and validate a manifest.
 
@@ -93,6 +93,9 @@ def read_manifest(
         Gives the label, covariate and batch columns.
     default_batch
         Batch of every case when the protocol's batch column is absent (usually the site name).
+    data_root
+        When given, every image and mask must resolve inside this folder (symbolic links
+        followed): a row pointing elsewhere is a ``path_outside_data_root`` problem.
 
     Returns
     -------
@@ -126,6 +129,7 @@ def read_manifest(
     has_batch = protocol.batch_column is not None and protocol.batch_column in header
 
     base = path.resolve().parent
+    root = data_root.resolve() if data_root is not None else None
     counts = Counter(r["case_id"] for r in rows if r.get("case_id"))
     cases: list[CaseSpec] = []
     problems: list[RowProblem] = []
@@ -190,12 +194,19 @@ def read_manifest(
             if not batch:
                 problem(SkipReason.MISSING_FIELD, f"empty batch column '{protocol.batch_column}'")
                 continue
+        image, mask = (base / row["image"]).resolve(), (base / row["mask"]).resolve()
+        outside = [f"{c} '{row[c]}' resolves to {p}" for c, p in (("image", image), ("mask", mask))
+                   if root is not None and not p.is_relative_to(root)]
+        if outside:
+            problem(SkipReason.PATH_OUTSIDE_DATA_ROOT,
+                    f"{'; '.join(outside)}, outside the site's data_root {root}")
+            continue
         cases.append(
             CaseSpec(
                 case_id=case_id,
                 row=row_number,
-                image=(base / row["image"]).resolve(),
-                mask=(base / row["mask"]).resolve(),
+                image=image,
+                mask=mask,
                 label=label,
                 batch=batch,
                 roi=row.get("roi") or None,

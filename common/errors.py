@@ -37,6 +37,7 @@ class SkipReason(str, enum.Enum):
     EXTRACTION_FAILED = "extraction_failed"
     RESOURCE_LIMIT = "resource_limit"
     NON_FINITE_VOXELS = "non_finite_voxels"
+    PATH_OUTSIDE_DATA_ROOT = "path_outside_data_root"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -28,6 +28,10 @@ class SiteConfig(BaseModel):
     site_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     manifest: Path
     work_dir: Path = Path("myelofed-work")
+    data_root: Path | None = Field(
+        None, description="The folder every image and mask of the manifest must resolve inside "
+        "(symbolic links followed); a case pointing elsewhere is skipped "
+        "(path_outside_data_root). Unset: any path this user can read.")
     workers: int | None = Field(None, ge=1, description="Parallel cases; default: all cores.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     min_patients: int = Field(
@@ -58,7 +62,7 @@ def load_site_config(path: Path | str) -> SiteConfig:
     data = read_mapping(path)
     base = path.resolve().parent
     data.setdefault("work_dir", "myelofed-work")
-    for key in ("manifest", "work_dir"):
+    for key in ("manifest", "work_dir", "data_root"):
         if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
             data[key] = str(base / data[key])
     try:

@@ -206,7 +206,8 @@ def prepare_crops(site: SiteConfig, protocol: StudyProtocol) -> CropSet:
     if cached is not None:
         return cached
 
-    cases, _ = read_manifest(site.manifest, protocol, default_batch=site.site_name)
+    cases, _ = read_manifest(site.manifest, protocol, default_batch=site.site_name,
+                             data_root=site.data_root)
     by_id = {case.case_id: case for case in cases}
     label_column = protocol.task.label_column
     skipped: dict[str, str] = {}

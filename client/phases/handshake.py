@@ -27,7 +27,8 @@ def handshake(site: SiteConfig, protocol_json: str, protocol_hash: str) -> Hands
                       "the protocol received does not match its hash (altered in transit, or "
                       "another software version)")
     try:
-        cases, problems = read_manifest(site.manifest, protocol, default_batch=site.site_name)
+        cases, problems = read_manifest(site.manifest, protocol, default_batch=site.site_name,
+                                        data_root=site.data_root)
     except ConfigError as exc:
         return refuse("manifest_unusable", exc.problems[0][:200] if exc.problems else "")
     # every count leaves as released() lets it: 0, at least min_patients, or suppressed

@@ -30,7 +30,8 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
             ) -> PrepareReply:
     """Ingest, standardize and extract (cached), then split train/test, stratified by label and
     seeded by the study seed and the site's name: the split never changes across phases."""
-    cases, problems = read_manifest(site.manifest, protocol, default_batch=site.site_name)
+    cases, problems = read_manifest(site.manifest, protocol, default_batch=site.site_name,
+                                    data_root=site.data_root)
     outcomes = run_cases(cases, protocol, mode="extract", workers=site.n_workers,
                          cache_dir=site.cache_dir, max_voxels=site.max_case_voxels)
     skipped = Counter([p.reason.value for p in problems]

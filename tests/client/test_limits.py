@@ -163,3 +163,21 @@ def test_nan_or_inf_voxels_skip_the_case_or_leave_every_label(tmp_path: Path):
     assert not sitk.GetArrayViewFromImage(volume.labels)[6].any()
     assert sitk.GetArrayViewFromImage(volume.labels).sum() == \
         sitk.GetArrayViewFromImage(labels).sum() - roi_in_slice
+
+
+def test_site_check_finds_a_missing_reference_tissue_as_extraction_would(tmp_path: Path):
+    """A mask without the protocol's reference-tissue label passed `site check` and was then
+    skipped by `site extract`: both name it now, the same way."""
+    from client.pipeline import CaseProcessor
+
+    image, labels = make_volume()
+    sitk.WriteImage(image, str(tmp_path / "image.nii.gz"))
+    sitk.WriteImage(sitk.Cast(labels == 1, sitk.sitkUInt8), str(tmp_path / "mask.nii.gz"))
+    spec = CaseSpec(case_id="no_muscle", row=2, image=tmp_path / "image.nii.gz",
+                    mask=tmp_path / "mask.nii.gz", label=1.0, batch="s")
+    protocol = load_protocol("preset:spine_mri_t1w")  # reference tissue: label 2
+    for mode in ("check", "extract"):
+        outcome = CaseProcessor(protocol, mode, None)(spec)
+        assert outcome.reason is SkipReason.ROI_NOT_FOUND, mode
+        assert "the reference tissue (label 2) that MR normalization divides by is absent" \
+            in outcome.detail

@@ -116,3 +116,27 @@ def test_a_repeated_column_or_a_semicolon_manifest_is_named(tmp_path: Path):
     path = _write(tmp_path, "case_id;image;mask;diagnosis;iss_stage;age\np1;a;b;myeloma;I;50\n")
     with pytest.raises(ConfigError, match="one column holding ';': a manifest is comma-sep"):
         read_manifest(path, PROTOCOL, "s")
+
+
+def test_paths_outside_the_data_root_are_skipped_by_name(tmp_path: Path):
+    """Manifest paths could point anywhere on the machine (``../../etc/passwd``); with a data
+    root, an image or mask that resolves outside it, through ``..`` or a symbolic link, is
+    skipped."""
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    (root / "escape").symlink_to(tmp_path)
+    path = root / "manifest.csv"
+    path.write_text("case_id,image,mask,diagnosis,iss_stage,age\n"
+                    "inside,img/a.nii.gz,img/a_mask.nii.gz,myeloma,I,50\n"
+                    "dotdot,../../etc/passwd,img/b.nii.gz,myeloma,I,50\n"
+                    "absolute,img/c.nii.gz,/etc/shadow,myeloma,I,50\n"
+                    "linked,escape/secret.nii.gz,img/d.nii.gz,myeloma,I,50\n")
+    cases, problems = read_manifest(path, PROTOCOL, "s", data_root=root)
+    assert [c.case_id for c in cases] == ["inside"]
+    assert {p.case_id: p.reason for p in problems} == {
+        name: SkipReason.PATH_OUTSIDE_DATA_ROOT for name in ("dotdot", "absolute", "linked")}
+    detail = {p.case_id: p.detail for p in problems}
+    assert "mask '/etc/shadow' resolves to /etc/shadow" in detail["absolute"]
+    assert f"outside the site's data_root {root.resolve()}" in detail["linked"]
+    # without a data root (check and extract on one's own files), every path is taken
+    assert len(read_manifest(path, PROTOCOL, "s")[0]) == 4
