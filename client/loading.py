@@ -14,10 +14,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import SimpleITK as sitk
 
 from client.dicom.files import dicom_modality, is_dicom_file
-from client.dicom.masks import rtstruct_to_mask, seg_to_mask
+from client.dicom.masks import check_references, rtstruct_to_mask, seg_to_mask
 from client.dicom.series import read_dicom_series
 from client.dicom.suv import suv_factor_body_weight
 from client.limits import MAX_CASE_VOXELS, check_voxels
@@ -151,6 +152,12 @@ def read_image(case: CaseSpec, protocol: StudyProtocol, max_voxels: int = MAX_CA
                ) -> sitk.Image:
     """The case's image as float32 (HU for CT, SUV for PET); one of more than ``max_voxels``
     voxels is refused from its header."""
+    return _read_image(case, protocol, max_voxels)[0]
+
+
+def _read_image(case: CaseSpec, protocol: StudyProtocol, max_voxels: int
+                ) -> tuple[sitk.Image, pydicom.Dataset | None]:
+    """:func:`read_image`, with the DICOM series' first header (None for a file)."""
     path = case.image
     if not path.exists():
         raise CaseError(SkipReason.FILE_MISSING, f"image '{path}' does not exist")
@@ -159,14 +166,14 @@ def read_image(case: CaseSpec, protocol: StudyProtocol, max_voxels: int = MAX_CA
         image = sitk.Cast(image, sitk.sitkFloat32)
         if protocol.modality is Modality.PET and protocol.standardization.suv:
             image = image * suv_factor_body_weight(header)
-        return image
+        return image, header
     if is_dicom_file(path):
         raise CaseError(
             SkipReason.IMAGE_UNREADABLE,
             f"image '{path}' is a single DICOM file; give the folder of the series instead",
         )
     return sitk.Cast(_read_file(path, "image", SkipReason.IMAGE_UNREADABLE, max_voxels),
-                     sitk.sitkFloat32)
+                     sitk.sitkFloat32), None
 
 
 def _find_dicom_mask(folder: Path) -> Path:
@@ -185,12 +192,15 @@ def read_mask(
     image: sitk.Image,
     ingestion: IngestionSpec,
     reference: tuple[str, int] | None = None,
+    image_header: pydicom.Dataset | None = None,
 ) -> sitk.Image:
     """The case's label map (UInt8) on the image grid.
 
     An RTSTRUCT or SEG mask gives the ROI as ``ingestion.roi_label``; with ``reference`` (ROI or
     segment name, label) it also gives the reference tissue for MR normalization as that label
-    (the ROI wins where the two overlap). A label-map file carries its labels already.
+    (the ROI wins where the two overlap). A label-map file carries its labels already. With
+    the image's DICOM ``image_header``, an RTSTRUCT or SEG drawn on another patient, frame of
+    reference or series is refused (``mask_mismatch``).
     """
     path = case.mask
     if not path.exists():
@@ -199,6 +209,8 @@ def read_mask(
         path = _find_dicom_mask(path)
     if is_dicom_file(path):
         kind = dicom_modality(path)
+        if image_header is not None and kind in ("RTSTRUCT", "SEG"):
+            check_references(path, image_header)
         roi = case.roi or ingestion.rtstruct_roi
         if kind == "RTSTRUCT":
             if roi is None:
@@ -309,12 +321,12 @@ def load_case(case: CaseSpec, protocol: StudyProtocol, max_voxels: int = MAX_CAS
               ) -> Volume:
     """Read and check one case: the volume on its native grid, ready for standardization (an
     image of more than ``max_voxels`` voxels is refused from its header)."""
-    image = read_image(case, protocol, max_voxels)
+    image, header = _read_image(case, protocol, max_voxels)
     norm = protocol.standardization.normalization
     reference = None
     if norm is not None and norm.reference_roi is not None and norm.reference_label is not None:
         reference = (norm.reference_roi, norm.reference_label)
-    labels = read_mask(case, image, protocol.ingestion, reference)
+    labels = read_mask(case, image, protocol.ingestion, reference, header)
     image, labels = _finite(image, labels, protocol.ingestion.non_finite, f"image '{case.image}'")
     check_roi(labels, protocol.ingestion, f"mask '{case.mask}'")
     if (norm is not None and norm.method == "reference_tissue" and norm.reference_label

@@ -38,6 +38,7 @@ class SkipReason(str, enum.Enum):
     RESOURCE_LIMIT = "resource_limit"
     NON_FINITE_VOXELS = "non_finite_voxels"
     PATH_OUTSIDE_DATA_ROOT = "path_outside_data_root"
+    MASK_MISMATCH = "mask_mismatch"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -48,6 +48,46 @@ def _check_reference(reference: sitk.Image, path: Path) -> None:
         )
 
 
+def _referenced(ds: pydicom.Dataset) -> dict[str, set[str]]:
+    """What an RTSTRUCT or SEG says it was drawn on: its patient, frames of reference and
+    image series (empty where it does not say)."""
+    out: dict[str, set[str]] = {"patient": set(), "frame of reference": set(), "series": set()}
+
+    def add(key: str, value: object) -> None:
+        if value is not None and str(value).strip():
+            out[key].add(str(value).strip())
+
+    add("patient", ds.get("PatientID"))
+    add("frame of reference", ds.get("FrameOfReferenceUID"))
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []):  # RTSTRUCT
+        add("frame of reference", frame.get("FrameOfReferenceUID"))
+        for study in frame.get("RTReferencedStudySequence", []):
+            for series in study.get("RTReferencedSeriesSequence", []):
+                add("series", series.get("SeriesInstanceUID"))
+    for series in ds.get("ReferencedSeriesSequence", []):  # SEG
+        add("series", series.get("SeriesInstanceUID"))
+    return out
+
+
+def check_references(mask_path: Path, image_header: pydicom.Dataset) -> None:
+    """Refuse (``mask_mismatch``) an RTSTRUCT or SEG drawn on another patient, frame of
+    reference or series than the image's, where both say which: drawn elsewhere, its contours
+    would only show up as an empty or wrong mask."""
+    try:
+        ds = pydicom.dcmread(mask_path, stop_before_pixels=True)
+    except (OSError, InvalidDicomError) as exc:
+        raise CaseError(SkipReason.MASK_UNREADABLE, f"mask '{mask_path}': {exc}") from None
+    image = {"patient": image_header.get("PatientID"),
+             "frame of reference": image_header.get("FrameOfReferenceUID"),
+             "series": image_header.get("SeriesInstanceUID")}
+    for key, values in _referenced(ds).items():
+        mine = str(image[key]).strip() if image[key] is not None else ""
+        if mine and values and mine not in values:
+            raise CaseError(SkipReason.MASK_MISMATCH,
+                            f"mask '{mask_path}' refers to {key} {', '.join(sorted(values))}; "
+                            f"the image is of {key} {mine}")
+
+
 def _pick_name(names: list[str], wanted: str) -> int | None:
     """Index of ``wanted`` in ``names``: exact match first, then case-insensitive (unique)."""
     if wanted in names:

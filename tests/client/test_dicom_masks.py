@@ -18,6 +18,7 @@ from common.errors import CaseError, SkipReason
 from tests.client.dicom_fixtures import (
     CASES,
     SARCOMA_WARNINGS,
+    roi_name,
     rtstruct_mask,
     same_grid,
     series,
@@ -223,3 +224,32 @@ def test_seg_round_trip_equals_the_rtstruct_mask(tmp_path: Path) -> None:
     with pytest.raises(CaseError) as err:
         seg_to_mask(sts("dicom", "STS_002", "CT", "mask", "RS.dcm"), image)
     assert err.value.reason is SkipReason.MASK_UNREADABLE
+
+
+def test_an_rtstruct_of_another_patient_or_series_is_a_mask_mismatch():
+    """STS_002's CT with STS_008's RTSTRUCT was only caught as an empty mask (or not at all,
+    where the contours happened to fall inside the image): the references are checked now."""
+    from client.loading import read_mask
+    from client.manifest import CaseSpec
+    from common.protocol import IngestionSpec
+
+    image, header = series("STS_002", "CT")
+    ingestion = IngestionSpec(rtstruct_roi="GTV_Mass_CT")
+
+    def case(patient: str, modality: str) -> CaseSpec:
+        return CaseSpec(case_id="c", row=2, image=sts("dicom", "STS_002", "CT", "image"),
+                        mask=sts("dicom", patient, modality, "mask", "RS.dcm"), label=1.0,
+                        batch="s", roi=roi_name(modality))
+
+    # its own RTSTRUCT passes
+    assert sitk.GetArrayViewFromImage(read_mask(case("STS_002", "CT"), image, ingestion, None,
+                                                header)).any()
+    with pytest.raises(CaseError) as other_patient:
+        read_mask(case("STS_008", "CT"), image, ingestion, None, header)
+    assert other_patient.value.reason is SkipReason.MASK_MISMATCH
+    assert "refers to patient STS_008; the image is of patient STS_002" in \
+        other_patient.value.detail
+    # the same patient's PET contours: another frame of reference and series
+    with pytest.raises(CaseError) as other_series:
+        read_mask(case("STS_002", "PET"), image, ingestion, None, header)
+    assert other_series.value.reason is SkipReason.MASK_MISMATCH
