@@ -101,6 +101,17 @@ def cohort(tmp_path_factory) -> dict:
     add("bad_age", good_img, good_msk, age="sixty")
     add("dup", good_img, good_msk)
     add("dup", good_img, good_msk)
+    # issue 20's bad inputs: each skipped by name where it used to crash, mislead or exhaust
+    rows.append(f"wide_row,{good_img},{good_msk},1,60,scannerA,,extra")  # an unquoted comma
+    add("nul_in_path", f"{good_img}\x00x", good_msk)
+    values = sitk.GetArrayFromImage(img)
+    values[5] = np.nan
+    nan_img = sitk.GetImageFromArray(values)
+    nan_img.CopyInformation(img)
+    add("nan_voxels", _save(nan_img, root / "nan_img.nii.gz"), good_msk)
+    from tests.client.test_limits import nifti_bomb
+    nifti_bomb(root / "bomb.nii.gz", (1024, 1024, 512))
+    add("voxel_bomb", root / "bomb.nii.gz", good_msk)
 
     expected = {
         "corrupt_nifti": "image_unreadable",
@@ -114,6 +125,10 @@ def cohort(tmp_path_factory) -> dict:
         "non_numeric_label": "label_invalid",
         "bad_age": "covariate_invalid",
         "dup": "duplicate_case_id",
+        "wide_row": "missing_field",
+        "nul_in_path": "file_missing",
+        "nan_voxels": "non_finite_voxels",
+        "voxel_bomb": "resource_limit",
     }
     ct = SHARED_DATA / "sts" / "dicom" / "STS_002" / "CT"
     if ct.exists():
@@ -126,6 +141,9 @@ def cohort(tmp_path_factory) -> dict:
         add("wrong_roi_name", ct / "image", ct / "mask" / "RS.dcm", roi="NotAnROI")
         expected["wrong_roi_name"] = "roi_not_found"
         add("dicom_good", ct / "image", ct / "mask" / "RS.dcm")
+        other = SHARED_DATA / "sts" / "dicom" / "STS_008" / "CT" / "mask" / "RS.dcm"
+        add("other_patients_rtstruct", ct / "image", other)
+        expected["other_patients_rtstruct"] = "mask_mismatch"
 
     (root / "manifest.csv").write_text("\n".join(str(r) for r in rows) + "\n")
     (root / "study.toml").write_text(PROTOCOL_TOML)
@@ -210,6 +228,40 @@ def test_protocol_with_a_wrong_field_is_refused_before_any_case(cohort, tmp_path
     assert result.exit_code == ExitCode.CONFIG
     assert "radiomics.bin_widht: Extra inputs are not permitted" in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("command", "content", "needle"), [
+    ("protocol", "name: " + "[" * 20_000 + "]" * 20_000, "nested deeper than 32 levels"),
+    ("protocol", PROTOCOL_TOML.replace("glcm = []", "glcm = [\"NoSuchFeature\"]"),
+     "feature_classes.glcm: no feature ['NoSuchFeature'] in pyradiomics"),
+    ("protocol", PROTOCOL_TOML.replace("bin_width = 10.0", "bin_width = inf"),
+     "radiomics.bin_width: Input should be a finite number"),
+    ("manifest", "case_id;image;mask;mrd;age\na;x;y;1;50\n",
+     "the header is one column holding ';': a manifest is comma-separated"),
+    ("manifest", "case_id,image,mask,mrd,age,age\na,x,y,1,50,50\n",
+     "column 'age' appears more than once in the header"),
+])
+def test_a_bad_protocol_or_manifest_exits_2_naming_the_reason(tmp_path, command, content,
+                                                            needle):
+    """Before issue 20 these exited 1 with a traceback (RecursionError), or passed validation
+    and failed every case."""
+    protocol, manifest = tmp_path / "study.toml", tmp_path / "m.csv"
+    protocol.write_text(PROTOCOL_TOML)
+    manifest.write_text("case_id,image,mask,mrd,age\na,x.nii,y.nii,1,50\n")
+    if command == "protocol":
+        protocol = tmp_path / ("deep.yaml" if content.startswith("name:") else "bad.toml")
+        protocol.write_text(content)
+    else:
+        manifest.write_text(content)
+    for args in (["protocol", "validate", str(protocol)],
+                 ["site", "check", "-p", str(protocol), "-m", str(manifest), "-o",
+                  str(tmp_path / "o")]):
+        if command == "manifest" and args[0] == "protocol":
+            continue
+        result = runner.invoke(app, args)
+        assert result.exit_code == ExitCode.CONFIG, result.output
+        assert needle in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
 
 
 def test_all_cases_bad_exits_4(tmp_path):
