@@ -83,7 +83,8 @@ def _run_with_progress(cases: list[Any], protocol: Any, mode: Literal["check", "
 
         return run_cases(cases, protocol, mode=mode, workers=config.n_workers,
                          cache_dir=cache_dir, on_done=on_done,
-                         max_voxels=config.max_case_voxels)
+                         max_voxels=config.max_case_voxels,
+                         time_limit_s=config.case_time_limit_s)
 
 
 def _print_report(report: dict[str, Any], report_path: Path) -> None:

@@ -29,7 +29,7 @@ import SimpleITK as sitk
 from threadpoolctl import threadpool_limits
 
 from client.extract import FeatureExtractor, pyradiomics_settings
-from client.limits import MAX_CASE_VOXELS
+from client.limits import MAX_CASE_VOXELS, CaseTimeout, time_limit
 from client.loading import check_roi, load_case
 from client.manifest import CaseSpec, RowProblem
 from client.standardize import build_steps, standardize
@@ -88,11 +88,12 @@ class CaseProcessor:
     """Processes cases in one process: holds the protocol, the standardization steps and the
     pyradiomics extractor, built once."""
     def __init__(self, protocol: StudyProtocol, mode: Mode, cache_dir: Path | None,
-                 max_voxels: int = MAX_CASE_VOXELS) -> None:
+                 max_voxels: int = MAX_CASE_VOXELS, time_limit_s: float | None = None) -> None:
         self.protocol = protocol
         self.mode = mode
         self.cache_dir = cache_dir
         self.max_voxels = max_voxels
+        self.time_limit_s = time_limit_s
         self.protocol_hash = protocol.content_hash()
         self.versions = software_versions()
         self.steps = build_steps(protocol, max_voxels)
@@ -106,7 +107,12 @@ class CaseProcessor:
     def __call__(self, case: CaseSpec) -> CaseOutcome:
         start = time.perf_counter()
         try:
-            return self._process(case, start)
+            with time_limit(self.time_limit_s):
+                return self._process(case, start)
+        except CaseTimeout:
+            return CaseOutcome(case.case_id, case.row, SkipReason.RESOURCE_LIMIT,
+                               f"took more than the site's case_time_limit_s "
+                               f"({self.time_limit_s:g} s)", seconds=time.perf_counter() - start)
         except CaseError as exc:
             return CaseOutcome(case.case_id, case.row, exc.reason, exc.detail,
                                seconds=time.perf_counter() - start)
@@ -164,13 +170,14 @@ _WORKER: CaseProcessor | None = None
 
 
 def _init_worker(protocol: StudyProtocol, mode: Mode, cache_dir: str | None, threads: int,
-                 max_voxels: int) -> None:
+                 max_voxels: int, time_limit_s: float | None) -> None:
     global _WORKER
     # Each worker gets its share of the cores: ITK and BLAS (numpy's eigvals in pyradiomics'
     # GLCM MCC) would otherwise each start a thread per core in every worker and thrash.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     threadpool_limits(threads)
-    _WORKER = CaseProcessor(protocol, mode, Path(cache_dir) if cache_dir else None, max_voxels)
+    _WORKER = CaseProcessor(protocol, mode, Path(cache_dir) if cache_dir else None, max_voxels,
+                            time_limit_s)
 
 
 def _run_in_worker(case: CaseSpec) -> CaseOutcome:
@@ -196,15 +203,17 @@ def run_cases(
     cache_dir: Path | None,
     on_done: Callable[[CaseOutcome], None] | None = None,
     max_voxels: int = MAX_CASE_VOXELS,
+    time_limit_s: float | None = None,
 ) -> list[CaseOutcome]:
     """Process ``cases`` with ``workers`` processes (1 = in this process); outcomes in input
     order. ``on_done`` is called in this process as each case finishes (progress display). A
     case whose image or resampled grid holds more than ``max_voxels`` voxels is skipped
-    (``resource_limit``) before it is allocated."""
+    (``resource_limit``) before it is allocated, and so is one that runs past
+    ``time_limit_s`` (:func:`client.limits.time_limit`)."""
     workers = max(1, min(workers, len(cases))) if cases else 1
     outcomes: dict[int, CaseOutcome] = {}
     if workers == 1:
-        processor = CaseProcessor(protocol, mode, cache_dir, max_voxels)
+        processor = CaseProcessor(protocol, mode, cache_dir, max_voxels, time_limit_s)
         for i, case in enumerate(cases):
             outcomes[i] = processor(case)
             if on_done:
@@ -214,7 +223,7 @@ def run_cases(
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         init_args = (protocol, mode, str(cache_dir) if cache_dir else None, threads,
-                     max_voxels)
+                     max_voxels, time_limit_s)
         # Largest cases first (longest-processing-time order): no worker is left with one big
         # case at the end while the others idle.
         order = sorted(range(len(cases)), key=lambda i: -_size_on_disk(cases[i].image))

@@ -43,6 +43,10 @@ class SiteConfig(BaseModel):
         MAX_CASE_VOXELS, ge=1_000_000,
         description="The most voxels a case's image, or its resampled grid, may hold: a larger "
         "case is skipped (resource_limit) before it is read into memory.")
+    case_time_limit_s: float | None = Field(
+        1800.0, gt=0, description="The longest one case's standardization and extraction may "
+        "take: a case past it is skipped (resource_limit). Checked between Python steps (a "
+        "single long ITK call ends first); none when unset.")
     approved_apps: tuple[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")], ...] = Field(
         (), description="SHA-256 of each study app bundle this site runs ('myelofed app-hash');"
         " its SuperNode refuses any other.")

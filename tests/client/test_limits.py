@@ -181,3 +181,23 @@ def test_site_check_finds_a_missing_reference_tissue_as_extraction_would(tmp_pat
         assert outcome.reason is SkipReason.ROI_NOT_FOUND, mode
         assert "the reference tissue (label 2) that MR normalization divides by is absent" \
             in outcome.detail
+
+
+def test_a_case_past_the_time_limit_is_skipped_and_the_next_goes_on(tmp_path: Path):
+    """The site's case_time_limit_s: a case past it is skipped (resource_limit), even where the
+    timer fires inside pyradiomics (its per-feature ``except Exception`` would have made a NaN
+    of an ordinary exception); the processor goes on with the next case."""
+    from client.pipeline import CaseProcessor
+
+    image, labels = make_volume()
+    sitk.WriteImage(image, str(tmp_path / "image.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "mask.nii.gz"))
+    spec = CaseSpec(case_id="slow", row=2, image=tmp_path / "image.nii.gz",
+                    mask=tmp_path / "mask.nii.gz", label=1.0, batch="s")
+    protocol = load_protocol("preset:ibsi_digital_phantom")
+    for limit in (1e-4, 0.05):
+        outcome = CaseProcessor(protocol, "extract", None, time_limit_s=limit)(spec)
+        assert outcome.reason is SkipReason.RESOURCE_LIMIT
+        assert f"took more than the site's case_time_limit_s ({limit:g} s)" in outcome.detail
+    done = CaseProcessor(protocol, "extract", None, time_limit_s=60)(spec)
+    assert done.reason is None and done.features
