@@ -50,7 +50,6 @@ def study_subsets(rows: pd.DataFrame, folds: IndexArray, protocol: StudyProtocol
     site, as the phases enter them in the release ledger: ComBat's (unless ``combat`` is
     False); the model's comoments and fold complements, by label; the nomogram's per clinical
     level, by label."""
-    ids = rows["case_id"].astype(str).to_numpy()
     classification = protocol.task.kind is TaskKind.CLASSIFICATION
     label = rows[protocol.task.label_column].astype(str).to_numpy()
     masks = combat_subsets(rows, protocol) if combat else []
@@ -60,6 +59,12 @@ def study_subsets(rows: pd.DataFrame, folds: IndexArray, protocol: StudyProtocol
     levels = [rows[c].astype(str).to_numpy() for c in protocol.model.clinical
               if c in protocol.covariates.categorical and c in rows.columns]
     masks += crossed(len(rows), ([label] if classification else []) + levels)
+    return named(rows, masks)
+
+
+def named(rows: pd.DataFrame, masks: list[np.ndarray]) -> set[tuple[str, ...]]:
+    """The non-empty ``masks`` over ``rows`` as sets of case ids, as the ledger keeps them."""
+    ids = rows["case_id"].astype(str).to_numpy()
     return {tuple(sorted(ids[m])) for m in masks if m.any()}
 
 
@@ -73,9 +78,7 @@ def site_folds(rows: pd.DataFrame, protocol: StudyProtocol, seed: int, min_patie
     strata = fold_strata(rows, protocol)
     # where ComBat's sums isolate patients on their own, the ledger refuses them whatever the
     # folds, and the site's models use raw features: the folds need not make room for them
-    ids = rows["case_id"].astype(str).to_numpy()
-    combat = not isolable({tuple(sorted(ids[m])) for m in combat_subsets(rows, protocol)
-                           if m.any()}, min_patients)
+    combat = not isolable(named(rows, combat_subsets(rows, protocol)), min_patients)
     for k in range(len(strata) + 1):
         folds = assign_folds(labels, protocol.model.cv_folds, seed, classification,
                              min_patients, strata[:k])

@@ -114,24 +114,28 @@ class _NonFinite:
 
 def _read_file(path: Path, what: str, reason: SkipReason,
                max_voxels: int = MAX_CASE_VOXELS) -> sitk.Image:
+    def unreadable(problem: str) -> CaseError:
+        return CaseError(reason, f"{what} '{path}' cannot be read: {problem}")
+
+    def itk_reason(exc: RuntimeError) -> str:
+        return str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()  # the header only
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
-        raise CaseError(reason, f"{what} '{path}' cannot be read: {first}") from None
+        raise unreadable(itk_reason(exc)) from None
     check_voxels(reader.GetSize(), f"{what} '{path}'", max_voxels)
     non_finite = None
     if path.name.lower().endswith((".nii", ".nii.gz")):
         problem, non_finite = _nifti_scan(path)
         if problem is not None:
-            raise CaseError(reason, f"{what} '{path}' cannot be read: {problem}")
+            raise unreadable(problem)
     try:
-        image = sitk.ReadImage(str(path))
+        image = reader.Execute()
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
-        raise CaseError(reason, f"{what} '{path}' cannot be read: {first}") from None
+        raise unreadable(itk_reason(exc)) from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(
             reason,

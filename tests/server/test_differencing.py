@@ -13,7 +13,6 @@ than the minimum, and the nomogram goes on without the site that cannot send its
 
 from __future__ import annotations
 
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from server.phases.nomogram import run_nomogram
 from server.phases.radiomics import run_model
 from server.study import StudySettings, StudyStopped
 from tests.server.test_rounds import FakeSites, write_prepared
+from tests.server.test_span_search import smallest_group
 
 N_FEATURES = 5
 
@@ -242,18 +242,4 @@ def test_with_atoms_no_group_under_the_minimum_can_be_isolated(
             p = 1.0 / (1.0 + np.exp(-r.beta[j, 0]))
             inside = (folds != r.fit_fold[j]).astype(float)
             weights += [inside * (p - y), inside * p * (1 - p)]
-    assert weights and smallest_isolable(np.array(weights), MIN_ROWS_SENT) is None
-
-
-def smallest_isolable(w: np.ndarray, minimum: int) -> int | None:
-    """The size of the smallest group of 1 to ``minimum - 1`` columns (patients) that a vector in
-    the row space of ``w`` can be supported on, or None. Exhaustive over groups of patients whose
-    columns are not identical to another's outside the group (a brute force independent of the
-    ledger's cell bookkeeping)."""
-    full = np.linalg.matrix_rank(w)
-    n = w.shape[1]
-    for size in range(1, minimum):
-        for group in combinations(range(n), size):
-            if np.linalg.matrix_rank(np.delete(w, group, axis=1)) < full:
-                return size
-    return None
+    assert weights and smallest_group(np.array(weights), MIN_ROWS_SENT) is None
