@@ -13,7 +13,7 @@ from rich.table import Table
 
 from cli.console import console, fail_config, out, progress_columns
 from cli.exit_codes import ExitCode
-from client.ibsi import run_phantom_check
+from client.ibsi import CONFIGURATIONS, run_phantom_check
 from common.errors import ConfigError, HarmonizationError
 from common.provenance import atomic_write_bytes, atomic_write_json, atomic_write_parquet
 
@@ -293,24 +293,37 @@ DEFAULT_IBSI_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ib
 
 def ibsi_check(
     data_dir: Annotated[Path, typer.Option(
-        help="Folder with digital_phantom/nifti/{image,mask}/ and the reference CSV.")
+        help="Folder with the phantom (digital_phantom/ or ibsi_1_digital_phantom/, "
+             "ibsi_1_ct_radiomics_phantom/ for A-E) and the reference CSVs (at its top or "
+             "under reference_values/, as in IBSI's repositories).")
     ] = DEFAULT_IBSI_DIR,
+    configuration: Annotated[list[str], typer.Option(
+        "--configuration", "-c",
+        help="phantom (the digital phantom), A-E (IBSI-1 configurations on the CT radiomics "
+             "phantom: resampling, re-segmentation, bin size and number) or all; repeatable.")
+    ] = ["phantom"],  # noqa: B006 (typer reads the default)
     show_all: Annotated[bool, typer.Option("--all", help="List every feature.")] = False,
 ) -> None:
-    """Extract the IBSI-1 digital phantom with this installation and compare every feature that
-    pyradiomics implements with the IBSI reference values. Exit 0 when all agree."""
+    """Extract IBSI-1 phantoms through this installation's site path and compare every feature
+    that has an IBSI consensus value (2D, 2.5D and 3D, averaged and merged) with it. Exit 0 when
+    all agree."""
+    chosen = list(CONFIGURATIONS) if "all" in configuration else configuration
+    rows = []
     try:
-        rows = run_phantom_check(data_dir)
+        for name in chosen:
+            name = name if name == "phantom" else name.upper()
+            rows += [(name, r) for r in run_phantom_check(data_dir, name)]
     except ConfigError as exc:
         fail_config(exc)
-    table = Table("status", "IBSI tag", "reference", "ours", "tolerance")
+    table = Table("configuration", "status", "IBSI tag", "reference", "ours", "tolerance")
     counts: dict[str, int] = {}
-    for r in rows:
+    for name, r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1
         if show_all or r.status in ("fail", "known_deviation"):
             ours = "-" if r.value is None else f"{r.value:.4g}"
             ref = "-" if r.reference is None else f"{r.reference:g}"
-            table.add_row(r.status, r.tag, ref, ours, f"{r.tolerance:g}")
-    out.print(table)
-    out.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+            table.add_row(name, r.status, r.tag, ref, ours, f"{r.tolerance:g}")
+    if table.row_count:
+        out.print(table)
+    out.print(f"{', '.join(chosen)}: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     raise typer.Exit(ExitCode.CHECK_FAILED if counts.get("fail") else ExitCode.OK)

@@ -4,17 +4,20 @@ extracted values with the IBSI consensus reference values.
 Used by the compliance test on the IBSI digital phantom and by ``myelofed ibsi-check``, which
 lets a site verify its own installation before a study.
 
-Known, documented differences (each checked by the tests):
+Every IBSI-1 feature of the digital phantom is compared: statistics, intensity histogram,
+intensity-volume histogram, morphology, local intensity and the six texture families, each
+texture family in 2D, 2.5D and 3D and, for GLCM and GLRLM, averaged and merged over directions
+(the ``_avg`` and ``_comb`` tags). pyradiomics computes most of them; the project's ``ibsi``
+class (:mod:`client.ibsi_features`) the rest. Mapping notes:
 
 * ``Kurtosis``: pyradiomics reports kurtosis, IBSI excess kurtosis (= kurtosis - 3); the map
   applies the -3 offset.
-* PCA axis lengths (``Major/Minor/LeastAxisLength``): pyradiomics uses the sample covariance
-  (N - 1), IBSI the population covariance (N): values differ by ``sqrt((N - 1) / N)``.
+* PCA axis lengths: pyradiomics' ``Major/Minor/LeastAxisLength`` use the population covariance
+  of the voxel centres (N), IBSI's consensus values the sample covariance (N - 1): values differ
+  by ``sqrt((N - 1) / N)``. The IBSI tags map to the ``ibsi`` class, which uses N - 1.
   Elongation and flatness are ratios and agree.
-* pyradiomics omits some IBSI features (dissimilarity and sum variance, which IBSI notes equal
-  difference average and cluster tendency; intensity-volume histogram, local intensity peaks,
-  distance-zone matrix, several morphology descriptors): those tags are mapped to the equal
-  feature where IBSI defines one, and otherwise reported as "not implemented".
+* Dissimilarity and sum variance equal difference average and cluster tendency (IBSI says so)
+  and are mapped to those.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import SimpleITK as sitk
 from client.extract import FeatureExtractor
 from client.standardize import Volume, build_steps, standardize
 from common.errors import ConfigError
-from common.protocol import load_protocol
+from common.protocol import IBSI_FEATURES, load_protocol
 
 # IBSI tag -> (pyradiomics feature name, conversion from the pyradiomics value to IBSI's).
 _IDENTITY: Callable[[float], float] = lambda v: v  # noqa: E731
@@ -97,42 +100,44 @@ _SHAPE = {
 
 
 def _build_map() -> dict[str, tuple[str, Callable[[float], float]]]:
+    """IBSI tag without its dimension suffix -> (feature name, conversion to IBSI's value)."""
     out: dict[str, tuple[str, Callable[[float], float]]] = {}
     for tag, name in _FIRSTORDER.items():
         out[f"stat_{tag}"] = _m(f"original_firstorder_{name}")
     out["stat_kurt"] = _m("original_firstorder_Kurtosis", lambda v: v - 3.0)
-    # The intensity histogram equals the statistics on an image whose grey levels are already
-    # the bin numbers (the digital phantom); entropy and uniformity use the binned image.
-    for tag in ("mean", "var", "skew", "median", "min", "p10", "p90", "max", "iqr", "range",
-                "mad", "rmad"):
-        out[f"ih_{tag}"] = out[f"stat_{tag}"]
-    out["ih_kurt"] = out["stat_kurt"]
-    out["ih_entropy"] = _m("original_firstorder_Entropy")
-    out["ih_uniformity"] = _m("original_firstorder_Uniformity")
-    for tag, name in _GLCM.items():
-        out[f"cm_{tag}_3D_avg"] = _m(f"original_glcm_{name}")
-    for tag, name in _GLRLM.items():
-        out[f"rlm_{tag}_3D_avg"] = _m(f"original_glrlm_{name}")
-    for tag, name in _GLSZM.items():
-        out[f"szm_{tag}_3D"] = _m(f"original_glszm_{name}")
-    for tag, name in _GLDM.items():
-        out[f"ngl_{tag}_3D"] = _m(f"original_gldm_{name}")
-    for tag, name in _NGTDM.items():
-        out[f"ngt_{tag}_3D"] = _m(f"original_ngtdm_{name}")
-    for tag, name in _SHAPE.items():
-        out[f"morph_{tag}"] = _m(f"original_shape_{name}")
+    for prefix, cls, table in (("cm", "glcm", _GLCM), ("rlm", "glrlm", _GLRLM),
+                               ("szm", "glszm", _GLSZM), ("ngl", "gldm", _GLDM),
+                               ("ngt", "ngtdm", _NGTDM), ("morph", "shape", _SHAPE)):
+        for tag, name in table.items():
+            out[f"{prefix}_{tag}"] = _m(f"original_{cls}_{name}")
+    # The project's ``ibsi`` class: what pyradiomics lacks, and the PCA axis lengths with IBSI's
+    # sample covariance (pyradiomics divides by N, IBSI's consensus values by N - 1).
+    for tag in IBSI_FEATURES:
+        out[tag] = _m(f"original_ibsi_{tag}")
     return out
 
 
-IBSI_TO_PYRADIOMICS = _build_map()
+#: IBSI tag (without the dimension suffix) -> (feature name, conversion to IBSI's value).
+IBSI_TO_FEATURE = _build_map()
 
-#: Tags whose difference from IBSI is understood and documented (tag -> cause).
-KNOWN_DEVIATIONS = {
-    "morph_pca_maj_axis": "pyradiomics uses the sample covariance (N-1), IBSI the population "
-    "covariance (N): factor sqrt((N-1)/N)",
-    "morph_pca_min_axis": "as morph_pca_maj_axis",
-    "morph_pca_least_axis": "as morph_pca_maj_axis",
+#: IBSI's texture aggregation suffixes -> (dimension, aggregation) of the protocol.
+AGGREGATIONS: dict[str, tuple[str, str]] = {
+    "_2D_avg": ("2D", "averaged"), "_2D_comb": ("2D", "merged"),
+    "_2_5D_avg": ("2.5D", "averaged"), "_2_5D_comb": ("2.5D", "merged"),
+    "_3D_avg": ("3D", "averaged"), "_3D_comb": ("3D", "merged"),
+    "_2D": ("2D", "averaged"), "_2_5D": ("2.5D", "averaged"), "_3D": ("3D", "averaged"),
 }
+
+#: Tags whose difference from IBSI is understood and documented (tag -> cause); none today.
+KNOWN_DEVIATIONS: dict[str, str] = {}
+
+
+def split_tag(tag: str) -> tuple[str, tuple[str, str]]:
+    """An IBSI tag's base and the (dimension, aggregation) it is computed under."""
+    for suffix, configuration in AGGREGATIONS.items():
+        if tag.endswith(suffix):
+            return tag[: -len(suffix)], configuration
+    return tag, ("3D", "averaged")
 
 
 @dataclass(frozen=True)
@@ -164,23 +169,27 @@ def _reported_precision(text: str) -> float:
     return unit / 2
 
 
-def compare_with_reference(features: dict[str, float], reference_csv: Path) -> list[Comparison]:
+def compare_with_reference(features: dict[tuple[str, str], dict[str, float]],
+                           reference_csv: Path) -> list[Comparison]:
     """Compare extracted features with the IBSI reference table (columns ``tag``, ``feature``,
-    ``family``, ``reference value``, ``tolerance``), one row per 3D/statistics/morphology tag."""
+    ``family``, ``reference value``, ``tolerance``), one row per tag: every dimension (2D,
+    2.5D, 3D) and aggregation (averaged, merged) from ``features[(dimension, aggregation)]``."""
     rows = []
     with reference_csv.open(encoding="utf-8-sig", newline="") as fh:
         for row in csv.DictReader(fh):
             tag = row["tag"]
-            if "2D" in tag or "2_5D" in tag or tag.endswith("_3D_comb"):
+            if row["family"].startswith("Diagnostics"):  # image sizes and counts, not features
                 continue
+            base, configuration = split_tag(tag)
             ref_text = (row.get("reference value") or "").strip()
             tol_text = (row.get("tolerance") or "").strip()
             reference = float(ref_text) if ref_text else None
             tolerance = float(tol_text) if tol_text else 0.0
-            mapped = IBSI_TO_PYRADIOMICS.get(tag)
+            mapped = IBSI_TO_FEATURE.get(base)
+            extracted = features.get(configuration, {})
             value = None
-            if mapped is not None and mapped[0] in features:
-                value = mapped[1](features[mapped[0]])
+            if mapped is not None and mapped[0] in extracted:
+                value = mapped[1](extracted[mapped[0]])
             if reference is None:
                 status = "not_standardized"
             elif value is None:
@@ -196,40 +205,67 @@ def compare_with_reference(features: dict[str, float], reference_csv: Path) -> l
     return rows
 
 
-#: Where the phantom and the reference table may lie under the data folder: this project's
-#: layout first, then that of IBSI's own repositories (``ibsi_1_digital_phantom/``,
-#: ``reference_values/``).
+#: Where the phantoms and reference tables may lie under the data folder: this project's layout
+#: first, then that of IBSI's own repositories (``ibsi_1_digital_phantom/``,
+#: ``ibsi_1_ct_radiomics_phantom/``, ``reference_values/``).
 PHANTOM_DIRS = ("digital_phantom", "ibsi_1_digital_phantom")
+CT_PHANTOM_DIRS = ("ct_radiomics_phantom", "ibsi_1_ct_radiomics_phantom")
 REFERENCE_DIRS = (".", "reference_values")
 REFERENCE_FILE = "ibsi_1_reference_values_digital_phantom.csv"
+
+#: The checks ``myelofed ibsi-check`` runs: the digital phantom (no image processing) and IBSI-1
+#: configurations A-E on the CT radiomics phantom (resampling, re-segmentation, outlier
+#: filtering, fixed bin size and number), each with its preset.
+CONFIGURATIONS = ("phantom", "A", "B", "C", "D", "E")
 
 
 def _first(candidates: list[Path]) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
-def run_phantom_check(data_dir: Path) -> list[Comparison]:
-    """Extract the IBSI digital phantom in ``data_dir`` with the ``ibsi_digital_phantom`` preset
-    (the whole site path: load, standardize, extract) and compare with the reference CSV."""
-    image_path = _first([data_dir / d / "nifti" / "image" / "phantom.nii.gz"
-                         for d in PHANTOM_DIRS])
-    mask_path = _first([data_dir / d / "nifti" / "mask" / "mask.nii.gz" for d in PHANTOM_DIRS])
-    reference = _first([data_dir / d / REFERENCE_FILE for d in REFERENCE_DIRS])
+def run_phantom_check(data_dir: Path, configuration: str = "phantom") -> list[Comparison]:
+    """Extract an IBSI-1 phantom in ``data_dir`` through the whole site path (load, standardize,
+    extract) with the configuration's preset, in every texture dimension and aggregation its
+    reference table lists, and compare with the reference values.
+
+    ``configuration``: ``phantom`` (the digital phantom) or ``A``-``E`` (the CT radiomics
+    phantom under IBSI-1 configurations A-E).
+    """
+    if configuration not in CONFIGURATIONS:
+        raise ConfigError(configuration, [f"unknown IBSI configuration; known: "
+                                          f"{', '.join(CONFIGURATIONS)}"])
+    digital = configuration == "phantom"
+    dirs = PHANTOM_DIRS if digital else CT_PHANTOM_DIRS
+    table = REFERENCE_FILE if digital else f"ibsi_1_reference_values_config_{configuration}.csv"
+    image_path = _first([data_dir / d / "nifti" / "image" / "phantom.nii.gz" for d in dirs])
+    mask_path = _first([data_dir / d / "nifti" / "mask" / "mask.nii.gz" for d in dirs])
+    reference = _first([data_dir / d / table for d in REFERENCE_DIRS])
     if image_path is None or mask_path is None or reference is None:
-        phantom = "{" + ",".join(PHANTOM_DIRS) + "}/nifti"
+        phantom = "{" + ",".join(dirs) + "}/nifti"
         raise ConfigError(str(data_dir), [
             f"missing the {what}: looked for {where}" for what, path, where in (
                 ("image", image_path, f"{phantom}/image/phantom.nii.gz"),
                 ("mask", mask_path, f"{phantom}/mask/mask.nii.gz"),
                 ("reference values", reference,
-                 "{" + ",".join(REFERENCE_DIRS) + "}/" + REFERENCE_FILE))
+                 "{" + ",".join(REFERENCE_DIRS) + "}/" + table))
             if path is None])
-    protocol = load_protocol("preset:ibsi_digital_phantom")
+    protocol = load_protocol("preset:ibsi_digital_phantom" if digital
+                             else f"preset:ibsi_ct_{configuration.lower()}")
     image = sitk.ReadImage(str(image_path), sitk.sitkFloat32)
     labels = sitk.ReadImage(str(mask_path), sitk.sitkUInt8)
     volume = standardize(Volume(image, labels, protocol.ingestion.roi_label),
                          build_steps(protocol))
-    features = FeatureExtractor(protocol).extract(
-        volume.image, volume.morphological_roi(), volume.roi_for_intensity()
-    )
+    features = {}
+    for dimension, aggregation in sorted(_configurations(reference)):
+        variant = protocol.model_copy(update={"radiomics": protocol.radiomics.model_copy(update={
+            "force_2d": dimension != "3D", "per_slice": dimension == "2D",
+            "texture_aggregation": aggregation})})
+        features[(dimension, aggregation)] = FeatureExtractor(variant).extract(
+            volume.image, volume.morphological_roi(), volume.roi_for_intensity())
     return compare_with_reference(features, reference)
+
+
+def _configurations(reference_csv: Path) -> set[tuple[str, str]]:
+    """The (dimension, aggregation) pairs a reference table's tags ask for."""
+    with reference_csv.open(encoding="utf-8-sig", newline="") as fh:
+        return {split_tag(row["tag"])[1] for row in csv.DictReader(fh) if row.get("tag")}

@@ -39,8 +39,29 @@ from common.presets import preset_path
 
 SCHEMA_VERSION: Final = 1
 
-#: pyradiomics feature classes a protocol may enable.
-FEATURE_CLASSES = ("shape", "shape2D", "firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
+#: Feature classes a protocol may enable: pyradiomics' and ``ibsi`` (the IBSI-1 features
+#: pyradiomics lacks, computed by the project: :mod:`client.ibsi_features`).
+FEATURE_CLASSES = ("shape", "shape2D", "firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm",
+                   "ibsi")
+
+#: The ``ibsi`` class's features, named by their IBSI tag without the dimension suffix.
+IBSI_FEATURES: tuple[str, ...] = (
+    *(f"morph_{t}" for t in (
+        "pca_maj_axis", "pca_min_axis", "pca_least_axis", "comp_1", "comp_2", "sph_dispr",
+        "asphericity", "com", "integ_int", "vol_dens_aabb", "area_dens_aabb", "vol_dens_aee",
+        "area_dens_aee", "vol_dens_conv_hull", "area_dens_conv_hull", "moran_i", "geary_c")),
+    "loc_peak_loc", "loc_peak_glob",
+    *(f"stat_{t}" for t in ("medad", "cov", "qcod")),
+    *(f"ih_{t}" for t in (
+        "mean", "var", "skew", "kurt", "median", "min", "p10", "p90", "max", "mode", "iqr",
+        "range", "mad", "rmad", "medad", "cov", "qcod", "entropy", "uniformity", "max_grad",
+        "max_grad_g", "min_grad", "min_grad_g")),
+    *(f"ivh_{t}" for t in ("v10", "v90", "i10", "i90", "diff_v10_v90", "diff_i10_i90")),
+    *(f"dzm_{t}" for t in (
+        "sde", "lde", "lgze", "hgze", "sdlge", "sdhge", "ldlge", "ldhge", "glnu", "glnu_norm",
+        "zdnu", "zdnu_norm", "z_perc", "gl_var", "zd_var", "zd_entr")),
+    *(f"ngl_{t}" for t in ("glnu_norm", "dc_perc", "dc_energy")),
+)
 
 #: Every feature pyradiomics 3.1 computes per class, deprecated ones included (they are computed
 #: when named): a protocol naming another is refused before any case is extracted
@@ -92,6 +113,7 @@ FEATURE_NAMES: dict[str, frozenset[str]] = {
     "ngtdm": frozenset("""
         Busyness Coarseness Complexity Contrast Strength
     """.split()),
+    "ibsi": frozenset(IBSI_FEATURES),
 }
 
 #: The most grey levels a discretization may give: pyradiomics' texture matrices grow with their
@@ -305,7 +327,17 @@ class RadiomicsSpec(_Frozen):
     """Feature extraction settings, handed to pyradiomics after the project's standardization.
     Discretization ``fixed_bin_size`` follows IBSI: the first bin starts at the lower
     re-segmentation bound (or the ROI minimum when there is none) for the original image.
-    ``feature_classes`` maps a pyradiomics class to the features to compute (empty = all).
+    ``feature_classes`` maps a pyradiomics class (or ``ibsi``) to the features to compute
+    (empty = all).
+
+    Texture follows IBSI's aggregation methods. Dimension: 3D (default), 2.5D (``force_2d``:
+    in-plane neighbours, every slice's matrix merged) or 2D (``force_2d`` and ``per_slice``:
+    features of each slice, averaged over slices). ``texture_aggregation`` for the directional
+    matrices (GLCM, GLRLM): ``averaged`` (features per direction, then averaged: pyradiomics'
+    default, IBSI ``_avg``) or ``merged`` (matrices of every direction summed first, IBSI
+    ``_comb``). The ``ibsi`` class's intensity-volume histogram has its own discretization
+    (IBSI sets it apart from texture's): ``none`` (the intensities), ``fixed_bin_size``
+    (``ivh_bin_width``) or ``fixed_bin_number`` (``ivh_bin_count``).
     """
     image_types: ImageTypesSpec = ImageTypesSpec()
     feature_classes: dict[str, tuple[str, ...]] = Field(default_factory=_all_feature_classes)
@@ -313,6 +345,11 @@ class RadiomicsSpec(_Frozen):
     bin_width: float | None = Field(25.0, gt=0, allow_inf_nan=False)
     bin_count: int | None = Field(None, ge=2, le=MAX_BINS)
     force_2d: bool = False
+    per_slice: bool = False
+    texture_aggregation: Literal["averaged", "merged"] = "averaged"
+    ivh_discretization: Literal["none", "fixed_bin_size", "fixed_bin_number"] = "none"
+    ivh_bin_width: float | None = Field(None, gt=0, allow_inf_nan=False)
+    ivh_bin_count: int | None = Field(None, ge=2, le=MAX_BINS)
     glcm_distances: tuple[Annotated[int, Field(ge=1, le=10)], ...] = (1,)
     gldm_alpha: int = Field(0, ge=0, le=MAX_BINS)
 
@@ -328,7 +365,8 @@ class RadiomicsSpec(_Frozen):
         for name, features in self.feature_classes.items():
             wrong = sorted(set(features) - FEATURE_NAMES[name])
             if wrong:
-                raise ValueError(f"feature_classes.{name}: no feature {wrong} in pyradiomics; "
+                source = "the project's IBSI class" if name == "ibsi" else "pyradiomics"
+                raise ValueError(f"feature_classes.{name}: no feature {wrong} in {source}; "
                                  f"known: {', '.join(sorted(FEATURE_NAMES[name]))}")
         if self.discretization == "fixed_bin_size" and self.bin_width is None:
             raise ValueError("fixed_bin_size discretization needs 'bin_width'")
@@ -336,7 +374,21 @@ class RadiomicsSpec(_Frozen):
             raise ValueError("fixed_bin_number discretization needs 'bin_count'")
         if "shape2D" in self.feature_classes and not self.force_2d:
             raise ValueError("the 'shape2D' class needs force_2d = true")
+        if self.ivh_discretization == "fixed_bin_size" and self.ivh_bin_width is None:
+            raise ValueError("ivh_discretization fixed_bin_size needs 'ivh_bin_width'")
+        if self.ivh_discretization == "fixed_bin_number" and self.ivh_bin_count is None:
+            raise ValueError("ivh_discretization fixed_bin_number needs 'ivh_bin_count'")
+        if self.per_slice and not self.force_2d:
+            raise ValueError("per_slice (IBSI 2D) needs force_2d = true")
+        if "ibsi" in self.feature_classes and not self.image_types.original:
+            raise ValueError("the 'ibsi' class is computed on the original image: set "
+                             "image_types.original = true")
         return self
+
+    @property
+    def dimension(self) -> Literal["3D", "2.5D", "2D"]:
+        """IBSI's texture dimension: 2D (per slice), 2.5D (slices merged) or 3D."""
+        return "2D" if self.per_slice else "2.5D" if self.force_2d else "3D"
 
 
 class ModelSpec(_Frozen):

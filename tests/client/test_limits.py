@@ -113,6 +113,14 @@ def test_a_fixed_bin_size_giving_too_many_grey_levels_is_refused():
     ({"bin_width": float("inf")}, "radiomics.bin_width: Input should be a finite number"),
     ({"feature_classes": {"firstorder": ["NoSuchFeature"]}},
      "feature_classes.firstorder: no feature ['NoSuchFeature'] in pyradiomics"),
+    ({"feature_classes": {"ibsi": ["dzm_sde_3D"]}},
+     "feature_classes.ibsi: no feature ['dzm_sde_3D'] in the project's IBSI class"),
+    ({"per_slice": True, "force_2d": False}, "per_slice (IBSI 2D) needs force_2d = true"),
+    ({"ivh_discretization": "fixed_bin_number"},
+     "ivh_discretization fixed_bin_number needs 'ivh_bin_count'"),
+    ({"ivh_discretization": "fixed_bin_size", "ivh_bin_width": 0},
+     "radiomics.ivh_bin_width: Input should be greater than 0"),
+    ({"texture_aggregation": "summed"}, "radiomics.texture_aggregation: Input should be"),
 ])
 def test_the_protocol_refuses_what_extraction_would_fail_on(patch, reason):
     mapping = load_protocol("preset:spine_mri_t1w").model_dump(mode="json")
@@ -125,8 +133,16 @@ def test_the_protocol_refuses_what_extraction_would_fail_on(patch, reason):
 def test_the_feature_names_are_pyradiomics():
     from radiomics import getFeatureClasses
 
+    from client.ibsi_features import compute
+
     assert {name: frozenset(cls.getFeatureNames()) for name, cls in getFeatureClasses().items()
-            } == FEATURE_NAMES
+            } == {k: v for k, v in FEATURE_NAMES.items() if k != "ibsi"}
+    # The project's own class: what client.ibsi_features computes, by IBSI tag.
+    image = np.arange(5 * 6 * 7, dtype=float).reshape(5, 6, 7) % 11
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[1:4, 1:5, 1:6] = True
+    levels = np.where(mask, 1 + image.astype(int) // 3, 0)
+    assert frozenset(compute(image, mask, mask, levels, (1.0, 1.0, 1.0))) == FEATURE_NAMES["ibsi"]
 
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from client.extract import _ibsi_feature_classes
+from client.extract import _binning_classes, _IbsiFixedBinSize
 from client.standardize import (
     BiasFieldCorrection,
     Normalize,
@@ -150,7 +150,7 @@ def test_ibsi_fixed_bin_size_starts_at_the_lower_resegmentation_bound():
     values = np.array([[[60.0, 85.0, 110.0, 200.0, 137.0]]], dtype=np.float32)
     image = sitk.GetImageFromArray(values)
     mask = sitk.GetImageFromArray(np.ones(values.shape, np.uint8))
-    cls = _ibsi_feature_classes()["firstorder"]
+    cls = _binning_classes(_IbsiFixedBinSize)["firstorder"]
     fo = cls(image, mask, binWidth=25.0, ibsiLowerBound=-1000.0, label=1)
     expected = np.floor((values + 1000.0) / 25.0).astype(int) + 1
     np.testing.assert_array_equal(fo.discretizedImageArray, expected)
