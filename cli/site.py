@@ -83,7 +83,7 @@ def _run_with_progress(cases: list[Any], protocol: Any, mode: Literal["check", "
 
         return run_cases(cases, protocol, mode=mode, workers=config.n_workers,
                          cache_dir=cache_dir, on_done=on_done,
-                         max_voxels=config.max_case_voxels,
+                         max_voxels=config.budget,
                          time_limit_s=config.case_time_limit_s)
 
 

@@ -21,7 +21,7 @@ from client.dicom.files import dicom_modality, is_dicom_file
 from client.dicom.masks import check_references, rtstruct_to_mask, seg_to_mask
 from client.dicom.series import read_dicom_series
 from client.dicom.suv import suv_factor_body_weight
-from client.limits import MAX_CASE_VOXELS, check_voxels
+from client.limits import MAX_CASE_VOXELS, Budget, check_voxels
 from client.manifest import CaseSpec
 from client.standardize import Volume
 from common.errors import CaseError, SkipReason
@@ -113,7 +113,7 @@ class _NonFinite:
 
 
 def _read_file(path: Path, what: str, reason: SkipReason,
-               max_voxels: int = MAX_CASE_VOXELS) -> sitk.Image:
+               max_voxels: int | Budget = MAX_CASE_VOXELS) -> sitk.Image:
     def unreadable(problem: str) -> CaseError:
         return CaseError(reason, f"{what} '{path}' cannot be read: {problem}")
 
@@ -152,14 +152,15 @@ def _read_file(path: Path, what: str, reason: SkipReason,
     return image
 
 
-def read_image(case: CaseSpec, protocol: StudyProtocol, max_voxels: int = MAX_CASE_VOXELS
+def read_image(case: CaseSpec, protocol: StudyProtocol,
+               max_voxels: int | Budget = MAX_CASE_VOXELS
                ) -> sitk.Image:
     """The case's image as float32 (HU for CT, SUV for PET); one of more than ``max_voxels``
     voxels is refused from its header."""
     return _read_image(case, protocol, max_voxels)[0]
 
 
-def _read_image(case: CaseSpec, protocol: StudyProtocol, max_voxels: int
+def _read_image(case: CaseSpec, protocol: StudyProtocol, max_voxels: int | Budget
                 ) -> tuple[sitk.Image, pydicom.Dataset | None]:
     """:func:`read_image`, with the DICOM series' first header (None for a file)."""
     path = case.image
@@ -321,7 +322,8 @@ def _finite(image: sitk.Image, labels: sitk.Image, policy: str, what: str
     return out_image, out_labels
 
 
-def load_case(case: CaseSpec, protocol: StudyProtocol, max_voxels: int = MAX_CASE_VOXELS
+def load_case(case: CaseSpec, protocol: StudyProtocol,
+              max_voxels: int | Budget = MAX_CASE_VOXELS
               ) -> Volume:
     """Read and check one case: the volume on its native grid, ready for standardization (an
     image of more than ``max_voxels`` voxels is refused from its header)."""

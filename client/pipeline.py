@@ -1,5 +1,8 @@
 """The site data path: manifest -> load and check -> standardize -> extract, for many cases.
 
+Longer than 400 lines: the case loop, the supervision of the processes that run it, and the
+two outputs it writes (features table, ingestion report) read together.
+
 Cases run in parallel worker processes (one pyradiomics extractor per worker, built once). Each
 extracted case is cached on disk under a key made of the protocol hash, the software versions and
 the content of the case's files, written atomically: a killed run resumes where it stopped, and a
@@ -13,11 +16,12 @@ import hashlib
 import io
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +33,7 @@ import SimpleITK as sitk
 from threadpoolctl import threadpool_limits
 
 from client.extract import FeatureExtractor, pyradiomics_settings
-from client.limits import MAX_CASE_VOXELS, CaseTimeout, time_limit
+from client.limits import MAX_CASE_VOXELS, Budget, CaseTimeout, cap_memory, time_limit
 from client.loading import check_roi, load_case
 from client.manifest import CaseSpec, RowProblem
 from client.standardize import build_steps, standardize
@@ -84,11 +88,16 @@ def case_cache_key(case: CaseSpec, protocol_hash: str, versions: dict[str, str])
     return h.hexdigest()
 
 
+#: How ITK says an allocation failed (numpy raises MemoryError).
+_OUT_OF_MEMORY = ("bad_alloc", "Failed to allocate memory")
+
+
 class CaseProcessor:
     """Processes cases in one process: holds the protocol, the standardization steps and the
     pyradiomics extractor, built once."""
     def __init__(self, protocol: StudyProtocol, mode: Mode, cache_dir: Path | None,
-                 max_voxels: int = MAX_CASE_VOXELS, time_limit_s: float | None = None) -> None:
+                 max_voxels: int | Budget = MAX_CASE_VOXELS,
+                 time_limit_s: float | None = None) -> None:
         self.protocol = protocol
         self.mode = mode
         self.cache_dir = cache_dir
@@ -117,6 +126,13 @@ class CaseProcessor:
             return CaseOutcome(case.case_id, case.row, exc.reason, exc.detail,
                                seconds=time.perf_counter() - start)
         except Exception as exc:  # a bug or an unforeseen file: skip the case, keep the run
+            if isinstance(exc, MemoryError) or any(m in str(exc) for m in _OUT_OF_MEMORY):
+                budget = self.max_voxels
+                cap = (f"this site's max_case_memory_mb ({budget.max_memory_mb:,})"
+                       if isinstance(budget, Budget) and budget.max_memory_mb else "free memory")
+                return CaseOutcome(case.case_id, case.row, SkipReason.RESOURCE_LIMIT,
+                                   f"ran out of memory: it needs more than {cap}",
+                                   seconds=time.perf_counter() - start)
             last = traceback.format_exception_only(type(exc), exc)[-1].strip()
             return CaseOutcome(case.case_id, case.row, SkipReason.INTERNAL_ERROR,
                                f"unexpected error: {last}", seconds=time.perf_counter() - start)
@@ -166,23 +182,26 @@ def _read_cache(path: Path, case_id: str) -> dict[str, Any] | None:
 
 # --- parallel execution -----------------------------------------------------------------------
 
-_WORKER: CaseProcessor | None = None
+#: After the cooperative timer (``case_time_limit_s``), a case's process gets this much longer
+#: (or a tenth of the limit, if larger) to return before it is killed: the timer cannot
+#: interrupt a single long call into ITK or NumPy, the kill can.
+KILL_GRACE_S = 30.0
 
 
-def _init_worker(protocol: StudyProtocol, mode: Mode, cache_dir: str | None, threads: int,
-                 max_voxels: int, time_limit_s: float | None) -> None:
-    global _WORKER
-    # Each worker gets its share of the cores: ITK and BLAS (numpy's eigvals in pyradiomics'
-    # GLCM MCC) would otherwise each start a thread per core in every worker and thrash.
+def _kill_after(time_limit_s: float | None) -> float | None:
+    return None if not time_limit_s else time_limit_s + max(KILL_GRACE_S, time_limit_s / 10)
+
+
+def _case_process(processor: CaseProcessor, case: CaseSpec, conn: Any, threads: int) -> None:
+    """A forked child: one case, its outcome sent back through ``conn``."""
+    # Each process gets its share of the cores: ITK and BLAS (numpy's eigvals in pyradiomics'
+    # GLCM MCC) would otherwise each start a thread per core in every process and thrash.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     threadpool_limits(threads)
-    _WORKER = CaseProcessor(protocol, mode, Path(cache_dir) if cache_dir else None, max_voxels,
-                            time_limit_s)
-
-
-def _run_in_worker(case: CaseSpec) -> CaseOutcome:
-    assert _WORKER is not None, "worker not initialized"
-    return _WORKER(case)
+    budget = processor.max_voxels
+    cap_memory(budget.max_memory_mb if isinstance(budget, Budget) else None)
+    conn.send(processor(case))
+    conn.close()
 
 
 def _size_on_disk(path: Path) -> int:
@@ -202,48 +221,94 @@ def run_cases(
     workers: int,
     cache_dir: Path | None,
     on_done: Callable[[CaseOutcome], None] | None = None,
-    max_voxels: int = MAX_CASE_VOXELS,
+    max_voxels: int | Budget = MAX_CASE_VOXELS,
     time_limit_s: float | None = None,
 ) -> list[CaseOutcome]:
-    """Process ``cases`` with ``workers`` processes (1 = in this process); outcomes in input
-    order. ``on_done`` is called in this process as each case finishes (progress display). A
-    case whose image or resampled grid holds more than ``max_voxels`` voxels is skipped
-    (``resource_limit``) before it is allocated, and so is one that runs past
-    ``time_limit_s`` (:func:`client.limits.time_limit`)."""
+    """Process ``cases`` with up to ``workers`` processes at once (1 = in this process); outcomes
+    in input order. ``on_done`` is called in this process as each case finishes (progress
+    display). A case whose image or resampled grid holds more voxels, or would take more
+    memory, than ``max_voxels`` allows (a :class:`~client.limits.Budget`) is skipped
+    (``resource_limit``) before it is allocated, and so is one that runs past ``time_limit_s``
+    (:func:`client.limits.time_limit`).
+
+    With several workers each case runs in its own forked process (the protocol's extractor is
+    built once, here, and shared copy-on-write): a case stuck past the time limit and its grace
+    (:data:`KILL_GRACE_S`) is killed, and a case whose process dies (the out-of-memory killer)
+    is skipped by name while every other case goes on. There the budget's memory is also a cap
+    on each case's process (:func:`client.limits.cap_memory`)."""
     workers = max(1, min(workers, len(cases))) if cases else 1
     outcomes: dict[int, CaseOutcome] = {}
-    if workers == 1:
-        processor = CaseProcessor(protocol, mode, cache_dir, max_voxels, time_limit_s)
+    processor = CaseProcessor(protocol, mode, cache_dir, max_voxels, time_limit_s)
+
+    def done(i: int, outcome: CaseOutcome) -> None:
+        outcomes[i] = outcome
+        if on_done:
+            on_done(outcome)
+
+    if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
         for i, case in enumerate(cases):
-            outcomes[i] = processor(case)
-            if on_done:
-                on_done(outcomes[i])
-    else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        init_args = (protocol, mode, str(cache_dir) if cache_dir else None, threads,
-                     max_voxels, time_limit_s)
-        # Largest cases first (longest-processing-time order): no worker is left with one big
-        # case at the end while the others idle.
-        order = sorted(range(len(cases)), key=lambda i: -_size_on_disk(cases[i].image))
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                 initargs=init_args) as pool:
-            futures: dict[Future[CaseOutcome], int] = {
-                pool.submit(_run_in_worker, cases[i]): i for i in order
-            }
-            for future in as_completed(futures):
-                i = futures[future]
+            done(i, processor(case))
+        return [outcomes[i] for i in range(len(cases))]
+
+    context = multiprocessing.get_context("fork")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    kill_after = _kill_after(time_limit_s)
+    # Largest cases first (longest-processing-time order): no worker is left with one big case
+    # at the end while the others idle.
+    pending = sorted(range(len(cases)), key=lambda i: -_size_on_disk(cases[i].image))
+    running: dict[Any, tuple[int, Any, float]] = {}  # pipe -> (case index, process, start)
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                i = pending.pop(0)
+                receive, send = context.Pipe(duplex=False)
+                child = context.Process(target=_case_process, daemon=True,
+                                        args=(processor, cases[i], send, threads))
+                child.start()
+                send.close()
+                running[receive] = (i, child, time.monotonic())
+            wait_s = 1.0 if kill_after else None
+            for pipe in multiprocessing.connection.wait(list(running), wait_s):
+                i, child, started = running.pop(pipe)
                 try:
-                    outcome = future.result()
-                except Exception as exc:  # a worker died (e.g. killed for memory)
-                    case = cases[i]
-                    outcome = CaseOutcome(case.case_id, case.row, SkipReason.INTERNAL_ERROR,
-                                          f"worker process failed: {type(exc).__name__}: {exc}")
-                outcomes[i] = outcome
-                if on_done:
-                    on_done(outcome)
+                    outcome = pipe.recv()
+                except (EOFError, OSError):
+                    outcome = _died(cases[i], child, started)
+                pipe.close()
+                child.join()
+                done(i, outcome)
+            now = time.monotonic()
+            for pipe, (i, child, started) in list(running.items()):
+                if kill_after and now - started > kill_after:
+                    child.kill()
+                    child.join()
+                    pipe.close()
+                    del running[pipe]
+                    done(i, CaseOutcome(
+                        cases[i].case_id, cases[i].row, SkipReason.RESOURCE_LIMIT,
+                        f"still running {kill_after:g} s after it started, past the site's "
+                        f"case_time_limit_s ({time_limit_s:g} s): its process was killed",
+                        seconds=now - started))
+    finally:
+        for pipe, (_, child, _) in running.items():  # interrupted: leave no process behind
+            child.kill()
+            child.join()
+            pipe.close()
     return [outcomes[i] for i in range(len(cases))]
+
+
+def _died(case: CaseSpec, child: Any, started: float) -> CaseOutcome:
+    """The outcome of a case whose process ended without answering."""
+    child.join()
+    code = child.exitcode
+    seconds = time.monotonic() - started
+    if code is not None and code < 0 and -code == signal.SIGKILL:
+        return CaseOutcome(case.case_id, case.row, SkipReason.RESOURCE_LIMIT,
+                           "its process was killed (SIGKILL): most likely the system's "
+                           "out-of-memory killer; lower max_case_voxels or n_workers",
+                           seconds=seconds)
+    return CaseOutcome(case.case_id, case.row, SkipReason.INTERNAL_ERROR,
+                       f"its process ended without a result (exit code {code})", seconds=seconds)
 
 
 # --- outputs ----------------------------------------------------------------------------------

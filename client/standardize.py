@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from client.limits import MAX_CASE_VOXELS, check_voxels
+from client.limits import MAX_CASE_VOXELS, Budget, check_voxels
 from common.errors import CaseError, SkipReason
 from common.protocol import (
     BiasCorrectionSpec,
@@ -162,7 +162,8 @@ class Resample:
     """
 
     def __init__(self, spec: ResampleSpec, round_intensities: bool,
-                 margin_voxels: int | None = None, max_voxels: int = MAX_CASE_VOXELS) -> None:
+                 margin_voxels: int | None = None,
+                 max_voxels: int | Budget = MAX_CASE_VOXELS) -> None:
         self.spec = spec
         self.round_intensities = round_intensities
         self.margin_voxels = margin_voxels
@@ -335,7 +336,8 @@ def filter_margin_voxels(protocol: StudyProtocol) -> int:
     return max(5, math.ceil(3.0 * max(sigmas) / spacing) if sigmas else 0)
 
 
-def build_steps(protocol: StudyProtocol, max_voxels: int = MAX_CASE_VOXELS) -> list[Any]:
+def build_steps(protocol: StudyProtocol,
+                max_voxels: int | Budget = MAX_CASE_VOXELS) -> list[Any]:
     """The protocol's standardization as an ordered list of steps; a resampled grid of more
     than ``max_voxels`` voxels is refused before it is allocated.
 

@@ -121,7 +121,11 @@ FEATURE_NAMES: dict[str, frozenset[str]] = {
 #: to a few hundred.
 MAX_BINS = 1024
 
-PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+#: A clinical value or axis bound: finite and within +/- 10^9 (any lab unit fits).
+Finite = Annotated[float, Field(ge=-1e9, le=1e9, allow_inf_nan=False)]
+#: A physical size in mm: from a tenth of a millimetre (micro-CT is out of scope) to 10 cm.
+Millimetres = Annotated[float, Field(ge=0.1, le=100, allow_inf_nan=False)]
 
 
 class _Frozen(BaseModel):
@@ -149,7 +153,7 @@ class TaskSpec(_Frozen):
     kind: TaskKind
     label_column: str = "label"
     classes: tuple[str, str] | None = None
-    value_range: tuple[float, float] | None = None
+    value_range: tuple[Finite, Finite] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:
@@ -211,11 +215,12 @@ class CovariateSpec(_Frozen):
 
 class IngestionSpec(_Frozen):
     """Which mask label is the ROI, and the per-case quality checks."""
-    roi_label: int = Field(1, ge=1, description="Mask value of the region of interest.")
+    roi_label: int = Field(1, ge=1, le=65535, description="Mask value of the region of interest.")
     rtstruct_roi: str | None = Field(
         None, description="ROI name in RTSTRUCT masks (a manifest 'roi' column overrides it)."
     )
-    min_roi_voxels: int = Field(10, ge=1, description="Smallest usable ROI, in voxels.")
+    min_roi_voxels: int = Field(10, ge=1, le=10_000_000,
+                                description="Smallest usable ROI, in voxels.")
     geometry_tolerance: float = Field(
         1e-3,
         gt=0,
@@ -234,7 +239,7 @@ class ResampleSpec(_Frozen):
     ``spacing_mm`` is (x, y, z). With ``in_plane_only`` the slice spacing is kept (IBSI 2D configs)
     and the z value is ignored.
     """
-    spacing_mm: tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+    spacing_mm: tuple[Millimetres, Millimetres, Millimetres]
     in_plane_only: bool = False
     interpolation: Literal["nearest", "linear", "bspline"] = "linear"
     mask_interpolation: Literal["nearest", "linear"] = "linear"
@@ -250,9 +255,9 @@ class NormalizationSpec(_Frozen):
       RTSTRUCT or DICOM SEG mask, the ROI / segment named ``reference_roi`` is read as that label.
     """
     method: Literal["zscore", "percentile", "reference_tissue"]
-    scale: PositiveFloat = 100.0
-    percentiles: tuple[float, float] = (1.0, 99.0)
-    reference_label: int | None = Field(None, ge=1)
+    scale: float = Field(100.0, gt=0, le=1e6, allow_inf_nan=False)
+    percentiles: tuple[Finite, Finite] = (1.0, 99.0)
+    reference_label: int | None = Field(None, ge=1, le=65535)
     reference_roi: str | None = Field(
         None, description="RTSTRUCT ROI name or SEG segment of the reference tissue (DICOM masks)."
     )
@@ -273,8 +278,8 @@ class BiasCorrectionSpec(_Frozen):
     """N4 bias-field correction (SimpleITK), fitted on a shrunken image for speed.
     ``iterations`` gives the maximum iterations per fitting level (its length = the levels)."""
     shrink_factor: int = Field(4, ge=1, le=8)
-    iterations: tuple[Annotated[int, Field(ge=1)], ...] = Field((50, 50, 30), min_length=1,
-                                                              max_length=6)
+    iterations: tuple[Annotated[int, Field(ge=1, le=1000)], ...] = Field(
+        (50, 50, 30), min_length=1, max_length=6)
 
 
 class StandardizationSpec(_Frozen):
@@ -288,9 +293,9 @@ class StandardizationSpec(_Frozen):
         None,
         description="Keep ROI voxels in [low, high] (HU for CT, SUV for PET); -inf / inf = open.",
     )
-    outlier_sigma: PositiveFloat | None = Field(
-        None, description="Then drop ROI voxels beyond mean +/- this many SD (IBSI: 3)."
-    )
+    outlier_sigma: float | None = Field(
+        None, ge=0.5, le=10, allow_inf_nan=False,
+        description="Then drop ROI voxels beyond mean +/- this many SD (IBSI: 3).")
 
     @model_validator(mode="after")
     def _check(self) -> StandardizationSpec:
@@ -306,7 +311,8 @@ class StandardizationSpec(_Frozen):
 class ImageTypesSpec(_Frozen):
     """pyradiomics image types: the original image and optional filtered ones."""
     original: bool = True
-    log_sigma_mm: tuple[PositiveFloat, ...] = ()
+    log_sigma_mm: tuple[Annotated[float, Field(ge=0.1, le=20, allow_inf_nan=False)], ...] = Field(
+        (), max_length=10)
     wavelet: bool = False
 
     @model_validator(mode="after")
@@ -342,13 +348,13 @@ class RadiomicsSpec(_Frozen):
     image_types: ImageTypesSpec = ImageTypesSpec()
     feature_classes: dict[str, tuple[str, ...]] = Field(default_factory=_all_feature_classes)
     discretization: Literal["fixed_bin_size", "fixed_bin_number"] = "fixed_bin_size"
-    bin_width: float | None = Field(25.0, gt=0, allow_inf_nan=False)
+    bin_width: float | None = Field(25.0, gt=0, le=1e6, allow_inf_nan=False)
     bin_count: int | None = Field(None, ge=2, le=MAX_BINS)
     force_2d: bool = False
     per_slice: bool = False
     texture_aggregation: Literal["averaged", "merged"] = "averaged"
     ivh_discretization: Literal["none", "fixed_bin_size", "fixed_bin_number"] = "none"
-    ivh_bin_width: float | None = Field(None, gt=0, allow_inf_nan=False)
+    ivh_bin_width: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)
     ivh_bin_count: int | None = Field(None, ge=2, le=MAX_BINS)
     glcm_distances: tuple[Annotated[int, Field(ge=1, le=10)], ...] = (1,)
     gldm_alpha: int = Field(0, ge=0, le=MAX_BINS)
@@ -402,13 +408,13 @@ class ModelSpec(_Frozen):
     ``clinical_ranges`` gives a continuous clinical factor's axis on the nomogram plot (e.g.
     ``age: [40, 90]``; absent = 0 to 100).
     """
-    screening_top_k: int = Field(30, ge=1)
+    screening_top_k: int = Field(30, ge=1, le=1000)
     penalty: Literal["lasso", "ridge"] = "lasso"
     cv_folds: int = Field(5, ge=2, le=10)
     n_lambdas: int = Field(10, ge=2, le=50)
     lambda_rule: Literal["min", "1se"] = "min"
     clinical: tuple[str, ...] = ()
-    clinical_ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    clinical_ranges: dict[str, tuple[Finite, Finite]] = Field(default_factory=dict)
 
 
 class ValidationSpec(_Frozen):
@@ -420,7 +426,7 @@ class ValidationSpec(_Frozen):
     ``bootstrap``: resamples of the stratified bootstrap CI of the AUC (0 = DeLong's CI only).
     ``decision_thresholds``: the threshold probabilities of the decision curve.
     """
-    min_count: int = Field(5, ge=1)
+    min_count: int = Field(5, ge=1, le=1000)
     n_bins: int = Field(10, ge=2, le=50)
     bootstrap: int = Field(1000, ge=0, le=100_000)
     decision_thresholds: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = (
@@ -439,11 +445,15 @@ class LocalDpSpec(_Frozen):
     noise is added to every weight."""
     epsilon: float = Field(gt=0, le=1)
     delta: float = Field(1e-5, gt=0, lt=1)
-    clipping_norm: PositiveFloat = 1.0
+    clipping_norm: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False)
 
     @property
     def noise_std(self) -> float:
         return 2 * self.clipping_norm * math.sqrt(2 * math.log(1.25 / self.delta)) / self.epsilon
+
+
+#: A CNN crop's edge, in voxels.
+CropEdge = Annotated[int, Field(ge=8, le=256)]
 
 
 class CnnSpec(_Frozen):
@@ -455,16 +465,17 @@ class CnnSpec(_Frozen):
     architecture: Literal["resnet10", "resnet18", "densenet121"] = "resnet10"
     width: float = Field(0.25, gt=0, le=4, description="ResNet channel multiplier (1 = MONAI's "
                          "64-512 channels; 0.25 = 16-128, 1/16 of the weights).")
-    crop_size: tuple[int, int, int] = Field((48, 48, 16), description="(x, y, z) voxels.")
+    crop_size: tuple[CropEdge, CropEdge, CropEdge] = Field(
+        (48, 48, 16), description="(x, y, z) voxels.")
     rounds: int = Field(5, ge=1, le=500)
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(8, ge=1)
-    learning_rate: PositiveFloat = 1e-3
+    local_epochs: int = Field(1, ge=1, le=100)
+    batch_size: int = Field(8, ge=1, le=1024)
+    learning_rate: float = Field(1e-3, gt=0, le=10, allow_inf_nan=False)
     aggregator: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "trimmed_mean", "krum"] = (
         "fedavg")
-    proximal_mu: float = Field(0.01, ge=0)
+    proximal_mu: float = Field(0.01, ge=0, le=100, allow_inf_nan=False)
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)
-    krum_byzantine: int = Field(0, ge=0)
+    krum_byzantine: int = Field(0, ge=0, le=100)
     augment: bool = True
     local_dp: LocalDpSpec | None = None
 

@@ -13,7 +13,7 @@ import pydicom
 import SimpleITK as sitk
 
 from client.dicom.files import RTSTRUCT_SOP_CLASS, SEG_SOP_CLASS, is_dicom_file, short_reason
-from client.limits import MAX_CASE_VOXELS, check_voxels
+from client.limits import MAX_CASE_VOXELS, Budget, check_voxels
 from common.errors import CaseError, SkipReason
 
 __all__ = ["list_series", "read_dicom_series"]
@@ -159,7 +159,7 @@ def _check_headers(folder: Path, files: list[Path]) -> pydicom.Dataset:
 
 
 def read_dicom_series(
-    folder: Path, series_uid: str | None = None, max_voxels: int = MAX_CASE_VOXELS
+    folder: Path, series_uid: str | None = None, max_voxels: int | Budget = MAX_CASE_VOXELS
 ) -> tuple[sitk.Image, pydicom.Dataset]:
     """Read one DICOM image series as a 3D volume.
 

@@ -33,7 +33,7 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
     cases, problems = read_manifest(site.manifest, protocol, default_batch=site.site_name,
                                     data_root=site.data_root)
     outcomes = run_cases(cases, protocol, mode="extract", workers=site.n_workers,
-                         cache_dir=site.cache_dir, max_voxels=site.max_case_voxels,
+                         cache_dir=site.cache_dir, max_voxels=site.budget,
                          time_limit_s=site.case_time_limit_s)
     skipped = Counter([p.reason.value for p in problems]
                       + [o.reason.value for o in outcomes if o.reason is not None])

@@ -5,6 +5,7 @@ protocol names only what pyradiomics computes, within sane ranges."""
 from __future__ import annotations
 
 import gzip
+import os
 import resource
 import struct
 import sys
@@ -28,9 +29,9 @@ def _peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
-def nifti_bomb(path: Path, dims: tuple[int, int, int]) -> None:
-    """A valid gzipped NIfTI-1 of zeros (uint8) whose header declares ``dims``: a few MB on disk,
-    ``prod(dims)`` bytes once read."""
+def nifti_bomb(path: Path, dims: tuple[int, int, int], fill: int = 0) -> None:
+    """A valid gzipped NIfTI-1 of ``fill`` (uint8; zeros by default) whose header declares
+    ``dims``: a few MB on disk, ``prod(dims)`` bytes once read."""
     header = bytearray(352)
     struct.pack_into("<i", header, 0, 348)
     struct.pack_into("<8h", header, 40, 3, *dims, 1, 1, 1, 1)
@@ -43,7 +44,7 @@ def nifti_bomb(path: Path, dims: tuple[int, int, int]) -> None:
     struct.pack_into("<4f", header, 296, 0, 1, 0, 0)
     struct.pack_into("<4f", header, 312, 0, 0, 1, 0)
     header[344:348] = b"n+1\x00"
-    zeros = bytes(1 << 24)
+    zeros = bytes([fill]) * (1 << 24)
     with gzip.open(path, "wb", compresslevel=1) as fh:
         fh.write(bytes(header))
         left = int(np.prod(dims))
@@ -82,17 +83,18 @@ def test_a_nifti_whose_header_declares_too_many_voxels_is_refused_before_it_is_r
 
 
 def test_a_resampled_grid_over_the_limit_is_refused_before_it_is_allocated():
-    """spacing_mm [0.01, 0.01, 4] used to take minutes and gigabytes on one case; here on a
-    small volume (a 12 mm ROI: 1.2 million voxels a slice at 0.01 mm) against a limit of 10^6."""
+    """spacing_mm [0.01, 0.01, 4] used to take minutes and gigabytes on one case (the protocol
+    now refuses spacings under 0.1 mm); a grid at the finest allowed spacing is still held to
+    the site's limit: here a small volume at 0.1 mm against a limit of 10^4 voxels."""
     image, labels = make_volume()
     mapping = load_protocol("preset:spine_mri_t1w").model_dump(mode="json")
-    mapping["standardization"]["resample"]["spacing_mm"] = [0.01, 0.01, 4.0]
+    mapping["standardization"]["resample"]["spacing_mm"] = [0.1, 0.1, 4.0]
     mapping["standardization"]["bias_correction"] = None
     protocol = protocol_from_mapping(mapping)
     with pytest.raises(CaseError) as refused:
-        standardize(Volume(image, labels, 1), build_steps(protocol, max_voxels=1_000_000))
+        standardize(Volume(image, labels, 1), build_steps(protocol, max_voxels=10_000))
     assert refused.value.reason is SkipReason.RESOURCE_LIMIT
-    assert "the grid resampled to (0.01, 0.01, 4.0) mm has" in refused.value.detail
+    assert "the grid resampled to (0.1, 0.1, 4.0) mm has" in refused.value.detail
 
 
 def test_a_fixed_bin_size_giving_too_many_grey_levels_is_refused():
@@ -217,3 +219,88 @@ def test_a_case_past_the_time_limit_is_skipped_and_the_next_goes_on(tmp_path: Pa
         assert f"took more than the site's case_time_limit_s ({limit:g} s)" in outcome.detail
     done = CaseProcessor(protocol, "extract", None, time_limit_s=60)(spec)
     assert done.reason is None and done.features
+
+
+def test_a_stuck_case_is_killed_and_a_dead_one_named_while_the_others_finish(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """With several workers every case runs in its own process: one stuck where the timer cannot
+    reach it (SIGALRM blocked, as in a long ITK call) is killed after the grace, one killed by
+    the system (SIGKILL, as the out-of-memory killer does) is named, and the others finish."""
+    import signal
+    import time
+
+    from client import pipeline
+
+    image, labels = make_volume()
+    sitk.WriteImage(image, str(tmp_path / "image.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "mask.nii.gz"))
+    cases = [CaseSpec(case_id=name, row=2 + k, image=tmp_path / "image.nii.gz",
+                      mask=tmp_path / "mask.nii.gz", label=1.0, batch="s")
+             for k, name in enumerate(["ok_1", "stuck", "killed", "ok_2"])]
+    original = pipeline.CaseProcessor._process
+
+    def process(self, case, start):
+        if case.case_id == "stuck":
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            time.sleep(120)
+        if case.case_id == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, case, start)
+
+    monkeypatch.setattr(pipeline.CaseProcessor, "_process", process)
+    monkeypatch.setattr(pipeline, "KILL_GRACE_S", 1.0)
+    started = time.monotonic()
+    outcomes = pipeline.run_cases(cases, load_protocol("preset:ibsi_digital_phantom"),
+                                  mode="extract", workers=2, cache_dir=None, time_limit_s=1.0)
+    assert time.monotonic() - started < 60
+    by_id = {o.case_id: o for o in outcomes}
+    assert [o.case_id for o in outcomes] == ["ok_1", "stuck", "killed", "ok_2"]
+    assert by_id["ok_1"].ok and by_id["ok_2"].ok and by_id["ok_1"].features
+    assert by_id["stuck"].reason is SkipReason.RESOURCE_LIMIT
+    assert "its process was killed" in by_id["stuck"].detail
+    assert by_id["killed"].reason is SkipReason.RESOURCE_LIMIT
+    assert "out-of-memory killer" in by_id["killed"].detail
+
+
+def test_a_case_over_the_memory_budget_is_refused_before_it_is_read(tmp_path: Path):
+    """max_case_memory_mb: the header's grid, at the measured bytes per voxel, is over the
+    budget, so the case is skipped naming the estimate, with no memory spent on it."""
+    from client.pipeline import CaseProcessor
+    from common.site_config import Budget
+
+    path = tmp_path / "big.nii.gz"
+    nifti_bomb(path, (256, 256, 128))  # 8.4 million voxels: about 448 MB to process
+    before = _peak_rss_mb()
+    outcome = CaseProcessor(load_protocol("preset:ibsi_digital_phantom"), "extract", None,
+                            Budget(max_memory_mb=256))(case(path))
+    assert outcome.reason is SkipReason.RESOURCE_LIMIT
+    assert "about 448 MB to process (64 MB and 48 bytes per voxel), more than this site's " \
+        "max_case_memory_mb (256)" in outcome.detail
+    assert _peak_rss_mb() - before < 50
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA caps memory on "
+                    "Linux only")
+def test_a_case_that_outgrows_the_estimate_is_stopped_at_the_cap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The estimate can be wrong (a big ROI's texture matrices): with several workers the case's
+    process is capped at max_case_memory_mb, so the allocation past it fails, that case is
+    skipped as out of memory, and the small case beside it is extracted."""
+    from client import limits, pipeline
+    from common.site_config import Budget
+
+    monkeypatch.setattr(limits, "BYTES_PER_VOXEL", 1)  # an estimate far too low
+    monkeypatch.setattr(limits, "ESTIMATE_BASE_MB", 0)
+    big = tmp_path / "big.nii.gz"
+    nifti_bomb(big, (512, 512, 160), fill=1)  # 42 million voxels, all in the ROI
+    image, labels = make_volume()
+    sitk.WriteImage(image, str(tmp_path / "image.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "mask.nii.gz"))
+    cases = [case(big), CaseSpec(case_id="small", row=3, image=tmp_path / "image.nii.gz",
+                                 mask=tmp_path / "mask.nii.gz", label=1.0, batch="s")]
+    outcomes = pipeline.run_cases(cases, load_protocol("preset:ibsi_digital_phantom"),
+                                  mode="extract", workers=2, cache_dir=None,
+                                  max_voxels=Budget(max_memory_mb=256))
+    assert outcomes[0].reason is SkipReason.RESOURCE_LIMIT, outcomes[0]
+    assert "max_case_memory_mb (256)" in outcomes[0].detail
+    assert outcomes[1].ok

@@ -158,3 +158,66 @@ def test_the_ibsi_presets_follow_the_ibsi_configurations(config, reseg, bins):
     assert protocol.radiomics.discretization == method
     assert (protocol.radiomics.bin_width if method == "fixed_bin_size"
             else protocol.radiomics.bin_count) == value
+
+
+def _full_protocol() -> dict:
+    """A protocol with every optional section set, so every numeric field is in its dump."""
+    mapping = load_protocol("preset:spine_mri_t1w").model_dump(mode="json")
+    mapping["task"] = {"kind": "regression", "label_column": "pci", "value_range": [0, 100]}
+    mapping["standardization"]["outlier_sigma"] = 3.0
+    mapping["radiomics"].update(ivh_discretization="fixed_bin_size", ivh_bin_width=2.5,
+                                discretization="fixed_bin_number", bin_count=32, bin_width=25.0,
+                                ivh_bin_count=100)
+    mapping["radiomics"]["image_types"]["log_sigma_mm"] = [1.0, 2.0]
+    mapping["model"].update(clinical=["age"], clinical_ranges={"age": [40, 90]})
+    mapping["cnn"] = {"local_dp": {"epsilon": 0.5}}
+    mapping = protocol_from_mapping(mapping).model_dump(mode="json")
+    assert mapping["cnn"]["local_dp"] and mapping["standardization"]["normalization"]
+    return mapping
+
+
+def _numeric_leaves(value, path=()):
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        yield path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numeric_leaves(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _numeric_leaves(item, (*path, i))
+
+
+#: Numbers whose whole real line is meaningful: a re-segmentation bound may be -inf or inf (an
+#: open side) and any finite HU or SUV; the pair's order is checked instead.
+_UNBOUNDED = {("standardization", "resegmentation_range", 0),
+              ("standardization", "resegmentation_range", 1)}
+
+
+@pytest.mark.parametrize("wild", [1e30, -1e30, float("nan")])
+def test_every_numeric_protocol_field_has_a_sane_range(wild):
+    """Every number a protocol holds is refused, naming its field, when it is absurd (10^30,
+    -10^30, NaN): nothing sized by a protocol value reaches a case unbounded."""
+    import copy
+
+    full = _full_protocol()
+    leaves = list(_numeric_leaves(full))
+    assert len(leaves) > 60
+    accepted = []
+    for path in leaves:
+        if path in _UNBOUNDED and wild == wild:  # NaN is refused there too
+            continue
+        mapping = copy.deepcopy(full)
+        target = mapping
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = wild
+        try:
+            protocol_from_mapping(mapping)
+        except ConfigError as exc:
+            named = ".".join(str(p) for p in path if not isinstance(p, int))
+            assert named.split(".")[-1] in str(exc), (path, str(exc))
+        else:
+            accepted.append(path)
+    assert not accepted, f"absurd value {wild} accepted at {accepted}"
