@@ -57,7 +57,7 @@ def demo(
     from cli.simulation import run_in_simulation
     from common.protocol import load_protocol  # deferred: heavy
     from common.synthetic import Task, read_cohort_spec  # deferred: heavy
-    from server.report import write_report  # deferred: heavy
+    from server.report import report_paths  # deferred: heavy
     from server.study import StudySettings, StudyStopped  # deferred: heavy
 
     try:
@@ -91,7 +91,7 @@ def demo(
         raise typer.Exit(ExitCode.STUDY_STOPPED)
     out.print(summary_table(study, time.monotonic() - started))
     out.print(f"results: {study}")
-    paths = write_report(study)
+    paths = report_paths(study)  # the study wrote them as it ended
     out.print(f"multicentre report: {paths['html']} (also {paths['json'].name}, "
               f"{paths['csv'].name})")
     for html in sorted((cohort / "work").glob(f"*/study/{protocol.short_hash}/report/"

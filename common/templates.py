@@ -1,4 +1,4 @@
-"""HTML rendering of the reports: Jinja2 templates shipped with the package, autoescaped."""
+"""HTML rendering of the reports: Jinja2 templates (:mod:`common.report_templates`), autoescaped."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import math
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from jinja2 import DictLoader, Environment, StrictUndefined, select_autoescape
+
+from common.report_templates import TEMPLATES
 
 if TYPE_CHECKING:
     from jinja2 import Environment
@@ -14,13 +16,14 @@ if TYPE_CHECKING:
 
 @lru_cache(maxsize=1)
 def _environment() -> Environment:
-    return Environment(loader=PackageLoader("common", "report_templates"),
+    return Environment(loader=DictLoader(TEMPLATES),
                        autoescape=select_autoescape(["html", "j2"]), undefined=StrictUndefined,
                        trim_blocks=True, lstrip_blocks=True)
 
 
 def render(template: str, **context: Any) -> str:
-    """The named template (``common/report_templates/``) filled with ``context``."""
+    """The named template (:data:`common.report_templates.TEMPLATES`) filled with
+    ``context``."""
     return _environment().get_template(template).render(**context)
 
 

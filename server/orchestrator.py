@@ -1,12 +1,14 @@
 """The study, phase by phase, independent of Flower: the handshake, the local preparation,
 federated ComBat, the radiomics model and the nomogram, the CNN (each in :mod:`server.phases`),
 with the validation inside each; ``study.json`` says how it ended and ``checkpoint.json`` how
-far it got, so a restarted coordinator resumes it."""
+far it got, so a restarted coordinator resumes it. Every run ends by writing the multicentre
+report (:mod:`server.report`) of what it got to."""
 
 from __future__ import annotations
 
 import json
 
+from common.errors import ConfigError
 from common.protocol import TaskKind
 from common.provenance import atomic_write_json
 from server.phases.cnn import run_cnn
@@ -15,6 +17,7 @@ from server.phases.handshake import run_handshake
 from server.phases.nomogram import run_nomogram
 from server.phases.prepare import PrepareSummary, load_prepare, run_prepare, training_prevalence
 from server.phases.radiomics import run_model
+from server.report import write_report
 from server.rounds import Transport
 from server.study import Progress, StudySettings, StudyStopped, open_checkpoint
 
@@ -93,6 +96,18 @@ def run_study(transport: Transport, settings: StudySettings, progress: Progress)
         raise
     finally:
         atomic_write_json(settings.out_dir / "study.json", status)
+        _write_report(settings, progress)
+
+
+def _write_report(settings: StudySettings, progress: Progress) -> None:
+    """The multicentre report of what the run wrote, whether it finished, stopped or failed
+    (the report says which, and where): in deployment as in the demo."""
+    try:
+        paths = write_report(settings.out_dir)
+    except (ConfigError, OSError, ValueError, KeyError) as exc:  # e.g. no handshake yet
+        progress(f"multicentre report not written: {exc}")
+        return
+    progress(f"multicentre report: {paths['html']}")
 
 
 def run_models(transport: Transport, nodes: dict[int, str], harmonized: dict[int, str],

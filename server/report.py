@@ -17,6 +17,7 @@ curves; the protocol hash, what was excluded and why.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,12 @@ import numpy as np
 from common import plots
 from common.errors import ConfigError
 from common.payloads import shown_count, shown_counts
-from common.provenance import REPORT_PACKAGES, atomic_write_json, software_versions
+from common.provenance import (
+    REPORT_PACKAGES,
+    atomic_write_bytes,
+    atomic_write_json,
+    software_versions,
+)
 from common.templates import confusion, fmt, render, with_ci
 
 REPORT_HTML, REPORT_JSON, REPORT_CSV = "report.html", "report.json", "report.csv"
@@ -287,20 +293,27 @@ def _csv_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def report_paths(out_dir: Path) -> dict[str, Path]:
+    """Where :func:`write_report` writes in ``out_dir``, by kind (html, json, csv)."""
+    return {"html": out_dir / REPORT_HTML, "json": out_dir / REPORT_JSON,
+            "csv": out_dir / REPORT_CSV}
+
+
 def write_report(out_dir: Path) -> dict[str, Path]:
     """Write report.html, report.json and report.csv into ``out_dir``; their paths."""
     study = read_study(out_dir)
     report = _report_of(study, out_dir)
-    paths = {"html": out_dir / REPORT_HTML, "json": out_dir / REPORT_JSON,
-             "csv": out_dir / REPORT_CSV}
+    paths = report_paths(out_dir)
     without_figures = json.loads(json.dumps(report, default=str))
     for section in [*without_figures["models"], without_figures.get("nomogram") or {},
                     without_figures.get("cnn") or {}]:
         section.pop("figures", None)
     atomic_write_json(paths["json"], without_figures)
-    with paths["csv"].open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, ["site", "features", "model", "metric", "value"])
-        writer.writeheader()
-        writer.writerows(_csv_rows(study))
-    paths["html"].write_text(render("multicentre.html.j2", report=report), encoding="utf-8")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, ["site", "features", "model", "metric", "value"])
+    writer.writeheader()
+    writer.writerows(_csv_rows(study))
+    # Written like every other output: atomically, readable by the coordinator's user only.
+    atomic_write_bytes(paths["csv"], table.getvalue().encode("utf-8"))
+    atomic_write_bytes(paths["html"], render("multicentre.html.j2", report=report).encode())
     return paths

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flower
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common.errors import ConfigError
 from common.messages import STUDY_RECORD, StudyConfig
@@ -176,7 +177,7 @@ class PerSite:
 
     def save(self, server_round: int, arrays: ArrayRecord) -> None:
         """The round's global model, FedAdam's moments and the records so far."""
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(mode=0o700, parents=True, exist_ok=True)
         save_arrays(self.checkpoints / f"global_round_{server_round:03d}.npz",
                     {k: v.numpy() for k, v in arrays.items()})
         moments = self.moments()
@@ -201,6 +202,23 @@ class PerSite:
                 "left_out": self.left_out, "failed": self.failed}
 
 
+def _is_count(key: str) -> bool:
+    """A metric that counts crops (``test_n``, ``global_train_n_positive``)."""
+    return key.endswith(("_n", "_n_positive")) or key in ("n", "n_positive")
+
+
+def sum_counts(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+    """Flower's aggregate of the sites' metrics, weighted by ``weighting_metric_name``, except
+    that counts are summed (Flower's weighted mean of counts, e.g. 25.36 crops, means nothing):
+    the sum of the sites' counts, or -1 when a site withheld its count (under its minimum)."""
+    aggregated = aggregate_metricrecords(records, weighting_metric_name)
+    for key in [k for k in aggregated if _is_count(k)]:
+        counts = [float(value) for record in records for metrics in
+                  record.metric_records.values() for k, value in metrics.items() if k == key]
+        aggregated[key] = -1 if any(c < 0 for c in counts) else int(sum(counts))
+    return aggregated
+
+
 def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Progress,
                  expected: Mapping[str, np.ndarray], checkpoint: Checkpoint | None = None
                  ) -> PerSite:
@@ -214,7 +232,9 @@ def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Progr
                                   "min_train_nodes": settings.min_sites,
                                   "min_available_nodes": settings.min_sites,
                                   "min_evaluate_nodes": settings.min_sites,
-                                  "configrecord_key": STUDY_RECORD}
+                                  "configrecord_key": STUDY_RECORD,
+                                  "train_metrics_aggr_fn": sum_counts,
+                                  "evaluate_metrics_aggr_fn": sum_counts}
     if spec.aggregator == "fedprox":
         options["proximal_mu"] = spec.proximal_mu
     elif spec.aggregator == "trimmed_mean":

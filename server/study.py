@@ -172,7 +172,7 @@ def open_checkpoint(settings: StudySettings) -> tuple[Checkpoint, bool]:
     for name in STUDY_FILES:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "cnn", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
     checkpoint = Checkpoint(key)
     checkpoint.save(out)
     return checkpoint, False

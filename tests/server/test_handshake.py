@@ -109,6 +109,10 @@ def test_a_combat_every_site_refuses_does_not_run_and_the_study_goes_on(cohort: 
     status = json.loads((tmp_path / "study.json").read_text())
     assert status["status"] == "stopped"
     assert status["reason"].startswith("model comoments: 0 site(s) answered")
+    # the stopped run wrote its multicentre report, saying where it stopped
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"]["status"] == "stopped"
+    assert "model comoments: 0 site(s) answered" in (tmp_path / "report.html").read_text()
 
 
 def test_a_site_sends_no_sums_over_fewer_than_five_training_rows(tmp_path: Path):

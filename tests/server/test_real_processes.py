@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from client.report import report_dir
 from client.workspace import HARMONIZED_FILE, PREPARED_FILE, study_dir
 from common.protocol import ModelSpec, load_protocol
 from common.site_config import SiteConfig, load_site_config
@@ -144,6 +145,15 @@ def test_the_study_over_real_processes_gives_the_simulations_results(tmp_path: P
     status_file = deployed.out_dir / "study.json"
     status = json.loads(status_file.read_text()) if status_file.exists() else None
     assert status == {"status": "done", "until": UNTIL, "reason": ""}, f"{status}\n{logs}"
+    # the reports, in deployment as in the demo: the coordinator's from the ServerApp, each
+    # site's from its ClientApp (its templates travel in the app bundle), owner-only
+    report = deployed.out_dir / "report.html"
+    assert report.is_file() and report.stat().st_mode & 0o077 == 0, logs
+    for site in SITES:
+        html = report_dir(load_site_config(site_configs[site]), protocol) / "site_report.html"
+        assert html.is_file(), f"{site}: no site report\n{logs}"
+        assert "not written" not in (federation.folder / "logs" /
+                                     f"supernode-{site}.log").read_text()
 
     rounds = len(re.findall(r"Receiving: query\.", (federation.folder / "logs" /
                                                      "supernode-site_A.log").read_text()))

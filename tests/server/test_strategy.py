@@ -59,3 +59,26 @@ def test_the_global_model_does_not_depend_on_the_order_updates_arrive_in(
     for other in models[1:]:
         for name, weights in models[0].items():
             np.testing.assert_array_equal(other[name], weights, err_msg=name)
+
+
+def test_flowers_aggregated_metrics_sum_counts_and_average_the_rest(tmp_path: Path):
+    """Flower averages every metric weighted by num-examples; a count averaged (25.36 crops)
+    means nothing, so the study's strategies sum counts, and keep -1 where a site withheld
+    one."""
+    from server.strategy import sum_counts
+
+    def reply(n: int, auc: float, test_n: int) -> RecordDict:
+        return RecordDict({"metrics": MetricRecord({"num-examples": n, "global_test_auc": auc,
+                                                    "global_test_n": test_n,
+                                                    "global_test_n_positive": test_n // 2})})
+
+    merged = sum_counts([reply(10, 0.8, 12), reply(30, 0.6, 20)], "num-examples")
+    assert merged["global_test_auc"] == pytest.approx(0.65)
+    assert merged["global_test_n"] == 32 and merged["global_test_n_positive"] == 16
+    withheld = sum_counts([reply(10, 0.8, 12), reply(30, 0.6, -1)], "num-examples")
+    assert withheld["global_test_n"] == -1
+    protocol = load_protocol("preset:spine_mri_t1w").model_copy(update={"cnn": CnnSpec()})
+    strategy = cnn_strategy(StudySettings(protocol, tmp_path), NODES, lambda _: None,
+                            state_arrays(build_network(protocol.cnn, protocol.task.kind)))
+    assert strategy.train_metrics_aggr_fn is sum_counts  # type: ignore[attr-defined]
+    assert strategy.evaluate_metrics_aggr_fn is sum_counts  # type: ignore[attr-defined]

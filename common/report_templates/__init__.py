@@ -1,3 +1,134 @@
+"""The reports' Jinja2 templates, as Python strings.
+
+They live in a module, not in ``.j2`` data files, so that they travel with the study app: the
+bundle Flower ships to every site (``flwr run``) holds only ``.py``, ``.toml``, ``.md``,
+``.json`` and ``.yaml`` files, and a ClientApp in deployment imports ``common`` from that
+bundle, where data files would be missing (every site report failed so). Rendered by
+:mod:`common.templates`; each key is the name the templates use in ``extends``/``import``.
+"""
+
+from __future__ import annotations
+
+BASE = """\
+<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{% block title %}MyeloFed report{% endblock %}</title>
+<style>
+  body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto;
+         max-width: 1100px; color: #222; line-height: 1.45; padding: 0 1rem; }
+  h1 { font-size: 1.6rem; margin-bottom: 0.2rem; }
+  h2 { font-size: 1.25rem; border-bottom: 2px solid #1f77b4; padding-bottom: 0.2rem;
+       margin-top: 2.2rem; }
+  h3 { font-size: 1.05rem; margin-top: 1.4rem; }
+  table { border-collapse: collapse; margin: 0.6rem 0 1rem; font-size: 0.9rem; }
+  th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; }
+  th { background: #f2f5f9; }
+  td.num { text-align: right; font-variant-numeric: tabular-nums; }
+  .meta { color: #555; font-size: 0.9rem; }
+  .warn { background: #fff4e5; border-left: 4px solid #ff9800; padding: 0.5rem 0.8rem; }
+  .ok { background: #eef7ee; border-left: 4px solid #2ca02c; padding: 0.5rem 0.8rem; }
+  figure { display: inline-block; margin: 0.6rem 1rem 0.6rem 0; vertical-align: top; }
+  figure img { max-width: 100%; border: 1px solid #eee; }
+  figcaption { font-size: 0.85rem; color: #444; }
+  code { background: #f4f4f4; padding: 0 0.2rem; }
+</style>
+</head>
+<body>
+{% block body %}{% endblock %}
+<p class="meta">Figures are inline: this page opens offline. Metrics come from each site's own test
+rows; only values and curves binned to at least the protocol's minimum count left the sites.</p>
+</body>
+</html>
+"""
+
+MACROS = """\
+{% macro figures(items) %}
+{% for f in items %}
+<figure><img src="{{ f.src }}" alt="{{ f.title }}"><figcaption>{{ f.title }}</figcaption></figure>
+{% endfor %}
+{% endmacro %}
+
+{% macro mapping_table(rows, columns, headers=None) %}
+<table>
+<tr>{% for c in (headers or columns) %}<th>{{ c }}</th>{% endfor %}</tr>
+{% for r in rows %}
+<tr>{% for c in columns %}<td>{{ r[c] }}</td>{% endfor %}</tr>
+{% endfor %}
+</table>
+{% endmacro %}
+
+{% macro reasons(what, items) %}
+{% if items %}
+<div class="warn"><strong>{{ what }}:</strong>
+<ul>{% for k, v in items.items() %}<li><strong>{{ k }}</strong>: {{ v }}</li>{% endfor %}</ul></div>
+{% endif %}
+{% endmacro %}
+"""
+
+SITE = """\
+{% extends "base.html.j2" %}
+{% from "macros.html.j2" import figures, mapping_table %}
+{% block title %}MyeloFed site report: {{ report.site }}{% endblock %}
+{% block body %}
+<h1>Site report: {{ report.site }}</h1>
+<p class="warn">This report stays at the site: it shows this site's own patients (ROC curves,
+skipped cases). Only the metrics in the multicentre report left the site.</p>
+<p class="meta">Generated {{ report.generated }}. Study protocol <strong>{{ report.protocol }}</strong>,
+hash <code>{{ report.protocol_hash[:12] }}</code>.
+Software: {% for k, v in report.versions.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}.</p>
+
+<h2>Cohort and ingestion</h2>
+{% if report.prepare %}
+{% set r = report.prepare.reply %}
+<table>
+<tr><th>status</th><th>training cases</th><th>test cases</th><th>training labels</th><th>test labels</th><th>scanners (training count)</th><th>features</th></tr>
+<tr><td>{{ r.status }}</td><td class="num">{{ r.n_train }}</td><td class="num">{{ r.n_test }}</td>
+<td>{{ r.train_labels }}</td><td>{{ r.test_labels }}</td><td>{{ r.batches }}</td><td class="num">{{ r.n_features }}</td></tr>
+</table>
+{% if report.prepare.skipped_cases %}
+<h3>Skipped cases ({{ report.prepare.skipped_cases | length }})</h3>
+{{ mapping_table(report.prepare.skipped_cases, ["case_id", "row", "reason", "detail"]) }}
+{% else %}
+<p class="ok">No case was skipped.</p>
+{% endif %}
+{% else %}
+<p>The preparation has not run here.</p>
+{% endif %}
+
+{% if report.harmonization %}
+<h2>Harmonization diagnostics</h2>
+{% if report.harmonization.note is defined %}
+<p>{{ report.harmonization.note }} (scanner: {{ report.harmonization.scanners | join(", ") }}).</p>
+{% else %}
+<p>Features differing between this site's scanners {{ report.harmonization.scanners | join(" and ") }}
+(Kruskal-Wallis p &lt; 0.05, training rows, class means removed):
+before ComBat {{ "%.0f%%" | format(100 * report.harmonization.before) }}{% if report.harmonization.after is defined %},
+after {{ "%.0f%%" | format(100 * report.harmonization.after) }}{% endif %}.</p>
+{% endif %}
+{% endif %}
+
+{% for e in report.evaluations %}
+<h2>Models on this site's test rows: {{ e.title }}</h2>
+{% if e.rows and e.rows[0].auc is defined %}
+{{ mapping_table(e.rows, ["model", "auc", "boot", "threshold", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "calibration_slope", "confusion"],
+                 ["model", "AUC [DeLong 95% CI]", "bootstrap CI", "threshold", "sens.", "spec.", "PPV", "NPV", "F1", "Brier", "cal. slope", "confusion matrix"]) }}
+{% else %}
+{{ mapping_table(e.rows, ["model", "r", "spearman", "mae", "rmse", "bias", "loa_low", "loa_high"],
+                 ["model", "Pearson r [CI]", "Spearman ρ", "MAE", "RMSE", "bias", "LoA low", "LoA high"]) }}
+{% endif %}
+{% if e.comparisons %}
+<h3>DeLong's paired tests</h3>
+{{ mapping_table(e.comparisons, ["pair", "difference", "z", "p"], ["models", "AUC difference", "z", "p"]) }}
+{% endif %}
+{{ figures(e.figures) }}
+{% endfor %}
+{% endblock %}
+"""
+
+MULTICENTRE = """\
 {% extends "base.html.j2" %}
 {% from "macros.html.j2" import figures, mapping_table, reasons %}
 {% block title %}MyeloFed multicentre report{% endblock %}
@@ -114,3 +245,12 @@ refused (malformed, or under another protocol).</p>
 {{ figures(report.cnn.figures) }}
 {% endif %}
 {% endblock %}
+"""
+
+#: Template name -> source.
+TEMPLATES: dict[str, str] = {
+    "base.html.j2": BASE,
+    "macros.html.j2": MACROS,
+    "site.html.j2": SITE,
+    "multicentre.html.j2": MULTICENTRE,
+}
