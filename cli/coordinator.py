@@ -73,7 +73,9 @@ def server_start(
     <host>:<port> with the same certificate and forwards only the Fleet API to it (see
     server/gateway.py). Also writes the coordinator's connection ('study', to the loopback
     port) to <state>/flwr-home, which 'myelofed server register' and 'flwr run <app> study'
-    use. Stops both on SIGINT/SIGTERM, or when the SuperLink exits."""
+    use. Stops both on SIGINT/SIGTERM, or when the SuperLink exits, with every process the
+    SuperLink started (SuperExec, a running ServerApp): a restart on the same ports works, and
+    'flwr run' of the study into the same out-dir resumes it."""
     tls = _server_tls(secrets, insecure)
     state = state.resolve()
     home = state / "flwr-home"
@@ -81,7 +83,8 @@ def server_start(
                      root_certificates=None if tls is None else tls.ca_certfile.resolve())
     command = superlink_command(port=control_port, tls=tls, host=LOOPBACK,
                                 database=state / "superlink.db", supernode_auth=tls is not None)
-    superlink = supervise.start(command, flower_env(home))
+    supervise.exit_on_sigterm()
+    superlink = supervise.start("SuperLink", command, flower_env(home))
     try:
         if not supervise.wait_for_port(superlink, LOOPBACK, control_port, timeout_s=60):
             console.print(f"[bold red]error:[/] the SuperLink did not start on "
@@ -90,7 +93,7 @@ def server_start(
         _serve_gateway(host, port, control_port, tls,
                        watch=supervise.exited(superlink, "SuperLink"))
     finally:
-        supervise.stop(superlink)
+        superlink.stop()
     if superlink.returncode not in (0, -15, None):
         raise typer.Exit(ExitCode.INTERNAL)
 

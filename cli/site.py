@@ -207,7 +207,8 @@ def site_join(
         auth_private_key=auth_private_key,
         node_config={"site-name": config.site_name, "site-config": str(site_config.resolve())})
     supervise.become(
-        approving(command, config.site_name, None if allow_any_app else config.approved_apps),
+        approving(command, config.site_name, None if allow_any_app else config.approved_apps,
+                  site_config.resolve()),
         flower_env(config.work_dir / "flwr-home"))
 
 

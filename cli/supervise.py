@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from types import FrameType
 from typing import NoReturn
 
 from cli.console import console, fail_config
 from common.errors import ConfigError
-from server.processes import port_open
+from server.processes import OWNER_ENV, FlowerProcess, port_open, stop_processes
 
 
 def become(command: list[str], env: Mapping[str, str]) -> NoReturn:
@@ -25,12 +29,50 @@ def become(command: list[str], env: Mapping[str, str]) -> NoReturn:
     os.execvpe(command[0], command, dict(env))
 
 
-def start(command: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    """Start ``command`` beside this process (it shares the terminal; no input)."""
-    return subprocess.Popen(command, env=dict(env), stdin=subprocess.DEVNULL)
+class Owned:
+    """A process this command started, with everything it starts in turn: Flower's SuperLink
+    starts SuperExec and a ServerApp per run, in sessions of their own. Each inherits a marker
+    in its environment (:data:`server.processes.OWNER_ENV`), by which :meth:`stop` finds and
+    stops them all, so no process of the coordinator outlives it (a restart on the same ports
+    then works)."""
+
+    def __init__(self, name: str, command: list[str], env: Mapping[str, str]) -> None:
+        self.marker = uuid.uuid4().hex
+        self.popen = subprocess.Popen(command, env={**env, OWNER_ENV: self.marker},
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = FlowerProcess(name, command, Path(os.devnull), self.popen)
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the process and all it started; SIGKILL what is left after ``grace_s``."""
+        for line in stop_processes([self.process], self.marker, grace_s, OWNER_ENV):
+            console.print(f"killed after {grace_s:g} s: {line}", highlight=False)
 
 
-def wait_for_port(process: subprocess.Popen[bytes], host: str, port: int,
+def start(name: str, command: list[str], env: Mapping[str, str]) -> Owned:
+    """Start ``command`` beside this process (it shares the terminal; no input), owning it and
+    every process it starts."""
+    return Owned(name, command, env)
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end this process as SIGINT does, by an exception, so that ``finally``
+    blocks stop what it started. (Servers such as uvicorn catch SIGTERM, shut down, then raise
+    it again with the handler they found: the default one would end the process on the spot.)"""
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def wait_for_port(process: Owned, host: str, port: int,
                   timeout_s: float = 60.0) -> bool:
     """Wait until ``host:port`` accepts connections: False when ``process`` exited first or
     ``timeout_s`` passed."""
@@ -42,7 +84,7 @@ def wait_for_port(process: subprocess.Popen[bytes], host: str, port: int,
     return True
 
 
-def exited(process: subprocess.Popen[bytes], name: str) -> Callable[[], Awaitable[None]]:
+def exited(process: Owned, name: str) -> Callable[[], Awaitable[None]]:
     """A coroutine function that returns once ``process`` has exited, saying so (a server
     watches it to stop with it)."""
 
@@ -52,13 +94,3 @@ def exited(process: subprocess.Popen[bytes], name: str) -> Callable[[], Awaitabl
         console.print(f"[bold red]the {name} exited with {process.returncode}[/]")
 
     return watch
-
-
-def stop(process: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
-    """SIGTERM ``process`` if it still runs, SIGKILL it after ``grace_s``."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()

@@ -16,18 +16,28 @@ the site and why. Every later message of that run is refused the same way.
 
 The hook is on a private function of ``flwr.supernode.start_client_internal`` (Flower 1.42.x,
 pinned in pyproject.toml); :func:`install` fails loudly when it is not where it was.
+
+Approving a new release needs no restart: with ``--site-config``, SIGHUP (``systemctl reload``)
+reads the site config's ``approved_apps`` again; a config that no longer loads leaves the
+approvals as they were, saying why. On its way out the SuperNode stops the ClientApp processes
+it started, so none outlives the site.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import hashlib
 import inspect
+import signal
 import sys
 from collections.abc import Callable, Sequence
-from logging import ERROR
+from logging import ERROR, INFO
+from pathlib import Path
 from typing import Any, Final
 
+import psutil
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 from flwr.supercore import log
@@ -49,7 +59,37 @@ class AppRefused(Exception):
         self.digest, self.run_id = digest, run_id
 
 
-def guard(original: Callable[..., int | None], approved: frozenset[str], site: str
+class Approvals:
+    """The apps this site approved, read again from its site config on SIGHUP."""
+
+    def __init__(self, approved: frozenset[str], site_config: Path | None = None) -> None:
+        self.current, self.site_config = approved, site_config
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self.current
+
+    def reload(self) -> None:
+        from common.errors import ConfigError
+        from common.site_config import load_site_config
+
+        if self.site_config is None:
+            log(ERROR, "MyeloFed: no --site-config: approvals not reloaded")
+            return
+        try:
+            approved = frozenset(load_site_config(self.site_config).approved_apps)
+        except ConfigError as exc:
+            log(ERROR, "MyeloFed: approvals not reloaded, %s", str(exc).replace("\n", "; "))
+            return
+        if not approved:
+            log(ERROR, "MyeloFed: approvals not reloaded: approved_apps is empty in %s",
+                self.site_config)
+            return
+        self.current = approved
+        log(INFO, "MyeloFed: approvals reloaded from %s: %s", self.site_config,
+            ", ".join(sorted(a[:12] for a in approved)))
+
+
+def guard(original: Callable[..., int | None], approved: Approvals | frozenset[str], site: str
           ) -> Callable[..., int | None]:
     """``original`` (Flower's pull-and-store step) with the app of every new run checked
     against ``approved``; a refused run gets an error reply instead of a ClientApp."""
@@ -84,7 +124,7 @@ def guard(original: Callable[..., int | None], approved: frozenset[str], site: s
     return pull_and_store
 
 
-def install(approved: frozenset[str], site: str) -> None:
+def install(approved: Approvals | frozenset[str], site: str) -> None:
     """Put the check into Flower's SuperNode (this process)."""
     original = getattr(flower, _TARGET, None)
     if original is None or not set(_PARAMETERS) <= set(inspect.signature(original).parameters):
@@ -105,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--site", required=True)
     parser.add_argument("--approve", action="append", default=[], metavar="SHA256")
     parser.add_argument("--allow-any-app", action="store_true")
+    parser.add_argument("--site-config", type=Path, default=None,
+                        help="re-read its approved_apps on SIGHUP")
     parser.add_argument("supernode_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
@@ -115,9 +157,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("no approved app: give --approve (see 'myelofed app-hash') or "
                      "--allow-any-app")
     if not args.allow_any_app:
-        install(frozenset(args.approve), args.site)
+        approvals = Approvals(frozenset(args.approve), args.site_config)
+        install(approvals, args.site)
+        signal.signal(signal.SIGHUP, lambda signum, frame: approvals.reload())
+    atexit.register(_stop_children)
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()
+
+
+def _stop_children(grace_s: float = 10.0) -> None:
+    """SIGTERM the processes this SuperNode started (ClientApps), SIGKILL what is left."""
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 if __name__ == "__main__":

@@ -152,16 +152,17 @@ def supernode_command(*, superlink: str, port: int, node_config: Mapping[str, Co
     return command
 
 
-def approving(command: Sequence[str], site: str, approved_apps: Sequence[str] | None
-              ) -> list[str]:
+def approving(command: Sequence[str], site: str, approved_apps: Sequence[str] | None,
+              site_config: Path | None = None) -> list[str]:
     """A ``flower-supernode`` command line run through :mod:`client.supernode`, which refuses
     every run whose app bundle's SHA-256 is not in ``approved_apps`` (None: any app, for tests
-    of something else)."""
+    of something else), and reads them again from ``site_config`` on SIGHUP."""
     if not command or command[0] != "flower-supernode":
         raise ValueError(f"not a flower-supernode command: {command[:1]}")
     allow = (["--allow-any-app"] if approved_apps is None else
              [a for h in approved_apps for a in ("--approve", h)])
-    return [sys.executable, "-m", "client.supernode", "--site", site, *allow, "--",
+    reload = [] if site_config is None else ["--site-config", str(site_config)]
+    return [sys.executable, "-m", "client.supernode", "--site", site, *allow, *reload, "--",
             *command[1:]]
 
 

@@ -26,6 +26,9 @@ from server.commands import LOOPBACK
 
 #: The environment variable that marks every process of one federation (and Flower's children).
 MARKER_ENV: Final = "MYELOFED_FEDERATION_ID"
+#: The one that marks every process a ``myelofed`` command started (and theirs), so that the
+#: command stops them all on its way out (:class:`cli.supervise.Owned`).
+OWNER_ENV: Final = "MYELOFED_OWNER_ID"
 
 #: What a SuperNode logs once the SuperLink has accepted it (Flower 1.42).
 SUPERNODE_CONNECTED: Final = re.compile(r"SuperNode ID: \d+")
@@ -128,14 +131,14 @@ class FlowerProcess:
             time.sleep(0.2)
 
 
-def processes_marked(marker: str) -> list[psutil.Process]:
-    """This user's processes whose environment has ``MARKER_ENV=marker``."""
+def processes_marked(marker: str, variable: str = MARKER_ENV) -> list[psutil.Process]:
+    """This user's processes whose environment has ``variable=marker``."""
     found = []
     for proc in psutil.process_iter(["uids"]):
         try:
             if proc.info["uids"] is None or proc.info["uids"].real != os.getuid():
                 continue
-            if proc.environ().get(MARKER_ENV) == marker:
+            if proc.environ().get(variable) == marker:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
@@ -143,14 +146,14 @@ def processes_marked(marker: str) -> list[psutil.Process]:
 
 
 def stop_processes(processes: Iterable[FlowerProcess], marker: str | None = None,
-                   grace_s: float = 10.0) -> list[str]:
+                   grace_s: float = 10.0, variable: str = MARKER_ENV) -> list[str]:
     """Stop ``processes`` with everything they started: SIGTERM to each process group, each
-    descendant and each process marked with ``marker``; SIGKILL to those alive after
+    descendant and each process marked with ``variable=marker``; SIGKILL to those alive after
     ``grace_s``. Returns a line for each process that had to be killed."""
     processes = list(processes)
     killed: list[str] = []
     for _ in range(3):  # a process may start a child while we stop its parent: look again
-        targets = _targets(processes, marker)
+        targets = _targets(processes, marker, variable)
         if not targets:
             break
         groups = {_pgid(p) for p in processes if p.popen.poll() is None}
@@ -176,12 +179,13 @@ def stop_processes(processes: Iterable[FlowerProcess], marker: str | None = None
 def kill_now(process: FlowerProcess) -> None:
     """SIGKILL ``process`` and every process it started (a crash or a pulled cable: no
     goodbye), and reap it."""
-    for proc in _targets([process], marker=None):
+    for proc in _targets([process], None, MARKER_ENV):
         _signal(proc, signal.SIGKILL)
     process.popen.wait(timeout=30)
 
 
-def _targets(processes: list[FlowerProcess], marker: str | None) -> list[psutil.Process]:
+def _targets(processes: list[FlowerProcess], marker: str | None, variable: str
+             ) -> list[psutil.Process]:
     found: dict[int, psutil.Process] = {}
     for process in processes:
         if process.popen.poll() is not None:
@@ -192,7 +196,7 @@ def _targets(processes: list[FlowerProcess], marker: str | None) -> list[psutil.
                 found[proc.pid] = proc
         except psutil.NoSuchProcess:
             continue
-    for proc in processes_marked(marker) if marker else []:
+    for proc in processes_marked(marker, variable) if marker else []:
         found.setdefault(proc.pid, proc)
     return [p for p in found.values() if _alive(p)]
 

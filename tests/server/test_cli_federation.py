@@ -86,3 +86,34 @@ def test_a_coordinator_and_a_site_started_by_the_commands_meet_over_tls(tmp_path
                                 capture_output=True, text=True, timeout=60)
     assert unapproved.returncode == 2
     assert "approved_apps: empty" in unapproved.stdout + unapproved.stderr
+
+
+def test_a_coordinator_stopped_by_sigterm_leaves_nothing_and_starts_again_on_its_ports(
+        tmp_path: Path):
+    """SIGTERM to 'myelofed server start' (systemd's stop) stops the gateway, the SuperLink and
+    all the SuperLink started; a second start on the same ports then works (it used to fail
+    with 'address already in use': the SuperLink outlived the command)."""
+    import signal
+
+    make_server_credentials(tmp_path / "coordinator", ["localhost", "127.0.0.1"])
+    port, control_port = free_ports(2)
+    marker = uuid.uuid4().hex
+    env = {**flower_env(tmp_path / "home"), MARKER_ENV: marker}
+    command = [str(MYELOFED), "server", "start", "--secrets", str(tmp_path / "coordinator"),
+               "--state", str(tmp_path / "state"), "--host", "127.0.0.1", "--port", str(port),
+               "--control-port", str(control_port)]
+    try:
+        for attempt in (1, 2):
+            server = FlowerProcess.start("server", command, tmp_path / f"server{attempt}.log",
+                                         env)
+            server.wait_ready(60, port=("127.0.0.1", port))
+            server.wait_ready(60, port=("127.0.0.1", control_port))
+            started = psutil.Process(server.popen.pid).children(recursive=True)
+            assert any("flower-superlink" in " ".join(p.cmdline()) for p in started)
+            server.popen.send_signal(signal.SIGTERM)
+            assert server.popen.wait(timeout=60) in (0, 128 + signal.SIGTERM), server.tail()
+            _, alive = psutil.wait_procs(started, timeout=30)
+            assert not alive, f"left running after SIGTERM: {alive}\n{server.tail()}"
+            assert processes_marked(marker) == [], server.tail()
+    finally:
+        stop_processes([], marker, grace_s=5)

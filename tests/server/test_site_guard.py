@@ -70,3 +70,22 @@ def test_an_unapproved_app_is_refused_before_it_runs(tmp_path: Path):
     handshake = json.loads((out / "handshake.json").read_text())
     reasons = json.dumps(handshake)
     assert "site site_A refuses run" in reasons and "approved_apps" in reasons, reasons
+
+
+def test_approvals_are_read_again_from_the_site_config_on_reload(tmp_path: Path):
+    """SIGHUP (systemctl reload) takes a new release's hash without a restart; a config that
+    no longer loads, or approves nothing, leaves the approvals as they were."""
+    from client.supernode import Approvals
+
+    config = tmp_path / "site.toml"
+    approvals = Approvals(frozenset(["a" * 64]), config)
+    config.write_text(f'site_name = "site_A"\nmanifest = "m.csv"\napproved_apps = ["{"b" * 64}"]\n')
+    approvals.reload()
+    assert "b" * 64 in approvals and "a" * 64 not in approvals
+    for broken in ('site_name = "site_A"\nmanifest = "m.csv"\napproved_apps = ["nope"]\n',
+                   'site_name = "site_A"\nmanifest = "m.csv"\napproved_apps = []\n'):
+        config.write_text(broken)
+        approvals.reload()
+        assert "b" * 64 in approvals
+    assert approving(["flower-supernode"], "site_A", ["c" * 64], config)[-4:] == [
+        "c" * 64, "--site-config", str(config), "--"]
