@@ -45,6 +45,8 @@ from flwr.supernode import start_client_internal as flower
 from flwr.supernode.cli.flower_supernode import flower_supernode
 
 from common.bundle import is_app_hash
+from common.errors import ConfigError
+from common.site_config import load_site_config
 
 #: The private function the hook wraps, and the parameters it must still have.
 _TARGET: Final = "_pull_and_store_message"
@@ -69,9 +71,6 @@ class Approvals:
         return digest in self.current
 
     def reload(self) -> None:
-        from common.errors import ConfigError
-        from common.site_config import load_site_config
-
         if self.site_config is None:
             log(ERROR, "MyeloFed: no --site-config: approvals not reloaded")
             return
