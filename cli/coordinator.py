@@ -3,12 +3,15 @@ listens on loopback only; the fleet gateway (:mod:`server.gateway`) alone faces 
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
 from cli import supervise
 from cli.console import Typer, console, fail_config, need, out
@@ -16,6 +19,7 @@ from cli.exit_codes import ExitCode
 from common.errors import ConfigError
 from common.security import make_server_credentials
 from server.commands import LOOPBACK, ServerTls, flower_env, superlink_command, write_connection
+from server.registry import check_new, load_registry, record, registry_path, remove
 
 app = Typer(help="Commands the study coordinator runs.")
 
@@ -135,23 +139,83 @@ def server_gateway(
     _serve_gateway(host, port, superlink_port, _server_tls(secrets, insecure))
 
 
+def _flwr(args: list[str], state: Path, what: str) -> dict[str, Any]:
+    """Run ``flwr <args> --format json`` against this coordinator's SuperLink; its JSON."""
+    env = flower_env(state.resolve() / "flwr-home")
+    done = subprocess.run(["flwr", *args, "--format", "json"], env=env, capture_output=True,
+                          text=True)
+    found = re.findall(r"\{.*\}", done.stdout, flags=re.DOTALL)
+    try:
+        answer = json.loads(found[-1]) if found else {}
+    except json.JSONDecodeError:
+        answer = {}
+    if done.returncode != 0 or not answer.get("success"):
+        console.print(f"[bold red]error:[/] {what} failed: "
+                      f"{(done.stdout + done.stderr).strip()[-1500:]}", highlight=False)
+        raise typer.Exit(ExitCode.INTERNAL)
+    return answer
+
+
 @app.command("register")
 def server_register(
     public_key: Annotated[Path, typer.Argument(help="A site's .pub file ('myelofed site keys').")],
-    site: Annotated[str, typer.Option(help="The site's name.")],
+    site: Annotated[str, typer.Option(help="The site's name (its site config's site_name).")],
     state: Annotated[Path, typer.Option(help="As given to 'myelofed server start'.")
                      ] = Path("coordinator-state"),
 ) -> None:
-    """Let a site's SuperNode join: register its public key at the running SuperLink."""
+    """Let a site's SuperNode join: register its public key at the running SuperLink, and
+    record the site's name with its node ID in the coordinator's registry (<state>/sites.json),
+    which names the site in the study's log, exclusions and report."""
     need(public_key)
-    env = flower_env(state.resolve() / "flwr-home")
-    done = subprocess.run(["flwr", "supernode", "register", str(public_key), CONNECTION,
-                           "--name", site], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        console.print(f"[bold red]error:[/] registering {site} failed: "
-                      f"{(done.stdout + done.stderr).strip()[-1500:]}", highlight=False)
-        raise typer.Exit(ExitCode.INTERNAL)
-    out.print(f"registered {site} ({public_key})")
+    registry = registry_path(state)
+    try:
+        check_new(registry, site, public_key)
+    except ConfigError as exc:
+        fail_config(exc)
+    answer = _flwr(["supernode", "register", str(public_key), CONNECTION, "--name", site],
+                   state, f"registering {site}")
+    node_id = int(answer["node-id"])
+    record(registry, site, node_id, public_key)
+    out.print(f"registered {site}: node {node_id} (key {public_key})")
+
+
+@app.command("sites")
+def server_sites(
+    state: Annotated[Path, typer.Option(help="As given to 'myelofed server start'.")
+                     ] = Path("coordinator-state"),
+    unregister: Annotated[str | None, typer.Option(
+        help="Unregister this site (by name): its SuperNode is refused from now on, and "
+        "stopped if it runs.")] = None,
+) -> None:
+    """The registered sites: name, node ID, Flower's status, when each was last online; or
+    unregister one by name."""
+    registry = registry_path(state)
+    try:
+        sites = load_registry(registry)
+        if unregister is not None:
+            site = sites.get(unregister)
+            if site is None:
+                remove(registry, unregister)  # raises, naming the registered sites
+                return
+            _flwr(["supernode", "unregister", str(site.node_id), CONNECTION], state,
+                  f"unregistering {unregister}")
+            remove(registry, unregister)
+            out.print(f"unregistered {unregister} (node {site.node_id})")
+            return
+    except ConfigError as exc:
+        fail_config(exc)
+    nodes = {int(n["node-id"]): n for n in _flwr(["supernode", "list", CONNECTION], state,
+                                                   "listing the SuperNodes")["nodes"]}
+    table = Table("site", "node ID", "status", "online since", "offline since", "registered")
+    for site in sorted(sites.values(), key=lambda s: s.name):
+        node = nodes.pop(site.node_id, {})
+        table.add_row(site.name, str(site.node_id), node.get("status", "not at the SuperLink"),
+                      node.get("online-at", ""), node.get("offline-at", ""), site.registered_at)
+    for node_id, node in sorted(nodes.items()):  # registered outside 'myelofed server register'
+        table.add_row("(not in the registry)", str(node_id), node.get("status", ""),
+                      node.get("online-at", ""), node.get("offline-at", ""),
+                      node.get("created-at", ""))
+    out.print(table)
 
 
 def report(

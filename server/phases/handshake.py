@@ -13,6 +13,7 @@ from common.messages import MessageType, StudyRequest
 from common.payloads import HandshakeReply, shown_count
 from common.provenance import atomic_write_json
 from common.records import pack_request
+from server.registry import site_names
 from server.rounds import Transport, collect, exchange, study_config, wait_for_nodes
 from server.study import StudySettings, excluded_detail
 
@@ -53,9 +54,16 @@ def check_handshake(replies: list[HandshakeReply], failed: dict[str, str],
     return HandshakeSummary(replies, excluded, go_on, reason)
 
 
-def run_handshake(transport: Transport, settings: StudySettings) -> HandshakeSummary:
-    """Phase 1: the protocol and its hash to every site; counts (or a refusal) back."""
-    nodes = {n: f"node {n}"
+def run_handshake(transport: Transport, settings: StudySettings,
+                  registered: dict[int, str] | None = None) -> HandshakeSummary:
+    """Phase 1: the protocol and its hash to every site; counts (or a refusal) back.
+
+    ``registered`` (node ID -> site name; default: the coordinator's registry,
+    :mod:`server.registry`) names the nodes before they answer, so a site that fails the
+    handshake is excluded by its name; a node that answers under another name than it was
+    registered with is excluded."""
+    registered = site_names() if registered is None else registered
+    nodes = {n: registered.get(n, f"node {n}")
              for n in wait_for_nodes(transport, settings.min_sites, settings.timeout_s)}
     started = time.monotonic()
     replies, failed = exchange(transport, nodes, MessageType.HANDSHAKE,
@@ -63,6 +71,11 @@ def run_handshake(transport: Transport, settings: StudySettings) -> HandshakeSum
                                settings)
     seconds = time.monotonic() - started
     answers = collect(replies, failed, None, HandshakeReply)
+    for sender, answer in list(answers.items()):
+        name = registered.get(replies[sender].node)
+        if name is not None and answer.site != name:
+            failed[name] = f"registered as {name}, answered as {answer.site}"
+            del answers[sender]
     nodes_of = {replies[sender].node: answer.site for sender, answer in answers.items()}
     summary = dataclasses.replace(check_handshake(list(answers.values()), failed, settings),
                                   nodes=nodes_of)

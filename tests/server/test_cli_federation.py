@@ -61,6 +61,12 @@ def test_a_coordinator_and_a_site_started_by_the_commands_meet_over_tls(tmp_path
                                      "--site", "site_A", "--state", str(tmp_path / "state")],
                                     env=env, capture_output=True, text=True, timeout=60)
         assert registered.returncode == 0, registered.stdout + registered.stderr
+        node_id = re.search(r"registered site_A: node (\d+)", registered.stdout)
+        assert node_id, registered.stdout
+        again = subprocess.run([str(MYELOFED), "server", "register", str(key.public),
+                                "--site", "site_A", "--state", str(tmp_path / "state")],
+                               env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 2 and "a site of this name is registered" in again.stderr
         site = FlowerProcess.start("site", [
             str(MYELOFED), "site", "join", "--superlink", f"127.0.0.1:{port}",
             "--site-config", str(tmp_path / "site.toml"), "--ca",
@@ -70,6 +76,22 @@ def test_a_coordinator_and_a_site_started_by_the_commands_meet_over_tls(tmp_path
         site.wait_ready(60, log_pattern=SUPERNODE_CONNECTED)  # accepted by the SuperLink
         guarded = " ".join(psutil.Process(site.popen.pid).cmdline())
         assert "-m client.supernode --site site_A --approve " + digest in guarded
+
+        def sites(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([str(MYELOFED), "server", "sites", "--state",
+                                   str(tmp_path / "state"), *extra], env=env,
+                                  capture_output=True, text=True, timeout=60)
+
+        listed = sites()
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        row = next(line for line in listed.stdout.splitlines() if "site_A" in line)
+        assert node_id.group(1) in row and "online" in row, listed.stdout
+        # unregistering by name stops the site's SuperNode (Flower refuses its key)
+        removed = sites("--unregister", "site_A")
+        assert removed.returncode == 0 and "unregistered site_A" in removed.stdout, \
+            removed.stdout + removed.stderr
+        site.popen.wait(timeout=120)  # Flower ends a node whose key was unregistered
+        assert "site_A" not in sites().stdout
     finally:
         stop_processes(processes, marker, grace_s=5)
     assert processes_marked(marker) == []
