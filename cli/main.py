@@ -32,7 +32,9 @@ The COORDINATOR makes the study's credentials and runs the SuperLink:
   myelofed server start                  the SuperLink on loopback (TLS + node authentication)
                                          and the fleet gateway the sites reach (port 9092)
   myelofed server register site_A.pub --site site_A      let a site join
-  myelofed app-hash APP_DIR              the study app's SHA-256 (announced; sites approve it)
+  myelofed app build -o release          release the study app: one .fab and its SHA-256
+  myelofed app unpack release/X.fab -o DIR   the folder 'flwr run DIR study' ships as X.fab
+  myelofed app-hash X.fab|APP_DIR        the SHA-256 a site approves (of a release or a folder)
 \b
 The study PROTOCOL (TOML/YAML) is written by the coordinator and is the same at every site:
   myelofed protocol presets              list ready protocols (IBSI configs, spine MRI, CT, PET)
@@ -55,6 +57,10 @@ app.command("simulate")(tools.simulate)
 app.command("harmonize")(tools.harmonize)
 app.command("demo")(demo.demo)
 app.command("app-hash")(tools.app_hash_command)
+app_commands = Typer(help="Release the study app (the bundle Flower ships to the sites).")
+app_commands.command("build")(tools.app_build_command)
+app_commands.command("unpack")(tools.app_unpack_command)
+app.add_typer(app_commands, name="app")
 app.command("report")(coordinator.report)
 app.command("ibsi-check")(tools.ibsi_check)
 app.add_typer(site.app, name="site")

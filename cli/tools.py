@@ -11,7 +11,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from cli.console import console, fail_config, out, progress_columns
+from cli.console import console, fail_config, need, out, progress_columns
 from cli.exit_codes import ExitCode
 from client.ibsi import CONFIGURATIONS, run_phantom_check
 from common.errors import ConfigError, HarmonizationError
@@ -275,16 +275,52 @@ def _write_table(frame: pd.DataFrame, path: Path) -> None:
 
 
 def app_hash_command(
-    app_dir: Annotated[Path, typer.Argument(help="The app folder (with its pyproject.toml), as "
-                                            "'flwr run' is given it.")] = Path("."),
+    app: Annotated[Path, typer.Argument(help="A released .fab file, or an app folder (with "
+                                        "its pyproject.toml) as 'flwr run' is given it.")
+                   ] = Path("."),
 ) -> None:
-    """Print the SHA-256 of the app bundle 'flwr run' makes of APP_DIR: the coordinator
-    announces it with the study, each site puts it in its config's approved_apps."""
+    """Print the SHA-256 a site approves: of a released bundle (.fab), or of the bundle 'flwr
+    run' makes of an app folder. The coordinator announces it with the study; each site puts it
+    in its config's approved_apps."""
+    from common.bundle import bundle_hash  # deferred: flwr's CLI package (see cli/__init__.py)
+
+    try:
+        out.print(bundle_hash(app))
+    except ConfigError as exc:
+        fail_config(exc)
+
+
+def app_build_command(
+    app_dir: Annotated[Path, typer.Argument(help="The app folder (with its pyproject.toml).")
+                       ] = Path("."),
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the release goes.")
+                       ] = Path("release"),
+) -> None:
+    """Release the study app: one .fab file (Flower's bundle, exactly what the sites will
+    receive) and its SHA-256, to announce to the sites."""
+    from common.bundle import build_release  # deferred: flwr's CLI package (cli/__init__.py)
+
     if not (app_dir / "pyproject.toml").is_file():
         fail_config(ConfigError(str(app_dir), ["no pyproject.toml: not a Flower app folder"]))
-    from common.bundle import app_hash  # deferred: flwr's CLI package (see cli/__init__.py)
+    path, digest = build_release(app_dir, out_dir)
+    out.print(f"release: {path}")
+    out.print(f"sha256: {digest}  (announce it; sites put it in approved_apps)")
 
-    out.print(app_hash(app_dir))
+
+def app_unpack_command(
+    fab: Annotated[Path, typer.Argument(help="A released .fab file ('myelofed app build').")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="A new folder for the app.")],
+) -> None:
+    """Unpack a released bundle for 'flwr run OUT study': checks that Flower bundles the folder
+    back into the release's exact bytes (the hash the sites approved)."""
+    from common.bundle import unpack  # deferred: flwr's CLI package (see cli/__init__.py)
+
+    need(fab)
+    try:
+        digest = unpack(fab, out_dir)
+    except ConfigError as exc:
+        fail_config(exc)
+    out.print(f"unpacked {fab.name} into {out_dir}: 'flwr run' ships sha256 {digest}")
 
 
 #: Where the IBSI digital phantom is looked for by default: shared/data/ibsi beside the checkout.

@@ -3,6 +3,7 @@ parsed and every command line, path, flag and config key in them is checked to e
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -48,6 +49,12 @@ def flags(command: list[str]) -> list[str]:
 
 def help_text(command: list[str]) -> str:
     """``--help`` of a myelofed command (run with this Python) or of a Flower executable."""
+    return _help_text(tuple(command))
+
+
+@functools.cache
+def _help_text(command: tuple[str, ...]) -> str:
+    command = list(command)
     if command[0] == "myelofed":
         command = [sys.executable, "-m", "cli.main", *command[1:]]
     elif shutil.which(command[0]) is None:
@@ -130,3 +137,87 @@ def test_the_run_config_template_is_the_apps_and_is_valid() -> None:
     assert set(template) <= set(app_keys), set(template) - set(app_keys)
     settings = StudySettings.from_run_config({**template, "protocol": "preset:spine_mri_t1w"})
     assert settings.until == "cnn" and settings.combat.min_cell == 5
+
+
+UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
+
+
+def unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit's sections: name -> key -> values (in order)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        else:
+            key, _, value = line.partition("=")
+            current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
+def test_the_systemd_units_verify_run_the_cli_and_are_hardened(path: Path,
+                                                                 tmp_path: Path) -> None:
+    assert len(UNITS) == 2
+    service = unit(path)["Service"]
+    command = service["ExecStart"][0].split()
+    assert command[0].endswith("/bin/myelofed")
+    expected = SERVER_START if "coordinator" in path.name else SITE_JOIN
+    assert ["myelofed", *command[1:3]] == expected
+    known = help_text(expected)
+    assert all(flag in known for flag in flags(command)), (flags(command), known)
+    assert "--insecure" not in command and "--allow-any-app" not in command
+    # stop: SIGTERM to the command, which stops what it started; then the rest is killed
+    assert service["KillMode"] == ["mixed"] and service["Restart"][0] in ("always", "on-failure")
+    assert service["User"] == ["myelofed"] and service["UMask"] == ["0077"]
+    for hardening in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp",
+                      "CapabilityBoundingSet", "RestrictSUIDSGID", "ReadWritePaths"):
+        assert hardening in service, hardening
+    if "site" in path.name:
+        assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # approvals re-read
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    # verify with this installation's myelofed in place of /opt/myelofed/venv/bin/myelofed
+    local = tmp_path / path.name
+    local.write_text(path.read_text().replace(command[0], str(Path(sys.executable).parent /
+                                                              "myelofed")))
+    done = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True,
+                          text=True, timeout=60)
+    problems = [line for line in (done.stdout + done.stderr).splitlines()
+                if local.name in line or "Unknown" in line]
+    assert done.returncode == 0 and not problems, done.stdout + done.stderr
+
+
+def guide_commands() -> list[list[str]]:
+    """Every ``myelofed ...`` command line in the deployment guide's code blocks (continuation
+    lines joined, comments and placeholders left as they are)."""
+    text = (DEPLOY / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.split("#", 1)[0].strip()
+            line = re.sub(r"^docker compose .*? (exec|run --rm) (--entrypoint myelofed )?"
+                          r"\S+ ", "", line)
+            if line.startswith("myelofed "):
+                lines.append(line.split())
+    return lines
+
+
+def test_every_myelofed_command_in_the_guide_exists_with_its_options() -> None:
+    commands = guide_commands()
+    assert len(commands) >= 10
+    for command in commands:
+        words = [w for w in command if not w.startswith("-")]
+        # the command's name: the words that are subcommands (up to the first argument)
+        name = ["myelofed"]
+        for word in words[1:3]:
+            trial = help_text([*name, word]) if word.replace("-", "").isalpha() else ""
+            if not trial:
+                break
+            name.append(word)
+        known = help_text(name)
+        missing = [f for f in flags(command) if f.split("=")[0] not in known]
+        assert not missing, f"{' '.join(command)}: {missing} not in '{' '.join(name)} --help'"

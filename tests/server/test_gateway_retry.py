@@ -67,3 +67,25 @@ def test_no_attempt_starts_after_the_budget(monkeypatch: pytest.MonkeyPatch):
     with client:
         answer = client.post("/v1/fleet/push-object", content=b"object")
     assert answer.status_code == 503 and len(seen) == 2
+
+
+def test_forwarded_calls_are_counted_into_one_summary_line_and_refusals_logged_one_each(
+        caplog: pytest.LogCaptureFixture):
+    counter = gateway.Counter()
+
+    def superlink(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"{}")
+
+    app = create_app(Upstream("127.0.0.1", 1, None), allowed=PATHS, counter=counter,
+                     transport=httpx.MockTransport(superlink), summary_s=3600)
+    with caplog.at_level("INFO", logger="myelofed.gateway"), TestClient(app) as client:
+        for _ in range(5):
+            client.post("/v1/fleet/push-messages", content=b"r")
+        client.post("/v1/fleet/push-object", content=b"o")
+        client.post("/v1/control/start-run", content=b"x")  # refused: logged on its own
+        assert counter.counts == {("push-messages", 200): 5, ("push-object", 200): 1}
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("refused POST /v1/control/start-run" in line for line in lines) == 1
+    # at shutdown the counts are logged as one line, then reset
+    assert "forwarded 6 request(s) (push-messages 200: 5, push-object 200: 1)" in lines
+    assert len(lines) == 2 and counter.summary() is None

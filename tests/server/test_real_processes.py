@@ -20,6 +20,7 @@ import yaml
 
 from client.report import report_dir
 from client.workspace import HARMONIZED_FILE, PREPARED_FILE, study_dir
+from common.bundle import build_release, unpack
 from common.protocol import ModelSpec, load_protocol
 from common.site_config import SiteConfig, load_site_config
 from common.synthetic import CohortSpec, make_sites, write_cohort
@@ -136,7 +137,11 @@ def test_the_study_over_real_processes_gives_the_simulations_results(tmp_path: P
         site_configs[site] = write_site_config(deploy / "sites" / f"{site}.toml", site,
                                                cohort / site / "manifest.csv", work,
                                                min_patients=1)
-    with LocalFederation(APP_DIR, site_configs, deploy / "federation") as federation:
+    # the coordinator runs a released bundle: one .fab, unpacked, which flwr run ships as is
+    fab, digest = build_release(APP_DIR, deploy / "release")
+    assert unpack(fab, deploy / "app") == digest
+    with LocalFederation(deploy / "app", site_configs, deploy / "federation",
+                         approved_apps=(digest,)) as federation:
         result = federation.run(run_config, timeout_s=RUN_TIMEOUT_S)
     logs = federation.report(lines=60)  # the logs outlive the processes
     survivors = processes_marked(federation.marker)
