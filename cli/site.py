@@ -28,7 +28,8 @@ SiteConfigOpt = Annotated[Path | None, typer.Option(
     "--site-config", help="Site config (TOML/YAML): site_name, manifest, work_dir, workers.")]
 OutOpt = Annotated[Path | None, typer.Option(
     "--out", "-o",
-    help="Output folder (default: the site config's work_dir, else ./myelofed-work).")]
+    help="Output folder (default: the site config's work_dir, else ./myelofed-work/<the site "
+    "name, or the manifest's folder name>).")]
 WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", "-j", min=1, help="Cases processed in parallel (default: all cores).")]
 SiteNameOpt = Annotated[str | None, typer.Option(
@@ -49,7 +50,11 @@ def _site_setup(protocol_src: str, manifest: Path | None, site_config: Path | No
         else:
             if manifest is None:
                 raise ConfigError("--manifest", ["give --manifest or --site-config"])
-            config = SiteConfig(site_name=site_name or "site", manifest=manifest)
+            # one folder per site by default, so checking two sites' manifests from the same
+            # folder does not overwrite the first one's report
+            config = SiteConfig(site_name=site_name or "site", manifest=manifest,
+                                work_dir=Path("myelofed-work") / (
+                                    site_name or manifest.resolve().parent.name or "site"))
         updates: dict[str, Any] = {}
         if manifest is not None:
             updates["manifest"] = manifest

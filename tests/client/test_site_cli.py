@@ -327,3 +327,18 @@ def test_site_config_supplies_manifest_name_and_work_dir(cohort, tmp_path):
     result = runner.invoke(app, ["site", "check", "-p", str(cohort["root"] / "study.toml"),
                                  "--site-config", str(bad)])
     assert result.exit_code == ExitCode.CONFIG and "site_name" in result.output
+
+
+def test_checking_two_sites_from_one_folder_keeps_both_reports(cohort, tmp_path, monkeypatch):
+    """Without --out or a site config, each manifest's report goes to
+    ./myelofed-work/<its folder's name> (or <--site-name>): the second site's check used to
+    overwrite the first one's."""
+    monkeypatch.chdir(tmp_path)
+    for site in ("site_A", "site_B"):
+        (tmp_path / site).mkdir()
+        shutil.copy(cohort["root"] / "manifest.csv", tmp_path / site / "manifest.csv")
+        result = runner.invoke(app, ["site", "check", "-p", str(cohort["root"] / "study.toml"),
+                                     "-m", str(tmp_path / site / "manifest.csv"), "-j", "1"])
+        assert result.exit_code == ExitCode.CASES_SKIPPED, result.output
+    for site in ("site_A", "site_B"):
+        assert (tmp_path / "myelofed-work" / site / "ingestion_report.json").is_file()
