@@ -44,8 +44,6 @@ radiomics.setVerbosity(logging.ERROR)
 logging.getLogger("radiomics").setLevel(logging.ERROR)
 
 _LOWER_BOUND_KEY = "ibsiLowerBound"
-
-
 _GREY_LEVELS_KEY = "ibsiGreyLevels"
 
 
