@@ -62,14 +62,14 @@ def start(name: str, command: list[str], env: Mapping[str, str]) -> Owned:
 
 
 def exit_on_sigterm() -> None:
-    """Make SIGTERM end this process as SIGINT does, by an exception, so that ``finally``
-    blocks stop what it started. (Servers such as uvicorn catch SIGTERM, shut down, then raise
-    it again with the handler they found: the default one would end the process on the spot.)"""
+    """Make SIGTERM and SIGINT end this process by ``SystemExit`` (status 128 + the signal),
+    so that ``finally`` blocks stop what it started, and nothing prints a traceback."""
 
     def terminate(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
 
 
 def wait_for_port(process: Owned, host: str, port: int,

@@ -48,7 +48,7 @@ from server.processes import (
     stop_processes,
 )
 
-_RUN_STARTED = re.compile(r"Successfully started run (\d+)")
+RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 
 
 @dataclass(frozen=True)
@@ -319,7 +319,7 @@ class LocalFederation:
                                   f"{self.report()}") from None
         wall_s = time.monotonic() - start
         output = log_tail(process.log_path, 10_000)
-        started = _RUN_STARTED.search(output)
+        started = RUN_STARTED.search(output)
         if started is None:
             return RunResult(code, output, wall_s)
         run_id = started.group(1)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -233,4 +235,19 @@ def serve(listen: Listen, upstream: Upstream, *,
 
     log.info("gateway on %s:%d (%s) -> SuperLink at %s (Fleet API only)", listen.host,
              listen.port, "TLS" if listen.certfile else "plaintext", upstream.url)
-    asyncio.run(main())
+    # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again with the handler it
+    # found, inside its task: a handler that raised there would leave a task's exception
+    # unretrieved (a traceback in the log). So it finds one that only notes the signal, which
+    # is raised again here, outside the event loop, for the caller's own handler.
+    noted: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, lambda signum, frame: noted.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        asyncio.run(main())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if noted:
+        signal.raise_signal(noted[0])

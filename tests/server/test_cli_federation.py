@@ -134,6 +134,7 @@ def test_a_coordinator_stopped_by_sigterm_leaves_nothing_and_starts_again_on_its
             assert any("flower-superlink" in " ".join(p.cmdline()) for p in started)
             server.popen.send_signal(signal.SIGTERM)
             assert server.popen.wait(timeout=60) in (0, 128 + signal.SIGTERM), server.tail()
+            assert "Traceback" not in server.tail(500), server.tail(500)
             _, alive = psutil.wait_procs(started, timeout=30)
             assert not alive, f"left running after SIGTERM: {alive}\n{server.tail()}"
             assert processes_marked(marker) == [], server.tail()
