@@ -19,7 +19,14 @@ from cli.exit_codes import ExitCode
 from common.errors import ConfigError
 from common.security import make_server_credentials
 from server.commands import LOOPBACK, ServerTls, flower_env, superlink_command, write_connection
-from server.registry import check_new, load_registry, record, registry_path, remove
+from server.registry import (
+    check_new,
+    load_registry,
+    record,
+    registered,
+    registry_path,
+    remove,
+)
 
 app = Typer(help="Commands the study coordinator runs.")
 
@@ -193,10 +200,7 @@ def server_sites(
     try:
         sites = load_registry(registry)
         if unregister is not None:
-            site = sites.get(unregister)
-            if site is None:
-                remove(registry, unregister)  # raises, naming the registered sites
-                return
+            site = registered(registry, unregister)
             _flwr(["supernode", "unregister", str(site.node_id), CONNECTION], state,
                   f"unregistering {unregister}")
             remove(registry, unregister)

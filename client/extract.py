@@ -212,13 +212,15 @@ class FeatureExtractor:
         spec = protocol.radiomics
         self.spec = spec
         settings = pyradiomics_settings(spec)
-        self._settings = settings
         ibsi = spec.discretization == "fixed_bin_size"
         self.lower_bound: float | None = None
         rng = protocol.standardization.resegmentation_range
         self._reseg_range = rng
         if ibsi and rng is not None and math.isfinite(rng[0]):
             self.lower_bound = float(rng[0])
+        # the original image's discretization, as its texture classes have it (the ibsi class)
+        self._original_settings = settings if self.lower_bound is None else {
+            **settings, _LOWER_BOUND_KEY: self.lower_bound}
 
         shape_classes = {k: list(v) for k, v in spec.feature_classes.items()
                          if k.startswith("shape")}
@@ -276,7 +278,6 @@ class FeatureExtractor:
             raise CaseError(SkipReason.EXTRACTION_FAILED, f"pyradiomics: {exc}") from None
         return out
 
-
     def _ibsi_features(self, image: sitk.Image, morph_mask: sitk.Image,
                        intensity_mask: sitk.Image) -> dict[str, float]:
         """The ``ibsi`` class, on the original image discretized as pyradiomics' classes are."""
@@ -285,12 +286,9 @@ class FeatureExtractor:
         intensity = sitk.GetArrayFromImage(intensity_mask).astype(bool)
         if not intensity.any() or not morph.any():
             raise CaseError(SkipReason.EXTRACTION_FAILED, "ibsi features: the ROI is empty")
-        settings = dict(self._settings)
-        if self.lower_bound is not None:
-            settings[_LOWER_BOUND_KEY] = self.lower_bound
         spacing = image.GetSpacing()[::-1]
         features = ibsi_features.compute(
-            array, morph, intensity, discretize(array, intensity, settings),
+            array, morph, intensity, discretize(array, intensity, self._original_settings),
             (spacing[0], spacing[1], spacing[2]), self.spec.dimension, self.spec.gldm_alpha,
             names=tuple(self._ibsi or ()), ivh=self._ivh_levels(array, intensity))
         return {f"original_ibsi_{name}": value for name, value in features.items()}

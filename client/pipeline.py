@@ -3,7 +3,8 @@
 Longer than 400 lines: the case loop, the supervision of the processes that run it, and the
 two outputs it writes (features table, ingestion report) read together.
 
-Cases run in parallel worker processes (one pyradiomics extractor per worker, built once). Each
+Cases run in parallel, each in a process of its own forked from one that built the pyradiomics
+extractor once (see :func:`run_cases`). Each
 extracted case is cached on disk under a key made of the protocol hash, the software versions and
 the content of the case's files, written atomically: a killed run resumes where it stopped, and a
 changed file or protocol is recomputed. A case that fails is skipped with its reason; the others
@@ -101,11 +102,11 @@ class CaseProcessor:
         self.protocol = protocol
         self.mode = mode
         self.cache_dir = cache_dir
-        self.max_voxels = max_voxels
+        self.budget = max_voxels if isinstance(max_voxels, Budget) else Budget(max_voxels)
         self.time_limit_s = time_limit_s
         self.protocol_hash = protocol.content_hash()
         self.versions = software_versions()
-        self.steps = build_steps(protocol, max_voxels)
+        self.steps = build_steps(protocol, self.budget)
         self.extractor = FeatureExtractor(protocol) if mode == "extract" else None
 
     def _cache_path(self, key: str) -> Path | None:
@@ -127,9 +128,8 @@ class CaseProcessor:
                                seconds=time.perf_counter() - start)
         except Exception as exc:  # a bug or an unforeseen file: skip the case, keep the run
             if isinstance(exc, MemoryError) or any(m in str(exc) for m in _OUT_OF_MEMORY):
-                budget = self.max_voxels
-                cap = (f"this site's max_case_memory_mb ({budget.max_memory_mb:,})"
-                       if isinstance(budget, Budget) and budget.max_memory_mb else "free memory")
+                cap = (f"this site's max_case_memory_mb ({self.budget.max_memory_mb:,})"
+                       if self.budget.max_memory_mb else "free memory")
                 return CaseOutcome(case.case_id, case.row, SkipReason.RESOURCE_LIMIT,
                                    f"ran out of memory: it needs more than {cap}",
                                    seconds=time.perf_counter() - start)
@@ -146,7 +146,7 @@ class CaseProcessor:
                 return CaseOutcome(case.case_id, case.row, features=cached["features"],
                                    roi_voxels=cached["roi_voxels"], cached=True,
                                    seconds=time.perf_counter() - start)
-        volume = load_case(case, self.protocol, self.max_voxels)
+        volume = load_case(case, self.protocol, self.budget)
         if self.mode == "check" or self.extractor is None:
             voxels = check_roi(volume.labels, self.protocol.ingestion, case.case_id)
             return CaseOutcome(case.case_id, case.row, roi_voxels=voxels,
@@ -198,8 +198,7 @@ def _case_process(processor: CaseProcessor, case: CaseSpec, conn: Any, threads: 
     # GLCM MCC) would otherwise each start a thread per core in every process and thrash.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     threadpool_limits(threads)
-    budget = processor.max_voxels
-    cap_memory(budget.max_memory_mb if isinstance(budget, Budget) else None)
+    cap_memory(processor.budget.max_memory_mb)
     conn.send(processor(case))
     conn.close()
 
@@ -272,11 +271,11 @@ def run_cases(
                 i, child, started = running.pop(pipe)
                 try:
                     outcome = pipe.recv()
-                except (EOFError, OSError):
-                    outcome = _died(cases[i], child, started)
+                except (EOFError, OSError):  # it ended without answering
+                    outcome = None
                 pipe.close()
                 child.join()
-                done(i, outcome)
+                done(i, outcome or _died(cases[i], child.exitcode, started))
             now = time.monotonic()
             for pipe, (i, child, started) in list(running.items()):
                 if kill_after and now - started > kill_after:
@@ -297,16 +296,14 @@ def run_cases(
     return [outcomes[i] for i in range(len(cases))]
 
 
-def _died(case: CaseSpec, child: Any, started: float) -> CaseOutcome:
-    """The outcome of a case whose process ended without answering."""
-    child.join()
-    code = child.exitcode
+def _died(case: CaseSpec, code: int | None, started: float) -> CaseOutcome:
+    """The outcome of a case whose process ended (with exit ``code``) without answering."""
     seconds = time.monotonic() - started
     if code is not None and code < 0 and -code == signal.SIGKILL:
         return CaseOutcome(case.case_id, case.row, SkipReason.RESOURCE_LIMIT,
                            "its process was killed (SIGKILL): most likely the system's "
-                           "out-of-memory killer; lower max_case_voxels or n_workers",
-                           seconds=seconds)
+                           "out-of-memory killer; lower the site's max_case_memory_mb or "
+                           "workers", seconds=seconds)
     return CaseOutcome(case.case_id, case.row, SkipReason.INTERNAL_ERROR,
                        f"its process ended without a result (exit code {code})", seconds=seconds)
 

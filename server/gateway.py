@@ -180,21 +180,22 @@ def create_app(upstream: Upstream, *, allowed: frozenset[str] | None = None,
                         headers={k: v for k, v in answer.headers.items()
                                  if k.lower() not in _HOP_BY_HOP | {"content-encoding"}})
 
+    def log_summary() -> None:
+        line = counter.summary()
+        if line:
+            log.info(line)
+
     async def summarize() -> None:
         while True:
             await asyncio.sleep(summary_s)
-            line = counter.summary()
-            if line:
-                log.info(line)
+            log_summary()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         task = asyncio.create_task(summarize())
         yield
         task.cancel()
-        line = counter.summary()
-        if line:
-            log.info(line)
+        log_summary()
         await client.aclose()
 
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]

@@ -82,12 +82,22 @@ def record(path: Path, name: str, node_id: int, public_key: Path) -> RegisteredS
     return site
 
 
-def remove(path: Path, name: str) -> RegisteredSite:
-    sites = load_registry(path)
+def _find(sites: dict[str, RegisteredSite], path: Path, name: str) -> RegisteredSite:
     if name not in sites:
         raise ConfigError(name, [f"no site of this name in {path} (registered: "
                                  f"{', '.join(sorted(sites)) or 'none'})"])
-    site = sites.pop(name)
+    return sites[name]
+
+
+def registered(path: Path, name: str) -> RegisteredSite:
+    """The registration of the site ``name``; an error naming the registered sites if none."""
+    return _find(load_registry(path), path, name)
+
+
+def remove(path: Path, name: str) -> RegisteredSite:
+    sites = load_registry(path)
+    site = _find(sites, path, name)
+    del sites[name]
     _save(path, sites)
     return site
 
