@@ -1,21 +1,30 @@
-"""How much of the scanners' leave-one-site-out (LOSO) drop harmonization can recover, and
-whether federation beats local-only training, averaged over many train/test splits.
+"""How much of the scanners' leave-one-site-out (LOSO) drop each harmonization step recovers,
+averaged over many train/test splits and over cohorts drawn with other seeds and site sizes.
 
 One study split gives 12 to 33 test patients a site, too few for a stable AUC (``bench/study.py``
-prints one table per seed). This benchmark takes the default cohort with and without scanner
-effects, extracts it once (the study's own preparation), then for ``--splits`` stratified
-random splits runs the study's recipe in-process (the pooled fit equals the federated one to
-1e-6: ``tests/common/test_selection.py``) and prints, mean over splits:
+prints one table per seed). For each cohort (``--cohorts SEED:SIZES``, the default one and two
+more) this benchmark writes the cohort with and without scanner effects, extracts each under
+every image-level variant of the study protocol (``--images``: the protocol as it is, with
+federated histogram standardization, with resolution and noise matching, both; each extraction
+runs the study's own phases up to ``prepare`` in Flower's simulation engine, so the image
+statistics are the federated ones), then for ``--splits`` stratified random splits runs the
+study's recipe in-process (the pooled fit equals the federated one to 1e-6:
+``tests/common/test_selection.py``) under every feature-level step:
 
-* LOSO AUC per site without scanner effects, with them on raw features, after plain ComBat,
-  after ComBat with the outcome protected (the study's default), and after an *oracle*:
-  per-scanner location and scale fitted on every row, training and test, with the label
-  protected and no shrinkage (the most any location-scale harmonization could do here); the
-  share of the drop each recovers (the issue's goal: 80%);
-* per site, the local-only model's and the federated model's test AUC, and how often federated
-  wins.
+* ``raw``: no feature harmonization;
+* ``ComBat``: federated ComBat as the study runs it (age and the outcome protected);
+* ``ComBat + screening``: then scanner-robust screening (:mod:`harmonization.screening`) drops
+  the features whose outcome effect differs between the *training* sites' scanners (the left-out
+  site takes no part), before the model's own screening;
+* ``oracle location-scale``: per-scanner location and scale fitted on every row, training and
+  test, with the label protected and no shrinkage (the most any location-scale harmonization
+  could do here).
 
-    python bench/loso_harmonization.py [--splits 8] [--work DIR]
+It prints the LOSO AUC per site and the share of the drop (no scanner effects against images as
+acquired, raw features) each combination recovers, per cohort and their mean, and per site the
+local-only model's and the federated model's test AUC (how often federated wins).
+
+    python bench/loso_harmonization.py [--splits 8] [--cohorts 0:40,70,110 ...] [--work DIR]
 """
 
 from __future__ import annotations
@@ -24,32 +33,77 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.study import default_cohorts  # noqa: E402
 from cli.simulation import run_in_simulation  # noqa: E402
 from client.workspace import PREPARED_FILE, feature_columns  # noqa: E402
-from common.protocol import load_protocol  # noqa: E402
+from common.protocol import StudyProtocol, load_protocol  # noqa: E402
 from common.selection.pooled import fit_pooled  # noqa: E402
 from common.selection.terms import assign_folds  # noqa: E402
+from common.synthetic import CohortSpec, make_sites, read_cohort_spec, write_cohort  # noqa: E402
 from harmonization.combat.design import CombatOptions, Design  # noqa: E402
 from harmonization.combat.model import SiteTable, fit_combat  # noqa: E402
+from harmonization.screening import scanner_shares, site_interaction_moments  # noqa: E402
 from server.study import StudySettings  # noqa: E402
 
-VARIANTS = ("raw", "ComBat", "ComBat, outcome protected", "oracle location-scale")
+FEATURE_STEPS = ("raw", "ComBat", "ComBat + screening", "oracle location-scale")
+DEFAULT_COHORTS = ("0:40,70,110", "1:60,60,90", "2:50,80,100")
+#: The screening's threshold in the benchmark: the F test's p-value below which a feature's
+#: outcome effect is taken to differ between scanners.
+SCREENING_P = 0.05
 
 
-def prepared(cohort: Path) -> dict[str, pd.DataFrame]:
-    """Each site's prepared table (features, label, batch), extracting it when needed."""
-    protocol = load_protocol(cohort / "study.yaml")
-    out = cohort.parent / f"{cohort.name}-prepare"
+def _without_histogram(mapping: dict) -> dict:
+    mapping["standardization"]["histogram"] = None
+    return mapping
+
+
+def _with_histogram(mapping: dict) -> dict:
+    mapping["standardization"]["histogram"] = {"scale": 250.0}
+    return mapping
+
+
+#: Each image-level variant as an edit of the study protocol's mapping.
+IMAGE_VARIANTS: dict[str, Callable[[dict], dict]] = {
+    "as acquired": _without_histogram,
+    "histogram standardization": _with_histogram,
+}
+
+
+@dataclass(frozen=True)
+class Cohort:
+    seed: int
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Cohort:
+        seed, _, sizes = text.partition(":")
+        return cls(int(seed), tuple(int(s) for s in sizes.split(",")))
+
+    @property
+    def name(self) -> str:
+        return f"seed {self.seed}, sites of {'/'.join(map(str, self.sizes))}"
+
+
+def prepared(cohort: Path, variant: str, edit: Callable[[dict], dict]
+             ) -> dict[str, pd.DataFrame]:
+    """Each site's prepared table (features, label, batch) under a protocol variant, running
+    the study's phases up to ``prepare`` when needed."""
+    mapping = edit(yaml.safe_load((cohort / "study.yaml").read_text()))
+    path = cohort.parent / f"{cohort.name}-{variant.replace(' ', '-')}.yaml"
+    path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    protocol = load_protocol(path)
+    out = cohort.parent / f"{cohort.name}-{variant.replace(' ', '-')}-prepare"
     run_in_simulation(cohort, StudySettings(protocol, out, until="prepare"), lambda _: None)
     return {p.name: pd.read_parquet(p / "study" / protocol.short_hash / PREPARED_FILE)
             for p in sorted((cohort / "work").iterdir())}
@@ -65,29 +119,42 @@ def split(labels: np.ndarray, seed: int, fraction: float = 0.3) -> np.ndarray:
     return test
 
 
-def harmonize(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarray], names: list[str],
-              label: str, variant: str) -> dict[str, np.ndarray]:
-    x = {s: t[names].to_numpy(float) for s, t in tables.items()}
-    if variant == "raw":
-        return x
-    protect = variant != "ComBat"
-    oracle = variant.startswith("oracle")
+def _design(tables: dict[str, pd.DataFrame], label: str) -> Design:
+    """The study's ComBat design: age, and the outcome protected while estimating."""
     batches = tuple(sorted({b for t in tables.values() for b in t.batch.astype(str)}))
-    categorical = [("sex", ("F", "M"))] + ([(label, ("0", "1"))] if protect else [])
-    design = Design(batches, tuple(categorical), ("age",),
-                    fit_only=(label,) if protect else ())
+    return Design(batches, ((label, ("0", "1")),), ("age",), fit_only=(label,))
+
+
+def harmonize(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarray], names: list[str],
+              label: str, step: str) -> dict[str, np.ndarray]:
+    x = {s: t[names].to_numpy(float) for s, t in tables.items()}
+    if step == "raw":
+        return x
+    oracle = step.startswith("oracle")
+    design = _design(tables, label)
     options = CombatOptions(min_batch_size=5, min_cell=1, eb=not oracle)
     sites = []
     for s, t in tables.items():
         rows = np.ones(len(t), bool) if oracle else ~tests[s]
         fit = t[rows]
         sites.append(SiteTable(s, x[s][rows], fit.batch.astype(str).tolist(),
-                               {"sex": fit.sex.tolist(), "age": fit.age.tolist(),
-                                label: fit[label].astype(int).tolist()}))
+                               {"age": fit.age.tolist(), label: fit[label].astype(int).tolist()}))
     model = fit_combat(sites, design, options)
-    return {s: model.transform(x[s], t.batch.astype(str).tolist(),
-                               {"sex": t.sex.tolist(), "age": t.age.tolist()})
+    return {s: model.transform(x[s], t.batch.astype(str).tolist(), {"age": t.age.tolist()})
             for s, t in tables.items()}
+
+
+def robust(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarray],
+           x: dict[str, np.ndarray], label: str, sites: list[str]) -> np.ndarray:
+    """The features the screening keeps, from the training rows of ``sites`` only."""
+    design = _design({s: tables[s] for s in sites}, label)
+    parts = []
+    for s in sites:
+        t, train = tables[s], ~tests[s]
+        parts.append(site_interaction_moments(
+            x[s][train], t.batch.astype(str)[train].tolist(), t[label].to_numpy(float)[train],
+            {"age": t.age[train].tolist()}, design))
+    return scanner_shares(parts, design).p >= SCREENING_P
 
 
 def fit(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], spec):  # noqa: ANN001, ANN201
@@ -96,61 +163,108 @@ def fit(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], spec):  # noqa: A
     return model
 
 
+def evaluate(tables: dict[str, pd.DataFrame], names: list[str], protocol: StudyProtocol,
+             r: int, steps: tuple[str, ...], versus: bool
+             ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """LOSO AUC per site under each feature step for split ``r`` (and, with ``versus``,
+    local-only against federated)."""
+    label, spec = protocol.task.label_column, protocol.model
+    tests = {s: split(t[label].to_numpy(), 1000 * r + i) for i, (s, t) in enumerate(tables.items())}
+    loso, duel = [], []
+    for step in steps:
+        x = harmonize(tables, tests, names, label, step.removesuffix(" + screening"))
+        rows = {s: (x[s][~tests[s]], t[label].to_numpy(float)[~tests[s]],
+                    assign_folds(t[label].to_numpy(float)[~tests[s]], spec.cv_folds, r, True))
+                for s, t in tables.items()}
+        for k, t in tables.items():
+            others = [s for s in tables if s != k]
+            keep = (robust(tables, tests, x, label, others) if step.endswith("screening")
+                    else np.ones(len(names), bool))
+            y = t[label].to_numpy(float)[tests[k]]
+            model = fit([(rows[s][0][:, keep], *rows[s][1:]) for s in others], spec)
+            loso.append({"split": r, "step": step, "site": k, "kept": int(keep.sum()),
+                         "auc": roc_auc_score(y, model.score(x[k][tests[k]][:, keep]))})
+        if versus and step in ("raw", "ComBat"):
+            federated = fit(list(rows.values()), spec)
+            for k, t in tables.items():
+                y = t[label].to_numpy(float)[tests[k]]
+                duel.append({
+                    "split": r, "features": step, "site": k,
+                    "local": roc_auc_score(y, fit([rows[k]], spec).score(x[k][tests[k]])),
+                    "federated": roc_auc_score(y, federated.score(x[k][tests[k]]))})
+    return loso, duel
+
+
+def cohort_dirs(work: Path, cohort: Cohort) -> dict[bool, Path]:
+    """The cohort with scanner effects (True) and without (False), written when absent."""
+    dirs = {}
+    for effects in (True, False):
+        path = work / f"seed{cohort.seed}-{'-'.join(map(str, cohort.sizes))}" / (
+            "scanners" if effects else "no-scanners")
+        if read_cohort_spec(path) is None:
+            write_cohort(path, CohortSpec(make_sites(cohort.sizes, effects, cohort.seed),
+                                          seed=cohort.seed, scanner_effects=effects))
+        dirs[effects] = path
+    return dirs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", type=int, default=8)
+    parser.add_argument("--cohorts", nargs="+", default=list(DEFAULT_COHORTS),
+                        help="SEED:SIZES, e.g. 0:40,70,110 (default: %(default)s)")
     parser.add_argument("--work", type=Path, default=None,
                         help="keep the cohorts here (reused when present)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="myelofed-bench-loso-"))
     start = time.perf_counter()
-    tables = {effects: prepared(cohort) for effects, cohort in default_cohorts(work).items()}
-    protocol = load_protocol(work / "scanners" / "study.yaml")
-    label, spec = protocol.task.label_column, protocol.model
-    names = feature_columns(next(iter(tables[True].values())), protocol)
-    loso: list[dict[str, object]] = []
-    versus: list[dict[str, object]] = []
-    for r in range(args.splits):
-        for effects, variants in ((False, ("raw",)), (True, VARIANTS)):
-            sites = tables[effects]
-            tests = {s: split(t[label].to_numpy(), 1000 * r + i)
-                     for i, (s, t) in enumerate(sites.items())}
-            for variant in variants:
-                x = harmonize(sites, tests, names, label, variant)
-                rows = {s: (x[s][~tests[s]], t[label].to_numpy(float)[~tests[s]],
-                            assign_folds(t[label].to_numpy(float)[~tests[s]], spec.cv_folds, r,
-                                         True)) for s, t in sites.items()}
-                name = variant if effects else "no scanner effects"
-                for k, t in sites.items():
-                    y = t[label].to_numpy(float)[tests[k]]
-                    model = fit([rows[s] for s in sites if s != k], spec)
-                    loso.append({"split": r, "variant": name, "site": k,
-                                 "auc": roc_auc_score(y, model.score(x[k][tests[k]]))})
-                if effects and variant in ("raw", "ComBat, outcome protected"):
-                    federated = fit(list(rows.values()), spec)
-                    for k, t in sites.items():
-                        y = t[label].to_numpy(float)[tests[k]]
-                        versus.append({
-                            "split": r, "features": variant, "site": k,
-                            "local": roc_auc_score(y, fit([rows[k]], spec).score(x[k][tests[k]])),
-                            "federated": roc_auc_score(y, federated.score(x[k][tests[k]]))})
-    table = pd.DataFrame(loso).pivot_table(index="variant", columns="site", values="auc")
-    table["mean"] = table.mean(axis=1)
-    order = ["no scanner effects", *VARIANTS]
-    table = table.loc[order]
-    none, raw = table.loc["no scanner effects", "mean"], table.loc["raw", "mean"]
-    table["recovered"] = [float("nan") if v in ("no scanner effects", "raw") else
-                          (table.loc[v, "mean"] - raw) / (none - raw) for v in order]
-    print(f"\nLOSO test AUC, mean over {args.splits} splits (drop {none - raw:.3f}; goal: "
-          "harmonization recovers >= 80% of it)")
-    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
-    duel = pd.DataFrame(versus)
-    duel["federated wins"] = duel.federated > duel.local
-    print(f"\nlocal-only vs federated test AUC per site, mean over {args.splits} splits "
-          "(goal: federated higher at every site)")
-    print(duel.groupby(["features", "site"])[["local", "federated", "federated wins"]].mean()
-          .to_string(float_format=lambda v: f"{v:.3f}"))
+    results, duels = [], []
+    for cohort in map(Cohort.parse, args.cohorts):
+        dirs = cohort_dirs(work, cohort)
+        protocol = load_protocol(dirs[True] / "study.yaml")
+        sets = {"no scanner effects": prepared(dirs[False], "as acquired", _without_histogram)}
+        for variant, edit in IMAGE_VARIANTS.items():
+            sets[variant] = prepared(dirs[True], variant, edit)
+        for r in range(args.splits):
+            for images, tables in sets.items():
+                names = feature_columns(next(iter(tables.values())), protocol)
+                steps = ("raw",) if images == "no scanner effects" else FEATURE_STEPS
+                loso, duel = evaluate(tables, names, protocol, r, steps,
+                                      images == "as acquired")
+                results += [{**row, "cohort": cohort.name, "images": images} for row in loso]
+                duels += [{**row, "cohort": cohort.name} for row in duel]
+        report(pd.DataFrame(results), pd.DataFrame(duels), args.splits)
     print(f"\n{time.perf_counter() - start:.0f} s; cohorts under {work}")
+
+
+def report(results: pd.DataFrame, duels: pd.DataFrame, splits: int) -> None:
+    """The LOSO table per cohort, the share recovered, and the local-vs-federated duel."""
+    table = results.pivot_table(index=["images", "step"], columns=["cohort", "site"],
+                                values="auc")
+    shares = {}
+    for cohort in results.cohort.unique():
+        mean = table[cohort].mean(axis=1)
+        none = mean.loc[("no scanner effects", "raw")]
+        raw = mean.loc[("as acquired", "raw")]
+        shares[cohort] = (mean - raw) / (none - raw)
+        print(f"\n{cohort}: LOSO test AUC, mean over {splits} splits (drop {none - raw:.3f})")
+        out = table[cohort].copy()
+        out["mean"] = mean
+        out["recovered"] = shares[cohort]
+        out["features kept"] = results[results.cohort == cohort].groupby(
+            ["images", "step"]).kept.mean()
+        print(out.to_string(float_format=lambda v: f"{v:.3f}"))
+    if len(shares) > 1:
+        summary = pd.DataFrame(shares)
+        summary["mean"] = summary.mean(axis=1)
+        print("\nshare of the LOSO drop recovered, per cohort (goal: >= 50% on each with the "
+              "study's default harmonization)")
+        print(summary.to_string(float_format=lambda v: f"{v:.0%}"))
+    duels["federated wins"] = duels.federated > duels.local
+    print(f"\nlocal-only vs federated test AUC per site, mean over {splits} splits, images as "
+          "acquired")
+    print(duels.groupby(["cohort", "features", "site"])[["local", "federated", "federated wins"]]
+          .mean().to_string(float_format=lambda v: f"{v:.3f}"))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from rich.table import Table
 from cli import supervise
 from cli.console import Typer, console, fail_config, need, out, progress_columns
 from cli.exit_codes import ExitCode
-from common.errors import ConfigError
+from common.errors import ConfigError, MyeloFedError
 from common.provenance import atomic_write_json
 from common.security import make_site_key
 from server.commands import approving, flower_env, supernode_command
@@ -72,8 +72,9 @@ def _site_setup(protocol_src: str, manifest: Path | None, site_config: Path | No
     return protocol, config, cases, problems
 
 
-def _run_with_progress(cases: list[Any], protocol: Any, mode: Literal["check", "extract"],
-                       config: Any, cache_dir: Path | None) -> list[Any]:
+def _run_with_progress(cases: list[Any], protocol: Any,
+                       mode: Literal["check", "extract", "landmarks"], config: Any,
+                       cache_dir: Path | None, standard: Any = None) -> list[Any]:
     from client.pipeline import run_cases  # deferred: heavy (see cli/__init__.py)
 
     columns = progress_columns(TextColumn("{task.fields[skipped]} skipped"))
@@ -89,7 +90,36 @@ def _run_with_progress(cases: list[Any], protocol: Any, mode: Literal["check", "
         return run_cases(cases, protocol, mode=mode, workers=config.n_workers,
                          cache_dir=cache_dir, on_done=on_done,
                          max_voxels=config.budget,
-                         time_limit_s=config.case_time_limit_s)
+                         time_limit_s=config.case_time_limit_s, standard=standard)
+
+
+def _image_standard(protocol: Any, config: Any, cases: list[Any], path: Path | None) -> Any:
+    """The standard landmarks a protocol with histogram standardization extracts with: the
+    file given, or this site's own from the landmarks of all its cases (None without it)."""
+    histogram = protocol.standardization.histogram
+    if histogram is None:
+        return None
+    from harmonization.images import (  # deferred: see cli/__init__.py
+        PERCENTILES,
+        ImageStandard,
+        combine_image_sums,
+        scanner_sums,
+    )
+
+    if path is not None:
+        try:
+            return ImageStandard.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, MyeloFedError) as exc:
+            fail_config(ConfigError(str(path), [f"not an image standard: {exc}"]))
+    outcomes = _run_with_progress(cases, protocol, "landmarks", config, None)
+    rows = [(case.batch, [o.features[f"landmark_{i:02d}"] for i in range(len(PERCENTILES))])
+            for case, o in zip(cases, outcomes, strict=True) if o.ok and o.features]
+    if not rows:
+        fail_config(ConfigError("histogram standardization", ["no case gave landmarks"]))
+    standard = combine_image_sums({config.site_name: scanner_sums(rows, 1)}, histogram.scale)
+    console.print(f"histogram standardization: this site's own standard from {len(rows)} "
+                  "images (a federated study uses the study's)")
+    return standard
 
 
 def _print_report(report: dict[str, Any], report_path: Path) -> None:
@@ -136,7 +166,12 @@ def site_extract(protocol: ProtocolOpt, manifest: ManifestOpt = None,
                  workers: WorkersOpt = None, site_name: SiteNameOpt = None,
                  no_cache: Annotated[bool, typer.Option(
                      "--no-cache", help="Recompute every case (the cache is still refreshed "
-                     "only when this is off).")] = False) -> None:
+                     "only when this is off).")] = False,
+                 image_standard: Annotated[Path | None, typer.Option(
+                     help="With histogram standardization: the study's standard landmarks "
+                     "(image_standard.json in the site's study folder after a federated "
+                     "preparation). Default: this site's own, from all its images.")] = None,
+                 ) -> None:
     """Standardize every valid case and extract its radiomic features under the protocol.
 
     Writes features.parquet (case_id, batch, label, covariates, features; protocol hash and
@@ -148,14 +183,15 @@ def site_extract(protocol: ProtocolOpt, manifest: ManifestOpt = None,
     proto, config, cases, problems = _site_setup(protocol, manifest, site_config, out_dir,
                                                  workers, site_name)
     cache_dir = None if no_cache else config.cache_dir
-    outcomes = _run_with_progress(cases, proto, "extract", config, cache_dir)
+    standard = _image_standard(proto, config, cases, image_standard)
+    outcomes = _run_with_progress(cases, proto, "extract", config, cache_dir, standard)
     report = ingestion_report(outcomes, problems, proto, config.site_name, "extract")
     report_path = config.work_dir / "ingestion_report.json"
     atomic_write_json(report_path, report)
     table = features_table(cases, outcomes, proto)
     if table.num_rows:
         table_path = config.work_dir / "features.parquet"
-        write_features_table(table, table_path, proto, config.site_name)
+        write_features_table(table, table_path, proto, config.site_name, standard)
         n_features = table.num_columns - 3 - len(proto.covariates.columns)
         console.print(f"features: {table_path} ({table.num_rows} cases x {n_features} features)")
     _print_report(report, report_path)

@@ -48,6 +48,7 @@ from common.payloads import MIN_ROWS_SENT
 from common.protocol import StudyProtocol
 from common.records import pack, to_record, unpack_request
 from common.site_config import SiteConfig
+from harmonization.images import ImageStandard
 from harmonization.messages import CombatRequest, HarmonizedRows
 
 
@@ -210,6 +211,16 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
             answer = handshake.handshake(site, study.protocol_json, study.protocol_hash)
         return Message(to_record(answer), reply_to=msg)
 
+    @app.query(MessageType.IMAGE_LANDMARKS.query)
+    @guarded
+    def _image_landmarks(msg: Message, context: Context) -> Message:
+        from client.phases import images  # see _prepare
+
+        study = unpack_request(msg.content, StudyRequest).study
+        return reply(msg, sums=images.image_landmarks(
+            site_of(context), study.protocol(), study.required("seed"),
+            study.required("test_fraction")))
+
     @app.query(MessageType.PREPARE.query)
     @guarded
     def _prepare(msg: Message, context: Context) -> Message:
@@ -222,8 +233,10 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
         site = site_of(context)
         study = unpack_request(msg.content, StudyRequest).study
         try:
+            standard = (None if study.image_standard is None else
+                        ImageStandard.from_json(study.image_standard))
             answer = prepare.prepare(site, study.protocol(), study.required("seed"),
-                                     study.required("test_fraction"))
+                                     study.required("test_fraction"), standard)
         except MyeloFedError as exc:
             answer = prepare.refused(site.site_name, exc)
         return Message(to_record(answer), reply_to=msg)

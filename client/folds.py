@@ -14,12 +14,40 @@ the first folds under which every sum the study will ask of it passes the ledger
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import train_test_split
 
 from client.ledger import crossed, isolable, scanner_subsets
+from client.manifest import CaseSpec
 from common.protocol import StudyProtocol, TaskKind
 from common.selection.terms import IndexArray, assign_folds
+
+
+def split_state(seed: int, site_name: str) -> int:
+    """The random state of a site's split and folds: the study seed and the site's name."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{site_name}".encode()).digest()[:4], "little")
+
+
+def training_cases(cases: Sequence[CaseSpec], protocol: StudyProtocol, seed: int,
+                   site_name: str, test_fraction: float) -> set[str]:
+    """The case ids of a site's training split: the manifest's usable cases split once,
+    stratified by label (for classification, when every class has two cases or more), seeded
+    by :func:`split_state`. The image harmonization phase and the preparation both use it, so
+    the split never changes across phases (a case that later fails to extract is dropped from
+    its side)."""
+    if len(cases) < 2:
+        return {c.case_id for c in cases}
+    labels = np.array([c.label for c in cases])
+    classification = protocol.task.kind is TaskKind.CLASSIFICATION
+    stratify = labels if classification and np.min(np.unique(labels, return_counts=True)[1]) > 1 \
+        else None
+    train, _ = train_test_split(np.arange(len(cases)), test_size=test_fraction,
+                                random_state=split_state(seed, site_name), stratify=stratify)
+    return {cases[i].case_id for i in train}
 
 
 def fold_strata(rows: pd.DataFrame, protocol: StudyProtocol) -> list[np.ndarray]:

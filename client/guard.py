@@ -53,7 +53,11 @@ from common.selection.screening import Comoments
 from common.selection.terms import BatchRequest, BatchTerms
 from harmonization.combat.design import design_from_json
 from harmonization.combat.moments import DesignMoments, ResidualMoments, StackedMoments
+from harmonization.images import PERCENTILES, ImageSums
 from harmonization.messages import HarmonizedRows
+
+#: The most scanners one site's image landmarks may name.
+MAX_SCANNERS = 64
 
 #: Flower's ``RecordDict`` (duck-typed: only the apps import Flower).
 Records = Any
@@ -67,6 +71,7 @@ class PrivacyGuardError(MyeloFedError):
 #: whether each must be there.
 PAYLOADS: dict[MessageType, dict[str, tuple[type, bool]]] = {
     MessageType.HANDSHAKE: {"": (HandshakeReply, True)},
+    MessageType.IMAGE_LANDMARKS: {"sums": (ImageSums, True)},
     MessageType.PREPARE: {"": (PrepareReply, True)},
     MessageType.COMBAT_DESIGN: {"moments": (DesignMoments, True)},
     MessageType.COMBAT_RESIDUALS: {"residuals": (ResidualMoments, True)},
@@ -89,6 +94,11 @@ def _sizes(message_type: MessageType, request: Records, protocol: Callable[[], S
     if message_type is MessageType.PREPARE:
         width = features()
         return {"features": {0} if width is None else {0, width}}, minimums
+    if message_type is MessageType.IMAGE_LANDMARKS:
+        # how many scanners a site has is not a patient count (the preparation's reply
+        # names them too)
+        return ({"scanners": range(MAX_SCANNERS + 1), "small": range(MAX_SCANNERS + 1),
+                 "landmarks": len(PERCENTILES)}, minimums)
     if message_type.is_combat:
         study = StudyConfig.from_mapping(dict(request[STUDY_RECORD]))
         design, options = design_from_json(str(study.design))

@@ -37,16 +37,19 @@ from client.extract import FeatureExtractor, pyradiomics_settings
 from client.limits import MAX_CASE_VOXELS, Budget, CaseTimeout, cap_memory, time_limit
 from client.loading import check_roi, load_case
 from client.manifest import CaseSpec, RowProblem
-from client.standardize import build_steps, standardize
+from client.standardize import build_steps, intensity_steps, landmarks_of, standardize
 from common.errors import CaseError, SkipReason
 from common.protocol import StudyProtocol
 from common.provenance import atomic_write_bytes, atomic_write_json, software_versions
+from harmonization.images import ImageStandard
 
 CACHE_SCHEMA_VERSION = 1
 TABLE_SCHEMA_VERSION = 1
 REPORT_SCHEMA_VERSION = 1
 
-Mode = Literal["check", "extract"]
+#: ``check``: read and check; ``extract``: standardize and extract the features;
+#: ``landmarks``: the histogram landmarks after N4 and normalization (image harmonization).
+Mode = Literal["check", "extract", "landmarks"]
 
 
 @dataclass(frozen=True)
@@ -78,11 +81,14 @@ def _digest(path: Path, h: Any) -> None:
                 h.update(block)
 
 
-def case_cache_key(case: CaseSpec, protocol_hash: str, versions: dict[str, str]) -> str:
-    """Content key of one case's features: protocol, software, ROI choice and file bytes."""
+def case_cache_key(case: CaseSpec, protocol_hash: str, versions: dict[str, str],
+                   standard: ImageStandard | None = None) -> str:
+    """Content key of one case's features: protocol, the study's standard landmarks (with
+    histogram standardization), software, ROI choice and file bytes."""
     h = hashlib.sha256()
+    landmarks = None if standard is None else list(standard.landmarks)
     h.update(json.dumps([CACHE_SCHEMA_VERSION, protocol_hash, versions, case.roi,
-                         case.series_uid]).encode())
+                         case.series_uid] + ([landmarks] if landmarks else [])).encode())
     for path in (case.image, case.mask):
         h.update(b"\0" + path.name.encode())
         _digest(path, h)
@@ -98,7 +104,8 @@ class CaseProcessor:
     pyradiomics extractor, built once."""
     def __init__(self, protocol: StudyProtocol, mode: Mode, cache_dir: Path | None,
                  max_voxels: int | Budget = MAX_CASE_VOXELS,
-                 time_limit_s: float | None = None) -> None:
+                 time_limit_s: float | None = None,
+                 standard: ImageStandard | None = None) -> None:
         self.protocol = protocol
         self.mode = mode
         self.cache_dir = cache_dir
@@ -106,7 +113,9 @@ class CaseProcessor:
         self.time_limit_s = time_limit_s
         self.protocol_hash = protocol.content_hash()
         self.versions = software_versions()
-        self.steps = build_steps(protocol, self.budget)
+        self.standard = standard
+        self.steps = (intensity_steps(protocol) if mode == "landmarks" else
+                      build_steps(protocol, self.budget, standard) if mode == "extract" else [])
         self.extractor = FeatureExtractor(protocol) if mode == "extract" else None
 
     def _cache_path(self, key: str) -> Path | None:
@@ -140,13 +149,22 @@ class CaseProcessor:
     def _process(self, case: CaseSpec, start: float) -> CaseOutcome:
         cache_path = None
         if self.mode == "extract" and self.cache_dir is not None:
-            cache_path = self._cache_path(case_cache_key(case, self.protocol_hash, self.versions))
+            cache_path = self._cache_path(case_cache_key(case, self.protocol_hash, self.versions,
+                                                         self.standard))
             cached = _read_cache(cache_path, case.case_id)
             if cached is not None:
                 return CaseOutcome(case.case_id, case.row, features=cached["features"],
                                    roi_voxels=cached["roi_voxels"], cached=True,
                                    seconds=time.perf_counter() - start)
         volume = load_case(case, self.protocol, self.budget)
+        if self.mode == "landmarks":
+            histogram = self.protocol.standardization.histogram
+            landmarks = landmarks_of(standardize(volume, self.steps),
+                                     histogram.scale if histogram else 100.0)
+            return CaseOutcome(case.case_id, case.row,
+                               features={f"landmark_{i:02d}": float(v)
+                                         for i, v in enumerate(landmarks)},
+                               seconds=time.perf_counter() - start)
         if self.mode == "check" or self.extractor is None:
             voxels = check_roi(volume.labels, self.protocol.ingestion, case.case_id)
             return CaseOutcome(case.case_id, case.row, roi_voxels=voxels,
@@ -222,13 +240,15 @@ def run_cases(
     on_done: Callable[[CaseOutcome], None] | None = None,
     max_voxels: int | Budget = MAX_CASE_VOXELS,
     time_limit_s: float | None = None,
+    standard: ImageStandard | None = None,
 ) -> list[CaseOutcome]:
     """Process ``cases`` with up to ``workers`` processes at once (1 = in this process); outcomes
     in input order. ``on_done`` is called in this process as each case finishes (progress
     display). A case whose image or resampled grid holds more voxels, or would take more
     memory, than ``max_voxels`` allows (a :class:`~client.limits.Budget`) is skipped
     (``resource_limit``) before it is allocated, and so is one that runs past ``time_limit_s``
-    (:func:`client.limits.time_limit`).
+    (:func:`client.limits.time_limit`). ``standard`` is the study's image standard, which a
+    protocol with histogram standardization needs to extract.
 
     With several workers each case runs in its own forked process (the protocol's extractor is
     built once, here, and shared copy-on-write): a case stuck past the time limit and its grace
@@ -237,7 +257,7 @@ def run_cases(
     on each case's process (:func:`client.limits.cap_memory`)."""
     workers = max(1, min(workers, len(cases))) if cases else 1
     outcomes: dict[int, CaseOutcome] = {}
-    processor = CaseProcessor(protocol, mode, cache_dir, max_voxels, time_limit_s)
+    processor = CaseProcessor(protocol, mode, cache_dir, max_voxels, time_limit_s, standard)
 
     def done(i: int, outcome: CaseOutcome) -> None:
         outcomes[i] = outcome
@@ -330,10 +350,12 @@ def features_table(
 
 
 def write_features_table(
-    arrow: pa.Table, path: Path, protocol: StudyProtocol, site_name: str
+    arrow: pa.Table, path: Path, protocol: StudyProtocol, site_name: str,
+    standard: ImageStandard | None = None,
 ) -> None:
-    """Parquet, with the protocol, its hash, the standardization steps as run, the pyradiomics
-    settings and the software versions in the file metadata."""
+    """Parquet, with the protocol, its hash, the standardization steps as run (with the image
+    standard, if any), the pyradiomics settings and the software versions in the file
+    metadata."""
 
 
     meta = {
@@ -341,7 +363,8 @@ def write_features_table(
         "site": site_name,
         "protocol_hash": protocol.content_hash(),
         "protocol": protocol.model_dump(mode="json"),
-        "standardization_steps": [step.record() for step in build_steps(protocol)],
+        "standardization_steps": [step.record() for step in
+                                  build_steps(protocol, standard=standard)],
         "pyradiomics_settings": pyradiomics_settings(protocol.radiomics),
         "software": software_versions(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

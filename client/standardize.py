@@ -1,5 +1,7 @@
 """Image standardization before feature extraction, the IBSI way.
 
+Longer than 400 lines: every step and the order :func:`build_steps` runs them in read together.
+
 Each step is a small callable: its ``__init__`` stores parameters, ``__call__`` maps a
 :class:`Volume` to a new one, and :meth:`record` returns the parameters for provenance.
 :func:`build_steps` turns the protocol's ``standardization`` section into the ordered list.
@@ -23,9 +25,10 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from client.limits import MAX_CASE_VOXELS, Budget, check_voxels
-from common.errors import CaseError, SkipReason
+from common.errors import CaseError, ConfigError, HarmonizationError, SkipReason
 from common.protocol import (
     BiasCorrectionSpec,
     Modality,
@@ -33,6 +36,7 @@ from common.protocol import (
     ResampleSpec,
     StudyProtocol,
 )
+from harmonization.images import ImageStandard, image_landmarks, standardize_histogram
 
 _INTERPOLATORS = {
     "nearest": sitk.sitkNearestNeighbor,
@@ -288,6 +292,52 @@ class Normalize:
         return {"step": "normalize", **self.spec.model_dump(mode="json")}
 
 
+def body_mask(image: sitk.Image) -> np.ndarray:
+    """The body on an MR image (bool, z-y-x): voxels above a tenth of the 99.5th percentile,
+    opened by one voxel, the largest connected part, its holes filled slice by slice. (Otsu's
+    threshold on a T1-weighted image splits fat and marrow from the other tissues, not the body
+    from the air.)"""
+    values = _array(image)
+    inside = values > 0.1 * float(np.percentile(values, 99.5))
+    inside = ndimage.binary_opening(inside, iterations=1)
+    parts, count = ndimage.label(inside)
+    if count > 1:
+        sizes = ndimage.sum_labels(inside, parts, index=np.arange(1, count + 1))
+        inside = parts == 1 + int(np.argmax(sizes))
+    for k in range(inside.shape[0]):
+        inside[k] = ndimage.binary_fill_holes(inside[k])
+    return np.asarray(inside, dtype=bool)
+
+
+def landmarks_of(volume: Volume, scale: float) -> np.ndarray:
+    """The case's histogram landmarks inside its body, mapped onto [0, ``scale``]
+    (:func:`harmonization.images.image_landmarks`)."""
+    try:
+        return image_landmarks(_array(volume.image)[body_mask(volume.image)], scale)
+    except HarmonizationError as exc:
+        raise CaseError(SkipReason.STANDARDIZATION_FAILED, str(exc)) from None
+
+
+class HistogramStandardize:
+    """Nyul-Udupa histogram standardization onto the study's standard landmarks (the federated
+    image harmonization phase: :mod:`harmonization.images`)."""
+
+    def __init__(self, standard: ImageStandard) -> None:
+        self.standard = standard
+
+    def __call__(self, volume: Volume) -> Volume:
+        image = volume.image
+        try:
+            out = standardize_histogram(_array(image), body_mask(image), self.standard.landmarks)
+        except HarmonizationError as exc:
+            raise CaseError(SkipReason.STANDARDIZATION_FAILED, str(exc)) from None
+        return replace(volume, image=_like(out.astype(np.float32), image))
+
+    def record(self) -> dict[str, Any]:
+        return {"step": "histogram_standardization", "scale": self.standard.scale,
+                "landmarks": list(self.standard.landmarks)}
+
+
 class Resegment:
     """IBSI re-segmentation of the intensity mask: a range, then outlier filtering.
 
@@ -336,19 +386,38 @@ def filter_margin_voxels(protocol: StudyProtocol) -> int:
     return max(5, math.ceil(3.0 * max(sigmas) / spacing) if sigmas else 0)
 
 
-def build_steps(protocol: StudyProtocol,
-                max_voxels: int | Budget = MAX_CASE_VOXELS) -> list[Any]:
-    """The protocol's standardization as an ordered list of steps; a resampled grid of more
-    than ``max_voxels`` voxels is refused before it is allocated.
-
-    PET SUV conversion happens when the DICOM series is read (it needs the DICOM header).
-    """
+def intensity_steps(protocol: StudyProtocol) -> list[Any]:
+    """The steps before histogram standardization (N4, normalization): what the image
+    harmonization phase measures the landmarks after."""
     std = protocol.standardization
     steps: list[Any] = []
     if std.bias_correction is not None:
         steps.append(BiasFieldCorrection(std.bias_correction))
     if std.normalization is not None:
         steps.append(Normalize(std.normalization))
+    return steps
+
+
+def build_steps(protocol: StudyProtocol, max_voxels: int | Budget = MAX_CASE_VOXELS,
+                standard: ImageStandard | None = None) -> list[Any]:
+    """The protocol's standardization as an ordered list of steps; a resampled grid of more
+    than ``max_voxels`` voxels is refused before it is allocated. A protocol with histogram
+    standardization needs the study's ``standard`` (its image harmonization phase).
+
+    PET SUV conversion happens when the DICOM series is read (it needs the DICOM header).
+    """
+    std = protocol.standardization
+    steps = intensity_steps(protocol)
+    if std.histogram is not None:
+        if standard is None:
+            raise ConfigError("study protocol", [
+                "standardization.histogram: the study's standard landmarks are missing (the "
+                "image harmonization phase makes them)"])
+        if standard.scale != std.histogram.scale:
+            raise ConfigError("study protocol", [
+                f"standardization.histogram: the standard landmarks were made for scale "
+                f"{standard.scale:g}, the protocol asks for {std.histogram.scale:g}"])
+        steps.append(HistogramStandardize(standard))
     if std.resample is not None:
         steps.append(Resample(std.resample, round_intensities=protocol.modality is Modality.CT,
                               margin_voxels=filter_margin_voxels(protocol),

@@ -11,7 +11,9 @@ from common.errors import ConfigError
 from common.glm import ModelError
 from common.payloads import MIN_ROWS_SENT
 from common.protocol import StudyProtocol
+from common.provenance import atomic_write_bytes
 from common.site_config import SiteConfig, load_site_config
+from harmonization.images import ImageStandard
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -21,6 +23,8 @@ PREPARED_FILE = "prepared.parquet"
 #: The same rows after federated ComBat.
 HARMONIZED_FILE = "harmonized.parquet"
 NON_FEATURES = ("case_id", "batch", "split", "fold")
+#: The study's standard landmarks the preparation ran with (histogram standardization).
+IMAGE_STANDARD_FILE = "image_standard.json"
 
 
 def resolve_site(node_config: dict[str, object], run_config: dict[str, object]) -> SiteConfig:
@@ -51,6 +55,26 @@ def resolve_site(node_config: dict[str, object], run_config: dict[str, object]) 
 def study_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:
     """Where this site keeps the study's local results (never sent)."""
     return site.work_dir / "study" / protocol.short_hash
+
+
+def save_image_standard(site: SiteConfig, protocol: StudyProtocol, standard: ImageStandard
+                        ) -> None:
+    """Keep the study's image standard beside the prepared table (the CNN's crops and the
+    site's report read it)."""
+    atomic_write_bytes(study_dir(site, protocol) / IMAGE_STANDARD_FILE,
+                       standard.to_json().encode("utf-8"))
+
+
+def load_image_standard(site: SiteConfig, protocol: StudyProtocol) -> ImageStandard | None:
+    """The image standard the preparation ran with; None for a protocol without histogram
+    standardization, a :class:`ConfigError` where it needs one and the preparation left none."""
+    if protocol.standardization.histogram is None:
+        return None
+    path = study_dir(site, protocol) / IMAGE_STANDARD_FILE
+    if not path.is_file():
+        raise ConfigError(str(path), ["missing: the protocol standardizes histograms and the "
+                                      "preparation has not run here with the study's standard"])
+    return ImageStandard.from_json(path.read_text(encoding="utf-8"))
 
 
 def feature_columns(table: pd.DataFrame, protocol: StudyProtocol) -> list[str]:

@@ -27,6 +27,7 @@ class MessageType(str, enum.Enum):
     rounds, Flower's ``train`` and ``evaluate`` for the CNN's strategy)."""
 
     HANDSHAKE = "query.handshake"
+    IMAGE_LANDMARKS = "query.image_landmarks"
     PREPARE = "query.prepare"
     COMBAT_DESIGN = "query.combat_design"
     COMBAT_RESIDUALS = "query.combat_residuals"
@@ -66,7 +67,9 @@ class StudyConfig:
 
     ``models`` and ``thresholds`` name the models an evaluation scores and their risk
     cut-offs; ``radiomics`` is the number of radiomics models a nomogram request carries;
-    ``server_round`` is set by Flower's strategy in CNN rounds.
+    ``server_round`` is set by Flower's strategy in CNN rounds; ``image_standard`` is the
+    study's standard landmarks as JSON (:class:`harmonization.images.ImageStandard`), which a
+    protocol with histogram standardization prepares with.
     """
 
     protocol_json: str
@@ -81,6 +84,7 @@ class StudyConfig:
     radiomics: int | None = None
     threshold: float | None = None
     server_round: int | None = None
+    image_standard: str | None = None
 
     @classmethod
     def of(cls, protocol: StudyProtocol, **settings: Any) -> StudyConfig:
@@ -140,7 +144,8 @@ class StudyConfig:
                 thresholds=(tuple(float(t) for t in json.loads(str(record["thresholds"])))
                             if "thresholds" in record else None),
                 radiomics=get("radiomics", int), threshold=get("threshold", float),
-                server_round=get("server_round", int))
+                server_round=get("server_round", int),
+                image_standard=get("image_standard", str))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError("study settings of a message", [f"malformed: {exc!r}"]) from None
 

@@ -282,12 +282,27 @@ class BiasCorrectionSpec(_Frozen):
         (50, 50, 30), min_length=1, max_length=6)
 
 
+class HistogramSpec(_Frozen):
+    """Federated histogram standardization (Nyul-Udupa, MR), after N4 and normalization: each
+    image's intensity percentiles inside the body (1st, quartiles, deciles, 99th) are mapped
+    piecewise linearly onto the study's standard landmarks, the mean of every site's training
+    images' landmarks (:mod:`harmonization.images`). It undoes a scanner's non-linear intensity
+    response, which per-feature harmonization cannot. ``scale`` is where the 99th percentile
+    lands on the standard scale (0 for the 1st): set it so that the radiomics bin width keeps
+    its meaning (e.g. 250 after reference-tissue normalization to 100, where fat's 99th
+    percentile lies near 250)."""
+    scale: float = Field(100.0, gt=0, le=1e6, allow_inf_nan=False)
+
+
 class StandardizationSpec(_Frozen):
     """Image standardization, applied in the IBSI order: SUV (PET), N4 and intensity
-    normalization (MR), resampling with CT rounding, re-segmentation range, outlier filtering."""
+    normalization (MR), histogram standardization (MR), resampling with CT rounding,
+    re-segmentation range, outlier filtering."""
     resample: ResampleSpec | None = None
     bias_correction: BiasCorrectionSpec | None = None
     normalization: NormalizationSpec | None = None
+    histogram: HistogramSpec | None = Field(
+        None, description="Federated Nyul-Udupa histogram standardization (MR); absent = off.")
     suv: bool = Field(True, description="PET: convert DICOM activity to SUV (body weight).")
     resegmentation_range: tuple[float, float] | None = Field(
         None,
@@ -521,6 +536,8 @@ class StudyProtocol(_Frozen):
                 raise ValueError("bias_correction (N4) is for MR protocols only")
             if std.normalization is not None:
                 raise ValueError("normalization is for MR protocols only")
+            if std.histogram is not None:
+                raise ValueError("histogram standardization is for MR protocols only")
         if std.normalization is not None and std.normalization.reference_label is not None:
             if std.normalization.reference_label == self.ingestion.roi_label:
                 raise ValueError(

@@ -14,6 +14,7 @@ from common.provenance import atomic_write_json
 from server.phases.cnn import run_cnn
 from server.phases.combat import run_combat
 from server.phases.handshake import run_handshake
+from server.phases.images import run_images
 from server.phases.nomogram import run_nomogram
 from server.phases.prepare import PrepareSummary, load_prepare, run_prepare, training_prevalence
 from server.phases.radiomics import run_model
@@ -54,8 +55,18 @@ def run_study(transport: Transport, settings: StudySettings, progress: Progress)
                 prepared = load_prepare(settings.out_dir)
                 progress("phase 2/5 local preparation: done before the restart")
             else:
+                standard = None
+                if settings.protocol.standardization.histogram is not None:
+                    progress("phase 2/5 image harmonization: histogram landmarks per scanner")
+                    images = run_images(transport, nodes, settings)
+                    standard = images.standard
+                    progress(f"image harmonization: the standard from "
+                             f"{sum(n for n, _ in standard.scanners.values())} training images "
+                             f"of {len(standard.scanners)} scanner(s)"
+                             + (f"; no landmarks from {', '.join(images.missing)}"
+                                if images.missing else ""))
                 progress("phase 2/5 local preparation: ingest, standardize, extract, split")
-                prepared = run_prepare(transport, nodes, settings)
+                prepared = run_prepare(transport, nodes, settings, standard)
                 if not prepared.go_on:
                     raise StudyStopped(f"local preparation: {prepared.reason}")
                 checkpoint.finish(settings.out_dir, "prepare")

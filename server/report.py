@@ -3,15 +3,17 @@
 ``report.html`` (self-contained: figures are inline SVG images, it opens offline), ``report.json``
 (everything the page shows, in one file) and ``report.csv`` (one row per site, feature set, model
 and metric), all under the study's output folder. Built from what the study already wrote
-(``handshake.json``, ``prepare.json``, ``combat.json``, ``model.json``, ``nomogram.json``,
-``cnn.json``, ``study.json``), so ``myelofed report OUT`` renders it again at any time.
+(``handshake.json``, ``images.json``, ``prepare.json``, ``combat.json``, ``model.json``,
+``nomogram.json``, ``cnn.json``, ``study.json``), so ``myelofed report OUT`` renders it again at
+any time.
 
 Per site and model side by side: the local-only model, the federated model, the model trained
 without the site (leave-one-site-out), on raw and on harmonized features, the nomogram and the
 CNN; a forest plot of the per-site AUCs with the random-effects pooled estimate and I-squared;
 the cross-site matrix (each site's local model at every site) as a heat map; calibration and
 decision curves as the sites binned them; DeLong's tests; the selected features; the training
-curves; the protocol hash, what was excluded and why.
+curves; the image harmonization (each scanner's body histogram landmarks against the study's
+standard); the protocol hash, what was excluded and why.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from common.provenance import (
     software_versions,
 )
 from common.templates import confusion, fmt, render, with_ci
+from harmonization.images import PERCENTILES
 
 REPORT_HTML, REPORT_JSON, REPORT_CSV = "report.html", "report.json", "report.csv"
-PHASE_FILES = ("protocol", "handshake", "prepare", "combat", "model", "nomogram", "cnn",
-               "study")
+PHASE_FILES = ("protocol", "handshake", "images", "prepare", "combat", "model", "nomogram",
+               "cnn", "study")
 
 
 def read_study(out_dir: Path) -> dict[str, Any]:
@@ -201,6 +204,31 @@ def _nomogram_section(nomogram: dict[str, Any], ranges: dict[str, Any]) -> dict[
             "left_out": dict(nomogram.get("left_out", {}))}
 
 
+def _images_section(images: dict[str, Any]) -> dict[str, Any]:
+    """The image harmonization: per scanner its training images and mean landmarks before
+    standardization against the study's standard, as a table and a figure."""
+    standard = images["standard"]
+    percentiles = list(PERCENTILES)
+    shown = [percentiles.index(p) for p in (1.0, 10.0, 50.0, 90.0, 99.0)]
+    rows = [{"scanner": name, "images": count,
+             **{f"p{int(percentiles[i])}": fmt(landmarks[i], 1) for i in shown}}
+            for name, (count, landmarks) in sorted(standard["scanners"].items())]
+    rows.append({"scanner": "study standard", "images": sum(
+        n for n, _ in standard["scanners"].values()),
+        **{f"p{int(percentiles[i])}": fmt(standard["landmarks"][i], 1) for i in shown}})
+    series = {name: (landmarks, percentiles)
+              for name, (_, landmarks) in sorted(standard["scanners"].items())}
+    series["study standard"] = (standard["landmarks"], percentiles)
+    return {"rows": rows, "columns": ["scanner", "images", *[f"p{int(percentiles[i])}"
+                                                             for i in shown]],
+            "scale": standard["scale"],
+            "figure": plots.lines_figure(series, "mapped intensity (1st percentile = 0, 99th = "
+                                         f"{standard['scale']:g})", "percentile of the body",
+                                         "Body histogram landmarks per scanner"),
+            "left_out": {site: ", ".join(names) for site, names in standard["left_out"].items()},
+            "missing": images.get("missing", {})}
+
+
 def _privacy_section(privacy: dict[str, Any]) -> dict[str, Any]:
     """The CNN's local differential privacy as the report shows it (per site, its spend)."""
     rows = [{"site": site, "rounds sent": v["rounds"], "epsilon": fmt(v["epsilon"]),
@@ -259,6 +287,7 @@ def _report_of(study: dict[str, Any], out_dir: Path) -> dict[str, Any]:
                    "batches": shown_counts(s.get("batches", ""))}
                   for s in prepare.get("sites", [])],
         "excluded": {**handshake.get("excluded", {}), **prepare.get("excluded", {})},
+        "images": _images_section(study["images"]) if "images" in study else None,
         "combat": study.get("combat"),
         "models": [_model_section(m) for m in study.get("model", {}).get("models", [])],
         "nomogram": (_nomogram_section(study["nomogram"], study["nomogram"].get("ranges", {}))

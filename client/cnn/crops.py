@@ -30,11 +30,12 @@ import SimpleITK as sitk
 from client.loading import load_case
 from client.manifest import CaseSpec, read_manifest
 from client.standardize import build_steps, standardize
-from client.workspace import PREPARED_FILE, load_study_table, study_dir
+from client.workspace import PREPARED_FILE, load_image_standard, load_study_table, study_dir
 from common.errors import CaseError, ConfigError, SkipReason
 from common.protocol import CnnSpec, StudyProtocol
 from common.provenance import atomic_write_bytes
 from common.site_config import SiteConfig
+from harmonization.images import ImageStandard
 
 log = logging.getLogger("myelofed.site")
 
@@ -157,12 +158,13 @@ def crop_volume(image: sitk.Image, roi: sitk.Image, intensity_roi: sitk.Image,
     return np.where(kept, z, 0.0).astype(np.float32)
 
 
-def _crop_case(job: tuple[CaseSpec, StudyProtocol, tuple[int, int, int]]
+def _crop_case(job: tuple[CaseSpec, StudyProtocol, tuple[int, int, int], ImageStandard | None]
                ) -> tuple[str, np.ndarray | None, str]:
     """(case id, crop or None, reason): one case loaded, standardized and cropped."""
-    case, protocol, crop_size = job
+    case, protocol, crop_size, standard = job
     try:
-        volume = standardize(load_case(case, protocol), build_steps(protocol))
+        volume = standardize(load_case(case, protocol),
+                             build_steps(protocol, standard=standard))
         crop = crop_volume(volume.image, volume.morphological_roi(),
                            volume.roi_for_intensity(), crop_size)
         return case.case_id, crop, ""
@@ -176,7 +178,8 @@ def _init_crop_worker() -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-def _crop_all(jobs: list[tuple[CaseSpec, StudyProtocol, tuple[int, int, int]]], workers: int
+def _crop_all(jobs: list[tuple[CaseSpec, StudyProtocol, tuple[int, int, int],
+                             ImageStandard | None]], workers: int
               ) -> list[tuple[str, np.ndarray | None, str]]:
     workers = max(1, min(workers, len(jobs)))
     if workers == 1:
@@ -209,6 +212,7 @@ def prepare_crops(site: SiteConfig, protocol: StudyProtocol) -> CropSet:
     cases, _ = read_manifest(site.manifest, protocol, default_batch=site.site_name,
                              data_root=site.data_root)
     by_id = {case.case_id: case for case in cases}
+    standard = load_image_standard(site, protocol)
     label_column = protocol.task.label_column
     skipped: dict[str, str] = {}
     jobs, rows = [], []
@@ -217,7 +221,7 @@ def prepare_crops(site: SiteConfig, protocol: StudyProtocol) -> CropSet:
         if case_id not in by_id:
             skipped[case_id] = "not_in_manifest: the manifest no longer lists this case"
             continue
-        jobs.append((by_id[case_id], protocol, spec.crop_size))
+        jobs.append((by_id[case_id], protocol, spec.crop_size, standard))
         rows.append((split, label))
     crops, kept = [], []
     for (case_id, crop, reason), row in zip(_crop_all(jobs, site.n_workers), rows, strict=True):

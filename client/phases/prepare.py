@@ -7,13 +7,12 @@ import hashlib
 from collections import Counter
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
-from client.folds import site_folds
+from client.folds import site_folds, split_state, training_cases
 from client.manifest import read_manifest
 from client.pipeline import features_table, run_cases
 from client.report import record_prepare
-from client.workspace import PREPARED_FILE, feature_columns, study_dir
+from client.workspace import PREPARED_FILE, feature_columns, save_image_standard, study_dir
 from common.errors import MyeloFedError
 from common.payloads import (
     PrepareReply,
@@ -21,20 +20,24 @@ from common.payloads import (
     label_counts,
     released,
 )
-from common.protocol import StudyProtocol, TaskKind
+from common.protocol import StudyProtocol
 from common.provenance import atomic_write_parquet
 from common.site_config import SiteConfig
+from harmonization.images import ImageStandard
 
 
-def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction: float
-            ) -> PrepareReply:
-    """Ingest, standardize and extract (cached), then split train/test, stratified by label and
-    seeded by the study seed and the site's name: the split never changes across phases."""
+def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction: float,
+            standard: ImageStandard | None = None) -> PrepareReply:
+    """Ingest, standardize (onto the study's image ``standard``, with histogram
+    standardization) and extract (cached), then split train/test: the split of the manifest's
+    usable cases (:func:`client.folds.training_cases`), so it never changes across phases."""
     cases, problems = read_manifest(site.manifest, protocol, default_batch=site.site_name,
                                     data_root=site.data_root)
+    if standard is not None:
+        save_image_standard(site, protocol, standard)
     outcomes = run_cases(cases, protocol, mode="extract", workers=site.n_workers,
                          cache_dir=site.cache_dir, max_voxels=site.budget,
-                         time_limit_s=site.case_time_limit_s)
+                         time_limit_s=site.case_time_limit_s, standard=standard)
     skipped = Counter([p.reason.value for p in problems]
                       + [o.reason.value for o in outcomes if o.reason is not None])
     table = features_table(cases, outcomes, protocol).to_pandas()
@@ -42,13 +45,12 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
         return PrepareReply(site.site_name, "refused", "too_few_cases",
                             "fewer than 4 usable cases")  # not how many: the reply leaves
     labels = table[protocol.task.label_column].to_numpy()
-    classification = protocol.task.kind is TaskKind.CLASSIFICATION
-    stratify = labels if classification and np.min(np.unique(labels, return_counts=True)[1]) > 1 \
-        else None
-    state = int.from_bytes(hashlib.sha256(f"{seed}/{site.site_name}".encode()).digest()[:4],
-                           "little")
-    train, _ = train_test_split(np.arange(len(table)), test_size=test_fraction,
-                                random_state=state, stratify=stratify)
+    state = split_state(seed, site.site_name)
+    training = training_cases(cases, protocol, seed, site.site_name, test_fraction)
+    train = np.flatnonzero(table["case_id"].astype(str).isin(training).to_numpy())
+    if train.size < 2 or train.size == len(table):
+        return PrepareReply(site.site_name, "refused", "too_few_cases",
+                            "too few usable training or test cases")
     table["split"] = "test"
     table.loc[train, "split"] = "train"
     # cross-validation folds of the training rows, seeded like the split, built from atoms of

@@ -159,6 +159,18 @@ Software: {% for k, v in report.versions.items() %}{{ k }} {{ v }}{% if not loop
 </details>
 {% endif %}
 
+{% if report.images %}
+<h2>Image harmonization (federated histogram standardization)</h2>
+<p>Each image's intensity percentiles inside the body, after N4 and normalization, are mapped
+piecewise linearly onto the study's standard landmarks: the mean over every site's training
+images (mapped so that the 1st percentile is 0 and the 99th {{ report.images.scale }}). Per
+scanner, its training images' mean landmarks before the mapping:</p>
+{{ mapping_table(report.images.rows, report.images.columns, report.images.columns) }}
+<img src="{{ report.images.figure }}" alt="Body histogram landmarks per scanner">
+{{ reasons("Scanners of too few training images at a site (their images are standardized; they did not shape the standard)", report.images.left_out) }}
+{{ reasons("Sites whose landmarks are missing (their images are standardized onto the standard all the same)", report.images.missing) }}
+{% endif %}
+
 {% if report.combat %}
 <h2>Harmonization (federated ComBat)</h2>
 {% if report.combat.status == "not run" %}

@@ -14,6 +14,7 @@ from common.messages import MessageType, StudyRequest
 from common.payloads import SUPPRESSED, PrepareReply, parse_counts
 from common.provenance import atomic_write_json
 from common.records import pack_request
+from harmonization.images import ImageStandard
 from server.rounds import Transport, collect, exchange, study_config
 from server.study import StudySettings, excluded_detail
 
@@ -55,11 +56,13 @@ def check_prepare(replies: list[PrepareReply], failed: dict[str, str],
     return PrepareSummary(replies, excluded, go_on, reason)
 
 
-def run_prepare(transport: Transport, nodes: dict[int, str], settings: StudySettings
-                ) -> PrepareSummary:
-    """Phase 2: each site extracts (cached) and splits; counts back."""
+def run_prepare(transport: Transport, nodes: dict[int, str], settings: StudySettings,
+                standard: ImageStandard | None = None) -> PrepareSummary:
+    """Phase 2: each site extracts (cached; its images standardized onto the study's
+    ``standard`` with histogram standardization) and splits; counts back."""
     started = time.monotonic()
-    config = study_config(settings, seed=settings.seed, test_fraction=settings.test_fraction)
+    config = study_config(settings, seed=settings.seed, test_fraction=settings.test_fraction,
+                          image_standard=None if standard is None else standard.to_json())
     replies, failed = exchange(transport, nodes, MessageType.PREPARE,
                                lambda _: pack_request(StudyRequest(config)), settings)
     parsed = list(collect(replies, failed, None, PrepareReply).values())

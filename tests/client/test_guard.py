@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.guard import PrivacyGuardError, check_reply
 from client.scoring import metrics_of
-from common.messages import EvaluateRequest, MessageType, StudyConfig
+from common.messages import EvaluateRequest, MessageType, StudyConfig, StudyRequest
 from common.metrics.tables import releasable
 from common.payloads import SUPPRESSED, HandshakeReply, ModelMetrics, PrepareReply
 from common.protocol import protocol_from_mapping
@@ -34,6 +34,7 @@ from common.synthetic import Task
 from common.synthetic.write import study_protocol_mapping
 from harmonization.combat.design import CombatOptions, Design, design_to_json
 from harmonization.combat.moments import DesignMoments, site_design_moments
+from harmonization.images import PERCENTILES, scanner_sums
 from harmonization.messages import CombatRequest, HarmonizedRows
 
 RNG = np.random.default_rng(7)
@@ -109,6 +110,22 @@ def test_a_coordinator_cannot_lower_the_sites_floor():
                     "site_A")  # the default floor
     check_reply(MessageType.COMBAT_DESIGN, request, small, lambda: DIAGNOSIS, lambda: F,
                 "site_A", min_patients=3)  # a site that allows 3
+
+
+def test_image_landmark_sums_pass_and_a_small_scanner_is_named_without_its_count():
+    rows = [("s1", np.linspace(0, 250, len(PERCENTILES)))] * 6 + [
+        ("s2", np.linspace(0, 250, len(PERCENTILES)))] * 2
+    sums = scanner_sums(rows, min_images=5)
+    request = pack_request(StudyRequest(StudyConfig.of(DIAGNOSIS, seed=0, test_fraction=0.3)))
+    check(MessageType.IMAGE_LANDMARKS, request, pack(sums=sums))
+    assert sums.small == ("s2",)
+    few = dataclasses.replace(sums, scanners=("s1", "s2"), counts=np.array([6, 2]),
+                              landmarks=np.vstack([sums.landmarks] * 2))
+    withheld(MessageType.IMAGE_LANDMARKS, request, pack(sums=few),
+             "'counts' counts 2, fewer than min_patients = 5")
+    per_patient = dataclasses.replace(sums, landmarks=np.zeros((1, 6 * len(PERCENTILES))))
+    withheld(MessageType.IMAGE_LANDMARKS, request, pack(sums=per_patient),
+             "'landmarks' has shape")
 
 
 @dataclass(frozen=True)

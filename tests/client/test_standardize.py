@@ -7,20 +7,26 @@ import SimpleITK as sitk
 from client.extract import _binning_classes, _IbsiFixedBinSize
 from client.standardize import (
     BiasFieldCorrection,
+    HistogramStandardize,
     Normalize,
     Resample,
     Resegment,
     Volume,
+    body_mask,
     build_steps,
     ibsi_grid,
+    landmarks_of,
     standardize,
 )
+from common.errors import ConfigError
 from common.protocol import (
     BiasCorrectionSpec,
     NormalizationSpec,
     ResampleSpec,
     load_protocol,
 )
+from common.synthetic import default_sites, make_patients, render
+from harmonization.images import MAPPED, PERCENTILES, ImageStandard
 from tests.conftest import make_volume
 
 
@@ -162,9 +168,15 @@ def test_ibsi_fixed_bin_size_starts_at_the_lower_resegmentation_bound():
 
 
 def test_build_steps_follows_the_protocol_order():
-    steps = build_steps(load_protocol("preset:spine_mri_t1w"))
+    protocol = load_protocol("preset:spine_mri_t1w")
+    standard = ImageStandard(tuple(np.linspace(0.0, 250.0, len(PERCENTILES))), 250.0)
+    steps = build_steps(protocol, standard=standard)
     assert [type(s).__name__ for s in steps] == [
-        "BiasFieldCorrection", "Normalize", "Resample", "Resegment"]
+        "BiasFieldCorrection", "Normalize", "HistogramStandardize", "Resample", "Resegment"]
+    with pytest.raises(ConfigError, match="standard landmarks are missing"):
+        build_steps(protocol)
+    with pytest.raises(ConfigError, match="made for scale 100"):
+        build_steps(protocol, standard=ImageStandard(standard.landmarks, 100.0))
     assert [type(s).__name__ for s in build_steps(load_protocol("preset:ibsi_digital_phantom"))] \
         == []
     for step in steps:
@@ -205,3 +217,35 @@ def test_cropped_resampling_equals_the_full_grid_there():
     # every labelled voxel of the full grid is inside the crop
     assert (sitk.GetArrayFromImage(full.labels) != 0).sum() == \
         (sitk.GetArrayFromImage(crop.labels) != 0).sum()
+
+
+def _phantom(scanner_index: int = 0):
+    site = default_sites()[1]
+    patient = make_patients(site, seed=0)[0]
+    image, labels, _ = render(patient, site.scanners[scanner_index], "MR", seed=0)
+    return Volume(sitk.Cast(image, sitk.sitkFloat32), labels, 1)
+
+
+def test_the_body_mask_holds_every_tissue_not_only_the_bright_ones():
+    volume = _phantom()
+    body = body_mask(volume.image)
+    labels = sitk.GetArrayFromImage(volume.labels)
+    assert body[labels == 2].mean() > 0.99 and body[labels == 1].mean() > 0.99  # muscle, marrow
+    otsu = sitk.GetArrayFromImage(sitk.OtsuThreshold(volume.image, 0, 1, 200)).astype(bool)
+    assert body.sum() > 1.3 * otsu.sum()  # Otsu leaves out the darker soft tissue
+    # the rest is air: the body's ellipse covers 69% of the field of view
+    assert not body[:, :6, :6].any() and 0.6 < body.mean() < 0.8
+
+
+def test_histogram_standardization_lands_the_image_on_the_standard_landmarks():
+    volume = _phantom(scanner_index=0)  # B_Siemens_3T: gamma 0.8
+    standard = ImageStandard(tuple(np.linspace(0.0, 250.0, len(PERCENTILES))), 250.0)
+    step = HistogramStandardize(standard)
+    out = step(volume)
+    body = body_mask(volume.image)
+    mapped = np.percentile(sitk.GetArrayFromImage(out.image)[body], PERCENTILES)[list(MAPPED)]
+    # through the landmarks the mapping runs through (float32 rounding aside)
+    np.testing.assert_allclose(mapped, np.asarray(standard.landmarks)[list(MAPPED)], atol=0.01)
+    assert landmarks_of(volume, 250.0)[-1] == pytest.approx(250.0)
+    assert step.record() == {"step": "histogram_standardization", "scale": 250.0,
+                             "landmarks": list(standard.landmarks)}

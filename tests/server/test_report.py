@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.errors import ConfigError
+from harmonization.images import PERCENTILES, combine_image_sums, scanner_sums
+from server.phases.images import ImagesSummary
 from server.phases.validation import pool_sites
 from server.report import build_report, write_report
 
@@ -76,3 +79,20 @@ def test_a_folder_without_a_study_is_named(tmp_path: Path) -> None:
         build_report(tmp_path)
     with pytest.raises(ConfigError, match="not a folder"):
         build_report(tmp_path / "missing")
+
+
+def test_the_image_harmonization_shows_each_scanner_against_the_standard(tmp_path: Path) -> None:
+    regression_study(tmp_path)
+    sums = {"site_A": scanner_sums([("GE", np.linspace(0, 200, len(PERCENTILES)))] * 6, 5),
+            "site_B": scanner_sums([("Siemens", np.linspace(0, 250, len(PERCENTILES)))] * 9
+                                   + [("Philips", np.linspace(0, 250, len(PERCENTILES)))] * 2, 5)}
+    standard = combine_image_sums(sums, 250.0)
+    (tmp_path / "images.json").write_text(json.dumps(ImagesSummary(
+        standard, {"site_C": "query.image_landmarks: no reply within 60 s"}).to_json()))
+    section = build_report(tmp_path)["images"]
+    assert [r["scanner"] for r in section["rows"]] == ["GE", "Siemens", "study standard"]
+    assert section["rows"][-1]["images"] == 15 and section["rows"][0]["p99"] == "200.0"
+    assert section["left_out"] == {"site_B": "Philips"}
+    html = write_report(tmp_path)["html"].read_text()
+    assert "Image harmonization (federated histogram standardization)" in html
+    assert "did not shape the standard" in html and "no reply within 60 s" in html

@@ -1,0 +1,103 @@
+"""A site's image harmonization phase: the landmark sums of its training images per scanner
+(the split the preparation then makes), a small scanner named without its count, the ledger;
+the preparation standardizes onto the study's standard and keeps it for the CNN."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from client.folds import training_cases
+from client.ledger import LEDGER_FILE, ReleaseRefused
+from client.manifest import read_manifest
+from client.phases.images import LANDMARKS_LEDGER, image_landmarks
+from client.phases.prepare import prepare
+from client.pipeline import run_cases
+from client.workspace import IMAGE_STANDARD_FILE, PREPARED_FILE, load_image_standard, study_dir
+from common.errors import ConfigError
+from common.protocol import RadiomicsSpec, StudyProtocol, load_protocol
+from common.site_config import SiteConfig
+from common.synthetic import CohortSpec, make_sites, write_cohort
+from harmonization.images import PERCENTILES, combine_image_sums
+
+N_PATIENTS = 16  # site_B: two scanners, one of them holding few training images
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    write_cohort(root / "cohort", CohortSpec(make_sites((4, N_PATIENTS))), workers=2)
+    return root / "cohort"
+
+
+def _site(cohort: Path, work: Path, min_patients: int = 5) -> SiteConfig:
+    return SiteConfig(site_name="site_B", manifest=cohort / "site_B" / "manifest.csv",
+                      work_dir=work, workers=2, min_patients=min_patients)
+
+
+def _protocol(cohort: Path) -> StudyProtocol:
+    protocol = load_protocol(cohort / "study.yaml")
+    assert protocol.standardization.histogram is not None  # the synthetic study's default
+    std = protocol.standardization.model_copy(update={"bias_correction": None})  # quicker
+    return protocol.model_copy(update={
+        "standardization": std, "cnn": None,
+        "radiomics": RadiomicsSpec(feature_classes={"firstorder": ()}, bin_width=5.0)})
+
+
+def test_the_sums_are_over_the_training_images_per_scanner(cohort: Path, tmp_path: Path):
+    protocol, site = _protocol(cohort), _site(cohort, tmp_path / "work", min_patients=3)
+    sums = image_landmarks(site, protocol, seed=0, test_fraction=0.3)
+    cases, _ = read_manifest(site.manifest, protocol, default_batch="site_B")
+    training = training_cases(cases, protocol, 0, "site_B", 0.3)
+    chosen = [c for c in cases if c.case_id in training]
+    outcomes = run_cases(chosen, protocol, mode="landmarks", workers=1, cache_dir=None)
+    expected: dict[str, list[np.ndarray]] = {}
+    for case, outcome in zip(chosen, outcomes, strict=True):
+        expected.setdefault(case.batch, []).append(np.array(list(outcome.features.values())))
+    kept = sorted(s for s, rows in expected.items() if len(rows) >= 3)
+    assert sums.scanners == tuple(kept)
+    for scanner, count, total in zip(sums.scanners, sums.counts, sums.landmarks, strict=True):
+        assert count == len(expected[scanner])
+        np.testing.assert_allclose(total, np.sum(expected[scanner], axis=0), rtol=1e-12)
+    assert sums.small == tuple(sorted(set(expected) - set(kept)))
+    assert (study_dir(site, protocol) / LANDMARKS_LEDGER / LEDGER_FILE).is_file()
+    # the same request again passes the ledger; over other rows (another split) it may not
+    image_landmarks(site, protocol, seed=0, test_fraction=0.3)
+    with pytest.raises(ReleaseRefused, match="the image landmarks"):
+        image_landmarks(site, protocol, seed=1, test_fraction=0.3)
+
+
+def test_a_scanner_of_too_few_training_images_is_named_not_summed(cohort: Path, tmp_path: Path):
+    protocol, site = _protocol(cohort), _site(cohort, tmp_path / "work", min_patients=9)
+    sums = image_landmarks(site, protocol, seed=0, test_fraction=0.3)
+    assert len(sums.small) >= 1 and not set(sums.small) & set(sums.scanners)
+    assert all(count >= 9 for count in sums.counts)
+
+
+def test_the_preparation_standardizes_onto_the_study_standard(cohort: Path, tmp_path: Path):
+    protocol, site = _protocol(cohort), _site(cohort, tmp_path / "work", min_patients=3)
+    with pytest.raises(ConfigError, match="standard landmarks are missing"):
+        prepare(site, protocol, seed=0, test_fraction=0.3)
+    standard = combine_image_sums({"site_B": image_landmarks(site, protocol, 0, 0.3)},
+                                  protocol.standardization.histogram.scale)
+    reply = prepare(site, protocol, seed=0, test_fraction=0.3, standard=standard)
+    assert reply.status == "ok"
+    assert load_image_standard(site, protocol) == standard
+    saved = json.loads((study_dir(site, protocol) / IMAGE_STANDARD_FILE).read_text())
+    assert saved["landmarks"] == list(standard.landmarks)
+    table = pd.read_parquet(study_dir(site, protocol) / PREPARED_FILE)
+    cases, _ = read_manifest(site.manifest, protocol, default_batch="site_B")
+    assert set(table.case_id[table.split == "train"]) == training_cases(
+        cases, protocol, 0, "site_B", 0.3)
+    # another standard gives other features (the cache is keyed on it)
+    other = replace(standard, landmarks=tuple(np.asarray(standard.landmarks) * 1.1))
+    prepare(site, protocol, seed=0, test_fraction=0.3, standard=other)
+    changed = pd.read_parquet(study_dir(site, protocol) / PREPARED_FILE)
+    column = "original_firstorder_Mean"
+    assert not np.allclose(changed[column], table[column])
+    assert len(PERCENTILES) == len(standard.landmarks)
