@@ -13,6 +13,8 @@ study's recipe in-process (the pooled fit equals the federated one to 1e-6:
 
 * ``raw``: no feature harmonization;
 * ``ComBat``: federated ComBat as the study runs it (age and the outcome protected);
+* ``ComBat + CovBat``: CovBat (:mod:`harmonization.covbat`) on ComBat's residuals, the leading
+  components explaining 95% of their variance, the outcome still protected;
 * ``ComBat + screening``: then scanner-robust screening (:mod:`harmonization.screening`) drops
   the features whose outcome effect differs between the *training* sites' scanners (the left-out
   site takes no part), before the model's own screening;
@@ -21,7 +23,9 @@ study's recipe in-process (the pooled fit equals the federated one to 1e-6:
   could do here).
 
 It prints the LOSO AUC per site and the share of the drop (no scanner effects against images as
-acquired, raw features) each combination recovers, per cohort and their mean, and per site the
+acquired, raw features) each combination recovers, per cohort and their mean; the share of
+features that still differ between a site's own scanners (``scanner features``: Kruskal-Wallis
+p < 0.05 on each feature less its class mean, mean over the two-scanner sites); and per site the
 local-only model's and the federated model's test AUC (how often federated wins).
 
     python bench/loso_harmonization.py [--splits 8] [--cohorts 0:40,70,110 ...] [--work DIR]
@@ -53,10 +57,13 @@ from common.selection.terms import assign_folds  # noqa: E402
 from common.synthetic import CohortSpec, make_sites, read_cohort_spec, write_cohort  # noqa: E402
 from harmonization.combat.design import CombatOptions, Design  # noqa: E402
 from harmonization.combat.model import SiteTable, fit_combat  # noqa: E402
+from harmonization.covbat import fit_covbat  # noqa: E402
+from harmonization.diagnostics import site_effect  # noqa: E402
 from harmonization.screening import scanner_shares, site_interaction_moments  # noqa: E402
 from server.study import StudySettings  # noqa: E402
 
-FEATURE_STEPS = ("raw", "ComBat", "ComBat + screening", "oracle location-scale")
+FEATURE_STEPS = ("raw", "ComBat", "ComBat + CovBat", "ComBat + screening",
+                 "oracle location-scale")
 DEFAULT_COHORTS = ("0:40,70,110", "1:60,60,90", "2:50,80,100")
 #: The screening's threshold in the benchmark: the F test's p-value below which a feature's
 #: outcome effect is taken to differ between scanners.
@@ -139,7 +146,8 @@ def harmonize(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarray], nam
         fit = t[rows]
         sites.append(SiteTable(s, x[s][rows], fit.batch.astype(str).tolist(),
                                {"age": fit.age.tolist(), label: fit[label].astype(int).tolist()}))
-    model = fit_combat(sites, design, options)
+    model = (fit_covbat(sites, design, options) if step == "ComBat + CovBat" else
+             fit_combat(sites, design, options))
     return {s: model.transform(x[s], t.batch.astype(str).tolist(), {"age": t.age.tolist()})
             for s, t in tables.items()}
 
@@ -155,6 +163,23 @@ def robust(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarray],
             x[s][train], t.batch.astype(str)[train].tolist(), t[label].to_numpy(float)[train],
             {"age": t.age[train].tolist()}, design))
     return scanner_shares(parts, design).p >= SCREENING_P
+
+
+def within_site_scanner_effect(tables: dict[str, pd.DataFrame], x: dict[str, np.ndarray],
+                               label: str) -> dict[str, float]:
+    """At each site with two scanners or more, the share of features that still differ between
+    them (Kruskal-Wallis p < 0.05, the site report's diagnostic) on all its rows, each feature
+    less its class mean (the referral pathway sends more myeloma to one scanner)."""
+    out = {}
+    for s, t in tables.items():
+        if t.batch.nunique() < 2:
+            continue
+        y = t[label].to_numpy()
+        residual = x[s].copy()
+        for value in np.unique(y):
+            residual[y == value] -= residual[y == value].mean(axis=0)
+        out[s] = site_effect(residual, t.batch.astype(str).tolist()).share_significant
+    return out
 
 
 def fit(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], spec):  # noqa: ANN001, ANN201
@@ -173,6 +198,7 @@ def evaluate(tables: dict[str, pd.DataFrame], names: list[str], protocol: StudyP
     loso, duel = [], []
     for step in steps:
         x = harmonize(tables, tests, names, label, step.removesuffix(" + screening"))
+        within = within_site_scanner_effect(tables, x, label)
         rows = {s: (x[s][~tests[s]], t[label].to_numpy(float)[~tests[s]],
                     assign_folds(t[label].to_numpy(float)[~tests[s]], spec.cv_folds, r, True))
                 for s, t in tables.items()}
@@ -183,7 +209,8 @@ def evaluate(tables: dict[str, pd.DataFrame], names: list[str], protocol: StudyP
             y = t[label].to_numpy(float)[tests[k]]
             model = fit([(rows[s][0][:, keep], *rows[s][1:]) for s in others], spec)
             loso.append({"split": r, "step": step, "site": k, "kept": int(keep.sum()),
-                         "auc": roc_auc_score(y, model.score(x[k][tests[k]][:, keep]))})
+                         "auc": roc_auc_score(y, model.score(x[k][tests[k]][:, keep])),
+                         "scanner features": within.get(k, np.nan)})
         if versus and step in ("raw", "ComBat"):
             federated = fit(list(rows.values()), spec)
             for k, t in tables.items():
@@ -251,8 +278,9 @@ def report(results: pd.DataFrame, duels: pd.DataFrame, splits: int) -> None:
         out = table[cohort].copy()
         out["mean"] = mean
         out["recovered"] = shares[cohort]
-        out["features kept"] = results[results.cohort == cohort].groupby(
-            ["images", "step"]).kept.mean()
+        mine = results[results.cohort == cohort].groupby(["images", "step"])
+        out["features kept"] = mine.kept.mean()
+        out["scanner features"] = mine["scanner features"].mean()
         print(out.to_string(float_format=lambda v: f"{v:.3f}"))
     if len(shares) > 1:
         summary = pd.DataFrame(shares)

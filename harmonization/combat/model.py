@@ -52,6 +52,19 @@ class CombatModel:
         preserves, except those of ``design.fit_only`` (not read: see :class:`Design`).
         """
         y = checked_features(y, "transform")
+        adjusted, scale, location = self.adjusted(y, batch, covariates)
+        out = adjusted * scale + location
+        if self.design.ref_index is not None:
+            keep = self.design.batch_index(batch) == self.design.ref_index
+            out[keep] = y[keep]
+        return out
+
+    def adjusted(self, y: npt.ArrayLike, batch: Sequence[object], covariates: Covariates
+                 ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """The rows on ComBat's standardized scale with their batch's effects removed, and what
+        :meth:`transform` maps them back with: ``adjusted * scale + location`` (the pooled SD;
+        the grand mean and the applied covariates' effects). CovBat works on ``adjusted``."""
+        y = checked_features(y, "transform")
         if y.shape[1] != self.grand_mean.shape[0]:
             raise HarmonizationError(f"rows have {y.shape[1]} features, the model "
                                      f"{self.grand_mean.shape[0]}")
@@ -64,13 +77,10 @@ class CombatModel:
         applied = design.applied()
         effect = x[:, design.n_batch:][:, applied] @ self.beta[design.n_batch:][applied]
         index = design.batch_index(batch)
-        s = (y - self.grand_mean - effect) / np.sqrt(self.var_pooled)
-        s = (s - self.gamma[index]) / np.sqrt(self.delta[index])
-        out = s * np.sqrt(self.var_pooled) + self.grand_mean + effect
-        if self.design.ref_index is not None:
-            keep = index == self.design.ref_index
-            out[keep] = y[keep]
-        return out
+        scale = np.sqrt(self.var_pooled)
+        s = (y - self.grand_mean - effect) / scale
+        return (s - self.gamma[index]) / np.sqrt(self.delta[index]), scale, \
+            self.grand_mean + effect
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.workspace import HARMONIZED_FILE, PREPARED_FILE, feature_columns
+from client.workspace import (
+    HARMONIZED_FILE,
+    IMAGE_STANDARD_FILE,
+    PREPARED_FILE,
+    feature_columns,
+)
 from common.messages import MessageType
 from common.payloads import PrepareReply
 from common.protocol import ModelSpec, load_protocol
@@ -88,6 +93,14 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
     prepare = json.loads((tmp_path / "out" / "prepare.json").read_text())
     assert prepare["go_on"] and prepare["excluded"] == {}
     assert sorted(s["n_train"] + s["n_test"] for s in prepare["sites"]) == [30, 34, 38]
+    # the image harmonization: the standard from every training image, kept at every site
+    standard = json.loads((tmp_path / "out" / "images.json").read_text())["standard"]
+    assert sum(n for n, _ in standard["scanners"].values()) == sum(
+        s["n_train"] for s in prepare["sites"])
+    for site in ("site_A", "site_B", "site_C"):
+        kept = json.loads((cohort / "work" / site / "study" / protocol.short_hash
+                           / IMAGE_STANDARD_FILE).read_text())
+        assert kept["landmarks"] == standard["landmarks"]
     report = json.loads((tmp_path / "out" / "combat.json").read_text())
     assert report["failed"] == {} and sorted(report["harmonized_rows"].values()) == [30, 34, 38]
     assert report["shared_batches"] == ([] if scanner_effects else ["reference"])
@@ -122,7 +135,8 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
     sites = sorted(rows)
     sent = [json.loads(line) for line in audit.read_text().splitlines()]
     assert {e["type"] for e in sent} >= {
-        MessageType.HANDSHAKE, MessageType.PREPARE, MessageType.COMBAT_DESIGN,
+        MessageType.HANDSHAKE, MessageType.IMAGE_LANDMARKS, MessageType.PREPARE,
+        MessageType.COMBAT_DESIGN,
         MessageType.COMBAT_APPLY, MessageType.MODEL_SUMMARY, MessageType.MODEL_TERMS,
         MessageType.MODEL_EVALUATE}
     assert any(d > 100 for e in sent for shape in e["arrays"] for d in shape)  # arrays seen
