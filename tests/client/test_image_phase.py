@@ -20,7 +20,7 @@ from client.phases.prepare import prepare
 from client.pipeline import run_cases
 from client.workspace import IMAGE_STANDARD_FILE, PREPARED_FILE, load_image_standard, study_dir
 from common.errors import ConfigError
-from common.protocol import RadiomicsSpec, StudyProtocol, load_protocol
+from common.protocol import HistogramSpec, RadiomicsSpec, StudyProtocol, load_protocol
 from common.site_config import SiteConfig
 from common.synthetic import CohortSpec, make_sites, write_cohort
 from harmonization.images import PERCENTILES, combine_image_sums
@@ -42,8 +42,8 @@ def _site(cohort: Path, work: Path, min_patients: int = 5) -> SiteConfig:
 
 def _protocol(cohort: Path) -> StudyProtocol:
     protocol = load_protocol(cohort / "study.yaml")
-    assert protocol.standardization.histogram is not None  # the synthetic study's default
-    std = protocol.standardization.model_copy(update={"bias_correction": None})  # quicker
+    std = protocol.standardization.model_copy(update={
+        "bias_correction": None, "histogram": HistogramSpec(scale=250.0)})  # N4 off: quicker
     return protocol.model_copy(update={
         "standardization": std, "cnn": None,
         "radiomics": RadiomicsSpec(feature_classes={"firstorder": ()}, bin_width=5.0)})

@@ -21,7 +21,6 @@ from client.manifest import CaseSpec
 from client.standardize import Volume, build_steps, standardize
 from common.errors import MAX_CASE_VOXELS, CaseError, ConfigError, SkipReason
 from common.protocol import FEATURE_NAMES, MAX_BINS, load_protocol, protocol_from_mapping
-from harmonization.images import PERCENTILES, ImageStandard
 from tests.conftest import make_volume
 
 
@@ -91,7 +90,6 @@ def test_a_resampled_grid_over_the_limit_is_refused_before_it_is_allocated():
     mapping = load_protocol("preset:spine_mri_t1w").model_dump(mode="json")
     mapping["standardization"]["resample"]["spacing_mm"] = [0.1, 0.1, 4.0]
     mapping["standardization"]["bias_correction"] = None
-    mapping["standardization"]["histogram"] = None
     protocol = protocol_from_mapping(mapping)
     with pytest.raises(CaseError) as refused:
         standardize(Volume(image, labels, 1), build_steps(protocol, max_voxels=10_000))
@@ -185,10 +183,6 @@ def test_nan_or_inf_voxels_skip_the_case_or_leave_every_label(tmp_path: Path):
         sitk.GetArrayViewFromImage(labels).sum() - roi_in_slice
 
 
-#: A standard landmark set (the histogram standardization needs one to extract).
-PLAIN_STANDARD = ImageStandard(tuple(np.linspace(0.0, 250.0, len(PERCENTILES))), 250.0)
-
-
 def test_site_check_finds_a_missing_reference_tissue_as_extraction_would(tmp_path: Path):
     """A mask without the protocol's reference-tissue label passed `site check` and was then
     skipped by `site extract`: both name it now, the same way."""
@@ -201,7 +195,7 @@ def test_site_check_finds_a_missing_reference_tissue_as_extraction_would(tmp_pat
                     mask=tmp_path / "mask.nii.gz", label=1.0, batch="s")
     protocol = load_protocol("preset:spine_mri_t1w")  # reference tissue: label 2
     for mode in ("check", "landmarks", "extract"):
-        outcome = CaseProcessor(protocol, mode, None, standard=PLAIN_STANDARD)(spec)
+        outcome = CaseProcessor(protocol, mode, None)(spec)
         assert outcome.reason is SkipReason.ROI_NOT_FOUND, mode
         assert "the reference tissue (label 2) that MR normalization divides by is absent" \
             in outcome.detail

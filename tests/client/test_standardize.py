@@ -21,6 +21,7 @@ from client.standardize import (
 from common.errors import ConfigError
 from common.protocol import (
     BiasCorrectionSpec,
+    HistogramSpec,
     NormalizationSpec,
     ResampleSpec,
     load_protocol,
@@ -168,7 +169,11 @@ def test_ibsi_fixed_bin_size_starts_at_the_lower_resegmentation_bound():
 
 
 def test_build_steps_follows_the_protocol_order():
-    protocol = load_protocol("preset:spine_mri_t1w")
+    preset = load_protocol("preset:spine_mri_t1w")
+    assert [type(s).__name__ for s in build_steps(preset)] == [
+        "BiasFieldCorrection", "Normalize", "Resample", "Resegment"]
+    protocol = preset.model_copy(update={"standardization": preset.standardization.model_copy(
+        update={"histogram": HistogramSpec(scale=250.0)})})
     standard = ImageStandard(tuple(np.linspace(0.0, 250.0, len(PERCENTILES))), 250.0)
     steps = build_steps(protocol, standard=standard)
     assert [type(s).__name__ for s in steps] == [

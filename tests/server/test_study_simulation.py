@@ -17,7 +17,7 @@ from client.workspace import (
 )
 from common.messages import MessageType
 from common.payloads import PrepareReply
-from common.protocol import ModelSpec, load_protocol
+from common.protocol import HistogramSpec, ModelSpec, load_protocol
 from common.selection.pooled import fit_pooled
 from common.synthetic import CohortSpec, make_sites, write_cohort
 from harmonization.combat.design import CombatOptions
@@ -77,8 +77,12 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
     cohort = tmp_path / "cohort"
     # sizes whose train/test/total counts match no other dimension a payload can have
     write_cohort(cohort, CohortSpec(make_sites((30, 34, 38), scanner_effects)), workers=2)
-    protocol = load_protocol(cohort / "study.yaml").model_copy(update={"model": ModelSpec(
-        screening_top_k=15, cv_folds=3, n_lambdas=5)})  # ~22 training rows a site: 3 folds
+    protocol = load_protocol(cohort / "study.yaml")
+    protocol = protocol.model_copy(update={
+        "model": ModelSpec(screening_top_k=15, cv_folds=3, n_lambdas=5),  # ~22 training rows
+        # the federated histogram standardization (off in the presets) runs over Flower too
+        "standardization": protocol.standardization.model_copy(
+            update={"histogram": HistogramSpec(scale=250.0)})})
     combat = CombatOptions(min_batch_size=3, min_cell=1)
     settings = StudySettings(protocol, tmp_path / "out", min_sites=3, min_cases_per_site=10,
                              timeout_s=300, seed=1, test_fraction=0.3, combat=combat,
