@@ -59,8 +59,7 @@ def study_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:
 
 def save_image_standard(site: SiteConfig, protocol: StudyProtocol, standard: ImageStandard
                         ) -> None:
-    """Keep the study's image standard beside the prepared table (the CNN's crops and the
-    site's report read it)."""
+    """Keep the study's image standard beside the prepared table (the CNN's crops read it)."""
     atomic_write_bytes(study_dir(site, protocol) / IMAGE_STANDARD_FILE,
                        standard.to_json().encode("utf-8"))
 

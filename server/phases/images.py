@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from common.errors import HarmonizationError
@@ -59,9 +58,3 @@ def run_images(transport: Transport, nodes: dict[int, str], settings: StudySetti
                       {**summary.to_json(), "round_seconds": time.monotonic() - started})
     return summary
 
-
-def load_images(out_dir: Path) -> ImagesSummary:
-    """The summary a finished image harmonization wrote (``images.json``)."""
-    data = json.loads((out_dir / IMAGES_FILE).read_text())
-    return ImagesSummary(ImageStandard.from_json(json.dumps(data["standard"])),
-                         dict(data["missing"]))
