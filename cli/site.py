@@ -99,12 +99,9 @@ def _image_standard(protocol: Any, config: Any, cases: list[Any], path: Path | N
     histogram = protocol.standardization.histogram
     if histogram is None:
         return None
-    from harmonization.images import (  # deferred: see cli/__init__.py
-        PERCENTILES,
-        ImageStandard,
-        combine_image_sums,
-        scanner_sums,
-    )
+    # deferred: heavy (see cli/__init__.py)
+    from client.pipeline import landmark_rows
+    from harmonization.images import ImageStandard, combine_image_sums, scanner_sums
 
     if path is not None:
         try:
@@ -112,8 +109,7 @@ def _image_standard(protocol: Any, config: Any, cases: list[Any], path: Path | N
         except (OSError, UnicodeDecodeError, MyeloFedError) as exc:
             fail_config(ConfigError(str(path), [f"not an image standard: {exc}"]))
     outcomes = _run_with_progress(cases, protocol, "landmarks", config, None)
-    rows = [(case.batch, [o.features[f"landmark_{i:02d}"] for i in range(len(PERCENTILES))])
-            for case, o in zip(cases, outcomes, strict=True) if o.ok and o.features]
+    rows = [(case.batch, landmarks) for case, landmarks in landmark_rows(cases, outcomes)]
     if not rows:
         fail_config(ConfigError("histogram standardization", ["no case gave landmarks"]))
     standard = combine_image_sums({config.site_name: scanner_sums(rows, 1)}, histogram.scale)

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import SimpleITK as sitk
@@ -41,7 +42,7 @@ from client.standardize import build_steps, intensity_steps, landmarks_of, stand
 from common.errors import CaseError, SkipReason
 from common.protocol import StudyProtocol
 from common.provenance import atomic_write_bytes, atomic_write_json, software_versions
-from harmonization.images import ImageStandard
+from harmonization.images import PERCENTILES, ImageStandard
 
 CACHE_SCHEMA_VERSION = 1
 TABLE_SCHEMA_VERSION = 1
@@ -86,9 +87,9 @@ def case_cache_key(case: CaseSpec, protocol_hash: str, versions: dict[str, str],
     """Content key of one case's features: protocol, the study's standard landmarks (with
     histogram standardization), software, ROI choice and file bytes."""
     h = hashlib.sha256()
-    landmarks = None if standard is None else list(standard.landmarks)
+    standardized = [] if standard is None else [list(standard.landmarks)]
     h.update(json.dumps([CACHE_SCHEMA_VERSION, protocol_hash, versions, case.roi,
-                         case.series_uid] + ([landmarks] if landmarks else [])).encode())
+                         case.series_uid, *standardized]).encode())
     for path in (case.image, case.mask):
         h.update(b"\0" + path.name.encode())
         _digest(path, h)
@@ -162,7 +163,7 @@ class CaseProcessor:
             landmarks = landmarks_of(standardize(volume, self.steps),
                                      histogram.scale if histogram else 100.0)
             return CaseOutcome(case.case_id, case.row,
-                               features={f"landmark_{i:02d}": float(v)
+                               features={_landmark_key(i): float(v)
                                          for i, v in enumerate(landmarks)},
                                seconds=time.perf_counter() - start)
         if self.mode == "check" or self.extractor is None:
@@ -186,6 +187,20 @@ class CaseProcessor:
             })
         return CaseOutcome(case.case_id, case.row, features=features, roi_voxels=voxels,
                            seconds=time.perf_counter() - start)
+
+
+def _landmark_key(i: int) -> str:
+    return f"landmark_{i:02d}"
+
+
+def landmark_rows(cases: list[CaseSpec], outcomes: list[CaseOutcome]
+                  ) -> list[tuple[CaseSpec, np.ndarray]]:
+    """Each case that ``landmarks`` mode measured, with its mapped landmarks
+    (:data:`harmonization.images.PERCENTILES`); the skipped cases left out."""
+    return [(case, np.array([outcome.features[_landmark_key(i)]
+                             for i in range(len(PERCENTILES))]))
+            for case, outcome in zip(cases, outcomes, strict=True)
+            if outcome.ok and outcome.features is not None]
 
 
 def _read_cache(path: Path, case_id: str) -> dict[str, Any] | None:

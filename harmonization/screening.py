@@ -67,13 +67,9 @@ def _columns(design: Design, batch: Sequence[object], label: npt.ArrayLike,
     y = np.asarray(label, dtype=np.float64)
     indicators = np.zeros((len(index), design.n_batch))
     indicators[np.arange(len(index)), index] = 1.0
-    known = dict(covariates)
-    levels = dict(design.categorical)
-    for column in design.fit_only:  # not a covariate here: the label is modelled explicitly
-        known[column] = [levels[column][0] if column in levels else 0.0] * len(index)
-    x = design.matrix(batch, known)[:, design.n_batch:]
-    keep = design.applied()
-    return np.hstack([indicators, indicators * y[:, None], x[:, keep]])
+    # the label is modelled explicitly here, so the design's fit_only columns are left out
+    return np.hstack([indicators, indicators * y[:, None],
+                      design.applied_matrix(batch, covariates)])
 
 
 def site_interaction_moments(y: npt.ArrayLike, batch: Sequence[object], label: npt.ArrayLike,

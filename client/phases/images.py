@@ -14,11 +14,11 @@ import numpy as np
 from client.folds import training_cases
 from client.ledger import release
 from client.manifest import read_manifest
-from client.pipeline import run_cases
+from client.pipeline import landmark_rows, run_cases
 from client.workspace import study_dir
 from common.protocol import StudyProtocol
 from common.site_config import SiteConfig
-from harmonization.images import PERCENTILES, ImageSums, scanner_sums
+from harmonization.images import ImageSums, scanner_sums
 
 #: Where a site's ledger of landmark sums lives, under its study folder.
 LANDMARKS_LEDGER = "landmarks"
@@ -34,11 +34,9 @@ def image_landmarks(site: SiteConfig, protocol: StudyProtocol, seed: int, test_f
     outcomes = run_cases(chosen, protocol, mode="landmarks", workers=site.n_workers,
                          cache_dir=None, max_voxels=site.budget,
                          time_limit_s=site.case_time_limit_s)
-    measured = [(case, outcome) for case, outcome in zip(chosen, outcomes, strict=True)
-                if outcome.ok and outcome.features is not None]
-    sums = scanner_sums([(case.batch, np.array([outcome.features[f"landmark_{i:02d}"]
-                                                for i in range(len(PERCENTILES))]))
-                         for case, outcome in measured], site.min_patients)
+    measured = landmark_rows(chosen, outcomes)
+    sums = scanner_sums([(case.batch, landmarks) for case, landmarks in measured],
+                        site.min_patients)
     batches = np.array([case.batch for case, _ in measured])
     release(study_dir(site, protocol) / LANDMARKS_LEDGER, "the image landmarks",
             [case.case_id for case, _ in measured], [batches == s for s in sums.scanners],

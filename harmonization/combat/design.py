@@ -107,6 +107,16 @@ class Design:
                          for _ in lv[1:]] + [c not in self.fit_only for c in self.continuous],
                         dtype=bool)
 
+    def applied_matrix(self, batch: Sequence[object], covariates: Covariates) -> FloatArray:
+        """The covariate columns :meth:`CombatModel.transform` uses, (n_samples, k): the
+        :attr:`fit_only` covariates are not read (placeholders fill their columns, dropped)."""
+        known = dict(covariates)
+        levels = dict(self.categorical)
+        for column in self.fit_only:
+            known[column] = [levels[column][0] if column in levels else 0.0] * len(batch)
+        x: FloatArray = self.matrix(batch, known)[:, self.n_batch:][:, self.applied()]
+        return x
+
     def batch_index(self, batch: Sequence[object]) -> IntArray:
         """Each row's batch as an index into :attr:`batches` (unknown batch: refused)."""
         lookup = {b: i for i, b in enumerate(self.batches)}

@@ -69,13 +69,8 @@ class CombatModel:
             raise HarmonizationError(f"rows have {y.shape[1]} features, the model "
                                      f"{self.grand_mean.shape[0]}")
         design = self.design
-        known = dict(covariates)
-        levels = dict(design.categorical)
-        for column in design.fit_only:  # placeholders: their columns are not applied
-            known[column] = [levels[column][0] if column in levels else 0.0] * len(batch)
-        x = design.matrix(batch, known)
-        applied = design.applied()
-        effect = x[:, design.n_batch:][:, applied] @ self.beta[design.n_batch:][applied]
+        effect = (design.applied_matrix(batch, covariates)
+                  @ self.beta[design.n_batch:][design.applied()])
         index = design.batch_index(batch)
         scale = np.sqrt(self.var_pooled)
         s = (y - self.grand_mean - effect) / scale
