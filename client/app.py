@@ -268,6 +268,13 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
 
         return reply(msg, moments=combat.shared_moments(*combat_request(msg, context)))
 
+    @app.query(MessageType.COVBAT_PRODUCTS.query)
+    @guarded
+    def _covbat_products(msg: Message, context: Context) -> Message:
+        from client.phases import combat  # see _prepare
+
+        return reply(msg, products=combat.residual_products(*combat_request(msg, context)))
+
     @app.query(MessageType.COMBAT_APPLY.query)
     @guarded
     def _combat_apply(msg: Message, context: Context) -> Message:

@@ -53,6 +53,7 @@ from common.selection.screening import Comoments
 from common.selection.terms import BatchRequest, BatchTerms
 from harmonization.combat.design import design_from_json
 from harmonization.combat.moments import DesignMoments, ResidualMoments, StackedMoments
+from harmonization.covbat import PrincipalAxes, ResidualProducts, score_design
 from harmonization.images import PERCENTILES, ImageSums
 from harmonization.messages import HarmonizedRows
 
@@ -77,6 +78,7 @@ PAYLOADS: dict[MessageType, dict[str, tuple[type, bool]]] = {
     MessageType.COMBAT_RESIDUALS: {"residuals": (ResidualMoments, True)},
     MessageType.COMBAT_MOMENTS: {"moments": (StackedMoments, True)},
     MessageType.COMBAT_APPLY: {"result": (HarmonizedRows, True)},
+    MessageType.COVBAT_PRODUCTS: {"products": (ResidualProducts, True)},
     MessageType.MODEL_SUMMARY: {"moments": (Comoments, True), "local": (LinearModel, False)},
     MessageType.MODEL_TERMS: {"terms": (BatchTerms, True)},
     MessageType.MODEL_EVALUATE: {"metrics": (ModelMetrics, True)}}
@@ -103,7 +105,13 @@ def _sizes(message_type: MessageType, request: Records, protocol: Callable[[], S
         study = StudyConfig.from_mapping(dict(request[STUDY_RECORD]))
         design, options = design_from_json(str(study.design))
         shared = study.shared_batches or ()
-        return ({"features": _required(features()), "batches": design.n_batch,
+        width = _required(features())
+        if "axes.meta" in request:  # CovBat's rounds on the scores: as many as the axes
+            axes = unpack(request, "axes", PrincipalAxes, {"mean": (width,),
+                                                           "components": (width, -1)},
+                          sender="the server")
+            design, width = score_design(design), axes.components.shape[1]
+        return ({"features": width, "batches": design.n_batch,
                  "columns": design.n_columns, "shared": range(len(shared) + 1)},
                 minimums | {"min_cell": max(options.min_cell, min_patients)})
     if message_type is MessageType.MODEL_SUMMARY:

@@ -33,6 +33,7 @@ class MessageType(str, enum.Enum):
     COMBAT_RESIDUALS = "query.combat_residuals"
     COMBAT_MOMENTS = "query.combat_moments"
     COMBAT_APPLY = "query.combat_apply"
+    COVBAT_PRODUCTS = "query.covbat_products"
     MODEL_SUMMARY = "query.model_summary"
     MODEL_TERMS = "query.model_terms"
     MODEL_EVALUATE = "query.model_evaluate"
@@ -48,7 +49,8 @@ class MessageType(str, enum.Enum):
 
     @property
     def is_combat(self) -> bool:
-        return self.name.startswith("COMBAT_")
+        """ComBat's rounds and CovBat's (whose requests are ComBat's)."""
+        return self.name.startswith(("COMBAT_", "COVBAT_"))
 
     def __str__(self) -> str:
         return self.value

@@ -213,6 +213,22 @@ class CovariateSpec(_Frozen):
         return tuple(self.categorical) + self.continuous
 
 
+class CovbatSpec(_Frozen):
+    """CovBat (Chen et al. 2022) after ComBat: the scanners' effects on the features'
+    covariance. The pooled ComBat residuals' leading principal components (the fewest that
+    explain more than ``pct_var`` of their variance, or ``n_pc`` of them when it is above 0; the
+    authors' names) have their scores harmonized per scanner by a location-scale ComBat, then
+    are mapped back (:mod:`harmonization.covbat`)."""
+    pct_var: float = Field(0.95, gt=0, lt=1, allow_inf_nan=False)
+    n_pc: int = Field(0, ge=0, le=10_000)
+
+
+class HarmonizationSpec(_Frozen):
+    """Feature harmonization beyond ComBat, which the ``covariates`` section configures."""
+    covbat: CovbatSpec | None = Field(
+        None, description="CovBat's rounds after ComBat's; absent = ComBat alone.")
+
+
 class IngestionSpec(_Frozen):
     """Which mask label is the ROI, and the per-case quality checks."""
     roi_label: int = Field(1, ge=1, le=65535, description="Mask value of the region of interest.")
@@ -515,6 +531,7 @@ class StudyProtocol(_Frozen):
         description="Manifest column naming the scanner (ComBat batch); absent column = one batch "
         "per site.",
     )
+    harmonization: HarmonizationSpec = HarmonizationSpec()
     ingestion: IngestionSpec = IngestionSpec()
     standardization: StandardizationSpec = StandardizationSpec()
     radiomics: RadiomicsSpec = RadiomicsSpec()

@@ -107,6 +107,26 @@ def score_design(design: Design) -> Design:
                   design.fit_only)
 
 
+def score_options(options: CombatOptions) -> CombatOptions:
+    """The options the scores are harmonized with: location and scale without empirical Bayes,
+    as the authors' code does, and the features' privacy guards."""
+    return CombatOptions(eb=False, ref_batch=options.ref_batch,
+                         min_batch_size=options.min_batch_size, min_cell=options.min_cell)
+
+
+def covbat_scores(combat: CombatModel, axes: PrincipalAxes, y: npt.ArrayLike,
+                  batch: Sequence[object], covariates: Covariates) -> FloatArray:
+    """The scores of rows' ComBat residuals along the axes: what CovBat harmonizes."""
+    features = combat.grand_mean.shape[0]
+    if axes.mean.shape != (features,) or axes.components.ndim != 2 or not (
+            axes.components.shape[0] == features and 1 <= axes.components.shape[1] <= features):
+        raise HarmonizationError(f"CovBat: axes of shape {axes.components.shape} and a mean of "
+                                 f"shape {axes.mean.shape} do not fit {features} features")
+    residuals, _, _ = combat.adjusted(y, batch, covariates)
+    scores: FloatArray = (residuals - axes.mean) @ axes.components
+    return scores
+
+
 @dataclass(frozen=True)
 class CovbatModel:
     """Fitted CovBat: apply it to training or held-out rows of the fitted scanners."""
@@ -118,12 +138,15 @@ class CovbatModel:
                   ) -> FloatArray:
         """Harmonize rows: ComBat, then their leading scores' scanner effects removed."""
         residuals, scale, location = self.combat.adjusted(y, batch, covariates)
-        centred = residuals - self.axes.mean
-        scores = centred @ self.axes.components
+        scores = covbat_scores(self.combat, self.axes, y, batch, covariates)
         harmonized = self.scores.transform(scores, batch, covariates)
-        out: FloatArray = (centred + (harmonized - scores) @ self.axes.components.T
-                           + self.axes.mean) * scale + location
+        out: FloatArray = (residuals + (harmonized - scores) @ self.axes.components.T
+                           ) * scale + location
         return out
+
+    def fitted_batches(self) -> set[str]:
+        """The scanners whose rows it can harmonize."""
+        return self.combat.fitted_batches() & self.scores.fitted_batches()
 
 
 def fit_covbat(sites: Sequence[SiteTable], design: Design, options: CombatOptions,
@@ -133,8 +156,7 @@ def fit_covbat(sites: Sequence[SiteTable], design: Design, options: CombatOption
     combat = fit_combat(sites, design, options)
     residuals = [combat.adjusted(s.features, s.batch, s.covariates)[0] for s in sites]
     axes = principal_axes([site_residual_products(r) for r in residuals], pct_var, n_pc)
-    scores = [SiteTable(s.name, (r - axes.mean) @ axes.components, s.batch, s.covariates)
-              for s, r in zip(sites, residuals, strict=True)]
-    plain = CombatOptions(eb=False, ref_batch=options.ref_batch,
-                          min_batch_size=options.min_batch_size, min_cell=options.min_cell)
-    return CovbatModel(combat, axes, fit_combat(scores, score_design(design), plain))
+    scores = [SiteTable(s.name, covbat_scores(combat, axes, s.features, s.batch, s.covariates),
+                        s.batch, s.covariates) for s in sites]
+    return CovbatModel(combat, axes, fit_combat(scores, score_design(design),
+                                                score_options(options)))

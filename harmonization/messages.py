@@ -5,6 +5,12 @@ pooled location fit; round 3 (``combat_moments``, for batches shared by sites) a
 variance and names the shared batches; the last (``combat_apply``) adds the shared batches'
 adjustments, and a site answers it with :class:`HarmonizedRows`. Packed and checked by
 :mod:`common.records`.
+
+With CovBat (:mod:`harmonization.covbat`), the ComBat fitted on the features travels in the
+``combat_*`` fields of every later request: ``covbat_products`` asks for the sums of its
+residuals; the same three rounds then run again on the residuals' scores along the pooled
+``axes`` (the request's ``fit``, ``var`` and ``shared`` are then the scores'), and the last
+round applies both.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from common.messages import StudyConfig
 from harmonization.combat.design import CombatOptions, Design, design_from_json
 from harmonization.combat.eb import StackedAdjustments
 from harmonization.combat.moments import LocationFit, PooledVariance
+from harmonization.covbat import PrincipalAxes
 
 
 @dataclass(frozen=True)
@@ -27,12 +34,23 @@ class CombatRequest:
     fit: LocationFit | None = None
     var: PooledVariance | None = None
     shared: StackedAdjustments | None = None
+    combat_fit: LocationFit | None = None
+    combat_var: PooledVariance | None = None
+    combat_shared: StackedAdjustments | None = None
+    axes: PrincipalAxes | None = None
 
     def design(self) -> tuple[Design, CombatOptions]:
-        """The study's ComBat design and options."""
+        """The study's ComBat design and options (of the features: CovBat's scores have their
+        own, :func:`harmonization.covbat.score_design`)."""
         if self.study.design is None:
             raise ConfigError("ComBat request", ["carries no design"])
         return design_from_json(self.study.design)
+
+    def combat(self) -> tuple[LocationFit, PooledVariance, StackedAdjustments]:
+        """CovBat's rounds: the ComBat fitted on the features, as the coordinator pooled it."""
+        if self.combat_fit is None or self.combat_var is None or self.combat_shared is None:
+            raise ConfigError("CovBat request", ["carries no fitted ComBat"])
+        return self.combat_fit, self.combat_var, self.combat_shared
 
     def pooled(self) -> tuple[LocationFit, PooledVariance]:
         """The pooled location fit and variance (rounds 3 and 4)."""

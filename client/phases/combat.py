@@ -1,7 +1,8 @@
-"""Phase 3, federated ComBat: the site's halves of d-ComBat's rounds on its training rows, then
-the fitted model applied to all of its rows (kept here). Every round's sums (over each scanner's
-rows, split by the design's categorical covariates) are entered in the site's release ledger
-(:mod:`client.ledger`) before they leave."""
+"""Phase 3, federated ComBat: the site's halves of d-ComBat's rounds on its training rows (and,
+with CovBat, of its rounds on their residuals), then the fitted model applied to all of its rows
+(kept here). Every round's sums (over each scanner's rows, split by the design's categorical
+covariates; CovBat's products over all the training rows) are entered in the site's release
+ledger (:mod:`client.ledger`) before they leave."""
 
 from __future__ import annotations
 
@@ -35,6 +36,14 @@ from harmonization.combat.moments import (
     site_residual_moments,
     standardize,
 )
+from harmonization.covbat import (
+    CovbatModel,
+    ResidualProducts,
+    covbat_scores,
+    score_design,
+    score_options,
+    site_residual_products,
+)
 from harmonization.messages import CombatRequest
 
 
@@ -56,83 +65,134 @@ def combat_inputs(site: SiteConfig, protocol: StudyProtocol, split: str | None =
     return table[names].to_numpy(float), table["batch"].astype(str).tolist(), covariates, table
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundRows:
+    """The rows a round works on (one split, or all): the features, or in CovBat's rounds the
+    scores of their ComBat residuals along the request's axes; with their scanners, covariates,
+    table, and the design and options they are harmonized under."""
+    y: np.ndarray
+    batch: list[str]
+    covariates: dict[str, list[object]]
+    table: pd.DataFrame
+    design: Design
+    options: CombatOptions
+
+
+def round_rows(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest,
+               split: str | None = "train") -> RoundRows:
+    """What a round of ``request`` works on at this site (see :class:`RoundRows`)."""
+    design, options = request.design()
+    y, batch, covariates, table = combat_inputs(site, protocol, split)
+    if request.axes is None:
+        return RoundRows(y, batch, covariates, table, design, options)
+    combat = features_model(site, protocol, request)
+    scores = covbat_scores(combat, request.axes, y, batch, covariates)
+    return RoundRows(scores, batch, covariates, table, score_design(design),
+                     score_options(options))
+
+
 def design_moments(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest
                    ) -> DesignMoments:
     """Round 1: the design's moments over this site's training rows."""
-    design, options = request.design()
-    y, batch, covariates, table = combat_inputs(site, protocol)
+    rows = round_rows(site, protocol, request)
     # the site's own floor holds whatever the study asks: the coordinator cannot lower it
-    floor = dataclasses.replace(options, min_cell=max(options.min_cell, site.min_patients))
-    moments = site_design_moments(y, batch, covariates, design, floor, site.site_name)
-    record_release(site, protocol, table, batch, covariates, design, "ComBat's design moments")
+    floor = dataclasses.replace(rows.options, min_cell=max(rows.options.min_cell,
+                                                           site.min_patients))
+    moments = site_design_moments(rows.y, rows.batch, rows.covariates, rows.design, floor,
+                                  site.site_name)
+    record_release(site, protocol, rows, f"{_stage(request)}'s design moments")
     return moments
 
 
 def residual_moments(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest
                      ) -> ResidualMoments:
     """Round 2: the residuals' sums of squares around the pooled location fit."""
-    design, _ = request.design()
     if request.fit is None:
-        raise HarmonizationError("ComBat round 2: the request carries no location fit")
-    y, batch, covariates, table = combat_inputs(site, protocol)
-    moments = site_residual_moments(y, batch, covariates, design, request.fit)
-    record_release(site, protocol, table, batch, covariates, design,
-                   "ComBat's residual moments")
+        raise HarmonizationError(f"{_stage(request)} round 2: the request carries no location "
+                                 "fit")
+    rows = round_rows(site, protocol, request)
+    moments = site_residual_moments(rows.y, rows.batch, rows.covariates, rows.design,
+                                    request.fit)
+    record_release(site, protocol, rows, f"{_stage(request)}'s residual moments")
     return moments
 
 
 def shared_moments(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest
                    ) -> StackedMoments:
     """Round 3, only for batches this site shares with another: their moments."""
-    design, _ = request.design()
     fit, var = request.pooled()
     shared = set(request.study.shared_batches or ())
-    y, batch, covariates, table = combat_inputs(site, protocol)
-    z = standardize(y, batch, covariates, design, fit, var.var)
-    mine = [m for name, m in sorted(site_batch_moments(z, batch, design).items())
+    rows = round_rows(site, protocol, request)
+    z = standardize(rows.y, rows.batch, rows.covariates, rows.design, fit, var.var)
+    mine = [m for name, m in sorted(site_batch_moments(z, rows.batch, rows.design).items())
             if name in shared]
-    record_release(site, protocol, table, batch, covariates, design, "ComBat's shared moments",
-                   sorted(shared))
-    return StackedMoments.of(mine, y.shape[1])
+    record_release(site, protocol, rows, f"{_stage(request)}'s shared moments", sorted(shared))
+    return StackedMoments.of(mine, rows.y.shape[1])
+
+
+def residual_products(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest
+                      ) -> ResidualProducts:
+    """CovBat's first round: the sums of this site's training rows' ComBat residuals and of
+    their outer products (over all its training rows: one sum, entered in the ledger as
+    such)."""
+    rows = round_rows(site, protocol, request)
+    adjusted, _, _ = features_model(site, protocol, request).adjusted(rows.y, rows.batch,
+                                                                      rows.covariates)
+    release(study_dir(site, protocol), "CovBat's residual products",
+            rows.table["case_id"].astype(str).tolist(),
+            [np.ones(len(rows.table), dtype=bool)], site.min_patients)
+    return site_residual_products(adjusted)
 
 
 def apply(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest) -> int:
-    """The last round: the model as this site holds it, applied to all its rows; the number of
-    rows harmonized."""
-    design, options = request.design()
+    """The last round: the model as this site holds it (ComBat, or ComBat then CovBat),
+    applied to all its rows; the number of rows harmonized."""
     fit, var = request.pooled()
     if request.shared is None:
         raise HarmonizationError("ComBat's last round: the request carries no adjustments")
-    model = combat_model_at_site(site, protocol, design, options, fit, var.var,
-                                 request.shared.unstack())
+    rows = round_rows(site, protocol, request)
+    model = combat_model_at_site(rows, fit, var.var, request.shared.unstack())
+    if request.axes is not None:
+        return harmonize_site(site, protocol, CovbatModel(
+            features_model(site, protocol, request), request.axes, model))
     return harmonize_site(site, protocol, model)
 
 
-def combat_model_at_site(site: SiteConfig, protocol: StudyProtocol, design: Design,
-                         options: CombatOptions, fit: LocationFit, var_pooled: np.ndarray,
+def features_model(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest
+                   ) -> CombatModel:
+    """CovBat's rounds: the ComBat fitted on the features, as this site holds it."""
+    fit, var, shared = request.combat()
+    design, options = request.design()
+    y, batch, covariates, table = combat_inputs(site, protocol)
+    return combat_model_at_site(RoundRows(y, batch, covariates, table, design, options), fit,
+                                var.var, shared.unstack())
+
+
+def combat_model_at_site(rows: RoundRows, fit: LocationFit, var_pooled: np.ndarray,
                          shared: dict[str, BatchAdjustment]) -> CombatModel:
     """The fitted model as this site holds it: the server's pooled estimates, the adjustments of
-    shared batches from the server, and its own batches' EB computed here from its rows."""
-    y, batch, covariates, _ = combat_inputs(site, protocol)
-    z = standardize(y, batch, covariates, design, fit, var_pooled)
+    shared batches from the server, and its own batches' computed here from its training
+    ``rows``."""
+    design = rows.design
+    z = standardize(rows.y, rows.batch, rows.covariates, design, fit, var_pooled)
     adjustments = dict(shared)
-    for name, moments in site_batch_moments(z, batch, design).items():
+    for name, moments in site_batch_moments(z, rows.batch, design).items():
         if name not in adjustments:
-            adjustments[name] = estimate_batch_adjustment(moments, options)
-    n_features = y.shape[1]
+            adjustments[name] = estimate_batch_adjustment(moments, rows.options)
+    n_features = rows.y.shape[1]
     gamma = np.stack([adjustments[b].gamma if b in adjustments else np.full(n_features, np.nan)
                       for b in design.batches])
     delta = np.stack([adjustments[b].delta if b in adjustments else np.full(n_features, np.nan)
                       for b in design.batches])
-    return CombatModel(design, options, fit.beta, fit.grand_mean, var_pooled, gamma, delta,
+    return CombatModel(design, rows.options, fit.beta, fit.grand_mean, var_pooled, gamma, delta,
                        fit.batch_counts)
 
 
-def harmonize_site(site: SiteConfig, protocol: StudyProtocol, model: CombatModel) -> int:
+def harmonize_site(site: SiteConfig, protocol: StudyProtocol,
+                   model: CombatModel | CovbatModel) -> int:
     """Apply the model to all of this site's rows (train and test); keep them here."""
     y, batch, covariates, table = combat_inputs(site, protocol, split=None)
-    unfitted = sorted({b for b in batch if b not in model.design.batches
-                       or np.isnan(model.gamma[model.design.batches.index(b)]).any()})
+    unfitted = sorted(set(batch) - model.fitted_batches())
     if unfitted:
         raise HarmonizationError(f"scanner(s) {unfitted} have test rows but no training rows "
                                  "at this site")
@@ -141,13 +201,16 @@ def harmonize_site(site: SiteConfig, protocol: StudyProtocol, model: CombatModel
     return len(table)
 
 
-def record_release(site: SiteConfig, protocol: StudyProtocol, table: pd.DataFrame,
-                   batch: list[str], covariates: dict[str, list[object]], design: Design,
-                   what: str, only: list[str] | None = None) -> None:
+def _stage(request: CombatRequest) -> str:
+    return "ComBat" if request.axes is None else "CovBat"
+
+
+def record_release(site: SiteConfig, protocol: StudyProtocol, rows: RoundRows, what: str,
+                   only: list[str] | None = None) -> None:
     """Enter a round's sums in the release ledger: over each scanner's training rows (of
     ``only`` these scanners) and over each level of the design's categorical covariates within
     it (the label among them when the outcome is protected in a classification). The
     protocol's other columns are not in the design, so no sum is split by them."""
-    levels = [np.asarray([str(v) for v in covariates[c]]) for c, _ in design.categorical]
-    release(study_dir(site, protocol), what, table["case_id"].astype(str).tolist(),
-            scanner_subsets(np.asarray(batch), levels, only), site.min_patients)
+    levels = [np.asarray([str(v) for v in rows.covariates[c]]) for c, _ in rows.design.categorical]
+    release(study_dir(site, protocol), what, rows.table["case_id"].astype(str).tolist(),
+            scanner_subsets(np.asarray(rows.batch), levels, only), site.min_patients)

@@ -59,6 +59,12 @@ class CombatModel:
             out[keep] = y[keep]
         return out
 
+    def fitted_batches(self) -> set[str]:
+        """The batches whose rows it can harmonize (a site's model lacks the adjustments of
+        other sites' own batches)."""
+        return {b for b, g in zip(self.design.batches, self.gamma, strict=True)
+                if np.all(np.isfinite(g))}
+
     def adjusted(self, y: npt.ArrayLike, batch: Sequence[object], covariates: Covariates
                  ) -> tuple[FloatArray, FloatArray, FloatArray]:
         """The rows on ComBat's standardized scale with their batch's effects removed, and what

@@ -34,6 +34,7 @@ from common.synthetic import Task
 from common.synthetic.write import study_protocol_mapping
 from harmonization.combat.design import CombatOptions, Design, design_to_json
 from harmonization.combat.moments import DesignMoments, site_design_moments
+from harmonization.covbat import principal_axes, score_design, site_residual_products
 from harmonization.images import PERCENTILES, scanner_sums
 from harmonization.messages import CombatRequest, HarmonizedRows
 
@@ -110,6 +111,34 @@ def test_a_coordinator_cannot_lower_the_sites_floor():
                     "site_A")  # the default floor
     check_reply(MessageType.COMBAT_DESIGN, request, small, lambda: DIAGNOSIS, lambda: F,
                 "site_A", min_patients=3)  # a site that allows 3
+
+
+def test_covbat_sums_are_sized_by_the_features_and_the_scores_rounds_by_the_axes():
+    request, _ = combat_round_one(CombatOptions(min_cell=5))
+    residuals = RNG.normal(size=(N, F))
+    products = site_residual_products(residuals)
+    check(MessageType.COVBAT_PRODUCTS, request, pack(products=products))
+    withheld(MessageType.COVBAT_PRODUCTS, request,
+             pack(products=dataclasses.replace(products, products=residuals)),
+             r"'products' has shape \(24, 6\), its declaration allows \(features=6, features=6\)")
+    withheld(MessageType.COVBAT_PRODUCTS, request,
+             pack(products=site_residual_products(residuals[:3])),
+             "'n' counts 3, fewer than min_cell = 5")
+
+    # the scores' rounds: two axes, so two columns of sums, under the scores' design (the
+    # scanners only: the covariates' effects are out of the residuals)
+    axes = principal_axes([products], n_pc=2)
+    design = Design(("s1", "s2"), continuous=("age",))
+    options = CombatOptions(min_cell=5)
+    scores = pack_request(CombatRequest(
+        StudyConfig.of(DIAGNOSIS, design=design_to_json(design, options)), axes=axes))
+    batch = ["s1"] * 12 + ["s2"] * 12
+    moments = site_design_moments(residuals @ axes.components, batch, {}, score_design(design),
+                                  options, "site_A")
+    check(MessageType.COMBAT_DESIGN, scores, pack(moments=moments))
+    full = site_design_moments(residuals, batch, {}, score_design(design), options, "site_A")
+    withheld(MessageType.COMBAT_DESIGN, scores, pack(moments=full),
+             r"'xty' has shape \(2, 6\), its declaration allows \(columns=2, features=2\)")
 
 
 def test_image_landmark_sums_pass_and_a_small_scanner_is_named_without_its_count():

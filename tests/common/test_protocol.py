@@ -42,6 +42,8 @@ def test_hash_is_stable_across_formats_and_key_order(tmp_path: Path):
         ({"standardization": {"normalization": {"method": "zscore"}}}, "(top level)",
          "normalization is for MR protocols only"),
         ({"ingestion": {"min_roi_voxel": 3}}, "ingestion.min_roi_voxel", "Extra inputs"),
+        ({"harmonization": {"covbat": {"pct_var": 1.0}}}, "harmonization.covbat.pct_var",
+         "less than 1"),
         ({"task": {"kind": "regression", "classes": ["a", "b"]}}, "task", "classification"),
         ({"modality": "MR", "standardization": {"normalization": {
             "method": "zscore", "reference_roi": "Muscle"}}}, "standardization.normalization",
@@ -171,8 +173,11 @@ def _full_protocol() -> dict:
     mapping["radiomics"]["image_types"]["log_sigma_mm"] = [1.0, 2.0]
     mapping["model"].update(clinical=["age"], clinical_ranges={"age": [40, 90]})
     mapping["cnn"] = {"local_dp": {"epsilon": 0.5}}
+    mapping["standardization"]["histogram"] = {"scale": 250.0}
+    mapping["harmonization"] = {"covbat": {"pct_var": 0.9, "n_pc": 3}}
     mapping = protocol_from_mapping(mapping).model_dump(mode="json")
     assert mapping["cnn"]["local_dp"] and mapping["standardization"]["normalization"]
+    assert mapping["harmonization"]["covbat"]["n_pc"] == 3
     return mapping
 
 

@@ -4,6 +4,7 @@ the orchestration without Flower, with the sites' real phase code."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,13 +20,20 @@ from common.errors import MyeloFedError
 from common.glm import FeatureMoments
 from common.messages import EvaluateRequest, MessageType, ModelTermsRequest, StudyRequest
 from common.payloads import MIN_ROWS_SENT, PrepareReply, format_counts
-from common.protocol import ModelSpec, StudyProtocol, load_protocol
+from common.protocol import (
+    CovbatSpec,
+    HarmonizationSpec,
+    ModelSpec,
+    StudyProtocol,
+    load_protocol,
+)
 from common.records import pack, unpack_request
 from common.selection.pooled import fit_pooled
 from common.selection.terms import assign_folds
 from common.site_config import SiteConfig
 from harmonization.combat.design import CombatOptions
 from harmonization.combat.model import SiteTable, fit_combat
+from harmonization.covbat import fit_covbat
 from harmonization.messages import CombatRequest, HarmonizedRows
 from server.phases.combat import combat_design, run_combat
 from server.phases.radiomics import run_model
@@ -109,6 +117,8 @@ class FakeSites:
             return pack(residuals=combat.residual_moments(site, self.protocol, request))
         if message_type is MessageType.COMBAT_MOMENTS:
             return pack(moments=combat.shared_moments(site, self.protocol, request))
+        if message_type is MessageType.COVBAT_PRODUCTS:
+            return pack(products=combat.residual_products(site, self.protocol, request))
         return pack(result=HarmonizedRows(combat.apply(site, self.protocol, request)))
 
 
@@ -152,6 +162,14 @@ def prepared_sites(root: Path, protocol: StudyProtocol, seed: int = 0
     return sites, replies
 
 
+def pooled_rows(sites: Iterable[SiteConfig], protocol: StudyProtocol) -> SiteTable:
+    """Every site's training rows in one table: centralized harmonization's input."""
+    tables = [combat.combat_inputs(site, protocol) for site in sites]
+    return SiteTable("all", np.vstack([y for y, *_ in tables]),
+                     [b for _, batch, *_ in tables for b in batch],
+                     {c: [v for *_, cov, _ in tables for v in cov[c]] for c in tables[0][2]})
+
+
 def test_federated_combat_through_the_phases_equals_the_centralized_fit(tmp_path: Path):
     protocol = load_protocol("preset:spine_mri_t1w")
     sites, kept = prepared_sites(tmp_path / "sites", protocol)
@@ -167,18 +185,74 @@ def test_federated_combat_through_the_phases_equals_the_centralized_fit(tmp_path
         MessageType.COMBAT_DESIGN, MessageType.COMBAT_RESIDUALS, MessageType.COMBAT_MOMENTS,
         MessageType.COMBAT_APPLY]
     design, _ = combat_design(protocol, kept)
-    tables = [combat.combat_inputs(site, protocol) for site in sites.values()]
-    central = fit_combat([SiteTable("all", np.vstack([y for y, *_ in tables]),
-                                    [b for _, batch, *_ in tables for b in batch],
-                                    {c: [v for *_, cov, _ in tables for v in cov[c]]
-                                     for c in tables[0][2]})],
-                         design, settings.combat)
+    central = fit_combat([pooled_rows(sites.values(), protocol)], design, settings.combat)
     for site in sites.values():
         y, batch, covariates, _ = combat.combat_inputs(site, protocol, split=None)
         got = pd.read_parquet(study_dir(site, protocol) / HARMONIZED_FILE)
         expected = central.transform(y, batch, covariates)
         np.testing.assert_allclose(got[[f"f{j}" for j in range(5)]].to_numpy(), expected,
                                    rtol=1e-9, atol=1e-9)
+
+
+def test_federated_covbat_through_the_phases_equals_the_pooled_covbat(tmp_path: Path):
+    """ComBat's rounds, CovBat's products, then ComBat's rounds again on the scores: every
+    site's harmonized rows are those of CovBat fitted on the pooled training rows."""
+    protocol = load_protocol("preset:spine_mri_t1w")
+    protocol = protocol.model_copy(update={"harmonization": HarmonizationSpec(
+        covbat=CovbatSpec(pct_var=0.8))})
+    sites, kept = prepared_sites(tmp_path / "sites", protocol)
+    settings = StudySettings(protocol, tmp_path / "study",
+                             combat=CombatOptions(min_batch_size=8, min_cell=3))
+    settings.out_dir.mkdir()
+    transport = FakeSites(sites, protocol)
+    failed = run_combat(transport, {n: s.site_name for n, s in sites.items()}, kept, settings)
+    assert failed == {}
+    assert [t for t, _ in transport.sent[::3]] == [
+        MessageType.COMBAT_DESIGN, MessageType.COMBAT_RESIDUALS, MessageType.COMBAT_MOMENTS,
+        MessageType.COVBAT_PRODUCTS, MessageType.COMBAT_DESIGN, MessageType.COMBAT_RESIDUALS,
+        MessageType.COMBAT_MOMENTS, MessageType.COMBAT_APPLY]
+    design, _ = combat_design(protocol, kept)
+    pooled = fit_covbat([pooled_rows(sites.values(), protocol)], design, settings.combat,
+                        pct_var=0.8)
+    report = json.loads((settings.out_dir / "combat.json").read_text())["covbat"]
+    k = pooled.axes.components.shape[1]
+    assert report["status"] == "done" and report["components"] == k and 1 < k < 5
+    plain = fit_combat([pooled_rows(sites.values(), protocol)], design, settings.combat)
+    for site in sites.values():
+        y, batch, covariates, _ = combat.combat_inputs(site, protocol, split=None)
+        got = pd.read_parquet(study_dir(site, protocol) / HARMONIZED_FILE)
+        got = got[[f"f{j}" for j in range(5)]].to_numpy()
+        expected = pooled.transform(y, batch, covariates)
+        scale = y.std(axis=0)
+        np.testing.assert_allclose(got / scale, expected / scale, rtol=0, atol=1e-8)
+        # CovBat moved the rows beyond ComBat's
+        assert np.abs(got - plain.transform(y, batch, covariates)).max() > 1e-3
+
+
+def test_covbat_that_cannot_run_leaves_the_sites_with_combat(tmp_path: Path):
+    protocol = load_protocol("preset:spine_mri_t1w").model_copy(update={
+        "harmonization": HarmonizationSpec(covbat=CovbatSpec())})
+    sites, kept = prepared_sites(tmp_path / "sites", protocol)
+    settings = StudySettings(protocol, tmp_path / "study",
+                             combat=CombatOptions(min_batch_size=8, min_cell=3))
+    settings.out_dir.mkdir()
+    nodes = {n: s.site_name for n, s in sites.items()}
+    transport = FakeSites(sites, protocol, fail={(n, MessageType.COVBAT_PRODUCTS): "error 400: no"
+                                                 for n in (1, 2)})
+    failed = run_combat(transport, nodes, kept, settings)
+    assert failed == {"A": "query.covbat_products: error 400: no",
+                      "B": "query.covbat_products: error 400: no"}
+    report = json.loads((settings.out_dir / "combat.json").read_text())
+    assert report["covbat"]["status"] == "not run"
+    assert report["covbat"]["reason"].startswith("CovBat round 1: 1 site(s) answered")
+    assert report["harmonized_rows"] == {"C": 24}
+    # C applied ComBat alone: its rows are ComBat's
+    design, _ = combat_design(protocol, kept)
+    central = fit_combat([pooled_rows(sites.values(), protocol)], design, settings.combat)
+    y, batch, covariates, _ = combat.combat_inputs(sites[3], protocol, split=None)
+    got = pd.read_parquet(study_dir(sites[3], protocol) / HARMONIZED_FILE)
+    np.testing.assert_allclose(got[[f"f{j}" for j in range(5)]].to_numpy(),
+                               central.transform(y, batch, covariates), rtol=1e-9, atol=1e-9)
 
 
 def test_the_radiomics_phase_through_the_fake_transport_equals_the_pooled_fit(tmp_path: Path):

@@ -17,11 +17,18 @@ from client.workspace import (
 )
 from common.messages import MessageType
 from common.payloads import PrepareReply
-from common.protocol import HistogramSpec, ModelSpec, load_protocol
+from common.protocol import (
+    CovbatSpec,
+    HarmonizationSpec,
+    HistogramSpec,
+    ModelSpec,
+    load_protocol,
+)
 from common.selection.pooled import fit_pooled
 from common.synthetic import CohortSpec, make_sites, write_cohort
 from harmonization.combat.design import CombatOptions
 from harmonization.combat.model import SiteTable, fit_combat
+from harmonization.covbat import fit_covbat
 from server.phases.combat import combat_design
 from server.study import StudySettings
 
@@ -68,7 +75,8 @@ def _list_lengths(value: object) -> list[int]:
 def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
                                                                scanner_effects: bool):
     """With scanner effects every hospital has its own scanners (EB at the sites); without,
-    one scanner model is shared by all three (moments combined and EB at the server)."""
+    one scanner model is shared by all three (moments combined and EB at the server), and
+    CovBat's rounds follow ComBat's (four axes: no payload dimension a patient count)."""
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
@@ -82,7 +90,9 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
         "model": ModelSpec(screening_top_k=15, cv_folds=3, n_lambdas=5),  # ~22 training rows
         # the federated histogram standardization (off in the presets) runs over Flower too
         "standardization": protocol.standardization.model_copy(
-            update={"histogram": HistogramSpec(scale=250.0)})})
+            update={"histogram": HistogramSpec(scale=250.0)}),
+        "harmonization": HarmonizationSpec(
+            covbat=None if scanner_effects else CovbatSpec(n_pc=4))})
     combat = CombatOptions(min_batch_size=3, min_cell=1)
     settings = StudySettings(protocol, tmp_path / "out", min_sites=3, min_cases_per_site=10,
                              timeout_s=300, seed=1, test_fraction=0.3, combat=combat,
@@ -108,6 +118,9 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
     report = json.loads((tmp_path / "out" / "combat.json").read_text())
     assert report["failed"] == {} and sorted(report["harmonized_rows"].values()) == [30, 34, 38]
     assert report["shared_batches"] == ([] if scanner_effects else ["reference"])
+    assert report["covbat"] == ({"status": "off"} if scanner_effects else {
+        "status": "done", "components": 4, "explained": report["covbat"]["explained"],
+        "pct_var": 0.95, "n_pc": 4})
 
     work = cohort / "work"
     prepared = {s: pd.read_parquet(work / s / "study" / protocol.short_hash / PREPARED_FILE)
@@ -123,7 +136,8 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
     replies = [PrepareReply(**s) for s in prepare["sites"]]  # the replies the server saw
     design, _ = combat_design(protocol, replies)
     assert design.fit_only == (label,)
-    model = fit_combat(tables, design, combat)
+    model = (fit_combat(tables, design, combat) if scanner_effects
+             else fit_covbat(tables, design, combat, n_pc=4))
     for site, table in prepared.items():
         got = pd.read_parquet(work / site / "study" / protocol.short_hash / HARMONIZED_FILE)
         expected = model.transform(table[names].to_numpy(float), table.batch.tolist(),
@@ -140,7 +154,7 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
     sent = [json.loads(line) for line in audit.read_text().splitlines()]
     assert {e["type"] for e in sent} >= {
         MessageType.HANDSHAKE, MessageType.IMAGE_LANDMARKS, MessageType.PREPARE,
-        MessageType.COMBAT_DESIGN,
+        MessageType.COMBAT_DESIGN, *([] if scanner_effects else [MessageType.COVBAT_PRODUCTS]),
         MessageType.COMBAT_APPLY, MessageType.MODEL_SUMMARY, MessageType.MODEL_TERMS,
         MessageType.MODEL_EVALUATE}
     assert any(d > 100 for e in sent for shape in e["arrays"] for d in shape)  # arrays seen
