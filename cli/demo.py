@@ -36,18 +36,19 @@ def demo(
     """Run the whole federated study on the built-in synthetic cohort, on this machine.
 
     Makes the default three-site cohort if absent, then runs the study in Flower's simulation
-    engine, one virtual SuperNode per site: handshake, local preparation, federated ComBat and
-    the radiomics model (screening + LASSO chosen by federated cross-validation) on raw and on
-    harmonized features, with every site left out once, then the 3D CNN over Flower rounds.
+    engine, one virtual SuperNode per site: handshake, federated histogram standardization of
+    the images, local preparation, federated ComBat then CovBat and the radiomics model
+    (screening + LASSO chosen by federated cross-validation) on raw and on harmonized features,
+    with every site left out once, then the 3D CNN over Flower rounds.
     Ends with a table per site: the test AUC of its local-only model, the federated model, the
-    federated model after ComBat, the model trained without the site (leave-site-out, the
+    federated model after harmonization, the model trained without the site (leave-site-out, the
     external validation) and the federated CNN; with --task response, the nomogram (radiomics
     score + ISS stage + age) too; with --task pci, Pearson r instead of the AUC.
 
     \b
     Writes, under --out:
       cohort/            the synthetic cohort (cohort-<task>/ for another task; or --cohort)
-      study/             handshake.json prepare.json combat.json model.json cnn.json
+      study/             handshake.json images.json prepare.json combat.json model.json cnn.json
                          study.json (nomogram.json with --task response),
                          cnn/global_round_NNN.npz (a checkpoint per round),
                          report.html report.json report.csv (the multicentre report)
@@ -127,7 +128,8 @@ def summary_table(study: Path, wall_s: float) -> Table:
                   "left out + ComBat", "nomogram", "CNN",
                   title=f"Test {metric.upper()} per site ({wall_s:.0f} s)",
                   caption="radiomics: local-only model, federated model (raw features, after "
-                  "federated ComBat), model trained without the site; the nomogram (radiomics "
+                  "federated ComBat and, where the protocol asks, CovBat), model trained without "
+                  "the site; the nomogram (radiomics "
                   "score + clinical factors, response task); the final federated CNN")
     for r in rows:
         table.add_row(r["site"], str(shown_count(r["n_test"])), _show(r["local"]),

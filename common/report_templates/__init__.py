@@ -180,6 +180,12 @@ scanner, its training images' mean landmarks before the mapping:</p>
 Protected covariates: {{ (report.combat.covariates.categorical + report.combat.covariates.continuous) | join(", ") or "none" }}{% if report.combat.covariates.estimation_only %}
 (of which {{ report.combat.covariates.estimation_only | join(", ") }} only while estimating the scanner effects: a row is harmonized without its label){% endif %}.
 Scanners shared by several sites: {{ report.combat.shared_batches | join(", ") or "none" }}.</p>
+{% if report.combat.covbat and report.combat.covbat.status == "done" %}
+<p>CovBat after ComBat: the scanner effects removed from the scores of the pooled residuals'
+{{ report.combat.covbat.components }} leading principal components ({{ "%.0f" | format(100 * report.combat.covbat.explained) }}% of their variance).</p>
+{% elif report.combat.covbat and report.combat.covbat.status == "not run" %}
+<p>CovBat did not run: {{ report.combat.covbat.reason }}. The sites applied ComBat alone.</p>
+{% endif %}
 {% endif %}
 {{ reasons("ComBat failures (these sites' models use raw features)", report.combat.failed) }}
 {% endif %}

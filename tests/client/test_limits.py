@@ -21,6 +21,7 @@ from client.manifest import CaseSpec
 from client.standardize import Volume, build_steps, standardize
 from common.errors import MAX_CASE_VOXELS, CaseError, ConfigError, SkipReason
 from common.protocol import FEATURE_NAMES, MAX_BINS, load_protocol, protocol_from_mapping
+from harmonization.images import PERCENTILES, ImageStandard
 from tests.conftest import make_volume
 
 
@@ -90,6 +91,7 @@ def test_a_resampled_grid_over_the_limit_is_refused_before_it_is_allocated():
     mapping = load_protocol("preset:spine_mri_t1w").model_dump(mode="json")
     mapping["standardization"]["resample"]["spacing_mm"] = [0.1, 0.1, 4.0]
     mapping["standardization"]["bias_correction"] = None
+    mapping["standardization"]["histogram"] = None
     protocol = protocol_from_mapping(mapping)
     with pytest.raises(CaseError) as refused:
         standardize(Volume(image, labels, 1), build_steps(protocol, max_voxels=10_000))
@@ -194,8 +196,9 @@ def test_site_check_finds_a_missing_reference_tissue_as_extraction_would(tmp_pat
     spec = CaseSpec(case_id="no_muscle", row=2, image=tmp_path / "image.nii.gz",
                     mask=tmp_path / "mask.nii.gz", label=1.0, batch="s")
     protocol = load_protocol("preset:spine_mri_t1w")  # reference tissue: label 2
+    standard = ImageStandard(tuple(np.linspace(0.0, 250.0, len(PERCENTILES))), 250.0)
     for mode in ("check", "landmarks", "extract"):
-        outcome = CaseProcessor(protocol, mode, None)(spec)
+        outcome = CaseProcessor(protocol, mode, None, standard=standard)(spec)
         assert outcome.reason is SkipReason.ROI_NOT_FOUND, mode
         assert "the reference tissue (label 2) that MR normalization divides by is absent" \
             in outcome.detail

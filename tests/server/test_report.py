@@ -96,3 +96,24 @@ def test_the_image_harmonization_shows_each_scanner_against_the_standard(tmp_pat
     html = write_report(tmp_path)["html"].read_text()
     assert "Image harmonization (federated histogram standardization)" in html
     assert "did not shape the standard" in html and "no reply within 60 s" in html
+
+
+@pytest.mark.parametrize(("covbat", "said"), [
+    ({"status": "done", "components": 3, "explained": 0.951, "pct_var": 0.95, "n_pc": 0},
+     "3 leading principal components (95% of their variance)"),
+    ({"status": "not run", "reason": "CovBat round 1: 1 site(s) answered"},
+     "CovBat did not run: CovBat round 1: 1 site(s) answered. The sites applied ComBat alone."),
+    ({"status": "off"}, None)])
+def test_the_harmonization_section_says_what_covbat_did(tmp_path: Path, covbat: dict,
+                                                        said: str | None) -> None:
+    regression_study(tmp_path)
+    (tmp_path / "combat.json").write_text(json.dumps({
+        "status": "done", "batches": ["GE", "Siemens"], "shared_batches": [],
+        "covariates": {"categorical": [], "continuous": ["age"], "estimation_only": ["pci"]},
+        "covbat": covbat, "harmonized_rows": {"site_A": 40}, "failed": {}}))
+    html = write_report(tmp_path)["html"].read_text()
+    assert "Scanners: GE, Siemens." in html
+    if said is None:
+        assert "CovBat" not in html
+    else:
+        assert said in html

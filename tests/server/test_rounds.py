@@ -171,7 +171,8 @@ def pooled_rows(sites: Iterable[SiteConfig], protocol: StudyProtocol) -> SiteTab
 
 
 def test_federated_combat_through_the_phases_equals_the_centralized_fit(tmp_path: Path):
-    protocol = load_protocol("preset:spine_mri_t1w")
+    protocol = load_protocol("preset:spine_mri_t1w").model_copy(update={
+        "harmonization": HarmonizationSpec()})  # ComBat alone
     sites, kept = prepared_sites(tmp_path / "sites", protocol)
     settings = StudySettings(protocol, tmp_path / "study",
                              combat=CombatOptions(min_batch_size=8, min_cell=3))

@@ -351,7 +351,8 @@ def test_a_whole_study_at_a_small_site_isolates_no_group_under_the_minimum(
     recorder, site, outcome = run_study(tmp_path, protocol, True, SMALL_SITE)
     kinds = {t for t, _, reply in recorder.log if reply is not None}
     assert kinds == {MessageType.COMBAT_DESIGN, MessageType.COMBAT_RESIDUALS,
-                     MessageType.COMBAT_MOMENTS, MessageType.COMBAT_APPLY,
+                     MessageType.COMBAT_MOMENTS, MessageType.COVBAT_PRODUCTS,
+                     MessageType.COMBAT_APPLY,
                      MessageType.MODEL_SUMMARY, MessageType.MODEL_TERMS,
                      MessageType.MODEL_EVALUATE}
     assert all(reply is not None for *_, reply in recorder.log)  # the site refused nothing
