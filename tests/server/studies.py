@@ -28,10 +28,14 @@ def small_study(tmp_path: Path, sizes: tuple[int, ...], **cnn: object
                 ) -> tuple[Path, StudyProtocol]:
     """A cohort of ``sizes`` patients per site (scanner effects on) under ``tmp_path/cohort``,
     and its protocol with a small radiomics search and a small CNN (``cnn``: the other
-    :class:`CnnSpec` fields, e.g. rounds and aggregator)."""
+    :class:`CnnSpec` fields, e.g. rounds and aggregator), without the image harmonization
+    phase (its N4 pass over every training image; the study tests of the default protocol run
+    it)."""
     cohort = tmp_path / "cohort"
     write_cohort(cohort, CohortSpec(make_sites(sizes, True)), workers=2)
-    protocol = load_protocol(cohort / "study.yaml").model_copy(update={
+    protocol = load_protocol(cohort / "study.yaml")
+    protocol = protocol.model_copy(update={
+        "standardization": protocol.standardization.model_copy(update={"histogram": None}),
         "model": ModelSpec(screening_top_k=5, cv_folds=3, n_lambdas=3),
         "cnn": CnnSpec(architecture="resnet10", crop_size=(16, 16, 8), batch_size=8, **cnn)})
     return cohort, protocol
