@@ -63,7 +63,7 @@ def read_study(out_dir: Path) -> dict[str, Any]:
 
 
 def _model_label(model: dict[str, Any]) -> str:
-    return "harmonized (federated ComBat)" if model["harmonized"] else "raw features"
+    return "harmonized features" if model["harmonized"] else "raw features"
 
 
 def _side_by_side(model: dict[str, Any], metric: str) -> list[dict[str, Any]]:
@@ -79,6 +79,32 @@ def _side_by_side(model: dict[str, Any], metric: str) -> list[dict[str, Any]]:
                      "p_federated_vs_local": fmt(result.get("comparisons", {}).get(
                          f"federated vs local {site}", {}).get("p_value"))})
     return rows
+
+
+def _harmonization_section(models: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per site, what harmonization changed: the federated model's and the model trained
+    without the site's test metric (AUC, or Pearson r) on raw and on harmonized features."""
+    raw = next((m for m in models if not m["harmonized"]), None)
+    harmonized = next((m for m in models if m["harmonized"]), None)
+    if raw is None or harmonized is None:
+        return None
+    metric = "auc" if raw.get("loss") == "logistic" else "r"
+
+    def value(model: dict[str, Any], site: str, name: str) -> float | None:
+        row = model["sites"].get(site, {}).get("metrics", {}).get(name) or {}
+        out = row.get(metric)
+        return None if out is None else float(out)
+
+    rows = []
+    for site in sorted(set(raw["sites"]) & set(harmonized["sites"])):
+        row: dict[str, Any] = {"site": site}
+        for name, key in (("federated", "federated"), ("leave-site-out", "loso")):
+            before, after = value(raw, site, name), value(harmonized, site, name)
+            row |= {f"{key}_raw": fmt(before), f"{key}_harmonized": fmt(after),
+                    f"{key}_change": fmt(None if before is None or after is None
+                                         else after - before)}
+        rows.append(row)
+    return {"metric": "AUC" if metric == "auc" else "Pearson r", "rows": rows}
 
 
 def _forest(model: dict[str, Any], kind: str, metric: str, title: str) -> str | None:
@@ -289,6 +315,8 @@ def _report_of(study: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "excluded": {**handshake.get("excluded", {}), **prepare.get("excluded", {})},
         "images": _images_section(study["images"]) if "images" in study else None,
         "combat": study.get("combat"),
+        "harmonization_change": _harmonization_section(
+            study.get("model", {}).get("models", [])),
         "models": [_model_section(m) for m in study.get("model", {}).get("models", [])],
         "nomogram": (_nomogram_section(study["nomogram"], study["nomogram"].get("ranges", {}))
                      if "nomogram" in study else None),

@@ -180,14 +180,20 @@ scanner, its training images' mean landmarks before the mapping:</p>
 Protected covariates: {{ (report.combat.covariates.categorical + report.combat.covariates.continuous) | join(", ") or "none" }}{% if report.combat.covariates.estimation_only %}
 (of which {{ report.combat.covariates.estimation_only | join(", ") }} only while estimating the scanner effects: a row is harmonized without its label){% endif %}.
 Scanners shared by several sites: {{ report.combat.shared_batches | join(", ") or "none" }}.</p>
-{% if report.combat.covbat and report.combat.covbat.status == "done" %}
+{% set covbat = report.combat.get("covbat") or {} %}
+{% if covbat.get("status") == "done" %}
 <p>CovBat after ComBat: the scanner effects removed from the scores of the pooled residuals'
-{{ report.combat.covbat.components }} leading principal components ({{ "%.0f" | format(100 * report.combat.covbat.explained) }}% of their variance).</p>
-{% elif report.combat.covbat and report.combat.covbat.status == "not run" %}
-<p>CovBat did not run: {{ report.combat.covbat.reason }}. The sites applied ComBat alone.</p>
+{{ covbat.components }} leading principal components ({{ "%.0f" | format(100 * covbat.explained) }}% of their variance).</p>
+{% elif covbat.get("status") == "not run" %}
+<p>CovBat did not run: {{ covbat.reason }}. The sites applied ComBat alone.</p>
 {% endif %}
 {% endif %}
 {{ reasons("ComBat failures (these sites' models use raw features)", report.combat.failed) }}
+{% if report.harmonization_change %}
+<h3>What harmonization changed at each site</h3>
+<p>Test {{ report.harmonization_change.metric }} of the federated model and of the model trained without the site (its external validation), on raw and on harmonized features. The scanner diagnostics (features that still differ between a site's own scanners) are in each site's own report.</p>
+{{ mapping_table(report.harmonization_change.rows, ["site", "federated_raw", "federated_harmonized", "federated_change", "loso_raw", "loso_harmonized", "loso_change"], ["site", "federated, raw", "federated, harmonized", "change", "leave-site-out, raw", "leave-site-out, harmonized", "change"]) }}
+{% endif %}
 {% endif %}
 
 {% for m in report.models %}

@@ -117,3 +117,27 @@ def test_the_harmonization_section_says_what_covbat_did(tmp_path: Path, covbat: 
         assert "CovBat" not in html
     else:
         assert said in html
+
+
+def test_the_harmonization_section_sets_raw_and_harmonized_validation_side_by_side(
+        tmp_path: Path) -> None:
+    regression_study(tmp_path)
+    models = json.loads((tmp_path / "model.json").read_text())["models"]
+    harmonized = json.loads(json.dumps(models[0]))
+    harmonized["harmonized"] = True
+    for result in harmonized["sites"].values():
+        result["metrics"]["leave-site-out"]["r"] = 0.75
+    (tmp_path / "model.json").write_text(json.dumps({"models": [models[0], harmonized]}))
+    (tmp_path / "combat.json").write_text(json.dumps({
+        "status": "done", "batches": ["GE"], "shared_batches": [],
+        "covariates": {"categorical": [], "continuous": [], "estimation_only": []},
+        "harmonized_rows": {}, "failed": {}}))
+    section = build_report(tmp_path)["harmonization_change"]
+    assert section["metric"] == "Pearson r"
+    assert section["rows"][0] == {
+        "site": "site_A", "federated_raw": "0.700", "federated_harmonized": "0.700",
+        "federated_change": "0.000", "loso_raw": "0.600", "loso_harmonized": "0.750",
+        "loso_change": "0.150"}
+    html = write_report(tmp_path)["html"].read_text()
+    assert "What harmonization changed at each site" in html
+    assert "leave-site-out, harmonized" in html
