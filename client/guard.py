@@ -45,6 +45,7 @@ from common.payloads import (
     ModelMetrics,
     PrepareReply,
     SplitMetrics,
+    evaluated_models,
 )
 from common.protocol import StudyProtocol, TaskKind
 from common.records import PayloadError, check_sent, unpack
@@ -162,7 +163,9 @@ def check_reply(message_type: str, request: Records, content: Records,
             raise PrivacyGuardError(str(exc)) from None
         if kind is MessageType.MODEL_EVALUATE:
             models = StudyConfig.from_mapping(dict(request[STUDY_RECORD])).models
-            _check_table(payload.table, list(models or ()), protocol())
+            names = evaluated_models(list(models or ()), protocol(),
+                                     nomogram="radiomics0.meta" in request)
+            _check_table(payload.table, names, protocol())
 
 
 def _check_fields(record: Mapping[str, object], name: str, fields: Mapping[str, type]) -> None:

@@ -19,6 +19,9 @@ from common.protocol import StudyProtocol, TaskKind
 #: A site never sends sums over fewer training rows than this, whatever the server asks.
 MIN_ROWS_SENT = 5
 
+#: The name a site scores the federated model under once it has updated it on its own rows.
+SITE_UPDATED = "site-updated"
+
 
 @dataclass(frozen=True)
 class HandshakeReply:
@@ -193,3 +196,12 @@ def clinical_terms(protocol: StudyProtocol) -> list[str]:
     """The names of the nomogram's clinical columns (``iss_stage=II``, ``age``)."""
     return [column if level is None else f"{column}={level}"
             for column, level in clinical_columns(protocol)]
+
+
+def evaluated_models(names: Sequence[str], protocol: StudyProtocol, nomogram: bool
+                     ) -> list[str]:
+    """The models a site's metrics table holds for an evaluation request of ``names``: those,
+    and the federated radiomics model updated at the site where the protocol asks for it."""
+    update = (protocol.validation.site_update and not nomogram and "federated" in names
+              and SITE_UPDATED not in names)
+    return [*names, SITE_UPDATED] if update else list(names)

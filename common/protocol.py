@@ -456,7 +456,12 @@ class ValidationSpec(_Frozen):
     set smaller than it sends no calibration curve. ``n_bins``: the most calibration bins.
     ``bootstrap``: resamples of the stratified bootstrap CI of the AUC (0 = DeLong's CI only).
     ``decision_thresholds``: the threshold probabilities of the decision curve.
+    ``site_update`` (default on): each site also scores the federated radiomics model updated
+    on its own training rows (recalibrated, revised towards its coefficients, or the site's
+    local model, whichever its cross-validation prefers: :mod:`common.selection.updating`);
+    that model never leaves the site.
     """
+    site_update: bool = True
     min_count: int = Field(5, ge=1, le=1000)
     n_bins: int = Field(10, ge=2, le=50)
     bootstrap: int = Field(1000, ge=0, le=100_000)

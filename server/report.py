@@ -75,6 +75,7 @@ def _side_by_side(model: dict[str, Any], metric: str) -> list[dict[str, Any]]:
                      "n_positive": result.get("n_positive"),
                      "local": with_ci(m.get(f"local {site}"), metric),
                      "federated": with_ci(m.get("federated"), metric),
+                     "site_updated": with_ci(m.get("site-updated"), metric),
                      "leave_site_out": with_ci(m.get("leave-site-out"), metric),
                      "p_federated_vs_local": fmt(result.get("comparisons", {}).get(
                          f"federated vs local {site}", {}).get("p_value"))})

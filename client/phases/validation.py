@@ -4,16 +4,30 @@ back (and into the site's own report), never a per-patient score."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+
+import numpy as np
 
 from client.phases.nomogram import nomogram_design
+from client.phases.radiomics import model_rows
 from client.report import record_evaluation
 from client.scoring import metrics_of, paired_comparisons
 from client.workspace import feature_columns, split_table
 from common.messages import EvaluateRequest
 from common.metrics.tables import releasable
-from common.payloads import ModelMetrics, clinical_terms, released
+from common.payloads import (
+    SITE_UPDATED,
+    ModelMetrics,
+    clinical_terms,
+    evaluated_models,
+    loss_of,
+    released,
+)
 from common.protocol import StudyProtocol, TaskKind
 from common.selection.model import LinearModel
+from common.selection.pooled import fit_pooled
+from common.selection.terms import assign_folds
+from common.selection.updating import update_at_site
 from common.site_config import SiteConfig
 
 
@@ -28,6 +42,36 @@ def evaluate_request(site: SiteConfig, protocol: StudyProtocol, request: Evaluat
                            thresholds, study.seed if study.seed is not None else 0)
 
 
+@dataclass(frozen=True)
+class LocalUpdate:
+    """The federated model as this site updated it, which candidate its cross-validation
+    chose, every candidate's held-out deviance, and the training prevalence (the updated
+    model's risk cut-off)."""
+    model: LinearModel
+    choice: str
+    deviance: dict[str, float]
+    prevalence: float
+
+
+def site_update(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
+                federated: LinearModel, seed: int) -> LocalUpdate:
+    """The federated model updated on this site's training rows
+    (:func:`common.selection.updating.update_at_site`), over the site's own CV folds; the
+    candidate ``local`` is the site's local-only recipe refitted inside each fold."""
+    x, y, folds = model_rows(site, protocol, harmonized, "train")
+    spec, loss = protocol.model, loss_of(protocol)
+
+    def local(rows: np.ndarray, labels: np.ndarray) -> LinearModel:
+        inner = assign_folds(labels, spec.cv_folds, seed,
+                             protocol.task.kind is TaskKind.CLASSIFICATION)
+        model, _ = fit_pooled([(rows, labels, inner)], loss, spec.penalty, spec.screening_top_k,
+                              spec.n_lambdas, spec.cv_folds, spec.lambda_rule)
+        return model
+
+    update = update_at_site(x, y, folds, federated, loss, local)
+    return LocalUpdate(update.model, update.choice, update.deviance, float(y.mean()))
+
+
 def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                     models: dict[str, LinearModel],
                     radiomics: dict[str, LinearModel] | None = None,
@@ -36,7 +80,13 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     :func:`common.metrics.tables.releasable`), and DeLong's test of the first model (the
     federated one) against each other; a nomogram (named in ``radiomics``, with the radiomics
     model whose score it takes) on its design. ``thresholds``: each model's risk cut-off, fixed
-    on its training data (default 0.5)."""
+    on its training data (default 0.5). Where the protocol asks, the federated radiomics model
+    updated on this site's rows (:func:`site_update`) is scored too, as ``site-updated``."""
+    update = None
+    if evaluated_models(list(models), protocol, bool(radiomics)) != list(models):
+        update = site_update(site, protocol, harmonized, models["federated"], seed)
+        models = {**models, SITE_UPDATED: update.model}
+        thresholds = {**(thresholds or {}), SITE_UPDATED: update.prevalence}
     test = split_table(site, protocol, harmonized, "test")
     names = feature_columns(test, protocol)
     x = test[names].to_numpy(float)
@@ -62,6 +112,8 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
         {names[i]: float(c) for i, c in zip(model.features, model.beta[1:], strict=True)
          if c != 0})}
         for name, model in models.items()}
+    if update is not None:  # which update the site's cross-validation chose, kept here
+        terms[SITE_UPDATED] |= {"choice": update.choice, "cv_deviance": update.deviance}
     record_evaluation(site, protocol, "nomogram" if radiomics else
                       ("harmonized" if harmonized else "raw"), content, y, scores, terms)
     return ModelMetrics(site.site_name, released(len(y), site.min_patients),

@@ -200,12 +200,15 @@ Scanners shared by several sites: {{ report.combat.shared_batches | join(", ") o
 <h2>Radiomics model — {{ m.label }}</h2>
 <h3>{{ m.metric }} per site (95% CI, DeLong for AUC)</h3>
 <table>
-<tr><th>site</th><th>test n</th><th>local-only</th><th>federated</th><th>leave-site-out</th><th>p (federated vs local, DeLong)</th></tr>
+<tr><th>site</th><th>test n</th><th>local-only</th><th>federated</th><th>site-updated</th><th>leave-site-out</th><th>p (federated vs local, DeLong)</th></tr>
 {% for r in m.rows %}
 <tr><td>{{ r.site }}</td><td class="num">{{ r.n_test }}</td><td class="num">{{ r.local }}</td>
-<td class="num">{{ r.federated }}</td><td class="num">{{ r.leave_site_out }}</td><td class="num">{{ r.p_federated_vs_local }}</td></tr>
+<td class="num">{{ r.federated }}</td><td class="num">{{ r.site_updated }}</td><td class="num">{{ r.leave_site_out }}</td><td class="num">{{ r.p_federated_vs_local }}</td></tr>
 {% endfor %}
 </table>
+<p>Site-updated: the federated model updated on the site's own training rows (recalibrated,
+revised towards its coefficients, or the site's local model: whichever the site's own
+cross-validation preferred; the model stays at the site, its choice is in the site's report).</p>
 {% if m.pooled %}
 <h3>Pooled across sites (random effects, DerSimonian-Laird)</h3>
 {{ mapping_table(m.pooled, ["model", "estimate", "ci", "i2", "tau2", "p", "sites"],

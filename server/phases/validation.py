@@ -52,9 +52,11 @@ def site_results(metrics: dict[str, ModelMetrics], failed: dict[str, str]
     return out
 
 
-#: The models pooled across sites in the multicentre summary: the federated model, the model
-#: trained without the site, and each site's own local model (``local <site>`` at that site).
-POOLED_MODELS = ("federated", "leave-site-out", "local", "nomogram", "nomogram leave-site-out")
+#: The models pooled across sites in the multicentre summary: the federated model, the federated
+#: model each site updated on its own rows, the model trained without the site, and each site's
+#: own local model (``local <site>`` at that site).
+POOLED_MODELS = ("federated", "site-updated", "leave-site-out", "local", "nomogram",
+                 "nomogram leave-site-out")
 
 
 def pool_sites(sites: dict[str, dict[str, Any]], loss: str) -> dict[str, dict[str, Any]]:
@@ -101,7 +103,8 @@ def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
     """The demo's table from ``model.json``'s models (and ``cnn.json``): per site, its test size
     and the headline metric (AUC, or Pearson r for regression) of its local-only model, the
     federated model and the model trained without it, on raw features and after federated
-    ComBat, the federated nomogram's and the final federated CNN's."""
+    ComBat, the federated model the site updated (after ComBat where it ran), the federated
+    nomogram's and the final federated CNN's."""
     raw = next((m for m in models if not m["harmonized"]), None)
     combat = next((m for m in models if m["harmonized"]), None)
     metric = "auc" if (raw or combat or {}).get("loss") == "logistic" else "r"
@@ -119,6 +122,7 @@ def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
             "site": site, "n_test": any_model["sites"][site]["n_test"] if any_model else 0,
             "local": value(raw, site, f"local {site}"), "federated": value(raw, site, "federated"),
             "federated_combat": value(combat, site, "federated"),
+            "site_updated": value(combat or raw, site, "site-updated"),
             "leave_site_out": value(raw, site, "leave-site-out"),
             "leave_site_out_combat": value(combat, site, "leave-site-out"),
             "nomogram": (nomogram or {}).get("sites", {}).get(site, {}).get(

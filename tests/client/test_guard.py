@@ -1,7 +1,9 @@
 """The site's privacy guard: what the site's own code computes passes, and a reply that holds a
 per-patient array, an undeclared field, a count under the protocol's minimum, an unknown metric
 or a changed network is withheld with the rule it broke. (Every real reply of whole studies
-passes it: the simulation and real-process study tests run with it.)"""
+passes it: the simulation and real-process study tests run with it.)
+
+Longer than 400 lines: one test per rule of the guard, for every message type a site answers."""
 
 from __future__ import annotations
 
@@ -18,7 +20,14 @@ from client.guard import PrivacyGuardError, check_reply
 from client.scoring import metrics_of
 from common.messages import EvaluateRequest, MessageType, StudyConfig, StudyRequest
 from common.metrics.tables import releasable
-from common.payloads import SUPPRESSED, HandshakeReply, ModelMetrics, PrepareReply
+from common.payloads import (
+    SITE_UPDATED,
+    SUPPRESSED,
+    HandshakeReply,
+    ModelMetrics,
+    PrepareReply,
+    evaluated_models,
+)
 from common.protocol import protocol_from_mapping
 from common.records import (
     SUPPRESSED_COUNT,
@@ -213,7 +222,8 @@ def evaluation(protocol, names: list[str], n: int = 40) -> tuple[RecordDict, dic
     min_count = protocol.validation.min_count
     table = {"models": {name: releasable(metrics_of(protocol, y, y + RNG.normal(0, 1, n), seed=1),
                                          min_count)
-                        for name in names}, "comparisons": {}}
+                        for name in evaluated_models(names, protocol, False)},
+             "comparisons": {}}
     request = pack_request(EvaluateRequest(StudyConfig.of(protocol, models=tuple(names)), ()))
     return request, table
 
@@ -238,13 +248,13 @@ def test_a_confusion_matrix_cell_under_the_minimum_never_leaves_the_site():
     assert sent["auc"] == full["auc"] and sent["threshold"] == full["threshold"]
     request = pack_request(EvaluateRequest(StudyConfig.of(DIAGNOSIS, models=("federated",)), ()))
     check(MessageType.MODEL_EVALUATE, request,
-          metrics({"models": {"federated": sent}, "comparisons": {}}))
+          metrics({"models": {"federated": sent, SITE_UPDATED: sent}, "comparisons": {}}))
     withheld(MessageType.MODEL_EVALUATE, request,
-             metrics({"models": {"federated": full}, "comparisons": {}}),
+             metrics({"models": {"federated": full, SITE_UPDATED: sent}, "comparisons": {}}),
              "confusion-matrix cell 'fn' counts 1, fewer than min_count = 5")
     half = {**sent, "sensitivity": full["sensitivity"]}  # the cells withheld, a ratio not
     withheld(MessageType.MODEL_EVALUATE, request,
-             metrics({"models": {"federated": half}, "comparisons": {}}),
+             metrics({"models": {"federated": half, SITE_UPDATED: sent}, "comparisons": {}}),
              "'sensitivity' is sent with its confusion matrix withheld")
 
 
@@ -261,6 +271,23 @@ def test_a_metrics_table_holds_the_requested_models_and_their_declared_metrics()
     other = {"models": {**table["models"], "site_B's": table["models"]["local"]},
              "comparisons": {}}
     withheld(MessageType.MODEL_EVALUATE, request, metrics(other), "are not the requested")
+
+
+def test_the_site_updated_model_is_sent_only_where_the_protocol_asks_for_it():
+    request, table = evaluation(DIAGNOSIS, ["federated", "local"])
+    assert set(table["models"]) == {"federated", "local", SITE_UPDATED}
+    missing = {"models": {k: v for k, v in table["models"].items() if k != SITE_UPDATED},
+               "comparisons": {}}
+    withheld(MessageType.MODEL_EVALUATE, request, metrics(missing), "are not the requested")
+    off = DIAGNOSIS.model_copy(update={"validation": DIAGNOSIS.validation.model_copy(
+        update={"site_update": False})})
+    withheld(MessageType.MODEL_EVALUATE, request, metrics(table), "are not the requested", off)
+    check(MessageType.MODEL_EVALUATE, request, metrics(missing), off)
+    one = (LinearModel(np.arange(1), np.zeros(1), np.ones(1), np.zeros(2)),)
+    nomogram = pack_request(EvaluateRequest(StudyConfig.of(DIAGNOSIS, models=("federated",)),
+                                            one, one))  # a nomogram's: no site update
+    check(MessageType.MODEL_EVALUATE, nomogram,
+          metrics({"models": {"federated": table["models"]["federated"]}, "comparisons": {}}))
 
 
 def test_curves_keep_the_protocols_bins_and_thresholds():

@@ -30,6 +30,7 @@ from common.protocol import (
 from common.records import pack, unpack_request
 from common.selection.pooled import fit_pooled
 from common.selection.terms import assign_folds
+from common.selection.updating import candidates
 from common.site_config import SiteConfig
 from harmonization.combat.design import CombatOptions
 from harmonization.combat.model import SiteTable, fit_combat
@@ -287,11 +288,12 @@ def test_the_radiomics_phase_through_the_fake_transport_equals_the_pooled_fit(tm
     withheld = 0
     for site, result in report["sites"].items():
         assert set(result["metrics"]) == {"federated", "leave-site-out", "local A", "local B",
-                                          "local C"}, site
+                                          "local C", "site-updated"}, site
         # what left each site: no confusion matrix with a cell under the minimum; the site's
-        # own report keeps the whole table
+        # own report keeps the whole table, and which update its cross-validation chose
         kept = json.loads((report_dir(sites[next(n for n, s in nodes.items() if s == site)],
                                       protocol) / "evaluation_raw.json").read_text())
+        assert kept["models"]["site-updated"]["choice"] in candidates()
         for name, row in result["metrics"].items():
             cells = [row[c] for c in ("tp", "fp", "tn", "fn")]
             full = [kept["metrics"]["models"][name][c] for c in ("tp", "fp", "tn", "fn")]
