@@ -294,6 +294,10 @@ def test_the_radiomics_phase_through_the_fake_transport_equals_the_pooled_fit(tm
         kept = json.loads((report_dir(sites[next(n for n, s in nodes.items() if s == site)],
                                       protocol) / "evaluation_raw.json").read_text())
         assert kept["models"]["site-updated"]["choice"] in candidates()
+        html = (report_dir(sites[next(n for n, s in nodes.items() if s == site)], protocol)
+                / "site_report.html").read_text()
+        assert f"cross-validation chose <strong>{kept['models']['site-updated']['choice']}" \
+            in html
         for name, row in result["metrics"].items():
             cells = [row[c] for c in ("tp", "fp", "tn", "fn")]
             full = [kept["metrics"]["models"][name][c] for c in ("tp", "fp", "tn", "fn")]

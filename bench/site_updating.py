@@ -1,0 +1,127 @@
+"""What updating the federated model at each site adds (issue 16): local-only, federated and
+site-updated radiomics models, mean test AUC per site over many train/test splits, on the
+default cohort and on cohorts drawn with other seeds and site sizes.
+
+Each cohort (``--cohorts SEED:SIZES``) is written with scanner effects and extracted under the
+study protocol through the study's own phases (``bench/loso_harmonization.py``'s ``prepared``,
+so the histogram standard is the federated one); then for ``--splits`` stratified random splits
+the study's recipe runs in-process on the training rows (the pooled fit equals the federated
+one: ``tests/common/test_selection.py``), on raw features and after ComBat + CovBat (the spine
+MRI presets' harmonization), and every site scores on its test rows:
+
+* ``local``: its local-only model (screening + penalized fit on its own rows);
+* ``federated``: the model of every site's training rows;
+* ``site-updated``: the federated model updated on the site's own training rows, the candidate
+  its cross-validation prefers (:func:`common.selection.updating.update_at_site`, as
+  ``client/phases/validation.py`` runs it).
+
+It prints, per cohort, features and site, the mean AUC of each, how often the site-updated model
+is at least the local one, which candidates the sites chose, and whether the issue's goal holds:
+the site-updated model at least the local-only and at least the federated one at every site.
+
+    python bench/site_updating.py [--splits 8] [--cohorts 0:40,70,110 ...] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.loso_harmonization import (  # noqa: E402
+    DEFAULT_COHORTS,
+    Cohort,
+    cohort_dirs,
+    fit,
+    harmonize,
+    prepared,
+    split,
+)
+from client.workspace import feature_columns  # noqa: E402
+from common.protocol import load_protocol  # noqa: E402
+from common.selection.terms import assign_folds  # noqa: E402
+from common.selection.updating import update_at_site  # noqa: E402
+
+STEPS = ("raw", "ComBat + CovBat")
+
+
+def evaluate(tables: dict[str, pd.DataFrame], names: list[str], label: str, spec, r: int
+             ) -> list[dict[str, object]]:  # noqa: ANN001
+    """Every site's three models under each feature step, for split ``r``."""
+    tests = {s: split(t[label].to_numpy(), 1000 * r + i) for i, (s, t) in enumerate(tables.items())}
+    out = []
+    for step in STEPS:
+        x = harmonize(tables, tests, names, label, step)
+        rows = {s: (x[s][~tests[s]], t[label].to_numpy(float)[~tests[s]],
+                    assign_folds(t[label].to_numpy(float)[~tests[s]], spec.cv_folds, r, True))
+                for s, t in tables.items()}
+        federated = fit(list(rows.values()), spec)
+        for s, t in tables.items():
+            train_x, train_y, folds = rows[s]
+            y = t[label].to_numpy(float)[tests[s]]
+
+            def local(a: np.ndarray, b: np.ndarray):  # noqa: ANN202
+                return fit([(a, b, assign_folds(b, spec.cv_folds, r, True))], spec)
+
+            update = update_at_site(train_x, train_y, folds, federated, "logistic", local)
+            test_x = x[s][tests[s]]
+            out.append({"split": r, "features": step, "site": s, "choice": update.choice,
+                        "local": roc_auc_score(y, fit([rows[s]], spec).score(test_x)),
+                        "federated": roc_auc_score(y, federated.score(test_x)),
+                        "site-updated": roc_auc_score(y, update.model.score(test_x))})
+    return out
+
+
+def report(results: pd.DataFrame, splits: int) -> None:
+    results["updated >= local"] = results["site-updated"] >= results["local"]
+    print(f"\ntest AUC per site, mean over {splits} splits (in brackets in the last column: the "
+          "share of splits where the site-updated model is at least the local one)")
+    mean = results.groupby(["cohort", "features", "site"])[
+        ["local", "federated", "site-updated", "updated >= local"]].mean()
+    print(mean.to_string(float_format=lambda v: f"{v:.3f}"))
+    print("\nthe candidates the sites' cross-validation chose (count of splits)")
+    print(results.groupby(["features", "choice"]).size().unstack(0).fillna(0).astype(int)
+          .to_string())
+    for features, part in mean.groupby(level="features"):
+        holds = bool(((part["site-updated"] >= part["local"])
+                      & (part["site-updated"] >= part["federated"])).all())
+        print(f"\n{features}: site-updated >= local-only and >= federated at every site of "
+              f"every cohort: {'yes' if holds else 'no'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--splits", type=int, default=8)
+    parser.add_argument("--cohorts", nargs="+", default=list(DEFAULT_COHORTS),
+                        help="SEED:SIZES, e.g. 0:40,70,110 (default: %(default)s)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the cohorts here (reused when present)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="myelofed-bench-updating-"))
+    start = time.perf_counter()
+    results = []
+    for cohort in map(Cohort.parse, args.cohorts):
+        cohort_dir = cohort_dirs(work, cohort)[True]
+        protocol = load_protocol(cohort_dir / "study.yaml")
+        tables = prepared(cohort_dir, "study protocol", lambda mapping: mapping)
+        names = feature_columns(next(iter(tables.values())), protocol)
+        for r in range(args.splits):
+            results += [{**row, "cohort": cohort.name}
+                        for row in evaluate(tables, names, protocol.task.label_column,
+                                            protocol.model, r)]
+        print(f"{cohort.name}: done ({time.perf_counter() - start:.0f} s)", flush=True)
+    report(pd.DataFrame(results), args.splits)
+    print(f"\n{time.perf_counter() - start:.0f} s; cohorts under {work}")
+
+
+if __name__ == "__main__":
+    main()
