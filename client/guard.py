@@ -162,8 +162,8 @@ def check_reply(message_type: str, request: Records, content: Records,
         except PayloadError as exc:
             raise PrivacyGuardError(str(exc)) from None
         if kind is MessageType.MODEL_EVALUATE:
-            models = StudyConfig.from_mapping(dict(request[STUDY_RECORD])).models
-            names = evaluated_models(list(models or ()), protocol(),
+            study = StudyConfig.from_mapping(dict(request[STUDY_RECORD]))
+            names = evaluated_models(list(study.models or ()), bool(study.site_update),
                                      nomogram="radiomics0.meta" in request)
             _check_table(payload.table, names, protocol())
 

@@ -68,7 +68,9 @@ class StudyConfig:
     (:meth:`from_mapping`), typed from there on.
 
     ``models`` and ``thresholds`` name the models an evaluation scores and their risk
-    cut-offs; ``radiomics`` is the number of radiomics models a nomogram request carries;
+    cut-offs, and ``site_update`` asks the site to score the federated model updated on its
+    own rows too (:func:`common.payloads.evaluated_models`); ``radiomics`` is the number of
+    radiomics models a nomogram request carries;
     ``server_round`` is set by Flower's strategy in CNN rounds; ``image_standard`` is the
     study's standard landmarks as JSON (:class:`harmonization.images.ImageStandard`), which a
     protocol with histogram standardization prepares with.
@@ -87,6 +89,7 @@ class StudyConfig:
     threshold: float | None = None
     server_round: int | None = None
     image_standard: str | None = None
+    site_update: bool | None = None
 
     @classmethod
     def of(cls, protocol: StudyProtocol, **settings: Any) -> StudyConfig:
@@ -147,7 +150,8 @@ class StudyConfig:
                             if "thresholds" in record else None),
                 radiomics=get("radiomics", int), threshold=get("threshold", float),
                 server_round=get("server_round", int),
-                image_standard=get("image_standard", str))
+                image_standard=get("image_standard", str),
+                site_update=get("site_update", bool))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError("study settings of a message", [f"malformed: {exc!r}"]) from None
 

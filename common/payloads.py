@@ -198,10 +198,9 @@ def clinical_terms(protocol: StudyProtocol) -> list[str]:
             for column, level in clinical_columns(protocol)]
 
 
-def evaluated_models(names: Sequence[str], protocol: StudyProtocol, nomogram: bool
-                     ) -> list[str]:
+def evaluated_models(names: Sequence[str], site_update: bool, nomogram: bool) -> list[str]:
     """The models a site's metrics table holds for an evaluation request of ``names``: those,
-    and the federated radiomics model updated at the site where the protocol asks for it."""
-    update = (protocol.validation.site_update and not nomogram and "federated" in names
-              and SITE_UPDATED not in names)
+    and the federated radiomics model updated at the site where the request asks for it
+    (``site_update``; never in a nomogram's evaluation)."""
+    update = site_update and not nomogram and "federated" in names and SITE_UPDATED not in names
     return [*names, SITE_UPDATED] if update else list(names)

@@ -124,15 +124,22 @@ def _write_report(settings: StudySettings, progress: Progress) -> None:
 def run_models(transport: Transport, nodes: dict[int, str], harmonized: dict[int, str],
                prepared: PrepareSummary, settings: StudySettings, progress: Progress) -> None:
     """Phase 4: the radiomics model on raw features at every site, and on harmonized ones at
-    the ``harmonized`` sites when there are min-sites of them (``model.json``); then the
+    the ``harmonized`` sites when there are min-sites of them (``model.json``; each site also
+    scores the federated model updated on its own rows, on the last features it has); then the
     nomogram when the protocol names clinical factors (``nomogram.json``), on harmonized
     features when every site has them."""
     names = prepared.kept[0].feature_names
+    two_passes = len(harmonized) >= settings.min_sites
+    # each site updates the federated model once: the harmonized one where it has it
+    update = (frozenset(nodes.values()) if settings.protocol.validation.site_update
+              else frozenset[str]())
+    later = frozenset(harmonized.values()) if two_passes else frozenset[str]()
     progress("phase 4/5 radiomics model on raw features")
-    passes = [run_model(transport, nodes, names, settings, False, progress)]
-    if len(harmonized) >= settings.min_sites:
+    passes = [run_model(transport, nodes, names, settings, False, progress, update - later)]
+    if two_passes:
         progress("phase 4/5 radiomics model on harmonized features")
-        passes.append(run_model(transport, harmonized, names, settings, True, progress))
+        passes.append(run_model(transport, harmonized, names, settings, True, progress,
+                                update & later))
     atomic_write_json(settings.out_dir / "model.json",
                       {"models": [report for _, _, report in passes]})
     if (settings.protocol.model.clinical

@@ -39,7 +39,8 @@ def evaluate_request(site: SiteConfig, protocol: StudyProtocol, request: Evaluat
     thresholds = (dict(zip(study.models or (), study.thresholds, strict=True))
                   if study.thresholds else None)
     return evaluate_models(site, protocol, bool(study.harmonized), models, radiomics or None,
-                           thresholds, study.seed if study.seed is not None else 0)
+                           thresholds, study.seed if study.seed is not None else 0,
+                           bool(study.site_update))
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class LocalUpdate:
     prevalence: float
 
 
-def site_update(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
+def update_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                 federated: LinearModel, seed: int) -> LocalUpdate:
     """The federated model updated on this site's training rows
     (:func:`common.selection.updating.update_at_site`), over the site's own CV folds; the
@@ -75,16 +76,18 @@ def site_update(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
 def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                     models: dict[str, LinearModel],
                     radiomics: dict[str, LinearModel] | None = None,
-                    thresholds: dict[str, float] | None = None, seed: int = 0) -> ModelMetrics:
+                    thresholds: dict[str, float] | None = None, seed: int = 0,
+                    site_update: bool = False) -> ModelMetrics:
     """Each model's metrics on this site's test rows (as they may leave the site:
     :func:`common.metrics.tables.releasable`), and DeLong's test of the first model (the
     federated one) against each other; a nomogram (named in ``radiomics``, with the radiomics
     model whose score it takes) on its design. ``thresholds``: each model's risk cut-off, fixed
-    on its training data (default 0.5). Where the protocol asks, the federated radiomics model
-    updated on this site's rows (:func:`site_update`) is scored too, as ``site-updated``."""
+    on its training data (default 0.5). With ``site_update`` (the request asks for it), the
+    federated radiomics model updated on this site's rows (:func:`update_here`) is scored too,
+    as ``site-updated``."""
     update = None
-    if evaluated_models(list(models), protocol, bool(radiomics)) != list(models):
-        update = site_update(site, protocol, harmonized, models["federated"], seed)
+    if evaluated_models(list(models), site_update, bool(radiomics)) != list(models):
+        update = update_here(site, protocol, harmonized, models["federated"], seed)
         models = {**models, SITE_UPDATED: update.model}
         thresholds = {**(thresholds or {}), SITE_UPDATED: update.prevalence}
     test = split_table(site, protocol, harmonized, "test")

@@ -25,12 +25,14 @@ from server.study import Progress, StudySettings, require_sites
 
 def run_model(transport: Transport, nodes: dict[int, str], feature_names: Sequence[str],
               settings: StudySettings, harmonized: bool,
-              progress: Callable[[str], None] = lambda _: None
+              progress: Callable[[str], None] = lambda _: None,
+              site_update: frozenset[str] = frozenset()
               ) -> tuple[dict[str, LinearModel], dict[str, list[str]], dict[str, object]]:
     """Phase 4 on raw or harmonized features: the sites' comoments and local-only models; then
     screening, the penalty path and federated cross-validation of every training set at once
     (all sites, and each site left out), one Newton round a step; then every site's test
-    metrics of the federated model, the model trained without it and every site's local model.
+    metrics of the federated model, the model trained without it and every site's local model
+    (and, at the ``site_update`` sites, the federated model updated on their own rows).
     A site lost mid-fit is named and the fits restart without it (every fit needs every one of
     its sites in every step). Returns the chosen model and the sites of each training set, and
     the phase's report."""
@@ -93,7 +95,8 @@ def run_model(transport: Transport, nodes: dict[int, str], feature_names: Sequen
         cut = [prevalence[f"without {site}" if n == "leave-site-out" else n] for n, _ in chosen]
         return pack_request(EvaluateRequest(
             study_config(settings, harmonized=harmonized, models=tuple(n for n, _ in chosen),
-                         thresholds=tuple(cut), seed=settings.seed),
+                         thresholds=tuple(cut), seed=settings.seed,
+                         site_update=site in site_update or None),
             tuple(m for _, m in chosen)))
 
     replies, more = exchange(transport, nodes, MessageType.MODEL_EVALUATE, evaluation, settings)

@@ -215,16 +215,18 @@ def test_a_local_model_has_at_most_the_protocols_screened_features():
 
 # --- the test-metrics table -------------------------------------------------------------------
 
-def evaluation(protocol, names: list[str], n: int = 40) -> tuple[RecordDict, dict]:  # noqa: ANN001
+def evaluation(protocol, names: list[str], n: int = 40,  # noqa: ANN001
+               update: bool = False) -> tuple[RecordDict, dict]:
     y = RNG.integers(0, 2, n).astype(float)
     if protocol is PCI:
         y = RNG.normal(20, 10, n)
     min_count = protocol.validation.min_count
     table = {"models": {name: releasable(metrics_of(protocol, y, y + RNG.normal(0, 1, n), seed=1),
                                          min_count)
-                        for name in evaluated_models(names, protocol, False)},
+                        for name in evaluated_models(names, update, False)},
              "comparisons": {}}
-    request = pack_request(EvaluateRequest(StudyConfig.of(protocol, models=tuple(names)), ()))
+    request = pack_request(EvaluateRequest(StudyConfig.of(
+        protocol, models=tuple(names), site_update=update or None), ()))
     return request, table
 
 
@@ -248,13 +250,13 @@ def test_a_confusion_matrix_cell_under_the_minimum_never_leaves_the_site():
     assert sent["auc"] == full["auc"] and sent["threshold"] == full["threshold"]
     request = pack_request(EvaluateRequest(StudyConfig.of(DIAGNOSIS, models=("federated",)), ()))
     check(MessageType.MODEL_EVALUATE, request,
-          metrics({"models": {"federated": sent, SITE_UPDATED: sent}, "comparisons": {}}))
+          metrics({"models": {"federated": sent}, "comparisons": {}}))
     withheld(MessageType.MODEL_EVALUATE, request,
-             metrics({"models": {"federated": full, SITE_UPDATED: sent}, "comparisons": {}}),
+             metrics({"models": {"federated": full}, "comparisons": {}}),
              "confusion-matrix cell 'fn' counts 1, fewer than min_count = 5")
     half = {**sent, "sensitivity": full["sensitivity"]}  # the cells withheld, a ratio not
     withheld(MessageType.MODEL_EVALUATE, request,
-             metrics({"models": {"federated": half, SITE_UPDATED: sent}, "comparisons": {}}),
+             metrics({"models": {"federated": half}, "comparisons": {}}),
              "'sensitivity' is sent with its confusion matrix withheld")
 
 
@@ -273,19 +275,18 @@ def test_a_metrics_table_holds_the_requested_models_and_their_declared_metrics()
     withheld(MessageType.MODEL_EVALUATE, request, metrics(other), "are not the requested")
 
 
-def test_the_site_updated_model_is_sent_only_where_the_protocol_asks_for_it():
-    request, table = evaluation(DIAGNOSIS, ["federated", "local"])
+def test_the_site_updated_model_is_sent_only_where_the_request_asks_for_it():
+    request, table = evaluation(DIAGNOSIS, ["federated", "local"], update=True)
     assert set(table["models"]) == {"federated", "local", SITE_UPDATED}
+    check(MessageType.MODEL_EVALUATE, request, metrics(table))
     missing = {"models": {k: v for k, v in table["models"].items() if k != SITE_UPDATED},
                "comparisons": {}}
     withheld(MessageType.MODEL_EVALUATE, request, metrics(missing), "are not the requested")
-    off = DIAGNOSIS.model_copy(update={"validation": DIAGNOSIS.validation.model_copy(
-        update={"site_update": False})})
-    withheld(MessageType.MODEL_EVALUATE, request, metrics(table), "are not the requested", off)
-    check(MessageType.MODEL_EVALUATE, request, metrics(missing), off)
+    plain, _ = evaluation(DIAGNOSIS, ["federated", "local"])
+    withheld(MessageType.MODEL_EVALUATE, plain, metrics(table), "are not the requested")
     one = (LinearModel(np.arange(1), np.zeros(1), np.ones(1), np.zeros(2)),)
-    nomogram = pack_request(EvaluateRequest(StudyConfig.of(DIAGNOSIS, models=("federated",)),
-                                            one, one))  # a nomogram's: no site update
+    nomogram = pack_request(EvaluateRequest(StudyConfig.of(  # a nomogram's: never updated
+        DIAGNOSIS, models=("federated",), site_update=True), one, one))
     check(MessageType.MODEL_EVALUATE, nomogram,
           metrics({"models": {"federated": table["models"]["federated"]}, "comparisons": {}}))
 

@@ -34,10 +34,11 @@ def test_demo_runs_the_study_prints_every_sites_results_and_names_why_it_stops(
     assert metric == "auc" and [r["site"] for r in rows] == ["site_A", "site_B", "site_C"]
     for row in rows:
         assert row["site"] in result.output
-        for key in ("local", "federated", "federated_combat", "leave_site_out",
+        for key in ("local", "federated", "federated_combat", "site_updated", "leave_site_out",
                     "leave_site_out_combat"):
             assert row[key] is None or 0.0 <= row[key] <= 1.0
         assert row["federated"] is not None and f"{row['federated']:.3f}" in result.output
+        assert row["site_updated"] is not None  # every site updated the federated model
         assert row["cnn"] is None
     # the reports are written by default and their paths printed
     for path in (tmp_path / "d" / "study" / "report.html",

@@ -268,7 +268,8 @@ def test_the_radiomics_phase_through_the_fake_transport_equals_the_pooled_fit(tm
     settings.out_dir.mkdir()
     nodes = {n: s.site_name for n, s in sites.items()}
     names = kept[0].feature_names
-    models, sets, report = run_model(FakeSites(sites, protocol), nodes, names, settings, False)
+    models, sets, report = run_model(FakeSites(sites, protocol), nodes, names, settings, False,
+                                     site_update=frozenset({"A", "B", "C"}))
     assert report["failed"] == {}
     label, spec = protocol.task.label_column, protocol.model
     for name, members in sets.items():

@@ -166,6 +166,9 @@ def test_federated_combat_over_flower_equals_the_in_process_fit(tmp_path: Path,
     # phase 4: every training set's chosen model equals the same recipe run on the pooled rows
     models = json.loads((tmp_path / "out" / "model.json").read_text())["models"]
     assert [m["harmonized"] for m in models] == [False, True]
+    # each site updated the federated model once, on the harmonized features it has
+    assert [sorted(s for s, r in m["sites"].items() if "site-updated" in r["metrics"])
+            for m in models] == [[], ["site_A", "site_B", "site_C"]]
     for model_json in models:
         source = HARMONIZED_FILE if model_json["harmonized"] else PREPARED_FILE
         tables = {s: pd.read_parquet(work / s / "study" / protocol.short_hash / source)
