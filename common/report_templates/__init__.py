@@ -119,7 +119,7 @@ after {{ "%.0f%%" | format(100 * report.harmonization.after) }}{% endif %}.</p>
 {{ mapping_table(e.rows, ["model", "r", "spearman", "mae", "rmse", "bias", "loa_low", "loa_high"],
                  ["model", "Pearson r [CI]", "Spearman ρ", "MAE", "RMSE", "bias", "LoA low", "LoA high"]) }}
 {% endif %}
-{% if e.site_update %}
+{% if e.get("site_update") %}
 <p>Site-updated: the federated model updated on this site's training rows; this site's
 cross-validation chose <strong>{{ e.site_update.choice }}</strong> (held-out deviance per
 candidate: {{ e.site_update.deviance }}). It stays here.</p>

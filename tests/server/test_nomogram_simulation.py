@@ -89,10 +89,11 @@ def test_the_multicentre_report_shows_every_site_and_model(
     paths = write_report(out)
     report = json.loads(paths["json"].read_text())
     assert [m["label"] for m in report["models"]] == ["raw features",
-                                                      "harmonized (federated ComBat)"]
+                                                      "harmonized features"]
     for model in report["models"]:
         assert [r["site"] for r in model["rows"]] == ["site_A", "site_B", "site_C"]
-        assert {p["model"] for p in model["pooled"]} <= {"federated", "leave-site-out", "local"}
+        assert {p["model"] for p in model["pooled"]} <= {"federated", "site-updated",
+                                                         "leave-site-out", "local"}
         assert len(model["threshold_rows"]) == 3
     assert report["nomogram"]["status"] == "done"
     assert set(report["nomogram"]["odds_ratios"]) == {"radiomics score", "iss_stage=II",
