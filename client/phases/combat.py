@@ -67,28 +67,35 @@ def combat_inputs(site: SiteConfig, protocol: StudyProtocol, split: str | None =
 
 @dataclasses.dataclass(frozen=True)
 class RoundRows:
-    """The rows a round works on (one split, or all): the features, or in CovBat's rounds the
-    scores of their ComBat residuals along the request's axes; with their scanners, covariates,
-    table, and the design and options they are harmonized under."""
+    """The training rows a round works on: the features, or in CovBat's rounds on the scores
+    the scores of their ComBat residuals along the request's axes; with their scanners,
+    covariates, table, the design and options they are harmonized under, and in CovBat's rounds
+    the features' ComBat as this site holds it (``combat``)."""
     y: np.ndarray
     batch: list[str]
     covariates: dict[str, list[object]]
     table: pd.DataFrame
     design: Design
     options: CombatOptions
+    combat: CombatModel | None = None
 
 
-def round_rows(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest,
-               split: str | None = "train") -> RoundRows:
-    """What a round of ``request`` works on at this site (see :class:`RoundRows`)."""
+def round_rows(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest
+               ) -> RoundRows:
+    """What a round of ``request`` works on at this site (see :class:`RoundRows`): its
+    training table is read once, and the features' ComBat built once from it."""
     design, options = request.design()
-    y, batch, covariates, table = combat_inputs(site, protocol, split)
-    if request.axes is None:
-        return RoundRows(y, batch, covariates, table, design, options)
-    combat = features_model(site, protocol, request)
+    y, batch, covariates, table = combat_inputs(site, protocol)
+    rows = RoundRows(y, batch, covariates, table, design, options)
+    if request.combat_fit is None and request.axes is None:  # ComBat's own rounds
+        return rows
+    fit, var, shared = request.combat()
+    combat = combat_model_at_site(rows, fit, var.var, shared.unstack())
+    if request.axes is None:  # CovBat's products: the features, with their ComBat
+        return dataclasses.replace(rows, combat=combat)
     scores = covbat_scores(combat, request.axes, y, batch, covariates)
     return RoundRows(scores, batch, covariates, table, score_design(design),
-                     score_options(options))
+                     score_options(options), combat)
 
 
 def design_moments(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest
@@ -136,8 +143,9 @@ def residual_products(site: SiteConfig, protocol: StudyProtocol, request: Combat
     their outer products (over all its training rows: one sum, entered in the ledger as
     such)."""
     rows = round_rows(site, protocol, request)
-    adjusted, _, _ = features_model(site, protocol, request).adjusted(rows.y, rows.batch,
-                                                                      rows.covariates)
+    if rows.combat is None:
+        raise HarmonizationError("CovBat's first round: the request carries no fitted ComBat")
+    adjusted, _, _ = rows.combat.adjusted(rows.y, rows.batch, rows.covariates)
     release(study_dir(site, protocol), "CovBat's residual products",
             rows.table["case_id"].astype(str).tolist(),
             [np.ones(len(rows.table), dtype=bool)], site.min_patients)
@@ -152,20 +160,9 @@ def apply(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest) -> 
         raise HarmonizationError("ComBat's last round: the request carries no adjustments")
     rows = round_rows(site, protocol, request)
     model = combat_model_at_site(rows, fit, var.var, request.shared.unstack())
-    if request.axes is not None:
-        return harmonize_site(site, protocol, CovbatModel(
-            features_model(site, protocol, request), request.axes, model))
+    if rows.combat is not None and request.axes is not None:
+        return harmonize_site(site, protocol, CovbatModel(rows.combat, request.axes, model))
     return harmonize_site(site, protocol, model)
-
-
-def features_model(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest
-                   ) -> CombatModel:
-    """CovBat's rounds: the ComBat fitted on the features, as this site holds it."""
-    fit, var, shared = request.combat()
-    design, options = request.design()
-    y, batch, covariates, table = combat_inputs(site, protocol)
-    return combat_model_at_site(RoundRows(y, batch, covariates, table, design, options), fit,
-                                var.var, shared.unstack())
 
 
 def combat_model_at_site(rows: RoundRows, fit: LocationFit, var_pooled: np.ndarray,
