@@ -55,14 +55,32 @@ class Transport(Protocol):
         ...
 
 
-def wait_for_nodes(transport: Transport, count: int, timeout_s: float) -> list[int]:
-    """The connected SuperNodes, once at least ``count`` are there (or when time is up)."""
-    deadline = time.monotonic() + timeout_s
-    nodes = list(transport.node_ids())
-    while len(nodes) < count and time.monotonic() < deadline:
-        time.sleep(0.5)
+#: How long the handshake waits, once ``min_sites`` sites are connected, for the other
+#: registered sites. A SuperNode that has just reconnected (after a coordinator's restart) is
+#: online to the SuperLink only with its next heartbeat, some seconds later.
+JOIN_GRACE_S = 60.0
+
+
+def wait_for_nodes(transport: Transport, count: int, timeout_s: float,
+                   expected: Iterable[int] = (), grace_s: float = JOIN_GRACE_S) -> list[int]:
+    """The connected SuperNodes: at once when every ``expected`` node (the registered sites) and
+    at least ``count`` are there; else once ``count`` are there and ``grace_s`` has passed since
+    (or when ``timeout_s`` is up)."""
+    expected = set(expected)
+    now = time.monotonic()
+    deadline, enough_since = now + timeout_s, None
+    while True:
         nodes = list(transport.node_ids())
-    return nodes
+        now = time.monotonic()
+        if len(nodes) >= count:
+            if expected <= set(nodes):
+                return nodes
+            enough_since = now if enough_since is None else enough_since
+            if now - enough_since >= grace_s:
+                return nodes
+        if now >= deadline:
+            return nodes
+        time.sleep(0.5)
 
 
 def study_config(settings: StudySettings, **extra: Any) -> StudyConfig:

@@ -61,14 +61,20 @@ def run_handshake(transport: Transport, settings: StudySettings,
     ``registered`` (node ID -> site name; default: the coordinator's registry,
     :mod:`server.registry`) names the nodes before they answer, so a site that fails the
     handshake is excluded by its name; a node that answers under another name than it was
-    registered with is excluded."""
+    registered with is excluded. The handshake waits for every registered site (up to
+    :data:`server.rounds.JOIN_GRACE_S` once ``min_sites`` are connected); one that is not
+    connected by then is excluded as such."""
     registered = site_names() if registered is None else registered
     nodes = {n: registered.get(n, f"node {n}")
-             for n in wait_for_nodes(transport, settings.min_sites, settings.timeout_s)}
+             for n in wait_for_nodes(transport, settings.min_sites, settings.timeout_s,
+                                     expected=registered)}
     started = time.monotonic()
     replies, failed = exchange(transport, nodes, MessageType.HANDSHAKE,
                                lambda _: pack_request(StudyRequest(study_config(settings))),
                                settings)
+    for node, name in registered.items():
+        if node not in nodes:
+            failed[name] = "registered, not connected when the study began"
     seconds = time.monotonic() - started
     answers = collect(replies, failed, None, HandshakeReply)
     for sender, answer in list(answers.items()):

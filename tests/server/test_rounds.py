@@ -4,6 +4,7 @@ the orchestration without Flower, with the sites' real phase code."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,7 +39,7 @@ from harmonization.covbat import fit_covbat
 from harmonization.messages import CombatRequest, HarmonizedRows
 from server.phases.combat import combat_design, run_combat
 from server.phases.radiomics import run_model
-from server.rounds import Reply, collect, exchange, unanswered
+from server.rounds import Reply, collect, exchange, unanswered, wait_for_nodes
 from server.study import StudySettings
 
 
@@ -353,3 +354,28 @@ def test_exchange_names_every_site_that_gave_no_payload():
     assert list(replies) == ["A"]
     assert failed == {"B": "query.handshake: error 500: internal error",
                       "C": "query.handshake: error 5: Node Unavailable"}
+
+
+def test_the_handshake_waits_for_registered_sites_a_grace_period_and_no_longer():
+    class Joining:
+        """Node 1 and 2 connected, node 3 from the third look on; node 4 never."""
+
+        def __init__(self) -> None:
+            self.looks = 0
+
+        def node_ids(self) -> list[int]:
+            self.looks += 1
+            return [1, 2, 3] if self.looks >= 3 else [1, 2]
+
+    # every registered node there: no grace period waited out
+    joining = Joining()
+    assert wait_for_nodes(joining, 2, 60, expected=[1, 2, 3], grace_s=60) == [1, 2, 3]
+    assert joining.looks == 3
+    # a registered node that never connects: the study begins after the grace period
+    start = time.monotonic()
+    assert wait_for_nodes(Joining(), 2, 60, expected=[1, 2, 3, 4], grace_s=1.2) == [1, 2, 3]
+    assert 1.2 <= time.monotonic() - start < 5
+    # nothing expected (a simulation): at once with min-sites
+    assert wait_for_nodes(Joining(), 2, 60) == [1, 2]
+    # fewer than min-sites: until the timeout
+    assert wait_for_nodes(Joining(), 4, 1.0, expected=[1, 2, 3, 4]) == [1, 2, 3]
