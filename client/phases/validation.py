@@ -13,6 +13,7 @@ from client.phases.radiomics import model_rows
 from client.report import record_evaluation
 from client.scoring import metrics_of, paired_comparisons
 from client.workspace import feature_columns, split_table
+from common.errors import MyeloFedError
 from common.messages import EvaluateRequest
 from common.metrics.tables import releasable
 from common.payloads import (
@@ -58,7 +59,8 @@ def update_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                 federated: LinearModel, seed: int) -> LocalUpdate:
     """The federated model updated on this site's training rows
     (:func:`common.selection.updating.update_at_site`), over the site's own CV folds; the
-    candidate ``local`` is the site's local-only recipe refitted inside each fold."""
+    candidate ``local`` is the site's local-only recipe refitted inside each fold. An update
+    that cannot be fitted leaves the federated model, its choice saying why."""
     x, y, folds = model_rows(site, protocol, harmonized, "train")
     spec, loss = protocol.model, loss_of(protocol)
 
@@ -69,7 +71,11 @@ def update_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                               spec.n_lambdas, spec.cv_folds, spec.lambda_rule)
         return model
 
-    update = update_at_site(x, y, folds, federated, loss, local)
+    try:
+        update = update_at_site(x, y, folds, federated, loss, local)
+    except MyeloFedError as exc:  # the site's other metrics are kept: the federated model
+        return LocalUpdate(federated, f"federated (the update failed: {exc})", {},
+                           float(y.mean()))
     return LocalUpdate(update.model, update.choice, update.deviance, float(y.mean()))
 
 

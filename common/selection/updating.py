@@ -159,4 +159,7 @@ def update_at_site(x: npt.ArrayLike, y: npt.ArrayLike, folds: npt.ArrayLike,
     choice = min(names, key=lambda n: total[n])  # the first of equals: the simplest
     if not np.isfinite(total[choice]):
         return SiteUpdate(federated, "federated", total)
-    return SiteUpdate(_fit(choice, x, y, federated, loss, local), choice, total)
+    try:
+        return SiteUpdate(_fit(choice, x, y, federated, loss, local), choice, total)
+    except ModelError:  # fitted in every fold but not on all rows: the federated model
+        return SiteUpdate(federated, "federated", total)

@@ -116,3 +116,23 @@ def test_a_candidate_that_cannot_be_fitted_is_left_out_not_fatal():
     x, y, folds = _site(100, 1.5)
     update = update_at_site(x, y, folds, _model([0.0, 1.5, 1.5, 0.0], 3), "logistic", broken)
     assert update.deviance["local"] == float("inf") and update.choice != "local"
+
+
+def test_a_choice_that_cannot_be_refitted_on_every_row_leaves_the_federated_model():
+    from common.glm import ModelError
+
+    fits = []
+
+    def local_until_all_rows(x, y):  # noqa: ANN001, ANN202 (fits in the folds, not on all rows)
+        fits.append(len(y))
+        if len(y) == 300:
+            raise ModelError("the local refit failed")
+        return _model(penalized_fit(x, y, "logistic", np.zeros(3), 1.0).tolist(), 3)
+
+    federated = _model([0.0, 1.5, 1.5, 0.0], 3)
+    x, y, folds = _site(300, -1.5)
+    update = update_at_site(x, y, folds, federated, "logistic", local_until_all_rows,
+                            only=("federated", "local"))
+    assert update.deviance["local"] < update.deviance["federated"]  # local won the CV...
+    assert update.choice == "federated" and update.model is federated  # ...but cannot be refit
+    assert fits[-1] == 300

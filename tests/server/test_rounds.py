@@ -379,3 +379,20 @@ def test_the_handshake_waits_for_registered_sites_a_grace_period_and_no_longer()
     assert wait_for_nodes(Joining(), 2, 60) == [1, 2]
     # fewer than min-sites: until the timeout
     assert wait_for_nodes(Joining(), 4, 1.0, expected=[1, 2, 3, 4]) == [1, 2, 3]
+
+
+def test_a_site_update_that_fails_leaves_the_federated_model_and_says_why(tmp_path: Path,
+                                                                          monkeypatch):  # noqa: ANN001
+    from common.glm import ModelError
+
+    protocol = load_protocol("preset:spine_mri_t1w")
+    sites, _ = prepared_sites(tmp_path / "sites", protocol)
+
+    def failing(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise ModelError("the logistic Hessian is singular")
+
+    monkeypatch.setattr(validation, "update_at_site", failing)
+    federated = object()
+    update = validation.update_here(sites[1], protocol, False, federated, seed=0)
+    assert update.model is federated and update.deviance == {}
+    assert update.choice == "federated (the update failed: the logistic Hessian is singular)"
