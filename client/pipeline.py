@@ -7,7 +7,8 @@ Cases run in parallel, each in a process of its own forked from one that built t
 extractor once (see :func:`run_cases`). Each
 extracted case is cached on disk under a key made of the protocol hash, the software versions and
 the content of the case's files, written atomically: a killed run resumes where it stopped, and a
-changed file or protocol is recomputed. A case that fails is skipped with its reason; the others
+changed file or protocol is recomputed. The standardized volume is kept beside its features for
+the CNN's crops (:mod:`client.volumes`). A case that fails is skipped with its reason; the others
 go on.
 """
 
@@ -39,6 +40,7 @@ from client.limits import MAX_CASE_VOXELS, Budget, CaseTimeout, cap_memory, time
 from client.loading import check_roi, load_case
 from client.manifest import CaseSpec, RowProblem
 from client.standardize import build_steps, intensity_steps, landmarks_of, standardize
+from client.volumes import save_volume, volume_path
 from common.errors import CaseError, SkipReason
 from common.protocol import StudyProtocol
 from common.provenance import atomic_write_bytes, atomic_write_json, software_versions
@@ -96,6 +98,12 @@ def case_cache_key(case: CaseSpec, protocol_hash: str, versions: dict[str, str],
     return h.hexdigest()
 
 
+def features_cache_path(cache_dir: Path, protocol_hash: str, key: str) -> Path:
+    """Where the features of the case of content key ``key`` (:func:`case_cache_key`) are
+    cached."""
+    return cache_dir / protocol_hash[:16] / key[:2] / f"{key}.json"
+
+
 #: How ITK says an allocation failed (numpy raises MemoryError).
 _OUT_OF_MEMORY = ("bad_alloc", "Failed to allocate memory")
 
@@ -120,9 +128,8 @@ class CaseProcessor:
         self.extractor = FeatureExtractor(protocol) if mode == "extract" else None
 
     def _cache_path(self, key: str) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        return self.cache_dir / self.protocol_hash[:16] / key[:2] / f"{key}.json"
+        return None if self.cache_dir is None else features_cache_path(self.cache_dir,
+                                                                       self.protocol_hash, key)
 
     def __call__(self, case: CaseSpec) -> CaseOutcome:
         start = time.perf_counter()
@@ -177,7 +184,8 @@ class CaseProcessor:
         if not sitk.GetArrayViewFromImage(intensity_roi).any():
             raise CaseError(SkipReason.EMPTY_MASK, f"{where}: re-segmentation left no ROI voxel")
         features = self.extractor.extract(volume.image, volume.morphological_roi(), intensity_roi)
-        if cache_path is not None:
+        if cache_path is not None:  # for the CNN's crops (client/volumes.py)
+            save_volume(volume_path(cache_path), volume, case.case_id)
             atomic_write_json(cache_path, {
                 "schema_version": CACHE_SCHEMA_VERSION,
                 "case_id": case.case_id,

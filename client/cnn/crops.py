@@ -29,11 +29,13 @@ import SimpleITK as sitk
 
 from client.loading import load_case
 from client.manifest import CaseSpec, read_manifest
-from client.standardize import build_steps, standardize
+from client.pipeline import case_cache_key, features_cache_path
+from client.standardize import Volume, build_steps, standardize
+from client.volumes import load_volume, volume_path
 from client.workspace import PREPARED_FILE, load_image_standard, load_study_table, study_dir
 from common.errors import CaseError, ConfigError, SkipReason
 from common.protocol import CnnSpec, StudyProtocol
-from common.provenance import atomic_write_bytes
+from common.provenance import atomic_write_bytes, software_versions
 from common.site_config import SiteConfig
 from harmonization.images import ImageStandard
 
@@ -158,13 +160,30 @@ def crop_volume(image: sitk.Image, roi: sitk.Image, intensity_roi: sitk.Image,
     return np.where(kept, z, 0.0).astype(np.float32)
 
 
-def _crop_case(job: tuple[CaseSpec, StudyProtocol, tuple[int, int, int], ImageStandard | None]
-               ) -> tuple[str, np.ndarray | None, str]:
+#: One case's crop to make: the case, the protocol, the crop size, the study's image standard
+#: and the site's cache folder.
+CropJob = tuple[CaseSpec, StudyProtocol, tuple[int, int, int], ImageStandard | None, Path | None]
+
+
+def standardized_volume(case: CaseSpec, protocol: StudyProtocol, standard: ImageStandard | None,
+                        cache_dir: Path | None) -> Volume:
+    """The case standardized as for radiomics: the volume its extraction kept
+    (:mod:`client.volumes`) when there is one, else loaded and standardized again."""
+    if cache_dir is not None:
+        protocol_hash = protocol.content_hash()
+        key = case_cache_key(case, protocol_hash, software_versions(), standard)
+        kept = load_volume(volume_path(features_cache_path(cache_dir, protocol_hash, key)),
+                           case.case_id)
+        if kept is not None:
+            return kept
+    return standardize(load_case(case, protocol), build_steps(protocol, standard=standard))
+
+
+def _crop_case(job: CropJob) -> tuple[str, np.ndarray | None, str]:
     """(case id, crop or None, reason): one case loaded, standardized and cropped."""
-    case, protocol, crop_size, standard = job
+    case, protocol, crop_size, standard, cache_dir = job
     try:
-        volume = standardize(load_case(case, protocol),
-                             build_steps(protocol, standard=standard))
+        volume = standardized_volume(case, protocol, standard, cache_dir)
         crop = crop_volume(volume.image, volume.morphological_roi(),
                            volume.roi_for_intensity(), crop_size)
         return case.case_id, crop, ""
@@ -178,9 +197,7 @@ def _init_crop_worker() -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-def _crop_all(jobs: list[tuple[CaseSpec, StudyProtocol, tuple[int, int, int],
-                             ImageStandard | None]], workers: int
-              ) -> list[tuple[str, np.ndarray | None, str]]:
+def _crop_all(jobs: list[CropJob], workers: int) -> list[tuple[str, np.ndarray | None, str]]:
     workers = max(1, min(workers, len(jobs)))
     if workers == 1:
         return [_crop_case(job) for job in jobs]
@@ -194,8 +211,9 @@ def prepare_crops(site: SiteConfig, protocol: StudyProtocol) -> CropSet:
     """This site's crops of every case in its prepared table (phase 2), from the cache when the
     prepared table has not changed since they were made.
 
-    Cases are loaded, standardized as for radiomics (:func:`client.standardize.build_steps`) and
-    cropped (:func:`crop_volume`) in ``site.n_workers`` processes. A case that fails is skipped,
+    Cases are standardized as for radiomics (:func:`standardized_volume`: the volume the
+    extraction kept, else loaded and standardized again) and cropped (:func:`crop_volume`) in
+    ``site.n_workers`` processes. A case that fails is skipped,
     its reason logged here and kept in :attr:`CropSet.skipped`; the others go on. The cache
     (``<study dir>/cnn/crops.npz``, NPZ with a schema version, written atomically) is keyed on the
     prepared table's bytes: a new preparation makes new crops.
@@ -221,7 +239,7 @@ def prepare_crops(site: SiteConfig, protocol: StudyProtocol) -> CropSet:
         if case_id not in by_id:
             skipped[case_id] = "not_in_manifest: the manifest no longer lists this case"
             continue
-        jobs.append((by_id[case_id], protocol, spec.crop_size, standard))
+        jobs.append((by_id[case_id], protocol, spec.crop_size, standard, site.cache_dir))
         rows.append((split, label))
     crops, kept = [], []
     for (case_id, crop, reason), row in zip(_crop_all(jobs, site.n_workers), rows, strict=True):

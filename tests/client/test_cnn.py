@@ -1,5 +1,7 @@
 """The site's 3D CNN: crops, local training (FedAvg and FedProx), evaluation, weights as arrays.
 
+Longer than 400 lines: crops, rounds and evaluation are tested on the one prepared site below.
+
 One small synthetic site (16 patients) is prepared once for the module; tests that change its
 files or its prepared table work on copies. The protocol keeps first-order features only and no
 N4 correction, so that preparation takes seconds.
@@ -177,6 +179,30 @@ def test_a_damaged_cache_is_made_again(study: Study, tmp_path: Path):
     assert not crops.cached and crops.case_ids == original.case_ids
     np.testing.assert_array_equal(crops.crops, original.crops)
     assert prepare_crops(site, study.protocol).cached
+
+
+def test_crops_come_from_the_volumes_the_extraction_kept(study: Study, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    site = _copy_site(study, tmp_path)
+    kept = sorted(site.cache_dir.rglob("*.volume.npz"))
+    assert len(kept) == N_PATIENTS  # one per extracted case, beside its features
+    crop_path(site, study.protocol).unlink()
+
+    def no_loading(*args: object) -> None:
+        raise AssertionError("a case the extraction kept was loaded and standardized again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("client.cnn.crops.load_case", no_loading)
+        from_kept = prepare_crops(site, study.protocol)
+    assert from_kept.skipped == {} and len(from_kept.case_ids) == N_PATIENTS
+
+    kept[0].write_bytes(b"PK\x03\x04 half a zip file")  # damaged: standardized again
+    for path in kept[1:]:
+        path.unlink()
+    crop_path(site, study.protocol).unlink()
+    fresh = prepare_crops(site, study.protocol)
+    assert fresh.case_ids == from_kept.case_ids
+    np.testing.assert_array_equal(fresh.crops, from_kept.crops)
 
 
 def test_a_site_with_too_few_training_crops_sends_no_weights(study: Study, tmp_path: Path):
