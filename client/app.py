@@ -48,6 +48,7 @@ from common.payloads import MIN_ROWS_SENT
 from common.protocol import StudyProtocol
 from common.records import pack, to_record, unpack_request
 from common.site_config import SiteConfig
+from common.wire import to_wire
 from harmonization.images import ImageStandard
 from harmonization.messages import CombatRequest, HarmonizedRows
 
@@ -336,7 +337,9 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
         site, study = site_of(context), study_of(msg)
         protocol = study.protocol()
         metrics, result = cnn.train(site, protocol, study, global_weights(msg))
-        return cnn_reply(msg, site.site_name, protocol, metrics, result.weights)
+        assert protocol.cnn is not None  # cnn.train refuses a protocol without a CNN
+        return cnn_reply(msg, site.site_name, protocol, metrics,
+                         to_wire(result.weights, protocol.cnn.transfer))
 
     @app.evaluate()
     @guarded

@@ -1,7 +1,8 @@
 """The CNN's aggregation: the protocol's aggregator as one of Flower's strategies, extended to
 keep each site's metrics by name every round (Flower's own only average them), to send only to
-the sites still in the study, to refuse an update unlike the network (:func:`bad_update`) and to
-checkpoint the global model, FedAdam's moments and the rounds' records after every round.
+the sites still in the study, to refuse an update unlike the network (:func:`bad_update`), to
+send the weights in the protocol's precision (``cnn.transfer``) and to checkpoint the global
+model, FedAdam's moments and the rounds' records after every round.
 
 One of the modules that work on Flower's own objects (with the apps and the record packing).
 """
@@ -25,6 +26,7 @@ from common.errors import ConfigError
 from common.messages import STUDY_RECORD, StudyConfig
 from common.protocol import LocalDpSpec
 from common.provenance import atomic_write_bytes, atomic_write_json
+from common.wire import from_wire, to_wire
 from server.rounds import unanswered
 from server.study import Checkpoint, Progress, StudySettings
 
@@ -119,8 +121,11 @@ class PerSite:
         self.round_seconds: dict[int, float] = {  # from sending a round's messages to aggregating
             int(r): t for r, t in saved.get("round_seconds", {}).items()}
         self.asked: dict[int, set[str]] = {}
-        #: the network's own arrays (an aggregate may change a dtype, a site's reply may not)
-        self.shapes = {k: (tuple(a.shape), str(a.dtype)) for k, a in expected.items()}
+        #: the network's arrays as they travel (``cnn.transfer``): an aggregate may change a
+        #: dtype, a site's reply may not
+        self.transfer = settings.protocol.cnn.transfer if settings.protocol.cnn else "float32"
+        self.shapes = {k: (tuple(a.shape), str(a.dtype))
+                       for k, a in to_wire(expected, self.transfer).items()}
         self.checkpoints = settings.out_dir / "cnn"
         self.protocol_hash = settings.protocol.content_hash()
 
@@ -129,6 +134,11 @@ class PerSite:
         self.started[server_round] = time.monotonic()
         messages = [m for m in super().configure_train(  # type: ignore[misc]
             server_round, arrays, config, grid) if m.metadata.dst_node_id in self.nodes]
+        if self.transfer != "float32":  # the global model stays float32 here
+            wire = ArrayRecord({k: Array(v) for k, v in to_wire(
+                {k: a.numpy() for k, a in arrays.items()}, self.transfer).items()})
+            for message in messages:
+                message.content["arrays"] = wire
         self.asked[server_round] = {self.nodes[m.metadata.dst_node_id] for m in messages}
         return messages
 
@@ -157,6 +167,9 @@ class PerSite:
                 self.leave_out(server_round, site, "excluded", bad)
                 continue
             self.history.setdefault(server_round, {})[site] = numbers(reply.content["metrics"])
+            if self.transfer != "float32":  # averaged in float32
+                reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in from_wire(
+                    {k: a.numpy() for k, a in reply.content["arrays"].items()}).items()})
             good.append(reply)
         for site, why in unanswered(self.asked.get(server_round, set()) - answered, orphans,
                                     self.settings.timeout_s):

@@ -13,6 +13,7 @@ from common.messages import MessageType
 from common.network import build_network, float32_nbytes, state_arrays
 from common.protocol import LocalDpSpec
 from common.records import pack_weights
+from common.wire import to_wire, wire_nbytes
 from server.rounds import Transport, exchange, study_config
 from server.strategy import cnn_strategy, numbers, protocol_hash_of
 from server.study import Checkpoint, Progress, StudySettings
@@ -60,6 +61,7 @@ def run_cnn(transport: Transport, nodes: dict[int, str], settings: StudySettings
     records = strategy.records()
     return {"architecture": spec.architecture, "aggregator": spec.aggregator,
             "rounds": spec.rounds, "weights_bytes": float32_nbytes(initial),
+            "transfer": spec.transfer, "wire_bytes": wire_nbytes(to_wire(initial, spec.transfer)),
             "privacy": privacy(spec.local_dp, records),
             **records, "final": final_metrics, "failed": strategy.failed | failed}
 

@@ -1,7 +1,8 @@
 """Phase 5 over Flower: the CNN trained with a Flower strategy, each site's metrics kept by name,
 a checkpoint every round; a site sending NaN weights, weights of the wrong shape or an update
 under another protocol is left out of the average, by name and reason, and a site that drops
-out of a round is asked again the next."""
+out of a round is asked again the next. The weights travel in half precision (``cnn.transfer``),
+the global model stays float32."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
     from client.app import make_client_app
     from server.app import make_server_app
 
-    cohort, protocol = small_study(tmp_path, (30, 34, 38), rounds=4, aggregator="fedmedian")
+    cohort, protocol = small_study(tmp_path, (30, 34, 38), rounds=4, aggregator="fedmedian",
+                                   transfer="float16")
     settings = StudySettings(protocol, tmp_path / "out", min_sites=2, timeout_s=300, seed=1,
                              combat=CombatOptions(min_batch_size=3, min_cell=1),
                              radiomics=False)  # the CNN alone: what this test is about
@@ -67,6 +69,8 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "study.json").read_text())["status"] == "done"
     report = json.loads((tmp_path / "out" / "cnn.json").read_text())
     assert report["aggregator"] == "fedmedian" and report["weights_bytes"] > 1e5
+    assert report["transfer"] == "float16"
+    assert report["wire_bytes"] <= 0.52 * report["weights_bytes"]
     # (on failure, say who was left out of which round and why)
     assert set(report["history"]["1"]) == {"site_A", "site_B", "site_C"}, report["left_out"]
     assert set(report["history"]["2"]) == {"site_A"}  # fedmedian of one: site_A's weights
@@ -76,7 +80,7 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
     assert set(left_out) == {(2, "site_B"), (2, "site_C"), (3, "site_C"), (4, "site_C")}
     assert left_out[2, "site_B"] == ("dropped", "error 0: connection lost")
     assert left_out[2, "site_C"][0] == "excluded" and "NaN" in left_out[2, "site_C"][1]
-    assert "the model's is float32[" in left_out[3, "site_C"][1]
+    assert "the model's is float16[" in left_out[3, "site_C"][1]
     assert "not the study's" in left_out[4, "site_C"][1]
     assert report["failed"] == {"site_C": "CNN round 2: " + left_out[2, "site_C"][1]}
     for metrics in report["history"]["2"].values():  # the model of round 1, at each site
@@ -97,6 +101,7 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
     checkpoints = sorted((tmp_path / "out" / "cnn").glob("global_round_*.npz"))
     assert [c.name for c in checkpoints] == [f"global_round_{r:03d}.npz" for r in (1, 2, 3, 4)]
     with np.load(checkpoints[-1]) as final:
+        assert all(final[k].dtype != np.float16 for k in final.files)  # kept in float32
         assert all(np.all(np.isfinite(final[k])) for k in final.files
                    if final[k].dtype.kind == "f")
     # the multicentre report names every round a site was left out of, and why

@@ -4,15 +4,18 @@ not depend on the order in which the sites' updates arrive."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from common.glm import ModelError
 from common.messages import MessageType
 from common.network import build_network, state_arrays
 from common.protocol import CnnSpec, load_protocol
+from common.wire import from_wire, to_wire, wire_nbytes
 from server.strategy import cnn_strategy
 from server.study import StudySettings
 
@@ -82,3 +85,61 @@ def test_flowers_aggregated_metrics_sum_counts_and_average_the_rest(tmp_path: Pa
                             state_arrays(build_network(protocol.cnn, protocol.task.kind)))
     assert strategy.train_metrics_aggr_fn is sum_counts  # type: ignore[attr-defined]
     assert strategy.evaluate_metrics_aggr_fn is sum_counts  # type: ignore[attr-defined]
+
+
+def test_half_precision_weights_travel_both_ways_and_are_averaged_in_float32(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 2)
+    spec = CnnSpec(architecture="resnet10", crop_size=(16, 16, 8), batch_size=8, rounds=1)
+    protocol = load_protocol("preset:spine_mri_t1w").model_copy(update={"cnn": spec})
+    half = protocol.model_copy(update={"cnn": spec.model_copy(update={"transfer": "float16"})})
+    expected = state_arrays(build_network(spec, protocol.task.kind))
+    models = {}
+    for name, chosen in (("float32", protocol), ("float16", half)):
+        replies = updates(expected, chosen.content_hash())
+        if name == "float16":  # as the sites send them (client/app.py)
+            for reply in replies:
+                reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in to_wire(
+                    {k: a.numpy() for k, a in reply.content["arrays"].items()}, "float16").items()})
+        strategy = cnn_strategy(StudySettings(chosen, tmp_path / name), NODES, lambda _: None,
+                                expected)
+        # the global model leaves in the protocol's precision, and stays float32 here
+        start = ArrayRecord({k: Array(v) for k, v in expected.items()})
+        grid = SimpleNamespace(get_node_ids=lambda: list(NODES))
+        sent = strategy.configure_train(1, start, ConfigRecord({}), grid)
+        assert sent and all(
+            m.content["arrays"][k].numpy().dtype == (np.float16 if name == "float16"
+                                                     and v.dtype.kind == "f" else v.dtype)
+            for m in sent for k, v in expected.items())
+        assert all(v.numpy().dtype == expected[k].dtype for k, v in start.items())
+        strategy.asked[1] = set(NODES.values())
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert strategy.history.get(1, {}).keys() == set(NODES.values()), strategy.left_out
+        models[name] = {k: v.numpy() for k, v in arrays.items()}
+    wire = wire_nbytes(to_wire(expected, "float16"))
+    assert wire <= 0.52 * wire_nbytes(expected)
+    for name, weights in models["float32"].items():
+        assert models["float16"][name].dtype == weights.dtype, name
+        np.testing.assert_allclose(models["float16"][name], weights, rtol=2e-3, atol=2e-3,
+                                   err_msg=name)
+    # a float32 update where the protocol says float16 is refused, by name
+    strategy = cnn_strategy(StudySettings(half, tmp_path / "refused"), NODES, lambda _: None,
+                            expected)
+    strategy.started[1] = 0.0
+    strategy.asked[1] = set(NODES.values())
+    mixed = updates(expected, half.content_hash())
+    strategy.aggregate_train(1, mixed)
+    assert {e["site"] for e in strategy.left_out} == set(NODES.values())
+    assert all("float32" in e["reason"] and "float16" in e["reason"] for e in strategy.left_out)
+
+
+def test_weights_beyond_half_precision_are_refused_by_name():
+    weights = {"conv.weight": np.array([1.0, 7e4], np.float32), "bn.num_batches": np.array(3)}
+    with pytest.raises(ModelError, match="'conv.weight' holds 7e\\+04, beyond float16"):
+        to_wire(weights, "float16")
+    back = from_wire(to_wire({"w": np.array([0.1, -2.5], np.float32)}, "float16"))
+    assert back["w"].dtype == np.float32
+    np.testing.assert_allclose(back["w"], [0.1, -2.5], rtol=1e-3)
+    assert to_wire(weights, "float32")["conv.weight"].dtype == np.float32
