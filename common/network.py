@@ -102,6 +102,26 @@ def load_state_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) 
     model.load_state_dict(loaded, strict=True)
 
 
+def norm_names(model: torch.nn.Module) -> frozenset[str]:
+    """The state names of the model's normalization layers (BatchNorm weights, biases, running
+    statistics and batch counters): what FedBN (``cnn.local_norm``) keeps at each site."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            names |= {f"{prefix}.{name}" if prefix else name for name in module.state_dict()}
+    return frozenset(names)
+
+
+def shared_arrays(spec: CnnSpec, model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The model's arrays that travel: all of them, or with ``spec.local_norm`` (FedBN) all but
+    the normalization layers'."""
+    arrays = state_arrays(model)
+    if not spec.local_norm:
+        return arrays
+    local = norm_names(model)
+    return {name: array for name, array in arrays.items() if name not in local}
+
+
 def float32_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Size of the weights as raw float32 values, bytes: what one model costs on the wire
     before any encoding overhead."""

@@ -496,8 +496,9 @@ class CnnSpec(_Frozen):
     """The 3D CNN (phase 5): a MONAI network on ROI-centred crops, trained over ``rounds``
     federated rounds with the named aggregator (``proximal_mu`` is FedProx's; ``trim_fraction``
     the trimmed mean's; ``krum_byzantine`` the number of bad sites Krum tolerates; ``local_dp``
-    noises each site's update, see :class:`LocalDpSpec`; ``transfer`` the weights' precision
-    on the wire). DenseNet121 needs a crop of at least 29 voxels on every axis."""
+    noises each site's update, see :class:`LocalDpSpec`; ``local_norm`` keeps the normalization
+    layers at the sites, FedBN; ``transfer`` the weights' precision on the wire). DenseNet121
+    needs a crop of at least 29 voxels on every axis."""
     architecture: Literal["resnet10", "resnet18", "densenet121"] = "resnet10"
     width: float = Field(0.25, gt=0, le=4, description="ResNet channel multiplier (1 = MONAI's "
                          "64-512 channels; 0.25 = 16-128, 1/16 of the weights).")
@@ -514,6 +515,10 @@ class CnnSpec(_Frozen):
     krum_byzantine: int = Field(0, ge=0, le=100)
     augment: bool = True
     local_dp: LocalDpSpec | None = None
+    local_norm: bool = Field(
+        False, description="FedBN: the normalization layers (BatchNorm weights, biases and "
+        "running statistics) stay at each site, never sent, never averaged; each site scores the "
+        "global model with its own.")
     transfer: Literal["float32", "float16"] = Field(
         "float32", description="The float weights' precision on the wire in the training "
         "rounds, both ways: float16 halves the bytes of a round; the server averages and keeps "

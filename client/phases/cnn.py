@@ -3,8 +3,12 @@ crops, then trained on the training crops), and the final evaluation of the glob
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
+import zipfile
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_curve
@@ -14,21 +18,78 @@ from client.cnn.gradcam import site_view
 from client.cnn.train import TrainResult, train_round
 from client.report import refresh_site_report, report_dir
 from client.scoring import metrics_of
+from client.workspace import study_dir
 from common import plots
 from common.messages import StudyConfig
+from common.network import build_network, norm_names, state_arrays
 from common.payloads import MIN_ROWS_SENT
 from common.protocol import StudyProtocol, TaskKind
-from common.provenance import atomic_write_json
+from common.provenance import atomic_write_bytes, atomic_write_json
 from common.site_config import SiteConfig
+
+#: FedBN (``cnn.local_norm``): this site's normalization layers after its last round, under its
+#: study folder's ``cnn/``.
+LOCAL_NORM_FILE = "local_norm.npz"
+
+log = logging.getLogger("myelofed.site")
+
+
+def local_norm_path(site: SiteConfig, protocol: StudyProtocol) -> Path:
+    return study_dir(site, protocol) / "cnn" / LOCAL_NORM_FILE
+
+
+def with_local_norm(site: SiteConfig, protocol: StudyProtocol, weights: Mapping[str, np.ndarray],
+                    seed: int, first_round: bool = False) -> dict[str, np.ndarray]:
+    """The global weights received, completed with this site's own normalization layers when
+    the protocol keeps them local (FedBN): those of its last round, or the initial network's
+    (study ``seed``) in the first round or when none were kept (a damaged file is named in the
+    log)."""
+    spec = protocol.cnn
+    if spec is None or not spec.local_norm:
+        return dict(weights)
+    network = build_network(spec, protocol.task.kind, seed=seed)
+    names = norm_names(network)
+    own = {k: v for k, v in state_arrays(network).items() if k in names}
+    path = local_norm_path(site, protocol)
+    if not first_round and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as kept:
+                if set(kept.files) == names:
+                    own = {k: kept[k] for k in names}
+                else:
+                    log.warning("%s holds other layers than the network's: the initial "
+                                "normalization layers are used", path)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            log.warning("%s is unreadable (%s): the initial normalization layers are used",
+                        path, exc)
+    return {**weights, **own}
+
+
+def keep_local_norm(site: SiteConfig, protocol: StudyProtocol, weights: Mapping[str, np.ndarray],
+                    sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """With FedBN, keep the trained normalization layers here (written atomically) and return
+    the arrays that travel: those the server sent, by name. Without it, every array."""
+    spec = protocol.cnn
+    if spec is None or not spec.local_norm:
+        return dict(weights)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: v for k, v in weights.items() if k not in sent})
+    atomic_write_bytes(local_norm_path(site, protocol), buffer.getvalue())
+    return {k: weights[k] for k in sent}
 
 
 def train(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
           weights: Mapping[str, np.ndarray]) -> tuple[dict[str, float], TrainResult]:
     """Evaluate the global weights received on the test crops (one message a round: the
-    metrics of round r - 1's model come back with round r's training), then train them."""
-    before = evaluate_arrays(site, protocol, weights, include_train=False)
-    result = train_round(site, protocol, weights, round_index=study.required("server_round"),
-                         seed=study.required("seed"))
+    metrics of round r - 1's model come back with round r's training), then train them. With
+    FedBN (``cnn.local_norm``) the site's own normalization layers complete the model, are
+    trained with it and stay here; the result's weights are those that travel."""
+    round_index, seed = study.required("server_round"), study.required("seed")
+    full = with_local_norm(site, protocol, weights, seed, first_round=round_index == 1)
+    before = evaluate_arrays(site, protocol, full, include_train=False)
+    result = train_round(site, protocol, full, round_index=round_index, seed=seed)
+    result = dataclasses.replace(result, weights=keep_local_norm(site, protocol, result.weights,
+                                                                 weights))
     metrics = {"num-examples": result.n_examples, "train_loss": result.loss,
                "train_seconds": result.seconds,
                **{f"global_{k}": v for k, v in before.as_record().items()}}
@@ -38,7 +99,10 @@ def train(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
 def evaluate(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
              weights: Mapping[str, np.ndarray]) -> dict[str, float]:
     """The final global model's metrics at this site (and its section of the site's report:
-    the AUC's CI, ROC and Grad-CAM maps, kept here)."""
+    the AUC's CI, ROC and Grad-CAM maps, kept here); with FedBN, with its own normalization
+    layers."""
+    weights = with_local_norm(site, protocol, weights,
+                              study.seed if study.seed is not None else 0)
     result = evaluate_arrays(site, protocol, weights)
     interval = record_cnn(site, protocol, dict(weights),
                           study.threshold if study.threshold is not None else 0.5,

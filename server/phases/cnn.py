@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from common.messages import MessageType
-from common.network import build_network, float32_nbytes, state_arrays
+from common.network import build_network, float32_nbytes, shared_arrays
 from common.protocol import LocalDpSpec
 from common.records import pack_weights
 from common.wire import to_wire, wire_nbytes
@@ -35,7 +35,7 @@ def run_cnn(transport: Transport, nodes: dict[int, str], settings: StudySettings
     spec = settings.protocol.cnn
     assert spec is not None  # the orchestrator runs this phase only with a CNN
     network = build_network(spec, settings.protocol.task.kind, seed=settings.seed)
-    initial = state_arrays(network)
+    initial = shared_arrays(spec, network)  # with FedBN, the sites keep their normalization
     strategy = cnn_strategy(settings, nodes, progress, initial, checkpoint)
     done = checkpoint.cnn_round if checkpoint is not None else 0
     final: Mapping[str, np.ndarray] = initial
@@ -61,6 +61,7 @@ def run_cnn(transport: Transport, nodes: dict[int, str], settings: StudySettings
     records = strategy.records()
     return {"architecture": spec.architecture, "aggregator": spec.aggregator,
             "rounds": spec.rounds, "weights_bytes": float32_nbytes(initial),
+            "local_norm": spec.local_norm, "shared_tensors": len(initial),
             "transfer": spec.transfer, "wire_bytes": wire_nbytes(to_wire(initial, spec.transfer)),
             "privacy": privacy(spec.local_dp, records),
             **records, "final": final_metrics, "failed": strategy.failed | failed}

@@ -407,3 +407,40 @@ def test_select_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             select_device("cuda")
+
+
+def test_fedbn_keeps_the_normalization_layers_at_the_site(study: Study):
+    from client.phases import cnn
+    from common.messages import StudyConfig
+    from common.network import norm_names, shared_arrays
+
+    protocol = _with_cnn(study, local_norm=True)
+    network = build_network(protocol.cnn, protocol.task.kind, seed=0)
+    local, sent = norm_names(network), shared_arrays(protocol.cnn, network)
+    assert local and not local & set(sent) and local | set(sent) == set(study.initial)
+    assert any(name.endswith("running_mean") for name in local)
+    kept = cnn.local_norm_path(study.site, protocol)
+    kept.unlink(missing_ok=True)
+
+    metrics, first = cnn.train(study.site, protocol, StudyConfig.of(protocol, server_round=1,
+                                                                     seed=0), sent)
+    assert set(first.weights) == set(sent) and metrics["num-examples"] > 0  # what travels
+    with np.load(kept) as own:  # the trained normalization layers, here
+        assert set(own.files) == local
+        own_first = {k: own[k] for k in own.files}
+    assert any(not np.array_equal(own_first[k], study.initial[k]) for k in local)
+    # the next round completes the global weights with them, and trains them on
+    full = cnn.with_local_norm(study.site, protocol, first.weights, seed=0)
+    assert all(np.array_equal(full[k], own_first[k]) for k in local)
+    cnn.train(study.site, protocol, StudyConfig.of(protocol, server_round=2, seed=0),
+              first.weights)
+    with np.load(kept) as own:
+        assert any(not np.array_equal(own[k], own_first[k]) for k in local)
+    # a study's first round starts from the initial network's, whatever a file holds
+    fresh = cnn.with_local_norm(study.site, protocol, sent, seed=0, first_round=True)
+    assert all(np.array_equal(fresh[k], study.initial[k]) for k in local)
+    final = cnn.evaluate(study.site, protocol, StudyConfig.of(protocol, seed=0), first.weights)
+    assert final["num-examples"] > 0
+    kept.write_bytes(b"PK\x03\x04 half a zip file")  # damaged: the initial layers, named in the log
+    damaged = cnn.with_local_norm(study.site, protocol, sent, seed=0)
+    assert all(np.array_equal(damaged[k], study.initial[k]) for k in local)

@@ -2,7 +2,7 @@
 a checkpoint every round; a site sending NaN weights, weights of the wrong shape or an update
 under another protocol is left out of the average, by name and reason, and a site that drops
 out of a round is asked again the next. The weights travel in half precision (``cnn.transfer``),
-the global model stays float32."""
+the global model stays float32; the normalization layers stay at the sites (FedBN)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from common.messages import MessageType
+from common.network import build_network, norm_names, state_arrays
 from harmonization.combat.design import CombatOptions
 from server.study import StudySettings
 from tests.server.studies import small_study
@@ -55,7 +56,7 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
     from server.app import make_server_app
 
     cohort, protocol = small_study(tmp_path, (30, 34, 38), rounds=4, aggregator="fedmedian",
-                                   transfer="float16")
+                                   transfer="float16", local_norm=True)
     settings = StudySettings(protocol, tmp_path / "out", min_sites=2, timeout_s=300, seed=1,
                              combat=CombatOptions(min_batch_size=3, min_cell=1),
                              radiomics=False)  # the CNN alone: what this test is about
@@ -69,7 +70,9 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "study.json").read_text())["status"] == "done"
     report = json.loads((tmp_path / "out" / "cnn.json").read_text())
     assert report["aggregator"] == "fedmedian" and report["weights_bytes"] > 1e5
-    assert report["transfer"] == "float16"
+    assert report["transfer"] == "float16" and report["local_norm"]
+    network = build_network(protocol.cnn, protocol.task.kind)
+    assert report["shared_tensors"] == len(state_arrays(network)) - len(norm_names(network))
     assert report["wire_bytes"] <= 0.52 * report["weights_bytes"]
     # (on failure, say who was left out of which round and why)
     assert set(report["history"]["1"]) == {"site_A", "site_B", "site_C"}, report["left_out"]
@@ -102,8 +105,12 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
     assert [c.name for c in checkpoints] == [f"global_round_{r:03d}.npz" for r in (1, 2, 3, 4)]
     with np.load(checkpoints[-1]) as final:
         assert all(final[k].dtype != np.float16 for k in final.files)  # kept in float32
+        assert not set(final.files) & norm_names(network)  # FedBN: never at the server
         assert all(np.all(np.isfinite(final[k])) for k in final.files
                    if final[k].dtype.kind == "f")
+    for site in ("site_A", "site_B", "site_C"):  # each site's own, at the site
+        assert (cohort / "work" / site / "study" / protocol.short_hash / "cnn"
+                / "local_norm.npz").is_file()
     # the multicentre report names every round a site was left out of, and why
     from server.report import write_report
 

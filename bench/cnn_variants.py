@@ -1,0 +1,104 @@
+"""The CNN's federation variants against plain float32 FedAvg (issue 16): half-precision
+transfer (``cnn.transfer = float16``) and FedBN (``cnn.local_norm``), the final model's test AUC
+at every site, and the bytes per round.
+
+One cohort (the demo's sizes by default) is written once; then for each of ``--studies`` study
+seeds (each its own train/test split and initial network) the CNN phase runs in Flower's
+simulation engine (the study's strategies and messages) once per variant, everything else equal:
+``float32`` (the baseline), ``float16`` and ``fedbn``. The extraction is first-order only (it is
+not what is measured; the crops are standardized as the protocol says). A study already run
+under ``--work`` is read back. It prints the bytes one model costs on the wire each way, each
+site's final test AUC per variant and its difference from the baseline, mean over the studies,
+and whether the issue's goals hold: float16 <= 0.52x the bytes with the AUC within 0.01 of
+float32 at every site; FedBN at least float32 FedAvg at every site.
+
+    python bench/cnn_variants.py [--studies 3] [--variants float16 fedbn] [--sizes 40,70,110]
+                                 [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+
+from cli.simulation import run_in_simulation  # noqa: E402
+from common.protocol import RadiomicsSpec, load_protocol  # noqa: E402
+from common.synthetic import CohortSpec, make_sites, read_cohort_spec, write_cohort  # noqa: E402
+from server.study import StudySettings  # noqa: E402
+
+BASELINE = "float32"
+#: Each variant's changes to the protocol's ``cnn`` section.
+VARIANTS = {BASELINE: {}, "float16": {"transfer": "float16"}, "fedbn": {"local_norm": True}}
+
+
+def study(cohort: Path, out: Path, seed: int, changes: dict[str, object]) -> dict:
+    """One CNN study (its ``cnn.json``), run unless ``out`` holds it already."""
+    if not (out / "cnn.json").is_file():
+        base = load_protocol(cohort / "study.yaml")
+        assert base.cnn is not None, "the cohort's protocol has a CNN"
+        protocol = base.model_copy(update={
+            "radiomics": RadiomicsSpec(feature_classes={"firstorder": ()}),
+            "cnn": base.cnn.model_copy(update=changes)})
+        run_in_simulation(cohort, StudySettings(protocol, out, min_sites=3, seed=seed,
+                                                until="cnn", radiomics=False), lambda _: None)
+    return json.loads((out / "cnn.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=["float16", "fedbn"],
+                        choices=[v for v in VARIANTS if v != BASELINE])
+    parser.add_argument("--sizes", default="40,70,110", help="patients per site")
+    parser.add_argument("--work", type=Path, default=None, help="kept here (reused)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="myelofed-bench-cnn-"))
+    cohort = work / "cohort"
+    if read_cohort_spec(cohort) is None:
+        sizes = tuple(int(s) for s in args.sizes.split(","))
+        write_cohort(cohort, CohortSpec(make_sites(sizes, True)), workers=2)
+    variants = [BASELINE, *args.variants]
+    start, rows, wire = time.perf_counter(), [], {}
+    for seed in range(1, args.studies + 1):
+        for variant in variants:
+            report = study(cohort, work / f"study-{seed}-{variant}", seed, VARIANTS[variant])
+            wire[variant] = (report["wire_bytes"], report["weights_bytes"])
+            rows += [{"study": seed, "variant": variant, "site": site,
+                      "auc": metrics["test_auc"]} for site, metrics in report["final"].items()]
+            print(f"study {seed}, {variant}: done ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+    raw = wire[BASELINE][0]
+    print("\none model on the wire, each way each round: " + ", ".join(
+        f"{v} {b:,} bytes ({b / raw:.3f}x)" for v, (b, _) in wire.items()))
+    table = pd.DataFrame(rows).pivot_table(index=["study", "site"], columns="variant",
+                                           values="auc")[variants]
+    for variant in args.variants:
+        table[f"{variant} - {BASELINE}"] = table[variant] - table[BASELINE]
+    print("\nfinal CNN test AUC per study and site\n" + table.to_string(
+        float_format=lambda v: f"{v:.3f}"))
+    mean = table.groupby(level="site").mean()
+    print(f"\nmean over {args.studies} studies\n" + mean.to_string(
+        float_format=lambda v: f"{v:.3f}"))
+    if "float16" in args.variants:
+        ratio = wire["float16"][0] / raw
+        close = bool((mean[f"float16 - {BASELINE}"].abs() <= 0.01).all())
+        print(f"\nfloat16: {ratio:.3f}x the bytes (goal <= 0.52x), |AUC difference| <= 0.01 at "
+              f"every site: {'yes' if close else 'no'} (largest in one study "
+              f"{table[f'float16 - {BASELINE}'].abs().max():.3f})")
+    if "fedbn" in args.variants:
+        holds = bool((mean[f"fedbn - {BASELINE}"] >= 0).all())
+        print(f"fedbn: at least float32 FedAvg at every site: {'yes' if holds else 'no'}")
+    print(f"\n{time.perf_counter() - start:.0f} s; cohort and studies under {work}")
+
+
+if __name__ == "__main__":
+    main()
