@@ -496,7 +496,8 @@ class CnnSpec(_Frozen):
     """The 3D CNN (phase 5): a MONAI network on ROI-centred crops, trained over ``rounds``
     federated rounds with the named aggregator (``proximal_mu`` is FedProx's; ``trim_fraction``
     the trimmed mean's; ``krum_byzantine`` the number of bad sites Krum tolerates; ``local_dp``
-    noises each site's update, see :class:`LocalDpSpec`; ``local_norm`` keeps the normalization
+    noises each site's update, see :class:`LocalDpSpec`; ``local_baseline`` scores a local-only
+    network at each site; ``local_norm`` keeps the normalization
     layers at the sites, FedBN; ``transfer`` the weights' precision on the wire). DenseNet121
     needs a crop of at least 29 voxels on every axis."""
     architecture: Literal["resnet10", "resnet18", "densenet121"] = "resnet10"
@@ -515,6 +516,10 @@ class CnnSpec(_Frozen):
     krum_byzantine: int = Field(0, ge=0, le=100)
     augment: bool = True
     local_dp: LocalDpSpec | None = None
+    local_baseline: bool = Field(
+        True, description="Each site also trains the network on its own crops alone (the same "
+        "rounds and local epochs, from the same initial network) and scores it on its test "
+        "crops: the CNN's local-only row beside the federated one; only its metrics leave.")
     local_norm: bool = Field(
         False, description="FedBN: the normalization layers (BatchNorm weights, biases and "
         "running statistics) stay at each site, never sent, never averaged; each site scores the "

@@ -20,6 +20,7 @@ from client.report import refresh_site_report, report_dir
 from client.scoring import metrics_of
 from client.workspace import study_dir
 from common import plots
+from common.glm import ModelError
 from common.messages import StudyConfig
 from common.network import build_network, norm_names, state_arrays
 from common.payloads import MIN_ROWS_SENT
@@ -101,13 +102,34 @@ def evaluate(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
     """The final global model's metrics at this site (and its section of the site's report:
     the AUC's CI, ROC and Grad-CAM maps, kept here); with FedBN, with its own normalization
     layers."""
-    weights = with_local_norm(site, protocol, weights,
-                              study.seed if study.seed is not None else 0)
+    seed = study.seed if study.seed is not None else 0
+    weights = with_local_norm(site, protocol, weights, seed)
     result = evaluate_arrays(site, protocol, weights)
+    local = local_baseline(site, protocol, seed)
     interval = record_cnn(site, protocol, dict(weights),
                           study.threshold if study.threshold is not None else 0.5,
                           study.seed if study.seed is not None else 0)
-    return {"num-examples": result.test.n, **result.as_record(), **interval}
+    return {"num-examples": result.test.n, **result.as_record(), **interval, **local}
+
+
+def local_baseline(site: SiteConfig, protocol: StudyProtocol, seed: int) -> dict[str, float]:
+    """With ``cnn.local_baseline``, the CNN trained on this site's crops alone (the study's
+    rounds of local epochs, from the initial network of study ``seed``) scored on its test
+    crops, as ``local_test_*`` metrics; the network stays here. Empty when the protocol does
+    not ask, or when this site cannot train one alone (named in the log)."""
+    spec = protocol.cnn
+    if spec is None or not spec.local_baseline:
+        return {}
+    weights = state_arrays(build_network(spec, protocol.task.kind, seed=seed))
+    try:
+        for round_index in range(1, spec.rounds + 1):
+            weights = train_round(site, protocol, weights, round_index=round_index,
+                                  seed=seed).weights
+    except ModelError as exc:
+        log.warning("%s: no local-only CNN: %s", site.site_name, exc)
+        return {}
+    test = evaluate_arrays(site, protocol, weights, include_train=False).test
+    return {f"local_test_{k}": v for k, v in dataclasses.asdict(test).items()}
 
 
 def record_cnn(site: SiteConfig, protocol: StudyProtocol, arrays: dict[str, np.ndarray],

@@ -444,3 +444,22 @@ def test_fedbn_keeps_the_normalization_layers_at_the_site(study: Study):
     kept.write_bytes(b"PK\x03\x04 half a zip file")  # damaged: the initial layers, named in the log
     damaged = cnn.with_local_norm(study.site, protocol, sent, seed=0)
     assert all(np.array_equal(damaged[k], study.initial[k]) for k in local)
+
+
+def test_the_local_only_cnn_is_trained_and_scored_at_the_site_alone(study: Study):
+    from client.phases import cnn
+    from server.phases.validation import summary_rows
+
+    local = cnn.local_baseline(study.site, study.protocol, seed=0)
+    assert set(local) == {f"local_test_{k}" for k in ("n", "n_positive", "loss", "auc",
+                                                      "pearson_r", "mae")}
+    assert 0.0 <= local["local_test_auc"] <= 1.0 and local["local_test_n"] >= MIN_ROWS_SENT
+    again = cnn.local_baseline(study.site, study.protocol, seed=0)  # seeded: the same
+    assert (again["local_test_auc"], again["local_test_loss"]) == (local["local_test_auc"],
+                                                                   local["local_test_loss"])
+    off = _with_cnn(study, local_baseline=False)
+    assert cnn.local_baseline(study.site, off, seed=0) == {}
+    final = {"site_A": {"test_auc": 0.7, **local}}
+    models = [{"harmonized": False, "loss": "logistic", "sites": {"site_A": {"n_test": 5}}}]
+    _, rows = summary_rows(models, {"final": final})
+    assert rows[0]["cnn"] == 0.7 and rows[0]["cnn_local"] == local["local_test_auc"]

@@ -94,6 +94,9 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
     for site, metrics in report["final"].items():
         assert 0.0 <= metrics["test_auc"] <= 1.0 and metrics["test_n"] >= 5
         assert metrics["test_auc_low"] <= metrics["test_auc"] <= metrics["test_auc_high"]
+        # the site's local-only CNN, trained there alone: its metrics only
+        assert 0.0 <= metrics["local_test_auc"] <= 1.0
+        assert metrics["local_test_n"] == metrics["test_n"]
         # the site's own report: the CNN's metrics, ROC and Grad-CAM maps of its test cases
         folder = cohort / "work" / site / "study" / protocol.short_hash / "report"
         cnn = json.loads((folder / "evaluation_cnn.json").read_text())
