@@ -107,8 +107,7 @@ def evaluate(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
     result = evaluate_arrays(site, protocol, weights)
     local = local_baseline(site, protocol, seed)
     interval = record_cnn(site, protocol, dict(weights),
-                          study.threshold if study.threshold is not None else 0.5,
-                          study.seed if study.seed is not None else 0)
+                          study.threshold if study.threshold is not None else 0.5, seed)
     return {"num-examples": result.test.n, **result.as_record(), **interval, **local}
 
 
@@ -125,10 +124,10 @@ def local_baseline(site: SiteConfig, protocol: StudyProtocol, seed: int) -> dict
         for round_index in range(1, spec.rounds + 1):
             weights = train_round(site, protocol, weights, round_index=round_index,
                                   seed=seed).weights
-    except ModelError as exc:
+        test = evaluate_arrays(site, protocol, weights, include_train=False).test
+    except ModelError as exc:  # too few crops, or a network that diverged
         log.warning("%s: no local-only CNN: %s", site.site_name, exc)
         return {}
-    test = evaluate_arrays(site, protocol, weights, include_train=False).test
     return {f"local_test_{k}": v for k, v in dataclasses.asdict(test).items()}
 
 
