@@ -128,6 +128,10 @@ class CnnMetrics:
         return out
 
 
+#: The CNN trained without the site that scores it (``cnn.leave_site_out``): the model an
+#: evaluate request names when it asks for that model's test metrics alone.
+CNN_LEAVE_SITE_OUT = "CNN leave-site-out"
+
 #: A count of 1 to the site's minimum - 1, as it leaves the site (see :func:`released`).
 SUPPRESSED = -1
 

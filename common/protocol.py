@@ -497,9 +497,9 @@ class CnnSpec(_Frozen):
     federated rounds with the named aggregator (``proximal_mu`` is FedProx's; ``trim_fraction``
     the trimmed mean's; ``krum_byzantine`` the number of bad sites Krum tolerates; ``local_dp``
     noises each site's update, see :class:`LocalDpSpec`; ``local_baseline`` scores a local-only
-    network at each site; ``local_norm`` keeps the normalization
-    layers at the sites, FedBN; ``transfer`` the weights' precision on the wire). DenseNet121
-    needs a crop of at least 29 voxels on every axis."""
+    network at each site, ``leave_site_out`` one trained without it; ``local_norm`` keeps the
+    normalization layers at the sites, FedBN; ``transfer`` the weights' precision on the wire).
+    DenseNet121 needs a crop of at least 29 voxels on every axis."""
     architecture: Literal["resnet10", "resnet18", "densenet121"] = "resnet10"
     width: float = Field(0.25, gt=0, le=4, description="ResNet channel multiplier (1 = MONAI's "
                          "64-512 channels; 0.25 = 16-128, 1/16 of the weights).")
@@ -520,6 +520,10 @@ class CnnSpec(_Frozen):
         True, description="Each site also trains the network on its own crops alone (the same "
         "rounds and local epochs, from the same initial network) and scores it on its test "
         "crops: the CNN's local-only row beside the federated one; only its metrics leave.")
+    leave_site_out: bool = Field(
+        False, description="Also one federation per site without it (the same rounds, the "
+        "other sites), its final model scored at the left-out site: the CNN's leave-one-site-out "
+        "external validation, at the cost of one more federation per site.")
     local_norm: bool = Field(
         False, description="FedBN: the normalization layers (BatchNorm weights, biases and "
         "running statistics) stay at each site, never sent, never averaged; each site scores the "
@@ -531,6 +535,9 @@ class CnnSpec(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> CnnSpec:
+        if self.leave_site_out and self.local_norm:
+            raise ValueError("leave_site_out with local_norm (FedBN): a left-out site has no "
+                             "normalization layers of its own for the model trained without it")
         if self.architecture == "densenet121" and min(self.crop_size) < 29:
             raise ValueError(f"densenet121 needs a crop of at least 29 voxels on every axis, "
                              f"got {list(self.crop_size)}")

@@ -264,6 +264,19 @@ def _privacy_section(privacy: dict[str, Any]) -> dict[str, Any]:
     return {**privacy, "rows": rows}
 
 
+def _loso_rows(loso: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The CNN trained without each site, scored there (``cnn.leave_site_out``), with the
+    reason for each site skipped."""
+    if not loso:
+        return []
+    rows = [{"site": site, "test_n": fmt(m.get("test_n")), "test_auc": fmt(m.get("test_auc")),
+             "test_pearson_r": fmt(m.get("test_pearson_r")), "note": ""}
+            for site, m in sorted(loso.get("sites", {}).items())]
+    return rows + [{"site": site, "test_n": "", "test_auc": "", "test_pearson_r": "",
+                    "note": f"not run: {why}"}
+                   for site, why in sorted(loso.get("skipped", {}).items())]
+
+
 def _cnn_section(cnn: dict[str, Any]) -> dict[str, Any]:
     history = cnn.get("history", {})
     rounds = sorted(int(r) for r in history)
@@ -279,6 +292,7 @@ def _cnn_section(cnn: dict[str, Any]) -> dict[str, Any]:
             "left_out": cnn.get("left_out", []),
             "privacy": _privacy_section(cnn.get("privacy") or {"mechanism": "none"}),
             "final_keys": sorted({k for m in cnn.get("final", {}).values() for k in m}),
+            "leave_site_out": _loso_rows(cnn.get("leave_site_out")),
             "figures": [
                 {"title": "CNN training loss per site and round",
                  "src": plots.lines_figure(loss, "round", "training loss", "local training")},
@@ -348,6 +362,11 @@ def _csv_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
         for metric, value in sorted(metrics.items()):
             rows.append({"site": site, "features": "image", "model": "cnn", "metric": metric,
                          "value": value})
+    loso = (study.get("cnn") or {}).get("leave_site_out") or {}
+    for site, metrics in sorted(loso.get("sites", {}).items()):
+        for metric, value in sorted(metrics.items()):
+            rows.append({"site": site, "features": "image", "model": "cnn leave-site-out",
+                         "metric": metric, "value": value})
     return rows
 
 

@@ -23,7 +23,7 @@ from common import plots
 from common.glm import ModelError
 from common.messages import StudyConfig
 from common.network import build_network, norm_names, state_arrays
-from common.payloads import MIN_ROWS_SENT
+from common.payloads import CNN_LEAVE_SITE_OUT, MIN_ROWS_SENT
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import atomic_write_bytes, atomic_write_json
 from common.site_config import SiteConfig
@@ -101,7 +101,11 @@ def evaluate(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
              weights: Mapping[str, np.ndarray]) -> dict[str, float]:
     """The final global model's metrics at this site (and its section of the site's report:
     the AUC's CI, ROC and Grad-CAM maps, kept here); with FedBN, with its own normalization
-    layers."""
+    layers. A request naming the model trained without this site
+    (:data:`~common.payloads.CNN_LEAVE_SITE_OUT`) gets that model's test metrics alone."""
+    if study.models == (CNN_LEAVE_SITE_OUT,):
+        scored = evaluate_arrays(site, protocol, weights, include_train=False)
+        return {"num-examples": scored.test.n, **scored.as_record()}
     seed = study.seed if study.seed is not None else 0
     weights = with_local_norm(site, protocol, weights, seed)
     result = evaluate_arrays(site, protocol, weights)

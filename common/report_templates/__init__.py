@@ -256,6 +256,12 @@ but not pooled.</p>
 {% if report.cnn.final %}
 {{ mapping_table(report.cnn.final, ["site"] + report.cnn.final_keys) }}
 {% endif %}
+{% if report.cnn.leave_site_out %}
+<h3>The CNN trained without each site, scored there</h3>
+<p>One federation per site with the other sites alone (the same rounds, from the same initial
+network): external validation at a site the model never saw.</p>
+{{ mapping_table(report.cnn.leave_site_out, ["site", "test_n", "test_auc", "test_pearson_r", "note"]) }}
+{% endif %}
 {% if report.cnn.privacy.mechanism != "none" %}
 <h3>Differential privacy of the sites' updates</h3>
 <p>{{ report.cnn.privacy.mechanism }}: clipping norm {{ report.cnn.privacy.clipping_norm }},

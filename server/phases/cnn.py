@@ -1,9 +1,11 @@
 """Phase 5, the CNN: the protocol's network trained over ``cnn.rounds`` rounds with its
 aggregator (Flower's strategies, :mod:`server.strategy`), then the final global model scored at
-every site; what the updates disclosed (local differential privacy) per site."""
+every site, and (``cnn.leave_site_out``) one federation without each site, scored there; what
+the updates disclosed (local differential privacy) per site."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +13,7 @@ import numpy as np
 
 from common.messages import MessageType
 from common.network import build_network, float32_nbytes, shared_arrays
+from common.payloads import CNN_LEAVE_SITE_OUT
 from common.protocol import LocalDpSpec
 from common.records import pack_weights
 from common.wire import to_wire, wire_nbytes
@@ -59,12 +62,53 @@ def run_cnn(transport: Transport, nodes: dict[int, str], settings: StudySettings
             continue
         final_metrics[site] = numbers(reply.content["metrics"])
     records = strategy.records()
+    scored = {n: s for n, s in nodes.items() if s in final_metrics}
+    loso = (leave_site_out(transport, scored, settings, progress, initial)
+            if spec.leave_site_out else None)
     return {"architecture": spec.architecture, "aggregator": spec.aggregator,
             "rounds": spec.rounds, "weights_bytes": float32_nbytes(initial),
             "local_norm": spec.local_norm, "shared_tensors": len(initial),
             "transfer": spec.transfer, "wire_bytes": wire_nbytes(to_wire(initial, spec.transfer)),
             "privacy": privacy(spec.local_dp, records),
-            **records, "final": final_metrics, "failed": strategy.failed | failed}
+            **records, "final": final_metrics, "failed": strategy.failed | failed,
+            **({"leave_site_out": loso} if loso is not None else {})}
+
+
+def leave_site_out(transport: Transport, nodes: dict[int, str], settings: StudySettings,
+                   progress: Progress, initial: Mapping[str, np.ndarray]) -> dict[str, object]:
+    """The CNN's leave-one-site-out validation (``cnn.leave_site_out``): for each site, the
+    same rounds from the same initial network with the other sites alone (their records and
+    checkpoints in ``out-dir/cnn_loso/<site>``), then that model's test metrics at the site
+    left out. A site is skipped, with the reason, when fewer than ``min_sites`` others are
+    left or its evaluation fails."""
+    spec = settings.protocol.cnn
+    assert spec is not None  # the orchestrator runs this phase only with a CNN
+    sites: dict[str, dict[str, float | None]] = {}
+    skipped: dict[str, str] = {}
+    for node, site in sorted(nodes.items(), key=lambda item: item[1]):
+        others = {n: s for n, s in nodes.items() if n != node}
+        if len(others) < settings.min_sites:
+            skipped[site] = (f"{len(others)} other site(s), fewer than min-sites = "
+                             f"{settings.min_sites}")
+            continue
+        progress(f"  CNN without {site}: {spec.rounds} round(s) with "
+                 f"{', '.join(sorted(others.values()))}")
+        alone = dataclasses.replace(settings, out_dir=settings.out_dir / "cnn_loso" / site)
+        strategy = cnn_strategy(alone, others, lambda line, s=site: progress(
+            line.replace("CNN round", f"CNN without {s}, round", 1)), initial)
+        model = transport.train_rounds(strategy, initial, spec.rounds, settings.timeout_s,
+                                       study_config(settings, seed=settings.seed))
+        request = pack_weights(model, study_config(settings, seed=settings.seed,
+                                                   models=(CNN_LEAVE_SITE_OUT,)))
+        replies, failed = exchange(transport, {node: site}, MessageType.EVALUATE,
+                                   lambda _, r=request: r, settings)
+        reply = replies.get(site)
+        if (reply is None or protocol_hash_of(reply) != settings.protocol.content_hash()
+                or "metrics" not in reply.content):
+            skipped[site] = failed.get(site, "evaluation: not under the study's protocol")
+            continue
+        sites[site] = numbers(reply.content["metrics"])
+    return {"sites": sites, "skipped": skipped}
 
 
 def privacy(dp: LocalDpSpec | None, records: Mapping[str, Any]) -> dict[str, object]:

@@ -104,7 +104,8 @@ def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
     and the headline metric (AUC, or Pearson r for regression) of its local-only model, the
     federated model and the model trained without it, on raw features and after federated
     ComBat, the federated model the site updated (after ComBat where it ran), the federated
-    nomogram's, the site's local-only CNN's and the final federated CNN's."""
+    nomogram's, the site's local-only CNN's, the CNN trained without it and the final federated
+    CNN's."""
     raw = next((m for m in models if not m["harmonized"]), None)
     combat = next((m for m in models if m["harmonized"]), None)
     metric = "auc" if (raw or combat or {}).get("loss") == "logistic" else "r"
@@ -129,6 +130,8 @@ def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
                 "metrics", {}).get("nomogram", {}).get(metric),
             "cnn_local": ((cnn or {}).get("final", {}).get(site, {}).get(
                 "local_test_auc" if metric == "auc" else "local_test_pearson_r")),
+            "cnn_left_out": ((cnn or {}).get("leave_site_out") or {}).get("sites", {}).get(
+                site, {}).get("test_auc" if metric == "auc" else "test_pearson_r"),
             "cnn": ((cnn or {}).get("final", {}).get(site, {}).get(
                 "test_auc" if metric == "auc" else "test_pearson_r"))})
     return metric, rows

@@ -359,6 +359,8 @@ def test_a_crop_too_small_for_the_network_is_a_config_error():
 
     with pytest.raises(ValidationError, match="at least 29 voxels"):  # when the protocol loads
         CnnSpec(architecture="densenet121", crop_size=(48, 48, 16))
+    with pytest.raises(ValidationError, match="a left-out site has no normalization layers"):
+        CnnSpec(leave_site_out=True, local_norm=True)
     with pytest.raises(ConfigError, match="densenet121"):
         build_network(SPEC.model_copy(update={"architecture": "densenet121"}),
                       TaskKind.CLASSIFICATION)
@@ -463,3 +465,14 @@ def test_the_local_only_cnn_is_trained_and_scored_at_the_site_alone(study: Study
     models = [{"harmonized": False, "loss": "logistic", "sites": {"site_A": {"n_test": 5}}}]
     _, rows = summary_rows(models, {"final": final})
     assert rows[0]["cnn"] == 0.7 and rows[0]["cnn_local"] == local["local_test_auc"]
+
+
+def test_the_model_trained_without_the_site_gets_its_test_metrics_alone(study: Study):
+    from client.phases import cnn
+    from common.messages import StudyConfig
+    from common.payloads import CNN_LEAVE_SITE_OUT
+
+    asked = StudyConfig.of(study.protocol, seed=0, models=(CNN_LEAVE_SITE_OUT,))
+    metrics = cnn.evaluate(study.site, study.protocol, asked, study.initial)
+    assert set(metrics) == {"num-examples", "seconds", *(f"test_{k}" for k in (
+        "n", "n_positive", "loss", "auc", "pearson_r", "mae"))}  # no local baseline, no CI

@@ -120,3 +120,46 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
     html = write_report(tmp_path / "out")["html"].read_text()
     assert "Rounds a site was left out of" in html and "error 0: connection lost" in html
     assert "Sites not scored with the final CNN" in html and "not the study&#39;s" in html
+
+
+def test_the_cnn_trained_without_each_site_is_scored_there(tmp_path: Path) -> None:
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+    from server.phases.validation import summary_rows
+    from server.report import write_report
+
+    cohort, protocol = small_study(tmp_path, (22, 22, 22), rounds=2, leave_site_out=True)
+    settings = StudySettings(protocol, tmp_path / "out", min_sites=2, timeout_s=300, seed=1,
+                             until="cnn", radiomics=False)
+    lines: list[str] = []
+    run_simulation(server_app=make_server_app(settings, lines.append),
+                   client_app=make_client_app(cohort, min_patients=1), num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1}})
+
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["status"] == "done", lines
+    report = json.loads((tmp_path / "out" / "cnn.json").read_text())
+    loso = report["leave_site_out"]
+    assert set(loso["sites"]) == {"site_A", "site_B", "site_C"} and loso["skipped"] == {}, loso
+    for site, metrics in loso["sites"].items():
+        assert 0.0 <= metrics["test_auc"] <= 1.0
+        assert metrics["test_n"] == report["final"][site]["test_n"]
+        # its federation: the other two sites, every round, and its own records
+        progress = json.loads((tmp_path / "out" / "cnn_loso" / site / "cnn_progress.json")
+                              .read_text())
+        assert [sorted(sites) for sites in progress["history"].values()] == [
+            sorted(set(loso["sites"]) - {site})] * 2
+        assert f"  CNN without {site}: 2 round(s) with " in "\n".join(lines)
+    # the site's own report keeps the federated CNN's section, not the left-out model's
+    folder = cohort / "work" / "site_A" / "study" / protocol.short_hash / "report"
+    section = json.loads((folder / "evaluation_cnn.json").read_text())
+    assert section["metrics"]["models"]["CNN"]["auc"] == pytest.approx(
+        report["final"]["site_A"]["test_auc"], abs=1e-6)
+    models = [{"harmonized": False, "loss": "logistic",
+               "sites": {site: {"n_test": 7} for site in loso["sites"]}}]
+    _, rows = summary_rows(models, report)  # the demo's table
+    assert [r["cnn_left_out"] for r in rows] == [loso["sites"][s]["test_auc"]
+                                                 for s in sorted(loso["sites"])]
+    html = write_report(tmp_path / "out")["html"].read_text()
+    assert "The CNN trained without each site, scored there" in html
