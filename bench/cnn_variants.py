@@ -12,7 +12,8 @@ again. A study already run
 under ``--work`` is read back. It prints the bytes one model costs on the wire each way, each
 site's final test AUC per variant and its difference from the baseline, mean over the studies,
 and whether the issue's goals hold: float16 <= 0.52x the bytes with the AUC within 0.01 of
-float32 at every site; FedBN at least float32 FedAvg at every site.
+float32 at every site; FedBN at least float32 FedAvg at every site. With float16 it also
+measures what the rounding does by itself (:func:`rounding`).
 
     python bench/cnn_variants.py [--studies 3] [--variants float16 fedbn] [--sizes 40,70,110]
                                  [--work DIR]
@@ -30,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cli.simulation import run_in_simulation  # noqa: E402
@@ -54,6 +56,42 @@ def study(cohort: Path, out: Path, seed: int, changes: dict[str, object]) -> dic
         run_in_simulation(cohort, StudySettings(protocol, out, min_sites=3, seed=seed,
                                                 until="cnn", radiomics=False), lambda _: None)
     return json.loads((out / "cnn.json").read_text())
+
+
+def rounding(cohort: Path, work: Path, seed: int) -> None:
+    """What the half precision does by itself, apart from the training it then takes: the last
+    float32 study's final model scored at every site as it is and rounded to float16 and back
+    (the sites' crops are that study's), and how far the float16 study's global model is from
+    the float32 one after the first and the last round."""
+    from client.cnn.evaluate import evaluate_arrays
+    from common.protocol import protocol_from_mapping
+    from common.site_config import SiteConfig
+    from common.wire import from_wire, to_wire
+
+    def load(variant: str, round_index: int) -> dict[str, np.ndarray]:
+        path = work / f"study-{seed}-{variant}" / "cnn" / f"global_round_{round_index:03d}.npz"
+        with np.load(path) as saved:
+            return {k: saved[k].astype(np.float64) for k in saved.files}
+
+    out = work / f"study-{seed}-{BASELINE}"
+    protocol = protocol_from_mapping(json.loads((out / "protocol.json").read_text())["protocol"],
+                                     str(out / "protocol.json"))
+    assert protocol.cnn is not None
+    for round_index in (1, protocol.cnn.rounds):
+        a, b = load(BASELINE, round_index), load("float16", round_index)
+        gap = np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in a) / sum(np.sum(a[k] ** 2)
+                                                                       for k in a))
+        print(f"study {seed}, round {round_index}: the float16 study's global model is "
+              f"{gap:.1%} (relative L2) from the float32 one")
+    final = {k: v.astype(np.float32) for k, v in load(BASELINE, protocol.cnn.rounds).items()}
+    rounded = from_wire(to_wire(final, "float16"))
+    for site in sorted(p.parent.name for p in cohort.glob("*/manifest.csv")):
+        config = SiteConfig(site_name=site, manifest=cohort / site / "manifest.csv",
+                            work_dir=cohort / "work" / site)
+        auc = [evaluate_arrays(config, protocol, w, include_train=False).test.auc
+               for w in (final, rounded)]
+        print(f"{site}: the float32 model {auc[0]:.4f}, the same model rounded to float16 "
+              f"{auc[1]:.4f} (difference {auc[1] - auc[0]:+.4f})")
 
 
 def main() -> None:
@@ -97,6 +135,7 @@ def main() -> None:
         print(f"\nfloat16: {ratio:.3f}x the bytes (goal <= 0.52x), |AUC difference| <= 0.01 at "
               f"every site: {'yes' if close else 'no'} (largest in one study "
               f"{table[f'float16 - {BASELINE}'].abs().max():.3f})")
+        rounding(cohort, work, args.studies)
     if "fedbn" in args.variants:
         holds = bool((mean[f"fedbn - {BASELINE}"] >= 0).all())
         print(f"fedbn: at least float32 FedAvg at every site: {'yes' if holds else 'no'}")
