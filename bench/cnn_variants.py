@@ -1,22 +1,23 @@
 """The CNN's federation variants against plain float32 FedAvg (issue 16): half-precision
-transfer (``cnn.transfer = float16``) and FedBN (``cnn.local_norm``), the final model's test AUC
-at every site, and the bytes per round.
+transfer (``cnn.transfer = float16``), FedBN (``cnn.local_norm``) and the final model fine-tuned
+at each site (``cnn.fine_tune_epochs``), the test AUC at every site, and the bytes per round.
 
 One cohort (the demo's sizes by default) is written once; then for each of ``--studies`` study
 seeds (each its own train/test split and initial network) the CNN phase runs in Flower's
 simulation engine (the study's strategies and messages) once per variant, everything else equal:
-``float32`` (the baseline), ``float16`` and ``fedbn``. The extraction is first-order only (it is
-not what is measured); the crops are standardized as the protocol says but without histogram
+``float32`` (the baseline), ``float16`` and ``fedbn``; ``finetuned`` is no federation of its own:
+the baseline study fine-tunes its final model at each site (``--fine-tune-epochs``) after scoring
+it, and that model's AUC is the variant's. The extraction is first-order only (it is not what
+is measured); the crops are standardized as the protocol says but without histogram
 standardization, whose standard changes with every split and would make every study extract
-again. A study already run
-under ``--work`` is read back. It prints the bytes one model costs on the wire each way, each
+again. A study already run under ``--work`` is read back. It prints the bytes one model costs on the wire each way, each
 site's final test AUC per variant and its difference from the baseline, mean over the studies,
 and whether the issue's goals hold: float16 <= 0.52x the bytes with the AUC within 0.01 of
-float32 at every site; FedBN at least float32 FedAvg at every site. With float16 it also
-measures what the rounding does by itself (:func:`rounding`).
+float32 at every site; FedBN, and fine-tuning, at least float32 FedAvg at every site. With
+float16 it also measures what the rounding does by itself (:func:`rounding`).
 
-    python bench/cnn_variants.py [--studies 3] [--variants float16 fedbn] [--sizes 40,70,110]
-                                 [--work DIR]
+    python bench/cnn_variants.py [--studies 3] [--variants float16 fedbn finetuned]
+                                 [--fine-tune-epochs 2] [--sizes 40,70,110] [--work DIR]
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from server.study import StudySettings  # noqa: E402
 BASELINE = "float32"
 #: Each variant's changes to the protocol's ``cnn`` section.
 VARIANTS = {BASELINE: {}, "float16": {"transfer": "float16"}, "fedbn": {"local_norm": True}}
+#: Read from the baseline study: its final model fine-tuned at each site.
+FINE_TUNED = "finetuned"
 
 
 def study(cohort: Path, out: Path, seed: int, changes: dict[str, object]) -> dict:
@@ -97,8 +100,10 @@ def rounding(cohort: Path, work: Path, seed: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=["float16", "fedbn"],
-                        choices=[v for v in VARIANTS if v != BASELINE])
+    parser.add_argument("--variants", nargs="+", default=["float16", "fedbn", FINE_TUNED],
+                        choices=[*(v for v in VARIANTS if v != BASELINE), FINE_TUNED])
+    parser.add_argument("--fine-tune-epochs", type=int, default=2,
+                        help="the baseline study's cnn.fine_tune_epochs (with 'finetuned')")
     parser.add_argument("--sizes", default="40,70,110", help="patients per site")
     parser.add_argument("--work", type=Path, default=None, help="kept here (reused)")
     args = parser.parse_args()
@@ -108,13 +113,19 @@ def main() -> None:
         sizes = tuple(int(s) for s in args.sizes.split(","))
         write_cohort(cohort, CohortSpec(make_sites(sizes, True)), workers=2)
     variants = [BASELINE, *args.variants]
+    tune = ({"fine_tune_epochs": args.fine_tune_epochs} if FINE_TUNED in args.variants else {})
     start, rows, wire = time.perf_counter(), [], {}
     for seed in range(1, args.studies + 1):
-        for variant in variants:
-            report = study(cohort, work / f"study-{seed}-{variant}", seed, VARIANTS[variant])
+        for variant in (v for v in variants if v != FINE_TUNED):
+            changes = {**VARIANTS[variant], **(tune if variant == BASELINE else {})}
+            report = study(cohort, work / f"study-{seed}-{variant}", seed, changes)
             wire[variant] = (report["wire_bytes"], report["weights_bytes"])
             rows += [{"study": seed, "variant": variant, "site": site,
                       "auc": metrics["test_auc"]} for site, metrics in report["final"].items()]
+            if variant == BASELINE and tune:
+                rows += [{"study": seed, "variant": FINE_TUNED, "site": site,
+                          "auc": metrics["finetuned_test_auc"]}
+                         for site, metrics in report["final"].items()]
             print(f"study {seed}, {variant}: done ({time.perf_counter() - start:.0f} s)",
                   flush=True)
     raw = wire[BASELINE][0]
@@ -136,9 +147,9 @@ def main() -> None:
               f"every site: {'yes' if close else 'no'} (largest in one study "
               f"{table[f'float16 - {BASELINE}'].abs().max():.3f})")
         rounding(cohort, work, args.studies)
-    if "fedbn" in args.variants:
-        holds = bool((mean[f"fedbn - {BASELINE}"] >= 0).all())
-        print(f"fedbn: at least float32 FedAvg at every site: {'yes' if holds else 'no'}")
+    for variant in {"fedbn", FINE_TUNED} & set(args.variants):
+        holds = bool((mean[f"{variant} - {BASELINE}"] >= 0).all())
+        print(f"{variant}: at least float32 FedAvg at every site: {'yes' if holds else 'no'}")
     print(f"\n{time.perf_counter() - start:.0f} s; cohort and studies under {work}")
 
 

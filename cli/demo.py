@@ -128,21 +128,22 @@ def summary_table(study: Path, wall_s: float) -> Table:
                                 read("nomogram.json"))
     table = Table("site", "test", "local", "federated", "fed. + ComBat", "site-updated",
                   "left out", "left out + ComBat", "nomogram", "CNN local", "CNN left out",
-                  "CNN",
+                  "CNN", "CNN fine-tuned",
                   title=f"Test {metric.upper()} per site ({wall_s:.0f} s)",
                   caption="radiomics: local-only model, federated model (raw features, after "
                   "federated ComBat and, where the protocol asks, CovBat), the harmonized "
                   "federated model updated at the site by its own cross-validation, model "
                   "trained without the site; the nomogram (radiomics "
                   "score + clinical factors, response task); the CNN trained at the site "
-                  "alone, without it (cnn.leave_site_out), the final federated CNN")
+                  "alone, without it (cnn.leave_site_out), the final federated CNN, and that "
+                  "CNN fine-tuned at the site (cnn.fine_tune_epochs)")
     for r in rows:
         table.add_row(r["site"], str(shown_count(r["n_test"])), _show(r["local"]),
                       _show(r["federated"]), _show(r["federated_combat"]),
                       _show(r["site_updated"]),
                       _show(r["leave_site_out"]), _show(r["leave_site_out_combat"]),
                       _show(r["nomogram"]), _show(r["cnn_local"]), _show(r["cnn_left_out"]),
-                      _show(r["cnn"]))
+                      _show(r["cnn"]), _show(r["cnn_finetuned"]))
     return table
 
 

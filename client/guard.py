@@ -256,7 +256,8 @@ def cnn_metric_names(kind: str) -> frozenset[str]:
         return frozenset({"num-examples", "train_loss", "train_seconds", "global_seconds",
                           *(f"global_test_{k}" for k in split), *dp})
     return frozenset({"num-examples", "seconds", *(f"{s}_{k}" for s in ("test", "train",
-                                                                        "local_test")
+                                                                        "local_test",
+                                                                        "finetuned_test")
                                                    for k in split),
                       "test_auc_low", "test_auc_high", "test_r_low", "test_r_high"})
 

@@ -498,7 +498,8 @@ class CnnSpec(_Frozen):
     the trimmed mean's; ``krum_byzantine`` the number of bad sites Krum tolerates; ``local_dp``
     noises each site's update, see :class:`LocalDpSpec`; ``local_baseline`` scores a local-only
     network at each site, ``leave_site_out`` one trained without it; ``local_norm`` keeps the
-    normalization layers at the sites, FedBN; ``transfer`` the weights' precision on the wire).
+    normalization layers at the sites, FedBN; ``fine_tune_epochs`` a final local fine-tuning at
+    each site; ``transfer`` the weights' precision on the wire).
     DenseNet121 needs a crop of at least 29 voxels on every axis."""
     architecture: Literal["resnet10", "resnet18", "densenet121"] = "resnet10"
     width: float = Field(0.25, gt=0, le=4, description="ResNet channel multiplier (1 = MONAI's "
@@ -528,6 +529,11 @@ class CnnSpec(_Frozen):
         False, description="FedBN: the normalization layers (BatchNorm weights, biases and "
         "running statistics) stay at each site, never sent, never averaged; each site scores the "
         "global model with its own.")
+    fine_tune_epochs: int = Field(
+        0, ge=0, le=100, description="A final local fine-tuning: each site trains the final "
+        "global model (with FedBN, with its own normalization layers) this many more epochs on "
+        "its own training crops, scores it on its test crops beside the global model and keeps "
+        "it; only its metrics leave. 0: none.")
     transfer: Literal["float32", "float16"] = Field(
         "float32", description="The float weights' precision on the wire in the training "
         "rounds, both ways: float16 halves the bytes of a round; the server averages and keeps "

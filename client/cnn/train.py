@@ -115,8 +115,9 @@ def _adam(model: torch.nn.Module, learning_rate: float) -> torch.optim.Optimizer
 
 def train_round(site: SiteConfig, protocol: StudyProtocol, global_arrays: Mapping[str, np.ndarray],
                 *, round_index: int, seed: int, device: torch.device | None = None,
-                target: TargetScale | None = None) -> TrainResult:
-    """Train the global model on this site's training crops for ``cnn.local_epochs`` epochs.
+                target: TargetScale | None = None, epochs: int | None = None) -> TrainResult:
+    """Train the global model on this site's training crops for ``cnn.local_epochs`` epochs
+    (or ``epochs``: the final fine-tuning's).
 
     Adam (``cnn.learning_rate``, fresh each round); BCE-with-logits (classification) or MSE on
     the scaled target (regression, :class:`TargetScale`); with ``cnn.aggregator == "fedprox"``
@@ -166,7 +167,7 @@ def train_round(site: SiteConfig, protocol: StudyProtocol, global_arrays: Mappin
         rng = np.random.default_rng(this_seed)
         n = len(y)
         total, seen = 0.0, 0
-        for _ in range(spec.local_epochs):
+        for _ in range(spec.local_epochs if epochs is None else epochs):
             order = rng.permutation(n)
             for batch in np.array_split(order, math.ceil(n / spec.batch_size)):
                 xb = x[batch]

@@ -31,6 +31,9 @@ from common.site_config import SiteConfig
 #: FedBN (``cnn.local_norm``): this site's normalization layers after its last round, under its
 #: study folder's ``cnn/``.
 LOCAL_NORM_FILE = "local_norm.npz"
+#: ``cnn.fine_tune_epochs``: the final global model fine-tuned on this site's crops, every array,
+#: under its study folder's ``cnn/``.
+FINE_TUNED_FILE = "fine_tuned.npz"
 
 log = logging.getLogger("myelofed.site")
 
@@ -110,9 +113,33 @@ def evaluate(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
     weights = with_local_norm(site, protocol, weights, seed)
     result = evaluate_arrays(site, protocol, weights)
     local = local_baseline(site, protocol, seed)
+    tuned = fine_tuned(site, protocol, weights, seed)
     interval = record_cnn(site, protocol, dict(weights),
                           study.threshold if study.threshold is not None else 0.5, seed)
-    return {"num-examples": result.test.n, **result.as_record(), **interval, **local}
+    return {"num-examples": result.test.n, **result.as_record(), **interval, **local, **tuned}
+
+
+def fine_tuned(site: SiteConfig, protocol: StudyProtocol, weights: Mapping[str, np.ndarray],
+               seed: int) -> dict[str, float]:
+    """With ``cnn.fine_tune_epochs`` k > 0, the final global model (complete: with FedBN, this
+    site's normalization layers) trained k more epochs on this site's training crops, kept here
+    (:data:`FINE_TUNED_FILE`, written atomically) and scored on its test crops, as
+    ``finetuned_test_*`` metrics. Seeded as the round after the last. Empty when the protocol
+    does not ask, or when this site cannot train (named in the log)."""
+    spec = protocol.cnn
+    if spec is None or not spec.fine_tune_epochs:
+        return {}
+    try:
+        tuned = train_round(site, protocol, weights, round_index=spec.rounds + 1, seed=seed,
+                            epochs=spec.fine_tune_epochs).weights
+        test = evaluate_arrays(site, protocol, tuned, include_train=False).test
+    except ModelError as exc:  # too few crops, or a network that diverged
+        log.warning("%s: no fine-tuned CNN: %s", site.site_name, exc)
+        return {}
+    buffer = io.BytesIO()
+    np.savez(buffer, **tuned)
+    atomic_write_bytes(study_dir(site, protocol) / "cnn" / FINE_TUNED_FILE, buffer.getvalue())
+    return {f"finetuned_test_{k}": v for k, v in dataclasses.asdict(test).items()}
 
 
 def local_baseline(site: SiteConfig, protocol: StudyProtocol, seed: int) -> dict[str, float]:

@@ -130,6 +130,8 @@ def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
                 "metrics", {}).get("nomogram", {}).get(metric),
             "cnn_local": ((cnn or {}).get("final", {}).get(site, {}).get(
                 "local_test_auc" if metric == "auc" else "local_test_pearson_r")),
+            "cnn_finetuned": ((cnn or {}).get("final", {}).get(site, {}).get(
+                "finetuned_test_auc" if metric == "auc" else "finetuned_test_pearson_r")),
             "cnn_left_out": ((cnn or {}).get("leave_site_out") or {}).get("sites", {}).get(
                 site, {}).get("test_auc" if metric == "auc" else "test_pearson_r"),
             "cnn": ((cnn or {}).get("final", {}).get(site, {}).get(

@@ -476,3 +476,30 @@ def test_the_model_trained_without_the_site_gets_its_test_metrics_alone(study: S
     metrics = cnn.evaluate(study.site, study.protocol, asked, study.initial)
     assert set(metrics) == {"num-examples", "seconds", *(f"test_{k}" for k in (
         "n", "n_positive", "loss", "auc", "pearson_r", "mae"))}  # no local baseline, no CI
+
+
+def test_the_final_model_is_fine_tuned_kept_and_scored_at_the_site(study: Study):
+    from client.guard import cnn_metric_names
+    from client.phases import cnn
+    from server.phases.validation import summary_rows
+
+    site = study.site  # the protocol below has a study folder of its own
+    protocol = _with_cnn(study, fine_tune_epochs=2)
+    tuned = cnn.fine_tuned(site, protocol, study.initial, seed=0)
+    assert set(tuned) == {f"finetuned_test_{k}" for k in ("n", "n_positive", "loss", "auc",
+                                                          "pearson_r", "mae")}
+    assert set(tuned) <= cnn_metric_names("evaluate")  # the guard lets its metrics leave
+    kept = study_dir(site, protocol) / "cnn" / cnn.FINE_TUNED_FILE
+    with np.load(kept) as model:  # every array of the network, trained on from the one given
+        assert set(model.files) == set(study.initial)
+        assert any(not np.array_equal(model[k], study.initial[k]) for k in model.files)
+    # two epochs from the same model and seed: the metrics of the kept model
+    two = train_round(site, protocol, study.initial, round_index=SPEC.rounds + 1, seed=0,
+                      epochs=2).weights
+    assert evaluate_arrays(site, protocol, two, include_train=False).test.auc == (
+        tuned["finetuned_test_auc"])
+    assert cnn.fine_tuned(site, _with_cnn(study), study.initial, seed=0) == {}  # 0: none
+    final = {"site_A": {"test_auc": 0.7, **tuned}}
+    models = [{"harmonized": False, "loss": "logistic", "sites": {"site_A": {"n_test": 5}}}]
+    _, rows = summary_rows(models, {"final": final})
+    assert rows[0]["cnn_finetuned"] == tuned["finetuned_test_auc"]

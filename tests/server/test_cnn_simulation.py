@@ -2,7 +2,8 @@
 a checkpoint every round; a site sending NaN weights, weights of the wrong shape or an update
 under another protocol is left out of the average, by name and reason, and a site that drops
 out of a round is asked again the next. The weights travel in half precision (``cnn.transfer``),
-the global model stays float32; the normalization layers stay at the sites (FedBN)."""
+the global model stays float32; the normalization layers stay at the sites (FedBN), and each
+site fine-tunes the final model on its own crops (``cnn.fine_tune_epochs``)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
     from server.app import make_server_app
 
     cohort, protocol = small_study(tmp_path, (30, 34, 38), rounds=4, aggregator="fedmedian",
-                                   transfer="float16", local_norm=True)
+                                   transfer="float16", local_norm=True, fine_tune_epochs=1)
     settings = StudySettings(protocol, tmp_path / "out", min_sites=2, timeout_s=300, seed=1,
                              combat=CombatOptions(min_batch_size=3, min_cell=1),
                              radiomics=False)  # the CNN alone: what this test is about
@@ -97,6 +98,10 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
         # the site's local-only CNN, trained there alone: its metrics only
         assert 0.0 <= metrics["local_test_auc"] <= 1.0
         assert metrics["local_test_n"] == metrics["test_n"]
+        # and the final model fine-tuned there one epoch, kept there: its metrics only
+        assert 0.0 <= metrics["finetuned_test_auc"] <= 1.0
+        assert (cohort / "work" / site / "study" / protocol.short_hash / "cnn"
+                / "fine_tuned.npz").is_file()
         # the site's own report: the CNN's metrics, ROC and Grad-CAM maps of its test cases
         folder = cohort / "work" / site / "study" / protocol.short_hash / "report"
         cnn = json.loads((folder / "evaluation_cnn.json").read_text())
