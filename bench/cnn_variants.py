@@ -7,14 +7,14 @@ seeds (each its own train/test split and initial network) the CNN phase runs in 
 simulation engine (the study's strategies and messages) once per variant, everything else equal:
 ``float32`` (the baseline), ``float16`` and ``fedbn``; ``finetuned`` is no federation of its own:
 the baseline study fine-tunes its final model at each site (``--fine-tune-epochs``) after scoring
-it, and that model's AUC is the variant's. The extraction is first-order only (it is not what
-is measured); the crops are standardized as the protocol says but without histogram
-standardization, whose standard changes with every split and would make every study extract
-again. A study already run under ``--work`` is read back. It prints the bytes one model costs on the wire each way, each
-site's final test AUC per variant and its difference from the baseline, mean over the studies,
-and whether the issue's goals hold: float16 <= 0.52x the bytes with the AUC within 0.01 of
-float32 at every site; FedBN, and fine-tuning, at least float32 FedAvg at every site. With
-float16 it also measures what the rounding does by itself (:func:`rounding`).
+it, and that model's AUC is the variant's. The extraction is first-order only (it is not what is
+measured); the crops are standardized as the protocol says but without histogram standardization,
+whose standard changes with every split and would make every study extract again. A study already
+run under ``--work`` is read back. It prints the bytes one model costs on the wire each way, each
+site's final test AUC per variant and its difference from the baseline, mean over the studies, and
+whether the issue's goals hold: float16 <= 0.52x the bytes with the AUC within 0.01 of float32 at
+every site; FedBN, and fine-tuning, at least float32 FedAvg at every site. With float16 it also
+measures what the rounding does by itself (:func:`rounding`).
 
     python bench/cnn_variants.py [--studies 3] [--variants float16 fedbn finetuned]
                                  [--fine-tune-epochs 2] [--sizes 40,70,110] [--work DIR]

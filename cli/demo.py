@@ -115,10 +115,20 @@ def _make_cohort(cohort: Path, task: Task) -> None:
         write_cohort(cohort, spec, on_case=lambda _: progress.advance(bar))
 
 
+#: The demo table's models, in its rows: (summary row key, label).
+MODEL_ROWS = (("local", "local-only"), ("federated", "federated"),
+              ("federated_combat", "federated + ComBat"), ("site_updated", "site-updated"),
+              ("leave_site_out", "left out"), ("leave_site_out_combat", "left out + ComBat"),
+              ("nomogram", "nomogram"), ("cnn_local", "CNN, site alone"),
+              ("cnn_left_out", "CNN, left out"), ("cnn", "CNN, federated"),
+              ("cnn_finetuned", "CNN, fine-tuned at the site"))
+
+
 def summary_table(study: Path, wall_s: float) -> Table:
-    """The demo's closing table from a finished study's folder: per site, the test metric of
-    every model (local, federated, after ComBat, left out, nomogram, local and federated
-    CNN)."""
+    """The demo's closing table from a finished study's folder: one column per site, one row
+    per model the study ran (local, federated, after ComBat, updated at the site, left out,
+    nomogram, the CNN's), each site's test metric; a model no site has a value for has no
+    row. Sites are the columns so that every model fits an 80-column terminal."""
     from server.phases.validation import summary_rows  # deferred: heavy (see cli/__init__.py)
 
     def read(name: str) -> Any:
@@ -126,24 +136,22 @@ def summary_table(study: Path, wall_s: float) -> Table:
 
     metric, rows = summary_rows(read("model.json")["models"], read("cnn.json"),
                                 read("nomogram.json"))
-    table = Table("site", "test", "local", "federated", "fed. + ComBat", "site-updated",
-                  "left out", "left out + ComBat", "nomogram", "CNN local", "CNN left out",
-                  "CNN", "CNN fine-tuned",
+    table = Table("model", *(r["site"] for r in rows),
                   title=f"Test {metric.upper()} per site ({wall_s:.0f} s)",
-                  caption="radiomics: local-only model, federated model (raw features, after "
-                  "federated ComBat and, where the protocol asks, CovBat), the harmonized "
-                  "federated model updated at the site by its own cross-validation, model "
-                  "trained without the site; the nomogram (radiomics "
-                  "score + clinical factors, response task); the CNN trained at the site "
-                  "alone, without it (cnn.leave_site_out), the final federated CNN, and that "
-                  "CNN fine-tuned at the site (cnn.fine_tune_epochs)")
-    for r in rows:
-        table.add_row(r["site"], str(shown_count(r["n_test"])), _show(r["local"]),
-                      _show(r["federated"]), _show(r["federated_combat"]),
-                      _show(r["site_updated"]),
-                      _show(r["leave_site_out"]), _show(r["leave_site_out_combat"]),
-                      _show(r["nomogram"]), _show(r["cnn_local"]), _show(r["cnn_left_out"]),
-                      _show(r["cnn"]), _show(r["cnn_finetuned"]))
+                  caption="local-only: the site's own radiomics model; federated: raw features, "
+                  "+ ComBat: after federated ComBat (and CovBat where the protocol asks); "
+                  "site-updated: the harmonized federated model updated by the site's own "
+                  "cross-validation; left out: trained without the site; nomogram: radiomics "
+                  "score + clinical factors (response task); the CNN trained at the site alone, "
+                  "without it (cnn.leave_site_out), federated, and fine-tuned at the site "
+                  "(cnn.fine_tune_epochs)")
+    for column in table.columns[1:]:
+        column.justify, column.no_wrap = "right", True
+    table.add_row("test patients", *(str(shown_count(r["n_test"])) for r in rows),
+                  end_section=True)
+    for key, label in MODEL_ROWS:
+        if any(r[key] is not None for r in rows):
+            table.add_row(label, *(_show(r[key]) for r in rows))
     return table
 
 

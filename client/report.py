@@ -30,7 +30,7 @@ from client.workspace import (
     study_dir,
 )
 from common import plots
-from common.payloads import SITE_UPDATED
+from common.payloads import NOMOGRAM_SITE_UPDATED, SITE_UPDATED
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import REPORT_PACKAGES, atomic_write_json, software_versions
 from common.site_config import SiteConfig
@@ -159,7 +159,8 @@ def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, An
                     "model": name, "r": with_ci(row, "r"),
                     **{k: fmt(row.get(k)) for k in ("spearman", "mae", "rmse", "bias",
                                                       "loa_low", "loa_high")}})
-        update = found["models"].get(SITE_UPDATED) or {}
+        update = (found["models"].get(SITE_UPDATED) or found["models"].get(NOMOGRAM_SITE_UPDATED)
+                  or {})
         if "choice" in update:
             section["site_update"] = {"choice": update["choice"], "deviance": ", ".join(
                 f"{name} {fmt(value, 1)}" for name, value in update["cv_deviance"].items())}

@@ -21,6 +21,11 @@ MIN_ROWS_SENT = 5
 
 #: The name a site scores the federated model under once it has updated it on its own rows.
 SITE_UPDATED = "site-updated"
+#: The same for the federated nomogram (its intercept and coefficients updated at the site).
+NOMOGRAM_SITE_UPDATED = "nomogram site-updated"
+#: The nomogram's ridge penalty (per row), federated and at a site: next to nothing, but finite
+#: when a small training set separates the classes.
+NOMOGRAM_L2 = 1e-4
 
 
 @dataclass(frozen=True)
@@ -204,7 +209,9 @@ def clinical_terms(protocol: StudyProtocol) -> list[str]:
 
 def evaluated_models(names: Sequence[str], site_update: bool, nomogram: bool) -> list[str]:
     """The models a site's metrics table holds for an evaluation request of ``names``: those,
-    and the federated radiomics model updated at the site where the request asks for it
-    (``site_update``; never in a nomogram's evaluation)."""
-    update = site_update and not nomogram and "federated" in names and SITE_UPDATED not in names
-    return [*names, SITE_UPDATED] if update else list(names)
+    and the federated radiomics model (or, in a ``nomogram``'s evaluation, the federated
+    nomogram) updated at the site where the request asks for it (``site_update``)."""
+    base, added = ("nomogram", NOMOGRAM_SITE_UPDATED) if nomogram else ("federated",
+                                                                       SITE_UPDATED)
+    update = site_update and base in names and added not in names
+    return [*names, added] if update else list(names)

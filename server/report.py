@@ -224,6 +224,7 @@ def _nomogram_section(nomogram: dict[str, Any], ranges: dict[str, Any]) -> dict[
         m = result["metrics"]
         rows.append({"site": site, "n_test": shown_count(result["n_test"]),
                      "nomogram": with_ci(m.get("nomogram"), "auc"),
+                     "site_updated": with_ci(m.get("nomogram site-updated"), "auc"),
                      "leave_site_out": with_ci(m.get("nomogram leave-site-out"), "auc")})
     return {"status": "done", "odds_ratios": {t: fmt(v) for t, v in fed["odds_ratios"].items()},
             "figures": [{"title": "Nomogram (federated)", "src": figure}], "rows": rows,

@@ -4,12 +4,13 @@ back (and into the site's own report), never a per-patient score."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from client.phases.nomogram import nomogram_design
-from client.phases.radiomics import model_rows
+from client.phases.radiomics import model_rows, rows_of
 from client.report import record_evaluation
 from client.scoring import metrics_of, paired_comparisons
 from client.workspace import feature_columns, split_table
@@ -17,6 +18,8 @@ from common.errors import MyeloFedError
 from common.messages import EvaluateRequest
 from common.metrics.tables import releasable
 from common.payloads import (
+    NOMOGRAM_L2,
+    NOMOGRAM_SITE_UPDATED,
     SITE_UPDATED,
     ModelMetrics,
     clinical_terms,
@@ -28,7 +31,7 @@ from common.protocol import StudyProtocol, TaskKind
 from common.selection.model import LinearModel
 from common.selection.pooled import fit_pooled
 from common.selection.terms import assign_folds
-from common.selection.updating import update_at_site
+from common.selection.updating import penalized_fit, update_at_site
 from common.site_config import SiteConfig
 
 
@@ -71,6 +74,28 @@ def update_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                               spec.n_lambdas, spec.cv_folds, spec.lambda_rule)
         return model
 
+    return _update(x, y, folds, federated, loss, local)
+
+
+def update_nomogram_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
+                         federated: LinearModel, radiomics: LinearModel) -> LocalUpdate:
+    """The federated nomogram updated on this site's training rows, as :func:`update_here`
+    does the radiomics model, on its design (``radiomics``' score and the clinical columns):
+    the candidate ``local`` is the nomogram's own fit (the same ridge) on the site's rows."""
+    table = split_table(site, protocol, harmonized, "train")
+    x, y, folds = rows_of(table, protocol)
+    design = nomogram_design(table, protocol, x, [radiomics])
+    p = design.shape[1]
+
+    def local(rows: np.ndarray, labels: np.ndarray) -> LinearModel:
+        beta = penalized_fit(rows, labels, "logistic", np.zeros(p), NOMOGRAM_L2 * len(labels))
+        return LinearModel(np.arange(p), np.zeros(p), np.ones(p), beta)
+
+    return _update(design, y, folds, federated, "logistic", local)
+
+
+def _update(x: np.ndarray, y: np.ndarray, folds: np.ndarray, federated: LinearModel, loss: str,
+            local: Callable[[np.ndarray, np.ndarray], LinearModel]) -> LocalUpdate:
     try:
         update = update_at_site(x, y, folds, federated, loss, local)
     except MyeloFedError as exc:  # the site's other metrics are kept: the federated model
@@ -90,12 +115,18 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     model whose score it takes) on its design. ``thresholds``: each model's risk cut-off, fixed
     on its training data (default 0.5). With ``site_update`` (the request asks for it), the
     federated radiomics model updated on this site's rows (:func:`update_here`) is scored too,
-    as ``site-updated``."""
-    update = None
+    as ``site-updated``, or in a nomogram's evaluation the federated nomogram updated here
+    (:func:`update_nomogram_here`), as ``nomogram site-updated``."""
+    update, updated = None, NOMOGRAM_SITE_UPDATED if radiomics else SITE_UPDATED
     if evaluated_models(list(models), site_update, bool(radiomics)) != list(models):
-        update = update_here(site, protocol, harmonized, models["federated"], seed)
-        models = {**models, SITE_UPDATED: update.model}
-        thresholds = {**(thresholds or {}), SITE_UPDATED: update.prevalence}
+        if radiomics:
+            update = update_nomogram_here(site, protocol, harmonized, models["nomogram"],
+                                          radiomics["nomogram"])
+            radiomics = {**radiomics, updated: radiomics["nomogram"]}
+        else:
+            update = update_here(site, protocol, harmonized, models["federated"], seed)
+        models = {**models, updated: update.model}
+        thresholds = {**(thresholds or {}), updated: update.prevalence}
     test = split_table(site, protocol, harmonized, "test")
     names = feature_columns(test, protocol)
     x = test[names].to_numpy(float)
@@ -114,15 +145,14 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     # report keeps the whole table
     sent = {"models": {name: releasable(row, protocol.validation.min_count)
                        for name, row in table.items()}, "comparisons": comparisons}
-    terms = {name: {"intercept": float(model.beta[0]), "coefficients": (
-        dict(zip(["radiomics score", *clinical_terms(protocol)], model.beta[1:].tolist(),
-                 strict=True))
-        if radiomics and name in radiomics else
-        {names[i]: float(c) for i, c in zip(model.features, model.beta[1:], strict=True)
-         if c != 0})}
+    design = ["radiomics score", *clinical_terms(protocol)]  # a nomogram's columns
+    terms = {name: {"intercept": float(model.beta[0]), "coefficients": {
+        (design if radiomics and name in radiomics else names)[i]: float(c)
+        for i, c in zip(model.features, model.beta[1:], strict=True)
+        if c != 0 or (radiomics and name in radiomics)}}
         for name, model in models.items()}
     if update is not None:  # which update the site's cross-validation chose, kept here
-        terms[SITE_UPDATED] |= {"choice": update.choice, "cv_deviance": update.deviance}
+        terms[updated] |= {"choice": update.choice, "cv_deviance": update.deviance}
     record_evaluation(site, protocol, "nomogram" if radiomics else
                       ("harmonized" if harmonized else "raw"), content, y, scores, terms)
     return ModelMetrics(site.site_name, released(len(y), site.min_patients),

@@ -243,8 +243,8 @@ but not pooled.</p>
 {% for site, why in report.nomogram.get("left_out", {}).items() %}
 <p class="warn">{{ site }} scored the nomograms but was left out of their fits: {{ why }}</p>
 {% endfor %}
-{{ mapping_table(report.nomogram.rows, ["site", "n_test", "nomogram", "leave_site_out"],
-                 ["site", "test n", "AUC [CI]", "trained without the site"]) }}
+{{ mapping_table(report.nomogram.rows, ["site", "n_test", "nomogram", "site_updated", "leave_site_out"],
+                 ["site", "test n", "AUC [CI]", "updated at the site", "trained without the site"]) }}
 {{ figures(report.nomogram.figures) }}
 {% else %}
 <p class="warn">Nomogram: {{ report.nomogram.status }}</p>

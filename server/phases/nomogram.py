@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.messages import EvaluateRequest, MessageType, ModelTermsRequest
-from common.payloads import ModelMetrics, clinical_terms
+from common.payloads import NOMOGRAM_L2, ModelMetrics, clinical_terms
 from common.records import pack_request
 from common.selection.batch import FitBatch
 from common.selection.model import LinearModel
@@ -16,10 +16,6 @@ from server.phases.radiomics import run_batch
 from server.phases.validation import pool_sites, site_results
 from server.rounds import Records, Transport, collect, exchange, study_config
 from server.study import Progress, StudySettings
-
-#: The nomogram's ridge penalty (per row): next to nothing, but finite when a small training
-#: set separates the classes.
-NOMOGRAM_L2 = 1e-4
 
 
 def run_nomogram(transport: Transport, nodes: dict[int, str], settings: StudySettings,
@@ -79,7 +75,8 @@ def run_nomogram(transport: Transport, nodes: dict[int, str], settings: StudySet
         return pack_request(EvaluateRequest(
             study_config(settings, harmonized=harmonized,
                          models=tuple(n for n, _ in chosen),
-                         thresholds=tuple(prevalence[s] for _, s in chosen), seed=settings.seed),
+                         thresholds=tuple(prevalence[s] for _, s in chosen), seed=settings.seed,
+                         site_update=settings.protocol.validation.site_update or None),
             tuple(nomograms[s] for _, s in chosen), tuple(radiomics[s] for _, s in chosen)))
 
     replies, more = exchange(transport, nodes, MessageType.MODEL_EVALUATE, evaluation, settings)

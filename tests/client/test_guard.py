@@ -21,6 +21,7 @@ from client.scoring import metrics_of
 from common.messages import EvaluateRequest, MessageType, StudyConfig, StudyRequest
 from common.metrics.tables import releasable
 from common.payloads import (
+    NOMOGRAM_SITE_UPDATED,
     SITE_UPDATED,
     SUPPRESSED,
     HandshakeReply,
@@ -285,10 +286,14 @@ def test_the_site_updated_model_is_sent_only_where_the_request_asks_for_it():
     plain, _ = evaluation(DIAGNOSIS, ["federated", "local"])
     withheld(MessageType.MODEL_EVALUATE, plain, metrics(table), "are not the requested")
     one = (LinearModel(np.arange(1), np.zeros(1), np.ones(1), np.zeros(2)),)
-    nomogram = pack_request(EvaluateRequest(StudyConfig.of(  # a nomogram's: never updated
-        DIAGNOSIS, models=("federated",), site_update=True), one, one))
-    check(MessageType.MODEL_EVALUATE, nomogram,
-          metrics({"models": {"federated": table["models"]["federated"]}, "comparisons": {}}))
+    nomogram = pack_request(EvaluateRequest(StudyConfig.of(  # a nomogram's: the nomogram's
+        DIAGNOSIS, models=("nomogram",), site_update=True), one, one))
+    row = table["models"]["federated"]
+    check(MessageType.MODEL_EVALUATE, nomogram, metrics(
+        {"models": {"nomogram": row, NOMOGRAM_SITE_UPDATED: row}, "comparisons": {}}))
+    for wrong in ({"nomogram": row}, {"nomogram": row, SITE_UPDATED: row}):
+        withheld(MessageType.MODEL_EVALUATE, nomogram,
+                 metrics({"models": wrong, "comparisons": {}}), "are not the requested")
 
 
 def test_curves_keep_the_protocols_bins_and_thresholds():

@@ -13,11 +13,12 @@ import pytest
 
 from client.workspace import HARMONIZED_FILE, feature_columns
 from common.glm import fit_logistic
+from common.payloads import NOMOGRAM_L2
 from common.protocol import ModelSpec, load_protocol
 from common.selection.model import LinearModel
+from common.selection.updating import candidates
 from common.synthetic import CohortSpec, Task, make_sites, write_cohort
 from harmonization.combat.design import CombatOptions
-from server.phases.nomogram import NOMOGRAM_L2
 from server.study import StudySettings
 
 pytestmark = pytest.mark.slow
@@ -76,9 +77,14 @@ def test_the_nomogram_equals_the_pooled_fit_and_is_scored_at_every_site(
         got = [fitted["intercept"], *fitted["coefficients"].values()]
         np.testing.assert_allclose(got, pooled, atol=1e-6, err_msg=set_name)
         assert fitted["odds_ratios"]["age"] == pytest.approx(np.exp(pooled[-1]))
-    for result in nomogram["sites"].values():
-        assert set(result["metrics"]) == {"nomogram", "nomogram leave-site-out"}
+    for site, result in nomogram["sites"].items():
+        assert set(result["metrics"]) == {"nomogram", "nomogram leave-site-out",
+                                          "nomogram site-updated"}
         assert all(0.0 <= m["auc"] <= 1.0 for m in result["metrics"].values())
+        # the federated nomogram updated at the site: kept there, with its site's choice
+        kept = json.loads((cohort / "work" / site / "study" / protocol.short_hash / "report"
+                           / "evaluation_nomogram.json").read_text())
+        assert kept["models"]["nomogram site-updated"]["choice"] in candidates()
 
 
 def test_the_multicentre_report_shows_every_site_and_model(
