@@ -41,6 +41,8 @@ from common.metrics.tables import (
 )
 from common.payloads import (
     MIN_ROWS_SENT,
+    NOMOGRAM_SITE_UPDATED,
+    SITE_UPDATED,
     HandshakeReply,
     ModelMetrics,
     PrepareReply,
@@ -52,6 +54,7 @@ from common.records import PayloadError, check_sent, unpack
 from common.selection.model import LinearModel
 from common.selection.screening import Comoments
 from common.selection.terms import BatchRequest, BatchTerms
+from common.selection.updating import candidates
 from harmonization.combat.design import design_from_json
 from harmonization.combat.moments import DesignMoments, ResidualMoments, StackedMoments
 from harmonization.covbat import PrincipalAxes, ResidualProducts, score_design
@@ -185,8 +188,12 @@ def _check_table(text: str, names: list[str], protocol: StudyProtocol) -> None:
         return PrivacyGuardError(f"the metrics table: {reason}")
 
     table = json.loads(text)
-    if not isinstance(table, dict) or set(table) != {"models", "comparisons"}:
-        raise fail("it must hold 'models' and 'comparisons' only")
+    updated = SITE_UPDATED in names or NOMOGRAM_SITE_UPDATED in names
+    expected = {"models", "comparisons", *(["update"] if updated else [])}
+    if not isinstance(table, dict) or set(table) != expected:
+        raise fail(f"it must hold {' and '.join(repr(k) for k in sorted(expected))} only")
+    if updated:
+        _check_update(table["update"], fail)
     models, comparisons = table["models"], table["comparisons"]
     if not isinstance(models, dict) or set(models) != set(names):
         raise fail(f"its models {sorted(models)} are not the requested {sorted(names)}")
@@ -237,6 +244,20 @@ def _check_confusion(model: str, row: Mapping[str, object], min_count: int,
         if shown:
             raise fail(f"model '{model}': '{shown[0]}' is sent with its confusion matrix "
                        "withheld")
+
+
+def _check_update(update: object, fail: Callable[[str], PrivacyGuardError]) -> None:
+    """The site update's summary: a candidate's name (no free text) and each candidate's
+    cross-validated deviance, a number or None."""
+    names = candidates()
+    if not isinstance(update, dict) or set(update) != {"choice", "deviance"}:
+        raise fail("'update' must hold 'choice' and 'deviance' only")
+    if update["choice"] not in names:
+        raise fail(f"'update': the choice is not one of the candidates {names}")
+    deviance = update["deviance"]
+    if not isinstance(deviance, dict) or not set(deviance) <= set(names) or not all(
+            v is None or _number(v) for v in deviance.values()):
+        raise fail("'update': 'deviance' is not a number or None per candidate")
 
 
 def _check_curve(model: str, key: str, rows: object, most: int,

@@ -38,6 +38,7 @@ from common.provenance import (
 )
 from common.templates import confusion, fmt, render, with_ci
 from harmonization.images import PERCENTILES
+from server.phases.validation import recommendation
 
 REPORT_HTML, REPORT_JSON, REPORT_CSV = "report.html", "report.json", "report.csv"
 PHASE_FILES = ("protocol", "handshake", "images", "prepare", "combat", "model", "nomogram",
@@ -78,7 +79,8 @@ def _side_by_side(model: dict[str, Any], metric: str) -> list[dict[str, Any]]:
                      "site_updated": with_ci(m.get("site-updated"), metric),
                      "leave_site_out": with_ci(m.get("leave-site-out"), metric),
                      "p_federated_vs_local": fmt(result.get("comparisons", {}).get(
-                         f"federated vs local {site}", {}).get("p_value"))})
+                         f"federated vs local {site}", {}).get("p_value")),
+                     "recommended": recommendation(result.get("update"))})
     return rows
 
 
@@ -225,7 +227,8 @@ def _nomogram_section(nomogram: dict[str, Any], ranges: dict[str, Any]) -> dict[
         rows.append({"site": site, "n_test": shown_count(result["n_test"]),
                      "nomogram": with_ci(m.get("nomogram"), "auc"),
                      "site_updated": with_ci(m.get("nomogram site-updated"), "auc"),
-                     "leave_site_out": with_ci(m.get("nomogram leave-site-out"), "auc")})
+                     "leave_site_out": with_ci(m.get("nomogram leave-site-out"), "auc"),
+                     "recommended": recommendation(result.get("update"))})
     return {"status": "done", "odds_ratios": {t: fmt(v) for t, v in fed["odds_ratios"].items()},
             "figures": [{"title": "Nomogram (federated)", "src": figure}], "rows": rows,
             "harmonized": nomogram.get("harmonized"),

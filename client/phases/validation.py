@@ -4,6 +4,7 @@ back (and into the site's own report), never a per-patient score."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from common.protocol import StudyProtocol, TaskKind
 from common.selection.model import LinearModel
 from common.selection.pooled import fit_pooled
 from common.selection.terms import assign_folds
-from common.selection.updating import penalized_fit, update_at_site
+from common.selection.updating import candidates, penalized_fit, update_at_site
 from common.site_config import SiteConfig
 
 
@@ -56,6 +57,15 @@ class LocalUpdate:
     choice: str
     deviance: dict[str, float]
     prevalence: float
+
+    def released(self) -> dict[str, object]:
+        """What leaves the site of the update, for the coordinator's report: the candidate
+        chosen (``federated`` where the update failed: the reason stays here) and each
+        candidate's cross-validated deviance, a loss summed over the site's training rows
+        (None where it could not be fitted)."""
+        return {"choice": self.choice if self.choice in candidates() else "federated",
+                "deviance": {k: v if math.isfinite(v) else None
+                             for k, v in self.deviance.items()}}
 
 
 def update_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
@@ -143,8 +153,10 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     content = {"models": table, "comparisons": comparisons}
     # what leaves the site: no confusion matrix with a cell under the minimum; the site's own
     # report keeps the whole table
-    sent = {"models": {name: releasable(row, protocol.validation.min_count)
-                       for name, row in table.items()}, "comparisons": comparisons}
+    sent: dict[str, object] = {
+        "models": {name: releasable(row, protocol.validation.min_count)
+                   for name, row in table.items()}, "comparisons": comparisons,
+        **({"update": update.released()} if update is not None else {})}
     design = ["radiomics score", *clinical_terms(protocol)]  # a nomogram's columns
     terms = {name: {"intercept": float(model.beta[0]), "coefficients": {
         (design if radiomics and name in radiomics else names)[i]: float(c)

@@ -205,15 +205,18 @@ Scanners shared by several sites: {{ report.combat.shared_batches | join(", ") o
 <h2>Radiomics model — {{ m.label }}</h2>
 <h3>{{ m.metric }} per site (95% CI, DeLong for AUC)</h3>
 <table>
-<tr><th>site</th><th>test n</th><th>local-only</th><th>federated</th><th>site-updated</th><th>leave-site-out</th><th>p (federated vs local, DeLong)</th></tr>
+<tr><th>site</th><th>test n</th><th>local-only</th><th>federated</th><th>site-updated</th><th>leave-site-out</th><th>p (federated vs local, DeLong)</th><th>recommended at the site, and why</th></tr>
 {% for r in m.rows %}
 <tr><td>{{ r.site }}</td><td class="num">{{ r.n_test }}</td><td class="num">{{ r.local }}</td>
-<td class="num">{{ r.federated }}</td><td class="num">{{ r.site_updated }}</td><td class="num">{{ r.leave_site_out }}</td><td class="num">{{ r.p_federated_vs_local }}</td></tr>
+<td class="num">{{ r.federated }}</td><td class="num">{{ r.site_updated }}</td><td class="num">{{ r.leave_site_out }}</td><td class="num">{{ r.p_federated_vs_local }}</td><td>{{ r.recommended }}</td></tr>
 {% endfor %}
 </table>
 <p>Site-updated: the federated model updated on the site's own training rows (recalibrated,
 revised towards its coefficients, or the site's local model: whichever the site's own
-cross-validation preferred; the model stays at the site, its choice is in the site's report).</p>
+cross-validation preferred, by held-out deviance, a loss summed over its training rows; lower
+is better). That choice is the site's recommended model: it is made without the test rows, so
+its test metric is an honest estimate. The model stays at the site; its choice and the
+candidates' deviances are all that leave.</p>
 {% if m.pooled %}
 <h3>Pooled across sites (random effects, DerSimonian-Laird)</h3>
 {{ mapping_table(m.pooled, ["model", "estimate", "ci", "i2", "tau2", "p", "sites"],
@@ -243,8 +246,8 @@ but not pooled.</p>
 {% for site, why in report.nomogram.get("left_out", {}).items() %}
 <p class="warn">{{ site }} scored the nomograms but was left out of their fits: {{ why }}</p>
 {% endfor %}
-{{ mapping_table(report.nomogram.rows, ["site", "n_test", "nomogram", "site_updated", "leave_site_out"],
-                 ["site", "test n", "AUC [CI]", "updated at the site", "trained without the site"]) }}
+{{ mapping_table(report.nomogram.rows, ["site", "n_test", "nomogram", "site_updated", "leave_site_out", "recommended"],
+                 ["site", "test n", "AUC [CI]", "updated at the site", "trained without the site", "recommended at the site, and why"]) }}
 {{ figures(report.nomogram.figures) }}
 {% else %}
 <p class="warn">Nomogram: {{ report.nomogram.status }}</p>

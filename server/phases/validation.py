@@ -10,6 +10,7 @@ from typing import Any
 
 from common.metrics.pooling import pool_random_effects
 from common.payloads import ModelMetrics
+from common.templates import fmt
 
 
 def _number(v: object) -> float | None:
@@ -26,30 +27,36 @@ def _metric_value(v: object) -> float | None | list[list[float | None]]:
 
 
 def _metrics_table(reply: ModelMetrics, site: str, failed: dict[str, str]
-                   ) -> tuple[dict[str, dict[str, object]], dict[str, dict[str, float | None]]]:
+                   ) -> dict[str, Any]:
     """A site's metrics JSON, checked: model names to metric names to numbers (None = NaN) or
-    binned curves, and the paired comparisons. A malformed table excludes the site, named."""
+    binned curves, the paired comparisons, and (where the site updated the federated model)
+    the candidate its cross-validation chose with each candidate's deviance. A malformed table
+    excludes the site, named."""
     try:
         table = json.loads(reply.table)
-        models = {str(model): {str(k): _metric_value(v) for k, v in row.items()}
-                  for model, row in table["models"].items()}
-        comparisons = {str(name): {str(k): _number(v) for k, v in row.items()}
-                       for name, row in table.get("comparisons", {}).items()}
-        return models, comparisons
+        out: dict[str, Any] = {
+            "metrics": {str(model): {str(k): _metric_value(v) for k, v in row.items()}
+                        for model, row in table["models"].items()},
+            "comparisons": {str(name): {str(k): _number(v) for k, v in row.items()}
+                            for name, row in table.get("comparisons", {}).items()}}
+        if "update" in table:
+            update = table["update"]
+            out["update"] = {"choice": str(update["choice"]), "deviance": {
+                str(k): _number(v) if v is not None else None
+                for k, v in update["deviance"].items()}}
+        return out
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         failed[site] = f"model metrics: malformed table ({exc!r})"
-        return {}, {}
+        return {"metrics": {}, "comparisons": {}}
 
 
 def site_results(metrics: dict[str, ModelMetrics], failed: dict[str, str]
                   ) -> dict[str, dict[str, object]]:
-    """Each site's test counts, metrics per model and paired comparisons (model.json)."""
-    out = {}
-    for site, m in sorted(metrics.items()):
-        models, comparisons = _metrics_table(m, site, failed)
-        out[site] = {"n_test": m.n_test, "n_positive": m.n_positive, "metrics": models,
-                     "comparisons": comparisons}
-    return out
+    """Each site's test counts, metrics per model, paired comparisons and (where it updated the
+    federated model) its update's choice (model.json, nomogram.json)."""
+    return {site: {"n_test": m.n_test, "n_positive": m.n_positive,
+                   **_metrics_table(m, site, failed)}
+            for site, m in sorted(metrics.items())}
 
 
 #: The models pooled across sites in the multicentre summary: the federated model, the federated
@@ -137,3 +144,21 @@ def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
             "cnn": ((cnn or {}).get("final", {}).get(site, {}).get(
                 "test_auc" if metric == "auc" else "test_pearson_r"))})
     return metric, rows
+
+
+def recommendation(update: dict[str, Any] | None) -> str:
+    """The model a site should use, and why: what its own cross-validation chose among the
+    federated model, its updates and the site's local model (:mod:`common.selection.updating`),
+    by held-out deviance on its training rows, never by its test rows. Empty without an
+    update."""
+    if not update:
+        return ""
+    choice, deviance = update["choice"], update.get("deviance") or {}
+    what = {"federated": "the federated model as it is", "local": "its local-only model",
+            "recalibrated": "the federated model recalibrated (intercept and slope)"}.get(
+                choice, f"the federated model revised (its coefficients refitted with an L2 "
+                f"penalty of {choice.removeprefix('revised ')} x the rows towards them)")
+    scores = ", ".join(f"{name} {'not fitted' if value is None else fmt(value, 1)}"
+                       for name, value in deviance.items()
+                       if name in ("federated", "recalibrated", "local") or name == choice)
+    return f"{what}: the least cross-validated deviance ({scores})" if scores else what

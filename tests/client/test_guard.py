@@ -226,6 +226,9 @@ def evaluation(protocol, names: list[str], n: int = 40,  # noqa: ANN001
                                          min_count)
                         for name in evaluated_models(names, update, False)},
              "comparisons": {}}
+    if update:  # what the site's cross-validation chose, with every candidate's deviance
+        table["update"] = {"choice": "revised 0.3", "deviance": {"federated": 41.5,
+                                                                 "local": None}}
     request = pack_request(EvaluateRequest(StudyConfig.of(
         protocol, models=tuple(names), site_update=update or None), ()))
     return request, table
@@ -281,19 +284,31 @@ def test_the_site_updated_model_is_sent_only_where_the_request_asks_for_it():
     assert set(table["models"]) == {"federated", "local", SITE_UPDATED}
     check(MessageType.MODEL_EVALUATE, request, metrics(table))
     missing = {"models": {k: v for k, v in table["models"].items() if k != SITE_UPDATED},
-               "comparisons": {}}
+               "comparisons": {}, "update": table["update"]}
     withheld(MessageType.MODEL_EVALUATE, request, metrics(missing), "are not the requested")
+    # the update's summary: a candidate's name, never free text (the reason of a failed update
+    # stays at the site), and a number or None per candidate
+    for bad, why in ((None, "'update' must hold"),
+                     ({"choice": "federated (the update failed: 3 patients)", "deviance": {}},
+                      "not one of the candidates"),
+                     ({"choice": "local", "deviance": {"federated": "41"}}, "not a number"),
+                     ({"choice": "local", "deviance": {"patient 7": 1.0}}, "not a number")):
+        withheld(MessageType.MODEL_EVALUATE, request, metrics({**table, "update": bad}), why)
+    withheld(MessageType.MODEL_EVALUATE, request, metrics(
+        {k: v for k, v in table.items() if k != "update"}), "must hold")
     plain, _ = evaluation(DIAGNOSIS, ["federated", "local"])
-    withheld(MessageType.MODEL_EVALUATE, plain, metrics(table), "are not the requested")
+    withheld(MessageType.MODEL_EVALUATE, plain, metrics(table), "must hold")
     one = (LinearModel(np.arange(1), np.zeros(1), np.ones(1), np.zeros(2)),)
     nomogram = pack_request(EvaluateRequest(StudyConfig.of(  # a nomogram's: the nomogram's
         DIAGNOSIS, models=("nomogram",), site_update=True), one, one))
     row = table["models"]["federated"]
     check(MessageType.MODEL_EVALUATE, nomogram, metrics(
-        {"models": {"nomogram": row, NOMOGRAM_SITE_UPDATED: row}, "comparisons": {}}))
+        {"models": {"nomogram": row, NOMOGRAM_SITE_UPDATED: row}, "comparisons": {},
+         "update": table["update"]}))
     for wrong in ({"nomogram": row}, {"nomogram": row, SITE_UPDATED: row}):
-        withheld(MessageType.MODEL_EVALUATE, nomogram,
-                 metrics({"models": wrong, "comparisons": {}}), "are not the requested")
+        withheld(MessageType.MODEL_EVALUATE, nomogram, metrics(
+            {"models": wrong, "comparisons": {}, "update": table["update"]}),
+                 "are not the requested")
 
 
 def test_curves_keep_the_protocols_bins_and_thresholds():

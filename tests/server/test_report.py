@@ -141,3 +141,23 @@ def test_the_harmonization_section_sets_raw_and_harmonized_validation_side_by_si
     html = write_report(tmp_path)["html"].read_text()
     assert "What harmonization changed at each site" in html
     assert "leave-site-out, harmonized" in html
+
+
+def test_each_site_gets_the_model_its_own_cross_validation_recommends(tmp_path: Path) -> None:
+    regression_study(tmp_path)
+    study = json.loads((tmp_path / "model.json").read_text())
+    sites = study["models"][0]["sites"]
+    sites["site_A"]["update"] = {"choice": "revised 0.3", "deviance": {
+        "federated": 41.5, "recalibrated": 40.0, "revised 0.3": 38.25, "revised 10": 39.0,
+        "local": None}}
+    sites["site_B"]["update"] = {"choice": "local", "deviance": {"federated": 20.0,
+                                                                 "local": 18.0}}
+    (tmp_path / "model.json").write_text(json.dumps(study))
+    rows = build_report(tmp_path)["models"][0]["rows"]
+    assert rows[0]["recommended"] == (
+        "the federated model revised (its coefficients refitted with an L2 penalty of 0.3 x the "
+        "rows towards them): the least cross-validated deviance (federated 41.5, recalibrated "
+        "40.0, revised 0.3 38.2, local not fitted)")
+    assert rows[1]["recommended"].startswith("its local-only model: the least")
+    assert rows[2]["recommended"] == ""  # no update at site_C
+    assert "recommended at the site, and why" in write_report(tmp_path)["html"].read_text()
