@@ -116,10 +116,12 @@ def _make_cohort(cohort: Path, task: Task) -> None:
 
 
 #: The demo table's models, in its rows: (summary row key, label).
-MODEL_ROWS = (("local", "local-only"), ("federated", "federated"),
-              ("federated_combat", "federated + ComBat"), ("site_updated", "site-updated"),
-              ("leave_site_out", "left out"), ("leave_site_out_combat", "left out + ComBat"),
-              ("nomogram", "nomogram"), ("cnn_local", "CNN, site alone"),
+MODEL_ROWS = (("local", "radiomics, site alone"), ("federated", "radiomics, federated"),
+              ("federated_combat", "radiomics, federated + ComBat"),
+              ("site_updated", "radiomics, site-updated"),
+              ("leave_site_out", "radiomics, left out"),
+              ("leave_site_out_combat", "radiomics, left out + ComBat"),
+              ("nomogram", "nomogram (score + clinical)"), ("cnn_local", "CNN, site alone"),
               ("cnn_left_out", "CNN, left out"), ("cnn", "CNN, federated"),
               ("cnn_finetuned", "CNN, fine-tuned at the site"))
 
@@ -138,13 +140,10 @@ def summary_table(study: Path, wall_s: float) -> Table:
                                 read("nomogram.json"))
     table = Table("model", *(r["site"] for r in rows),
                   title=f"Test {metric.upper()} per site ({wall_s:.0f} s)",
-                  caption="local-only: the site's own radiomics model; federated: raw features, "
-                  "+ ComBat: after federated ComBat (and CovBat where the protocol asks); "
-                  "site-updated: the harmonized federated model updated by the site's own "
-                  "cross-validation; left out: trained without the site; nomogram: radiomics "
-                  "score + clinical factors (response task); the CNN trained at the site alone, "
-                  "without it (cnn.leave_site_out), federated, and fine-tuned at the site "
-                  "(cnn.fine_tune_epochs)")
+                  caption="left out: trained without the site; + ComBat: after federated "
+                  "ComBat (and CovBat where the protocol asks); site-updated: the harmonized "
+                  "federated model updated on the site's own rows (the report says which model "
+                  "each site should use, and why)")
     for column in table.columns[1:]:
         column.justify, column.no_wrap = "right", True
     table.add_row("test patients", *(str(shown_count(r["n_test"])) for r in rows),
