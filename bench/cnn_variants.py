@@ -5,18 +5,19 @@ at each site (``cnn.fine_tune_epochs``), the test AUC at every site, and the byt
 One cohort (the demo's sizes by default) is written once; then for each of ``--studies`` study
 seeds (each its own train/test split and initial network) the CNN phase runs in Flower's
 simulation engine (the study's strategies and messages) once per variant, everything else equal:
-``float32`` (the baseline), ``float16`` and ``fedbn``; ``finetuned`` is no federation of its own:
-the baseline study fine-tunes its final model at each site (``--fine-tune-epochs``) after scoring
-it, and that model's AUC is the variant's. The extraction is first-order only (it is not what is
-measured); the crops are standardized as the protocol says but without histogram standardization,
-whose standard changes with every split and would make every study extract again. A study already
-run under ``--work`` is read back. It prints the bytes one model costs on the wire each way, each
-site's final test AUC per variant and its difference from the baseline, mean over the studies, and
-whether the issue's goals hold: float16 <= 0.52x the bytes with the AUC within 0.01 of float32 at
-every site; FedBN, and fine-tuning, at least float32 FedAvg at every site. With float16 it also
-measures what the rounding does by itself (:func:`rounding`).
+``float32`` (the baseline), ``float16`` and ``fedbn``; ``finetuned`` and ``updated`` are no
+federation of their own: the baseline study fine-tunes its final model at each site (``--fine-
+tune-epochs``) after scoring it, and that model's AUC is ``finetuned``'s; the model the site chose
+between the two on its held-out training crops is ``updated``. The extraction is first-order only
+(it is not what is measured); the crops are standardized as the protocol says but without
+histogram standardization, whose standard changes with every split and would make every study
+extract again. A study already run under ``--work`` is read back. It prints the bytes one model
+costs on the wire each way, each site's final test AUC per variant and its difference from the
+baseline, mean over the studies, and whether the issue's goals hold: float16 <= 0.52x the bytes
+with the AUC within 0.01 of float32 at every site; FedBN, and fine-tuning, at least float32 FedAvg
+at every site. With float16 it also measures what the rounding does by itself (:func:`rounding`).
 
-    python bench/cnn_variants.py [--studies 3] [--variants float16 fedbn finetuned]
+    python bench/cnn_variants.py [--studies 3] [--variants float16 fedbn finetuned updated]
                                  [--fine-tune-epochs 2] [--sizes 40,70,110] [--work DIR]
 """
 
@@ -43,8 +44,9 @@ from server.study import StudySettings  # noqa: E402
 BASELINE = "float32"
 #: Each variant's changes to the protocol's ``cnn`` section.
 VARIANTS = {BASELINE: {}, "float16": {"transfer": "float16"}, "fedbn": {"local_norm": True}}
-#: Read from the baseline study: its final model fine-tuned at each site.
-FINE_TUNED = "finetuned"
+#: Read from the baseline study: its final model fine-tuned at each site, and the model each
+#: site chose between that and the global one on its held-out training crops.
+FINE_TUNED = {"finetuned": "finetuned_test_auc", "updated": "updated_test_auc"}
 
 
 def study(cohort: Path, out: Path, seed: int, changes: dict[str, object]) -> dict:
@@ -100,10 +102,11 @@ def rounding(cohort: Path, work: Path, seed: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=["float16", "fedbn", FINE_TUNED],
-                        choices=[*(v for v in VARIANTS if v != BASELINE), FINE_TUNED])
+    parser.add_argument("--variants", nargs="+", default=["float16", "fedbn", *FINE_TUNED],
+                        choices=[*(v for v in VARIANTS if v != BASELINE), *FINE_TUNED])
     parser.add_argument("--fine-tune-epochs", type=int, default=2,
-                        help="the baseline study's cnn.fine_tune_epochs (with 'finetuned')")
+                        help="the baseline study's cnn.fine_tune_epochs (with 'finetuned' or "
+                        "'updated')")
     parser.add_argument("--sizes", default="40,70,110", help="patients per site")
     parser.add_argument("--work", type=Path, default=None, help="kept here (reused)")
     args = parser.parse_args()
@@ -113,18 +116,19 @@ def main() -> None:
         sizes = tuple(int(s) for s in args.sizes.split(","))
         write_cohort(cohort, CohortSpec(make_sites(sizes, True)), workers=2)
     variants = [BASELINE, *args.variants]
-    tune = ({"fine_tune_epochs": args.fine_tune_epochs} if FINE_TUNED in args.variants else {})
+    tune = ({"fine_tune_epochs": args.fine_tune_epochs} if set(FINE_TUNED) & set(args.variants)
+            else {})
     start, rows, wire = time.perf_counter(), [], {}
     for seed in range(1, args.studies + 1):
-        for variant in (v for v in variants if v != FINE_TUNED):
+        for variant in (v for v in variants if v not in FINE_TUNED):
             changes = {**VARIANTS[variant], **(tune if variant == BASELINE else {})}
             report = study(cohort, work / f"study-{seed}-{variant}", seed, changes)
             wire[variant] = (report["wire_bytes"], report["weights_bytes"])
             rows += [{"study": seed, "variant": variant, "site": site,
                       "auc": metrics["test_auc"]} for site, metrics in report["final"].items()]
             if variant == BASELINE and tune:
-                rows += [{"study": seed, "variant": FINE_TUNED, "site": site,
-                          "auc": metrics["finetuned_test_auc"]}
+                rows += [{"study": seed, "variant": name, "site": site, "auc": metrics[key]}
+                         for name, key in FINE_TUNED.items() if name in args.variants
                          for site, metrics in report["final"].items()]
             print(f"study {seed}, {variant}: done ({time.perf_counter() - start:.0f} s)",
                   flush=True)
@@ -147,7 +151,7 @@ def main() -> None:
               f"every site: {'yes' if close else 'no'} (largest in one study "
               f"{table[f'float16 - {BASELINE}'].abs().max():.3f})")
         rounding(cohort, work, args.studies)
-    for variant in {"fedbn", FINE_TUNED} & set(args.variants):
+    for variant in [v for v in ("fedbn", *FINE_TUNED) if v in args.variants]:
         holds = bool((mean[f"{variant} - {BASELINE}"] >= 0).all())
         print(f"{variant}: at least float32 FedAvg at every site: {'yes' if holds else 'no'}")
     print(f"\n{time.perf_counter() - start:.0f} s; cohort and studies under {work}")

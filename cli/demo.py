@@ -123,7 +123,8 @@ MODEL_ROWS = (("local", "radiomics, site alone"), ("federated", "radiomics, fede
               ("leave_site_out_combat", "radiomics, left out + ComBat"),
               ("nomogram", "nomogram (score + clinical)"), ("cnn_local", "CNN, site alone"),
               ("cnn_left_out", "CNN, left out"), ("cnn", "CNN, federated"),
-              ("cnn_finetuned", "CNN, fine-tuned at the site"))
+              ("cnn_finetuned", "CNN, fine-tuned at the site"),
+              ("cnn_updated", "CNN, site-updated"))
 
 
 def summary_table(study: Path, wall_s: float) -> Table:
@@ -143,7 +144,8 @@ def summary_table(study: Path, wall_s: float) -> Table:
                   caption="left out: trained without the site; + ComBat: after federated "
                   "ComBat (and CovBat where the protocol asks); site-updated: the harmonized "
                   "federated model updated on the site's own rows (the report says which model "
-                  "each site should use, and why)")
+                  "each site should use, and why); CNN, site-updated: the federated or the "
+                  "fine-tuned CNN, whichever the site's held-out training crops prefer")
     for column in table.columns[1:]:
         column.justify, column.no_wrap = "right", True
     table.add_row("test patients", *(str(shown_count(r["n_test"])) for r in rows),

@@ -278,8 +278,10 @@ def cnn_metric_names(kind: str) -> frozenset[str]:
                           *(f"global_test_{k}" for k in split), *dp})
     return frozenset({"num-examples", "seconds", *(f"{s}_{k}" for s in ("test", "train",
                                                                         "local_test",
-                                                                        "finetuned_test")
+                                                                        "finetuned_test",
+                                                                        "updated_test")
                                                    for k in split),
+                      "finetune_chosen", "held_out_loss_global", "held_out_loss_finetuned",
                       "test_auc_low", "test_auc_high", "test_r_low", "test_r_high"})
 
 

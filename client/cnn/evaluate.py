@@ -58,6 +58,22 @@ def _split_metrics(protocol: StudyProtocol, labels: np.ndarray, output: np.ndarr
     return SplitMetrics(n, 0, loss, nan, r, float(np.mean(np.abs(predicted - labels))))
 
 
+def training_loss(site: SiteConfig, protocol: StudyProtocol, arrays: Mapping[str, np.ndarray],
+                  rows: np.ndarray, *, device: torch.device | None = None) -> float:
+    """The loss of the weights ``arrays`` on those ``rows`` (a boolean mask) of this site's
+    training crops, without augmentation, the network in eval mode; NaN on fewer than
+    :data:`~common.payloads.MIN_ROWS_SENT` crops."""
+    spec = cnn_spec(protocol)
+    device = device or select_device(site.device)
+    x, labels = prepare_crops(site, protocol).split("train")
+    with torch_threads(site.n_workers):
+        model = build_network(spec, protocol.task.kind)
+        load_state_arrays(model, arrays)
+        model.to(device).eval()
+        output = predict(model, x[rows], spec.batch_size, device)
+    return _split_metrics(protocol, labels[rows], output, None).loss
+
+
 def evaluate_arrays(site: SiteConfig, protocol: StudyProtocol, arrays: Mapping[str, np.ndarray],
                     *, include_train: bool = True, device: torch.device | None = None,
                     target: TargetScale | None = None) -> CnnMetrics:

@@ -115,9 +115,10 @@ def _adam(model: torch.nn.Module, learning_rate: float) -> torch.optim.Optimizer
 
 def train_round(site: SiteConfig, protocol: StudyProtocol, global_arrays: Mapping[str, np.ndarray],
                 *, round_index: int, seed: int, device: torch.device | None = None,
-                target: TargetScale | None = None, epochs: int | None = None) -> TrainResult:
-    """Train the global model on this site's training crops for ``cnn.local_epochs`` epochs
-    (or ``epochs``: the final fine-tuning's).
+                target: TargetScale | None = None, epochs: int | None = None,
+                rows: np.ndarray | None = None) -> TrainResult:
+    """Train the global model on this site's training crops (or those ``rows`` of them, a
+    boolean mask) for ``cnn.local_epochs`` epochs (or ``epochs``: the final fine-tuning's).
 
     Adam (``cnn.learning_rate``, fresh each round); BCE-with-logits (classification) or MSE on
     the scaled target (regression, :class:`TargetScale`); with ``cnn.aggregator == "fedprox"``
@@ -147,6 +148,8 @@ def train_round(site: SiteConfig, protocol: StudyProtocol, global_arrays: Mappin
     spec = cnn_spec(protocol)
     device = device or select_device(site.device)
     x, labels = prepare_crops(site, protocol).split("train")
+    if rows is not None:
+        x, labels = x[rows], labels[rows]
     if len(labels) < MIN_ROWS_SENT:
         raise ModelError(f"site '{site.site_name}' has fewer than {MIN_ROWS_SENT} training "
                          "crops: it sends no weights trained on them")

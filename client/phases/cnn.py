@@ -12,10 +12,13 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_curve
+from sklearn.model_selection import train_test_split
 
-from client.cnn.evaluate import evaluate_arrays
+from client.cnn.crops import prepare_crops
+from client.cnn.evaluate import evaluate_arrays, training_loss
 from client.cnn.gradcam import site_view
 from client.cnn.train import TrainResult, train_round
+from client.folds import split_state
 from client.report import refresh_site_report, report_dir
 from client.scoring import metrics_of
 from client.workspace import study_dir
@@ -23,7 +26,7 @@ from common import plots
 from common.glm import ModelError
 from common.messages import StudyConfig
 from common.network import build_network, norm_names, state_arrays
-from common.payloads import CNN_LEAVE_SITE_OUT, MIN_ROWS_SENT
+from common.payloads import CNN_LEAVE_SITE_OUT, MIN_ROWS_SENT, SplitMetrics
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import atomic_write_bytes, atomic_write_json
 from common.site_config import SiteConfig
@@ -34,6 +37,8 @@ LOCAL_NORM_FILE = "local_norm.npz"
 #: ``cnn.fine_tune_epochs``: the final global model fine-tuned on this site's crops, every array,
 #: under its study folder's ``cnn/``.
 FINE_TUNED_FILE = "fine_tuned.npz"
+#: The share of a site's training crops the fine-tuned CNN is weighed on against the global one.
+FINE_TUNE_HELD_OUT = 0.25
 
 log = logging.getLogger("myelofed.site")
 
@@ -113,33 +118,67 @@ def evaluate(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
     weights = with_local_norm(site, protocol, weights, seed)
     result = evaluate_arrays(site, protocol, weights)
     local = local_baseline(site, protocol, seed)
-    tuned = fine_tuned(site, protocol, weights, seed)
+    tuned = fine_tuned(site, protocol, weights, seed, result.test)
     interval = record_cnn(site, protocol, dict(weights),
                           study.threshold if study.threshold is not None else 0.5, seed)
     return {"num-examples": result.test.n, **result.as_record(), **interval, **local, **tuned}
 
 
 def fine_tuned(site: SiteConfig, protocol: StudyProtocol, weights: Mapping[str, np.ndarray],
-               seed: int) -> dict[str, float]:
+               seed: int, scored: SplitMetrics) -> dict[str, float]:
     """With ``cnn.fine_tune_epochs`` k > 0, the final global model (complete: with FedBN, this
     site's normalization layers) trained k more epochs on this site's training crops, kept here
     (:data:`FINE_TUNED_FILE`, written atomically) and scored on its test crops, as
-    ``finetuned_test_*`` metrics. Seeded as the round after the last. Empty when the protocol
-    does not ask, or when this site cannot train (named in the log)."""
+    ``finetuned_test_*`` metrics; seeded as the round after the last.
+
+    Which of the two the site should use is chosen without its test crops: the global model is
+    fine-tuned the same way on three quarters of the training crops (:func:`held_out_rows`),
+    and the one with the lower loss on the last quarter wins (a tie, or a quarter too small to
+    score, keeps the global model). The winner's test metrics are the ``updated_test_*``
+    (``scored``: the global model's), with ``finetune_chosen`` (1 or 0) and both held-out
+    losses. Empty when the protocol does not ask, or when this site cannot train (named in
+    the log)."""
     spec = protocol.cnn
     if spec is None or not spec.fine_tune_epochs:
         return {}
+    _, labels = prepare_crops(site, protocol).split("train")
+    held = held_out_rows(labels, protocol, seed, site.site_name)
+    after = {"round_index": spec.rounds + 1, "seed": seed, "epochs": spec.fine_tune_epochs}
     try:
-        tuned = train_round(site, protocol, weights, round_index=spec.rounds + 1, seed=seed,
-                            epochs=spec.fine_tune_epochs).weights
+        tuned = train_round(site, protocol, weights, **after).weights
         test = evaluate_arrays(site, protocol, tuned, include_train=False).test
+        part = train_round(site, protocol, weights, rows=~held, **after).weights
+        losses = [training_loss(site, protocol, w, held) for w in (weights, part)]
     except ModelError as exc:  # too few crops, or a network that diverged
         log.warning("%s: no fine-tuned CNN: %s", site.site_name, exc)
         return {}
     buffer = io.BytesIO()
     np.savez(buffer, **tuned)
     atomic_write_bytes(study_dir(site, protocol) / "cnn" / FINE_TUNED_FILE, buffer.getvalue())
-    return {f"finetuned_test_{k}": v for k, v in dataclasses.asdict(test).items()}
+    chosen = bool(losses[1] < losses[0])  # False where either is NaN
+    log.info("%s: held-out loss of the global CNN %.4f, fine-tuned %.4f: the %s model",
+             site.site_name, *losses, "fine-tuned" if chosen else "global")
+    return {**{f"finetuned_test_{k}": v for k, v in dataclasses.asdict(test).items()},
+            **{f"updated_test_{k}": v for k, v in dataclasses.asdict(
+                test if chosen else scored).items()},
+            "finetune_chosen": float(chosen), "held_out_loss_global": losses[0],
+            "held_out_loss_finetuned": losses[1]}
+
+
+def held_out_rows(labels: np.ndarray, protocol: StudyProtocol, seed: int, site_name: str
+                  ) -> np.ndarray:
+    """A quarter of a site's training crops (a boolean mask, stratified by label where every
+    class has two crops or more), seeded by the study seed and the site: where the fine-tuned
+    CNN is weighed against the global one."""
+    index = np.arange(len(labels))
+    classification = protocol.task.kind is TaskKind.CLASSIFICATION
+    stratify = (labels if classification and len(labels) > 1
+                and np.min(np.unique(labels, return_counts=True)[1]) > 1 else None)
+    _, held = train_test_split(index, test_size=FINE_TUNE_HELD_OUT,
+                               random_state=split_state(seed, site_name), stratify=stratify)
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[held] = True
+    return mask
 
 
 def local_baseline(site: SiteConfig, protocol: StudyProtocol, seed: int) -> dict[str, float]:

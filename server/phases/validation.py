@@ -139,6 +139,8 @@ def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
                 "local_test_auc" if metric == "auc" else "local_test_pearson_r")),
             "cnn_finetuned": ((cnn or {}).get("final", {}).get(site, {}).get(
                 "finetuned_test_auc" if metric == "auc" else "finetuned_test_pearson_r")),
+            "cnn_updated": ((cnn or {}).get("final", {}).get(site, {}).get(
+                "updated_test_auc" if metric == "auc" else "updated_test_pearson_r")),
             "cnn_left_out": ((cnn or {}).get("leave_site_out") or {}).get("sites", {}).get(
                 site, {}).get("test_auc" if metric == "auc" else "test_pearson_r"),
             "cnn": ((cnn or {}).get("final", {}).get(site, {}).get(

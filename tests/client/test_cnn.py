@@ -186,7 +186,7 @@ def test_crops_come_from_the_volumes_the_extraction_kept(study: Study, tmp_path:
     site = _copy_site(study, tmp_path)
     kept = sorted(site.cache_dir.rglob("*.volume.npz"))
     assert len(kept) == N_PATIENTS  # one per extracted case, beside its features
-    crop_path(site, study.protocol).unlink()
+    crop_path(site, study.protocol).unlink(missing_ok=True)  # made by an earlier test, or not
 
     def no_loading(*args: object) -> None:
         raise AssertionError("a case the extraction kept was loaded and standardized again")
@@ -485,10 +485,20 @@ def test_the_final_model_is_fine_tuned_kept_and_scored_at_the_site(study: Study)
 
     site = study.site  # the protocol below has a study folder of its own
     protocol = _with_cnn(study, fine_tune_epochs=2)
-    tuned = cnn.fine_tuned(site, protocol, study.initial, seed=0)
-    assert set(tuned) == {f"finetuned_test_{k}" for k in ("n", "n_positive", "loss", "auc",
-                                                          "pearson_r", "mae")}
+    scored = evaluate_arrays(site, protocol, study.initial, include_train=False).test
+    tuned = cnn.fine_tuned(site, protocol, study.initial, seed=0, scored=scored)
+    split = ("n", "n_positive", "loss", "auc", "pearson_r", "mae")
+    assert set(tuned) == {*(f"{m}_test_{k}" for m in ("finetuned", "updated") for k in split),
+                          "finetune_chosen", "held_out_loss_global", "held_out_loss_finetuned"}
     assert set(tuned) <= cnn_metric_names("evaluate")  # the guard lets its metrics leave
+    # the site's choice, made on a quarter of its training crops, never on its test crops
+    chosen = tuned["held_out_loss_finetuned"] < tuned["held_out_loss_global"]
+    assert tuned["finetune_chosen"] == float(chosen)
+    winner = "finetuned_test" if chosen else None
+    for k in split:
+        got, want = tuned[f"updated_test_{k}"], (tuned[f"{winner}_{k}"] if winner
+                                                 else getattr(scored, k))
+        assert got == want or (np.isnan(got) and np.isnan(want)), k
     kept = study_dir(site, protocol) / "cnn" / cnn.FINE_TUNED_FILE
     with np.load(kept) as model:  # every array of the network, trained on from the one given
         assert set(model.files) == set(study.initial)
@@ -498,7 +508,12 @@ def test_the_final_model_is_fine_tuned_kept_and_scored_at_the_site(study: Study)
                       epochs=2).weights
     assert evaluate_arrays(site, protocol, two, include_train=False).test.auc == (
         tuned["finetuned_test_auc"])
-    assert cnn.fine_tuned(site, _with_cnn(study), study.initial, seed=0) == {}  # 0: none
+    assert cnn.fine_tuned(site, _with_cnn(study), study.initial, 0, scored) == {}  # 0: none
+    _, labels = prepare_crops(site, protocol).split("train")
+    held = cnn.held_out_rows(labels, protocol, 0, site.site_name)
+    assert held.sum() == np.ceil(len(labels) / 4)  # a quarter, stratified, the same each time
+    assert 0 < labels[held].sum() < held.sum()
+    assert np.array_equal(held, cnn.held_out_rows(labels, protocol, 0, site.site_name))
     final = {"site_A": {"test_auc": 0.7, **tuned}}
     models = [{"harmonized": False, "loss": "logistic", "sites": {"site_A": {"n_test": 5}}}]
     _, rows = summary_rows(models, {"final": final})

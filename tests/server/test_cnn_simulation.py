@@ -100,6 +100,8 @@ def test_cnn_rounds_over_flower_with_a_poisoned_site(tmp_path: Path) -> None:
         assert metrics["local_test_n"] == metrics["test_n"]
         # and the final model fine-tuned there one epoch, kept there: its metrics only
         assert 0.0 <= metrics["finetuned_test_auc"] <= 1.0
+        assert metrics["updated_test_auc"] == metrics[
+            "finetuned_test_auc" if metrics["finetune_chosen"] else "test_auc"]
         assert (cohort / "work" / site / "study" / protocol.short_hash / "cnn"
                 / "fine_tuned.npz").is_file()
         # the site's own report: the CNN's metrics, ROC and Grad-CAM maps of its test cases
