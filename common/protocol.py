@@ -533,7 +533,8 @@ class CnnSpec(_Frozen):
         0, ge=0, le=100, description="A final local fine-tuning: each site trains the final "
         "global model (with FedBN, with its own normalization layers) this many more epochs on "
         "its own training crops, scores it on its test crops beside the global model and keeps "
-        "it; only its metrics leave. 0: none.")
+        "it, and chooses between the two by their loss on a held-out quarter of its training "
+        "crops (fine-tuned on the other three); only metrics leave. 0: none.")
     transfer: Literal["float32", "float16"] = Field(
         "float32", description="The float weights' precision on the wire in the training "
         "rounds, both ways: float16 halves the bytes of a round; the server averages and keeps "
