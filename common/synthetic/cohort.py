@@ -130,6 +130,45 @@ class Patient:
     mrd: int | None              # 1 = minimal residual disease detected after treatment
     lesions: tuple[Lesion, ...] = ()
     size: float = 1.0            # vertebra size factor
+    # survival from diagnosis (myeloma only; see SURVIVAL): months of follow-up, 1 = event
+    pfs_months: float | None = None
+    pfs_event: int | None = None
+    os_months: float | None = None
+    os_event: int | None = None
+
+
+@dataclass(frozen=True)
+class SurvivalModel:
+    """A proportional-hazards outcome of myeloma: exponential baseline with the median
+    ``median_months`` for the reference patient (ISS I, age 65, MRD negative, PCI 30 %), and
+    the hazard ratios of ISS II and III (against I), of ten years of age, of MRD detected
+    (against MRD negative) and of ten %-points of plasma-cell infiltration."""
+
+    median_months: float
+    iss_ii: float
+    iss_iii: float
+    age_per_decade: float
+    mrd_positive: float
+    pci_per_10: float
+
+    def log_hazard_ratio(self, iss: str, age: float, mrd: int, pci: float) -> float:
+        return (math.log({"I": 1.0, "II": self.iss_ii, "III": self.iss_iii}[iss])
+                + (age - 65) / 10 * math.log(self.age_per_decade)
+                + mrd * math.log(self.mrd_positive)
+                + (pci - 30) / 10 * math.log(self.pci_per_10))
+
+
+#: The generating survival models, magnitudes from the literature and not tuned to any figure:
+#: MRD negativity's hazard ratio about 0.33 for PFS and 0.57 for OS (Munshi et al., JAMA Oncol
+#: 2017), so MRD detected 1 / 0.33 and 1 / 0.57; ISS II and III about 1.4 and 2.1 for OS
+#: (Greipp et al., JCO 2005: medians 62, 44 and 29 months), milder for PFS; age about 1.4 a
+#: decade for OS; tumour burden a small effect beyond stage. Medians of the modern era.
+SURVIVAL = {"pfs": SurvivalModel(48.0, 1.3, 1.7, 1.1, 1 / 0.33, 1.15),
+            "os": SurvivalModel(110.0, 1.4, 2.1, 1.4, 1 / 0.57, 1.1)}
+#: Follow-up: staggered accrual makes the administrative censoring uniform between these
+#: months; loss to follow-up is exponential with this median.
+FOLLOW_UP_MONTHS = (12.0, 84.0)
+LOSS_MEDIAN_MONTHS = 200.0
 
 
 def stable_int(*parts: object) -> int:
@@ -242,11 +281,31 @@ def _metastasis(rng: np.random.Generator) -> tuple[float, float, str, list[Lesio
     return pci, age, sex, lesions
 
 
+def _survival(rng: np.random.Generator, iss: str, age: float, mrd: int, pci: float
+              ) -> tuple[float, int, float, int]:
+    """PFS and OS (months, event) under :data:`SURVIVAL`: both drawn from one uniform
+    (progression never comes after death, PFS <= OS), each exactly proportional hazards in its
+    own model, censored by the end of follow-up or loss to it (one censoring time for both)."""
+    u = rng.random()
+    times = {name: -math.log(u) * model.median_months / math.log(2)
+             / math.exp(model.log_hazard_ratio(iss, age, mrd, pci))
+             for name, model in SURVIVAL.items()}
+    times["pfs"] = min(times["pfs"], times["os"])  # death is a PFS event too
+    censor = min(rng.uniform(*FOLLOW_UP_MONTHS),
+                 rng.exponential(LOSS_MEDIAN_MONTHS / math.log(2)))
+    pfs, os_ = (min(times[k], censor) for k in ("pfs", "os"))
+    return (round(pfs, 1), int(times["pfs"] <= censor), round(os_, 1),
+            int(times["os"] <= censor))
+
+
 def make_patients(site: SiteSpec, task: Task = Task.DIAGNOSIS, seed: int = 0) -> list[Patient]:
     """Draw the latent truth of every patient of one site (deterministic for ``seed``; a site's
-    patients do not depend on the other sites)."""
+    patients do not depend on the other sites). Survival outcomes come from a random stream of
+    their own, so they change nothing else."""
     task = Task(task)
     rng = np.random.default_rng([seed, stable_int(site.name), stable_int(task.value)])
+    outcomes = np.random.default_rng([seed, stable_int(site.name), stable_int(task.value),
+                                      stable_int("survival")])
     patients = []
     iss: str | None
     response: int | None
@@ -266,12 +325,16 @@ def make_patients(site: SiteSpec, task: Task = Task.DIAGNOSIS, seed: int = 0) ->
             pci, age, sex, lesions = _metastasis(rng)
             iss, response, mrd = None, None, None
         size = float(np.exp(rng.normal(0.04 if sex == "M" else -0.04, 0.06)))
+        survival = (_survival(outcomes, iss, round(age), mrd, round(pci, 1))  # as recorded
+                    if is_mm and iss is not None
+                    and mrd is not None else (None, None, None, None))
         patients.append(Patient(
             case_id=f"{site.name}_{i:03d}", site=site.name, scanner=scanner.name,
             timepoint="after_treatment" if task is Task.MRD else "diagnosis",
             diagnosis="myeloma" if is_mm else "metastasis", pattern=pattern, pci=round(pci, 1),
             age=round(age), sex=sex, lesions=tuple(lesions), size=size, iss_stage=iss,
-            response=response, mrd=mrd))
+            response=response, mrd=mrd, pfs_months=survival[0], pfs_event=survival[1],
+            os_months=survival[2], os_event=survival[3]))
     return patients
 
 

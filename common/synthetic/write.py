@@ -31,7 +31,10 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian,
 from common.protocol import CnnSpec, load_protocol, protocol_from_mapping
 from common.provenance import atomic_write_bytes, atomic_write_json, software_versions
 from common.synthetic.cohort import (
+    FOLLOW_UP_MONTHS,
+    LOSS_MEDIAN_MONTHS,
     MM_PATTERNS,
+    SURVIVAL,
     Patient,
     Pattern,
     ScannerEffects,
@@ -50,7 +53,7 @@ STUDY_FILE = "study.yaml"
 
 MANIFEST_COLUMNS = ("case_id", "image", "mask", "roi", "scanner", "diagnosis", "pci", "mrd",
                     "response", "age", "sex", "iss_stage", "pattern", "timepoint",
-                    "lesion_mask")
+                    "lesion_mask", "pfs_months", "pfs_event", "os_months", "os_event")
 
 #: The preset each (modality) study protocol starts from: its standardization and radiomics.
 _BASE_PRESET = {"MR": "spine_mri_t1w", "CT": "wb_ldct"}
@@ -331,6 +334,9 @@ def write_cohort(out_dir: Path, spec: CohortSpec, workers: int | None = None,
         "task": spec.task.value, "modality": spec.modality, "seed": spec.seed,
         "scanner_effects": spec.scanner_effects, "format": spec.file_format,
         "sites": [json.loads(json.dumps(asdict(s))) for s in spec.sites],
+        "survival": {"models": {k: asdict(m) for k, m in SURVIVAL.items()},
+                     "follow_up_months": list(FOLLOW_UP_MONTHS),
+                     "loss_median_months": LOSS_MEDIAN_MONTHS},
         "manifests": {k: str(v.relative_to(out_dir)) for k, v in manifests.items()},
         "study_protocol": STUDY_FILE,
         "software": software_versions(),

@@ -158,7 +158,9 @@ def test_simulate_writes_manifests_and_a_study_that_pass_site_check(tmp_path: Pa
     assert cohort["task"] == "diagnosis" and [s["n_patients"] for s in cohort["sites"]] == [3, 4]
     rows = list(csv.DictReader((out / "site_B" / "manifest.csv").open()))
     assert len(rows) == 4 and {"diagnosis", "pci", "mrd", "response", "age", "sex",
-                               "iss_stage", "scanner"} <= set(rows[0])
+                               "iss_stage", "scanner", "pfs_months", "pfs_event", "os_months",
+                               "os_event"} <= set(rows[0])
+    assert cohort["survival"]["models"]["pfs"]["mrd_positive"] == pytest.approx(1 / 0.33)
     for protocol in (str(out / "study.yaml"), "preset:spine_mri_t1w", "preset:spine_mri_pci"):
         check = runner.invoke(app, ["site", "check", "-p", protocol, "-m",
                                     str(out / "site_A" / "manifest.csv"), "-o",
@@ -226,3 +228,36 @@ def test_dicom_series_and_seg_read_back_equal_to_the_nifti(tmp_path: Path):
     with pytest.raises(CaseError) as err:
         load_case(dicom[0], wrong)
     assert err.value.reason is SkipReason.ROI_NOT_FOUND and "Gluteal muscle" in str(err.value)
+
+
+def test_myeloma_patients_have_survival_drawn_from_the_stated_hazards():
+    from common.cox import fit_cox, site_cox_terms
+    from common.synthetic.cohort import FOLLOW_UP_MONTHS, SURVIVAL
+
+    diagnosis = make_cohort(make_sites((30, 30)), Task.DIAGNOSIS)
+    for p in diagnosis:  # myeloma only; metastatic patients have none
+        has = p.pfs_months is not None and p.os_months is not None
+        assert has == (p.diagnosis == "myeloma"), p.case_id
+        if has:
+            assert 0 <= p.pfs_months <= p.os_months <= FOLLOW_UP_MONTHS[1]  # progression first
+            assert p.pfs_event in (0, 1) and p.os_event in (0, 1)
+            assert p.pfs_event >= p.os_event or p.pfs_months < p.os_months
+    # the survival draws use a stream of their own: every other field is as it was drawn
+    assert [p.pci for p in make_patients(make_sites((30,))[0], Task.DIAGNOSIS)] == [
+        p.pci for p in diagnosis[:30]]
+    # many patients: the stratified Cox fit of the generating factors finds the hazard ratios
+    strata = []
+    for site in make_sites((700, 700, 700)):
+        mm = make_patients(site, Task.RESPONSE)
+        x = np.array([[p.iss_stage == "II", p.iss_stage == "III", (p.age - 65) / 10, p.mrd,
+                       (p.pci - 30) / 10] for p in mm], dtype=float)
+        strata.append((x, np.array([p.os_months for p in mm]),
+                       np.array([p.os_event for p in mm], dtype=float)))
+    m = SURVIVAL["os"]
+    truth = np.log([m.iss_ii, m.iss_iii, m.age_per_decade, m.mrd_positive, m.pci_per_10])
+    beta = fit_cox(strata)
+    hessian = sum(site_cox_terms(x, t, e, beta).hessian for x, t, e in strata)
+    se = np.sqrt(np.diag(np.linalg.inv(hessian)))
+    assert np.all(np.abs(beta - truth) < 3 * se) and np.all(se < 0.12)
+    assert np.all(np.sign(beta) == np.sign(truth))  # every factor raises the hazard
+
