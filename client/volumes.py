@@ -12,7 +12,6 @@ again. Like the features, the volumes never leave the site.
 
 from __future__ import annotations
 
-import io
 import zipfile
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from client.standardize import Volume
-from common.provenance import atomic_write_bytes
+from common.provenance import atomic_write_npz
 
 VOLUME_SCHEMA_VERSION = 1
 #: A standardized volume of more voxels than this is not kept (about 20 MB as float32 + masks).
@@ -55,9 +54,7 @@ def save_volume(path: Path, volume: Volume, case_id: str) -> bool:
               "case_id": np.array(case_id)}
     if volume.intensity_roi is not None:
         arrays["intensity_roi"] = sitk.GetArrayFromImage(volume.intensity_roi).astype(np.uint8)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_npz(path, arrays, compressed=True)
     return True
 
 

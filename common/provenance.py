@@ -7,9 +7,12 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 _PACKAGES = (
     "myelofed", "pyradiomics-bhklab", "SimpleITK", "numpy", "pydicom", "highdicom",
@@ -49,6 +52,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=False).encode("utf-8"))
+
+
+def atomic_write_npz(path: Path, arrays: Mapping[str, Any], compressed: bool = False) -> None:
+    """Numpy arrays by name as one NPZ (zip-compressed when ``compressed``), written
+    atomically."""
+    buffer = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_parquet(path: Path, frame: Any) -> None:

@@ -9,11 +9,9 @@ One of the modules that work on Flower's own objects (with the apps and the reco
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +23,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from common.errors import ConfigError
 from common.messages import STUDY_RECORD, StudyConfig
 from common.protocol import LocalDpSpec
-from common.provenance import atomic_write_bytes, atomic_write_json
+from common.provenance import atomic_write_json, atomic_write_npz
 from common.wire import from_wire, to_wire
 from server.rounds import unanswered
 from server.study import Checkpoint, Progress, StudySettings
@@ -88,13 +86,6 @@ def bad_update(reply: Message, expected: Mapping[str, tuple[tuple[int, ...], str
         return (f"not noised with the protocol's local DP (epsilon {local_dp.epsilon}, delta "
                 f"{local_dp.delta})")
     return ""
-
-
-def save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Numpy arrays by name (a round's global model, FedAdam's moments), written atomically."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)  # type: ignore[arg-type]
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 class PerSite:
@@ -191,11 +182,11 @@ class PerSite:
     def save(self, server_round: int, arrays: ArrayRecord) -> None:
         """The round's global model, FedAdam's moments and the records so far."""
         self.checkpoints.mkdir(mode=0o700, parents=True, exist_ok=True)
-        save_arrays(self.checkpoints / f"global_round_{server_round:03d}.npz",
+        atomic_write_npz(self.checkpoints / f"global_round_{server_round:03d}.npz",
                     {k: v.numpy() for k, v in arrays.items()})
         moments = self.moments()
         if moments:
-            save_arrays(self.checkpoints / OPTIMIZER_FILE,
+            atomic_write_npz(self.checkpoints / OPTIMIZER_FILE,
                         moments | {"round": np.array(server_round)})
         atomic_write_json(self.settings.out_dir / "cnn_progress.json", self.records())
         if self.checkpoint is not None:

@@ -16,7 +16,6 @@ The crop
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import multiprocessing
 import zipfile
@@ -35,7 +34,7 @@ from client.volumes import load_volume, volume_path
 from client.workspace import PREPARED_FILE, load_image_standard, load_study_table, study_dir
 from common.errors import CaseError, ConfigError, SkipReason
 from common.protocol import CnnSpec, StudyProtocol
-from common.provenance import atomic_write_bytes, software_versions
+from common.provenance import atomic_write_npz, software_versions
 from common.site_config import SiteConfig
 from harmonization.images import ImageStandard
 
@@ -255,13 +254,12 @@ def prepare_crops(site: SiteConfig, protocol: StudyProtocol) -> CropSet:
         crops=np.stack(crops) if crops else np.zeros((0, z, y, x), np.float32),
         case_ids=tuple(k[0] for k in kept), splits=tuple(k[1] for k in kept),
         labels=np.array([k[2] for k in kept], dtype=np.float64), skipped=skipped)
-    buffer = io.BytesIO()
-    np.savez(buffer, schema_version=np.array(CROP_SCHEMA_VERSION), key=np.array(key),
-             crops=result.crops, case_ids=np.array(result.case_ids, dtype=str),
-             splits=np.array(result.splits, dtype=str), labels=result.labels,
-             skipped_ids=np.array(list(skipped), dtype=str),
-             skipped_reasons=np.array(list(skipped.values()), dtype=str))
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_npz(path, {
+        "schema_version": np.array(CROP_SCHEMA_VERSION), "key": np.array(key),
+        "crops": result.crops, "case_ids": np.array(result.case_ids, dtype=str),
+        "splits": np.array(result.splits, dtype=str), "labels": result.labels,
+        "skipped_ids": np.array(list(skipped), dtype=str),
+        "skipped_reasons": np.array(list(skipped.values()), dtype=str)})
     return result
 
 

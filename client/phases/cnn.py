@@ -4,7 +4,6 @@ crops, then trained on the training crops), and the final evaluation of the glob
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import zipfile
 from collections.abc import Mapping
@@ -28,7 +27,7 @@ from common.messages import StudyConfig
 from common.network import build_network, norm_names, state_arrays
 from common.payloads import CNN_LEAVE_SITE_OUT, MIN_ROWS_SENT, SplitMetrics
 from common.protocol import StudyProtocol, TaskKind
-from common.provenance import atomic_write_bytes, atomic_write_json
+from common.provenance import atomic_write_json, atomic_write_npz
 from common.site_config import SiteConfig
 
 #: FedBN (``cnn.local_norm``): this site's normalization layers after its last round, under its
@@ -81,9 +80,8 @@ def keep_local_norm(site: SiteConfig, protocol: StudyProtocol, weights: Mapping[
     spec = protocol.cnn
     if spec is None or not spec.local_norm:
         return dict(weights)
-    buffer = io.BytesIO()
-    np.savez(buffer, **{k: v for k, v in weights.items() if k not in sent})
-    atomic_write_bytes(local_norm_path(site, protocol), buffer.getvalue())
+    atomic_write_npz(local_norm_path(site, protocol),
+                     {k: v for k, v in weights.items() if k not in sent})
     return {k: weights[k] for k in sent}
 
 
@@ -152,9 +150,7 @@ def fine_tuned(site: SiteConfig, protocol: StudyProtocol, weights: Mapping[str, 
     except ModelError as exc:  # too few crops, or a network that diverged
         log.warning("%s: no fine-tuned CNN: %s", site.site_name, exc)
         return {}
-    buffer = io.BytesIO()
-    np.savez(buffer, **tuned)
-    atomic_write_bytes(study_dir(site, protocol) / "cnn" / FINE_TUNED_FILE, buffer.getvalue())
+    atomic_write_npz(study_dir(site, protocol) / "cnn" / FINE_TUNED_FILE, tuned)
     chosen = bool(losses[1] < losses[0])  # False where either is NaN
     log.info("%s: held-out loss of the global CNN %.4f, fine-tuned %.4f: the %s model",
              site.site_name, *losses, "fine-tuned" if chosen else "global")

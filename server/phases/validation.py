@@ -122,6 +122,9 @@ def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
             return None
         return model["sites"].get(site, {}).get("metrics", {}).get(name, {}).get(metric)
 
+    cnn_metric = "auc" if metric == "auc" else "pearson_r"  # the CNN's names: test_auc, ...
+    final = (cnn or {}).get("final", {})
+    left_out = ((cnn or {}).get("leave_site_out") or {}).get("sites", {})
     sites = sorted({s for m in models for s in m["sites"]})
     rows = []
     for site in sites:
@@ -135,16 +138,10 @@ def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
             "leave_site_out_combat": value(combat, site, "leave-site-out"),
             "nomogram": (nomogram or {}).get("sites", {}).get(site, {}).get(
                 "metrics", {}).get("nomogram", {}).get(metric),
-            "cnn_local": ((cnn or {}).get("final", {}).get(site, {}).get(
-                "local_test_auc" if metric == "auc" else "local_test_pearson_r")),
-            "cnn_finetuned": ((cnn or {}).get("final", {}).get(site, {}).get(
-                "finetuned_test_auc" if metric == "auc" else "finetuned_test_pearson_r")),
-            "cnn_updated": ((cnn or {}).get("final", {}).get(site, {}).get(
-                "updated_test_auc" if metric == "auc" else "updated_test_pearson_r")),
-            "cnn_left_out": ((cnn or {}).get("leave_site_out") or {}).get("sites", {}).get(
-                site, {}).get("test_auc" if metric == "auc" else "test_pearson_r"),
-            "cnn": ((cnn or {}).get("final", {}).get(site, {}).get(
-                "test_auc" if metric == "auc" else "test_pearson_r"))})
+            **{key: final.get(site, {}).get(f"{prefix}test_{cnn_metric}")
+               for key, prefix in (("cnn_local", "local_"), ("cnn_finetuned", "finetuned_"),
+                                   ("cnn_updated", "updated_"), ("cnn", ""))},
+            "cnn_left_out": left_out.get(site, {}).get(f"test_{cnn_metric}")})
     return metric, rows
 
 
