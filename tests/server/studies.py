@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -86,3 +87,20 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str,
         if time.monotonic() > deadline:
             pytest.fail(f"not seen within {timeout_s:g} s: {what}\n{report()}")
         time.sleep(0.2)
+
+
+def process_tree(pid: int) -> list[tuple[psutil.Process, str]]:
+    """Process ``pid`` and its descendants with their command lines, leaving out those that end
+    while they are read (a short-lived helper a SuperLink or SuperNode runs)."""
+    tree = []
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for proc in procs:
+        try:
+            tree.append((proc, " ".join(proc.cmdline())))
+        except psutil.NoSuchProcess:
+            continue
+    return tree

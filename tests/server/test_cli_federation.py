@@ -23,6 +23,7 @@ from server.processes import (
     processes_marked,
     stop_processes,
 )
+from tests.server.studies import process_tree
 
 MYELOFED = Path(sys.executable).parent / "myelofed"
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -53,8 +54,8 @@ def test_a_coordinator_and_a_site_started_by_the_commands_meet_over_tls(tmp_path
             "--control-port", str(control_port)], tmp_path / "server.log", env)
         processes.append(server)
         server.wait_ready(60, port=("127.0.0.1", port))
-        superlink = [p.cmdline() for p in psutil.Process(server.popen.pid).children()
-                     if "flower-superlink" in " ".join(p.cmdline())]
+        superlink = [cmdline for _, cmdline in process_tree(server.popen.pid)
+                     if "flower-superlink" in cmdline]
         assert len(superlink) == 1 and "--enable-supernode-auth" in superlink[0]
         assert "--ssl-certfile" in superlink[0] and "--insecure" not in superlink[0]
         registered = subprocess.run([str(MYELOFED), "server", "register", str(key.public),
@@ -130,8 +131,9 @@ def test_a_coordinator_stopped_by_sigterm_leaves_nothing_and_starts_again_on_its
                                          env)
             server.wait_ready(60, port=("127.0.0.1", port))
             server.wait_ready(60, port=("127.0.0.1", control_port))
-            started = psutil.Process(server.popen.pid).children(recursive=True)
-            assert any("flower-superlink" in " ".join(p.cmdline()) for p in started)
+            tree = process_tree(server.popen.pid)[1:]
+            started = [proc for proc, _ in tree]
+            assert any("flower-superlink" in cmdline for _, cmdline in tree)
             server.popen.send_signal(signal.SIGTERM)
             assert server.popen.wait(timeout=60) in (0, 128 + signal.SIGTERM), server.tail()
             assert "Traceback" not in server.tail(500), server.tail(500)

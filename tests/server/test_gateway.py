@@ -21,6 +21,7 @@ from server.commands import flower_env, write_connection
 from server.federation import LocalFederation
 from server.gateway import fleet_paths
 from server.processes import MARKER_ENV, FlowerProcess, free_ports, processes_marked, stop_processes
+from tests.server.studies import process_tree
 
 APP_DIR = Path(__file__).resolve().parents[2]
 MYELOFED = Path(sys.executable).parent / "myelofed"
@@ -124,18 +125,19 @@ def test_server_start_binds_the_superlink_to_loopback_and_the_gateway_outside(tm
         server.wait_ready(60, port=("127.0.0.1", port))
         server.wait_ready(60, port=("127.0.0.1", control_port))
         listening = {}
-        for proc in [psutil.Process(server.popen.pid),
-                     *psutil.Process(server.popen.pid).children(recursive=True)]:
-            for conn in proc.net_connections(kind="tcp"):
-                if conn.status == psutil.CONN_LISTEN:
-                    listening[conn.laddr.port] = (conn.laddr.ip, proc.name(),
-                                                  " ".join(proc.cmdline()))
+        for proc, cmdline in process_tree(server.popen.pid):
+            try:
+                for conn in proc.net_connections(kind="tcp"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        listening[conn.laddr.port] = (conn.laddr.ip, cmdline)
+            except psutil.NoSuchProcess:
+                continue  # ended since process_tree read it
     finally:
         stop_processes([server], marker, grace_s=5)
     assert listening[control_port][0] == "127.0.0.1", listening
-    assert "--enable-supernode-auth" in listening[control_port][2]
-    assert "--ssl-certfile" in listening[control_port][2]
-    assert listening[port][0] == "0.0.0.0" and "gateway" not in listening[control_port][2]
+    assert "--enable-supernode-auth" in listening[control_port][1]
+    assert "--ssl-certfile" in listening[control_port][1]
+    assert listening[port][0] == "0.0.0.0" and "gateway" not in listening[control_port][1]
     assert processes_marked(marker) == []
     # on SIGTERM the command stopped its SuperLink too, and said nothing went wrong
     assert "Traceback" not in server.tail(500)
