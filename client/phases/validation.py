@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from client.folds import split_state
 from client.phases.nomogram import nomogram_design
 from client.phases.radiomics import model_rows, rows_of
 from client.report import record_evaluation
@@ -71,10 +72,11 @@ class LocalUpdate:
 def update_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                 federated: LinearModel, seed: int) -> LocalUpdate:
     """The federated model updated on this site's training rows
-    (:func:`common.selection.updating.update_at_site`), over the site's own CV folds; the
-    candidate ``local`` is the site's local-only recipe refitted inside each fold. An update
-    that cannot be fitted leaves the federated model, its choice saying why."""
-    x, y, folds = model_rows(site, protocol, harmonized, "train")
+    (:func:`common.selection.updating.update_at_site`), over the site's update folds
+    (:func:`update_folds`); the candidate ``local`` is the site's local-only recipe refitted
+    inside each fold. An update that cannot be fitted leaves the federated model, its choice
+    saying why."""
+    x, y, _ = model_rows(site, protocol, harmonized, "train")
     spec, loss = protocol.model, loss_of(protocol)
 
     def local(rows: np.ndarray, labels: np.ndarray) -> LinearModel:
@@ -84,16 +86,30 @@ def update_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                               spec.n_lambdas, spec.cv_folds, spec.lambda_rule)
         return model
 
-    return _update(x, y, folds, federated, loss, local)
+    return _update(x, y, update_folds(y, protocol, seed, site.site_name), federated, loss, local)
+
+
+def update_folds(y: np.ndarray, protocol: StudyProtocol, seed: int, site_name: str
+                 ) -> np.ndarray:
+    """The folds the site's update chooses by: ``model.cv_folds`` plain folds of the training
+    rows, stratified by label for classification, seeded by the study seed and the site. Not
+    the model's folds of privacy atoms (:func:`client.folds.site_folds`): the update's per-fold
+    sums never leave the site (only each candidate's deviance summed over every training row),
+    and at a small site an atom can hold every positive, leaving a fold with none to train
+    on."""
+    return assign_folds(y, protocol.model.cv_folds, split_state(seed, site_name),
+                        protocol.task.kind is TaskKind.CLASSIFICATION)
 
 
 def update_nomogram_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
-                         federated: LinearModel, radiomics: LinearModel) -> LocalUpdate:
+                         federated: LinearModel, radiomics: LinearModel, seed: int
+                         ) -> LocalUpdate:
     """The federated nomogram updated on this site's training rows, as :func:`update_here`
     does the radiomics model, on its design (``radiomics``' score and the clinical columns):
     the candidate ``local`` is the nomogram's own fit (the same ridge) on the site's rows."""
     table = split_table(site, protocol, harmonized, "train")
-    x, y, folds = rows_of(table, protocol)
+    x, y, _ = rows_of(table, protocol)
+    folds = update_folds(y, protocol, seed, site.site_name)
     design = nomogram_design(table, protocol, x, [radiomics])
     p = design.shape[1]
 
@@ -131,7 +147,7 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     if evaluated_models(list(models), site_update, bool(radiomics)) != list(models):
         if radiomics:
             update = update_nomogram_here(site, protocol, harmonized, models["nomogram"],
-                                          radiomics["nomogram"])
+                                          radiomics["nomogram"], seed)
             radiomics = {**radiomics, updated: radiomics["nomogram"]}
         else:
             update = update_here(site, protocol, harmonized, models["federated"], seed)

@@ -137,18 +137,31 @@ def _fit(name: str, x: FloatArray, y: FloatArray, federated: LinearModel, loss: 
     return revise(x, y, federated, loss, float(name.removeprefix("revised ")))
 
 
+def _comparable(y: FloatArray, loss: str) -> bool:
+    """Whether a fold's training labels can fit every candidate: both classes for the
+    logistic loss, two rows or more for the squared error."""
+    return bool(0 < y.sum() < len(y)) if loss == "logistic" else len(y) >= 2
+
+
 def update_at_site(x: npt.ArrayLike, y: npt.ArrayLike, folds: npt.ArrayLike,
                    federated: LinearModel, loss: str,
                    local: Callable[[FloatArray, FloatArray], LinearModel],
                    only: Sequence[str] | None = None) -> SiteUpdate:
     """Choose, by the site's cross-validation over ``folds``, among the candidates (``only``
     these, in :func:`candidates`' order), and refit the chosen one on every row. ``local``
-    fits the site's local-only model on the rows it is given."""
+    fits the site's local-only model on the rows it is given. Every candidate is compared on
+    the same folds: those whose training rows hold both classes (a fold without them would
+    fail every candidate but the federated one); with none, the site cannot choose
+    (:class:`ModelError`)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     folds = np.asarray(folds)
     names = [n for n in candidates() if only is None or n in only]
     total = dict.fromkeys(names, 0.0)
-    for fold in np.unique(folds):
+    usable = [fold for fold in np.unique(folds) if _comparable(y[folds != fold], loss)]
+    if not usable:
+        raise ModelError("no cross-validation fold leaves training rows of both classes (or "
+                         "two rows to fit): the site's folds cannot choose an update")
+    for fold in usable:  # every candidate on the same folds
         train, held = folds != fold, folds == fold
         for name in names:
             try:

@@ -136,3 +136,24 @@ def test_a_choice_that_cannot_be_refitted_on_every_row_leaves_the_federated_mode
     assert update.deviance["local"] < update.deviance["federated"]  # local won the CV...
     assert update.choice == "federated" and update.model is federated  # ...but cannot be refit
     assert fits[-1] == 300
+
+
+def test_a_fold_whose_training_rows_lack_a_class_compares_no_candidate():
+    from common.glm import ModelError
+
+    federated = _model([0.0, 1.5, 1.5, 0.0], 3)
+
+    def local(x, y):  # noqa: ANN001, ANN202
+        return _model(penalized_fit(x, y, "logistic", np.zeros(3), 1.0).tolist(), 3)
+
+    x, y, _ = _site(120, -1.5)
+    folds = np.where(y == 1, 0, 1 + np.arange(len(y)) % 4)  # fold 0: every positive
+    update = update_at_site(x, y, folds, federated, "logistic", local)
+    # fold 0's training rows hold no positive: left out for every candidate, not charged as
+    # infinite to those that cannot fit there (so the choice is not forced to the federated)
+    assert all(np.isfinite(v) for v in update.deviance.values())
+    kept = folds != 0
+    assert update.deviance["federated"] == pytest.approx(
+        deviance(y[kept], federated.score(x[kept]), "logistic"), rel=1e-12)
+    with pytest.raises(ModelError, match="cannot choose"):
+        update_at_site(x, y, np.where(y == 1, 0, 1), federated, "logistic", local)
