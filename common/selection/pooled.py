@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from common.selection.batch import FitBatch, new_batch, update_by_site
 from common.selection.model import LinearModel
-from common.selection.screening import combine_comoments, site_comoments
+from common.selection.screening import combine_comoments, screening_label, site_comoments
 from common.selection.terms import site_batch_terms
 
 IndexArray: TypeAlias = npt.NDArray[np.int64]  # feature indices, fold numbers
@@ -39,7 +39,8 @@ def fit_pooled(sites: Sequence[tuple[npt.ArrayLike, npt.ArrayLike, IndexArray]],
     """Screening, the penalty path, cross-validation and the chosen model over ``sites`` (each
     ``(x, y, folds)``) in one process: what the federation computes, for a site's own
     local-only model and for tests."""
-    moments = combine_comoments([site_comoments(x, y) for x, y, _ in sites])
+    moments = combine_comoments([site_comoments(x, screening_label(y, loss))
+                                 for x, y, _ in sites])
     batch = run_in_process(new_batch([moments], loss, penalty, top_k, n_lambdas, folds),
                            sites, [list(range(len(sites)))], min_rows)
     return batch.model(0, rule), batch

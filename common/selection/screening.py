@@ -11,6 +11,7 @@ from typing import ClassVar, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from common.cox import null_martingale_residuals
 from common.glm import ModelError
 
 FloatArray: TypeAlias = npt.NDArray[np.float64]
@@ -89,8 +90,25 @@ def lambda_max(moments: Comoments, features: IndexArray) -> float:
     return float(np.max(np.abs(moments.cross[features]) / (moments.n * moments.sd[features])))
 
 
+def screening_label(y: npt.ArrayLike, loss: str) -> FloatArray:
+    """What the comoments correlate the features with: the label, or for the Cox loss (``y``:
+    times and events, (n, 2)) the site's null martingale residuals, whose cross-products with
+    the features are the Cox score at zero (:func:`common.cox.null_martingale_residuals`); they
+    sum to zero at every site, so the pooled cross-products are the stratified score exactly,
+    and :func:`lambda_max` holds for the Cox loss as for the others."""
+    y = np.asarray(y, dtype=np.float64)
+    if loss != "cox":
+        return y
+    if y.ndim != 2 or y.shape[1] != 2:
+        raise ModelError(f"the Cox loss needs (n, 2) times and events, got {y.shape}")
+    return null_martingale_residuals(y[:, 0], y[:, 1])
+
+
 def null_intercept(moments: Comoments, loss: str) -> float:
-    """The intercept-only fit: the label's mean (Gaussian) or its logit (logistic)."""
+    """The intercept-only fit: the label's mean (Gaussian), its logit (logistic), or 0 (the
+    Cox model has none: the baseline hazard takes its place)."""
+    if loss == "cox":
+        return 0.0
     if loss == "gaussian":
         return moments.y_mean
     p = min(max(moments.y_mean, 1e-6), 1 - 1e-6)

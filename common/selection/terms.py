@@ -10,12 +10,13 @@ from typing import ClassVar, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from common.cox import site_cox_terms
 from common.glm import ModelError, with_intercept
 
 FloatArray: TypeAlias = npt.NDArray[np.float64]
 IndexArray: TypeAlias = npt.NDArray[np.int64]  # feature indices, fold numbers
 
-LOSSES = ("logistic", "gaussian")
+LOSSES = ("logistic", "gaussian", "cox")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class BatchTerms:
 
 def _loss_terms(x: FloatArray, y: FloatArray, beta: FloatArray, loss: str
                 ) -> tuple[FloatArray, FloatArray, float]:
+    if loss == "cox":  # no intercept: its row of the Hessian holds it where it is (at 0)
+        cox = site_cox_terms(x, y[:, 0], y[:, 1], beta[1:])
+        gradient, hessian = np.zeros(beta.size), np.zeros((beta.size, beta.size))
+        gradient[1:], hessian[1:, 1:], hessian[0, 0] = cox.gradient, cox.hessian, len(x)
+        return gradient, hessian, cox.loss
     xi = with_intercept(x)
     z = xi @ beta
     if loss == "logistic":
@@ -64,6 +70,8 @@ def _loss_terms(x: FloatArray, y: FloatArray, beta: FloatArray, loss: str
 
 
 def _loss_value(x: FloatArray, y: FloatArray, beta: FloatArray, loss: str) -> float:
+    if loss == "cox":
+        return site_cox_terms(x, y[:, 0], y[:, 1], beta[1:]).loss
     z = with_intercept(x) @ beta
     if loss == "logistic":
         return float(np.sum(np.logaddexp(0.0, z) - y * z))
@@ -72,7 +80,8 @@ def _loss_value(x: FloatArray, y: FloatArray, beta: FloatArray, loss: str) -> fl
 
 def site_batch_terms(x: npt.ArrayLike, y: npt.ArrayLike, folds: IndexArray, request: BatchRequest,
                      loss: str, min_rows: int) -> BatchTerms:
-    """This site's terms for every fit in ``request``. A fit over fewer than ``min_rows`` of
+    """This site's terms for every fit in ``request`` (``y``: the labels, or for the Cox loss
+    the rows' times and events, (n, 2)). A fit over fewer than ``min_rows`` of
     this site's rows, or a held-out fold of 1 to ``min_rows - 1`` of them, is refused: its sums
     would come close to single patients' values. A fold with none of this site's rows (see
     :func:`assign_folds`) leaves all of them in."""
@@ -80,6 +89,9 @@ def site_batch_terms(x: npt.ArrayLike, y: npt.ArrayLike, folds: IndexArray, requ
         raise ModelError(f"unknown loss '{loss}'")
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
+    if y.shape != ((len(x), 2) if loss == "cox" else (len(x),)):
+        wanted = "(n, 2) times and events" if loss == "cox" else "(n,) labels"
+        raise ModelError(f"{len(x)} rows need {wanted}, got {y.shape}")
     j_count, width = request.beta.shape
     out = BatchTerms(np.zeros(j_count), np.zeros((j_count, width)),
                      np.zeros((j_count, width, width)), np.zeros(j_count), np.zeros(j_count),
@@ -104,7 +116,12 @@ def site_batch_terms(x: npt.ArrayLike, y: npt.ArrayLike, folds: IndexArray, requ
         out.n[j], out.gradient[j], out.hessian[j], out.loss[j] = inside.sum(), g, h, value
         if held_out:
             out.n_out[j] = held_out
-            out.loss_out[j] = _loss_value(z[~inside], y[~inside], request.beta[j], loss)
+            # the Cox model's held-out loss is Verweij & van Houwelingen's (1993): the partial
+            # likelihood of every row less that of the rows fitted, both at the fit (a held-out
+            # row's risk set holds the fitted rows too)
+            out.loss_out[j] = (_loss_value(z, y, request.beta[j], loss) - value
+                               if loss == "cox" else
+                               _loss_value(z[~inside], y[~inside], request.beta[j], loss))
     return out
 
 
