@@ -31,7 +31,9 @@ def demo(
     seed: Annotated[int, typer.Option(help="The study seed (train/test split, CV folds).")] = 0,
     task: Annotated[str, typer.Option(
         help="The cohort's task: diagnosis (MM vs metastasis), response (with the ISS "
-        "nomogram), pci (plasma-cell infiltration, a regression) or mrd.")] = "diagnosis",
+        "nomogram), pci (plasma-cell infiltration, a regression), mrd, or pfs / os "
+        "(progression-free / overall survival, a Cox model stratified by site).")
+    ] = "diagnosis",
 ) -> None:
     """Run the whole federated study on the built-in synthetic cohort, on this machine.
 
@@ -44,7 +46,9 @@ def demo(
     federated model after harmonization, that model updated at the site on its own rows, the
     model trained without the site (leave-site-out, the external validation) and the federated
     CNN; with --task response, the nomogram (radiomics
-    score + ISS stage + age) too; with --task pci, Pearson r instead of the AUC.
+    score + ISS stage + age) too; with --task pci, Pearson r instead of the AUC; with --task
+    pfs or os, Harrell's C of the federated Cox model (no CNN and no site update for survival
+    yet).
 
     \b
     Writes, under --out:
@@ -132,27 +136,35 @@ def summary_table(study: Path, wall_s: float) -> Table:
     per model the study ran (local, federated, after ComBat, updated at the site, left out,
     nomogram, the CNN's), each site's test metric; a model no site has a value for has no
     row. Sites are the columns so that every model fits an 80-column terminal."""
-    from server.phases.validation import summary_rows  # deferred: heavy (see cli/__init__.py)
+    # deferred: heavy (see cli/__init__.py)
+    from common.metrics.tables import HEADLINE
+    from server.phases.validation import summary_rows
+
+    names = dict(HEADLINE.values())  # the headline metric's name by its key
 
     def read(name: str) -> Any:
         return json.loads((study / name).read_text()) if (study / name).exists() else None
 
     metric, rows = summary_rows(read("model.json")["models"], read("cnn.json"),
                                 read("nomogram.json"))
+    shown = [(key, label) for key, label in MODEL_ROWS if any(r[key] is not None for r in rows)]
+    notes = ["left out: trained without the site; + ComBat: after federated ComBat (and CovBat "
+             "where the protocol asks)"]
+    if any(key == "site_updated" for key, _ in shown):
+        notes.append("site-updated: the harmonized federated model updated on the site's own "
+                     "rows (the report says which model each site should use, and why)")
+    if any(key == "cnn_updated" for key, _ in shown):
+        notes.append("CNN, site-updated: the federated or the fine-tuned CNN, whichever the "
+                     "site's held-out training crops prefer")
     table = Table("model", *(r["site"] for r in rows),
-                  title=f"Test {metric.upper()} per site ({wall_s:.0f} s)",
-                  caption="left out: trained without the site; + ComBat: after federated "
-                  "ComBat (and CovBat where the protocol asks); site-updated: the harmonized "
-                  "federated model updated on the site's own rows (the report says which model "
-                  "each site should use, and why); CNN, site-updated: the federated or the "
-                  "fine-tuned CNN, whichever the site's held-out training crops prefer")
+                  title=f"Test {names[metric]} per site ({wall_s:.0f} s)",
+                  caption="; ".join(notes))
     for column in table.columns[1:]:
         column.justify, column.no_wrap = "right", True
     table.add_row("test patients", *(str(shown_count(r["n_test"])) for r in rows),
                   end_section=True)
-    for key, label in MODEL_ROWS:
-        if any(r[key] is not None for r in rows):
-            table.add_row(label, *(_show(r[key]) for r in rows))
+    for key, label in shown:
+        table.add_row(label, *(_show(r[key]) for r in rows))
     return table
 
 

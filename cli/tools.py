@@ -36,7 +36,8 @@ def simulate(
         "Default 40,70,110 (repeated for more sites).")] = None,
     task: Annotated[str, typer.Option(
         help="diagnosis (MM vs metastasis), pci (plasma-cell infiltration), response "
-        "(with ISS stage) or mrd (after-treatment scans).")] = "diagnosis",
+        "(with ISS stage), mrd (after-treatment scans), or pfs / os (progression-free / "
+        "overall survival).")] = "diagnosis",
     modality: Annotated[str, typer.Option(help="MR (T1-weighted-like) or CT (HU).")] = "MR",
     file_format: Annotated[str, typer.Option(
         "--format", help="nifti, dicom (series + SEG) or both.")] = "nifti",

@@ -35,19 +35,25 @@ def split_state(seed: int, site_name: str) -> int:
 def training_cases(cases: Sequence[CaseSpec], protocol: StudyProtocol, seed: int,
                    site_name: str, test_fraction: float) -> set[str]:
     """The case ids of a site's training split: the manifest's usable cases split once,
-    stratified by label (for classification, when every class has two cases or more), seeded
+    stratified by label (for classification, when every class has two cases or more; by event
+    for survival), seeded
     by :func:`split_state`. The image harmonization phase and the preparation both use it, so
     the split never changes across phases (a case that later fails to extract is dropped from
     its side)."""
     if len(cases) < 2:
         return {c.case_id for c in cases}
-    labels = np.array([c.label for c in cases])
-    classification = protocol.task.kind is TaskKind.CLASSIFICATION
-    stratify = labels if classification and np.min(np.unique(labels, return_counts=True)[1]) > 1 \
-        else None
+    labels = np.array([c.label if c.event is None else c.event for c in cases])
+    stratify = labels if stratified(protocol) and \
+        np.min(np.unique(labels, return_counts=True)[1]) > 1 else None
     train, _ = train_test_split(np.arange(len(cases)), test_size=test_fraction,
                                 random_state=split_state(seed, site_name), stratify=stratify)
     return {cases[i].case_id for i in train}
+
+
+def stratified(protocol: StudyProtocol) -> bool:
+    """Whether a site's split and folds are stratified: by class, or by a survival task's
+    event (so that every fold has events to fit and to score)."""
+    return protocol.task.kind in (TaskKind.CLASSIFICATION, TaskKind.SURVIVAL)
 
 
 def fold_strata(rows: pd.DataFrame, protocol: StudyProtocol) -> list[np.ndarray]:
@@ -101,14 +107,13 @@ def site_folds(rows: pd.DataFrame, protocol: StudyProtocol, seed: int, min_patie
     """Fold numbers of the training ``rows``: the first folds, by ever finer atoms, under which
     no combination of the study's sums at this site covers 1 to ``min_patients`` - 1 patients;
     the finest when none does (the ledger then refuses what it must)."""
-    labels = rows[protocol.task.label_column].to_numpy()
-    classification = protocol.task.kind is TaskKind.CLASSIFICATION
+    labels = rows[protocol.task.event_column or protocol.task.label_column].to_numpy()
     strata = fold_strata(rows, protocol)
     # where ComBat's sums isolate patients on their own, the ledger refuses them whatever the
     # folds, and the site's models use raw features: the folds need not make room for them
     combat = not isolable(named(rows, combat_subsets(rows, protocol)), min_patients)
     for k in range(len(strata) + 1):
-        folds = assign_folds(labels, protocol.model.cv_folds, seed, classification,
+        folds = assign_folds(labels, protocol.model.cv_folds, seed, stratified(protocol),
                              min_patients, strata[:k])
         if not isolable(study_subsets(rows, folds, protocol, combat), min_patients):
             break

@@ -31,10 +31,12 @@ from typing import Any
 
 from common.errors import MyeloFedError
 from common.messages import STUDY_RECORD, MessageType, StudyConfig
+from common.metrics.survival import MAX_RISK_GROUPS, RISK_GROUPS
 from common.metrics.tables import (
     CLASSIFICATION_KEYS,
     CONFUSION_CELLS,
     REGRESSION_KEYS,
+    SURVIVAL_KEYS,
     THRESHOLD_METRICS,
     PairedTest,
     small_cells,
@@ -49,7 +51,7 @@ from common.payloads import (
     SplitMetrics,
     evaluated_models,
 )
-from common.protocol import StudyProtocol, TaskKind
+from common.protocol import StudyProtocol, TaskKind, ValidationSpec
 from common.records import PayloadError, check_sent, unpack
 from common.selection.model import LinearModel
 from common.selection.screening import Comoments
@@ -198,13 +200,18 @@ def _check_table(text: str, names: list[str], protocol: StudyProtocol) -> None:
     if not isinstance(models, dict) or set(models) != set(names):
         raise fail(f"its models {sorted(models)} are not the requested {sorted(names)}")
     classification = protocol.task.kind is TaskKind.CLASSIFICATION
-    keys = CLASSIFICATION_KEYS if classification else REGRESSION_KEYS
+    survival = protocol.task.kind is TaskKind.SURVIVAL
+    keys = (CLASSIFICATION_KEYS if classification else SURVIVAL_KEYS if survival
+            else REGRESSION_KEYS)
     v = protocol.validation
     for name, metrics in models.items():
         if not isinstance(metrics, dict) or set(metrics) != keys:
             extra = sorted(set(metrics) - keys) if isinstance(metrics, dict) else []
             raise fail(f"model '{name}' holds other metrics than its task's{': ' if extra else ''}"
                        f"{', '.join(extra)}")
+        if survival:
+            _check_survival(name, metrics, v, fail)
+            continue
         for key, value in metrics.items():
             if key == "calibration_curve":
                 _check_curve(name, key, value, v.n_bins, fail)
@@ -229,6 +236,55 @@ def _check_table(text: str, names: list[str], protocol: StudyProtocol) -> None:
         if key not in allowed or not isinstance(test, dict) or set(test) != fields or not all(
                 _number(x) for x in test.values()):
             raise fail(f"comparison '{key}' is not a DeLong test of the requested models")
+
+
+def _check_survival(model: str, row: Mapping[str, object], v: ValidationSpec,
+                    fail: Callable[[str], PrivacyGuardError]) -> None:
+    """A Cox model's row (:func:`common.metrics.survival.survival_table`): numbers, the
+    per-time values at the protocol's times, the calibration in risk groups of at least
+    min_count, the Kaplan-Meier curves on the protocol's grid with no value where fewer than
+    min_count are at risk."""
+    times, grid = [float(t) for t in v.times], [float(g) for g in v.km_grid]
+    for key in ("auc_at", "brier_at"):
+        rows = row[key]
+        if not isinstance(rows, list) or [r[0] if isinstance(r, list) and len(r) == 2 else None
+                                          for r in rows] != times or not all(
+                _number(r[1]) for r in rows):
+            raise fail(f"model '{model}': '{key}' is not one number at each protocol time")
+    calibration = row["calibration_at"]
+    if not isinstance(calibration, list) or len(calibration) > len(times) * MAX_RISK_GROUPS:
+        raise fail(f"model '{model}': 'calibration_at' is not a list of risk groups per time")
+    for r in calibration:
+        if (not isinstance(r, list) or len(r) != 5 or r[0] not in times
+                or r[1] not in RISK_GROUPS or not all(_number(x) for x in r[2:])):
+            raise fail(f"model '{model}': a row of 'calibration_at' is not a time, a risk "
+                       "group and three numbers")
+        if r[2] < v.min_count:
+            raise fail(f"model '{model}': a risk group of {r[2]:g} patients, fewer than "
+                       f"min_count = {v.min_count}")
+    if row["grid"] != grid:
+        raise fail(f"model '{model}': the Kaplan-Meier grid is not the protocol's km_grid")
+    curves = row["kaplan_meier"]
+    if not isinstance(curves, dict) or not set(curves) <= set(RISK_GROUPS):
+        raise fail(f"model '{model}': 'kaplan_meier' is not a curve per risk group")
+    for group, curve in curves.items():
+        if not isinstance(curve, dict) or set(curve) != {"survival", "at_risk"}:
+            raise fail(f"model '{model}': the '{group}' curve is not survival and at_risk")
+        survival, at_risk = curve["survival"], curve["at_risk"]
+        if (not isinstance(survival, list) or not isinstance(at_risk, list)
+                or len(survival) != len(grid) or len(at_risk) != len(grid)
+                or not all(_number(x) for x in survival)):
+            raise fail(f"model '{model}': the '{group}' curve is not one value per grid time")
+        for value, count in zip(survival, at_risk, strict=True):
+            if count is None and value == value:
+                raise fail(f"model '{model}': the '{group}' curve has a value where fewer "
+                           "than min_count are at risk")
+            if count is not None and (not _number(count) or count < v.min_count):
+                raise fail(f"model '{model}': the '{group}' curve counts {count} at risk, "
+                           f"fewer than min_count = {v.min_count}")
+    for key in SURVIVAL_KEYS - {"auc_at", "brier_at", "calibration_at", "kaplan_meier", "grid"}:
+        if not _number(row[key]):
+            raise fail(f"model '{model}': '{key}' is not a number")
 
 
 def _check_confusion(model: str, row: Mapping[str, object], min_count: int,

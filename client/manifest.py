@@ -1,6 +1,7 @@
 """The site manifest: one CSV row per case.
 
-Required columns: ``case_id``, ``image``, ``mask`` and the protocol's label column. Optional:
+Required columns: ``case_id``, ``image``, ``mask`` and the protocol's label column (and for a
+survival task its event column: the label is then the follow-up time in months). Optional:
 ``roi`` (RTSTRUCT ROI name or SEG segment for this case), ``series_uid`` (which DICOM series
 when a folder holds several), the protocol's covariates and batch (scanner) column.
 ``image`` is a DICOM series folder or a NIfTI/NRRD/MHA file; ``mask`` is a NIfTI/NRRD/MHA label
@@ -27,7 +28,8 @@ REQUIRED_COLUMNS = ("case_id", "image", "mask")
 
 @dataclass(frozen=True)
 class CaseSpec:
-    """One usable manifest row, with its label and covariates already typed."""
+    """One usable manifest row, with its label and covariates already typed (``event``: a
+    survival task's 1 or 0, None for the other tasks)."""
 
     case_id: str
     row: int
@@ -38,6 +40,7 @@ class CaseSpec:
     roi: str | None = None
     series_uid: str | None = None
     covariates: dict[str, str | float] = field(default_factory=dict)
+    event: float | None = None
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,21 @@ def _parse_label(text: str, protocol: StudyProtocol) -> float:
         raise ValueError(f"'{text}' is not a number") from None
     if not math.isfinite(value):
         raise ValueError(f"'{text}' is not a finite number")
+    if task.kind is TaskKind.SURVIVAL and value < 0:
+        raise ValueError(f"{value:g} is a negative follow-up time")
     if task.value_range is not None and not task.value_range[0] <= value <= task.value_range[1]:
         raise ValueError(f"{value:g} is outside {list(task.value_range)}")
+    return value
+
+
+def _parse_event(text: str) -> float:
+    """A survival task's event indicator: 1 (the event) or 0 (censored), or ValueError."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"'{text}' is not 0 or 1") from None
+    if value not in (0.0, 1.0):
+        raise ValueError(f"'{text}' is not 0 (censored) or 1 (the event)")
     return value
 
 
@@ -116,8 +132,9 @@ def read_manifest(
     if twice:
         raise ConfigError(str(path), [f"column '{c}' appears more than once in the header"
                                       for c in twice])
-    label_col = protocol.task.label_column
-    missing = [c for c in (*REQUIRED_COLUMNS, label_col) if c not in header]
+    label_col, event_col = protocol.task.label_column, protocol.task.event_column
+    missing = [c for c in (*REQUIRED_COLUMNS, label_col, *([event_col] if event_col else []))
+               if c not in header]
     missing += [c for c in protocol.covariates.columns if c not in header]
     if missing:
         hint = ([f"the header is one column holding '{sep}': a manifest is comma-separated"
@@ -170,6 +187,16 @@ def read_manifest(
         except ValueError as exc:
             problem(SkipReason.LABEL_INVALID, f"label column '{label_col}': {exc}")
             continue
+        event = None
+        if event_col:
+            if not row.get(event_col):
+                problem(SkipReason.LABEL_MISSING, f"no value in event column '{event_col}'")
+                continue
+            try:
+                event = _parse_event(row[event_col])
+            except ValueError as exc:
+                problem(SkipReason.LABEL_INVALID, f"event column '{event_col}': {exc}")
+                continue
         covariates: dict[str, str | float] = {}
         bad = []
         for column, levels in protocol.covariates.categorical.items():
@@ -212,6 +239,7 @@ def read_manifest(
                 roi=row.get("roi") or None,
                 series_uid=row.get("series_uid") or None,
                 covariates=covariates,
+                event=event,
             )
         )
     return cases, problems

@@ -34,7 +34,7 @@ from common.payloads import NOMOGRAM_SITE_UPDATED, SITE_UPDATED
 from common.protocol import StudyProtocol, TaskKind
 from common.provenance import REPORT_PACKAGES, atomic_write_json, software_versions
 from common.site_config import SiteConfig
-from common.templates import confusion, fmt, render, with_ci
+from common.templates import at_times, confusion, fmt, render, with_ci
 
 REPORT_DIR = "report"
 SITE_HTML, SITE_JSON = "site_report.html", "site_report.json"
@@ -146,7 +146,9 @@ def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, An
         metrics = found["metrics"]["models"]
         section: dict[str, Any] = {"key": key, "title": title, "figures": [], "rows": []}
         for name, row in metrics.items():
-            if classification:
+            if protocol.task.kind is TaskKind.SURVIVAL:
+                section["rows"].append(survival_row(name, row))
+            elif classification:
                 section["rows"].append({
                     "model": name, "auc": with_ci(row, "auc"),
                     "boot": f"[{fmt(row.get('auc_boot_low'))}, {fmt(row.get('auc_boot_high'))}]",
@@ -193,6 +195,15 @@ def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, An
         section["figures"] += found.get("overlays", [])
         report["evaluations"].append(section)
     return report
+
+
+def survival_row(name: str, row: dict[str, Any]) -> dict[str, str]:
+    """A Cox model's metrics as the site report's table shows them."""
+    return {"model": name, "events": fmt(row.get("n_events")),
+            "c_harrell": with_ci(row, "c_harrell"), "c_uno": with_ci(row, "c_uno"),
+            "auc_at": at_times(row.get("auc_at")),
+            "brier_at": at_times(row.get("brier_at")),
+            "integrated_brier": fmt(row.get("integrated_brier"))}
 
 
 def _nomogram_figure(site: SiteConfig, protocol: StudyProtocol, nomogram: dict[str, Any]

@@ -78,12 +78,13 @@ def load_image_standard(site: SiteConfig, protocol: StudyProtocol) -> ImageStand
 
 def feature_columns(table: pd.DataFrame, protocol: StudyProtocol) -> list[str]:
     """The feature columns of a study table: every column but the row's identity, split, fold,
-    label and covariates."""
+    label (a survival task's time and event) and covariates."""
     return _features_of(table.columns, protocol)
 
 
 def _features_of(columns: Iterable[str], protocol: StudyProtocol) -> list[str]:
-    skip = {*NON_FEATURES, protocol.task.label_column, *protocol.covariates.columns}
+    skip = {*NON_FEATURES, protocol.task.label_column, protocol.task.event_column,
+            *protocol.covariates.columns}
     return [c for c in columns if c not in skip]
 
 

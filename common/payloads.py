@@ -177,17 +177,20 @@ def parse_counts(text: str) -> dict[str, int]:
 
 def label_counts(protocol: StudyProtocol, labels: Sequence[float], minimum: int | None = None
                  ) -> str:
-    """``"0:n0,1:n1"`` for a classification task, empty otherwise (with ``minimum``: as they
-    may leave the site)."""
-    if protocol.task.kind is not TaskKind.CLASSIFICATION:
+    """``"0:n0,1:n1"`` for a classification task (``labels``: the classes) or a survival one
+    (``labels``: the events, 1, and censored times, 0), empty otherwise (with ``minimum``: as
+    they may leave the site)."""
+    if protocol.task.kind is TaskKind.REGRESSION:
         return ""
     counts = Counter(int(v) for v in labels)
     return format_counts(((k, counts.get(k, 0)) for k in (0, 1)), minimum)
 
 
 def loss_of(protocol: StudyProtocol) -> str:
-    """The GLM loss of the study's task."""
-    return "logistic" if protocol.task.kind is TaskKind.CLASSIFICATION else "gaussian"
+    """The loss of the study's task: the logistic GLM's, the Gaussian one's or the stratified
+    Cox model's partial likelihood."""
+    return {TaskKind.CLASSIFICATION: "logistic", TaskKind.REGRESSION: "gaussian",
+            TaskKind.SURVIVAL: "cox"}[protocol.task.kind]
 
 
 def clinical_columns(protocol: StudyProtocol) -> list[tuple[str, str | None]]:

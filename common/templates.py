@@ -37,6 +37,11 @@ def fmt(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else str(value)
 
 
+def at_times(rows: list[list[float]] | None) -> str:
+    """'12: 0.712, 24: 0.684' from a survival metric's [time, value] rows."""
+    return ", ".join(f"{t:g}: {fmt(v)}" for t, v in rows or [])
+
+
 def with_ci(row: dict[str, Any] | None, metric: str) -> str:
     """'0.812 [0.701, 0.923]' from a metrics row (``metric``, ``metric_low``,
     ``metric_high``); the value alone without its bounds; "n/a" without the value."""

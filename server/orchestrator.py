@@ -131,8 +131,11 @@ def run_models(transport: Transport, nodes: dict[int, str], harmonized: dict[int
     names = prepared.kept[0].feature_names
     two_passes = len(harmonized) >= settings.min_sites
     # each site updates the federated model once: the harmonized one where it has it
-    update = (frozenset(nodes.values()) if settings.protocol.validation.site_update
-              else frozenset[str]())
+    protocol = settings.protocol
+    update = (frozenset(nodes.values()) if protocol.validation.site_update
+              and protocol.task.kind is not TaskKind.SURVIVAL else frozenset[str]())
+    if protocol.validation.site_update and not update:
+        progress("phase 4/5: no site update of a survival model (not built yet)")
     later = frozenset(harmonized.values()) if two_passes else frozenset[str]()
     progress("phase 4/5 radiomics model on raw features")
     passes = [run_model(transport, nodes, names, settings, False, progress, update - later)]

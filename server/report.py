@@ -29,6 +29,7 @@ import numpy as np
 
 from common import plots
 from common.errors import ConfigError
+from common.metrics.tables import HEADLINE
 from common.payloads import shown_count, shown_counts
 from common.provenance import (
     REPORT_PACKAGES,
@@ -36,9 +37,16 @@ from common.provenance import (
     atomic_write_json,
     software_versions,
 )
-from common.templates import confusion, fmt, render, with_ci
+from common.templates import fmt, render, with_ci
 from harmonization.images import PERCENTILES
 from server.phases.validation import recommendation
+from server.report_tables import (
+    calibration_rows,
+    regression_rows,
+    survival_figures,
+    survival_rows,
+    threshold_rows,
+)
 
 REPORT_HTML, REPORT_JSON, REPORT_CSV = "report.html", "report.json", "report.csv"
 PHASE_FILES = ("protocol", "handshake", "images", "prepare", "combat", "model", "nomogram",
@@ -91,7 +99,7 @@ def _harmonization_section(models: list[dict[str, Any]]) -> dict[str, Any] | Non
     harmonized = next((m for m in models if m["harmonized"]), None)
     if raw is None or harmonized is None:
         return None
-    metric = "auc" if raw.get("loss") == "logistic" else "r"
+    metric, metric_name = HEADLINE[raw.get("loss", "gaussian")]
 
     def value(model: dict[str, Any], site: str, name: str) -> float | None:
         row = model["sites"].get(site, {}).get("metrics", {}).get(name) or {}
@@ -107,18 +115,19 @@ def _harmonization_section(models: list[dict[str, Any]]) -> dict[str, Any] | Non
                     f"{key}_change": fmt(None if before is None or after is None
                                          else after - before)}
         rows.append(row)
-    return {"metric": "AUC" if metric == "auc" else "Pearson r", "rows": rows}
+    return {"metric": metric_name, "rows": rows}
 
 
-def _forest(model: dict[str, Any], kind: str, metric: str, title: str) -> str | None:
+def _forest(model: dict[str, Any], kind: str, title: str) -> str | None:
     pooled = model.get("pooled", {}).get(kind)
     if not pooled:
         return None
     rows = [(site, r["value"], r["low"], r["high"]) for site, r in pooled["sites"].items()]
     p = pooled["pooled"]
+    # the line of no discrimination: an AUC or a C index of 0.5, a correlation of 0
     return plots.forest_figure(rows, (p["estimate"], p["low"], p["high"]) if p else None,
-                               metric.upper() if metric == "auc" else "Pearson r", title,
-                               0.5 if metric == "auc" else 0.0)
+                               HEADLINE[model["loss"]][1], title,
+                               0.0 if model["loss"] == "gaussian" else 0.5)
 
 
 def _cross_site(model: dict[str, Any], metric: str) -> tuple[list[str], list[str], np.ndarray]:
@@ -134,43 +143,21 @@ def _cross_site(model: dict[str, Any], metric: str) -> tuple[list[str], list[str
     return rows, sites, matrix
 
 
-def _threshold_rows(model: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for site, result in sorted(model["sites"].items()):
-        m = result["metrics"].get("federated") or {}
-        rows.append({"site": site, **{k: fmt(m.get(k)) for k in (
-            "threshold", "sensitivity", "specificity", "ppv", "npv", "accuracy", "f1", "brier",
-            "calibration_intercept", "calibration_slope")},
-            "confusion": confusion(m) if m else "n/a"})
-    return rows
-
-
-def _regression_rows(model: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for site, result in sorted(model["sites"].items()):
-        m = result["metrics"].get("federated") or {}
-        rows.append({"site": site, "r": with_ci(m, "r"), "spearman": with_ci(m, "spearman"),
-                     "mae": fmt(m.get("mae")), "rmse": fmt(m.get("rmse")),
-                     "bias": fmt(m.get("bias")),
-                     "loa": f"[{fmt(m.get('loa_low'))}, {fmt(m.get('loa_high'))}]"})
-    return rows
-
-
 def _selected(model: dict[str, Any]) -> dict[str, float]:
     fed = model["training_sets"]["federated"]["model"]
     return {f: c for f, c in zip(fed["features"], fed["coefficients"], strict=True) if c != 0}
 
 
 def _model_section(model: dict[str, Any]) -> dict[str, Any]:
-    metric = "auc" if model["loss"] == "logistic" else "r"
+    metric, metric_name = HEADLINE[model["loss"]]
     label = _model_label(model)
-    section: dict[str, Any] = {"label": label, "metric": metric.upper() if metric == "auc"
-                               else "Pearson r", "rows": _side_by_side(model, metric),
-                               "figures": [], "pooled": []}
+    section: dict[str, Any] = {"label": label, "metric": metric_name,
+                               "rows": _side_by_side(model, metric), "figures": [],
+                               "pooled": []}
     for kind, title in (("federated", "federated model"), ("leave-site-out",
                                                           "trained without the site"),
                         ("local", "each site's local model")):
-        figure = _forest(model, kind, metric, f"{title}, {label}")
+        figure = _forest(model, kind, f"{title}, {label}")
         if figure:
             section["figures"].append({"title": f"Forest plot: {title}", "src": figure})
         p = (model.get("pooled", {}).get(kind) or {}).get("pooled")
@@ -182,9 +169,13 @@ def _model_section(model: dict[str, Any]) -> dict[str, Any]:
                                       "sites": ", ".join(p["sites"])})
     rows, sites, matrix = _cross_site(model, metric)
     section["figures"].append({"title": "Cross-site matrix", "src": plots.heatmap_figure(
-        matrix, rows, sites, f"each model at each site, {label}", metric.upper())})
-    if metric == "auc":
-        section["threshold_rows"] = _threshold_rows(model)
+        matrix, rows, sites, f"each model at each site, {label}", metric_name)})
+    if model["loss"] == "cox":
+        section["survival_rows"] = survival_rows(model)
+        section["survival_calibration"] = calibration_rows(model)
+        section["figures"] += survival_figures(model, label)
+    elif metric == "auc":
+        section["threshold_rows"] = threshold_rows(model)
         curves = {s: (r["metrics"].get("federated") or {}).get("calibration_curve") or []
                   for s, r in sorted(model["sites"].items())}
         section["figures"].append({"title": "Calibration of the federated model (binned at "
@@ -196,7 +187,7 @@ def _model_section(model: dict[str, Any]) -> dict[str, Any]:
                                    "src": plots.decision_figure(decisions,
                                                                 f"federated model, {label}")})
     else:
-        section["regression_rows"] = _regression_rows(model)
+        section["regression_rows"] = regression_rows(model)
     selected = _selected(model)
     if selected:
         section["figures"].append({"title": "Selected features (federated model)",

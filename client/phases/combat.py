@@ -57,7 +57,7 @@ def combat_inputs(site: SiteConfig, protocol: StudyProtocol, split: str | None =
         table = table[table["split"] == split].reset_index(drop=True)
     names = feature_columns(table, protocol)
     covariates = {c: table[c].tolist() for c in protocol.covariates.columns}
-    if split == "train" and protocol.covariates.protect_outcome:
+    if split == "train" and protocol.protects_outcome:
         label = table[protocol.task.label_column]
         covariates[protocol.task.label_column] = (
             label.astype(int).tolist() if protocol.task.kind is TaskKind.CLASSIFICATION

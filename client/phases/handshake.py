@@ -37,7 +37,8 @@ def handshake(site: SiteConfig, protocol_json: str, protocol_hash: str) -> Hands
         site.site_name, "ok", protocol_hash, n_rows=released(len(cases) + len(problems), floor),
         n_usable=released(len(cases), floor),
         skipped=format_counts(sorted(Counter(p.reason.value for p in problems).items()), floor),
-        label_counts=label_counts(protocol, [c.label for c in cases], floor))
+        label_counts=label_counts(protocol, [c.label if c.event is None else c.event
+                                                for c in cases], floor))
 
 
 def refused(site_name: str, protocol_hash: str, exc: ConfigError) -> HandshakeReply:

@@ -44,7 +44,8 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
     if len(table) < 4:
         return PrepareReply(site.site_name, "refused", "too_few_cases",
                             "fewer than 4 usable cases")  # not how many: the reply leaves
-    labels = table[protocol.task.label_column].to_numpy()
+    # what the counts count: the classes, or a survival task's events
+    labels = table[protocol.task.event_column or protocol.task.label_column].to_numpy()
     state = split_state(seed, site.site_name)
     training = training_cases(cases, protocol, seed, site.site_name, test_fraction)
     train = np.flatnonzero(table["case_id"].astype(str).isin(training).to_numpy())

@@ -16,7 +16,7 @@ from common.payloads import MIN_ROWS_SENT, loss_of
 from common.protocol import StudyProtocol, TaskKind
 from common.selection.model import LinearModel
 from common.selection.pooled import fit_pooled
-from common.selection.screening import Comoments, site_comoments
+from common.selection.screening import Comoments, screening_label, site_comoments
 from common.selection.terms import BatchTerms, site_batch_terms
 from common.site_config import SiteConfig
 
@@ -30,9 +30,19 @@ def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, spli
 
 def rows_of(table: pd.DataFrame, protocol: StudyProtocol
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A study table's features, labels and CV folds."""
-    return (table[feature_columns(table, protocol)].to_numpy(float),
-            table[protocol.task.label_column].to_numpy(float), table["fold"].to_numpy())
+    """A study table's features, labels (a survival task's (n, 2) times and events) and CV
+    folds."""
+    columns = label_columns(protocol)
+    labels = table[columns].to_numpy(float) if len(columns) > 1 else \
+        table[columns[0]].to_numpy(float)
+    return table[feature_columns(table, protocol)].to_numpy(float), labels, \
+        table["fold"].to_numpy()
+
+
+def label_columns(protocol: StudyProtocol) -> list[str]:
+    """The label column, and a survival task's event column after it."""
+    task = protocol.task
+    return [task.label_column, *([task.event_column] if task.event_column else [])]
 
 
 def model_summary(site: SiteConfig, protocol: StudyProtocol, harmonized: bool
@@ -51,7 +61,7 @@ def model_summary(site: SiteConfig, protocol: StudyProtocol, harmonized: bool
                               spec.lambda_rule, MIN_ROWS_SENT)
     except ModelError:
         local = None
-    return site_comoments(x, y), local
+    return site_comoments(x, screening_label(y, loss_of(protocol))), local
 
 
 def model_terms(site: SiteConfig, protocol: StudyProtocol, request: ModelTermsRequest

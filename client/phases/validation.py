@@ -14,7 +14,7 @@ from client.folds import split_state
 from client.phases.nomogram import nomogram_design
 from client.phases.radiomics import model_rows, rows_of
 from client.report import record_evaluation
-from client.scoring import metrics_of, paired_comparisons
+from client.scoring import metrics_of, paired_comparisons, survival_metrics_of
 from client.workspace import feature_columns, split_table
 from common.errors import MyeloFedError
 from common.messages import EvaluateRequest
@@ -144,7 +144,9 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     as ``site-updated``, or in a nomogram's evaluation the federated nomogram updated here
     (:func:`update_nomogram_here`), as ``nomogram site-updated``."""
     update, updated = None, NOMOGRAM_SITE_UPDATED if radiomics else SITE_UPDATED
-    if evaluated_models(list(models), site_update, bool(radiomics)) != list(models):
+    survival = protocol.task.kind is TaskKind.SURVIVAL  # (no site update built for it yet)
+    if not survival and evaluated_models(list(models), site_update,
+                                         bool(radiomics)) != list(models):
         if radiomics:
             update = update_nomogram_here(site, protocol, harmonized, models["nomogram"],
                                           radiomics["nomogram"], seed)
@@ -155,17 +157,23 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
         thresholds = {**(thresholds or {}), updated: update.prevalence}
     test = split_table(site, protocol, harmonized, "test")
     names = feature_columns(test, protocol)
-    x = test[names].to_numpy(float)
-    y = test[protocol.task.label_column].to_numpy(float)
+    x, y, _ = rows_of(test, protocol)
     scores = {name: model.score(nomogram_design(test, protocol, x, [radiomics[name]])
                                 if radiomics and name in radiomics else x)
               for name, model in models.items()}
-    table = {name: metrics_of(protocol, y, score, (thresholds or {}).get(name, 0.5), seed)
-             for name, score in scores.items()}
+    if survival:  # the censoring and the baseline hazard come from the site's training rows
+        train_x, train_y, _ = model_rows(site, protocol, harmonized, "train")
+        table = {name: survival_metrics_of(protocol, y, score, train_y,
+                                           models[name].score(train_x), seed)
+                 for name, score in scores.items()}
+    else:
+        table = {name: metrics_of(protocol, y, score, (thresholds or {}).get(name, 0.5), seed)
+                 for name, score in scores.items()}
     classification = protocol.task.kind is TaskKind.CLASSIFICATION
     comparisons = (paired_comparisons(y, scores, next(iter(scores)))
                    if classification and scores else {})
-    positives = int(y.sum()) if classification else 0
+    # what the table's positives count: the class, or a survival task's events
+    positives = int(y.sum()) if classification else int(y[:, 1].sum()) if survival else 0
     content = {"models": table, "comparisons": comparisons}
     # what leaves the site: no confusion matrix with a cell under the minimum; the site's own
     # report keeps the whole table

@@ -36,6 +36,8 @@ from common.metrics.base import NAN, FloatArray, nan_if_fails
 MAX_RISK_GROUPS = 3
 #: Names of the risk groups, by how many there are.
 GROUP_NAMES = {1: ("all",), 2: ("low", "high"), 3: ("low", "intermediate", "high")}
+#: Every risk group's name.
+RISK_GROUPS = ("all", "low", "intermediate", "high")
 
 
 def checked_times(time: npt.ArrayLike, event: npt.ArrayLike, score: npt.ArrayLike, what: str
@@ -57,6 +59,7 @@ def checked_times(time: npt.ArrayLike, event: npt.ArrayLike, score: npt.ArrayLik
 
 
 def _surv(event: npt.NDArray[np.bool_], time: FloatArray) -> Any:
+    # deferred: heavy, loaded only where a survival table is made
     from sksurv.util import Surv
 
     return Surv.from_arrays(event, time)
@@ -66,6 +69,7 @@ def predicted_survival(train: tuple[FloatArray, npt.NDArray[np.bool_], FloatArra
                        score: FloatArray, times: Sequence[float]) -> FloatArray:
     """``S(t | score)`` at ``times`` for each prediction ((n, len(times))), with the baseline
     hazard of the ``train`` rows (times, events, their linear predictors; Breslow's estimator)."""
+    # deferred: heavy, loaded only where a survival table is made
     from sksurv.linear_model.coxph import BreslowEstimator
 
     t, e, s = train
@@ -93,6 +97,7 @@ def kaplan_meier_on_grid(time: FloatArray, event: npt.NDArray[np.bool_], grid: S
                          min_count: int) -> tuple[list[float], list[int | None]]:
     """The Kaplan-Meier survival of these rows at each ``grid`` time and the number still at
     risk there: NaN and None where fewer than ``min_count`` are at risk."""
+    # deferred: heavy, loaded only where a survival table is made
     from sksurv.nonparametric import kaplan_meier_estimator
 
     steps, survival = kaplan_meier_estimator(event, time)
@@ -112,6 +117,7 @@ def kaplan_meier_on_grid(time: FloatArray, event: npt.NDArray[np.bool_], grid: S
 
 def _concordances(train: Any, test: Any, event: npt.NDArray[np.bool_], time: FloatArray,
                   score: FloatArray, tau: float) -> tuple[float, float]:
+    # deferred: heavy, loaded only where a survival table is made
     from sksurv.metrics import concordance_index_censored, concordance_index_ipcw
 
     harrell = nan_if_fails(concordance_index_censored, event, time, score)
@@ -129,6 +135,7 @@ def survival_table(time: npt.ArrayLike, event: npt.ArrayLike, score: npt.ArrayLi
     predictors: the censoring distribution of the IPCW estimators and the baseline hazard):
     flat numbers (NaN where undefined, e.g. an AUC at a time after the last follow-up) and the
     per-time and per-group lists, each value over at least ``min_count`` patients."""
+    # deferred: heavy, loaded only where a survival table is made
     from sksurv.metrics import brier_score, cumulative_dynamic_auc, integrated_brier_score
 
     t, e, s = checked_times(time, event, score, "test rows")

@@ -1,7 +1,7 @@
 """What a site's metrics table may hold: the keys of one model's row (classification,
-regression) and the fields of a paired comparison. The site's privacy guard refuses any other
-key; it imports this module in every site process, so it stays light (no SciPy). And what of a
-row may leave a site (:func:`releasable`)."""
+regression, survival) and the fields of a paired comparison. The site's privacy guard refuses
+any other key; it imports this module in every site process, so it stays light (no SciPy). And
+what of a row may leave a site (:func:`releasable`)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,19 @@ REGRESSION_KEYS = frozenset({
     "n", "mae", "rmse", *(f"{name}{suffix}" for name in ("r", "spearman")
                           for suffix in ("", "_low", "_high", "_p")),
     "bias", "loa_low", "loa_high"})
+
+#: What a site's table of one Cox model may hold (:func:`common.metrics.survival.
+#: survival_table`): the site's privacy guard refuses any other key.
+SURVIVAL_KEYS = frozenset({
+    "n", "n_events", "tau", *(f"{name}{suffix}" for name in ("c_harrell", "c_uno")
+                              for suffix in ("", "_low", "_high", "_se")),
+    "auc_at", "mean_auc", "brier_at", "integrated_brier", "calibration_at", "kaplan_meier",
+    "grid"})
+
+#: Per loss, the headline metric of a model at a site (its key in the table, its name): what
+#: the reports set side by side, pool across sites and put in the cross-site matrix.
+HEADLINE = {"logistic": ("auc", "AUC"), "gaussian": ("r", "Pearson r"),
+            "cox": ("c_harrell", "Harrell's C")}
 
 #: The confusion matrix of a model at its threshold, and every metric built from its cells.
 CONFUSION_CELLS = ("tp", "fp", "tn", "fn")

@@ -112,7 +112,10 @@ after {{ "%.0f%%" | format(100 * report.harmonization.after) }}{% endif %}.</p>
 
 {% for e in report.evaluations %}
 <h2>Models on this site's test rows: {{ e.title }}</h2>
-{% if e.rows and e.rows[0].auc is defined %}
+{% if e.rows and e.rows[0].c_harrell is defined %}
+{{ mapping_table(e.rows, ["model", "events", "c_harrell", "c_uno", "auc_at", "brier_at", "integrated_brier"],
+                 ["model", "test events", "Harrell's C [bootstrap CI]", "Uno's C [CI]", "AUC at months", "Brier at months", "integrated Brier"]) }}
+{% elif e.rows and e.rows[0].auc is defined %}
 {{ mapping_table(e.rows, ["model", "auc", "boot", "threshold", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "calibration_slope", "confusion"],
                  ["model", "AUC [DeLong 95% CI]", "bootstrap CI", "threshold", "sens.", "spec.", "PPV", "NPV", "F1", "Brier", "cal. slope", "confusion matrix"]) }}
 {% else %}
@@ -228,6 +231,21 @@ but not pooled.</p>
 <h3>Federated model at its threshold (the training prevalence)</h3>
 {{ mapping_table(m.threshold_rows, ["site", "threshold", "sensitivity", "specificity", "ppv", "npv", "accuracy", "f1", "brier", "calibration_intercept", "calibration_slope", "confusion"],
                  ["site", "threshold", "sens.", "spec.", "PPV", "NPV", "acc.", "F1", "Brier", "cal. intercept", "cal. slope", "confusion matrix"]) }}
+{% endif %}
+{% if m.survival_rows is defined %}
+<h3>Federated Cox model: discrimination and accuracy over time</h3>
+{{ mapping_table(m.survival_rows, ["site", "events", "c_harrell", "c_uno", "tau", "auc_at", "brier_at", "integrated_brier"],
+                 ["site", "test events", "Harrell's C [bootstrap CI]", "Uno's C [CI]", "Uno's τ (months)", "cumulative/dynamic AUC at months", "Brier score at months", "integrated Brier"]) }}
+<p>Stratified by site: each site's baseline hazard is its own (Breslow's, from its training rows,
+never sent); the predicted survival at a site is that baseline to the power of the federated
+model's relative hazard. Times at or after a site's last follow-up are n/a.</p>
+{% if m.survival_calibration %}
+<h3>Federated Cox model: calibration in risk groups</h3>
+{{ mapping_table(m.survival_calibration, ["site", "time", "group", "n", "predicted", "observed"],
+                 ["site", "months", "predicted risk group", "patients", "mean predicted survival", "Kaplan-Meier"]) }}
+<p class="meta">A Kaplan-Meier value is n/a where fewer than the protocol's min_count are still at
+risk.</p>
+{% endif %}
 {% endif %}
 {% if m.regression_rows is defined %}
 <h3>Federated model: agreement</h3>

@@ -56,15 +56,18 @@ MM_PATTERNS = (Pattern.NORMAL, Pattern.FOCAL, Pattern.DIFFUSE, Pattern.MIXED,
 class Task(str, enum.Enum):
     """Which clinical question a cohort is drawn for.
 
-    ``diagnosis``: myeloma and metastatic patients at diagnosis (MM vs metastasis). ``pci`` and
-    ``response``: myeloma patients at diagnosis. ``mrd``: myeloma patients scanned after
-    treatment. Every cohort carries every label column that applies to its patients.
+    ``diagnosis``: myeloma and metastatic patients at diagnosis (MM vs metastasis). ``pci``,
+    ``response``, ``pfs`` and ``os`` (progression-free and overall survival): myeloma patients
+    at diagnosis. ``mrd``: myeloma patients scanned after treatment. Every cohort carries every
+    label column that applies to its patients.
     """
 
     DIAGNOSIS = "diagnosis"
     PCI = "pci"
     RESPONSE = "response"
     MRD = "mrd"
+    PFS = "pfs"
+    OS = "os"
 
 
 @dataclass(frozen=True)

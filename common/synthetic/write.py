@@ -57,7 +57,7 @@ MANIFEST_COLUMNS = ("case_id", "image", "mask", "roi", "scanner", "diagnosis", "
 
 #: The preset each (modality) study protocol starts from: its standardization and radiomics.
 _BASE_PRESET = {"MR": "spine_mri_t1w", "CT": "wb_ldct"}
-_TASK_SPEC = {
+_TASK_SPEC: dict[Task, tuple[dict[str, Any], str]] = {
     Task.DIAGNOSIS: ({"kind": "classification", "label_column": "diagnosis",
                       "classes": ["metastasis", "myeloma"]}, "MM vs spinal metastasis"),
     Task.PCI: ({"kind": "regression", "label_column": "pci", "value_range": [0.0, 100.0]},
@@ -66,7 +66,9 @@ _TASK_SPEC = {
                     "treatment response (0/1), nomogram with ISS stage"),
     Task.MRD: ({"kind": "classification", "label_column": "mrd"},
                "minimal residual disease after treatment (0/1)"),
-}
+    **{t: ({"kind": "survival", "label_column": f"{t.value}_months",
+            "event_column": f"{t.value}_event"}, f"{what} survival (months), Cox by site")
+       for t, what in ((Task.PFS, "progression-free"), (Task.OS, "overall"))}}
 
 
 @dataclass(frozen=True)
@@ -83,14 +85,12 @@ class CohortSpec:
         if self.modality not in _BASE_PRESET:
             raise ValueError(f"modality must be MR or CT, got {self.modality!r}")
         if self.file_format not in FORMATS:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got "
-                             f"{self.file_format!r}")
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}: {self.file_format!r}")
 
 
 def study_protocol_mapping(task: Task, modality: str) -> dict[str, Any]:
     """The study protocol for a synthetic cohort: the modality's preset (standardization,
-    radiomics) with the task's label and covariates, the DICOM SEG segment names and the CNN
-    phase with its defaults."""
+    radiomics) with the task's label and covariates, the DICOM SEG segment names, the CNN."""
     task = Task(task)
     base = load_protocol(f"preset:{_BASE_PRESET[modality]}").model_dump(mode="json")
     spec, what = _TASK_SPEC[task]
@@ -102,8 +102,8 @@ def study_protocol_mapping(task: Task, modality: str) -> dict[str, Any]:
         description=f"Synthetic spine {modality} cohort (myelofed simulate): {what}",
         task=spec,
         covariates={"continuous": ["age"], "categorical": categorical},
-        # the CNN phase with its defaults (a small MONAI ResNet-10 on 48x48x16 crops, FedAvg)
-        cnn=CnnSpec().model_dump(mode="json"),
+        # the CNN with its defaults (MONAI ResNet-10, 48x48x16 crops, FedAvg); none for survival
+        cnn=None if spec["kind"] == "survival" else CnnSpec().model_dump(mode="json"),
     )
     if task is Task.RESPONSE:  # the nomogram: the radiomics score with the clinical factors
         base["model"] = {**base.get("model", {}), "clinical": ["iss_stage", "age"],

@@ -48,7 +48,7 @@ def combat_design(protocol: StudyProtocol, kept: list[PrepareReply]) -> tuple[De
                    if covariates.harmonized(c)]
     continuous = [c for c in covariates.continuous if covariates.harmonized(c)]
     fit_only: tuple[str, ...] = ()
-    if covariates.protect_outcome:  # the label as the site sends it: see client.phases.combat
+    if protocol.protects_outcome:  # the label as the site sends it: see client.phases.combat
         label = protocol.task.label_column
         if protocol.task.kind is TaskKind.CLASSIFICATION:
             categorical.append((label, ("0", "1")))

@@ -9,6 +9,8 @@ import math
 from typing import Any
 
 from common.metrics.pooling import pool_random_effects
+from common.metrics.survival import RISK_GROUPS
+from common.metrics.tables import HEADLINE
 from common.payloads import ModelMetrics
 from common.templates import fmt
 
@@ -19,10 +21,31 @@ def _number(v: object) -> float | None:
     return None if v != v else float(v)
 
 
-def _metric_value(v: object) -> float | None | list[list[float | None]]:
-    """A number (None = NaN), or a binned curve: rows of numbers."""
+def _cell(v: object) -> float | str | None:
+    """A number of a curve's row, or the risk group a survival calibration row is of."""
+    if isinstance(v, str) and v in RISK_GROUPS:
+        return v
+    return _number(v)
+
+
+def _group(v: object) -> str:
+    if not isinstance(v, str) or v not in RISK_GROUPS:
+        raise TypeError(f"{v!r} is not a risk group")
+    return v
+
+
+def _metric_value(v: object) -> object:
+    """A number (None = NaN); a curve: rows of numbers (a survival calibration row also names
+    its risk group); a flat list of numbers (the Kaplan-Meier grid); or per risk group its
+    Kaplan-Meier curve (``survival``: numbers, ``at_risk``: counts, None where withheld)."""
+    if isinstance(v, dict):
+        return {_group(group): {
+            "survival": [_number(x) for x in curve["survival"]],
+            "at_risk": [None if x is None else _number(x) for x in curve["at_risk"]]}
+            for group, curve in v.items()}
     if isinstance(v, list):
-        return [[_number(x) for x in row] for row in v]
+        return [[_cell(x) for x in row] if isinstance(row, list) else _number(row)
+                for row in v]
     return _number(v)
 
 
@@ -69,8 +92,8 @@ POOLED_MODELS = ("federated", "site-updated", "leave-site-out", "local", "nomogr
 def pool_sites(sites: dict[str, dict[str, Any]], loss: str) -> dict[str, dict[str, Any]]:
     """Per model, the sites' headline metric side by side and their random-effects pooled
     estimate with I-squared (:func:`common.metrics.pooling.pool_random_effects`): AUC with its
-    DeLong variance (classification), or Pearson r on Fisher's z with variance 1/(n - 3)
-    (regression).
+    DeLong variance (classification), Pearson r on Fisher's z with variance 1/(n - 3)
+    (regression), or Harrell's C with its bootstrap variance (survival).
     A site whose metric is undefined is listed but not pooled; fewer than two sites: no pool."""
     out = {}
     for kind in POOLED_MODELS:
@@ -82,6 +105,10 @@ def pool_sites(sites: dict[str, dict[str, Any]], loss: str) -> dict[str, dict[st
             if loss == "logistic":
                 value, low, high, var = (row.get(k) for k in ("auc", "auc_low", "auc_high",
                                                               "auc_variance"))
+            elif loss == "cox":  # Harrell's C with its bootstrap variance
+                value, low, high, se = (row.get(k) for k in ("c_harrell", "c_harrell_low",
+                                                             "c_harrell_high", "c_harrell_se"))
+                var = se**2 if isinstance(se, float) and math.isfinite(se) else None
             else:
                 value, low, high = row.get("r"), row.get("r_low"), row.get("r_high")
                 n = result.get("n_test", 0)
@@ -92,16 +119,16 @@ def pool_sites(sites: dict[str, dict[str, Any]], loss: str) -> dict[str, dict[st
         pooled = None
         if len(usable) >= 2:
             values = [r["value"] for r in usable.values()]
-            if loss != "logistic":
+            fisher = loss == "gaussian"  # Pearson r pools on Fisher's z
+            if fisher:
                 values = [math.atanh(v) for v in values]
             p = pool_random_effects(values, [r["variance"] for r in usable.values()])
-            back = (lambda v: v) if loss == "logistic" else math.tanh
+            back = math.tanh if fisher else (lambda v: v)
             pooled = {"estimate": back(p.estimate), "low": back(p.low), "high": back(p.high),
                       "tau2": p.tau2, "q": p.q, "i2": p.i2, "p_heterogeneity": p.p_value,
                       "sites": sorted(usable)}
         if rows:
-            out[kind] = {"metric": "auc" if loss == "logistic" else "r", "sites": rows,
-                         "pooled": pooled}
+            out[kind] = {"metric": HEADLINE[loss][0], "sites": rows, "pooled": pooled}
     return out
 
 
@@ -115,7 +142,7 @@ def summary_rows(models: list[dict[str, Any]], cnn: dict[str, Any] | None = None
     CNN's."""
     raw = next((m for m in models if not m["harmonized"]), None)
     combat = next((m for m in models if m["harmonized"]), None)
-    metric = "auc" if (raw or combat or {}).get("loss") == "logistic" else "r"
+    metric = HEADLINE[(raw or combat or {}).get("loss", "gaussian")][0]
 
     def value(model: dict[str, Any] | None, site: str, name: str) -> float | None:
         if model is None:

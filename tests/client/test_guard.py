@@ -326,6 +326,55 @@ def test_curves_keep_the_protocols_bins_and_thresholds():
              "not at the protocol's thresholds")
 
 
+def test_a_survival_table_is_the_protocols_times_and_groups_of_at_least_the_minimum():
+    from client.scoring import survival_metrics_of
+
+    pfs = protocol_from_mapping(study_protocol_mapping(Task.PFS, "MR"))
+
+    def rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+        score = RNG.normal(size=n)
+        time = RNG.exponential(40 * np.exp(-score))
+        censored = RNG.uniform(12, 84, n)
+        return np.column_stack([np.minimum(time, censored), time <= censored]), score
+
+    (y, score), (train_y, train_score) = rows(40), rows(80)
+    row = survival_metrics_of(pfs, y, score, train_y, train_score, seed=1)
+    table = json.loads(json.dumps({"models": {"federated": row}, "comparisons": {}}))
+    request = pack_request(EvaluateRequest(StudyConfig.of(pfs, models=("federated",)), ()))
+    check(MessageType.MODEL_EVALUATE, request, metrics(table), pfs)
+    curve = table["models"]["federated"]["kaplan_meier"]["high"]
+    assert None in curve["at_risk"]  # the late grid times: too few left at risk
+
+    def changed(edit) -> dict:  # noqa: ANN001
+        copy = json.loads(json.dumps(table))
+        edit(copy["models"]["federated"])
+        return copy
+
+    def late_value(m: dict) -> None:  # a value where too few are at risk
+        curve = m["kaplan_meier"]["high"]
+        curve["survival"][curve["at_risk"].index(None)] = 0.5
+
+    def few_at_risk(m: dict) -> None:
+        curve = m["kaplan_meier"]["high"]
+        curve["at_risk"][-1], curve["survival"][-1] = 2, 0.5
+
+    def small_group(m: dict) -> None:
+        m["calibration_at"][0][2] = 3
+
+    def other_times(m: dict) -> None:
+        m["auc_at"][0][0] = 7.0
+
+    def per_patient(m: dict) -> None:
+        m["kaplan_meier"]["high"]["survival"] += [0.9]
+
+    for edit, why in ((late_value, "a value where fewer than min_count are at risk"),
+                      (few_at_risk, "counts 2 at risk, fewer than min_count = 5"),
+                      (small_group, "a risk group of 3 patients"),
+                      (other_times, "'auc_at' is not one number at each protocol time"),
+                      (per_patient, "not one value per grid time")):
+        withheld(MessageType.MODEL_EVALUATE, request, metrics(changed(edit)), why, pfs)
+
+
 # --- the CNN ----------------------------------------------------------------------------------
 
 def network() -> ArrayRecord:

@@ -82,6 +82,27 @@ def test_regression_labels_are_checked_against_the_range(tmp_path: Path):
     assert all(p.reason is SkipReason.LABEL_INVALID for p in problems) and len(problems) == 3
 
 
+def test_survival_times_and_events_are_checked_and_named(tmp_path: Path):
+    protocol = protocol_from_mapping({
+        "name": "t", "modality": "MR",
+        "task": {"kind": "survival", "label_column": "pfs_months", "event_column": "pfs_event"},
+    })
+    path = _write(tmp_path, "case_id,image,mask,pfs_months,pfs_event\n"
+                            "a,x,y,35.5,1\nb,x,y,12,0\nc,x,y,-3,1\nd,x,y,20,2\ne,x,y,20,\n"
+                            "f,x,y,,1\n")
+    cases, problems = read_manifest(path, protocol, default_batch="s")
+    assert [(c.label, c.event) for c in cases] == [(35.5, 1.0), (12.0, 0.0)]
+    detail = {p.case_id: (p.reason, p.detail) for p in problems}
+    assert detail["c"] == (SkipReason.LABEL_INVALID,
+                           "label column 'pfs_months': -3 is a negative follow-up time")
+    assert detail["d"] == (SkipReason.LABEL_INVALID,
+                           "event column 'pfs_event': '2' is not 0 (censored) or 1 (the event)")
+    assert detail["e"] == (SkipReason.LABEL_MISSING, "no value in event column 'pfs_event'")
+    assert detail["f"][0] is SkipReason.LABEL_MISSING
+    with pytest.raises(ConfigError, match="missing column 'pfs_event'"):
+        read_manifest(_write(tmp_path, "case_id,image,mask,pfs_months\na,x,y,3\n"), protocol, "s")
+
+
 def test_unusable_manifest_is_a_config_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="manifest file not found"):
         read_manifest(tmp_path / "none.csv", PROTOCOL, "s")
