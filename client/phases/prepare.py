@@ -52,6 +52,12 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
     if train.size < 2 or train.size == len(table):
         return PrepareReply(site.site_name, "refused", "too_few_cases",
                             "too few usable training or test cases")
+    if protocol.task.event_column and not labels[train].any():
+        # a stratum without events adds nothing to the Cox partial likelihood, and its test
+        # rows rank no one
+        return PrepareReply(site.site_name, "refused", "no_events",
+                            "every training case is censored: no event to fit the survival "
+                            "model on")
     table["split"] = "test"
     table.loc[train, "split"] = "train"
     # cross-validation folds of the training rows, seeded like the split, built from atoms of

@@ -34,6 +34,15 @@ def test_the_federated_cox_model_is_the_pooled_fit_and_every_site_scores_it(tmp_
 
     cohort = tmp_path / "cohort"
     write_cohort(cohort, CohortSpec(make_sites((36, 40, 44), True), Task.PFS), workers=2)
+    # every case of a fourth site is censored: it is excluded by name, the study goes on
+    write_cohort(tmp_path / "censored", CohortSpec(make_sites((20,), True), Task.PFS, seed=9),
+                 workers=2)
+    manifest = tmp_path / "censored" / "site_A" / "manifest.csv"
+    censored = pd.read_csv(manifest).assign(pfs_event=0)
+    censored["image"] = [str((manifest.parent / p).resolve()) for p in censored["image"]]
+    censored["mask"] = [str((manifest.parent / p).resolve()) for p in censored["mask"]]
+    (cohort / "site_D").mkdir()
+    censored.to_csv(cohort / "site_D" / "manifest.csv", index=False)
     protocol = load_protocol(cohort / "study.yaml")
     protocol = protocol.model_copy(update={
         "model": ModelSpec(screening_top_k=8, cv_folds=3, n_lambdas=4),
@@ -43,10 +52,13 @@ def test_the_federated_cox_model_is_the_pooled_fit_and_every_site_scores_it(tmp_
     settings = StudySettings(protocol, tmp_path / "out", min_sites=3, timeout_s=300, seed=3,
                              until="model")
     run_simulation(server_app=make_server_app(settings, lambda _: None),
-                   client_app=make_client_app(cohort, min_patients=5), num_supernodes=3,
+                   client_app=make_client_app(cohort, min_patients=5), num_supernodes=4,
                    backend_config={"client_resources": {"num_cpus": 1}})
     out = tmp_path / "out"
     assert json.loads((out / "study.json").read_text())["status"] == "done"
+    excluded = json.loads((out / "prepare.json").read_text())["excluded"]
+    assert excluded == {"site_D": "refused: no_events (every training case is censored: no "
+                                  "event to fit the survival model on)"}, excluded
     raw = next(m for m in json.loads((out / "model.json").read_text())["models"]
                if not m["harmonized"])
     assert raw["loss"] == "cox"
