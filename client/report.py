@@ -181,8 +181,13 @@ def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, An
         if found["scatter"]:
             section["figures"].append({"title": f"Predicted vs measured, {title}",
                                        "src": plots.scatter_figure(found["scatter"], title)})
+        if protocol.task.kind is TaskKind.SURVIVAL:
+            curves = plots.kaplan_meier_figure(
+                metrics.get("federated") or metrics.get("nomogram") or {}, title)
+            section["figures"] += [{"title": f"Kaplan-Meier by predicted risk group, {title}",
+                                    "src": curves}] if curves else []
         nomogram = found["models"].get("nomogram")
-        if key == "nomogram" and nomogram:
+        if key == "nomogram" and nomogram and classification:  # a points nomogram: logistic
             section["figures"].append({"title": "Nomogram (federated), axes over this site's "
                                                 "patients", "src": _nomogram_figure(
                                                     site, protocol, nomogram)})

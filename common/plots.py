@@ -151,6 +151,17 @@ def lines_figure(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], 
     return to_data_uri(fig)
 
 
+def kaplan_meier_figure(row: Mapping[str, Any], title: str) -> str | None:
+    """A survival metrics row's Kaplan-Meier curves by predicted risk group, on its fixed grid
+    (each group's size at the start in its label); None without curves."""
+    curves = row.get("kaplan_meier") or {}
+    if not curves:
+        return None
+    series = {f"{group} risk ({curve['at_risk'][0]} at start)": (row["grid"], curve["survival"])
+              for group, curve in curves.items()}
+    return lines_figure(series, "months", "event-free survival", title)
+
+
 def bars_figure(values: Mapping[str, float], xlabel: str, title: str) -> str:
     """Horizontal bars, e.g. standardized coefficients of the selected features."""
     names = list(values)[::-1]

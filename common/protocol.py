@@ -445,11 +445,13 @@ class RadiomicsSpec(_Frozen):
 class ModelSpec(_Frozen):
     """The radiomics model (phase 4), fitted federatedly on the training rows.
     Univariate screening keeps the ``screening_top_k`` features with the largest pooled Welch t
-    (classification) or |Pearson r| (regression); then a penalized GLM (logistic or linear) on the
+    (classification), |Pearson r| (regression) or Cox score statistic (survival); then a
+    penalized GLM (logistic or linear) or Cox model stratified by site on the
     pooled-standardized features, its penalty chosen by federated ``cv_folds``-fold
     cross-validation over ``n_lambdas`` values (``lambda_rule``: the minimum CV loss, or the
     largest penalty within one standard error of it). ``clinical`` names covariates combined with
-    the radiomics score in the nomogram (e.g. ``iss_stage``); empty = no nomogram.
+    the radiomics score in the nomogram (e.g. ``iss_stage``; classification and survival);
+    empty = no nomogram.
     ``clinical_ranges`` gives a continuous clinical factor's axis on the nomogram plot (e.g.
     ``age: [40, 90]``; absent = 0 to 100).
     """
@@ -633,9 +635,6 @@ class StudyProtocol(_Frozen):
                              "declare them under [covariates]")
         if self.task.kind is TaskKind.SURVIVAL:
             # what issue 18 has not built yet is refused by name, not skipped in silence
-            if self.model.clinical:
-                raise ValueError("model.clinical: the survival nomogram is not built yet; "
-                                 "leave model.clinical empty for a survival task")
             if self.cnn is not None:
                 raise ValueError("cnn: the CNN does not train on survival times yet; leave "
                                  "the cnn phase out of a survival task")

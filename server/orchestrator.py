@@ -126,8 +126,8 @@ def run_models(transport: Transport, nodes: dict[int, str], harmonized: dict[int
     """Phase 4: the radiomics model on raw features at every site, and on harmonized ones at
     the ``harmonized`` sites when there are min-sites of them (``model.json``; each site also
     scores the federated model updated on its own rows, on the last features it has); then the
-    nomogram when the protocol names clinical factors (``nomogram.json``), on harmonized
-    features when every site has them."""
+    nomogram when the protocol names clinical factors (``nomogram.json``; classification and
+    survival), on harmonized features when every site has them."""
     names = prepared.kept[0].feature_names
     two_passes = len(harmonized) >= settings.min_sites
     # each site updates the federated model once: the harmonized one where it has it
@@ -145,10 +145,11 @@ def run_models(transport: Transport, nodes: dict[int, str], harmonized: dict[int
                                 update & later))
     atomic_write_json(settings.out_dir / "model.json",
                       {"models": [report for _, _, report in passes]})
-    if (settings.protocol.model.clinical
-            and settings.protocol.task.kind is TaskKind.CLASSIFICATION):
+    if protocol.model.clinical and protocol.task.kind is not TaskKind.REGRESSION:
         on_harmonized = len(passes) == 2 and harmonized == nodes
         models, sets, report = passes[-1] if on_harmonized else passes[0]
-        prevalence = {n: t["prevalence"] for n, t in report["training_sets"].items()}
+        # a logistic nomogram's risk cut-off (a Cox model's has none)
+        prevalence = {n: t["prevalence"] for n, t in report["training_sets"].items()
+                      if "prevalence" in t}
         atomic_write_json(settings.out_dir / "nomogram.json", run_nomogram(
             transport, nodes, settings, models, sets, prevalence, on_harmonized, progress))

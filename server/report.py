@@ -206,24 +206,33 @@ def _nomogram_section(nomogram: dict[str, Any], ranges: dict[str, Any]) -> dict[
     if nomogram.get("status") != "done":
         return {"status": nomogram.get("status", "not run"), "figures": [], "rows": []}
     fed = nomogram["training_sets"]["federated"]
-    def over_range(term: str) -> list[tuple[str, float]]:  # the protocol's range, or 0-100
-        low, high = ranges.get(term, (0.0, 100.0))
-        return [(f"{v:g}", float(v)) for v in np.linspace(low, high, 6)]
+    loss, ratio = nomogram.get("loss", "logistic"), nomogram.get("ratio", "odds_ratios")
+    metric, metric_name = HEADLINE[loss]
+    ratios = {t: v if isinstance(v, list) else [v, None, None] for t, v in fed[ratio].items()}
+    name = "hazard ratio" if ratio == "hazard_ratios" else "odds ratio"
+    figures = [{"title": f"Forest plot: each term's {name} (federated nomogram)",
+                "src": plots.forest_figure([(t, *v) for t, v in ratios.items()], None,
+                                           name, "federated nomogram", 1.0)}]
+    if loss == "logistic":  # a points nomogram ends on a probability: the logistic model's
+        def over_range(term: str) -> list[tuple[str, float]]:  # the protocol's range, or 0-100
+            low, high = ranges.get(term, (0.0, 100.0))
+            return [(f"{v:g}", float(v)) for v in np.linspace(low, high, 6)]
 
-    figure = plots.nomogram_figure(plots.nomogram_axes(fed["coefficients"], over_range),
-                                   fed["intercept"], "federated nomogram")
+        figures.insert(0, {"title": "Nomogram (federated)", "src": plots.nomogram_figure(
+            plots.nomogram_axes(fed["coefficients"], over_range), fed["intercept"],
+            "federated nomogram")})
     rows = []
     for site, result in sorted(nomogram["sites"].items()):
         m = result["metrics"]
         rows.append({"site": site, "n_test": shown_count(result["n_test"]),
-                     "nomogram": with_ci(m.get("nomogram"), "auc"),
-                     "site_updated": with_ci(m.get("nomogram site-updated"), "auc"),
-                     "leave_site_out": with_ci(m.get("nomogram leave-site-out"), "auc"),
+                     "nomogram": with_ci(m.get("nomogram"), metric),
+                     "site_updated": with_ci(m.get("nomogram site-updated"), metric),
+                     "leave_site_out": with_ci(m.get("nomogram leave-site-out"), metric),
                      "recommended": recommendation(result.get("update"))})
-    return {"status": "done", "odds_ratios": {t: fmt(v) for t, v in fed["odds_ratios"].items()},
-            "figures": [{"title": "Nomogram (federated)", "src": figure}], "rows": rows,
-            "harmonized": nomogram.get("harmonized"),
-            "left_out": dict(nomogram.get("left_out", {}))}
+    return {"status": "done", "metric": metric_name, "ratio_name": name, "ratios": {
+        t: with_ci(dict(zip(("r", "r_low", "r_high"), v, strict=True)), "r") for t, v in
+        ratios.items()}, "figures": figures, "rows": rows,
+        "harmonized": nomogram.get("harmonized"), "left_out": dict(nomogram.get("left_out", {}))}
 
 
 def _images_section(images: dict[str, Any]) -> dict[str, Any]:

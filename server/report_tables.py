@@ -62,13 +62,9 @@ def survival_figures(model: dict[str, Any], label: str) -> list[dict[str, str]]:
     """Per site, the Kaplan-Meier curves of the federated model's predicted risk groups."""
     figures = []
     for site, result in sorted(model["sites"].items()):
-        m = result["metrics"].get("federated") or {}
-        curves = m.get("kaplan_meier") or {}
-        if not curves:
-            continue
-        series = {f"{group} risk ({c['at_risk'][0]} at start)": (m["grid"], c["survival"])
-                  for group, c in curves.items()}
-        figures.append({"title": f"Kaplan-Meier by predicted risk group at {site}",
-                        "src": plots.lines_figure(series, "months", "event-free survival",
-                                                  f"federated model at {site}, {label}")})
+        curves = plots.kaplan_meier_figure(result["metrics"].get("federated") or {},
+                                           f"federated model at {site}, {label}")
+        if curves:
+            figures.append({"title": f"Kaplan-Meier by predicted risk group at {site}",
+                            "src": curves})
     return figures

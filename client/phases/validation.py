@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from client.folds import split_state
 from client.phases.nomogram import nomogram_design
@@ -158,13 +159,18 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     test = split_table(site, protocol, harmonized, "test")
     names = feature_columns(test, protocol)
     x, y, _ = rows_of(test, protocol)
-    scores = {name: model.score(nomogram_design(test, protocol, x, [radiomics[name]])
-                                if radiomics and name in radiomics else x)
-              for name, model in models.items()}
+
+    def scored(rows: pd.DataFrame, features: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: model.score(nomogram_design(rows, protocol, features, [radiomics[name]])
+                                  if radiomics and name in radiomics else features)
+                for name, model in models.items()}
+
+    scores = scored(test, x)
     if survival:  # the censoring and the baseline hazard come from the site's training rows
-        train_x, train_y, _ = model_rows(site, protocol, harmonized, "train")
-        table = {name: survival_metrics_of(protocol, y, score, train_y,
-                                           models[name].score(train_x), seed)
+        train = split_table(site, protocol, harmonized, "train")
+        train_x, train_y, _ = rows_of(train, protocol)
+        on_train = scored(train, train_x)
+        table = {name: survival_metrics_of(protocol, y, score, train_y, on_train[name], seed)
                  for name, score in scores.items()}
     else:
         table = {name: metrics_of(protocol, y, score, (thresholds or {}).get(name, 0.5), seed)

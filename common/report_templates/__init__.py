@@ -260,12 +260,12 @@ risk.</p>
 {% if report.nomogram %}
 <h2>Nomogram (radiomics score + clinical factors)</h2>
 {% if report.nomogram.status == "done" %}
-<p>Odds ratios: {% for t, v in report.nomogram.odds_ratios.items() %}{{ t }} {{ v }}{% if not loop.last %}; {% endif %}{% endfor %}.</p>
+<p>The federated nomogram's {{ report.nomogram.ratio_name }}s [95% CI]: {% for t, v in report.nomogram.ratios.items() %}{{ t }} {{ v }}{% if not loop.last %}; {% endif %}{% endfor %}.</p>
 {% for site, why in report.nomogram.get("left_out", {}).items() %}
 <p class="warn">{{ site }} scored the nomograms but was left out of their fits: {{ why }}</p>
 {% endfor %}
 {{ mapping_table(report.nomogram.rows, ["site", "n_test", "nomogram", "site_updated", "leave_site_out", "recommended"],
-                 ["site", "test n", "AUC [CI]", "updated at the site", "trained without the site", "recommended at the site, and why"]) }}
+                 ["site", "test n", report.nomogram.metric ~ " [CI]", "updated at the site", "trained without the site", "recommended at the site, and why"]) }}
 {{ figures(report.nomogram.figures) }}
 {% else %}
 <p class="warn">Nomogram: {{ report.nomogram.status }}</p>

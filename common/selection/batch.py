@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +38,7 @@ class _Fit:
     n: float = 0.0
     n_out: float = 0.0
     loss_out: float = 0.0
+    hessian: FloatArray | None = None  # the summed Hessian at ``beta``
 
 
 @dataclass
@@ -118,6 +119,7 @@ class FitBatch:
             gain = fit.objective - objective  # inf on the first round
             fit.beta, fit.objective = fit.trial, objective
             fit.n, fit.n_out, fit.loss_out = n[i], n_out[i], loss_out[i]
+            fit.hessian = hessian[i]
             target = proximal_newton_target(gradient[i] / n[i], hessian[i] / n[i], fit.beta,
                                             fit.lam, self.penalty)
             fit.direction, fit.step = target - fit.beta, 1.0
@@ -150,6 +152,25 @@ class FitBatch:
         if rule == "min":
             return best
         return int(np.flatnonzero(mean <= mean[best] + se[best])[0])  # the grid decreases
+
+    def covariance(self, set_index: int, lam_index: int = 0) -> FloatArray:
+        """The coefficients' covariance of one set's fit on all its rows (the first penalty
+        of its grid by default): the inverse of the summed Hessian of the penalized objective at
+        the fit (for a ridge penalty; an L1 penalty has no such estimate). The Cox model's
+        intercept slot is a placeholder: its row and column mean nothing."""
+        if self.penalty != "ridge":
+            raise ModelError("a covariance needs the ridge penalty's smooth objective")
+        fit = next(f for f in self.fits if f.set_index == set_index and f.fold == -1
+                   and f.lam_index == lam_index)
+        if fit.hessian is None:
+            raise ModelError("the fit has not run")
+        penalty = np.full(fit.hessian.shape[0], fit.n * fit.lam)
+        penalty[0] = 0.0
+        try:
+            covariance = cast(FloatArray, np.linalg.inv(fit.hessian + np.diag(penalty)))
+        except np.linalg.LinAlgError:
+            raise ModelError("the fit's Hessian is singular") from None
+        return covariance
 
     def model(self, set_index: int, rule: str) -> LinearModel:
         beta = self.coefficients(set_index)[self.chosen(set_index, rule)]

@@ -55,6 +55,7 @@ MANIFEST_COLUMNS = ("case_id", "image", "mask", "roi", "scanner", "diagnosis", "
                     "response", "age", "sex", "iss_stage", "pattern", "timepoint",
                     "lesion_mask", "pfs_months", "pfs_event", "os_months", "os_event")
 
+NOMOGRAM_TASKS = (Task.RESPONSE, Task.PFS, Task.OS)  # a nomogram with ISS stage and age
 #: The preset each (modality) study protocol starts from: its standardization and radiomics.
 _BASE_PRESET = {"MR": "spine_mri_t1w", "CT": "wb_ldct"}
 _TASK_SPEC: dict[Task, tuple[dict[str, Any], str]] = {
@@ -94,9 +95,8 @@ def study_protocol_mapping(task: Task, modality: str) -> dict[str, Any]:
     task = Task(task)
     base = load_protocol(f"preset:{_BASE_PRESET[modality]}").model_dump(mode="json")
     spec, what = _TASK_SPEC[task]
-    categorical: dict[str, list[str]] = {"sex": ["F", "M"]}
-    if task is Task.RESPONSE:
-        categorical["iss_stage"] = ["I", "II", "III"]
+    categorical = {"sex": ["F", "M"], **({"iss_stage": ["I", "II", "III"]}
+                                         if task in NOMOGRAM_TASKS else {})}
     base.update(
         name=f"synthetic-{modality.lower()}-{task.value}",
         description=f"Synthetic spine {modality} cohort (myelofed simulate): {what}",
@@ -105,7 +105,7 @@ def study_protocol_mapping(task: Task, modality: str) -> dict[str, Any]:
         # the CNN with its defaults (MONAI ResNet-10, 48x48x16 crops, FedAvg); none for survival
         cnn=None if spec["kind"] == "survival" else CnnSpec().model_dump(mode="json"),
     )
-    if task is Task.RESPONSE:  # the nomogram: the radiomics score with the clinical factors
+    if task in NOMOGRAM_TASKS:  # the nomogram: the radiomics score with the clinical factors
         base["model"] = {**base.get("model", {}), "clinical": ["iss_stage", "age"],
                          "clinical_ranges": {"age": [40, 90]}}
     # ComBat protects the outcome and age. A categorical covariate in its design would need,

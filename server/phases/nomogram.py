@@ -1,14 +1,16 @@
-"""The nomogram: a logistic model of the radiomics score (the chosen radiomics model's logit)
-and the protocol's clinical factors (``model.clinical``, e.g. ISS stage and age), fitted exactly
-by Newton rounds for every training set with that set's own radiomics model, then scored at
-every site."""
+"""The nomogram: a logistic model (or, for a survival task, a Cox model stratified by site) of
+the radiomics score (the chosen radiomics model's linear predictor) and the protocol's clinical
+factors (``model.clinical``, e.g. ISS stage and age), fitted exactly by Newton rounds for every
+training set with that set's own radiomics model, then scored at every site; each factor's
+odds or hazard ratio with its 95% CI from the summed Hessian."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from common.messages import EvaluateRequest, MessageType, ModelTermsRequest
-from common.payloads import NOMOGRAM_L2, ModelMetrics, clinical_terms
+from common.metrics.base import Z95
+from common.payloads import NOMOGRAM_L2, ModelMetrics, clinical_terms, loss_of
 from common.records import pack_request
 from common.selection.batch import FitBatch
 from common.selection.model import LinearModel
@@ -22,10 +24,11 @@ def run_nomogram(transport: Transport, nodes: dict[int, str], settings: StudySet
                  radiomics: dict[str, LinearModel], sets: dict[str, list[str]],
                  prevalence: dict[str, float], harmonized: bool,
                  progress: Progress) -> dict[str, object]:
-    """The nomogram: a logistic model of the radiomics score (the chosen model's logit) and the
-    protocol's clinical columns (``model.clinical``), by Newton rounds for every training set
-    with that set's own radiomics model, then scored at every site (the federated nomogram, and
-    the one trained without the site; each cut at its training set's ``prevalence``)."""
+    """The nomogram: a logistic (or stratified Cox) model of the radiomics score (the chosen
+    model's linear predictor) and the protocol's clinical columns (``model.clinical``), by
+    Newton rounds for every training set with that set's own radiomics model, then scored at
+    every site (the federated nomogram, and the one trained without the site; a logistic one
+    cut at its training set's ``prevalence``)."""
     terms = ["radiomics score", *clinical_terms(settings.protocol)]
     nodes = {n: s for n, s in nodes.items() if s in sets["federated"]}  # the model's sites
     p = len(terms)
@@ -36,10 +39,11 @@ def run_nomogram(transport: Transport, nodes: dict[int, str], settings: StudySet
                                  "ranges": dict(settings.protocol.model.clinical_ranges),
                                  "left_out": left_out, "failed": failed}
     fitting = dict(nodes)
+    loss = loss_of(settings.protocol)
     while True:
         names = list(members)
         count = len(names)
-        batch = FitBatch("logistic", "ridge", np.array([np.arange(t * p, (t + 1) * p)
+        batch = FitBatch(loss, "ridge", np.array([np.arange(t * p, (t + 1) * p)
                                                         for t in range(count)]),
                          np.zeros((count, p)), np.ones((count, p)),
                          np.full((count, 1), NOMOGRAM_L2), np.zeros(count), folds=0)
@@ -75,19 +79,28 @@ def run_nomogram(transport: Transport, nodes: dict[int, str], settings: StudySet
         return pack_request(EvaluateRequest(
             study_config(settings, harmonized=harmonized,
                          models=tuple(n for n, _ in chosen),
-                         thresholds=tuple(prevalence[s] for _, s in chosen), seed=settings.seed,
-                         site_update=settings.protocol.validation.site_update or None),
+                         thresholds=tuple(prevalence.get(s, 0.5) for _, s in chosen),
+                         seed=settings.seed,
+                         site_update=(settings.protocol.validation.site_update
+                                      and loss != "cox") or None),
             tuple(nomograms[s] for _, s in chosen), tuple(radiomics[s] for _, s in chosen)))
 
     replies, more = exchange(transport, nodes, MessageType.MODEL_EVALUATE, evaluation, settings)
     failed.update(more)
     metrics = collect(replies, failed, "metrics", ModelMetrics)
+    ratio = "hazard_ratios" if loss == "cox" else "odds_ratios"
+
+    def ratios(t: int, beta: np.ndarray) -> dict[str, list[float]]:
+        """Each term's ratio with its 95% CI (Wald, from the penalized fit's Hessian)."""
+        se = np.sqrt(np.diag(batch.covariance(t))[1:])
+        return {term: [float(np.exp(b)), float(np.exp(b - Z95 * e)), float(np.exp(b + Z95 * e))]
+                for term, b, e in zip(terms, beta[1:], se, strict=True)}
+
     return report | {
-        "status": "done",
+        "status": "done", "loss": loss, "ratio": ratio,
         "training_sets": {n: {"sites": members[n], "intercept": float(m.beta[0]),
                               "coefficients": dict(zip(terms, m.beta[1:].tolist(), strict=True)),
-                              "odds_ratios": dict(zip(terms, np.exp(m.beta[1:]).tolist(),
-                                                      strict=True))}
-                          for n, m in nomograms.items()},
+                              ratio: ratios(t, m.beta)}
+                          for t, (n, m) in enumerate(nomograms.items())},
         "sites": (results := site_results(metrics, failed)),
-        "pooled": pool_sites(results, "logistic")}
+        "pooled": pool_sites(results, loss)}

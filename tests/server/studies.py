@@ -104,3 +104,39 @@ def process_tree(pid: int) -> list[tuple[psutil.Process, str]]:
         except psutil.NoSuchProcess:
             continue
     return tree
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def render_in_chromium(pages: list[Path]) -> None:
+    """Every figure of each report page loads in headless Chromium, with no console error; a
+    screenshot of each is saved next to it (skipped where Chromium or playwright is absent)."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install "
+                    "chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is a test dependency")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            for page_path in pages:
+                page = browser.new_page()
+                errors: list[str] = []
+                page.on("console", lambda m, errors=errors: errors.append(m.text)
+                        if m.type == "error" else None)
+                page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
+                page.goto(page_path.resolve().as_uri())
+                images = page.evaluate("Array.from(document.images).map("
+                                       "i => [i.alt, i.complete && i.naturalWidth > 0])")
+                assert len(images) >= 4, page_path
+                assert [alt for alt, ok in images if not ok] == [], page_path
+                assert errors == [], page_path
+                shot = page_path.with_suffix(".png")
+                page.screenshot(path=str(shot), full_page=True)
+                assert shot.stat().st_size > 50_000
+                page.close()
+        finally:
+            browser.close()

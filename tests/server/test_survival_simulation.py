@@ -14,13 +14,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.workspace import PREPARED_FILE, feature_columns
+from client.workspace import HARMONIZED_FILE, PREPARED_FILE, feature_columns
+from common.cox import fit_cox
+from common.payloads import NOMOGRAM_L2
 from common.protocol import ModelSpec, load_protocol
 from common.selection.batch import new_batch
+from common.selection.model import LinearModel
 from common.selection.pooled import run_in_process
 from common.selection.screening import combine_comoments, screening_label, site_comoments
 from common.synthetic import CohortSpec, Task, make_sites, write_cohort
 from server.study import StudySettings
+from tests.server.studies import render_in_chromium
 
 pytestmark = pytest.mark.slow
 SITES = ("site_A", "site_B", "site_C")
@@ -45,14 +49,17 @@ def test_the_federated_cox_model_is_the_pooled_fit_and_every_site_scores_it(tmp_
     censored.to_csv(cohort / "site_D" / "manifest.csv", index=False)
     protocol = load_protocol(cohort / "study.yaml")
     protocol = protocol.model_copy(update={
-        "model": ModelSpec(screening_top_k=8, cv_folds=3, n_lambdas=4),
+        "model": ModelSpec(screening_top_k=8, cv_folds=3, n_lambdas=4,
+                           clinical=("iss_stage", "age")),
         "standardization": protocol.standardization.model_copy(update={"histogram": None}),
         "validation": protocol.validation.model_copy(update={"bootstrap": 50})})
     assert protocol.task.kind.value == "survival" and protocol.cnn is None
     settings = StudySettings(protocol, tmp_path / "out", min_sites=3, timeout_s=300, seed=3,
                              until="model")
     run_simulation(server_app=make_server_app(settings, lambda _: None),
-                   client_app=make_client_app(cohort, min_patients=5), num_supernodes=4,
+                   # tiny synthetic sites: an ISS stage of fewer than 5 training patients
+                   # would keep a site out of the nomogram's sums (its release ledger)
+                   client_app=make_client_app(cohort, min_patients=1), num_supernodes=4,
                    backend_config={"client_resources": {"num_cpus": 1}})
     out = tmp_path / "out"
     assert json.loads((out / "study.json").read_text())["status"] == "done"
@@ -88,5 +95,38 @@ def test_the_federated_cox_model_is_the_pooled_fit_and_every_site_scores_it(tmp_
         assert [t for t, _ in federated["auc_at"]] == list(protocol.validation.times)
         assert {"federated", "leave-site-out"} <= set(result["metrics"])
     assert raw["pooled"]["federated"]["metric"] == "c_harrell"
+
+    # the nomogram: the stratified Cox model of the radiomics score, ISS stage and age, equal
+    # to the exact fit of the pooled rows (the same ridge), scored at every site
+    nomogram = json.loads((out / "nomogram.json").read_text())
+    assert nomogram["status"] == "done" and nomogram["ratio"] == "hazard_ratios"
+    models = json.loads((out / "model.json").read_text())["models"]
+    radiomics = next(m for m in models if m["harmonized"] == nomogram["harmonized"])
+    file = HARMONIZED_FILE if nomogram["harmonized"] else PREPARED_FILE
+    tables = {s: pd.read_parquet(cohort / "work" / s / "study" / protocol.short_hash / file)
+              for s in SITES}
+    for set_name, fitted in nomogram["training_sets"].items():
+        chosen = radiomics["training_sets"][set_name]["model"]
+        score = LinearModel(np.array([names.index(f) for f in chosen["features"]]),
+                            np.array(chosen["mean"]), np.array(chosen["sd"]),
+                            np.array([chosen["intercept"], *chosen["coefficients"]]))
+        strata = []
+        for site in fitted["sites"]:
+            train = tables[site][tables[site].split == "train"]
+            design = np.column_stack([score.score(train[names].to_numpy(float)),
+                                      train.iss_stage == "II", train.iss_stage == "III",
+                                      train.age]).astype(float)
+            strata.append((design, train.pfs_months.to_numpy(), train.pfs_event.to_numpy()))
+        exact = fit_cox(strata, l2=sum(len(d) for d, _, _ in strata) * NOMOGRAM_L2)
+        np.testing.assert_allclose(list(fitted["coefficients"].values()), exact, atol=1e-6,
+                                   err_msg=set_name)
+        ratio, low, high = fitted["hazard_ratios"]["iss_stage=III"]
+        assert ratio == pytest.approx(np.exp(exact[2])) and low < ratio < high
+    for site in SITES:
+        assert {"nomogram", "nomogram leave-site-out"} == set(
+            nomogram["sites"][site]["metrics"])
     html = unescape((out / "report.html").read_text())
     assert "Harrell's C" in html and "Kaplan-Meier by predicted risk group" in html
+    assert "hazard ratios [95% CI]: radiomics score" in html
+    render_in_chromium([out / "report.html", cohort / "work" / "site_B" / "study" /
+                        protocol.short_hash / "report" / "site_report.html"])
