@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -140,3 +141,57 @@ def render_in_chromium(pages: list[Path]) -> None:
                 page.close()
         finally:
             browser.close()
+
+
+def audit_mod(path: Path):  # noqa: ANN201 - a Flower mod
+    """A Flower mod that writes the shape of everything a site sends to ``path`` (JSON lines):
+    arrays by shape, config values by length."""
+    def mod(msg, context, call_next):  # noqa: ANN001, ANN202
+        reply = call_next(msg, context)
+        entry = {"partition": int(context.node_config["partition-id"]),
+                 "type": msg.metadata.message_type, "arrays": [], "lists": []}
+        # model terms are indexed by the fits the server asked for: that axis is not patients
+        fits = (len(msg.content["request.arrays"]["fit_set"].numpy())
+                if "request.arrays" in msg.content else None)
+        if reply.has_content():
+            for record in reply.content.values():
+                if hasattr(record, "to_numpy_ndarrays"):  # an ArrayRecord
+                    entry["arrays"] += [list(a.shape)[1:] if list(a.shape)[:1] == [fits]
+                                        else list(a.shape) for a in record.values()]
+                else:
+                    entry["lists"] += [len(v) for v in record.values()
+                                       if isinstance(v, list)]
+                    for v in record.values():  # JSON texts (the metrics table): every list
+                        if isinstance(v, str) and v.startswith(("{", "[")):
+                            entry["lists"] += _list_lengths(json.loads(v))
+        with path.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        return reply
+    return mod
+
+
+def _list_lengths(value: object) -> list[int]:
+    """The length of every list nested in a JSON value."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _list_lengths(v)]
+    if isinstance(value, list):
+        return [len(value)] + [n for v in value for n in _list_lengths(v)]
+    return []
+
+
+def no_patient_axis(audit: Path, prepare: dict[str, Any], fixed: frozenset[int] = frozenset()
+                    ) -> list[dict[str, Any]]:
+    """The entries :func:`audit_mod` wrote, after checking that nothing a site sent has a
+    dimension (or a list length) of its number of patients (training, test or all; from the
+    study's ``prepare.json``); a site the preparation excluded has no counts to check.
+    ``fixed``: list lengths the protocol sets (e.g. the Kaplan-Meier grid's), which may equal a
+    count by chance."""
+    rows = {s["site"]: {s["n_train"], s["n_test"], s["n_train"] + s["n_test"]}
+            for s in prepare["sites"] if s.get("status", "ok") == "ok"}
+    sites = sorted({s["site"] for s in prepare["sites"]})
+    sent = [json.loads(line) for line in audit.read_text().splitlines()]
+    for entry in sent:
+        counts = rows.get(sites[entry["partition"]], set())
+        dims = {d for shape in entry["arrays"] for d in shape} | (set(entry["lists"]) - fixed)
+        assert not dims & counts, (entry, counts)
+    return sent

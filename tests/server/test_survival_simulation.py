@@ -1,8 +1,9 @@
 """The progression-free survival study over Flower (issue 18): the penalized Cox model stratified
 by site, fitted from the sites' terms, equals the same fit on the pooled rows in one process;
 every site scores it with Harrell's and Uno's C, the time-dependent AUC and the Brier score; the
-privacy guard passes every reply (the simulation runs with it); the multicentre report shows
-it."""
+privacy guard passes every reply (the simulation runs with it) and no reply has an axis of a
+site's patients (the shape audit); the nomogram equals the pooled fit; a site with every case
+censored is excluded by name; the reports render."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 
 from client.workspace import HARMONIZED_FILE, PREPARED_FILE, feature_columns
 from common.cox import fit_cox
+from common.messages import MessageType
 from common.payloads import NOMOGRAM_L2
 from common.protocol import ModelSpec, load_protocol
 from common.selection.batch import new_batch
@@ -24,7 +26,7 @@ from common.selection.pooled import run_in_process
 from common.selection.screening import combine_comoments, screening_label, site_comoments
 from common.synthetic import CohortSpec, Task, make_sites, write_cohort
 from server.study import StudySettings
-from tests.server.studies import render_in_chromium
+from tests.server.studies import audit_mod, no_patient_axis, render_in_chromium
 
 pytestmark = pytest.mark.slow
 SITES = ("site_A", "site_B", "site_C")
@@ -59,11 +61,18 @@ def test_the_federated_cox_model_is_the_pooled_fit_and_every_site_scores_it(tmp_
     run_simulation(server_app=make_server_app(settings, lambda _: None),
                    # tiny synthetic sites: an ISS stage of fewer than 5 training patients
                    # would keep a site out of the nomogram's sums (its release ledger)
-                   client_app=make_client_app(cohort, min_patients=1), num_supernodes=4,
+                   client_app=make_client_app(cohort, min_patients=1,
+                                              mods=[audit_mod(tmp_path / "outgoing.jsonl")]),
+                   num_supernodes=4,
                    backend_config={"client_resources": {"num_cpus": 1}})
     out = tmp_path / "out"
     assert json.loads((out / "study.json").read_text())["status"] == "done"
-    excluded = json.loads((out / "prepare.json").read_text())["excluded"]
+    prepare = json.loads((out / "prepare.json").read_text())
+    # the shape audit: no array or list a site sent is as long as its patients
+    sent = no_patient_axis(tmp_path / "outgoing.jsonl", prepare,
+                           frozenset({len(protocol.validation.km_grid)}))
+    assert {MessageType.MODEL_TERMS, MessageType.MODEL_EVALUATE} <= {e["type"] for e in sent}
+    excluded = prepare["excluded"]
     assert excluded == {"site_D": "refused: no_events (every training case is censored: no "
                                   "event to fit the survival model on)"}, excluded
     raw = next(m for m in json.loads((out / "model.json").read_text())["models"]
