@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -187,7 +189,7 @@ def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, An
             section["figures"] += [{"title": f"Kaplan-Meier by predicted risk group, {title}",
                                     "src": curves}] if curves else []
         nomogram = found["models"].get("nomogram")
-        if key == "nomogram" and nomogram and classification:  # a points nomogram: logistic
+        if key == "nomogram" and nomogram:
             section["figures"].append({"title": "Nomogram (federated), axes over this site's "
                                                 "patients", "src": _nomogram_figure(
                                                     site, protocol, nomogram)})
@@ -214,9 +216,18 @@ def survival_row(name: str, row: dict[str, Any]) -> dict[str, str]:
 def _nomogram_figure(site: SiteConfig, protocol: StudyProtocol, nomogram: dict[str, Any]
                      ) -> str:
     """The federated nomogram drawn with this site's own value ranges (its training rows'
-    5th to 95th percentiles of each continuous factor; the protocol's range when it sets one)."""
-
-
+    5th to 95th percentiles of each continuous factor; the protocol's range when it sets one).
+    A logistic one reads total points as risk; a Cox one as survival at the first and the last
+    of the protocol's times, with this site's own baseline (its model is stratified by site)."""
+    outcomes: list[tuple[str, Callable[[float], float]]] = []
+    if protocol.task.kind is TaskKind.SURVIVAL:
+        baseline = nomogram.get("baseline_survival") or {}
+        times = protocol.validation.times
+        for t in sorted({times[0], times[-1]}):
+            s0 = baseline.get(f"{t:g}")
+            if s0 is not None and 0 < s0 < 1:
+                outcomes.append((f"survival at {t:g} months",
+                                 lambda r, s0=s0: math.log(math.log(r) / math.log(s0))))
     table = load_study_table(site, protocol, PREPARED_FILE)
     train = table[table["split"] == "train"]
     def over_patients(term: str) -> list[tuple[str, float]]:
@@ -226,7 +237,8 @@ def _nomogram_figure(site: SiteConfig, protocol: StudyProtocol, nomogram: dict[s
 
     return plots.nomogram_figure(plots.nomogram_axes(nomogram["coefficients"], over_patients),
                                  nomogram["intercept"], f"federated nomogram at "
-                                 f"{site.site_name}")
+                                 f"{site.site_name}",
+                                 *([outcomes] if protocol.task.kind is TaskKind.SURVIVAL else []))
 
 
 def write_site_report(site: SiteConfig, protocol: StudyProtocol) -> Path:

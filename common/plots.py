@@ -210,16 +210,20 @@ def nomogram_axes(coefficients: Mapping[str, float],
 
 
 def nomogram_figure(terms: Mapping[str, tuple[float, Sequence[tuple[str, float]]]],
-                    intercept: float, title: str) -> str:
-    """A points nomogram of a logistic model. ``terms`` maps each term to its coefficient and
+                    intercept: float, title: str,
+                    outcomes: Sequence[tuple[str, Callable[[float], float]]] = (
+                        ("predicted risk", lambda r: math.log(r / (1 - r))),)) -> str:
+    """A points nomogram of a linear predictor. ``terms`` maps each term to its coefficient and
     the (label, value) ticks of its axis; the term with the widest effect spans 0-100 points,
-    and the bottom axes read total points as predicted risk."""
+    and the bottom axes read total points as each of ``outcomes``: a name and the linear
+    predictor at which the outcome has a probability (a logistic model's risk by default; a Cox
+    model's survival at a time, ``log(log(s) / log(S0(t)))``)."""
     spans = {t: abs(c) * (max(v for _, v in ticks) - min(v for _, v in ticks))
              for t, (c, ticks) in terms.items()}
     widest = max(spans.values()) or 1.0
     per_unit = 100.0 / widest
-    fig, ax = plt.subplots(figsize=(7.5, 0.7 * (len(terms) + 3)))
-    rows = len(terms) + 2
+    fig, ax = plt.subplots(figsize=(7.5, 0.7 * (len(terms) + 2 + len(outcomes))))
+    rows = len(terms) + 1 + len(outcomes)
 
     def axis(y: float, ticks: Sequence[tuple[str, float]], name: str) -> None:
         xs = [x for _, x in ticks]
@@ -237,16 +241,16 @@ def nomogram_figure(terms: Mapping[str, tuple[float, Sequence[tuple[str, float]]
         low_total += coef * base
         axis(rows - 1 - k, [(label, (v - base) * coef * per_unit) for label, v in ticks], term)
     total_max = sum(spans.values()) * per_unit
-    axis(1, [(f"{p:.0f}", p * 100 / max(total_max, 1e-9))
-             for p in np.linspace(0, total_max, 6)], "total points")
-    risks = [r for r in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)]
-    ticks = []
-    for r in risks:
-        points = (math.log(r / (1 - r)) - intercept - low_total) * per_unit
-        if 0 <= points <= total_max:
-            ticks.append((f"{r:.2f}", points * 100 / max(total_max, 1e-9)))
-    if ticks:
-        axis(0, ticks, "predicted risk")
+    axis(len(outcomes), [(f"{p:.0f}", p * 100 / max(total_max, 1e-9))
+                         for p in np.linspace(0, total_max, 6)], "total points")
+    for k, (name, linear_predictor) in enumerate(outcomes):
+        ticks = []
+        for r in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95):
+            points = (linear_predictor(r) - intercept - low_total) * per_unit
+            if 0 <= points <= total_max:
+                ticks.append((f"{r:.2f}", points * 100 / max(total_max, 1e-9)))
+        if ticks:
+            axis(len(outcomes) - 1 - k, ticks, name)
     ax.set_xlim(-40, 105)
     ax.set_ylim(-0.6, rows + 0.8)
     ax.axis("off")

@@ -19,6 +19,7 @@ from client.scoring import metrics_of, paired_comparisons, survival_metrics_of
 from client.workspace import feature_columns, split_table
 from common.errors import MyeloFedError
 from common.messages import EvaluateRequest
+from common.metrics.survival import baseline_survival
 from common.metrics.tables import releasable
 from common.payloads import (
     NOMOGRAM_L2,
@@ -193,6 +194,12 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
         for i, c in zip(model.features, model.beta[1:], strict=True)
         if c != 0 or (radiomics and name in radiomics)}}
         for name, model in models.items()}
+    if survival:  # each model's baseline survival here (kept: the site's predicted survival)
+        for name in models:
+            terms[name]["baseline_survival"] = dict(zip(
+                [f"{t:g}" for t in protocol.validation.times],
+                baseline_survival(train_y[:, 0], train_y[:, 1], on_train[name],
+                                  protocol.validation.times) or [], strict=False))
     if update is not None:  # which update the site's cross-validation chose, kept here
         terms[updated] |= {"choice": update.choice, "cv_deviance": update.deviance}
     record_evaluation(site, protocol, "nomogram" if radiomics else

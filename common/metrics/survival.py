@@ -82,6 +82,17 @@ def predicted_survival(train: tuple[FloatArray, npt.NDArray[np.bool_], FloatArra
     return np.vstack([fn(at) for fn in baseline.get_survival_function(score)])
 
 
+def baseline_survival(time: npt.ArrayLike, event: npt.ArrayLike, score: npt.ArrayLike,
+                      times: Sequence[float]) -> list[float] | None:
+    """A site's baseline survival ``S0(t)`` at ``times`` (a linear predictor of 0), by
+    Breslow's estimator on its training rows and their linear predictors; None without an
+    event. It stays at the site: with the model's linear predictor it gives a patient's
+    predicted survival, ``S0(t) ** exp(lp)`` (the site's nomogram)."""
+    rows = checked_times(time, event, score, "training rows")
+    survival = nan_if_fails(predicted_survival, rows, np.zeros(1), times)
+    return None if survival is None else [float(v) for v in survival[0]]
+
+
 def risk_groups(score: FloatArray, min_count: int) -> list[npt.NDArray[np.int64]]:
     """The rows split by predicted risk (lowest first) into at most :data:`MAX_RISK_GROUPS`
     groups of near-equal size, each of ``min_count`` rows or more (none when there are fewer
@@ -120,8 +131,10 @@ def _concordances(train: Any, test: Any, event: npt.NDArray[np.bool_], time: Flo
     # deferred: heavy, loaded only where a survival table is made
     from sksurv.metrics import concordance_index_censored, concordance_index_ipcw
 
-    harrell = nan_if_fails(concordance_index_censored, event, time, score)
-    uno = nan_if_fails(concordance_index_ipcw, train, test, score, tau=tau)
+    # no comparable pair (a resample of few events) gives 0 / 0: NaN, without a warning
+    with np.errstate(invalid="ignore", divide="ignore"):
+        harrell = nan_if_fails(concordance_index_censored, event, time, score)
+        uno = nan_if_fails(concordance_index_ipcw, train, test, score, tau=tau)
     return (float(harrell[0]) if harrell else NAN, float(uno[0]) if uno else NAN)
 
 

@@ -11,6 +11,7 @@ from lifelines.utils import concordance_index
 from sklearn.metrics import roc_auc_score
 
 from common.metrics.survival import (
+    baseline_survival,
     checked_times,
     kaplan_meier_on_grid,
     predicted_survival,
@@ -67,6 +68,9 @@ def test_the_predicted_survival_takes_breslows_baseline_of_the_training_rows():
     expected = np.exp(-hazard * np.exp(score[:3]))
     got = predicted_survival(checked_times(time, event, score, "train"), score[:3], [at])[:, 0]
     np.testing.assert_allclose(got, expected, rtol=1e-12)
+    # the baseline a site keeps for its nomogram: the survival at a linear predictor of 0
+    assert baseline_survival(time, event, score, [at])[0] == pytest.approx(np.exp(-hazard))
+    assert baseline_survival(time, np.zeros_like(event), score, [at]) is None
 
 
 def test_nothing_reported_is_over_fewer_than_the_minimum_count():

@@ -134,6 +134,12 @@ def test_the_federated_cox_model_is_the_pooled_fit_and_every_site_scores_it(tmp_
     for site in SITES:
         assert {"nomogram", "nomogram leave-site-out"} == set(
             nomogram["sites"][site]["metrics"])
+        # the site's own baseline survival stays with it: its nomogram reads survival at 12
+        # and 36 months from it
+        kept = json.loads((cohort / "work" / site / "study" / protocol.short_hash / "report" /
+                           "evaluation_nomogram.json").read_text())["models"]["nomogram"]
+        assert list(kept["baseline_survival"]) == ["12", "24", "36"]
+        assert 1 > kept["baseline_survival"]["12"] > kept["baseline_survival"]["36"] > 0
     html = unescape((out / "report.html").read_text())
     assert "Harrell's C" in html and "Kaplan-Meier by predicted risk group" in html
     assert "hazard ratios [95% CI]: radiomics score" in html
