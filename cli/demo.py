@@ -47,7 +47,7 @@ def demo(
     model trained without the site (leave-site-out, the external validation) and the federated
     CNN; with --task response, the nomogram (radiomics
     score + ISS stage + age) too; with --task pci, Pearson r instead of the AUC; with --task
-    pfs or os, Harrell's C of the federated Cox model (no CNN and no site update for survival
+    pfs or os, Harrell's C of the Cox models and the survival nomogram (no CNN for survival
     yet).
 
     \b

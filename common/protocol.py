@@ -475,7 +475,7 @@ class ValidationSpec(_Frozen):
     ``site_update`` (default on): each site also scores the federated radiomics model updated
     on its own training rows (recalibrated, revised towards its coefficients, or the site's
     local model, whichever its cross-validation prefers: :mod:`common.selection.updating`);
-    that model never leaves the site (classification and regression; not built for survival).
+    that model never leaves the site.
     Survival only: ``times`` (months) where the time-dependent AUC, the Brier score and the
     calibration are reported (Uno's C is truncated at the last), ``km_grid`` (months) where the
     Kaplan-Meier curves by predicted risk group are reported (a fixed grid: never a step at one

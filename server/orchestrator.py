@@ -133,9 +133,7 @@ def run_models(transport: Transport, nodes: dict[int, str], harmonized: dict[int
     # each site updates the federated model once: the harmonized one where it has it
     protocol = settings.protocol
     update = (frozenset(nodes.values()) if protocol.validation.site_update
-              and protocol.task.kind is not TaskKind.SURVIVAL else frozenset[str]())
-    if protocol.validation.site_update and not update:
-        progress("phase 4/5: no site update of a survival model (not built yet)")
+              else frozenset[str]())
     later = frozenset(harmonized.values()) if two_passes else frozenset[str]()
     progress("phase 4/5 radiomics model on raw features")
     passes = [run_model(transport, nodes, names, settings, False, progress, update - later)]

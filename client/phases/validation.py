@@ -82,8 +82,7 @@ def update_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     spec, loss = protocol.model, loss_of(protocol)
 
     def local(rows: np.ndarray, labels: np.ndarray) -> LinearModel:
-        inner = assign_folds(labels, spec.cv_folds, seed,
-                             protocol.task.kind is TaskKind.CLASSIFICATION)
+        inner = plain_folds(labels, protocol, seed)
         model, _ = fit_pooled([(rows, labels, inner)], loss, spec.penalty, spec.screening_top_k,
                               spec.n_lambdas, spec.cv_folds, spec.lambda_rule)
         return model
@@ -99,8 +98,15 @@ def update_folds(y: np.ndarray, protocol: StudyProtocol, seed: int, site_name: s
     sums never leave the site (only each candidate's deviance summed over every training row),
     and at a small site an atom can hold every positive, leaving a fold with none to train
     on."""
-    return assign_folds(y, protocol.model.cv_folds, split_state(seed, site_name),
-                        protocol.task.kind is TaskKind.CLASSIFICATION)
+    return plain_folds(y, protocol, split_state(seed, site_name))
+
+
+def plain_folds(y: np.ndarray, protocol: StudyProtocol, seed: int) -> np.ndarray:
+    """``model.cv_folds`` seeded folds of these rows, stratified by class (classification) or
+    by event (survival: ``y`` holds times and events)."""
+    survival = protocol.task.kind is TaskKind.SURVIVAL
+    return assign_folds(y[:, 1] if survival else y, protocol.model.cv_folds, seed,
+                        survival or protocol.task.kind is TaskKind.CLASSIFICATION)
 
 
 def update_nomogram_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
@@ -115,21 +121,23 @@ def update_nomogram_here(site: SiteConfig, protocol: StudyProtocol, harmonized: 
     design = nomogram_design(table, protocol, x, [radiomics])
     p = design.shape[1]
 
+    loss = loss_of(protocol)
+
     def local(rows: np.ndarray, labels: np.ndarray) -> LinearModel:
-        beta = penalized_fit(rows, labels, "logistic", np.zeros(p), NOMOGRAM_L2 * len(labels))
+        beta = penalized_fit(rows, labels, loss, np.zeros(p), NOMOGRAM_L2 * len(labels))
         return LinearModel(np.arange(p), np.zeros(p), np.ones(p), beta)
 
-    return _update(design, y, folds, federated, "logistic", local)
+    return _update(design, y, folds, federated, loss, local)
 
 
 def _update(x: np.ndarray, y: np.ndarray, folds: np.ndarray, federated: LinearModel, loss: str,
             local: Callable[[np.ndarray, np.ndarray], LinearModel]) -> LocalUpdate:
+    prevalence = float(y.mean()) if y.ndim == 1 else 0.5  # (a Cox model has no cut-off)
     try:
         update = update_at_site(x, y, folds, federated, loss, local)
     except MyeloFedError as exc:  # the site's other metrics are kept: the federated model
-        return LocalUpdate(federated, f"federated (the update failed: {exc})", {},
-                           float(y.mean()))
-    return LocalUpdate(update.model, update.choice, update.deviance, float(y.mean()))
+        return LocalUpdate(federated, f"federated (the update failed: {exc})", {}, prevalence)
+    return LocalUpdate(update.model, update.choice, update.deviance, prevalence)
 
 
 def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
@@ -146,9 +154,8 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     as ``site-updated``, or in a nomogram's evaluation the federated nomogram updated here
     (:func:`update_nomogram_here`), as ``nomogram site-updated``."""
     update, updated = None, NOMOGRAM_SITE_UPDATED if radiomics else SITE_UPDATED
-    survival = protocol.task.kind is TaskKind.SURVIVAL  # (no site update built for it yet)
-    if not survival and evaluated_models(list(models), site_update,
-                                         bool(radiomics)) != list(models):
+    survival = protocol.task.kind is TaskKind.SURVIVAL
+    if evaluated_models(list(models), site_update, bool(radiomics)) != list(models):
         if radiomics:
             update = update_nomogram_here(site, protocol, harmonized, models["nomogram"],
                                           radiomics["nomogram"], seed)

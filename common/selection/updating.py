@@ -14,9 +14,11 @@ the two, the site's own cross-validation chooses among:
   federated model, a small one lets the site's data speak);
 - ``local``: the site's local-only model (its own screening and penalized fit).
 
-Each is scored by its deviance on the held-out fold (the logistic log-loss, or the squared
-error), summed over the site's folds; the one with the least is refitted on every training row.
-Arrays are samples x features, float64.
+Each is scored by its deviance on the held-out fold (the logistic log-loss, the squared error,
+or for a Cox model Verweij & van Houwelingen's cross-validated partial likelihood: that of every
+row less that of the rows fitted), summed over the site's folds; the one with the least is
+refitted on every training row. Arrays are samples x features, float64; a Cox model's labels
+are (n, 2) times and events, and its intercept stays 0.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from common.cox import site_cox_terms
 from common.glm import ModelError, site_logistic_terms, with_intercept
 from common.selection.model import FloatArray, IndexArray, LinearModel
 
@@ -53,6 +56,8 @@ def penalized_fit(x: npt.ArrayLike, y: npt.ArrayLike, loss: str, prior: npt.Arra
     the coefficients shrink towards ``prior`` (ridge regression, or Newton's method with step
     halving for the logistic loss)."""
     x, y, prior = (np.asarray(a, dtype=np.float64) for a in (x, y, prior))
+    if loss == "cox":
+        return np.concatenate([[0.0], _penalized_cox(x, y, prior, float(l2), max_iter)])
     xi = with_intercept(x)
     penalty = np.full(xi.shape[1], float(l2))
     penalty[0] = 0.0
@@ -90,6 +95,37 @@ def penalized_fit(x: npt.ArrayLike, y: npt.ArrayLike, loss: str, prior: npt.Arra
     return beta
 
 
+def _penalized_cox(x: FloatArray, y: FloatArray, prior: FloatArray, l2: float, max_iter: int
+                   ) -> FloatArray:
+    """The site's Cox model (its own risk sets) minimizing the negative log partial likelihood
+    plus ``l2 / 2 * ||beta - prior||^2``, by Newton's method with step halving."""
+    def objective(b: FloatArray) -> tuple[float, FloatArray, FloatArray]:
+        terms = site_cox_terms(x, y[:, 0], y[:, 1], b)
+        return (terms.loss + 0.5 * l2 * float((b - prior) @ (b - prior)),
+                terms.gradient + l2 * (b - prior), terms.hessian + l2 * np.eye(len(b)))
+
+    beta = prior.copy()
+    value, gradient, hessian = objective(beta)
+    for _ in range(max_iter):
+        try:
+            delta = np.linalg.solve(hessian, gradient)
+        except np.linalg.LinAlgError:
+            raise ModelError("the penalized Cox fit's Hessian is singular") from None
+        step = 1.0
+        while True:
+            candidate = beta - step * delta
+            new = objective(candidate)
+            if new[0] <= value or step < 1e-8:
+                break
+            step /= 2
+        beta, (value, gradient, hessian) = candidate, new
+        if not np.isfinite(value):
+            raise ModelError("the penalized Cox fit does not converge")
+        if np.max(np.abs(step * delta), initial=0.0) < 1e-10:
+            break
+    return beta
+
+
 def recalibrate(x: npt.ArrayLike, y: npt.ArrayLike, model: LinearModel, loss: str
                 ) -> LinearModel:
     """``model`` with its score's intercept and slope refitted on these rows."""
@@ -112,10 +148,20 @@ def revise(x: npt.ArrayLike, y: npt.ArrayLike, model: LinearModel, loss: str, st
     return LinearModel(features, mean, sd, beta)
 
 
-def deviance(y: npt.ArrayLike, score: npt.ArrayLike, loss: str) -> float:
-    """The summed held-out loss: the logistic log-loss of the scores (logits), or the squared
-    error."""
+def deviance(y: npt.ArrayLike, score: npt.ArrayLike, loss: str,
+             fitted: npt.ArrayLike | None = None) -> float:
+    """The summed held-out loss: the logistic log-loss of the scores (logits), the squared
+    error, or for the Cox loss (``y`` and ``score`` of every row, ``fitted`` the mask of the
+    rows the model was fitted on) the partial likelihood of every row less that of the fitted
+    rows (Verweij & van Houwelingen 1993)."""
     y, score = np.asarray(y, dtype=np.float64), np.asarray(score, dtype=np.float64)
+    if loss == "cox":
+        inside = np.ones(len(y), bool) if fitted is None else np.asarray(fitted, bool)
+
+        def partial(rows: npt.NDArray[np.bool_]) -> float:
+            return site_cox_terms(score[rows, None], y[rows, 0], y[rows, 1], [1.0]).loss
+
+        return partial(np.ones(len(y), bool)) - (partial(inside) if inside.any() else 0.0)
     if loss == "gaussian":
         return float(np.sum((y - score) ** 2))
     return float(np.sum(np.logaddexp(0.0, score) - y * score))
@@ -139,7 +185,9 @@ def _fit(name: str, x: FloatArray, y: FloatArray, federated: LinearModel, loss: 
 
 def _comparable(y: FloatArray, loss: str) -> bool:
     """Whether a fold's training labels can fit every candidate: both classes for the
-    logistic loss, two rows or more for the squared error."""
+    logistic loss, an event for the Cox loss, two rows or more for the squared error."""
+    if loss == "cox":
+        return len(y) >= 2 and bool(y[:, 1].any())
     return bool(0 < y.sum() < len(y)) if loss == "logistic" else len(y) >= 2
 
 
@@ -166,7 +214,8 @@ def update_at_site(x: npt.ArrayLike, y: npt.ArrayLike, folds: npt.ArrayLike,
         for name in names:
             try:
                 model = _fit(name, x[train], y[train], federated, loss, local)
-                total[name] += deviance(y[held], model.score(x[held]), loss)
+                total[name] += (deviance(y, model.score(x), loss, train) if loss == "cox" else
+                                deviance(y[held], model.score(x[held]), loss))
             except ModelError:
                 total[name] = float("inf")
     choice = min(names, key=lambda n: total[n])  # the first of equals: the simplest

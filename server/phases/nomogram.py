@@ -81,8 +81,7 @@ def run_nomogram(transport: Transport, nodes: dict[int, str], settings: StudySet
                          models=tuple(n for n, _ in chosen),
                          thresholds=tuple(prevalence.get(s, 0.5) for _, s in chosen),
                          seed=settings.seed,
-                         site_update=(settings.protocol.validation.site_update
-                                      and loss != "cox") or None),
+                         site_update=settings.protocol.validation.site_update or None),
             tuple(nomograms[s] for _, s in chosen), tuple(radiomics[s] for _, s in chosen)))
 
     replies, more = exchange(transport, nodes, MessageType.MODEL_EVALUATE, evaluation, settings)

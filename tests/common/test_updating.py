@@ -157,3 +157,46 @@ def test_a_fold_whose_training_rows_lack_a_class_compares_no_candidate():
         deviance(y[kept], federated.score(x[kept]), "logistic"), rel=1e-12)
     with pytest.raises(ModelError, match="cannot choose"):
         update_at_site(x, y, np.where(y == 1, 0, 1), federated, "logistic", local)
+
+
+def _cox_site(n: int, effect: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3))
+    event_time = rng.exponential(20.0 * np.exp(-(x @ [1.0, effect, 0.0])))
+    censored = rng.uniform(5.0, 60.0, n)
+    return x, np.column_stack([np.minimum(event_time, censored), event_time <= censored])
+
+
+def test_a_cox_model_is_updated_at_a_site_by_its_cross_validated_partial_likelihood():
+    from sklearn.model_selection import StratifiedKFold
+
+    from common.cox import fit_cox, site_cox_terms
+
+    federated = _model([0.0, 1.0, 1.0, 0.0], 3)
+
+    def local(x, y):  # noqa: ANN001, ANN202
+        return _model([0.0, *penalized_fit(x, y, "cox", np.zeros(3), 1.0)[1:]], 3)
+
+    x, y = _cox_site(300, 1.0, 1)
+    folds = np.zeros(len(y), int)
+    for k, (_, held) in enumerate(StratifiedKFold(5, shuffle=True, random_state=0)
+                                  .split(x, y[:, 1])):
+        folds[held] = k
+    same = update_at_site(x, y, folds, federated, "cox", local)
+    assert same.choice in ("federated", "recalibrated", "revised 10", "revised 3")
+    # the held-out criterion: every row's partial likelihood less the fitted rows', by hand
+    inside = folds != 0
+    lp = federated.score(x)
+    by_hand = (site_cox_terms(lp[:, None], y[:, 0], y[:, 1], [1.0]).loss
+               - site_cox_terms(lp[inside, None], y[inside, 0], y[inside, 1], [1.0]).loss)
+    assert deviance(y, lp, "cox", inside) == pytest.approx(by_hand, rel=1e-12)
+
+    x, y = _cox_site(300, -1.0, 2)  # the second feature works the other way at this site
+    other = update_at_site(x, y, folds, federated, "cox", local)
+    assert other.choice not in ("federated", "recalibrated")
+    assert other.model.beta[0] == 0.0 and other.model.beta[2] < 0
+    # a penalized Cox fit with a huge penalty stays at its prior, with none it is the MLE
+    prior = np.array([0.5, 0.5, 0.5])
+    np.testing.assert_allclose(penalized_fit(x, y, "cox", prior, 1e9)[1:], prior, atol=1e-6)
+    np.testing.assert_allclose(penalized_fit(x, y, "cox", prior, 0.0)[1:],
+                               fit_cox([(x, y[:, 0], y[:, 1])]), atol=1e-6)

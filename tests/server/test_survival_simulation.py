@@ -24,6 +24,7 @@ from common.selection.batch import new_batch
 from common.selection.model import LinearModel
 from common.selection.pooled import run_in_process
 from common.selection.screening import combine_comoments, screening_label, site_comoments
+from common.selection.updating import candidates
 from common.synthetic import CohortSpec, Task, make_sites, write_cohort
 from server.study import StudySettings
 from tests.server.studies import audit_mod, no_patient_axis, render_in_chromium
@@ -132,8 +133,12 @@ def test_the_federated_cox_model_is_the_pooled_fit_and_every_site_scores_it(tmp_
         ratio, low, high = fitted["hazard_ratios"]["iss_stage=III"]
         assert ratio == pytest.approx(np.exp(exact[2])) and low < ratio < high
     for site in SITES:
-        assert {"nomogram", "nomogram leave-site-out"} == set(
+        # each site updated the federated Cox model and nomogram on its own rows, by its own
+        # cross-validated partial likelihood
+        assert {"nomogram", "nomogram leave-site-out", "nomogram site-updated"} == set(
             nomogram["sites"][site]["metrics"])
+        assert nomogram["sites"][site]["update"]["choice"] in candidates()
+        assert sum("site-updated" in m["sites"][site]["metrics"] for m in models) == 1
         # the site's own baseline survival stays with it: its nomogram reads survival at 12
         # and 36 months from it
         kept = json.loads((cohort / "work" / site / "study" / protocol.short_hash / "report" /
