@@ -61,13 +61,7 @@ def _parse_label(text: str, protocol: StudyProtocol) -> float:
             if text not in task.classes:
                 raise ValueError(f"'{text}' is not one of {list(task.classes)}")
             return float(task.classes.index(text))
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"'{text}' is not 0 or 1") from None
-        if value not in (0.0, 1.0):
-            raise ValueError(f"'{text}' is not 0 or 1")
-        return value
+        return _binary(text)
     try:
         value = float(text)
     except ValueError:
@@ -81,14 +75,15 @@ def _parse_label(text: str, protocol: StudyProtocol) -> float:
     return value
 
 
-def _parse_event(text: str) -> float:
-    """A survival task's event indicator: 1 (the event) or 0 (censored), or ValueError."""
+def _binary(text: str, zero: str = "0", one: str = "1") -> float:
+    """0.0 or 1.0 from a 0/1 field (``zero`` and ``one`` say what each means in the error), or
+    ValueError."""
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"'{text}' is not 0 or 1") from None
+        value = float("nan")
     if value not in (0.0, 1.0):
-        raise ValueError(f"'{text}' is not 0 (censored) or 1 (the event)")
+        raise ValueError(f"'{text}' is not {zero} or {one}")
     return value
 
 
@@ -193,7 +188,7 @@ def read_manifest(
                 problem(SkipReason.LABEL_MISSING, f"no value in event column '{event_col}'")
                 continue
             try:
-                event = _parse_event(row[event_col])
+                event = _binary(row[event_col], "0 (censored)", "1 (the event)")
             except ValueError as exc:
                 problem(SkipReason.LABEL_INVALID, f"event column '{event_col}': {exc}")
                 continue

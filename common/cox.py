@@ -135,10 +135,12 @@ def null_martingale_residuals(time: npt.ArrayLike, event: npt.ArrayLike) -> Floa
 
 def fit_cox(strata: Sequence[tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike]],
             ties: Ties = "efron", l2: float = 0.0, tolerance: float = 1e-10,
-            max_iter: int = 100) -> FloatArray:
+            max_iter: int = 100, prior: npt.ArrayLike | None = None) -> FloatArray:
     """The Cox model stratified by ``strata`` (one per site: features, times, events), by
-    Newton's method with step halving on the summed terms plus the L2 penalty: what the
-    federated rounds compute, in-process. Returns the coefficients (p,).
+    Newton's method with step halving on the summed terms plus the L2 penalty
+    ``l2 / 2 * ||beta - prior||^2`` (``prior`` 0 by default; the start): what the federated
+    rounds compute, in-process, and a site's refit towards the federated model. Returns the
+    coefficients (p,).
 
     Raises
     ------
@@ -149,12 +151,13 @@ def fit_cox(strata: Sequence[tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike]]
     p = np.asarray(strata[0][0]).shape[1]
     if sum(int(np.sum(np.asarray(e))) for _, _, e in strata) == 0:
         raise ModelError("no events in any stratum: the Cox model has nothing to fit")
-    beta = np.zeros(p)
+    centre = np.zeros(p) if prior is None else np.asarray(prior, dtype=np.float64)
+    beta = centre.copy()
 
     def penalized(b: FloatArray) -> tuple[float, FloatArray, FloatArray]:
         parts = [site_cox_terms(x, t, e, b, ties) for x, t, e in strata]
-        return (sum(c.loss for c in parts) + 0.5 * l2 * float(b @ b),
-                np.sum([c.gradient for c in parts], axis=0) + l2 * b,
+        return (sum(c.loss for c in parts) + 0.5 * l2 * float((b - centre) @ (b - centre)),
+                np.sum([c.gradient for c in parts], axis=0) + l2 * (b - centre),
                 np.sum([c.hessian for c in parts], axis=0) + l2 * np.eye(p))
 
     value, gradient, hessian = penalized(beta)

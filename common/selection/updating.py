@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from common.cox import site_cox_terms
+from common.cox import fit_cox, site_cox_terms
 from common.glm import ModelError, site_logistic_terms, with_intercept
 from common.selection.model import FloatArray, IndexArray, LinearModel
 
@@ -57,7 +57,9 @@ def penalized_fit(x: npt.ArrayLike, y: npt.ArrayLike, loss: str, prior: npt.Arra
     halving for the logistic loss)."""
     x, y, prior = (np.asarray(a, dtype=np.float64) for a in (x, y, prior))
     if loss == "cox":
-        return np.concatenate([[0.0], _penalized_cox(x, y, prior, float(l2), max_iter)])
+        # the site's own risk sets; the intercept slot stays 0
+        return np.concatenate([[0.0], fit_cox([(x, y[:, 0], y[:, 1])], l2=float(l2),
+                                              max_iter=max_iter, prior=prior)])
     xi = with_intercept(x)
     penalty = np.full(xi.shape[1], float(l2))
     penalty[0] = 0.0
@@ -91,37 +93,6 @@ def penalized_fit(x: npt.ArrayLike, y: npt.ArrayLike, loss: str, prior: npt.Arra
         if not np.isfinite(value):
             raise ModelError("the penalized fit does not converge")
         if np.max(np.abs(step * delta)) < 1e-10:
-            break
-    return beta
-
-
-def _penalized_cox(x: FloatArray, y: FloatArray, prior: FloatArray, l2: float, max_iter: int
-                   ) -> FloatArray:
-    """The site's Cox model (its own risk sets) minimizing the negative log partial likelihood
-    plus ``l2 / 2 * ||beta - prior||^2``, by Newton's method with step halving."""
-    def objective(b: FloatArray) -> tuple[float, FloatArray, FloatArray]:
-        terms = site_cox_terms(x, y[:, 0], y[:, 1], b)
-        return (terms.loss + 0.5 * l2 * float((b - prior) @ (b - prior)),
-                terms.gradient + l2 * (b - prior), terms.hessian + l2 * np.eye(len(b)))
-
-    beta = prior.copy()
-    value, gradient, hessian = objective(beta)
-    for _ in range(max_iter):
-        try:
-            delta = np.linalg.solve(hessian, gradient)
-        except np.linalg.LinAlgError:
-            raise ModelError("the penalized Cox fit's Hessian is singular") from None
-        step = 1.0
-        while True:
-            candidate = beta - step * delta
-            new = objective(candidate)
-            if new[0] <= value or step < 1e-8:
-                break
-            step /= 2
-        beta, (value, gradient, hessian) = candidate, new
-        if not np.isfinite(value):
-            raise ModelError("the penalized Cox fit does not converge")
-        if np.max(np.abs(step * delta), initial=0.0) < 1e-10:
             break
     return beta
 
