@@ -93,7 +93,7 @@ def update_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
 def update_folds(y: np.ndarray, protocol: StudyProtocol, seed: int, site_name: str
                  ) -> np.ndarray:
     """The folds the site's update chooses by: ``model.cv_folds`` plain folds of the training
-    rows, stratified by label for classification, seeded by the study seed and the site. Not
+    rows (:func:`plain_folds`), seeded by the study seed and the site. Not
     the model's folds of privacy atoms (:func:`client.folds.site_folds`): the update's per-fold
     sums never leave the site (only each candidate's deviance summed over every training row),
     and at a small site an atom can hold every positive, leaving a fold with none to train
@@ -119,9 +119,7 @@ def update_nomogram_here(site: SiteConfig, protocol: StudyProtocol, harmonized: 
     x, y, _ = rows_of(table, protocol)
     folds = update_folds(y, protocol, seed, site.site_name)
     design = nomogram_design(table, protocol, x, [radiomics])
-    p = design.shape[1]
-
-    loss = loss_of(protocol)
+    p, loss = design.shape[1], loss_of(protocol)
 
     def local(rows: np.ndarray, labels: np.ndarray) -> LinearModel:
         beta = penalized_fit(rows, labels, loss, np.zeros(p), NOMOGRAM_L2 * len(labels))
