@@ -235,15 +235,21 @@ def cohort_dirs(work: Path, cohort: Cohort) -> dict[bool, Path]:
     return dirs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cohort_arguments(doc: str | None, name: str) -> tuple[argparse.Namespace, Path]:
+    """The command line of a benchmark over cohorts and splits (``--splits``, ``--cohorts``,
+    ``--work``), and its work folder (a new temporary one without ``--work``)."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument("--splits", type=int, default=8)
     parser.add_argument("--cohorts", nargs="+", default=list(DEFAULT_COHORTS),
                         help="SEED:SIZES, e.g. 0:40,70,110 (default: %(default)s)")
     parser.add_argument("--work", type=Path, default=None,
                         help="keep the cohorts here (reused when present)")
     args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="myelofed-bench-loso-"))
+    return args, args.work or Path(tempfile.mkdtemp(prefix=f"myelofed-bench-{name}-"))
+
+
+def main() -> None:
+    args, work = cohort_arguments(__doc__, "loso")
     start = time.perf_counter()
     results, duels = [], []
     for cohort in map(Cohort.parse, args.cohorts):

@@ -24,9 +24,7 @@ the site-updated model at least the local-only and at least the federated one at
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.loso_harmonization import (  # noqa: E402
-    DEFAULT_COHORTS,
     Cohort,
+    cohort_arguments,
     cohort_dirs,
     fit,
     harmonize,
@@ -99,14 +97,7 @@ def report(results: pd.DataFrame, splits: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--splits", type=int, default=8)
-    parser.add_argument("--cohorts", nargs="+", default=list(DEFAULT_COHORTS),
-                        help="SEED:SIZES, e.g. 0:40,70,110 (default: %(default)s)")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="keep the cohorts here (reused when present)")
-    args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="myelofed-bench-updating-"))
+    args, work = cohort_arguments(__doc__, "updating")
     start = time.perf_counter()
     results = []
     for cohort in map(Cohort.parse, args.cohorts):

@@ -22,9 +22,7 @@ rows:
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.loso_harmonization import DEFAULT_COHORTS, Cohort, prepared, split  # noqa: E402
+from bench.loso_harmonization import Cohort, cohort_arguments, prepared, split  # noqa: E402
 from client.workspace import feature_columns  # noqa: E402
 from common.cox import fit_cox  # noqa: E402
 from common.metrics.survival import survival_table  # noqa: E402
@@ -99,14 +97,7 @@ def evaluate(tables: dict[str, pd.DataFrame], names: list[str], spec, r: int  # 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--splits", type=int, default=8)
-    parser.add_argument("--cohorts", nargs="+", default=list(DEFAULT_COHORTS),
-                        help="SEED:SIZES, e.g. 0:40,70,110 (default: %(default)s)")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="keep the cohorts here (reused when present)")
-    args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="myelofed-bench-survival-"))
+    args, work = cohort_arguments(__doc__, "survival")
     start = time.perf_counter()
     results = []
     for cohort in map(Cohort.parse, args.cohorts):
