@@ -10,7 +10,7 @@ import typer
 from rich.progress import Progress, TextColumn
 from rich.table import Table
 
-from cli import supervise
+from cli import segment, supervise
 from cli.console import Typer, console, fail_config, need, out, progress_columns
 from cli.exit_codes import ExitCode
 from common.errors import ConfigError, MyeloFedError
@@ -192,6 +192,10 @@ def site_extract(protocol: ProtocolOpt, manifest: ManifestOpt = None,
         console.print(f"features: {table_path} ({table.num_rows} cases x {n_features} features)")
     _print_report(report, report_path)
     raise typer.Exit(_exit_code(report))
+
+
+app.command("train-segmenter")(segment.train_segmenter)
+app.command("segment")(segment.segment)
 
 
 @app.command("join")

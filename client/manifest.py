@@ -6,7 +6,9 @@ survival task its event column: the label is then the follow-up time in months).
 when a folder holds several), the protocol's covariates and batch (scanner) column.
 ``image`` is a DICOM series folder or a NIfTI/NRRD/MHA file; ``mask`` is a NIfTI/NRRD/MHA label
 map, an RTSTRUCT or DICOM SEG file, or a folder holding one. Relative paths are taken from the
-manifest's folder.
+manifest's folder. A case without a mask has ``mask`` empty or ``auto``: ``myelofed site segment``
+makes one with the study's segmentation network (and writes a manifest that names it); read
+``for_segmentation``, such a row is a case to segment, its label and covariates unread.
 
 A manifest that cannot be read at all raises :class:`ConfigError`; a bad row becomes a
 :class:`RowProblem` and the other rows go on.
@@ -29,12 +31,13 @@ REQUIRED_COLUMNS = ("case_id", "image", "mask")
 @dataclass(frozen=True)
 class CaseSpec:
     """One usable manifest row, with its label and covariates already typed (``event``: a
-    survival task's 1 or 0, None for the other tasks)."""
+    survival task's 1 or 0, None for the other tasks). ``mask`` is None only for a case to
+    segment (read ``for_segmentation``), whose label is then NaN."""
 
     case_id: str
     row: int
     image: Path
-    mask: Path
+    mask: Path | None
     label: float
     batch: str
     roi: str | None = None
@@ -91,8 +94,13 @@ def _binary(text: str, zero: str = "0", one: str = "1") -> float:
 _EXTRA = "\x00extra"
 
 
+#: What a manifest's ``mask`` says for a case without a mask (besides leaving it empty).
+AUTO_MASK = "auto"
+
+
 def read_manifest(
-    path: Path, protocol: StudyProtocol, default_batch: str, data_root: Path | None = None
+    path: Path, protocol: StudyProtocol, default_batch: str, data_root: Path | None = None,
+    for_segmentation: bool = False,
 ) -> tuple[list[CaseSpec], list[RowProblem]]:
     """Read and validate a manifest.
 
@@ -107,6 +115,9 @@ def read_manifest(
     data_root
         When given, every image and mask must resolve inside this folder (symbolic links
         followed): a row pointing elsewhere is a ``path_outside_data_root`` problem.
+    for_segmentation
+        Read for ``myelofed site segment``: a row whose mask is empty or ``auto`` is a case to
+        segment (``mask`` None), and labels and covariates are not read (NaN, none).
 
     Returns
     -------
@@ -166,13 +177,34 @@ def read_manifest(
             problem(SkipReason.MISSING_FIELD, f"row {row_number} has {len(row[_EXTRA])} more "
                     "field(s) than the header (an unquoted comma?)")
             continue
-        empty = [c for c in ("image", "mask") if not row.get(c)]
-        if empty:
-            problem(SkipReason.MISSING_FIELD, f"empty {', '.join(empty)}")
+        no_mask = row.get("mask", "") in ("", AUTO_MASK)
+        if not row.get("image"):
+            problem(SkipReason.MISSING_FIELD, "empty image")
             continue
-        unusable = [c for c in ("image", "mask") if "\x00" in row[c]]
+        if no_mask and not for_segmentation:
+            problem(SkipReason.MISSING_FIELD,
+                    f"no mask ({'empty' if not row.get('mask') else AUTO_MASK!r}): make one "
+                    "with 'myelofed site segment', whose manifest names it")
+            continue
+        paths = ("image",) if no_mask else ("image", "mask")
+        unusable = [c for c in paths if "\x00" in row[c]]
         if unusable:
             problem(SkipReason.FILE_MISSING, f"{', '.join(unusable)}: the path holds a NUL byte")
+            continue
+        if for_segmentation:
+            image = (base / row["image"]).resolve()
+            mask = None if no_mask else (base / row["mask"]).resolve()
+            outside = [f"{c} '{row[c]}' resolves to {p}" for c, p in (("image", image),
+                                                                    ("mask", mask))
+                       if p is not None and root is not None and not p.is_relative_to(root)]
+            if outside:
+                problem(SkipReason.PATH_OUTSIDE_DATA_ROOT,
+                        f"{'; '.join(outside)}, outside the site's data_root {root}")
+                continue
+            batch = (row.get(protocol.batch_column or "", "") if has_batch else "") or default_batch
+            cases.append(CaseSpec(case_id, row_number, image, mask, float("nan"), batch,
+                                  roi=row.get("roi") or None,
+                                  series_uid=row.get("series_uid") or None))
             continue
         if not row.get(label_col):
             problem(SkipReason.LABEL_MISSING, f"no value in label column '{label_col}'")

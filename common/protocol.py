@@ -583,6 +583,57 @@ class CnnSpec(_Frozen):
         return self
 
 
+class SegmentationSpec(_Frozen):
+    """The segmentation network (issue 17): a MONAI 3D network that labels the ROI
+    (``ingestion.roi_label``) and, where the protocol normalizes by it, the reference tissue
+    (``normalization.reference_label``), so that a case without a hand-drawn mask can join.
+
+    Its input needs no mask: the image resampled to ``spacing_mm`` (x, y, z; ``None``: the
+    protocol's resampling spacing, with its ``in_plane_only``) and its intensities scaled without
+    one (:mod:`client.segment.inputs`). Training samples ``patches_per_case`` patches of
+    ``patch_size`` (x, y, z voxels) a case and epoch, balanced between the labels, with flips,
+    small rotations and intensity/contrast changes (``augment``); MONAI's Dice + cross-entropy
+    loss; inference slides the patch over the whole image. ``dynunet`` is MONAI's DynUNet in
+    nnU-Net's configuration (kernels and strides from the spacing); ``unet`` and ``segresnet``
+    MONAI's UNet and SegResNet, ``channels`` their feature maps per level.
+
+    Quality control of a mask the network makes: a label whose volume lies outside the range
+    of the training masks widened by ``volume_margin`` (a share of it, each side), or whose
+    voxels lie for more than ``max_fragment_share`` outside its largest components (as many as
+    the training masks had), is named and the case not used."""
+    architecture: Literal["unet", "dynunet", "segresnet"] = "unet"
+    channels: tuple[int, ...] = Field((8, 16, 32, 64), min_length=2, max_length=6)
+    spacing_mm: tuple[Millimetres, Millimetres, Millimetres] | None = None
+    patch_size: tuple[CropEdge, CropEdge, CropEdge] = Field(
+        (64, 64, 16), description="(x, y, z) voxels; each a multiple of 2^(levels - 1).")
+    rounds: int = Field(10, ge=1, le=500)
+    local_epochs: int = Field(1, ge=1, le=100)
+    patches_per_case: int = Field(4, ge=1, le=64)
+    batch_size: int = Field(4, ge=1, le=256)
+    learning_rate: float = Field(1e-3, gt=0, le=10, allow_inf_nan=False)
+    aggregator: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0, le=100, allow_inf_nan=False)
+    augment: bool = True
+    volume_margin: float = Field(0.5, ge=0, le=10, allow_inf_nan=False)
+    max_fragment_share: float = Field(0.1, gt=0, le=1, allow_inf_nan=False)
+
+    @property
+    def levels(self) -> int:
+        """Resolution levels of the network (one per entry of ``channels``)."""
+        return len(self.channels)
+
+    @model_validator(mode="after")
+    def _check(self) -> SegmentationSpec:
+        step = 2 ** (self.levels - 1)
+        bad = [edge for edge in self.patch_size if edge % step]
+        if bad:
+            raise ValueError(f"patch_size {list(self.patch_size)}: every edge must be a multiple "
+                             f"of {step} (2^(levels - 1) for {self.levels} levels of channels)")
+        if any(c < 1 or c > 512 for c in self.channels):
+            raise ValueError("channels: each level has 1 to 512 feature maps")
+        return self
+
+
 class StudyProtocol(_Frozen):
     """The whole study protocol. Unknown fields are refused (a typo is an error, not a default)."""
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -603,6 +654,8 @@ class StudyProtocol(_Frozen):
     model: ModelSpec = ModelSpec()
     validation: ValidationSpec = ValidationSpec()
     cnn: CnnSpec | None = Field(None, description="The CNN phase; absent = radiomics only.")
+    segmentation: SegmentationSpec | None = Field(
+        None, description="The segmentation network; absent = every case brings its mask.")
 
     @field_validator("batch_column", mode="before")
     @classmethod

@@ -1,0 +1,176 @@
+"""A site's segmentation work on its own cases: training the network on the cases that have a
+mask, checking it on held-out ones, and segmenting the cases that have none. Every image, mask
+and per-case figure stays at the site; a model file holds the weights and the training masks'
+volume range and part counts (no case's)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from client.limits import Budget
+from client.loading import load_case, read_image
+from client.manifest import CaseSpec
+from client.segment.inputs import network_classes, network_input, network_spacing, to_source
+from client.segment.network import (
+    EpochsResult,
+    TrainingCase,
+    class_probabilities,
+    seed_of,
+    train_epochs,
+)
+from client.segment.quality import LabelShape, agreement, label_shapes, quality_problems
+from common.errors import CaseError, SkipReason
+from common.protocol import Modality, StudyProtocol
+from common.segmenter import (
+    SegmenterHeader,
+    SegmenterLabels,
+    build_segmenter,
+    segmentation_spec,
+)
+
+log = logging.getLogger("myelofed.site")
+
+
+@dataclass
+class LoadedCases:
+    """A site's cases with masks, as the network trains on them: per case id, its input and
+    classes, and each label's shape in the mask as drawn (on the case's own grid); the cases
+    that could not be read, with the reason."""
+
+    cases: dict[str, TrainingCase] = field(default_factory=dict)
+    shapes: dict[str, dict[int, LabelShape]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def load_training(cases: Sequence[CaseSpec], protocol: StudyProtocol, budget: Budget | int
+                  ) -> LoadedCases:
+    """Read each case with a mask (images and masks as the radiomics read them: DICOM, SEG,
+    RTSTRUCT or NIfTI) into the network's input and classes. A case that fails is skipped,
+    named with its reason; the others go on. A mask that lacks one of the network's labels is
+    skipped too (it would teach the network that label is absent)."""
+    labels = SegmenterLabels.of(protocol)
+    spacing = network_spacing(protocol)
+    out = LoadedCases()
+    for case in cases:
+        if case.mask is None:
+            continue
+        try:
+            volume = load_case(case, protocol, budget)
+            shapes = label_shapes(volume.labels, labels)
+            absent = [f"{v} ({n})" for v, n in zip(labels.values, labels.names, strict=True)
+                      if shapes[v].volume_ml == 0]
+            if absent:
+                raise CaseError(SkipReason.ROI_NOT_FOUND,
+                                f"the mask has no voxel of label {', '.join(absent)}")
+            item = network_input(volume.image, spacing, protocol.modality, budget)
+            out.cases[case.case_id] = TrainingCase(
+                item.values, network_classes(volume.labels, item.grid, labels))
+            out.shapes[case.case_id] = shapes
+        except CaseError as exc:
+            out.skipped[case.case_id] = f"{exc.reason.value}: {exc.detail}"
+        except Exception as exc:  # a bug or an unforeseen file: skip the case, keep the others
+            out.skipped[case.case_id] = (f"{SkipReason.INTERNAL_ERROR.value}: "
+                                         f"{type(exc).__name__}: {exc}")
+    for case_id, reason in out.skipped.items():
+        log.warning("segmentation: case '%s' skipped: %s", case_id, reason)
+    return out
+
+
+def header_of(protocol: StudyProtocol, shapes: Sequence[dict[int, LabelShape]],
+              trained_on: dict[str, object]) -> SegmenterHeader:
+    """A model file's header for a network trained under ``protocol`` on masks of these
+    ``shapes``: each label's smallest and largest volume, and its most parts."""
+    labels = SegmenterLabels.of(protocol)
+    spec = segmentation_spec(protocol)
+    volume = {str(v): (min(s[v].volume_ml for s in shapes), max(s[v].volume_ml for s in shapes))
+              for v in labels.values}
+    parts = {str(v): max(s[v].parts for s in shapes) for v in labels.values}
+    return SegmenterHeader(spec=spec.model_dump(mode="json"), modality=protocol.modality.value,
+                           labels=labels, spacing_zyx=network_spacing(protocol),
+                           volume_ml=volume, parts=parts, trained_on=trained_on,
+                           protocol_hash=protocol.content_hash())
+
+
+def train_alone(protocol: StudyProtocol, training: Sequence[TrainingCase], *, seed: int,
+                site_name: str, device: torch.device, epochs: int | None = None
+                ) -> tuple[torch.nn.Module, EpochsResult]:
+    """The network trained on this site's cases alone: from the study seed's initial weights,
+    ``rounds x local_epochs`` epochs (the federation's budget of epochs) unless ``epochs``."""
+    spec = segmentation_spec(protocol)
+    labels = SegmenterLabels.of(protocol)
+    network = build_segmenter(spec, labels.n_classes, network_spacing(protocol), seed=seed)
+    result = train_epochs(network, training, spec, labels.n_classes,
+                          epochs=epochs or spec.rounds * spec.local_epochs,
+                          seed=seed_of(seed, site_name, "alone"), device=device,
+                          proximal_mu=0.0)
+    return network, result
+
+
+def segment_image(image: sitk.Image, header: SegmenterHeader, network: torch.nn.Module,
+                  budget: Budget | int, device: torch.device) -> sitk.Image:
+    """The network's mask of one image, on the image's grid (label values as the study's)."""
+    item = network_input(image, header.spacing_zyx, Modality(header.modality), budget)
+    probabilities = class_probabilities(network, item.values, header.segmentation, device)
+    return to_source(probabilities, item, header.labels, budget)
+
+
+@dataclass(frozen=True)
+class Segmented:
+    """One case segmented: its mask (None when it could not be made), what quality control
+    found (empty: the mask may be used) and, where the case has a reference mask, the
+    agreement per label value (Dice, HD95 mm)."""
+
+    case_id: str
+    mask: sitk.Image | None
+    problems: tuple[str, ...]
+    agreement: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+
+def segment_case(case: CaseSpec, protocol: StudyProtocol, header: SegmenterHeader,
+                 network: torch.nn.Module, budget: Budget | int, device: torch.device,
+                 compare: bool = False) -> Segmented:
+    """Segment one case; check the mask (:func:`quality_problems`); with ``compare`` and a
+    mask in the manifest, measure the agreement with it. A case that cannot be read or
+    segmented comes back with its reason as the problem, never raised."""
+    try:
+        image = read_image(case, protocol, budget)
+        mask = segment_image(image, header, network, budget, device)
+    except CaseError as exc:
+        return Segmented(case.case_id, None, (f"{exc.reason.value}: {exc.detail}",))
+    except Exception as exc:  # a bug or an unforeseen file: skip the case, keep the others
+        return Segmented(case.case_id, None, (f"{SkipReason.INTERNAL_ERROR.value}: "
+                                              f"{type(exc).__name__}: {exc}",))
+    problems = tuple(quality_problems(mask, header.labels, header.segmentation,
+                                      header.volume_ml, header.parts))
+    measured: dict[int, tuple[float, float]] = {}
+    if compare and case.mask is not None:
+        try:
+            truth = load_case(case, protocol, budget).labels
+            measured = agreement(mask, truth, header.labels)
+        except CaseError as exc:
+            log.warning("segmentation: case '%s' has no usable reference mask: %s",
+                        case.case_id, exc.detail)
+    return Segmented(case.case_id, mask, problems, measured)
+
+
+def label_columns(header: SegmenterHeader) -> list[tuple[int, str]]:
+    """(value, column stem) per label, e.g. (1, 'label_1')."""
+    return [(v, f"label_{v}") for v in header.labels.values]
+
+
+def dice_table(results: Sequence[Segmented], header: SegmenterHeader) -> dict[str, np.ndarray]:
+    """Per label column stem, the per-case Dice and HD95 of the compared cases (NaN where a
+    case has no agreement)."""
+    out = {}
+    for value, stem in label_columns(header):
+        out[f"{stem}_dice"] = np.array([r.agreement.get(value, (np.nan, np.nan))[0]
+                                        for r in results], dtype=float)
+        out[f"{stem}_hd95"] = np.array([r.agreement.get(value, (np.nan, np.nan))[1]
+                                        for r in results], dtype=float)
+    return out
