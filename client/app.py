@@ -37,6 +37,7 @@ from client.phases import handshake
 from client.workspace import feature_width, resolve_site
 from common.errors import ConfigError, MyeloFedError
 from common.messages import (
+    SEGMENTATION,
     STUDY_RECORD,
     EvaluateRequest,
     MessageType,
@@ -336,6 +337,11 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
 
         site, study = site_of(context), study_of(msg)
         protocol = study.protocol()
+        if study.phase == SEGMENTATION:
+            from client.phases import segmentation  # torch and MONAI: see _prepare
+
+            metrics, weights = segmentation.train(site, protocol, study, global_weights(msg))
+            return cnn_reply(msg, site.site_name, protocol, metrics, weights)
         metrics, result = cnn.train(site, protocol, study, global_weights(msg))
         assert protocol.cnn is not None  # cnn.train refuses a protocol without a CNN
         return cnn_reply(msg, site.site_name, protocol, metrics,
@@ -348,6 +354,11 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
 
         site, study = site_of(context), study_of(msg)
         protocol = study.protocol()
+        if study.phase == SEGMENTATION:
+            from client.phases import segmentation  # torch and MONAI: see _prepare
+
+            return cnn_reply(msg, site.site_name, protocol, segmentation.evaluate(
+                site, protocol, study, global_weights(msg)))
         metrics = cnn.evaluate(site, protocol, study, global_weights(msg))
         return cnn_reply(msg, site.site_name, protocol, metrics)
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from common.errors import MyeloFedError
-from common.messages import STUDY_RECORD, MessageType, StudyConfig
+from common.messages import SEGMENTATION, STUDY_RECORD, MessageType, StudyConfig
 from common.metrics.survival import MAX_RISK_GROUPS, RISK_GROUPS
 from common.metrics.tables import (
     CLASSIFICATION_KEYS,
@@ -149,7 +149,10 @@ def check_reply(message_type: str, request: Records, content: Records,
     except ValueError:
         raise PrivacyGuardError(f"no schema for a reply to '{message_type}'") from None
     if kind in (MessageType.TRAIN, MessageType.EVALUATE):
-        _check_cnn(kind, request, content)
+        phase = (StudyConfig.from_mapping(dict(request[STUDY_RECORD])).phase
+                 if STUDY_RECORD in request else None)
+        _check_cnn(kind, request, content, segmentation_metric_names(kind, protocol())
+                   if phase == SEGMENTATION else cnn_metric_names(kind))
         return
     schema = PAYLOADS[kind]
     expected = {f"{name}.{part}" if name else part for name in schema
@@ -341,14 +344,28 @@ def cnn_metric_names(kind: str) -> frozenset[str]:
                       "test_auc_low", "test_auc_high", "test_r_low", "test_r_high"})
 
 
-def _check_cnn(kind: str, request: Records, content: Records) -> None:
-    """A CNN reply: named scalar metrics, the site record and (train) the weights it was sent,
-    name for name, with their shapes."""
+def segmentation_metric_names(kind: str, protocol: StudyProtocol) -> frozenset[str]:
+    """The scalar metrics a segmentation reply may carry (``train``: the loss and the sums of
+    the training masks' shapes; ``evaluate``: per label, Dice and HD95 with their CIs)."""
+    # deferred: torch and MONAI, loaded only by the replies of the network's phases
+    from common.segmenter import SegmenterLabels, shape_sum_names
+
+    labels = SegmenterLabels.of(protocol)
+    if kind == "train":
+        return frozenset({"num-examples", "train_loss", "train_seconds",
+                          *shape_sum_names(labels)})
+    return frozenset({"num-examples", "test_n", "auto_n", "auto_used",
+                      *(f"label_{v}_{m}{s}" for v in labels.values for m in ("dice", "hd95")
+                        for s in ("", "_low", "_high"))})
+
+
+def _check_cnn(kind: str, request: Records, content: Records, names: frozenset[str]) -> None:
+    """A CNN or segmentation reply: the scalar metrics ``names`` allows, the site record and
+    (train) the weights it was sent, name for name, with their shapes."""
     allowed = {"metrics", "site"} | ({"arrays"} if kind == "train" else set())
     if not set(content.keys()) <= allowed or "metrics" not in content:
         raise PrivacyGuardError(f"a '{kind}' reply holds {sorted(content.keys())}, not "
                                 f"{sorted(allowed)}")
-    names = cnn_metric_names(kind)
     for key, value in content["metrics"].items():
         if key not in names:
             raise PrivacyGuardError(f"metric '{key}' is not one a '{kind}' reply may carry")

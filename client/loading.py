@@ -208,6 +208,8 @@ def read_mask(
     reference or series is refused (``mask_mismatch``).
     """
     path = case.mask
+    if path is None:
+        raise CaseError(SkipReason.MISSING_FIELD, f"case '{case.case_id}' has no mask yet")
     if not path.exists():
         raise CaseError(SkipReason.FILE_MISSING, f"mask '{path}' does not exist")
     if path.is_dir():

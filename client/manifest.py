@@ -19,8 +19,10 @@ from __future__ import annotations
 import csv
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from common.errors import ConfigError, SkipReason
 from common.protocol import StudyProtocol, TaskKind
@@ -32,7 +34,8 @@ REQUIRED_COLUMNS = ("case_id", "image", "mask")
 class CaseSpec:
     """One usable manifest row, with its label and covariates already typed (``event``: a
     survival task's 1 or 0, None for the other tasks). ``mask`` is None only for a case to
-    segment (read ``for_segmentation``), whose label is then NaN."""
+    segment (read ``for_segmentation``, whose label is then NaN, or ``auto_masks="pending"``);
+    ``auto_mask`` says the mask is one the segmentation network made."""
 
     case_id: str
     row: int
@@ -44,6 +47,7 @@ class CaseSpec:
     series_uid: str | None = None
     covariates: dict[str, str | float] = field(default_factory=dict)
     event: float | None = None
+    auto_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ AUTO_MASK = "auto"
 def read_manifest(
     path: Path, protocol: StudyProtocol, default_batch: str, data_root: Path | None = None,
     for_segmentation: bool = False,
+    auto_masks: Mapping[str, Path | str] | Literal["pending"] | None = None,
 ) -> tuple[list[CaseSpec], list[RowProblem]]:
     """Read and validate a manifest.
 
@@ -118,6 +123,11 @@ def read_manifest(
     for_segmentation
         Read for ``myelofed site segment``: a row whose mask is empty or ``auto`` is a case to
         segment (``mask`` None), and labels and covariates are not read (NaN, none).
+    auto_masks
+        A study with a segmentation network: for a row without a mask, the mask the network
+        made (a path; the case is marked ``auto_mask``) or why it made none (a text: the row
+        is a ``missing_field`` problem naming it). ``"pending"``: the network has not run
+        yet, and such a row is a case whose ``mask`` is None (labels read, for the counts).
 
     Returns
     -------
@@ -181,10 +191,18 @@ def read_manifest(
         if not row.get("image"):
             problem(SkipReason.MISSING_FIELD, "empty image")
             continue
-        if no_mask and not for_segmentation:
+        made = (auto_masks.get(case_id) if no_mask and isinstance(auto_masks, Mapping)
+                else None)
+        if isinstance(made, str):
+            problem(SkipReason.MISSING_FIELD, f"no mask, and the study's segmentation network "
+                    f"made no usable one: {made}")
+            continue
+        if no_mask and made is None and not for_segmentation and auto_masks != "pending":
             problem(SkipReason.MISSING_FIELD,
                     f"no mask ({'empty' if not row.get('mask') else AUTO_MASK!r}): make one "
-                    "with 'myelofed site segment', whose manifest names it")
+                    "with 'myelofed site segment', whose manifest names it"
+                    + (", or add a segmentation section to the study protocol"
+                       if auto_masks is None else ""))
             continue
         paths = ("image",) if no_mask else ("image", "mask")
         unusable = [c for c in paths if "\x00" in row[c]]
@@ -248,9 +266,14 @@ def read_manifest(
             if not batch:
                 problem(SkipReason.MISSING_FIELD, f"empty batch column '{protocol.batch_column}'")
                 continue
-        image, mask = (base / row["image"]).resolve(), (base / row["mask"]).resolve()
-        outside = [f"{c} '{row[c]}' resolves to {p}" for c, p in (("image", image), ("mask", mask))
-                   if root is not None and not p.is_relative_to(root)]
+        image = (base / row["image"]).resolve()
+        mask = made if isinstance(made, Path) else (
+            None if no_mask else (base / row["mask"]).resolve())
+        # (a mask the network made lies in the site's work folder, not under its data root)
+        checked = (("image", image),) if isinstance(made, Path) else (("image", image),
+                                                                      ("mask", mask))
+        outside = [f"{c} '{row[c]}' resolves to {p}" for c, p in checked
+                   if p is not None and root is not None and not p.is_relative_to(root)]
         if outside:
             problem(SkipReason.PATH_OUTSIDE_DATA_ROOT,
                     f"{'; '.join(outside)}, outside the site's data_root {root}")
@@ -267,6 +290,7 @@ def read_manifest(
                 series_uid=row.get("series_uid") or None,
                 covariates=covariates,
                 event=event,
+                auto_mask=isinstance(made, Path),
             )
         )
     return cases, problems

@@ -56,6 +56,9 @@ class MessageType(str, enum.Enum):
         return self.value
 
 
+#: ``StudyConfig.phase`` of the segmentation network's train and evaluate messages.
+SEGMENTATION = "segmentation"
+
 #: The record every message carries its study settings in (also Flower's strategies'
 #: ``configrecord_key``).
 STUDY_RECORD = "study"
@@ -73,7 +76,10 @@ class StudyConfig:
     radiomics models a nomogram request carries;
     ``server_round`` is set by Flower's strategy in CNN rounds; ``image_standard`` is the
     study's standard landmarks as JSON (:class:`harmonization.images.ImageStandard`), which a
-    protocol with histogram standardization prepares with.
+    protocol with histogram standardization prepares with. ``phase`` names the phase a
+    ``train`` or ``evaluate`` message is for (:data:`SEGMENTATION`; absent: the CNN's), and
+    ``segmenter`` is the segmentation network's model header as JSON
+    (:class:`common.segmenter.SegmenterHeader`), which its final evaluation checks masks by.
     """
 
     protocol_json: str
@@ -90,6 +96,8 @@ class StudyConfig:
     server_round: int | None = None
     image_standard: str | None = None
     site_update: bool | None = None
+    phase: str | None = None
+    segmenter: str | None = None
 
     @classmethod
     def of(cls, protocol: StudyProtocol, **settings: Any) -> StudyConfig:
@@ -151,7 +159,8 @@ class StudyConfig:
                 radiomics=get("radiomics", int), threshold=get("threshold", float),
                 server_round=get("server_round", int),
                 image_standard=get("image_standard", str),
-                site_update=get("site_update", bool))
+                site_update=get("site_update", bool), phase=get("phase", str),
+                segmenter=get("segmenter", str))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError("study settings of a message", [f"malformed: {exc!r}"]) from None
 

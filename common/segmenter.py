@@ -76,6 +76,20 @@ def segmentation_spec(protocol: StudyProtocol) -> SegmentationSpec:
     return protocol.segmentation
 
 
+def network_spacing(protocol: StudyProtocol) -> tuple[float, float, float]:
+    """The network's voxel spacing, (z, y, x) mm: ``segmentation.spacing_mm``, else the
+    protocol's resampling spacing (its z too, even where the radiomics keep the slices)."""
+    spec = segmentation_spec(protocol)
+    xyz = spec.spacing_mm
+    if xyz is None and protocol.standardization.resample is not None:
+        xyz = protocol.standardization.resample.spacing_mm
+    if xyz is None:
+        raise ConfigError("study protocol", [
+            "segmentation.spacing_mm: set it; the protocol has no resampling spacing to "
+            "segment on"])
+    return (float(xyz[2]), float(xyz[1]), float(xyz[0]))
+
+
 def dynunet_layout(spacing_zyx: tuple[float, float, float], levels: int
                    ) -> tuple[list[list[int]], list[list[int]]]:
     """nnU-Net's kernels and strides (array order z, y, x) for ``levels`` levels: an axis is
@@ -134,14 +148,48 @@ def build_segmenter(spec: SegmentationSpec, n_classes: int,
     return model
 
 
+#: A label's volume range in a model file: the training masks' mean +/- this many SDs (from
+#: sums, which is all a federated study gets: no one case's volume leaves its site).
+VOLUME_SDS = 3.0
+
+
+def shape_sum_names(labels: SegmenterLabels) -> tuple[str, ...]:
+    """The sums a site sends of its training masks' shapes: the count of masks, and per label
+    the sum and the sum of squares of the volume (ml) and the sum of the parts."""
+    return ("masks", *(f"label_{v}_{part}" for v in labels.values
+                       for part in ("volume_sum", "volume_sumsq", "parts_sum")))
+
+
+def header_from_sums(protocol: StudyProtocol, sums: Mapping[str, float],
+                     trained_on: dict[str, Any]) -> SegmenterHeader:
+    """A model file's header for a network trained under ``protocol`` on masks whose shapes
+    summed to ``sums`` (:func:`shape_sum_names`, added over sites): each label's volume range
+    is the mean +/- :data:`VOLUME_SDS` SDs (from 0), its parts the rounded mean count."""
+    labels = SegmenterLabels.of(protocol)
+    n = float(sums["masks"])
+    if not n >= 2:
+        raise ModelError("fewer than 2 training masks: no volume range to check masks by")
+    volume, parts = {}, {}
+    for v in labels.values:
+        mean = sums[f"label_{v}_volume_sum"] / n
+        var = max(sums[f"label_{v}_volume_sumsq"] / n - mean * mean, 0.0) * n / (n - 1)
+        sd = float(np.sqrt(var))
+        volume[str(v)] = (max(mean - VOLUME_SDS * sd, 0.0), mean + VOLUME_SDS * sd)
+        parts[str(v)] = max(int(round(sums[f"label_{v}_parts_sum"] / n)), 1)
+    return SegmenterHeader(spec=segmentation_spec(protocol).model_dump(mode="json"),
+                           modality=protocol.modality.value, labels=labels,
+                           spacing_zyx=network_spacing(protocol), volume_ml=volume, parts=parts,
+                           trained_on=trained_on, protocol_hash=protocol.content_hash())
+
+
 @dataclass(frozen=True)
 class SegmenterHeader:
     """What a model file says about its network (see the module docstring).
 
-    ``volume_ml`` and ``parts`` are per label value (as a string, JSON's keys): the smallest
-    and largest volume of that label among the training masks, and the most connected parts it
-    had in one of them. ``trained_on`` names the sites and counts the cases (nothing about any
-    one case)."""
+    ``volume_ml`` and ``parts`` are per label value (as a string, JSON's keys): the range of
+    that label's volume the training masks make plausible, and its usual number of connected
+    parts (:func:`header_from_sums`). ``trained_on`` names the sites and counts the cases
+    (nothing about any one case)."""
 
     spec: dict[str, Any]
     modality: str

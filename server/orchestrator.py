@@ -1,4 +1,5 @@
-"""The study, phase by phase, independent of Flower: the handshake, the local preparation,
+"""The study, phase by phase, independent of Flower: the handshake, the segmentation network
+(when the protocol has one), the local preparation,
 federated ComBat, the radiomics model and the nomogram, the CNN (each in :mod:`server.phases`),
 with the validation inside each; ``study.json`` says how it ended and ``checkpoint.json`` how
 far it got, so a restarted coordinator resumes it. Every run ends by writing the multicentre
@@ -18,6 +19,7 @@ from server.phases.images import run_images
 from server.phases.nomogram import run_nomogram
 from server.phases.prepare import PrepareSummary, load_prepare, run_prepare, training_prevalence
 from server.phases.radiomics import run_model
+from server.phases.segmentation import run_segmentation
 from server.report import write_report
 from server.rounds import Transport
 from server.study import Progress, StudySettings, StudyStopped, open_checkpoint
@@ -50,6 +52,16 @@ def run_study(transport: Transport, settings: StudySettings, progress: Progress)
         nodes = {n: s for n, s in summary.nodes.items() if s not in summary.excluded}
         progress(f"handshake: {len(nodes)} site(s) go on"
                  + (f", excluded {summary.excluded}" if summary.excluded else ""))
+        segmentation = settings.protocol.segmentation
+        if settings.runs("segmentation") and segmentation is not None:
+            if checkpoint.finished("segmentation"):
+                progress("segmentation network: done before the restart")
+            else:
+                progress(f"segmentation network: {segmentation.architecture}, "
+                         f"{segmentation.rounds} rounds of {segmentation.aggregator}")
+                atomic_write_json(settings.out_dir / "segmentation.json", run_segmentation(
+                    transport, nodes, settings, progress, checkpoint))
+                checkpoint.finish(settings.out_dir, "segmentation")
         if settings.runs("prepare"):
             if checkpoint.finished("prepare"):
                 prepared = load_prepare(settings.out_dir)

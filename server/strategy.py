@@ -93,17 +93,27 @@ class PerSite:
     :func:`cnn_strategy`): per-site records of every round, updates checked before they are
     averaged, a checkpoint after every round.
 
-    With ``offset`` k (a study restarted after CNN round k), Flower's rounds 1, 2, ... are the
-    study's rounds k + 1, k + 2, ... (what the sites are told, and what is recorded), and the
-    records of rounds 1..k come from ``saved`` (``cnn_progress.json``)."""
+    With ``offset`` k (a study restarted after round k of the phase), Flower's rounds 1, 2, ...
+    are the study's rounds k + 1, k + 2, ... (what the sites are told, and what is recorded),
+    and the records of rounds 1..k come from ``saved`` (``<phase>_progress.json``).
+
+    ``phase`` is the network's: ``"cnn"`` or ``"segmentation"`` (its checkpoints under
+    ``out-dir/<phase>``; the weights' precision on the wire and local DP are the CNN's)."""
 
     def __init__(self, *, settings: StudySettings, nodes: dict[int, str], progress: Progress,
                  expected: Mapping[str, np.ndarray], checkpoint: Checkpoint | None,
-                 saved: Mapping[str, Any], **options: Any) -> None:
+                 saved: Mapping[str, Any], phase: str = "cnn", **options: Any) -> None:
         super().__init__(**options)
         self.settings, self.nodes, self.progress, self.checkpoint = (
             settings, nodes, progress, checkpoint)
-        self.offset = checkpoint.cnn_round if checkpoint is not None else 0
+        self.phase = phase
+        self.title = "CNN" if phase == "cnn" else phase.capitalize()
+        spec = settings.protocol.cnn if phase == "cnn" else settings.protocol.segmentation
+        assert spec is not None  # a network's phase runs only with its section in the protocol
+        self.rounds = spec.rounds
+        self.local_dp = settings.protocol.cnn.local_dp if settings.protocol.cnn and phase == (
+            "cnn") else None
+        self.offset = checkpoint.rounds_of(phase) if checkpoint is not None else 0
         self.history: dict[int, dict[str, dict[str, float | None]]] = {
             int(r): sites for r, sites in saved.get("history", {}).items()}
         self.failed: dict[str, str] = dict(saved.get("failed", {}))  # a malformed update's site
@@ -114,10 +124,11 @@ class PerSite:
         self.asked: dict[int, set[str]] = {}
         #: the network's arrays as they travel (``cnn.transfer``): an aggregate may change a
         #: dtype, a site's reply may not
-        self.transfer = settings.protocol.cnn.transfer if settings.protocol.cnn else "float32"
+        self.transfer = (settings.protocol.cnn.transfer if settings.protocol.cnn and phase == "cnn"
+                         else "float32")
         self.shapes = {k: (tuple(a.shape), str(a.dtype))
                        for k, a in to_wire(expected, self.transfer).items()}
-        self.checkpoints = settings.out_dir / "cnn"
+        self.checkpoints = settings.out_dir / phase
         self.protocol_hash = settings.protocol.content_hash()
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
@@ -137,12 +148,10 @@ class PerSite:
         self.left_out.append({"round": server_round, "site": site, "kind": kind,
                               "reason": reason})
         if kind == "excluded":  # the first reason a site's update was refused is kept
-            self.failed.setdefault(site, f"CNN round {server_round}: {reason}")
+            self.failed.setdefault(site, f"{self.title} round {server_round}: {reason}")
 
     def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
         server_round += self.offset
-        spec = self.settings.protocol.cnn
-        assert spec is not None  # a CNN phase runs only with a CNN in the protocol
         good, answered, orphans = [], set(), []
         for reply in replies:
             site = self.nodes.get(reply.metadata.src_node_id)
@@ -153,7 +162,7 @@ class PerSite:
             if reply.has_error():  # a site that dropped out: asked again next round
                 self.leave_out(server_round, site, "dropped", error_text(reply))
                 continue
-            bad = bad_update(reply, self.shapes, self.protocol_hash, spec.local_dp)
+            bad = bad_update(reply, self.shapes, self.protocol_hash, self.local_dp)
             if bad:
                 self.leave_out(server_round, site, "excluded", bad)
                 continue
@@ -173,7 +182,8 @@ class PerSite:
         if arrays is not None:
             self.save(server_round, arrays)
         out = [e for e in self.left_out if e["round"] == server_round]
-        self.progress(f"  CNN round {server_round}/{spec.rounds}: {len(good)} site(s) trained"
+        self.progress(f"  {self.title} round {server_round}/{self.rounds}: {len(good)} site(s) "
+                      "trained"
                       + "".join(f", {s} loss {m['train_loss'] or float('nan'):.3f}"
                                 for s, m in sorted(self.history.get(server_round, {}).items()))
                       + "".join(f"; {e['site']} {e['kind']}: {e['reason']}" for e in out))
@@ -188,9 +198,9 @@ class PerSite:
         if moments:
             atomic_write_npz(self.checkpoints / OPTIMIZER_FILE,
                         moments | {"round": np.array(server_round)})
-        atomic_write_json(self.settings.out_dir / "cnn_progress.json", self.records())
+        atomic_write_json(self.settings.out_dir / f"{self.phase}_progress.json", self.records())
         if self.checkpoint is not None:
-            self.checkpoint.cnn_round = server_round
+            self.checkpoint.set_rounds(self.phase, server_round)
             self.checkpoint.save(self.settings.out_dir)
 
     def moments(self) -> dict[str, np.ndarray]:
@@ -224,13 +234,15 @@ def sum_counts(records: list[RecordDict], weighting_metric_name: str) -> MetricR
 
 
 def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Progress,
-                 expected: Mapping[str, np.ndarray], checkpoint: Checkpoint | None = None
-                 ) -> PerSite:
-    """The protocol's aggregator as one of Flower's strategies with the study's extension
-    (:class:`PerSite`). With a ``checkpoint`` after CNN round k, the records of rounds 1..k are
-    read back from ``cnn_progress.json`` and FedAdam's moments from ``cnn/optimizer.npz``."""
-    spec = settings.protocol.cnn
-    assert spec is not None  # a CNN phase runs only with a CNN in the protocol
+                 expected: Mapping[str, np.ndarray], checkpoint: Checkpoint | None = None,
+                 phase: str = "cnn") -> PerSite:
+    """The protocol's aggregator of a network's ``phase`` (the CNN's, or with ``phase =
+    "segmentation"`` the segmentation network's) as one of Flower's strategies with the study's
+    extension (:class:`PerSite`). With a ``checkpoint`` after round k of the phase, the records
+    of rounds 1..k are read back from ``<phase>_progress.json`` and FedAdam's moments from
+    ``<phase>/optimizer.npz``."""
+    spec = settings.protocol.cnn if phase == "cnn" else settings.protocol.segmentation
+    assert spec is not None  # a network's phase runs only with its section in the protocol
     base = getattr(flower, STRATEGIES[spec.aggregator])
     options: dict[str, object] = {"fraction_train": 1.0, "fraction_evaluate": 0.0,
                                   "min_train_nodes": settings.min_sites,
@@ -242,19 +254,20 @@ def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Progr
     if spec.aggregator == "fedprox":
         options["proximal_mu"] = spec.proximal_mu
     elif spec.aggregator == "trimmed_mean":
-        options["beta"] = spec.trim_fraction
+        options["beta"] = spec.trim_fraction  # type: ignore[union-attr]
     elif spec.aggregator == "krum":
-        options["num_malicious_nodes"] = spec.krum_byzantine
+        options["num_malicious_nodes"] = spec.krum_byzantine  # type: ignore[union-attr]
     elif spec.aggregator == "fedadam":
         options |= {"eta": spec.learning_rate * 10, "eta_l": spec.learning_rate}
-    offset = checkpoint.cnn_round if checkpoint is not None else 0
+    offset = checkpoint.rounds_of(phase) if checkpoint is not None else 0
     saved: dict[str, Any] = {}
     if offset:
-        saved = json.loads((settings.out_dir / "cnn_progress.json").read_text())
+        saved = json.loads((settings.out_dir / f"{phase}_progress.json").read_text())
     cls = type(f"PerSite{base.__name__}", (PerSite, base), {})
     strategy: PerSite = cls(settings=settings, nodes=nodes, progress=progress,
-                            expected=expected, checkpoint=checkpoint, saved=saved, **options)
-    optimizer = settings.out_dir / "cnn" / OPTIMIZER_FILE
+                            expected=expected, checkpoint=checkpoint, saved=saved, phase=phase,
+                            **options)
+    optimizer = settings.out_dir / phase / OPTIMIZER_FILE
     if offset and optimizer.is_file():
         with np.load(optimizer) as state:
             if int(state["round"]) != offset:

@@ -17,7 +17,7 @@ from common.protocol import StudyProtocol, load_protocol
 from common.provenance import atomic_write_json
 from harmonization.combat.design import CombatOptions
 
-PHASES = ("handshake", "prepare", "combat", "model", "cnn")
+PHASES = ("handshake", "segmentation", "prepare", "combat", "model", "cnn")
 #: Where a study says how it goes: a line per phase and round.
 Progress = Callable[[str], None]
 
@@ -115,7 +115,8 @@ def require_sites(replies: dict[str, Any], failed: dict[str, str], settings: Stu
 CHECKPOINT = "checkpoint.json"
 #: The files a study writes in its out-dir (a fresh start removes an earlier study's).
 STUDY_FILES = ("protocol.json", "handshake.json", "prepare.json", "combat.json", "model.json",
-               "nomogram.json", "cnn.json", "cnn_progress.json", "study.json", CHECKPOINT,
+               "nomogram.json", "cnn.json", "cnn_progress.json",
+               "segmentation.json", "segmentation_progress.json", "study.json", CHECKPOINT,
                "report.html", "report.json", "report.csv")
 #: Run-config keys that do not change a study's results (so a restart may differ in them).
 _OPERATIONAL = ("out-dir", "until", "timeout-s", "protocol")
@@ -137,6 +138,14 @@ class Checkpoint:
     key: str
     done: list[str] = field(default_factory=list)
     cnn_round: int = 0
+    segmentation_round: int = 0
+
+    def rounds_of(self, phase: str) -> int:
+        """The last saved round of a network's phase (``cnn`` or ``segmentation``)."""
+        return int(getattr(self, f"{phase}_round"))
+
+    def set_rounds(self, phase: str, done: int) -> None:
+        setattr(self, f"{phase}_round", done)
 
     def finished(self, phase: str) -> bool:
         return phase in self.done
@@ -166,7 +175,8 @@ def open_checkpoint(settings: StudySettings) -> tuple[Checkpoint, bool]:
             if (out / "study.json").exists() else None
         if saved.get("key") == key and status != "done":
             return Checkpoint(key, [str(p) for p in saved.get("done", [])],
-                              int(saved.get("cnn_round", 0))), True
+                              int(saved.get("cnn_round", 0)),
+                              int(saved.get("segmentation_round", 0))), True
     except (OSError, ValueError, TypeError, AttributeError):
         pass
     for name in STUDY_FILES:

@@ -27,8 +27,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from client.loading import load_case
-from client.manifest import CaseSpec, read_manifest
+from client.manifest import CaseSpec
 from client.pipeline import case_cache_key, features_cache_path
+from client.segment.masks import study_manifest
 from client.standardize import Volume, build_steps, standardize
 from client.volumes import load_volume, volume_path
 from client.workspace import PREPARED_FILE, load_image_standard, load_study_table, study_dir
@@ -226,8 +227,7 @@ def prepare_crops(site: SiteConfig, protocol: StudyProtocol) -> CropSet:
     if cached is not None:
         return cached
 
-    cases, _ = read_manifest(site.manifest, protocol, default_batch=site.site_name,
-                             data_root=site.data_root)
+    cases, _ = study_manifest(site, protocol)
     by_id = {case.case_id: case for case in cases}
     standard = load_image_standard(site, protocol)
     label_column = protocol.task.label_column

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from client.manifest import read_manifest
+from client.segment.masks import study_manifest
 from common.errors import ConfigError
 from common.payloads import HandshakeReply, format_counts, label_counts, released
 from common.protocol import protocol_from_mapping
@@ -27,8 +27,7 @@ def handshake(site: SiteConfig, protocol_json: str, protocol_hash: str) -> Hands
                       "the protocol received does not match its hash (altered in transit, or "
                       "another software version)")
     try:
-        cases, problems = read_manifest(site.manifest, protocol, default_batch=site.site_name,
-                                        data_root=site.data_root)
+        cases, problems = study_manifest(site, protocol)
     except ConfigError as exc:
         return refuse("manifest_unusable", exc.problems[0][:200] if exc.problems else "")
     # every count leaves as released() lets it: 0, at least min_patients, or suppressed

@@ -13,8 +13,8 @@ import numpy as np
 
 from client.folds import training_cases
 from client.ledger import release
-from client.manifest import read_manifest
 from client.pipeline import landmark_rows, run_cases
+from client.segment.masks import study_manifest
 from client.workspace import study_dir
 from common.protocol import StudyProtocol
 from common.site_config import SiteConfig
@@ -27,8 +27,7 @@ LANDMARKS_LEDGER = "landmarks"
 def image_landmarks(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction: float
                     ) -> ImageSums:
     """The sums of this site's training images' landmarks per scanner."""
-    cases, _ = read_manifest(site.manifest, protocol, default_batch=site.site_name,
-                             data_root=site.data_root)
+    cases, _ = study_manifest(site, protocol)
     training = training_cases(cases, protocol, seed, site.site_name, test_fraction)
     chosen = [c for c in cases if c.case_id in training]
     outcomes = run_cases(chosen, protocol, mode="landmarks", workers=site.n_workers,

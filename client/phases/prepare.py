@@ -9,9 +9,9 @@ from collections import Counter
 import numpy as np
 
 from client.folds import site_folds, split_state, training_cases
-from client.manifest import read_manifest
 from client.pipeline import features_table, run_cases
 from client.report import record_prepare
+from client.segment.masks import study_manifest
 from client.workspace import PREPARED_FILE, feature_columns, save_image_standard, study_dir
 from common.errors import MyeloFedError
 from common.payloads import (
@@ -31,8 +31,7 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
     """Ingest, standardize (onto the study's image ``standard``, with histogram
     standardization) and extract (cached), then split train/test: the split of the manifest's
     usable cases (:func:`client.folds.training_cases`), so it never changes across phases."""
-    cases, problems = read_manifest(site.manifest, protocol, default_batch=site.site_name,
-                                    data_root=site.data_root)
+    cases, problems = study_manifest(site, protocol)
     if standard is not None:
         save_image_standard(site, protocol, standard)
     outcomes = run_cases(cases, protocol, mode="extract", workers=site.n_workers,

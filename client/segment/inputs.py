@@ -28,9 +28,11 @@ import SimpleITK as sitk
 
 from client.limits import Budget, check_voxels
 from client.standardize import ibsi_grid
-from common.errors import ConfigError
-from common.protocol import Modality, StudyProtocol
-from common.segmenter import SegmenterLabels, segmentation_spec
+from common.protocol import Modality
+from common.segmenter import SegmenterLabels, network_spacing
+
+__all__ = ["NetworkInput", "network_classes", "network_input", "network_spacing",
+           "scale_intensities", "to_source"]
 
 #: CT's window, HU, mapped to 0-1.
 CT_WINDOW = (-1000.0, 2000.0)
@@ -38,20 +40,6 @@ CT_WINDOW = (-1000.0, 2000.0)
 PERCENTILES = (0.5, 99.5)
 #: Scaled intensities are clipped to this range.
 CLIP_LOW, CLIP_HIGH = -0.5, 1.5
-
-
-def network_spacing(protocol: StudyProtocol) -> tuple[float, float, float]:
-    """The network's voxel spacing, (z, y, x) mm: ``segmentation.spacing_mm``, else the
-    protocol's resampling spacing (its z too, even where the radiomics keep the slices)."""
-    spec = segmentation_spec(protocol)
-    xyz = spec.spacing_mm
-    if xyz is None and protocol.standardization.resample is not None:
-        xyz = protocol.standardization.resample.spacing_mm
-    if xyz is None:
-        raise ConfigError("study protocol", [
-            "segmentation.spacing_mm: set it; the protocol has no resampling spacing to "
-            "segment on"])
-    return (float(xyz[2]), float(xyz[1]), float(xyz[0]))
 
 
 @dataclass(frozen=True)

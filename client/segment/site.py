@@ -16,7 +16,7 @@ import torch
 from client.limits import Budget
 from client.loading import load_case, read_image
 from client.manifest import CaseSpec
-from client.segment.inputs import network_classes, network_input, network_spacing, to_source
+from client.segment.inputs import network_classes, network_input, to_source
 from client.segment.network import (
     EpochsResult,
     TrainingCase,
@@ -31,6 +31,8 @@ from common.segmenter import (
     SegmenterHeader,
     SegmenterLabels,
     build_segmenter,
+    header_from_sums,
+    network_spacing,
     segmentation_spec,
 )
 
@@ -82,19 +84,24 @@ def load_training(cases: Sequence[CaseSpec], protocol: StudyProtocol, budget: Bu
     return out
 
 
+def shape_sums(shapes: Sequence[dict[int, LabelShape]], labels: SegmenterLabels
+               ) -> dict[str, float]:
+    """The sums of :func:`common.segmenter.shape_sum_names` over these masks' shapes."""
+    sums = {"masks": float(len(shapes))}
+    for v in labels.values:
+        volumes = np.array([s[v].volume_ml for s in shapes], dtype=float)
+        sums[f"label_{v}_volume_sum"] = float(volumes.sum())
+        sums[f"label_{v}_volume_sumsq"] = float((volumes ** 2).sum())
+        sums[f"label_{v}_parts_sum"] = float(sum(s[v].parts for s in shapes))
+    return sums
+
+
 def header_of(protocol: StudyProtocol, shapes: Sequence[dict[int, LabelShape]],
               trained_on: dict[str, object]) -> SegmenterHeader:
     """A model file's header for a network trained under ``protocol`` on masks of these
-    ``shapes``: each label's smallest and largest volume, and its most parts."""
-    labels = SegmenterLabels.of(protocol)
-    spec = segmentation_spec(protocol)
-    volume = {str(v): (min(s[v].volume_ml for s in shapes), max(s[v].volume_ml for s in shapes))
-              for v in labels.values}
-    parts = {str(v): max(s[v].parts for s in shapes) for v in labels.values}
-    return SegmenterHeader(spec=spec.model_dump(mode="json"), modality=protocol.modality.value,
-                           labels=labels, spacing_zyx=network_spacing(protocol),
-                           volume_ml=volume, parts=parts, trained_on=trained_on,
-                           protocol_hash=protocol.content_hash())
+    ``shapes`` (:func:`common.segmenter.header_from_sums`)."""
+    return header_from_sums(protocol, shape_sums(shapes, SegmenterLabels.of(protocol)),
+                            dict(trained_on))
 
 
 def train_alone(protocol: StudyProtocol, training: Sequence[TrainingCase], *, seed: int,

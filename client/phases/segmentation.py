@@ -1,0 +1,191 @@
+"""The segmentation phase at a site (issue 17): one ``train`` message a round (the global
+network trained on this site's training cases with a mask), and the final ``evaluate`` message
+(the study's network scored on this site's held-out masks, kept here as a model file, and the
+masks it makes for the cases without one).
+
+Which cases: the manifest's rows with a mask are split once into training and test cases
+(seeded by the study seed and the site, ``test_fraction`` held out); the rows without a mask
+are the cases to segment. What leaves: the weights, the training loss, the sums of the
+training masks' shapes (:func:`common.segmenter.shape_sum_names`, only from
+``min_patients`` masks or more) and, at the end, each label's mean Dice and HD95 with their
+bootstrap CIs and counts. The per-case figures, the masks and the images stay here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from client.cnn.device import select_device, torch_threads
+from client.dicom.seg_out import write_seg
+from client.folds import split_state
+from client.manifest import CaseSpec, read_manifest
+from client.report import refresh_site_report, report_dir
+from client.segment.masks import MODEL_FILE, segmentation_dir, write_auto_masks
+from client.segment.network import seed_of, train_epochs
+from client.segment.quality import mean_with_interval
+from client.segment.site import Segmented, load_training, segment_case, shape_sums
+from common.glm import ModelError
+from common.messages import StudyConfig
+from common.network import load_state_arrays, state_arrays
+from common.payloads import MIN_ROWS_SENT, released
+from common.protocol import StudyProtocol
+from common.provenance import atomic_write_json, software_versions
+from common.segmenter import (
+    SegmenterHeader,
+    SegmenterLabels,
+    build_segmenter,
+    network_spacing,
+    save_segmenter,
+    segmentation_spec,
+)
+from common.site_config import SiteConfig
+
+log = logging.getLogger("myelofed.site")
+
+
+@dataclass(frozen=True)
+class SegmentationCases:
+    """A site's cases for the segmentation network: training and test cases (with a mask) and
+    the cases to segment (without)."""
+
+    train: list[CaseSpec]
+    test: list[CaseSpec]
+    to_segment: list[CaseSpec]
+
+
+def segmentation_cases(site: SiteConfig, protocol: StudyProtocol, seed: int,
+                       test_fraction: float) -> SegmentationCases:
+    """The split of the module docstring (the same at every message of a study)."""
+    cases, _ = read_manifest(site.manifest, protocol, default_batch=site.site_name,
+                             data_root=site.data_root, for_segmentation=True)
+    masked = [c for c in cases if c.mask is not None]
+    order = np.random.default_rng(split_state(seed, f"{site.site_name}/segmentation")
+                                  ).permutation(len(masked))
+    n_test = int(round(test_fraction * len(masked)))
+    held = set(order[:n_test].tolist())
+    return SegmentationCases([c for i, c in enumerate(masked) if i not in held],
+                             [c for i, c in enumerate(masked) if i in held],
+                             [c for c in cases if c.mask is None])
+
+
+def train(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
+          weights: Mapping[str, np.ndarray]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """One round: the global weights trained ``local_epochs`` epochs on this site's training
+    cases. A :class:`ModelError` with fewer than :data:`MIN_ROWS_SENT` (or ``min_patients``)
+    usable training cases: a site without masks trains nothing and sends nothing."""
+    spec = segmentation_spec(protocol)
+    labels = SegmenterLabels.of(protocol)
+    round_index, seed = study.required("server_round"), study.required("seed")
+    cases = segmentation_cases(site, protocol, seed, study.required("test_fraction"))
+    loaded = load_training(cases.train, protocol, site.budget)
+    floor = max(MIN_ROWS_SENT, site.min_patients)
+    if len(loaded.cases) < floor:
+        raise ModelError(f"site '{site.site_name}' has {len(loaded.cases)} training case(s) "
+                         f"with a usable mask, fewer than {floor}: it sends no segmentation "
+                         "weights")
+    network = build_segmenter(spec, labels.n_classes, network_spacing(protocol), seed=seed)
+    load_state_arrays(network, weights)
+    with torch_threads(site.n_workers):
+        result = train_epochs(
+            network, list(loaded.cases.values()), spec, labels.n_classes,
+            epochs=spec.local_epochs, seed=seed_of(seed, site.site_name, round_index),
+            device=select_device(site.device),
+            proximal_mu=spec.proximal_mu if spec.aggregator == "fedprox" else 0.0)
+    metrics = {"num-examples": result.cases, "train_loss": result.loss,
+               "train_seconds": result.seconds,
+               **shape_sums(list(loaded.shapes.values()), labels)}
+    return metrics, state_arrays(network)
+
+
+def evaluate(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
+             weights: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """The study's network at this site: kept as a model file (``segmentation/segmenter.npz``
+    in the site's study folder, for ``myelofed site segment``), scored on the test cases
+    (Dice and HD95 per label, mean and 95% bootstrap CI; NaN from fewer than
+    ``min_patients`` cases), and run on the cases without a mask: a mask that passes quality
+    control is written (NIfTI, and a DICOM SEG for a DICOM series) and recorded for the
+    preparation; one that fails is recorded with the reason, and the case is skipped."""
+    header = SegmenterHeader.from_json(study.required("segmenter"), "the study's segmenter")
+    seed = study.required("seed")
+    network = header.network(seed=seed)
+    load_state_arrays(network, weights)
+    network.eval()
+    folder = segmentation_dir(site, protocol)
+    save_segmenter(folder / MODEL_FILE, header, weights)
+    cases = segmentation_cases(site, protocol, seed, study.required("test_fraction"))
+    device = select_device(site.device)
+    with torch_threads(site.n_workers):
+        tested = [segment_case(c, protocol, header, network, site.budget, device, compare=True)
+                  for c in cases.test]
+        made = {c.case_id: _make_mask(c, protocol, header, network, site, device)
+                for c in cases.to_segment}
+    write_auto_masks(site, protocol, made)
+    scored = [r for r in tested if r.agreement]
+    floor = site.min_patients
+    metrics: dict[str, float] = {"num-examples": released(len(scored), floor),
+                                 "test_n": released(len(scored), floor),
+                                 "auto_n": released(len(made), floor),
+                                 "auto_used": released(sum("mask" in m for m in made.values()),
+                                                       floor)}
+    rows = []
+    for value, name in zip(header.labels.values, header.labels.names, strict=True):
+        for metric, index in (("dice", 0), ("hd95", 1)):
+            values = np.array([r.agreement[value][index] for r in scored], dtype=float)
+            mean, low, high = (mean_with_interval(values, seed) if len(scored) >= floor
+                               else (math.nan, math.nan, math.nan))
+            metrics |= {f"label_{value}_{metric}": mean, f"label_{value}_{metric}_low": low,
+                        f"label_{value}_{metric}_high": high}
+        rows.append({"label": value, "name": name,
+                     "dice": [metrics[f"label_{value}_dice{s}"] for s in ("", "_low", "_high")],
+                     "hd95": [metrics[f"label_{value}_hd95{s}"] for s in ("", "_low", "_high")]})
+    _record(site, protocol, tested, made, rows)
+    return metrics
+
+
+def _make_mask(case: CaseSpec, protocol: StudyProtocol, header: SegmenterHeader,
+               network: torch.nn.Module, site: SiteConfig, device: torch.device
+               ) -> dict[str, object]:
+    """One case without a mask: ``{"mask": path}`` when the network's mask passed quality
+    control (written here), else ``{"reason": ...}``."""
+    result = segment_case(case, protocol, header, network, site.budget, device)
+    if result.mask is None or result.problems:
+        reason = "; ".join(result.problems)
+        log.warning("segmentation: no mask for case '%s': %s", case.case_id, reason)
+        return {"reason": reason}
+    masks = segmentation_dir(site, protocol) / "masks"
+    masks.mkdir(parents=True, exist_ok=True)
+    path = masks / f"{case.case_id}.nii.gz"
+    sitk.WriteImage(result.mask, str(path), useCompression=True)
+    if case.image.is_dir():  # a DICOM series: the mask as a DICOM SEG too
+        try:
+            write_seg(result.mask, case.image, case.series_uid,
+                      list(zip(header.labels.values, header.labels.names, strict=True)),
+                      masks / f"{case.case_id}.seg.dcm",
+                      software_versions().get("myelofed", "unknown"))
+        except Exception as exc:  # noqa: BLE001 - the NIfTI mask is written and used
+            log.warning("segmentation: no DICOM SEG for case '%s': %s", case.case_id, exc)
+    return {"mask": str(path)}
+
+
+def _record(site: SiteConfig, protocol: StudyProtocol, tested: list[Segmented],
+            made: Mapping[str, Mapping[str, object]], rows: list[dict[str, object]]) -> None:
+    """The segmentation section of the site's own report: per test case and in summary, and
+    every case segmented (kept here)."""
+    try:
+        atomic_write_json(report_dir(site, protocol) / "segmentation.json", {
+            "summary": rows,
+            "tested": [{"case_id": r.case_id,
+                        "agreement": {str(k): list(v) for k, v in r.agreement.items()},
+                        "problems": list(r.problems)} for r in tested],
+            "auto": {k: dict(v) for k, v in made.items()}})
+        refresh_site_report(site, protocol)
+    except Exception as exc:  # noqa: BLE001 - the site's own report must not stop the study
+        log.warning("segmentation section of the site report of %s not written: %r",
+                    site.site_name, exc)
