@@ -3,7 +3,9 @@
 Required columns: ``case_id``, ``image``, ``mask`` and the protocol's label column (and for a
 survival task its event column: the label is then the follow-up time in months). Optional:
 ``roi`` (RTSTRUCT ROI name or SEG segment for this case), ``series_uid`` (which DICOM series
-when a folder holds several), the protocol's covariates and batch (scanner) column.
+when a folder holds several), ``mask_source`` (``auto`` for a mask a segmentation network
+made, as ``myelofed site segment`` writes it: the features table marks the case), the
+protocol's covariates and batch (scanner) column.
 ``image`` is a DICOM series folder or a NIfTI/NRRD/MHA file; ``mask`` is a NIfTI/NRRD/MHA label
 map, an RTSTRUCT or DICOM SEG file, or a folder holding one. Relative paths are taken from the
 manifest's folder. A case without a mask has ``mask`` empty or ``auto``: ``myelofed site segment``
@@ -290,7 +292,7 @@ def read_manifest(
                 series_uid=row.get("series_uid") or None,
                 covariates=covariates,
                 event=event,
-                auto_mask=isinstance(made, Path),
+                auto_mask=isinstance(made, Path) or row.get("mask_source") == "auto",
             )
         )
     return cases, problems

@@ -356,8 +356,9 @@ def _died(case: CaseSpec, code: int | None, started: float) -> CaseOutcome:
 def features_table(
     cases: list[CaseSpec], outcomes: list[CaseOutcome], protocol: StudyProtocol
 ) -> pa.Table:
-    """One row per extracted case: case_id, batch, label (and a survival task's event),
-    covariates, then the features."""
+    """One row per extracted case: case_id, batch, where its mask came from (``mask_source``:
+    ``manual``, or ``auto`` for a mask the study's segmentation network made), label (and a
+    survival task's event), covariates, then the features."""
     records = []
     for case, outcome in zip(cases, outcomes, strict=True):
         if not outcome.ok or outcome.features is None:
@@ -365,6 +366,7 @@ def features_table(
         record: dict[str, Any] = {
             "case_id": case.case_id,
             "batch": case.batch,
+            "mask_source": "auto" if case.auto_mask else "manual",
             protocol.task.label_column: case.label,
             **({protocol.task.event_column: case.event} if protocol.task.event_column else {}),
             **case.covariates,

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 PREPARED_FILE = "prepared.parquet"
 #: The same rows after federated ComBat.
 HARMONIZED_FILE = "harmonized.parquet"
-NON_FEATURES = ("case_id", "batch", "split", "fold")
+NON_FEATURES = ("case_id", "batch", "mask_source", "split", "fold")
 #: The study's standard landmarks the preparation ran with (histogram standardization).
 IMAGE_STANDARD_FILE = "image_standard.json"
 

@@ -678,7 +678,7 @@ class StudyProtocol(_Frozen):
                 raise ValueError(
                     "normalization.reference_label must differ from ingestion.roi_label")
         reserved = {self.task.label_column, self.task.event_column, self.batch_column, "case_id",
-                    "image", "mask"}
+                    "image", "mask", "mask_source"}
         clash = set(self.covariates.columns) & reserved
         if clash:
             raise ValueError(f"covariate columns clash with reserved columns: {sorted(clash)}")

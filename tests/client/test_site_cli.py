@@ -183,7 +183,8 @@ def test_extract_skips_bad_cases_extracts_the_rest_and_resumes_from_cache(cohort
     table = pd.read_parquet(out / "features.parquet")
     expected_ok = {"good0", "good1", "good2"} | ({"dicom_good"} if cohort["has_dicom"] else set())
     assert set(table["case_id"]) == expected_ok
-    assert list(table.columns[:4]) == ["case_id", "batch", "mrd", "age"]
+    assert list(table.columns[:5]) == ["case_id", "batch", "mask_source", "mrd", "age"]
+    assert set(table["mask_source"]) == {"manual"}
     assert (table["batch"] == "scannerA").all()
     features = [c for c in table.columns if c.startswith("original_")]
     assert any("glcm" in c for c in features) and any("shape" in c for c in features)
