@@ -42,15 +42,17 @@ from harmonization.images import PERCENTILES
 from server.phases.validation import recommendation
 from server.report_tables import (
     calibration_rows,
+    csv_rows,
     regression_rows,
+    segmentation_section,
     survival_figures,
     survival_rows,
     threshold_rows,
 )
 
 REPORT_HTML, REPORT_JSON, REPORT_CSV = "report.html", "report.json", "report.csv"
-PHASE_FILES = ("protocol", "handshake", "images", "prepare", "combat", "model", "nomogram",
-               "cnn", "study")
+PHASE_FILES = ("protocol", "handshake", "segmentation", "images", "prepare", "combat", "model",
+               "nomogram", "cnn", "study")
 
 
 def read_study(out_dir: Path) -> dict[str, Any]:
@@ -332,6 +334,8 @@ def _report_of(study: dict[str, Any], out_dir: Path) -> dict[str, Any]:
                    "batches": shown_counts(s.get("batches", ""))}
                   for s in prepare.get("sites", [])],
         "excluded": {**handshake.get("excluded", {}), **prepare.get("excluded", {})},
+        "segmentation": (segmentation_section(study["segmentation"])
+                         if "segmentation" in study else None),
         "images": _images_section(study["images"]) if "images" in study else None,
         "combat": study.get("combat"),
         "harmonization_change": _harmonization_section(
@@ -342,36 +346,6 @@ def _report_of(study: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "cnn": _cnn_section(study["cnn"]) if "cnn" in study else None,
     }
     return report
-
-
-def _csv_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for model in study.get("model", {}).get("models", []):
-        features = "harmonized" if model["harmonized"] else "raw"
-        for site, result in sorted(model["sites"].items()):
-            for name, metrics in sorted(result["metrics"].items()):
-                for metric, value in sorted(metrics.items()):
-                    if not isinstance(value, list):
-                        rows.append({"site": site, "features": features, "model": name,
-                                     "metric": metric, "value": value})
-    nomogram = study.get("nomogram") or {}
-    for site, result in sorted(nomogram.get("sites", {}).items()):
-        for name, metrics in sorted(result["metrics"].items()):
-            for metric, value in sorted(metrics.items()):
-                if not isinstance(value, list):
-                    rows.append({"site": site, "features": "harmonized" if nomogram.get(
-                        "harmonized") else "raw", "model": name, "metric": metric,
-                        "value": value})
-    for site, metrics in sorted((study.get("cnn") or {}).get("final", {}).items()):
-        for metric, value in sorted(metrics.items()):
-            rows.append({"site": site, "features": "image", "model": "cnn", "metric": metric,
-                         "value": value})
-    loso = (study.get("cnn") or {}).get("leave_site_out") or {}
-    for site, metrics in sorted(loso.get("sites", {}).items()):
-        for metric, value in sorted(metrics.items()):
-            rows.append({"site": site, "features": "image", "model": "cnn leave-site-out",
-                         "metric": metric, "value": value})
-    return rows
 
 
 def report_paths(out_dir: Path) -> dict[str, Path]:
@@ -387,13 +361,14 @@ def write_report(out_dir: Path) -> dict[str, Path]:
     paths = report_paths(out_dir)
     without_figures = json.loads(json.dumps(report, default=str))
     for section in [*without_figures["models"], without_figures.get("nomogram") or {},
-                    without_figures.get("cnn") or {}]:
+                    without_figures.get("cnn") or {},
+                    without_figures.get("segmentation") or {}]:
         section.pop("figures", None)
     atomic_write_json(paths["json"], without_figures)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, ["site", "features", "model", "metric", "value"])
     writer.writeheader()
-    writer.writerows(_csv_rows(study))
+    writer.writerows(csv_rows(study))
     # Written like every other output: atomically, readable by the coordinator's user only.
     atomic_write_bytes(paths["csv"], table.getvalue().encode("utf-8"))
     atomic_write_bytes(paths["html"], render("multicentre.html.j2", report=report).encode())

@@ -1,4 +1,5 @@
-"""The multicentre report's per-task tables of the federated radiomics model at each site: a
+"""The multicentre report's tables: the segmentation network's per site, the CSV's rows, and the
+per-task tables of the federated radiomics model at each site: a
 classification at its threshold, a regression's agreement, and a survival task's (a Cox model
 stratified by site) C indices, time-dependent AUC and Brier score, calibration in risk groups
 and Kaplan-Meier curves by predicted risk group on the protocol's grid, all as the sites sent
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from common import plots
+from common.payloads import shown_count
 from common.templates import at_times, confusion, fmt, with_ci
 
 
@@ -68,3 +70,83 @@ def survival_figures(model: dict[str, Any], label: str) -> list[dict[str, str]]:
             figures.append({"title": f"Kaplan-Meier by predicted risk group at {site}",
                             "src": curves})
     return figures
+
+
+def _count(value: float | None) -> int | str:
+    """A count as a site sent it (a float in a metric record) for a table."""
+    return "n/a" if value is None else shown_count(int(value))
+
+
+def segmentation_section(seg: dict[str, Any]) -> dict[str, Any]:
+    """The segmentation network: per site, its test Dice and HD95 per label with their CIs,
+    the masks it made of the cases without one (and how many passed quality control), and
+    whether the site trained it (a site without masks does not); the training loss per round."""
+    labels = seg.get("labels", [])
+    left = {}
+    for entry in seg.get("left_out", []):
+        left.setdefault(entry["site"], entry["reason"])
+    history = seg.get("history", {})
+    trained = set(seg.get("trained_on", {}).get("sites", []))
+    rows = []
+    for site, m in sorted(seg.get("final", {}).items()):
+        row: dict[str, Any] = {"site": site, "test_n": _count(m.get("test_n")),
+                               "trained": "yes" if site in trained else
+                               f"no: {left.get(site, 'no update')}"[:160],
+                               "masks_made": (f"{_count(m.get('auto_used'))} of "
+                                              f"{_count(m.get('auto_n'))}")}
+        for label in labels:
+            v = label["value"]
+            row[f"dice_{v}"] = with_ci(m, f"label_{v}_dice")
+            row[f"hd95_{v}"] = with_ci(m, f"label_{v}_hd95")
+        rows.append(row)
+    columns = ["site", "trained", "test_n", *(f"{k}_{label['value']}" for label in labels
+                                              for k in ("dice", "hd95")), "masks_made"]
+    headers = ["site", "trained on its masks", "test masks",
+               *(f"{label['name']} {k}" for label in labels
+                 for k in ("Dice [95% CI]", "HD95 mm [95% CI]")), "masks made (passed QC)"]
+    rounds = sorted(int(r) for r in history)
+    sites = sorted({s for r in history.values() for s in r})
+    loss = {s: (rounds, [history[str(r)].get(s, {}).get("train_loss") for r in rounds])
+            for s in sites}
+    return {"architecture": seg.get("architecture"), "aggregator": seg.get("aggregator"),
+            "rounds": seg.get("rounds"), "trained_on": seg.get("trained_on", {}),
+            "volume_ml": seg.get("volume_ml", {}), "labels": labels, "rows": rows,
+            "columns": columns, "headers": headers, "failed": seg.get("failed", {}),
+            "figures": [{"title": "Segmentation: Dice + cross-entropy loss per site and round",
+                         "src": plots.lines_figure(loss, "round", "training loss",
+                                                   "local training")}] if rounds else []}
+
+
+def csv_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's CSV: one row per site, feature set, model and metric."""
+    rows = []
+    for model in study.get("model", {}).get("models", []):
+        features = "harmonized" if model["harmonized"] else "raw"
+        for site, result in sorted(model["sites"].items()):
+            for name, metrics in sorted(result["metrics"].items()):
+                for metric, value in sorted(metrics.items()):
+                    if not isinstance(value, list):
+                        rows.append({"site": site, "features": features, "model": name,
+                                     "metric": metric, "value": value})
+    nomogram = study.get("nomogram") or {}
+    for site, result in sorted(nomogram.get("sites", {}).items()):
+        for name, metrics in sorted(result["metrics"].items()):
+            for metric, value in sorted(metrics.items()):
+                if not isinstance(value, list):
+                    rows.append({"site": site, "features": "harmonized" if nomogram.get(
+                        "harmonized") else "raw", "model": name, "metric": metric,
+                        "value": value})
+    for site, metrics in sorted((study.get("cnn") or {}).get("final", {}).items()):
+        for metric, value in sorted(metrics.items()):
+            rows.append({"site": site, "features": "image", "model": "cnn", "metric": metric,
+                         "value": value})
+    loso = (study.get("cnn") or {}).get("leave_site_out") or {}
+    for site, metrics in sorted(loso.get("sites", {}).items()):
+        for metric, value in sorted(metrics.items()):
+            rows.append({"site": site, "features": "image", "model": "cnn leave-site-out",
+                         "metric": metric, "value": value})
+    for site, metrics in sorted((study.get("segmentation") or {}).get("final", {}).items()):
+        for metric, value in sorted(metrics.items()):
+            rows.append({"site": site, "features": "image", "model": "segmentation",
+                         "metric": metric, "value": value})
+    return rows

@@ -154,6 +154,15 @@ Software: {% for k, v in report.versions.items() %}{{ k }} {{ v }}{% if not loop
 <h2>Cohort</h2>
 {{ mapping_table(report.cohort, ["site", "status", "hash", "usable", "skipped", "labels", "reason"],
                  ["site", "status", "protocol hash at the site", "usable cases", "skipped (reason:count)", "labels (class:count)", "reason"]) }}
+{% if report.segmentation %}
+{% set sg = report.segmentation %}
+<h2>Segmentation network ({{ sg.architecture }}, {{ sg.aggregator }}, {{ sg.rounds }} rounds)</h2>
+<p>Trained by {{ sg.trained_on.sites | join(", ") or "no site" }} on {{ sg.trained_on.cases }} hand-drawn masks; each site scored it on its own held-out masks and made the masks of its cases without one. A mask made is used only when it passes quality control (not empty, not fragmented, a volume within the training masks' range{% for l in sg.labels %}{% if sg.volume_ml[l.value|string] %}; {{ l.name }} {{ "%.1f"|format(sg.volume_ml[l.value|string][0]) }}-{{ "%.1f"|format(sg.volume_ml[l.value|string][1]) }} ml{% endif %}{% endfor %}); the features table marks those cases (<code>mask_source = auto</code>).</p>
+{{ mapping_table(sg.rows, sg.columns, sg.headers) }}
+{{ reasons("Sites not scored with the segmentation network", sg.failed) }}
+{{ figures(sg.figures) }}
+{% endif %}
+
 {% if report.split %}
 <h3>Local train/test split</h3>
 {{ mapping_table(report.split, ["site", "n_train", "n_test", "train_labels", "test_labels", "batches"],
