@@ -138,7 +138,7 @@ def build_site_report(site: SiteConfig, protocol: StudyProtocol) -> dict[str, An
             "%Y-%m-%d %H:%M UTC"), "protocol": protocol.name,
         "protocol_hash": protocol.content_hash(), "versions": software_versions(REPORT_PACKAGES),
         "prepare": read("prepare.json"), "harmonization": _harmonization_diagnostics(
-            site, protocol), "evaluations": []}
+            site, protocol), "segmentation": read("segmentation.json"), "evaluations": []}
     for key, title in (("raw", "raw features"), ("harmonized", "after federated ComBat"),
                        ("nomogram", "nomogram (radiomics score + clinical factors)"),
                        ("cnn", "the federated 3D CNN (final global weights)")):

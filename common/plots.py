@@ -291,3 +291,21 @@ def cam_figure(crop: npt.NDArray[np.floating[Any]], cam: npt.NDArray[np.floating
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     return to_data_uri(fig)
+
+
+def contour_figure(image: npt.NDArray[np.floating[Any]], drawn: npt.NDArray[np.integer[Any]],
+                   made: npt.NDArray[np.integer[Any]], labels: Sequence[int], title: str) -> str:
+    """One axial slice with the hand-drawn mask's contours (solid) and the network's (dashed),
+    one colour per label (site report only: it is a patient's image)."""
+    fig, ax = plt.subplots(figsize=(3.6, 3.6))
+    ax.imshow(image, cmap="gray")
+    colours = ("#d62728", "#2ca02c", "#1f77b4", "#ff7f0e")
+    for index, value in enumerate(labels):
+        colour = colours[index % len(colours)]
+        for mask, style in ((drawn, "solid"), (made, "dashed")):
+            if (mask == value).any():
+                ax.contour(mask == value, levels=[0.5], colors=colour, linewidths=1.0,
+                           linestyles=style)
+    ax.axis("off")
+    ax.set_title(title, fontsize=8)
+    return to_data_uri(fig)

@@ -25,12 +25,14 @@ import torch
 from client.cnn.device import select_device, torch_threads
 from client.dicom.seg_out import write_seg
 from client.folds import split_state
+from client.loading import load_case
 from client.manifest import CaseSpec, read_manifest
 from client.report import refresh_site_report, report_dir
 from client.segment.masks import MODEL_FILE, segmentation_dir, write_auto_masks
 from client.segment.network import seed_of, train_epochs
 from client.segment.quality import mean_with_interval
 from client.segment.site import Segmented, load_training, segment_case, shape_sums
+from common import plots
 from common.glm import ModelError
 from common.messages import StudyConfig
 from common.network import load_state_arrays, state_arrays
@@ -145,7 +147,7 @@ def evaluate(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
         rows.append({"label": value, "name": name,
                      "dice": [metrics[f"label_{value}_dice{s}"] for s in ("", "_low", "_high")],
                      "hd95": [metrics[f"label_{value}_hd95{s}"] for s in ("", "_low", "_high")]})
-    _record(site, protocol, tested, made, rows)
+    _record(site, protocol, tested, made, rows, cases.test)
     return metrics
 
 
@@ -174,13 +176,40 @@ def _make_mask(case: CaseSpec, protocol: StudyProtocol, header: SegmenterHeader,
     return {"mask": str(path)}
 
 
+#: Test cases drawn in the site report, with the hand-drawn and the network's contours.
+OVERLAYS = 3
+
+
+def _overlays(cases: list[CaseSpec], tested: list[Segmented], protocol: StudyProtocol,
+              site: SiteConfig) -> list[dict[str, str]]:
+    """The middle ROI slice of the first :data:`OVERLAYS` test cases, both masks' contours."""
+    labels = SegmenterLabels.of(protocol)
+    out = []
+    for case, result in list(zip(cases, tested, strict=True))[:OVERLAYS]:
+        if result.mask is None or not result.agreement:
+            continue
+        volume = load_case(case, protocol, site.budget)
+        image = sitk.GetArrayFromImage(volume.image)
+        drawn = sitk.GetArrayFromImage(volume.labels)
+        made = sitk.GetArrayFromImage(result.mask)
+        rows = np.flatnonzero((drawn == labels.values[0]).any(axis=(1, 2)))
+        k = int(rows[len(rows) // 2]) if rows.size else image.shape[0] // 2
+        dice = ", ".join(f"{n} Dice {result.agreement[v][0]:.2f}"
+                         for v, n in zip(labels.values, labels.names, strict=True))
+        out.append({"title": f"test case {case.case_id}: {dice}",
+                    "src": plots.contour_figure(image[k], drawn[k], made[k], labels.values,
+                                                f"{case.case_id}, slice {k}")})
+    return out
+
+
 def _record(site: SiteConfig, protocol: StudyProtocol, tested: list[Segmented],
-            made: Mapping[str, Mapping[str, object]], rows: list[dict[str, object]]) -> None:
-    """The segmentation section of the site's own report: per test case and in summary, and
-    every case segmented (kept here)."""
+            made: Mapping[str, Mapping[str, object]], rows: list[dict[str, object]],
+            cases: list[CaseSpec]) -> None:
+    """The segmentation section of the site's own report: per test case and in summary, a
+    few test cases drawn with both masks, and every case segmented (kept here)."""
     try:
         atomic_write_json(report_dir(site, protocol) / "segmentation.json", {
-            "summary": rows,
+            "summary": rows, "overlays": _overlays(cases, tested, protocol, site),
             "tested": [{"case_id": r.case_id,
                         "agreement": {str(k): list(v) for k, v in r.agreement.items()},
                         "problems": list(r.problems)} for r in tested],

@@ -98,6 +98,27 @@ Software: {% for k, v in report.versions.items() %}{{ k }} {{ v }}{% if not loop
 <p>The preparation has not run here.</p>
 {% endif %}
 
+{% if report.segmentation %}
+{% set sg = report.segmentation %}
+<h2>Segmentation network</h2>
+<p>The study's network on this site's held-out hand-drawn masks (mean and 95% bootstrap CI over
+the test cases; the per-case figures stay here):</p>
+<table>
+<tr><th>label</th><th>Dice [95% CI]</th><th>HD95 mm [95% CI]</th></tr>
+{% for r in sg.summary %}<tr><td>{{ r.label }} {{ r.name }}</td>
+<td>{% if r.dice[0] == r.dice[0] and r.dice[0] is not none %}{{ "%.3f [%.3f, %.3f]" | format(r.dice[0], r.dice[1], r.dice[2]) }}{% else %}n/a{% endif %}</td>
+<td>{% if r.hd95[0] == r.hd95[0] and r.hd95[0] is not none %}{{ "%.2f [%.2f, %.2f]" | format(r.hd95[0], r.hd95[1], r.hd95[2]) }}{% else %}n/a{% endif %}</td></tr>
+{% endfor %}
+</table>
+{% if sg.auto %}
+<h3>Masks made for the cases without one ({{ sg.auto | length }})</h3>
+<table><tr><th>case</th><th>mask made (used)</th><th>refused because</th></tr>
+{% for case, entry in sg.auto.items() %}<tr><td>{{ case }}</td><td>{{ entry.get("mask", "") }}</td><td>{{ entry.get("reason", "") }}</td></tr>
+{% endfor %}</table>
+{% endif %}
+{{ figures(sg.overlays) }}
+{% endif %}
+
 {% if report.harmonization %}
 <h2>Harmonization diagnostics</h2>
 {% if report.harmonization.note is defined %}

@@ -405,6 +405,32 @@ def test_a_cnn_update_is_the_network_it_was_sent_with_named_scalar_metrics():
              "metric 'global_test_auc' is not one number")
 
 
+def test_a_segmentation_reply_carries_its_sums_and_dice_per_label_and_nothing_else():
+    from common.messages import SEGMENTATION, STUDY_RECORD, StudyConfig
+    from common.protocol import SegmentationSpec
+
+    protocol = DIAGNOSIS.model_copy(update={"segmentation": SegmentationSpec()})
+    study = ConfigRecord(StudyConfig.of(protocol, phase=SEGMENTATION).to_mapping())
+    request = RecordDict({"arrays": network(), STUDY_RECORD: study})
+    sums = {"masks": 20.0, "label_1_volume_sum": 900.0, "label_1_volume_sumsq": 4.1e4,
+            "label_1_parts_sum": 60.0, "label_2_volume_sum": 1200.0,
+            "label_2_volume_sumsq": 7.3e4, "label_2_parts_sum": 40.0}
+    check(MessageType.TRAIN, request, train_reply(network(), train_seconds=3.0, **sums),
+          protocol)
+    # a CNN's metric is not a segmentation reply's, nor is one case's volume
+    withheld(MessageType.TRAIN, request, train_reply(network(), global_test_auc=0.5),
+             "metric 'global_test_auc' is not one", protocol)
+    withheld(MessageType.TRAIN, request, train_reply(network(), label_1_volume_case_3=41.0),
+             "metric 'label_1_volume_case_3' is not one", protocol)
+    scores = {"test_n": 7, "auto_n": 0, "auto_used": 0, "label_1_dice": 0.9,
+              "label_1_dice_low": 0.85, "label_1_dice_high": 0.93, "label_2_hd95": 3.0}
+    evaluated = RecordDict({"metrics": MetricRecord({"num-examples": 7, **scores}),
+                            "site": ConfigRecord({"name": "site_A", "protocol_hash": "h"})})
+    check(MessageType.EVALUATE, request, evaluated, protocol)
+    evaluated["metrics"]["label_3_dice"] = 0.5  # a label the protocol does not have
+    withheld(MessageType.EVALUATE, request, evaluated, "metric 'label_3_dice'", protocol)
+
+
 def test_replies_to_unknown_messages_are_withheld():
     withheld("query.export_rows", RecordDict({}), RecordDict({}), "no schema")
     request, _ = combat_round_one(CombatOptions(min_cell=3))

@@ -208,6 +208,27 @@ def test_a_row_without_a_mask_is_a_case_to_segment_and_elsewhere_a_named_skip(si
                for p in problems)
 
 
+def test_a_study_reads_a_row_without_a_mask_by_what_its_network_made(site: Site,
+                                                                     tmp_path: Path):
+    manifest = _without_masks(site, tmp_path, every=3)  # site_A_000, _003, _006 have none
+    pending, problems = read_manifest(manifest, site.protocol, "A", auto_masks="pending")
+    assert not problems and len(pending) == 8  # before the network ran: counted as cases
+    assert [c.case_id for c in pending if c.mask is None] == [
+        "site_A_000", "site_A_003", "site_A_006"]
+    made = tmp_path / "made.nii.gz"
+    cases, problems = read_manifest(manifest, site.protocol, "A", data_root=site.root / "cohort",
+                                    auto_masks={"site_A_000": made,
+                                                "site_A_003": "label 1 (ROI) is empty"})
+    by_id = {c.case_id: c for c in cases}
+    # the mask made is used, and marked, though it lies outside the data root
+    assert by_id["site_A_000"].mask == made and by_id["site_A_000"].auto_mask
+    assert not by_id["site_A_001"].auto_mask
+    reasons = {p.case_id: p.detail for p in problems}
+    assert reasons["site_A_003"] == ("no mask, and the study's segmentation network made no "
+                                     "usable one: label 1 (ROI) is empty")
+    assert "myelofed site segment" in reasons["site_A_006"]  # never segmented
+
+
 def test_the_segmented_manifest_names_the_masks_made_and_keeps_every_other_field(
         site: Site, tmp_path: Path):
     from cli.segment import _write_manifest

@@ -133,4 +133,9 @@ def test_a_site_without_masks_joins_with_the_federated_networks_masks(tmp_path: 
     assert MessageType.EVALUATE in {e["type"] for e in sent}
     report = (out / "report.html").read_text()
     assert "Segmentation network (unet, fedavg, 4 rounds)" in report
-    render_in_chromium([out / "report.html"])
+    # each site's own report: its test cases drawn with both masks; site_C's masks made
+    pages = {site: cohort / "work" / site / "study" / protocol.short_hash / "report" /
+             "site_report.html" for site in SITES}
+    assert "test case site_A_" in pages["site_A"].read_text()
+    assert "Masks made for the cases without one (44)" in pages["site_C"].read_text()
+    render_in_chromium([out / "report.html", pages["site_A"]])
