@@ -19,7 +19,6 @@ the protocol's default network and ``--rounds`` rounds:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import sys
@@ -47,6 +46,7 @@ from common.protocol import SegmentationSpec, StudyProtocol, load_protocol  # no
 from common.segmenter import SegmenterLabels, load_segmenter  # noqa: E402
 from common.site_config import SiteConfig  # noqa: E402
 from common.synthetic import CohortSpec, make_sites, write_cohort  # noqa: E402
+from common.synthetic.variants import without_masks  # noqa: E402
 from harmonization.combat.design import CombatOptions  # noqa: E402
 from server.study import StudySettings  # noqa: E402
 
@@ -78,25 +78,6 @@ def run_study(cohort_dir: Path, protocol: StudyProtocol, out: Path, n_sites: int
     if status["status"] != "done":
         raise RuntimeError(f"the study did not finish: {status}")
     return time.perf_counter() - start
-
-
-def hide_masks(source: Path, target: Path, site: str) -> None:
-    """A copy of the cohort's manifests (absolute paths) with ``site``'s masks hidden."""
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    shutil.copy(source / "study.yaml", target / "study.yaml")
-    for folder in sorted(source.glob("site_*")):
-        rows = list(csv.DictReader((folder / "manifest.csv").open(encoding="utf-8")))
-        for row in rows:
-            for column in ("image", "mask"):
-                row[column] = str((folder / row[column]).resolve())
-            if folder.name == site:
-                row["mask"] = "auto"
-        (target / folder.name).mkdir()
-        with (target / folder.name / "manifest.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
 
 
 def left_out_dice(cohort_dir: Path, hidden_dir: Path, protocol: StudyProtocol, site: str
@@ -177,8 +158,7 @@ def main() -> None:
               "marrow HD95 mm  LOSO marrow  LOSO muscle  LOSO passed QC")
         for site in sites:
             m = final[site]
-            hidden = work / f"hidden_{cohort.seed}_{site}"
-            hide_masks(cohort_dir, hidden, site)
+            hidden = without_masks(cohort_dir, work / f"hidden_{cohort.seed}_{site}", {site})
             run_study(hidden, protocol, work / f"out_{cohort.seed}_{site}", len(sites))
             loso = left_out_dice(cohort_dir, hidden, protocol, site)
             row = (f"{site}  {int(m['test_n']):6d}  {m['label_1_dice']:.3f} "

@@ -34,6 +34,10 @@ def demo(
         "nomogram), pci (plasma-cell infiltration, a regression), mrd, or pfs / os "
         "(progression-free / overall survival, a Cox model stratified by site).")
     ] = "diagnosis",
+    segment: Annotated[bool, typer.Option(
+        "--segment", help="Start with the federated segmentation network: site_A drew no "
+        "mask at all, the other sites train the network on theirs, and site_A joins the study "
+        "with the masks it makes (a few minutes more).")] = False,
 ) -> None:
     """Run the whole federated study on the built-in synthetic cohort, on this machine.
 
@@ -48,21 +52,26 @@ def demo(
     CNN; with --task response, the nomogram (radiomics
     score + ISS stage + age) too; with --task pci, Pearson r instead of the AUC; with --task
     pfs or os, Harrell's C of the Cox models and the survival nomogram (no CNN for survival
-    yet).
+    yet). With --segment, first the federated segmentation network (a MONAI U-Net, FedAvg):
+    site_A's manifest has no mask, so its masks are the network's, and its row of the table is
+    its models on them; a second table gives each site's test Dice.
 
     \b
     Writes, under --out:
-      cohort/            the synthetic cohort (cohort-<task>/ for another task; or --cohort)
+      cohort/            the synthetic cohort (cohort-<task>/ for another task; or --cohort;
+                         with --segment, cohort-segment/: its manifests, site_A's without masks)
       study/             handshake.json images.json prepare.json combat.json model.json cnn.json
-                         study.json (nomogram.json with --task response),
+                         study.json (nomogram.json with --task response; with --segment
+                         segmentation.json and segmentation/segmenter.npz, the model file),
                          cnn/global_round_NNN.npz (a checkpoint per round),
                          report.html report.json report.csv (the multicentre report)
       cohort/work/<site>/study/<hash>/report/site_report.html
                          each site's own report (it stays at the site)"""
     # deferred: heavy (see cli/__init__.py); the simulation brings torch, flwr and Ray
     from cli.simulation import run_in_simulation
-    from common.protocol import load_protocol  # deferred: heavy
+    from common.protocol import load_protocol, protocol_from_mapping  # deferred: heavy
     from common.synthetic import Task, read_cohort_spec  # deferred: heavy
+    from common.synthetic.variants import without_masks  # deferred: heavy
     from server.report import report_paths  # deferred: heavy
     from server.study import StudySettings, StudyStopped  # deferred: heavy
 
@@ -77,8 +86,13 @@ def demo(
                                               f", not '{task}'"]))
     if existing is None:
         _make_cohort(cohort, the_task)
+    if segment:
+        cohort = without_masks(cohort, out_dir / "cohort-segment", {"site_A"})
     try:
         protocol = load_protocol(cohort / "study.yaml")
+        if segment:
+            protocol = protocol_from_mapping({**protocol.model_dump(mode="json"),
+                                              "segmentation": {"rounds": SEGMENT_ROUNDS}})
     except ConfigError as exc:
         fail_config(exc)
     study = out_dir / "study"
@@ -96,6 +110,8 @@ def demo(
         console.print(f"[bold red]study stopped:[/] {status['reason']}")
         raise typer.Exit(ExitCode.STUDY_STOPPED)
     out.print(summary_table(study, time.monotonic() - started))
+    if segment:
+        out.print(segmentation_table(study))
     out.print(f"results: {study}")
     paths = report_paths(study)  # the study wrote them as it ended
     out.print(f"multicentre report: {paths['html']} (also {paths['json'].name}, "
@@ -165,6 +181,27 @@ def summary_table(study: Path, wall_s: float) -> Table:
                   end_section=True)
     for key, label in shown:
         table.add_row(label, *(_show(r[key]) for r in rows))
+    return table
+
+
+#: ``demo --segment``: rounds of the segmentation network.
+SEGMENT_ROUNDS = 6
+
+
+def segmentation_table(study: Path) -> Table:
+    """Each site's test Dice per label with the federated segmentation network, and the masks
+    it made for the site without masks."""
+    seg = json.loads((study / "segmentation.json").read_text())
+    table = Table("site", *(f"{label['name']} Dice" for label in seg["labels"]),
+                  "masks made (passed QC)",
+                  title=f"Segmentation network ({seg['architecture']}, {seg['rounds']} rounds "
+                  f"of {seg['aggregator']}): test Dice per site",
+                  caption=f"trained on the masks of {', '.join(seg['trained_on']['sites'])}")
+    for site, m in sorted(seg["final"].items()):
+        made = (f"{shown_count(int(m['auto_used']))} of {shown_count(int(m['auto_n']))}"
+                if m.get("auto_n") else "-")
+        table.add_row(site, *(_show(m.get(f"label_{label['value']}_dice"))
+                              for label in seg["labels"]), made)
     return table
 
 

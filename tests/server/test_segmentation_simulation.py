@@ -7,7 +7,6 @@ shape audit; the coordinator and every site hold the same model file."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from common.messages import MessageType
 from common.protocol import ModelSpec, SegmentationSpec, StudyProtocol, load_protocol
 from common.segmenter import load_segmenter
 from common.synthetic import CohortSpec, make_sites, write_cohort
+from common.synthetic.variants import without_masks
 from harmonization.combat.design import CombatOptions
 from server.study import StudySettings
 from tests.server.studies import audit_mod, no_patient_axis, render_in_chromium
@@ -37,16 +37,9 @@ def test_a_site_without_masks_joins_with_the_federated_networks_masks(tmp_path: 
     from client.app import make_client_app
     from server.app import make_server_app
 
-    cohort = tmp_path / "cohort"
-    write_cohort(cohort, CohortSpec(make_sites((24, 24, 44), True)), workers=2)
-    manifest = cohort / "site_C" / "manifest.csv"
-    rows = list(csv.DictReader(manifest.open(encoding="utf-8")))
-    for row in rows:
-        row["mask"] = "auto"
-    with manifest.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    written = tmp_path / "written"
+    write_cohort(written, CohortSpec(make_sites((24, 24, 44), True)), workers=2)
+    cohort = without_masks(written, tmp_path / "cohort", {"site_C"})  # site_C drew no mask
     protocol = load_protocol(cohort / "study.yaml")
     protocol = StudyProtocol.model_validate(protocol.model_copy(update={
         "standardization": protocol.standardization.model_copy(update={"histogram": None}),
@@ -98,7 +91,7 @@ def test_a_site_without_masks_joins_with_the_federated_networks_masks(tmp_path: 
     assert len(used) == final_c["auto_used"] and len(used) + len(refused) == 44
     assert all(refused.values())
     case = next(iter(used))
-    image = sitk.ReadImage(str(cohort / "site_C" / "images" / f"{case}.nii.gz"))
+    image = sitk.ReadImage(str(written / "site_C" / "images" / f"{case}.nii.gz"))
     mask = sitk.ReadImage(used[case])
     assert mask.GetSize() == image.GetSize() and mask.GetOrigin() == image.GetOrigin()
     assert set(np.unique(sitk.GetArrayViewFromImage(mask))) == {0, 1, 2}
