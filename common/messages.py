@@ -58,6 +58,9 @@ class MessageType(str, enum.Enum):
 
 #: ``StudyConfig.phase`` of the segmentation network's train and evaluate messages.
 SEGMENTATION = "segmentation"
+#: The model an evaluate message of the segmentation phase names (``StudyConfig.models``) when
+#: it carries the network trained without the site (``segmentation.leave_site_out``).
+SEGMENTATION_LEAVE_SITE_OUT = "segmentation leave-site-out"
 
 #: The record every message carries its study settings in (also Flower's strategies'
 #: ``configrecord_key``).

@@ -600,7 +600,8 @@ class SegmentationSpec(_Frozen):
     Quality control of a mask the network makes: a label whose volume lies outside the range
     of the training masks widened by ``volume_margin`` (a share of it, each side), or whose
     voxels lie for more than ``max_fragment_share`` outside its largest components (as many as
-    the training masks had), is named and the case not used."""
+    the training masks had), is named and the case not used.
+    ``leave_site_out``: one more federation per site, without it, scored on its test masks."""
     architecture: Literal["unet", "dynunet", "segresnet"] = "unet"
     channels: tuple[int, ...] = Field((8, 16, 32, 64), min_length=2, max_length=6)
     spacing_mm: tuple[Millimetres, Millimetres, Millimetres] | None = None
@@ -614,6 +615,10 @@ class SegmentationSpec(_Frozen):
     aggregator: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0, le=100, allow_inf_nan=False)
     augment: bool = True
+    leave_site_out: bool = Field(
+        False, description="Also one federation per site without it (the same rounds, the "
+        "other sites), scored on the left-out site's held-out masks: the segmentation's "
+        "leave-one-site-out Dice, at the cost of one more federation per site.")
     volume_margin: float = Field(0.5, ge=0, le=10, allow_inf_nan=False)
     max_fragment_share: float = Field(0.1, gt=0, le=1, allow_inf_nan=False)
 

@@ -86,6 +86,7 @@ def segmentation_section(seg: dict[str, Any]) -> dict[str, Any]:
     for entry in seg.get("left_out", []):
         left.setdefault(entry["site"], entry["reason"])
     history = seg.get("history", {})
+    loso = seg.get("leave_site_out")
     trained = set(seg.get("trained_on", {}).get("sites", []))
     rows = []
     for site, m in sorted(seg.get("final", {}).items()):
@@ -98,12 +99,19 @@ def segmentation_section(seg: dict[str, Any]) -> dict[str, Any]:
             v = label["value"]
             row[f"dice_{v}"] = with_ci(m, f"label_{v}_dice")
             row[f"hd95_{v}"] = with_ci(m, f"label_{v}_hd95")
+            if loso is not None:
+                row[f"loso_{v}"] = (with_ci(loso["sites"][site], f"label_{v}_dice")
+                                    if site in loso["sites"] else
+                                    f"n/a: {loso['skipped'].get(site, 'not run')}")
         rows.append(row)
+    kinds = ("dice", "hd95", *(("loso",) if loso is not None else ()))
+    names = {"dice": "Dice [95% CI]", "hd95": "HD95 mm [95% CI]",
+             "loso": "Dice without the site (leave-site-out)"}
     columns = ["site", "trained", "test_n", *(f"{k}_{label['value']}" for label in labels
-                                              for k in ("dice", "hd95")), "masks_made"]
+                                              for k in kinds), "masks_made"]
     headers = ["site", "trained on its masks", "test masks",
-               *(f"{label['name']} {k}" for label in labels
-                 for k in ("Dice [95% CI]", "HD95 mm [95% CI]")), "masks made (passed QC)"]
+               *(f"{label['name']} {names[k]}" for label in labels for k in kinds),
+               "masks made (passed QC)"]
     rounds = sorted(int(r) for r in history)
     sites = sorted({s for r in history.values() for s in r})
     loss = {s: (rounds, [history[str(r)].get(s, {}).get("train_loss") for r in rounds])
@@ -145,8 +153,12 @@ def csv_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
         for metric, value in sorted(metrics.items()):
             rows.append({"site": site, "features": "image", "model": "cnn leave-site-out",
                          "metric": metric, "value": value})
-    for site, metrics in sorted((study.get("segmentation") or {}).get("final", {}).items()):
-        for metric, value in sorted(metrics.items()):
-            rows.append({"site": site, "features": "image", "model": "segmentation",
-                         "metric": metric, "value": value})
+    segmentation = study.get("segmentation") or {}
+    for model, results in (("segmentation", segmentation.get("final", {})),
+                           ("segmentation leave-site-out",
+                            (segmentation.get("leave_site_out") or {}).get("sites", {}))):
+        for site, metrics in sorted(results.items()):
+            for metric, value in sorted(metrics.items()):
+                rows.append({"site": site, "features": "image", "model": model,
+                             "metric": metric, "value": value})
     return rows

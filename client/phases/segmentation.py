@@ -34,7 +34,7 @@ from client.segment.quality import mean_with_interval
 from client.segment.site import Segmented, load_training, segment_case, shape_sums
 from common import plots
 from common.glm import ModelError
-from common.messages import StudyConfig
+from common.messages import SEGMENTATION_LEAVE_SITE_OUT, StudyConfig
 from common.network import load_state_arrays, state_arrays
 from common.payloads import MIN_ROWS_SENT, released
 from common.protocol import StudyProtocol
@@ -113,29 +113,42 @@ def evaluate(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
     (Dice and HD95 per label, mean and 95% bootstrap CI; NaN from fewer than
     ``min_patients`` cases), and run on the cases without a mask: a mask that passes quality
     control is written (NIfTI, and a DICOM SEG for a DICOM series) and recorded for the
-    preparation; one that fails is recorded with the reason, and the case is skipped."""
+    preparation; one that fails is recorded with the reason, and the case is skipped. A request
+    naming :data:`~common.messages.SEGMENTATION_LEAVE_SITE_OUT` carries the network trained
+    without this site: its test scores alone, nothing kept."""
     header = SegmenterHeader.from_json(study.required("segmenter"), "the study's segmenter")
     seed = study.required("seed")
     network = header.network(seed=seed)
     load_state_arrays(network, weights)
     network.eval()
-    folder = segmentation_dir(site, protocol)
-    save_segmenter(folder / MODEL_FILE, header, weights)
     cases = segmentation_cases(site, protocol, seed, study.required("test_fraction"))
     device = select_device(site.device)
+    left_out = study.models == (SEGMENTATION_LEAVE_SITE_OUT,)
     with torch_threads(site.n_workers):
         tested = [segment_case(c, protocol, header, network, site.budget, device, compare=True)
                   for c in cases.test]
-        made = {c.case_id: _make_mask(c, protocol, header, network, site, device)
-                for c in cases.to_segment}
+        made = {} if left_out else {
+            c.case_id: _make_mask(c, protocol, header, network, site, device)
+            for c in cases.to_segment}
+    metrics, rows = _scores(tested, header, seed, site.min_patients)
+    if left_out:  # the network trained without this site: its test scores alone
+        return metrics
+    save_segmenter(segmentation_dir(site, protocol) / MODEL_FILE, header, weights)
     write_auto_masks(site, protocol, made)
+    metrics |= {"auto_n": released(len(made), site.min_patients),
+                "auto_used": released(sum("mask" in m for m in made.values()),
+                                      site.min_patients)}
+    _record(site, protocol, tested, made, rows, cases.test)
+    return metrics
+
+
+def _scores(tested: list[Segmented], header: SegmenterHeader, seed: int, floor: int
+            ) -> tuple[dict[str, float], list[dict[str, object]]]:
+    """The metrics a site sends of its test masks (per label, Dice and HD95: the mean and its
+    95% bootstrap CI; NaN from fewer than ``floor`` cases) and its report's rows."""
     scored = [r for r in tested if r.agreement]
-    floor = site.min_patients
     metrics: dict[str, float] = {"num-examples": released(len(scored), floor),
-                                 "test_n": released(len(scored), floor),
-                                 "auto_n": released(len(made), floor),
-                                 "auto_used": released(sum("mask" in m for m in made.values()),
-                                                       floor)}
+                                 "test_n": released(len(scored), floor)}
     rows = []
     for value, name in zip(header.labels.values, header.labels.names, strict=True):
         for metric, index in (("dice", 0), ("hd95", 1)):
@@ -147,8 +160,7 @@ def evaluate(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
         rows.append({"label": value, "name": name,
                      "dice": [metrics[f"label_{value}_dice{s}"] for s in ("", "_low", "_high")],
                      "hd95": [metrics[f"label_{value}_hd95{s}"] for s in ("", "_low", "_high")]})
-    _record(site, protocol, tested, made, rows, cases.test)
-    return metrics
+    return metrics, rows
 
 
 def _make_mask(case: CaseSpec, protocol: StudyProtocol, header: SegmenterHeader,

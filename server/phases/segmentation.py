@@ -9,11 +9,12 @@ updates (no case's volume leaves a site); every site keeps the same file."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
 
-from common.messages import SEGMENTATION, MessageType
+from common.messages import SEGMENTATION, SEGMENTATION_LEAVE_SITE_OUT, MessageType
 from common.network import float32_nbytes, state_arrays
 from common.records import pack_weights
 from common.segmenter import (
@@ -75,17 +76,78 @@ def run_segmentation(transport: Transport, nodes: dict[int, str], settings: Stud
             continue
         scored[site] = numbers(reply.content["metrics"])
     for site, metrics in scored.items():
-        dice = ", ".join(f"{name} Dice {_text(metrics.get(f'label_{v}_dice'))}"
-                         for v, name in zip(labels.values, labels.names, strict=True))
-        progress(f"  segmentation at {site}: {dice}; masks made {_count(metrics, 'auto_used')}"
-                 f" of {_count(metrics, 'auto_n')}")
+        progress(f"  segmentation at {site}: {_dice(metrics, labels)}; masks made "
+                 f"{_count(metrics, 'auto_used')} of {_count(metrics, 'auto_n')}")
+    loso = (leave_site_out(transport, nodes, settings, progress, initial, scored)
+            if spec.leave_site_out else None)
     return {"architecture": spec.architecture, "aggregator": spec.aggregator,
             "rounds": spec.rounds, "weights_bytes": float32_nbytes(initial),
             "labels": [{"value": v, "name": n} for v, n in zip(labels.values, labels.names,
                                                                strict=True)],
             "trained_on": header.trained_on, "volume_ml": header.volume_ml,
             "parts": header.parts, **records, "final": scored,
-            "failed": strategy.failed | failed}
+            "failed": strategy.failed | failed,
+            **({"leave_site_out": loso} if loso is not None else {})}
+
+
+def leave_site_out(transport: Transport, nodes: dict[int, str], settings: StudySettings,
+                   progress: Progress, initial: Mapping[str, np.ndarray],
+                   scored: Mapping[str, Mapping[str, float | None]]) -> dict[str, object]:
+    """``segmentation.leave_site_out``: for each site with held-out masks, the same rounds from
+    the same initial network by the other sites alone (their records and checkpoints in
+    ``out-dir/segmentation_loso/<site>``), scored on the left-out site's test masks. A site is
+    skipped, with the reason, when it has no test masks, fewer than ``min_sites`` others are
+    left, none of them trained, or its evaluation fails."""
+    protocol = settings.protocol
+    spec = protocol.segmentation
+    assert spec is not None  # the orchestrator runs this phase only with a network
+    labels = SegmenterLabels.of(protocol)
+    sites: dict[str, dict[str, float | None]] = {}
+    skipped: dict[str, str] = {}
+    for node, site in sorted(nodes.items(), key=lambda item: item[1]):
+        others = {n: s for n, s in nodes.items() if n != node}
+        if not (scored.get(site) or {}).get("test_n"):
+            skipped[site] = "no held-out hand-drawn masks to score it on"
+            continue
+        if len(others) < settings.min_sites:
+            skipped[site] = (f"{len(others)} other site(s), fewer than min-sites = "
+                             f"{settings.min_sites}")
+            continue
+        progress(f"  segmentation without {site}: {spec.rounds} round(s) with "
+                 f"{', '.join(sorted(others.values()))}")
+        alone = dataclasses.replace(settings, out_dir=settings.out_dir / "segmentation_loso" / site)
+        strategy = cnn_strategy(alone, others, lambda line, s=site: progress(line.replace(
+            "Segmentation round", f"Segmentation without {s}, round", 1)), initial,
+            phase=SEGMENTATION)
+        config = study_config(settings, seed=settings.seed,
+                              test_fraction=settings.test_fraction, phase=SEGMENTATION)
+        model = transport.train_rounds(strategy, initial, spec.rounds, settings.timeout_s,
+                                       config)
+        sums, trained = shape_sums(strategy.records()["history"], labels)  # type: ignore[arg-type]
+        if not trained:
+            skipped[site] = "no other site trained the network"
+            continue
+        header = header_from_sums(protocol, sums, {"sites": trained,
+                                                   "cases": int(sums["masks"])})
+        request = pack_weights(model, study_config(
+            settings, seed=settings.seed, test_fraction=settings.test_fraction,
+            phase=SEGMENTATION, segmenter=header.to_json(),
+            models=(SEGMENTATION_LEAVE_SITE_OUT,)))
+        replies, failed = exchange(transport, {node: site}, MessageType.EVALUATE,
+                                   lambda _, r=request: r, settings)
+        reply = replies.get(site)
+        if (reply is None or protocol_hash_of(reply) != protocol.content_hash()
+                or "metrics" not in reply.content):
+            skipped[site] = failed.get(site, "evaluation: not under the study's protocol")
+            continue
+        sites[site] = numbers(reply.content["metrics"])
+        progress(f"  segmentation without {site}, at {site}: {_dice(sites[site], labels)}")
+    return {"sites": sites, "skipped": skipped}
+
+
+def _dice(metrics: Mapping[str, float | None], labels: SegmenterLabels) -> str:
+    return ", ".join(f"{name} Dice {_text(metrics.get(f'label_{v}_dice'))}"
+                     for v, name in zip(labels.values, labels.names, strict=True))
 
 
 def shape_sums(history: Mapping[str, Mapping[str, Mapping[str, float | None]]],

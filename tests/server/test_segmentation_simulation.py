@@ -3,7 +3,9 @@ train the network (FedAvg), a third site has no mask at all. That site says each
 sends nothing, gets the study's network at the end, makes its own masks with it (those that
 fail quality control named and skipped), and runs the rest of the study on them: its radiomics
 model is scored beside the manual-mask sites'. Every reply passes the privacy guard and the
-shape audit; the coordinator and every site hold the same model file."""
+shape audit; the coordinator and every site hold the same model file. With
+``segmentation.leave_site_out``, each site with test masks is scored with the network the others
+trained without it."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def test_a_site_without_masks_joins_with_the_federated_networks_masks(tmp_path: 
     protocol = StudyProtocol.model_validate(protocol.model_copy(update={
         "standardization": protocol.standardization.model_copy(update={"histogram": None}),
         "model": ModelSpec(screening_top_k=5, cv_folds=3, n_lambdas=3), "cnn": None,
-        "segmentation": SegmentationSpec(rounds=4)}).model_dump())
+        "segmentation": SegmentationSpec(rounds=4, leave_site_out=True)}).model_dump())
     settings = StudySettings(protocol, tmp_path / "out", min_sites=2, timeout_s=300, seed=1,
                              combat=CombatOptions(min_batch_size=3, min_cell=1), until="model")
     run_simulation(server_app=make_server_app(settings, lambda _: None),
@@ -71,6 +73,18 @@ def test_a_site_without_masks_joins_with_the_federated_networks_masks(tmp_path: 
     final_c = seg["final"]["site_C"]
     assert final_c["test_n"] == 0 and final_c["label_1_dice"] is None
     assert final_c["auto_n"] == 44 and final_c["auto_used"] > 0
+
+    # leave-site-out: the network of the others, scored on each site's own test masks; not
+    # at site_C, which has none
+    loso = seg["leave_site_out"]
+    assert sorted(loso["sites"]) == ["site_A", "site_B"]
+    assert loso["skipped"] == {"site_C": "no held-out hand-drawn masks to score it on"}
+    for site, metrics in loso["sites"].items():
+        assert metrics["test_n"] == 7 and 0 <= metrics["label_1_dice"] <= 1
+        assert "auto_n" not in metrics  # scored, nothing made or kept
+        progress = json.loads((out / "segmentation_loso" / site /
+                               "segmentation_progress.json").read_text())
+        assert all(site not in sites for sites in progress["history"].values())
 
     # one model file: the coordinator's, and each site's copy
     header, network = load_segmenter(out / "segmentation" / MODEL_FILE, protocol)
@@ -126,6 +140,7 @@ def test_a_site_without_masks_joins_with_the_federated_networks_masks(tmp_path: 
     assert MessageType.EVALUATE in {e["type"] for e in sent}
     report = (out / "report.html").read_text()
     assert "Segmentation network (unet, fedavg, 4 rounds)" in report
+    assert "Dice without the site (leave-site-out)" in report
     # each site's own report: its test cases drawn with both masks; site_C's masks made
     pages = {site: cohort / "work" / site / "study" / protocol.short_hash / "report" /
              "site_report.html" for site in SITES}
