@@ -1,9 +1,9 @@
 """The study, phase by phase, independent of Flower: the handshake, the segmentation network
-(when the protocol has one), the local preparation,
-federated ComBat, the radiomics model and the nomogram, the CNN (each in :mod:`server.phases`),
-with the validation inside each; ``study.json`` says how it ended and ``checkpoint.json`` how
-far it got, so a restarted coordinator resumes it. Every run ends by writing the multicentre
-report (:mod:`server.report`) of what it got to."""
+(when the protocol has one), the local preparation, federated ComBat, the radiomics model and
+the nomogram, the CNN (each in :mod:`server.phases`), with the validation inside each;
+``study.json`` says how it ended and ``checkpoint.json`` how far it got, so a restarted
+coordinator resumes it. Every run ends by writing the multicentre report
+(:mod:`server.report`) of what it got to."""
 
 from __future__ import annotations
 

@@ -157,3 +157,17 @@ def test_another_protocol_in_the_same_folder_starts_afresh(tmp_path: Path) -> No
     other = settings.__class__(protocol, tmp_path, seed=7)
     fresh, resumed = open_checkpoint(other)
     assert not resumed and fresh.done == [] and not (tmp_path / "prepare.json").exists()
+
+
+def test_the_segmentation_rounds_are_checkpointed_apart_from_the_cnns(tmp_path: Path) -> None:
+    from common.protocol import SegmentationSpec
+
+    protocol = load_protocol("preset:spine_mri_t1w").model_copy(
+        update={"segmentation": SegmentationSpec(rounds=6)})
+    settings = StudySettings(protocol, tmp_path, until="segmentation")
+    checkpoint, _ = open_checkpoint(settings)
+    checkpoint.set_rounds("segmentation", 4)
+    checkpoint.save(tmp_path)
+    again, resumed = open_checkpoint(settings)
+    assert resumed and again.rounds_of("segmentation") == 4 and again.rounds_of("cnn") == 0
+    assert again.done == []  # the phase is not finished: the rounds go on from round 4
