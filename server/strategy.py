@@ -9,6 +9,7 @@ One of the modules that work on Flower's own objects (with the apps and the reco
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -287,3 +288,26 @@ def train_rounds(grid: Grid, strategy: PerSite, start: Mapping[str, np.ndarray],
         grid, ArrayRecord({k: Array(v) for k, v in start.items()}), num_rounds=rounds,
         timeout=timeout_s, train_config=ConfigRecord(study.to_mapping()))
     return {k: v.numpy() for k, v in result.arrays.items()}
+
+
+def train_without(transport: Any, nodes: dict[int, str], node: int, settings: StudySettings,
+                  progress: Progress, initial: Mapping[str, np.ndarray], study: StudyConfig,
+                  phase: str = "cnn") -> tuple[PerSite, dict[str, np.ndarray]] | str:
+    """A network's federation without one site (``node``), for its leave-site-out score: the
+    phase's rounds from ``initial`` with the other sites (their records and checkpoints in
+    ``out-dir/<phase>_loso/<site>``). The strategy and the final weights, or why it cannot run
+    (fewer than ``min_sites`` other sites)."""
+    site = nodes[node]
+    others = {n: s for n, s in nodes.items() if n != node}
+    if len(others) < settings.min_sites:
+        return f"{len(others)} other site(s), fewer than min-sites = {settings.min_sites}"
+    title = "CNN" if phase == "cnn" else phase.capitalize()
+    spec = settings.protocol.cnn if phase == "cnn" else settings.protocol.segmentation
+    assert spec is not None  # a network's phase runs only with its section in the protocol
+    progress(f"  {title} without {site}: {spec.rounds} round(s) with "
+             f"{', '.join(sorted(others.values()))}")
+    alone = dataclasses.replace(settings, out_dir=settings.out_dir / f"{phase}_loso" / site)
+    strategy = cnn_strategy(alone, others, lambda line: progress(line.replace(
+        f"{title} round", f"{title} without {site}, round", 1)), initial, phase=phase)
+    return strategy, transport.train_rounds(strategy, initial, spec.rounds, settings.timeout_s,
+                                            study)

@@ -42,3 +42,17 @@ def torch_threads(n: int) -> Iterator[None]:
 def crop_tensor(x: np.ndarray, device: torch.device) -> torch.Tensor:
     """(n, z, y, x) crops as a (n, 1, z, y, x) float32 tensor on ``device``."""
     return torch.from_numpy(np.ascontiguousarray(x[:, None])).to(device, non_blocking=True)
+
+
+def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, anchor: list[torch.Tensor], mu: float) -> None:
+    """One step on ``loss``, with FedProx's ``mu / 2 * ||w - w_0||^2`` to the round's start
+    weights ``anchor`` when ``mu`` > 0, through the gradient scaler (float16 on CUDA)."""
+    objective = loss
+    if mu > 0:
+        drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+        objective = loss + mu / 2.0 * drift
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(objective).backward()
+    scaler.step(optimizer)
+    scaler.update()

@@ -20,7 +20,7 @@ import torch
 from monai.transforms import Compose, RandFlip, RandRotate, RandZoom
 
 from client.cnn.crops import cnn_spec, prepare_crops
-from client.cnn.device import crop_tensor, select_device, torch_threads
+from client.cnn.device import crop_tensor, optimizer_step, select_device, torch_threads
 from common.errors import ConfigError
 from common.glm import ModelError
 from common.network import build_network, load_state_arrays, state_arrays
@@ -181,15 +181,7 @@ def train_round(site: SiteConfig, protocol: StudyProtocol, global_arrays: Mappin
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=cuda):
                     output = model(inputs)
                 loss = criterion(output.float().reshape(-1), yb)
-                objective = loss
-                if mu > 0:
-                    drift = sum(((p - a) ** 2).sum()
-                                for p, a in zip(model.parameters(), anchor, strict=True))
-                    objective = loss + mu / 2.0 * drift
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(objective).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                optimizer_step(model, loss, optimizer, scaler, anchor, mu)
                 total += float(loss.detach()) * len(batch)
                 seen += len(batch)
         model.cpu()

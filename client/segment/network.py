@@ -34,6 +34,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from client.cnn.device import optimizer_step
 from common.glm import ModelError
 from common.protocol import SegmentationSpec
 
@@ -128,17 +129,9 @@ def train_epochs(network: torch.nn.Module, cases: Sequence[TrainingCase],
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=cuda):
                     output = network(image)
                 loss = criterion(output.float(), label)
-                objective = loss
-                if anchor:
-                    drift = sum(((p - a) ** 2).sum()
-                                for p, a in zip(network.parameters(), anchor, strict=True))
-                    objective = loss + proximal_mu / 2.0 * drift
                 if not torch.isfinite(loss):
                     raise ModelError("the segmentation loss is not finite: the network diverged")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(objective).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                optimizer_step(network, loss, optimizer, scaler, anchor, proximal_mu)
                 total += float(loss.detach()) * len(batch)
                 seen += len(batch)
     network.cpu()

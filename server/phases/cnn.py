@@ -5,7 +5,6 @@ the updates disclosed (local differential privacy) per site."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +17,7 @@ from common.protocol import LocalDpSpec
 from common.records import pack_weights
 from common.wire import to_wire, wire_nbytes
 from server.rounds import Transport, exchange, study_config
-from server.strategy import cnn_strategy, numbers, protocol_hash_of
+from server.strategy import cnn_strategy, numbers, protocol_hash_of, train_without
 from server.study import Checkpoint, Progress, StudySettings
 
 
@@ -81,23 +80,15 @@ def leave_site_out(transport: Transport, nodes: dict[int, str], settings: StudyS
     checkpoints in ``out-dir/cnn_loso/<site>``), then that model's test metrics at the site
     left out. A site is skipped, with the reason, when fewer than ``min_sites`` others are
     left or its evaluation fails."""
-    spec = settings.protocol.cnn
-    assert spec is not None  # the orchestrator runs this phase only with a CNN
     sites: dict[str, dict[str, float | None]] = {}
     skipped: dict[str, str] = {}
     for node, site in sorted(nodes.items(), key=lambda item: item[1]):
-        others = {n: s for n, s in nodes.items() if n != node}
-        if len(others) < settings.min_sites:
-            skipped[site] = (f"{len(others)} other site(s), fewer than min-sites = "
-                             f"{settings.min_sites}")
+        trained = train_without(transport, nodes, node, settings, progress, initial,
+                                study_config(settings, seed=settings.seed))
+        if isinstance(trained, str):
+            skipped[site] = trained
             continue
-        progress(f"  CNN without {site}: {spec.rounds} round(s) with "
-                 f"{', '.join(sorted(others.values()))}")
-        alone = dataclasses.replace(settings, out_dir=settings.out_dir / "cnn_loso" / site)
-        strategy = cnn_strategy(alone, others, lambda line, s=site: progress(
-            line.replace("CNN round", f"CNN without {s}, round", 1)), initial)
-        model = transport.train_rounds(strategy, initial, spec.rounds, settings.timeout_s,
-                                       study_config(settings, seed=settings.seed))
+        _, model = trained
         request = pack_weights(model, study_config(settings, seed=settings.seed,
                                                    models=(CNN_LEAVE_SITE_OUT,)))
         replies, failed = exchange(transport, {node: site}, MessageType.EVALUATE,

@@ -9,7 +9,6 @@ updates (no case's volume leaves a site); every site keeps the same file."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -26,7 +25,7 @@ from common.segmenter import (
     shape_sum_names,
 )
 from server.rounds import Transport, exchange, study_config
-from server.strategy import cnn_strategy, numbers, protocol_hash_of
+from server.strategy import cnn_strategy, numbers, protocol_hash_of, train_without
 from server.study import Checkpoint, Progress, StudySettings
 
 MODEL_FILE = "segmenter.npz"
@@ -104,25 +103,18 @@ def leave_site_out(transport: Transport, nodes: dict[int, str], settings: StudyS
     labels = SegmenterLabels.of(protocol)
     sites: dict[str, dict[str, float | None]] = {}
     skipped: dict[str, str] = {}
+    config = study_config(settings, seed=settings.seed, test_fraction=settings.test_fraction,
+                          phase=SEGMENTATION)
     for node, site in sorted(nodes.items(), key=lambda item: item[1]):
-        others = {n: s for n, s in nodes.items() if n != node}
         if not (scored.get(site) or {}).get("test_n"):
             skipped[site] = "no held-out hand-drawn masks to score it on"
             continue
-        if len(others) < settings.min_sites:
-            skipped[site] = (f"{len(others)} other site(s), fewer than min-sites = "
-                             f"{settings.min_sites}")
+        federation = train_without(transport, nodes, node, settings, progress, initial, config,
+                                   phase=SEGMENTATION)
+        if isinstance(federation, str):
+            skipped[site] = federation
             continue
-        progress(f"  segmentation without {site}: {spec.rounds} round(s) with "
-                 f"{', '.join(sorted(others.values()))}")
-        alone = dataclasses.replace(settings, out_dir=settings.out_dir / "segmentation_loso" / site)
-        strategy = cnn_strategy(alone, others, lambda line, s=site: progress(line.replace(
-            "Segmentation round", f"Segmentation without {s}, round", 1)), initial,
-            phase=SEGMENTATION)
-        config = study_config(settings, seed=settings.seed,
-                              test_fraction=settings.test_fraction, phase=SEGMENTATION)
-        model = transport.train_rounds(strategy, initial, spec.rounds, settings.timeout_s,
-                                       config)
+        strategy, model = federation
         sums, trained = shape_sums(strategy.records()["history"], labels)  # type: ignore[arg-type]
         if not trained:
             skipped[site] = "no other site trained the network"
