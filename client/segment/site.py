@@ -164,20 +164,3 @@ def segment_case(case: CaseSpec, protocol: StudyProtocol, header: SegmenterHeade
             log.warning("segmentation: case '%s' has no usable reference mask: %s",
                         case.case_id, exc.detail)
     return Segmented(case.case_id, mask, problems, measured)
-
-
-def label_columns(header: SegmenterHeader) -> list[tuple[int, str]]:
-    """(value, column stem) per label, e.g. (1, 'label_1')."""
-    return [(v, f"label_{v}") for v in header.labels.values]
-
-
-def dice_table(results: Sequence[Segmented], header: SegmenterHeader) -> dict[str, np.ndarray]:
-    """Per label column stem, the per-case Dice and HD95 of the compared cases (NaN where a
-    case has no agreement)."""
-    out = {}
-    for value, stem in label_columns(header):
-        out[f"{stem}_dice"] = np.array([r.agreement.get(value, (np.nan, np.nan))[0]
-                                        for r in results], dtype=float)
-        out[f"{stem}_hd95"] = np.array([r.agreement.get(value, (np.nan, np.nan))[1]
-                                        for r in results], dtype=float)
-    return out
