@@ -595,7 +595,8 @@ class SegmentationSpec(_Frozen):
     small rotations and intensity/contrast changes (``augment``); MONAI's Dice + cross-entropy
     loss; inference slides the patch over the whole image. ``dynunet`` is MONAI's DynUNet in
     nnU-Net's configuration (kernels and strides from the spacing); ``unet`` and ``segresnet``
-    MONAI's UNet and SegResNet, ``channels`` their feature maps per level.
+    MONAI's UNet and SegResNet, ``channels`` their feature maps per level. The aggregators are
+    the CNN's (:class:`CnnSpec`: ``proximal_mu``, ``trim_fraction``, ``krum_byzantine``).
 
     Quality control of a mask the network makes: a label whose volume lies outside the range
     of the training masks widened by ``volume_margin`` (a share of it, each side), or whose
@@ -612,8 +613,11 @@ class SegmentationSpec(_Frozen):
     patches_per_case: int = Field(4, ge=1, le=64)
     batch_size: int = Field(4, ge=1, le=256)
     learning_rate: float = Field(1e-3, gt=0, le=10, allow_inf_nan=False)
-    aggregator: Literal["fedavg", "fedprox"] = "fedavg"
+    aggregator: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "trimmed_mean", "krum"] = (
+        "fedavg")
     proximal_mu: float = Field(0.01, ge=0, le=100, allow_inf_nan=False)
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    krum_byzantine: int = Field(0, ge=0, le=100)
     augment: bool = True
     leave_site_out: bool = Field(
         False, description="Also one federation per site without it (the same rounds, the "

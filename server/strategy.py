@@ -255,9 +255,9 @@ def cnn_strategy(settings: StudySettings, nodes: dict[int, str], progress: Progr
     if spec.aggregator == "fedprox":
         options["proximal_mu"] = spec.proximal_mu
     elif spec.aggregator == "trimmed_mean":
-        options["beta"] = spec.trim_fraction  # type: ignore[union-attr]
+        options["beta"] = spec.trim_fraction
     elif spec.aggregator == "krum":
-        options["num_malicious_nodes"] = spec.krum_byzantine  # type: ignore[union-attr]
+        options["num_malicious_nodes"] = spec.krum_byzantine
     elif spec.aggregator == "fedadam":
         options |= {"eta": spec.learning_rate * 10, "eta_l": spec.learning_rate}
     offset = checkpoint.rounds_of(phase) if checkpoint is not None else 0

@@ -143,3 +143,32 @@ def test_weights_beyond_half_precision_are_refused_by_name():
     assert back["w"].dtype == np.float32
     np.testing.assert_allclose(back["w"], [0.1, -2.5], rtol=1e-3)
     assert to_wire(weights, "float32")["conv.weight"].dtype == np.float32
+
+
+@pytest.mark.parametrize("aggregator", ["fedavg", "fedprox", "fedadam", "fedmedian",
+                                        "trimmed_mean", "krum"])
+def test_the_segmentation_network_is_aggregated_by_any_of_the_cnns_strategies(
+        aggregator: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from common.protocol import SegmentationSpec
+    from common.segmenter import build_segmenter
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 2)
+    spec = SegmentationSpec(channels=(4, 8), patch_size=(16, 16, 8), aggregator=aggregator)
+    protocol = load_protocol("preset:spine_mri_t1w").model_copy(update={"segmentation": spec})
+    expected = state_arrays(build_segmenter(spec, 3, (4.0, 1.0, 1.0)))
+    strategy = cnn_strategy(StudySettings(protocol, tmp_path), NODES, lambda _: None, expected,
+                            phase="segmentation")
+    assert type(strategy).__name__.endswith({"fedavg": "FedAvg", "fedprox": "FedProx",
+                                             "fedadam": "FedAdam", "fedmedian": "FedMedian",
+                                             "trimmed_mean": "FedTrimmedAvg",
+                                             "krum": "Krum"}[aggregator])
+    start = ArrayRecord({k: Array(v) for k, v in expected.items()})
+    sent = strategy.configure_train(1, start, ConfigRecord({}),
+                                    SimpleNamespace(get_node_ids=lambda: list(NODES)))
+    assert len(sent) == len(NODES)
+    arrays, _ = strategy.aggregate_train(1, updates(expected, protocol.content_hash()))
+    assert arrays is not None and set(arrays) == set(expected)
+    assert (tmp_path / "segmentation" / "global_round_001.npz").is_file()  # its own folder
+    assert (tmp_path / "segmentation_progress.json").is_file()
