@@ -1,7 +1,8 @@
 """The segmentation phase (issue 17), before the preparation: the protocol's segmentation
-network trained over ``segmentation.rounds`` rounds of its aggregator (Flower's FedAvg or
-FedProx, :mod:`server.strategy`) by the sites that have masks, then sent to every site, which
-scores it on its held-out masks and makes the masks of its cases without one.
+network trained over ``segmentation.rounds`` rounds of its aggregator (one of Flower's
+strategies, as the CNN's: :mod:`server.strategy`) by the sites that have masks, then sent to
+every site, which scores it on its held-out masks and makes the masks of its cases without
+one.
 
 The model file (``out-dir/segmentation/segmenter.npz``) is the study's network with the
 volume range and part counts of the training masks, from the sums the sites sent with their
