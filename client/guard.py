@@ -354,7 +354,8 @@ def segmentation_metric_names(kind: str, protocol: StudyProtocol) -> frozenset[s
     if kind == "train":
         return frozenset({"num-examples", "train_loss", "train_seconds",
                           *shape_sum_names(labels)})
-    return frozenset({"num-examples", "test_n", "auto_n", "auto_used",
+    return frozenset({"num-examples", "test_n", "auto_n", "auto_used", "icc_n",
+                      "icc_good_share", "icc_median",
                       *(f"label_{v}_{m}{s}" for v in labels.values for m in ("dice", "hd95")
                         for s in ("", "_low", "_high"))})
 

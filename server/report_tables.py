@@ -94,7 +94,11 @@ def segmentation_section(seg: dict[str, Any]) -> dict[str, Any]:
                                "trained": "yes" if site in trained else
                                f"no: {left.get(site, 'no update')}"[:160],
                                "masks_made": (f"{_count(m.get('auto_used'))} of "
-                                              f"{_count(m.get('auto_n'))}")}
+                                              f"{_count(m.get('auto_n'))}"),
+                               "icc": (f"{m['icc_good_share']:.0%} (median ICC "
+                                       f"{m.get('icc_median') or float('nan'):.3f}, "
+                                       f"{_count(m.get('icc_n'))} cases)"
+                                       if m.get("icc_good_share") is not None else "n/a")}
         for label in labels:
             v = label["value"]
             row[f"dice_{v}"] = with_ci(m, f"label_{v}_dice")
@@ -108,9 +112,10 @@ def segmentation_section(seg: dict[str, Any]) -> dict[str, Any]:
     names = {"dice": "Dice [95% CI]", "hd95": "HD95 mm [95% CI]",
              "loso": "Dice without the site (leave-site-out)"}
     columns = ["site", "trained", "test_n", *(f"{k}_{label['value']}" for label in labels
-                                              for k in kinds), "masks_made"]
+                                              for k in kinds), "icc", "masks_made"]
     headers = ["site", "trained on its masks", "test masks",
                *(f"{label['name']} {names[k]}" for label in labels for k in kinds),
+               "features with ICC >= 0.75, automatic vs hand-drawn masks",
                "masks made (passed QC)"]
     rounds = sorted(int(r) for r in history)
     sites = sorted({s for r in history.values() for s in r})

@@ -13,6 +13,7 @@ bootstrap CIs and counts. The per-case figures, the masks and the images stay he
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from client.dicom.seg_out import write_seg
 from client.folds import split_state
 from client.loading import load_case
 from client.manifest import CaseSpec, read_manifest
+from client.pipeline import run_cases
 from client.report import refresh_site_report, report_dir
 from client.segment.masks import MODEL_FILE, segmentation_dir, write_auto_masks
 from client.segment.network import seed_of, train_epochs
@@ -35,6 +37,7 @@ from client.segment.site import Segmented, load_training, segment_case, shape_su
 from common import plots
 from common.glm import ModelError
 from common.messages import SEGMENTATION_LEAVE_SITE_OUT, StudyConfig
+from common.metrics.agreement import GOOD_ICC, icc_3_1
 from common.network import load_state_arrays, state_arrays
 from common.payloads import MIN_ROWS_SENT, released
 from common.protocol import StudyProtocol
@@ -138,8 +141,50 @@ def evaluate(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
     metrics |= {"auto_n": released(len(made), site.min_patients),
                 "auto_used": released(sum("mask" in m for m in made.values()),
                                       site.min_patients)}
-    _record(site, protocol, tested, made, rows, cases.test)
+    agreement, per_feature = feature_agreement(site, protocol, cases.test, tested)
+    metrics |= agreement
+    _record(site, protocol, tested, made, rows, cases.test, per_feature)
     return metrics
+
+
+def feature_agreement(site: SiteConfig, protocol: StudyProtocol, cases: list[CaseSpec],
+                      tested: list[Segmented]) -> tuple[dict[str, float], dict[str, float]]:
+    """How much the radiomic features depend on who drew the mask: the test cases' features
+    from the network's mask and from the hand-drawn one (the study's extraction, without its
+    histogram standardization, whose standard comes later: only the mask differs), ICC(3,1)
+    per feature over this site's test cases. What leaves: the share of features with ICC >=
+    :data:`~common.metrics.agreement.GOOD_ICC`, the median ICC and the count of cases (none
+    of them from fewer than ``min_patients`` cases); the per-feature ICC stays here."""
+    pairs = [(c, r) for c, r in zip(cases, tested, strict=True)
+             if r.mask is not None and r.agreement]
+    floor = max(2, site.min_patients)
+    if len(pairs) < floor:
+        return {}, {}
+    folder = segmentation_dir(site, protocol) / "test_masks"
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    for case, result in pairs:
+        path = folder / f"{case.case_id}.nii.gz"
+        sitk.WriteImage(result.mask, str(path), useCompression=True)
+        made.append(dataclasses.replace(case, mask=path, auto_mask=True))
+    plain = protocol.model_copy(update={"standardization": protocol.standardization.model_copy(
+        update={"histogram": None})})
+    manual, automatic = (run_cases(chosen, plain, mode="extract", workers=site.n_workers,
+                                   cache_dir=site.cache_dir, max_voxels=site.budget,
+                                   time_limit_s=site.case_time_limit_s)
+                         for chosen in ([c for c, _ in pairs], made))
+    kept = [(m.features, a.features) for m, a in zip(manual, automatic, strict=True)
+            if m.ok and a.ok and m.features and a.features]
+    if len(kept) < floor:
+        return {}, {}
+    names = sorted(kept[0][0])
+    icc = icc_3_1(np.array([[[m[n] for n in names], [a[n] for n in names]] for m, a in kept]))
+    finite = icc[np.isfinite(icc)]
+    if not finite.size:
+        return {}, {}
+    return ({"icc_n": float(len(kept)), "icc_good_share": float(np.mean(finite >= GOOD_ICC)),
+             "icc_median": float(np.median(finite))},
+            {n: float(v) for n, v in zip(names, icc, strict=True)})
 
 
 def _scores(tested: list[Segmented], header: SegmenterHeader, seed: int, floor: int
@@ -216,7 +261,7 @@ def _overlays(cases: list[CaseSpec], tested: list[Segmented], protocol: StudyPro
 
 def _record(site: SiteConfig, protocol: StudyProtocol, tested: list[Segmented],
             made: Mapping[str, Mapping[str, object]], rows: list[dict[str, object]],
-            cases: list[CaseSpec]) -> None:
+            cases: list[CaseSpec], icc: Mapping[str, float]) -> None:
     """The segmentation section of the site's own report: per test case and in summary, a
     few test cases drawn with both masks, and every case segmented (kept here)."""
     try:
@@ -225,7 +270,11 @@ def _record(site: SiteConfig, protocol: StudyProtocol, tested: list[Segmented],
             "tested": [{"case_id": r.case_id,
                         "agreement": {str(k): list(v) for k, v in r.agreement.items()},
                         "problems": list(r.problems)} for r in tested],
-            "auto": {k: dict(v) for k, v in made.items()}})
+            "auto": {k: dict(v) for k, v in made.items()},
+            "icc": {"good": GOOD_ICC, "features": len(icc),
+                    "share": (float(np.mean([v >= GOOD_ICC for v in icc.values()]))
+                              if icc else None),
+                    "lowest": [[n, v] for n, v in sorted(icc.items(), key=lambda x: x[1])[:10]]}})
         refresh_site_report(site, protocol)
     except Exception as exc:  # noqa: BLE001 - the site's own report must not stop the study
         log.warning("segmentation section of the site report of %s not written: %r",

@@ -110,6 +110,12 @@ the test cases; the per-case figures stay here):</p>
 <td>{% if r.hd95[0] == r.hd95[0] and r.hd95[0] is not none %}{{ "%.2f [%.2f, %.2f]" | format(r.hd95[0], r.hd95[1], r.hd95[2]) }}{% else %}n/a{% endif %}</td></tr>
 {% endfor %}
 </table>
+{% if sg.icc and sg.icc.share is not none %}
+<p>Radiomic features from the network's masks against the hand-drawn ones (the test cases,
+ICC(3,1) per feature): {{ "%.0f%%" | format(100 * sg.icc.share) }} of {{ sg.icc.features }}
+features at {{ sg.icc.good }} or above. The least reliable:
+{% for name, value in sg.icc.lowest %}{{ name }} ({{ "%.2f" | format(value) }}){% if not loop.last %}, {% endif %}{% endfor %}.</p>
+{% endif %}
 {% if sg.auto %}
 <h3>Masks made for the cases without one ({{ sg.auto | length }})</h3>
 <table><tr><th>case</th><th>mask made (used)</th><th>refused because</th></tr>
@@ -178,7 +184,7 @@ Software: {% for k, v in report.versions.items() %}{{ k }} {{ v }}{% if not loop
 {% if report.segmentation %}
 {% set sg = report.segmentation %}
 <h2>Segmentation network ({{ sg.architecture }}, {{ sg.aggregator }}, {{ sg.rounds }} rounds)</h2>
-<p>Trained by {{ sg.trained_on.sites | join(", ") or "no site" }} on {{ sg.trained_on.cases }} hand-drawn masks; each site scored it on its own held-out masks and made the masks of its cases without one. A mask made is used only when it passes quality control (not empty, not fragmented, a volume within the training masks' range{% for l in sg.labels %}{% if sg.volume_ml[l.value|string] %}; {{ l.name }} {{ "%.1f"|format(sg.volume_ml[l.value|string][0]) }}-{{ "%.1f"|format(sg.volume_ml[l.value|string][1]) }} ml{% endif %}{% endfor %}); the features table marks those cases (<code>mask_source = auto</code>).</p>
+<p>Trained by {{ sg.trained_on.sites | join(", ") or "no site" }} on {{ sg.trained_on.cases }} hand-drawn masks; each site scored it on its own held-out masks and made the masks of its cases without one. The feature agreement is each site's, over its own test cases. A mask made is used only when it passes quality control (not empty, not fragmented, a volume within the training masks' range{% for l in sg.labels %}{% if sg.volume_ml[l.value|string] %}; {{ l.name }} {{ "%.1f"|format(sg.volume_ml[l.value|string][0]) }}-{{ "%.1f"|format(sg.volume_ml[l.value|string][1]) }} ml{% endif %}{% endfor %}); the features table marks those cases (<code>mask_source = auto</code>).</p>
 {{ mapping_table(sg.rows, sg.columns, sg.headers) }}
 {{ reasons("Sites not scored with the segmentation network", sg.failed) }}
 {{ figures(sg.figures) }}

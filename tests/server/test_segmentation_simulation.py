@@ -70,8 +70,12 @@ def test_a_site_without_masks_joins_with_the_federated_networks_masks(tmp_path: 
         for v in (1, 2):
             assert 0 <= final[f"label_{v}_dice_low"] <= final[f"label_{v}_dice"] <= final[
                 f"label_{v}_dice_high"] <= 1
+        # the features from the network's masks against the hand-drawn ones' (ICC(3,1))
+        assert final["icc_n"] == 7 and 0 <= final["icc_good_share"] <= 1
+        assert -1 <= final["icc_median"] <= 1
     final_c = seg["final"]["site_C"]
     assert final_c["test_n"] == 0 and final_c["label_1_dice"] is None
+    assert "icc_good_share" not in final_c
     assert final_c["auto_n"] == 44 and final_c["auto_used"] > 0
 
     # leave-site-out: the network of the others, scored on each site's own test masks; not
@@ -145,5 +149,6 @@ def test_a_site_without_masks_joins_with_the_federated_networks_masks(tmp_path: 
     pages = {site: cohort / "work" / site / "study" / protocol.short_hash / "report" /
              "site_report.html" for site in SITES}
     assert "test case site_A_" in pages["site_A"].read_text()
+    assert "of 107\nfeatures at 0.75 or above" in pages["site_A"].read_text()
     assert "Masks made for the cases without one (44)" in pages["site_C"].read_text()
     render_in_chromium([out / "report.html", pages["site_A"]])
