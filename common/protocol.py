@@ -524,7 +524,22 @@ class LocalDpSpec(_Frozen):
 CropEdge = Annotated[int, Field(ge=8, le=256)]
 
 
-class CnnSpec(_Frozen):
+class FederatedTrainingSpec(_Frozen):
+    """What a network's federated training shares, the CNN's and the segmentation network's:
+    ``local_epochs`` a round at each site, Adam's ``learning_rate``, the ``aggregator`` (one of
+    Flower's strategies: ``proximal_mu`` is FedProx's; ``trim_fraction`` the trimmed mean's;
+    ``krum_byzantine`` the number of bad sites Krum tolerates) and the training augmentation."""
+    local_epochs: int = Field(1, ge=1, le=100)
+    learning_rate: float = Field(1e-3, gt=0, le=10, allow_inf_nan=False)
+    aggregator: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "trimmed_mean", "krum"] = (
+        "fedavg")
+    proximal_mu: float = Field(0.01, ge=0, le=100, allow_inf_nan=False)
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    krum_byzantine: int = Field(0, ge=0, le=100)
+    augment: bool = True
+
+
+class CnnSpec(FederatedTrainingSpec):
     """The 3D CNN (phase 5): a MONAI network on ROI-centred crops, trained over ``rounds``
     federated rounds with the named aggregator (``proximal_mu`` is FedProx's; ``trim_fraction``
     the trimmed mean's; ``krum_byzantine`` the number of bad sites Krum tolerates; ``local_dp``
@@ -539,15 +554,7 @@ class CnnSpec(_Frozen):
     crop_size: tuple[CropEdge, CropEdge, CropEdge] = Field(
         (48, 48, 16), description="(x, y, z) voxels.")
     rounds: int = Field(5, ge=1, le=500)
-    local_epochs: int = Field(1, ge=1, le=100)
     batch_size: int = Field(8, ge=1, le=1024)
-    learning_rate: float = Field(1e-3, gt=0, le=10, allow_inf_nan=False)
-    aggregator: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "trimmed_mean", "krum"] = (
-        "fedavg")
-    proximal_mu: float = Field(0.01, ge=0, le=100, allow_inf_nan=False)
-    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
-    krum_byzantine: int = Field(0, ge=0, le=100)
-    augment: bool = True
     local_dp: LocalDpSpec | None = None
     local_baseline: bool = Field(
         True, description="Each site also trains the network on its own crops alone (the same "
@@ -583,7 +590,7 @@ class CnnSpec(_Frozen):
         return self
 
 
-class SegmentationSpec(_Frozen):
+class SegmentationSpec(FederatedTrainingSpec):
     """The segmentation network (issue 17): a MONAI 3D network that labels the ROI
     (``ingestion.roi_label``) and, where the protocol normalizes by it, the reference tissue
     (``normalization.reference_label``), so that a case without a hand-drawn mask can join.
@@ -595,8 +602,8 @@ class SegmentationSpec(_Frozen):
     small rotations and intensity/contrast changes (``augment``); MONAI's Dice + cross-entropy
     loss; inference slides the patch over the whole image. ``dynunet`` is MONAI's DynUNet in
     nnU-Net's configuration (kernels and strides from the spacing); ``unet`` and ``segresnet``
-    MONAI's UNet and SegResNet, ``channels`` their feature maps per level. The aggregators are
-    the CNN's (:class:`CnnSpec`: ``proximal_mu``, ``trim_fraction``, ``krum_byzantine``).
+    MONAI's UNet and SegResNet, ``channels`` their feature maps per level. Its federated
+    training settings are the CNN's (:class:`FederatedTrainingSpec`).
 
     Quality control of a mask the network makes: a label whose volume lies outside the range
     of the training masks widened by ``volume_margin`` (a share of it, each side), or whose
@@ -609,16 +616,8 @@ class SegmentationSpec(_Frozen):
     patch_size: tuple[CropEdge, CropEdge, CropEdge] = Field(
         (64, 64, 16), description="(x, y, z) voxels; each a multiple of 2^(levels - 1).")
     rounds: int = Field(10, ge=1, le=500)
-    local_epochs: int = Field(1, ge=1, le=100)
     patches_per_case: int = Field(4, ge=1, le=64)
     batch_size: int = Field(4, ge=1, le=256)
-    learning_rate: float = Field(1e-3, gt=0, le=10, allow_inf_nan=False)
-    aggregator: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "trimmed_mean", "krum"] = (
-        "fedavg")
-    proximal_mu: float = Field(0.01, ge=0, le=100, allow_inf_nan=False)
-    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
-    krum_byzantine: int = Field(0, ge=0, le=100)
-    augment: bool = True
     leave_site_out: bool = Field(
         False, description="Also one federation per site without it (the same rounds, the "
         "other sites), scored on the left-out site's held-out masks: the segmentation's "
