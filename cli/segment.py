@@ -165,14 +165,9 @@ def segment(
     mask_source column, manual or auto) and <out>/segmentation_report.json. A mask that fails
     quality control (empty, fragmented, or a volume outside the training masks' range) is
     named and not used: its row keeps an empty mask, so extraction skips it, saying why."""
-    # deferred: heavy (see cli/__init__.py)
-    import SimpleITK as sitk
-
-    # deferred: torch, MONAI and highdicom load with these
+    # deferred: torch, MONAI and highdicom load with these (see cli/__init__.py)
     from client.cnn.device import select_device, torch_threads
-    from client.dicom.seg_out import write_seg
-    from client.segment.site import segment_case
-    from common.provenance import software_versions
+    from client.segment.site import segment_case, write_mask
     from common.segmenter import load_segmenter
 
     proto, config, cases, problems = _setup(protocol, manifest, out_dir, site_name, device)
@@ -183,10 +178,8 @@ def segment(
         fail_config(exc)
     todo = [c for c in cases if every_case or c.mask is None]
     masks = out_dir / "masks"
-    masks.mkdir(parents=True, exist_ok=True)
     made: dict[str, str] = {}
     records, results = [], []
-    version = software_versions().get("myelofed", "unknown")
     with torch_threads(config.n_workers):
         for case in todo:
             result = segment_case(case, proto, header, network, config.budget, torch_device,
@@ -195,20 +188,11 @@ def segment(
             problems_here = list(result.problems)
             files: list[str] = []
             if result.mask is not None and not problems_here:
-                nifti = masks / f"{case.case_id}.nii.gz"
-                sitk.WriteImage(result.mask, str(nifti), useCompression=True)
-                files.append(str(nifti))
-                if case.image.is_dir():
-                    seg = masks / f"{case.case_id}.seg.dcm"
-                    try:
-                        write_seg(result.mask, case.image, case.series_uid,
-                                  list(zip(header.labels.values, header.labels.names,
-                                           strict=True)), seg, version)
-                        files.append(str(seg))
-                    except Exception as exc:  # noqa: BLE001 - the NIfTI mask is still usable
-                        problems_here.append(f"DICOM SEG not written: {exc}")
+                written, problem = write_mask(case, result.mask, header, masks)
+                files = [str(f) for f in written]
+                problems_here += [problem] if problem else []
                 if case.mask is None:
-                    made[case.case_id] = str(nifti.resolve())
+                    made[case.case_id] = str(written[0].resolve())
             for line in problems_here:
                 console.print(f"{case.case_id}: {line}", highlight=False)
             records.append({"case_id": case.case_id, "auto": case.mask is None,

@@ -24,7 +24,6 @@ import SimpleITK as sitk
 import torch
 
 from client.cnn.device import select_device, torch_threads
-from client.dicom.seg_out import write_seg
 from client.folds import split_state
 from client.loading import load_case
 from client.manifest import CaseSpec, read_manifest
@@ -33,7 +32,13 @@ from client.report import refresh_site_report, report_dir
 from client.segment.masks import MODEL_FILE, segmentation_dir, write_auto_masks
 from client.segment.network import seed_of, train_epochs
 from client.segment.quality import mean_with_interval
-from client.segment.site import Segmented, load_training, segment_case, shape_sums
+from client.segment.site import (
+    Segmented,
+    load_training,
+    segment_case,
+    shape_sums,
+    write_mask,
+)
 from common import plots
 from common.glm import ModelError
 from common.messages import SEGMENTATION_LEAVE_SITE_OUT, StudyConfig
@@ -41,7 +46,7 @@ from common.metrics.agreement import GOOD_ICC, icc_3_1
 from common.network import load_state_arrays, state_arrays
 from common.payloads import MIN_ROWS_SENT, released
 from common.protocol import StudyProtocol
-from common.provenance import atomic_write_json, software_versions
+from common.provenance import atomic_write_json
 from common.segmenter import (
     SegmenterHeader,
     SegmenterLabels,
@@ -218,19 +223,11 @@ def _make_mask(case: CaseSpec, protocol: StudyProtocol, header: SegmenterHeader,
         reason = "; ".join(result.problems)
         log.warning("segmentation: no mask for case '%s': %s", case.case_id, reason)
         return {"reason": reason}
-    masks = segmentation_dir(site, protocol) / "masks"
-    masks.mkdir(parents=True, exist_ok=True)
-    path = masks / f"{case.case_id}.nii.gz"
-    sitk.WriteImage(result.mask, str(path), useCompression=True)
-    if case.image.is_dir():  # a DICOM series: the mask as a DICOM SEG too
-        try:
-            write_seg(result.mask, case.image, case.series_uid,
-                      list(zip(header.labels.values, header.labels.names, strict=True)),
-                      masks / f"{case.case_id}.seg.dcm",
-                      software_versions().get("myelofed", "unknown"))
-        except Exception as exc:  # noqa: BLE001 - the NIfTI mask is written and used
-            log.warning("segmentation: no DICOM SEG for case '%s': %s", case.case_id, exc)
-    return {"mask": str(path)}
+    files, problem = write_mask(case, result.mask, header,
+                                segmentation_dir(site, protocol) / "masks")
+    if problem:
+        log.warning("segmentation: case '%s': %s", case.case_id, problem)
+    return {"mask": str(files[0])}
 
 
 #: Test cases drawn in the site report, with the hand-drawn and the network's contours.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -164,3 +165,27 @@ def segment_case(case: CaseSpec, protocol: StudyProtocol, header: SegmenterHeade
             log.warning("segmentation: case '%s' has no usable reference mask: %s",
                         case.case_id, exc.detail)
     return Segmented(case.case_id, mask, problems, measured)
+
+
+def write_mask(case: CaseSpec, mask: sitk.Image, header: SegmenterHeader, folder: Path
+               ) -> tuple[list[Path], str]:
+    """Write a mask the network made of ``case`` into ``folder``: ``<case>.nii.gz``, and for a
+    DICOM series also ``<case>.seg.dcm``, a DICOM SEG that references it
+    (:func:`client.dicom.seg_out.write_seg`). The files written, and why the SEG could not be
+    ('' when it was, or the image is no series): the NIfTI mask stands without it."""
+    from client.dicom.seg_out import write_seg  # deferred: highdicom, for a DICOM series only
+    from common.provenance import software_versions  # deferred: reads package metadata
+
+    folder.mkdir(parents=True, exist_ok=True)
+    nifti = folder / f"{case.case_id}.nii.gz"
+    sitk.WriteImage(mask, str(nifti), useCompression=True)
+    if not case.image.is_dir():
+        return [nifti], ""
+    seg = folder / f"{case.case_id}.seg.dcm"
+    try:
+        write_seg(mask, case.image, case.series_uid,
+                  list(zip(header.labels.values, header.labels.names, strict=True)), seg,
+                  software_versions().get("myelofed", "unknown"))
+    except Exception as exc:  # noqa: BLE001 - highdicom raises many types; the NIfTI stands
+        return [nifti], f"DICOM SEG not written: {exc}"
+    return [nifti, seg], ""
