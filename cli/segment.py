@@ -90,12 +90,17 @@ def train_segmenter(
     counts, which the quality control of 'myelofed site segment' compares with) and
     <out>/segmentation_check.json (per held-out case and in summary; it stays here).
     In a federated study the network is trained by every site together instead."""
-    # deferred: heavy (see cli/__init__.py)
-    import numpy as np
-
-    # deferred: torch and MONAI load with these
+    # deferred: torch and MONAI load with these (see cli/__init__.py)
     from client.cnn.device import select_device, torch_threads
-    from client.segment.site import header_of, load_training, segment_case, train_alone
+    from client.segment.site import (
+        header_of,
+        load_training,
+        segment_case,
+        split_cases,
+        train_alone,
+    )
+
+    # deferred: as above
     from common.network import state_arrays
     from common.segmenter import save_segmenter, segmentation_spec
 
@@ -105,12 +110,8 @@ def train_segmenter(
         segmentation_spec(proto)
     except ConfigError as exc:
         fail_config(exc)
-    masked = [c for c in cases if c.mask is not None]
-    rng = np.random.default_rng(seed)
-    held = set(rng.permutation(len(masked))[:int(round(test_fraction * len(masked)))].tolist())
-    train = [c for i, c in enumerate(masked) if i not in held]
-    test = [c for i, c in enumerate(masked) if i in held]
-    loaded = load_training(train, proto, config.budget)
+    split = split_cases(cases, seed, config.site_name, test_fraction)
+    loaded = load_training(split.train, proto, config.budget)
     for case_id, reason in loaded.skipped.items():
         console.print(f"{case_id} skipped: {reason}", highlight=False)
     if not loaded.cases:
@@ -127,7 +128,7 @@ def train_segmenter(
         save_segmenter(out_dir / MODEL_FILE, header, state_arrays(network))
         network.eval()
         results = [segment_case(c, proto, header, network, config.budget, torch_device,
-                                compare=True) for c in test]
+                                compare=True) for c in split.test]
     summary = _agreement_table(results, header, seed)
     atomic_write_json(out_dir / "segmentation_check.json", {
         "protocol_hash": proto.content_hash(), "trained_on": result.cases,

@@ -17,14 +17,12 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from client.cnn.device import select_device, torch_threads
-from client.folds import split_state
 from client.loading import load_case
 from client.manifest import CaseSpec, read_manifest
 from client.pipeline import run_cases
@@ -33,10 +31,12 @@ from client.segment.masks import MODEL_FILE, segmentation_dir, write_auto_masks
 from client.segment.network import seed_of, train_epochs
 from client.segment.quality import mean_with_interval
 from client.segment.site import (
+    SegmentationCases,
     Segmented,
     load_training,
     segment_case,
     shape_sums,
+    split_cases,
     write_mask,
 )
 from common import plots
@@ -60,29 +60,13 @@ from common.site_config import SiteConfig
 log = logging.getLogger("myelofed.site")
 
 
-@dataclass(frozen=True)
-class SegmentationCases:
-    """A site's cases for the segmentation network: training and test cases (with a mask) and
-    the cases to segment (without)."""
-
-    train: list[CaseSpec]
-    test: list[CaseSpec]
-    to_segment: list[CaseSpec]
-
-
 def segmentation_cases(site: SiteConfig, protocol: StudyProtocol, seed: int,
                        test_fraction: float) -> SegmentationCases:
-    """The split of the module docstring (the same at every message of a study)."""
+    """This site's manifest split as the module docstring says (the same at every message of a
+    study: :func:`client.segment.site.split_cases`)."""
     cases, _ = read_manifest(site.manifest, protocol, default_batch=site.site_name,
                              data_root=site.data_root, for_segmentation=True)
-    masked = [c for c in cases if c.mask is not None]
-    order = np.random.default_rng(split_state(seed, f"{site.site_name}/segmentation")
-                                  ).permutation(len(masked))
-    n_test = int(round(test_fraction * len(masked)))
-    held = set(order[:n_test].tolist())
-    return SegmentationCases([c for i, c in enumerate(masked) if i not in held],
-                             [c for i, c in enumerate(masked) if i in held],
-                             [c for c in cases if c.mask is None])
+    return split_cases(cases, seed, site.site_name, test_fraction)
 
 
 def train(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,

@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from client.folds import split_state
 from client.limits import Budget
 from client.loading import load_case, read_image
 from client.manifest import CaseSpec
@@ -49,6 +50,29 @@ class LoadedCases:
     cases: dict[str, TrainingCase] = field(default_factory=dict)
     shapes: dict[str, dict[int, LabelShape]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SegmentationCases:
+    """A site's cases for the segmentation network: training and test cases (with a mask) and
+    the cases to segment (without)."""
+
+    train: list[CaseSpec]
+    test: list[CaseSpec]
+    to_segment: list[CaseSpec]
+
+
+def split_cases(cases: Sequence[CaseSpec], seed: int, site_name: str, test_fraction: float
+                ) -> SegmentationCases:
+    """The cases with a mask split once into training and test cases (``test_fraction`` held
+    out, seeded by ``seed`` and the site's name), and the cases without one to segment."""
+    masked = [c for c in cases if c.mask is not None]
+    order = np.random.default_rng(split_state(seed, f"{site_name}/segmentation")
+                                  ).permutation(len(masked))
+    held = set(order[:int(round(test_fraction * len(masked)))].tolist())
+    return SegmentationCases([c for i, c in enumerate(masked) if i not in held],
+                             [c for i, c in enumerate(masked) if i in held],
+                             [c for c in cases if c.mask is None])
 
 
 def load_training(cases: Sequence[CaseSpec], protocol: StudyProtocol, budget: Budget | int
