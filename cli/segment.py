@@ -44,20 +44,19 @@ def _setup(protocol_src: str, manifest: Path, out_dir: Path, site_name: str | No
 
 def _agreement_table(results: list[Any], header: Any, seed: int) -> dict[str, Any]:
     """Per label: the compared cases' Dice and HD95, mean [95% bootstrap CI]; printed too."""
-    from client.segment.quality import mean_with_interval  # deferred: heavy
+    from client.segment.site import agreement_summary  # deferred: heavy
 
     compared = [r for r in results if r.agreement]
     summary: dict[str, Any] = {"cases": len(compared)}
     if not compared:
         return summary
+    _, rows = agreement_summary(compared, header.labels, seed, 1)  # nothing leaves: no floor
     table = Table("label", "cases", "Dice", "95% CI", "HD95 mm", "95% CI",
                   title="Agreement with the hand-drawn masks")
-    for value, name in zip(header.labels.values, header.labels.names, strict=True):
-        dice = [r.agreement[value][0] for r in compared]
-        hd95 = [r.agreement[value][1] for r in compared]
-        d, h = mean_with_interval(dice, seed), mean_with_interval(hd95, seed)
-        summary[str(value)] = {"name": name, "dice": d, "hd95_mm": h}
-        table.add_row(f"{value} {name}", str(len(compared)), f"{d[0]:.3f}",
+    for row in rows:
+        d, h = row["dice"], row["hd95"]
+        summary[str(row["label"])] = {"name": row["name"], "dice": d, "hd95_mm": h}
+        table.add_row(f"{row['label']} {row['name']}", str(len(compared)), f"{d[0]:.3f}",
                       f"{d[1]:.3f}-{d[2]:.3f}", f"{h[0]:.2f}", f"{h[1]:.2f}-{h[2]:.2f}")
     out.print(table)
     return summary

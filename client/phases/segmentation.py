@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -29,10 +28,10 @@ from client.pipeline import run_cases
 from client.report import refresh_site_report, report_dir
 from client.segment.masks import MODEL_FILE, segmentation_dir, write_auto_masks
 from client.segment.network import seed_of, train_epochs
-from client.segment.quality import mean_with_interval
 from client.segment.site import (
     SegmentationCases,
     Segmented,
+    agreement_summary,
     load_training,
     segment_case,
     shape_sums,
@@ -122,7 +121,7 @@ def evaluate(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
         made = {} if left_out else {
             c.case_id: _make_mask(c, protocol, header, network, site, device)
             for c in cases.to_segment}
-    metrics, rows = _scores(tested, header, seed, site.min_patients)
+    metrics, rows = agreement_summary(tested, header.labels, seed, site.min_patients)
     if left_out:  # the network trained without this site: its test scores alone
         return metrics
     save_segmenter(segmentation_dir(site, protocol) / MODEL_FILE, header, weights)
@@ -174,27 +173,6 @@ def feature_agreement(site: SiteConfig, protocol: StudyProtocol, cases: list[Cas
     return ({"icc_n": float(len(kept)), "icc_good_share": float(np.mean(finite >= GOOD_ICC)),
              "icc_median": float(np.median(finite))},
             {n: float(v) for n, v in zip(names, icc, strict=True)})
-
-
-def _scores(tested: list[Segmented], header: SegmenterHeader, seed: int, floor: int
-            ) -> tuple[dict[str, float], list[dict[str, object]]]:
-    """The metrics a site sends of its test masks (per label, Dice and HD95: the mean and its
-    95% bootstrap CI; NaN from fewer than ``floor`` cases) and its report's rows."""
-    scored = [r for r in tested if r.agreement]
-    metrics: dict[str, float] = {"num-examples": released(len(scored), floor),
-                                 "test_n": released(len(scored), floor)}
-    rows = []
-    for value, name in zip(header.labels.values, header.labels.names, strict=True):
-        for metric, index in (("dice", 0), ("hd95", 1)):
-            values = np.array([r.agreement[value][index] for r in scored], dtype=float)
-            mean, low, high = (mean_with_interval(values, seed) if len(scored) >= floor
-                               else (math.nan, math.nan, math.nan))
-            metrics |= {f"label_{value}_{metric}": mean, f"label_{value}_{metric}_low": low,
-                        f"label_{value}_{metric}_high": high}
-        rows.append({"label": value, "name": name,
-                     "dice": [metrics[f"label_{value}_dice{s}"] for s in ("", "_low", "_high")],
-                     "hd95": [metrics[f"label_{value}_hd95{s}"] for s in ("", "_low", "_high")]})
-    return metrics, rows
 
 
 def _make_mask(case: CaseSpec, protocol: StudyProtocol, header: SegmenterHeader,

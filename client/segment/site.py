@@ -6,6 +6,7 @@ volume range and part counts (no case's)."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,15 @@ from client.segment.network import (
     seed_of,
     train_epochs,
 )
-from client.segment.quality import LabelShape, agreement, label_shapes, quality_problems
+from client.segment.quality import (
+    LabelShape,
+    agreement,
+    label_shapes,
+    mean_with_interval,
+    quality_problems,
+)
 from common.errors import CaseError, SkipReason
+from common.payloads import released
 from common.protocol import Modality, StudyProtocol
 from common.segmenter import (
     SegmenterHeader,
@@ -213,3 +221,26 @@ def write_mask(case: CaseSpec, mask: sitk.Image, header: SegmenterHeader, folder
     except Exception as exc:  # noqa: BLE001 - highdicom raises many types; the NIfTI stands
         return [nifti], f"DICOM SEG not written: {exc}"
     return [nifti, seg], ""
+
+
+def agreement_summary(tested: Sequence[Segmented], labels: SegmenterLabels, seed: int,
+                      floor: int) -> tuple[dict[str, float], list[dict[str, object]]]:
+    """The agreement of the cases ``tested`` against their hand-drawn masks: per label, Dice
+    and HD95 as the mean and its 95% bootstrap CI (NaN from fewer than ``floor`` cases), as
+    the metrics a site sends (``label_<v>_dice``, ``_low``, ``_high``; the counts as
+    :func:`common.payloads.released` lets them leave) and as rows for a table."""
+    scored = [r for r in tested if r.agreement]
+    metrics: dict[str, float] = {"num-examples": released(len(scored), floor),
+                                 "test_n": released(len(scored), floor)}
+    rows = []
+    for value, name in zip(labels.values, labels.names, strict=True):
+        for metric, index in (("dice", 0), ("hd95", 1)):
+            values = np.array([r.agreement[value][index] for r in scored], dtype=float)
+            mean, low, high = (mean_with_interval(values, seed) if len(scored) >= floor
+                               else (math.nan, math.nan, math.nan))
+            metrics |= {f"label_{value}_{metric}": mean, f"label_{value}_{metric}_low": low,
+                        f"label_{value}_{metric}_high": high}
+        rows.append({"label": value, "name": name,
+                     "dice": [metrics[f"label_{value}_dice{s}"] for s in ("", "_low", "_high")],
+                     "hd95": [metrics[f"label_{value}_hd95{s}"] for s in ("", "_low", "_high")]})
+    return metrics, rows
