@@ -35,13 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loso_harmonization import DEFAULT_COHORTS, Cohort  # noqa: E402
 from client.loading import load_case  # noqa: E402
-from client.manifest import CaseSpec, read_manifest  # noqa: E402
+from client.manifest import read_manifest  # noqa: E402
 from client.phases.segmentation import segmentation_cases  # noqa: E402
-from client.pipeline import run_cases  # noqa: E402
 from client.segment.masks import AUTO_MASKS_FILE, SEGMENTATION_DIR  # noqa: E402
 from client.segment.quality import agreement  # noqa: E402
-from client.segment.site import segment_case  # noqa: E402
-from common.metrics.agreement import GOOD_ICC, icc_3_1  # noqa: E402
+from client.segment.site import feature_icc, paired_features, segment_case  # noqa: E402
+from common.metrics.agreement import GOOD_ICC  # noqa: E402
 from common.protocol import SegmentationSpec, StudyProtocol, load_protocol  # noqa: E402
 from common.segmenter import SegmenterLabels, load_segmenter  # noqa: E402
 from common.site_config import SiteConfig  # noqa: E402
@@ -99,38 +98,24 @@ def left_out_dice(cohort_dir: Path, hidden_dir: Path, protocol: StudyProtocol, s
             "passed_qc": len(dice[labels.values[0]]) / len(cases)}
 
 
-def feature_icc(cohort_dir: Path, out: Path, protocol: StudyProtocol, sites: list[str],
-                work: Path) -> tuple[np.ndarray, list[str]]:
-    """ICC(3,1) per feature over every site's segmentation test cases: the features of the
-    network's mask against those of the hand-drawn one."""
+def pooled_icc(cohort_dir: Path, out: Path, protocol: StudyProtocol, sites: list[str],
+               work: Path) -> tuple[np.ndarray, list[str]]:
+    """ICC(3,1) per feature over every site's segmentation test cases pooled: the features of
+    the network's mask against those of the hand-drawn one (the pairs each site's study
+    evaluation measures, :func:`client.segment.site.paired_features`)."""
     header, network = load_segmenter(out / SEGMENTATION_DIR / "segmenter.npz", protocol)
-    pairs: list[tuple[CaseSpec, CaseSpec]] = []
+    kept = []
     for site in sites:
         config = SiteConfig(site_name=site, manifest=cohort_dir / site / "manifest.csv",
-                            work_dir=work / site)
-        test = segmentation_cases(config, protocol, SEED, 0.3).test
-        for case in test:
+                            work_dir=work / site, workers=2)
+        pairs = []
+        for case in segmentation_cases(config, protocol, SEED, 0.3).test:
             result = segment_case(case, protocol, header, network, config.budget,
                                   torch.device("cpu"))
-            if result.mask is None:
-                continue
-            path = work / "auto" / f"{case.case_id}.nii.gz"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sitk.WriteImage(result.mask, str(path))
-            pairs.append((case, CaseSpec(**{**case.__dict__, "mask": path, "auto_mask": True})))
-    # the study's extraction without its histogram standardization (whose landmarks come from
-    # the image phase): what differs between the two feature sets is the mask alone
-    plain = protocol.model_copy(update={"standardization": protocol.standardization.model_copy(
-        update={"histogram": None})})
-    manual = run_cases([p[0] for p in pairs], plain, mode="extract", workers=2,
-                       cache_dir=work / "cache")
-    auto = run_cases([p[1] for p in pairs], plain, mode="extract", workers=2,
-                     cache_dir=work / "cache")
-    kept = [(m.features, a.features) for m, a in zip(manual, auto, strict=True)
-            if m.ok and a.ok and m.features and a.features]
-    names = sorted(kept[0][0])
-    ratings = np.array([[[m[n] for n in names], [a[n] for n in names]] for m, a in kept])
-    return icc_3_1(ratings), names
+            if result.mask is not None:
+                pairs.append((case, result.mask))
+        kept += paired_features(pairs, protocol, config, work / "auto")
+    return feature_icc(kept)
 
 
 def main() -> None:
@@ -169,7 +154,7 @@ def main() -> None:
             print(row, flush=True)
             lines.append({"cohort": cohort.name, "site": site, **m, **{
                 f"loso_{k}": v for k, v in loso.items()}})
-        icc, names = feature_icc(cohort_dir, out, protocol, sites, work / f"icc_{cohort.seed}")
+        icc, names = pooled_icc(cohort_dir, out, protocol, sites, work / f"icc_{cohort.seed}")
         good = float(np.mean(icc[np.isfinite(icc)] >= GOOD_ICC))
         print(f"feature agreement (automatic vs hand-drawn masks, the test cases of every "
               f"site): ICC(3,1) >= {GOOD_ICC} for {good:.0%} of {len(names)} features "

@@ -13,7 +13,6 @@ bootstrap CIs and counts. The per-case figures, the masks and the images stay he
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 
@@ -24,7 +23,6 @@ import torch
 from client.cnn.device import select_device, torch_threads
 from client.loading import load_case
 from client.manifest import CaseSpec, read_manifest
-from client.pipeline import run_cases
 from client.report import refresh_site_report, report_dir
 from client.segment.masks import MODEL_FILE, segmentation_dir, write_auto_masks
 from client.segment.network import seed_of, train_epochs
@@ -32,7 +30,9 @@ from client.segment.site import (
     SegmentationCases,
     Segmented,
     agreement_summary,
+    feature_icc,
     load_training,
+    paired_features,
     segment_case,
     shape_sums,
     split_cases,
@@ -41,7 +41,7 @@ from client.segment.site import (
 from common import plots
 from common.glm import ModelError
 from common.messages import SEGMENTATION_LEAVE_SITE_OUT, StudyConfig
-from common.metrics.agreement import GOOD_ICC, icc_3_1
+from common.metrics.agreement import GOOD_ICC
 from common.network import load_state_arrays, state_arrays
 from common.payloads import MIN_ROWS_SENT, released
 from common.protocol import StudyProtocol
@@ -148,25 +148,11 @@ def feature_agreement(site: SiteConfig, protocol: StudyProtocol, cases: list[Cas
     floor = max(2, site.min_patients)
     if len(pairs) < floor:
         return {}, {}
-    folder = segmentation_dir(site, protocol) / "test_masks"
-    folder.mkdir(parents=True, exist_ok=True)
-    made = []
-    for case, result in pairs:
-        path = folder / f"{case.case_id}.nii.gz"
-        sitk.WriteImage(result.mask, str(path), useCompression=True)
-        made.append(dataclasses.replace(case, mask=path, auto_mask=True))
-    plain = protocol.model_copy(update={"standardization": protocol.standardization.model_copy(
-        update={"histogram": None})})
-    manual, automatic = (run_cases(chosen, plain, mode="extract", workers=site.n_workers,
-                                   cache_dir=site.cache_dir, max_voxels=site.budget,
-                                   time_limit_s=site.case_time_limit_s)
-                         for chosen in ([c for c, _ in pairs], made))
-    kept = [(m.features, a.features) for m, a in zip(manual, automatic, strict=True)
-            if m.ok and a.ok and m.features and a.features]
+    kept = paired_features([(c, r.mask) for c, r in pairs], protocol, site,
+                           segmentation_dir(site, protocol) / "test_masks")
     if len(kept) < floor:
         return {}, {}
-    names = sorted(kept[0][0])
-    icc = icc_3_1(np.array([[[m[n] for n in names], [a[n] for n in names]] for m, a in kept]))
+    icc, names = feature_icc(kept)
     finite = icc[np.isfinite(icc)]
     if not finite.size:
         return {}, {}

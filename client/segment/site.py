@@ -5,6 +5,7 @@ volume range and part counts (no case's)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from client.folds import split_state
 from client.limits import Budget
 from client.loading import load_case, read_image
 from client.manifest import CaseSpec
+from client.pipeline import run_cases
 from client.segment.inputs import network_classes, network_input, to_source
 from client.segment.network import (
     EpochsResult,
@@ -35,6 +37,7 @@ from client.segment.quality import (
     quality_problems,
 )
 from common.errors import CaseError, SkipReason
+from common.metrics.agreement import icc_3_1
 from common.payloads import released
 from common.protocol import Modality, StudyProtocol
 from common.segmenter import (
@@ -45,6 +48,7 @@ from common.segmenter import (
     network_spacing,
     segmentation_spec,
 )
+from common.site_config import SiteConfig
 
 log = logging.getLogger("myelofed.site")
 
@@ -244,3 +248,34 @@ def agreement_summary(tested: Sequence[Segmented], labels: SegmenterLabels, seed
                      "dice": [metrics[f"label_{value}_dice{s}"] for s in ("", "_low", "_high")],
                      "hd95": [metrics[f"label_{value}_hd95{s}"] for s in ("", "_low", "_high")]})
     return metrics, rows
+
+
+def paired_features(pairs: Sequence[tuple[CaseSpec, sitk.Image]], protocol: StudyProtocol,
+                    site: SiteConfig, folder: Path) -> list[tuple[dict[str, float],
+                                                                  dict[str, float]]]:
+    """The radiomic features of each case from its hand-drawn mask and from the network's
+    (``pairs``: the case and the mask made, written into ``folder``), with the study's
+    extraction less its histogram standardization (whose standard the image phase makes after
+    the segmentation's): only the mask differs. Cases either extraction skipped are left out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    for case, mask in pairs:
+        path = folder / f"{case.case_id}.nii.gz"
+        sitk.WriteImage(mask, str(path), useCompression=True)
+        made.append(dataclasses.replace(case, mask=path, auto_mask=True))
+    plain = protocol.model_copy(update={"standardization": protocol.standardization.model_copy(
+        update={"histogram": None})})
+    manual, automatic = (run_cases(chosen, plain, mode="extract", workers=site.n_workers,
+                                   cache_dir=site.cache_dir, max_voxels=site.budget,
+                                   time_limit_s=site.case_time_limit_s)
+                         for chosen in ([c for c, _ in pairs], made))
+    return [(m.features, a.features) for m, a in zip(manual, automatic, strict=True)
+            if m.ok and a.ok and m.features and a.features]
+
+
+def feature_icc(kept: Sequence[tuple[dict[str, float], dict[str, float]]]
+                ) -> tuple[np.ndarray, list[str]]:
+    """ICC(3,1) per feature of :func:`paired_features`' pairs, and the features' names."""
+    names = sorted(kept[0][0])
+    return icc_3_1(np.array([[[m[n] for n in names], [a[n] for n in names]]
+                             for m, a in kept])), names
