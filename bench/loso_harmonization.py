@@ -4,8 +4,9 @@ averaged over many train/test splits and over cohorts drawn with other seeds and
 One study split gives 12 to 33 test patients a site, too few for a stable AUC (``bench/study.py``
 prints one table per seed). For each cohort (``--cohorts SEED:SIZES``, the default one and two
 more) this benchmark writes the cohort with and without scanner effects, extracts each under
-every image-level variant of the study protocol (``--images``: the protocol as it is, with
-federated histogram standardization, with resolution and noise matching, both; each extraction
+every image-level variant of the study protocol (``--images``: the images as acquired; with
+federated histogram standardization; with it and federated resolution matching, noise matching,
+or both (``standardization.matching``); each extraction
 runs the study's own phases up to ``prepare`` in Flower's simulation engine, so the image
 statistics are the federated ones), then for ``--splits`` stratified random splits runs the
 study's recipe in-process (the pooled fit equals the federated one to 1e-6:
@@ -28,7 +29,8 @@ features that still differ between a site's own scanners (``scanner features``: 
 p < 0.05 on each feature less its class mean, mean over the two-scanner sites); and per site the
 local-only model's and the federated model's test AUC (how often federated wins).
 
-    python bench/loso_harmonization.py [--splits 8] [--cohorts 0:40,70,110 ...] [--work DIR]
+    python bench/loso_harmonization.py [--splits 8] [--cohorts 0:40,70,110 ...]
+                                       [--images VARIANT ...] [--work DIR]
 """
 
 from __future__ import annotations
@@ -72,18 +74,31 @@ SCREENING_P = 0.05
 
 def _without_histogram(mapping: dict) -> dict:
     mapping["standardization"]["histogram"] = None
+    mapping["standardization"]["matching"] = None
     return mapping
 
 
 def _with_histogram(mapping: dict) -> dict:
     mapping["standardization"]["histogram"] = {"scale": 250.0}
+    mapping["standardization"]["matching"] = None
     return mapping
+
+
+def _matching(noise: bool, resolution: bool) -> Callable[[dict], dict]:
+    def edit(mapping: dict) -> dict:
+        mapping = _with_histogram(mapping)
+        mapping["standardization"]["matching"] = {"noise": noise, "resolution": resolution}
+        return mapping
+    return edit
 
 
 #: Each image-level variant as an edit of the study protocol's mapping.
 IMAGE_VARIANTS: dict[str, Callable[[dict], dict]] = {
     "as acquired": _without_histogram,
     "histogram standardization": _with_histogram,
+    "histogram + resolution matching": _matching(False, True),
+    "histogram + noise matching": _matching(True, False),
+    "histogram + resolution and noise matching": _matching(True, True),
 }
 
 
@@ -235,10 +250,13 @@ def cohort_dirs(work: Path, cohort: Cohort) -> dict[bool, Path]:
     return dirs
 
 
-def cohort_arguments(doc: str | None, name: str) -> tuple[argparse.Namespace, Path]:
+def cohort_arguments(doc: str | None, name: str,
+                     parser: argparse.ArgumentParser | None = None
+                     ) -> tuple[argparse.Namespace, Path]:
     """The command line of a benchmark over cohorts and splits (``--splits``, ``--cohorts``,
-    ``--work``), and its work folder (a new temporary one without ``--work``)."""
-    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    ``--work``, and what ``parser`` adds), and its work folder (a new temporary one without
+    ``--work``)."""
+    parser = parser or argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument("--splits", type=int, default=8)
     parser.add_argument("--cohorts", nargs="+", default=list(DEFAULT_COHORTS),
                         help="SEED:SIZES, e.g. 0:40,70,110 (default: %(default)s)")
@@ -249,15 +267,21 @@ def cohort_arguments(doc: str | None, name: str) -> tuple[argparse.Namespace, Pa
 
 
 def main() -> None:
-    args, work = cohort_arguments(__doc__, "loso")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--images", nargs="+", default=list(IMAGE_VARIANTS),
+                        choices=list(IMAGE_VARIANTS),
+                        help="the image-level variants (default: all; 'as acquired' is always "
+                             "run, the drop is measured from it)")
+    args, work = cohort_arguments(__doc__, "loso", parser)
+    variants = ["as acquired", *[v for v in args.images if v != "as acquired"]]
     start = time.perf_counter()
     results, duels = [], []
     for cohort in map(Cohort.parse, args.cohorts):
         dirs = cohort_dirs(work, cohort)
         protocol = load_protocol(dirs[True] / "study.yaml")
         sets = {"no scanner effects": prepared(dirs[False], "as acquired", _without_histogram)}
-        for variant, edit in IMAGE_VARIANTS.items():
-            sets[variant] = prepared(dirs[True], variant, edit)
+        for variant in variants:
+            sets[variant] = prepared(dirs[True], variant, IMAGE_VARIANTS[variant])
         for r in range(args.splits):
             for images, tables in sets.items():
                 names = feature_columns(next(iter(tables.values())), protocol)

@@ -109,10 +109,13 @@ def _image_standard(protocol: Any, config: Any, cases: list[Any], path: Path | N
         except (OSError, UnicodeDecodeError, MyeloFedError) as exc:
             fail_config(ConfigError(str(path), [f"not an image standard: {exc}"]))
     outcomes = _run_with_progress(cases, protocol, "landmarks", config, None)
-    rows = [(case.batch, landmarks) for case, landmarks in landmark_rows(cases, outcomes)]
+    rows = [measure for _, measure in landmark_rows(cases, outcomes)]
     if not rows:
         fail_config(ConfigError("histogram standardization", ["no case gave landmarks"]))
-    standard = combine_image_sums({config.site_name: scanner_sums(rows, 1)}, histogram.scale)
+    matching = protocol.standardization.matching
+    standard = combine_image_sums({config.site_name: scanner_sums(rows, 1)}, histogram.scale,
+                                  matching is not None and matching.noise,
+                                  matching is not None and matching.resolution)
     console.print(f"histogram standardization: this site's own standard from {len(rows)} "
                   "images (a federated study uses the study's)")
     return standard

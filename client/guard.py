@@ -60,7 +60,7 @@ from common.selection.updating import candidates
 from harmonization.combat.design import design_from_json
 from harmonization.combat.moments import DesignMoments, ResidualMoments, StackedMoments
 from harmonization.covbat import PrincipalAxes, ResidualProducts, score_design
-from harmonization.images import PERCENTILES, ImageSums
+from harmonization.images import AXES, PERCENTILES, ImageSums
 from harmonization.messages import HarmonizedRows
 
 #: The most scanners one site's image landmarks may name.
@@ -106,7 +106,7 @@ def _sizes(message_type: MessageType, request: Records, protocol: Callable[[], S
         # how many scanners a site has is not a patient count (the preparation's reply
         # names them too)
         return ({"scanners": range(MAX_SCANNERS + 1), "small": range(MAX_SCANNERS + 1),
-                 "landmarks": len(PERCENTILES)}, minimums)
+                 "landmarks": len(PERCENTILES), "axes": len(AXES)}, minimums)
     if message_type.is_combat:
         study = StudyConfig.from_mapping(dict(request[STUDY_RECORD]))
         design, options = design_from_json(str(study.design))

@@ -39,12 +39,12 @@ from client.extract import FeatureExtractor, pyradiomics_settings
 from client.limits import MAX_CASE_VOXELS, Budget, CaseTimeout, cap_memory, time_limit
 from client.loading import check_roi, load_case
 from client.manifest import CaseSpec, RowProblem
-from client.standardize import build_steps, intensity_steps, landmarks_of, standardize
+from client.standardize import build_steps, intensity_steps, measure_image, standardize
 from client.volumes import save_volume, volume_path
 from common.errors import CaseError, SkipReason
 from common.protocol import StudyProtocol
 from common.provenance import atomic_write_bytes, atomic_write_json, software_versions
-from harmonization.images import PERCENTILES, ImageStandard
+from harmonization.images import AXES, PERCENTILES, ImageMeasure, ImageStandard
 
 CACHE_SCHEMA_VERSION = 1
 TABLE_SCHEMA_VERSION = 1
@@ -89,7 +89,8 @@ def case_cache_key(case: CaseSpec, protocol_hash: str, versions: dict[str, str],
     """Content key of one case's features: protocol, the study's standard landmarks (with
     histogram standardization), software, ROI choice and file bytes."""
     h = hashlib.sha256()
-    standardized = [] if standard is None else [list(standard.landmarks)]
+    standardized = [] if standard is None else [list(standard.landmarks), standard.noise,
+                                                 standard.spacing]
     h.update(json.dumps([CACHE_SCHEMA_VERSION, protocol_hash, versions, case.roi,
                          case.series_uid, *standardized]).encode())
     for path in (case.image, case.mask):
@@ -167,11 +168,14 @@ class CaseProcessor:
         volume = load_case(case, self.protocol, self.budget)
         if self.mode == "landmarks":
             histogram = self.protocol.standardization.histogram
-            landmarks = landmarks_of(standardize(volume, self.steps),
-                                     histogram.scale if histogram else 100.0)
+            landmarks, noise, spacing = measure_image(standardize(volume, self.steps),
+                                                      histogram.scale if histogram else 100.0)
             return CaseOutcome(case.case_id, case.row,
-                               features={_landmark_key(i): float(v)
-                                         for i, v in enumerate(landmarks)},
+                               features={**{_landmark_key(i): float(v)
+                                            for i, v in enumerate(landmarks)},
+                                         "noise": noise,
+                                         **{f"spacing_{a}": v
+                                            for a, v in zip(AXES, spacing, strict=True)}},
                                seconds=time.perf_counter() - start)
         if self.mode == "check" or self.extractor is None:
             voxels = check_roi(volume.labels, self.protocol.ingestion, case.case_id)
@@ -202,13 +206,19 @@ def _landmark_key(i: int) -> str:
 
 
 def landmark_rows(cases: list[CaseSpec], outcomes: list[CaseOutcome]
-                  ) -> list[tuple[CaseSpec, np.ndarray]]:
-    """Each case that ``landmarks`` mode measured, with its mapped landmarks
-    (:data:`harmonization.images.PERCENTILES`); the skipped cases left out."""
-    return [(case, np.array([outcome.features[_landmark_key(i)]
-                             for i in range(len(PERCENTILES))]))
-            for case, outcome in zip(cases, outcomes, strict=True)
-            if outcome.ok and outcome.features is not None]
+                  ) -> list[tuple[CaseSpec, ImageMeasure]]:
+    """Each case that ``landmarks`` mode measured, with what it measured (its scanner, mapped
+    landmarks, noise level and spacing); the skipped cases left out."""
+    out = []
+    for case, outcome in zip(cases, outcomes, strict=True):
+        if not outcome.ok or outcome.features is None:
+            continue
+        f = outcome.features
+        x, y, z = (float(f[f"spacing_{a}"]) for a in AXES)
+        out.append((case, ImageMeasure(
+            case.batch, np.array([f[_landmark_key(i)] for i in range(len(PERCENTILES))]),
+            float(f["noise"]), (x, y, z))))
+    return out
 
 
 def _read_cache(path: Path, case_id: str) -> dict[str, Any] | None:

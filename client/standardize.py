@@ -19,6 +19,7 @@ own preprocessing differs:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,7 +37,14 @@ from common.protocol import (
     ResampleSpec,
     StudyProtocol,
 )
-from harmonization.images import ImageStandard, image_landmarks, standardize_histogram
+from harmonization.images import (
+    PERCENTILES,
+    ImageStandard,
+    image_landmarks,
+    noise_level,
+    smoothing_sigmas,
+    standardize_histogram,
+)
 
 _INTERPOLATORS = {
     "nearest": sitk.sitkNearestNeighbor,
@@ -309,13 +317,22 @@ def body_mask(image: sitk.Image) -> np.ndarray:
     return np.asarray(inside, dtype=bool)
 
 
-def landmarks_of(volume: Volume, scale: float) -> np.ndarray:
-    """The case's histogram landmarks inside its body, mapped onto [0, ``scale``]
-    (:func:`harmonization.images.image_landmarks`)."""
+def measure_image(volume: Volume, scale: float
+                  ) -> tuple[np.ndarray, float, tuple[float, float, float]]:
+    """What the image harmonization round measures on a case: its histogram landmarks inside
+    its body mapped onto [0, ``scale``] (:func:`harmonization.images.image_landmarks`), its
+    noise level in the same units (:func:`harmonization.images.noise_level`) and its voxel
+    spacing (mm, x-y-z)."""
+    values = _array(volume.image)
+    body = body_mask(volume.image)
     try:
-        return image_landmarks(_array(volume.image)[body_mask(volume.image)], scale)
+        landmarks = image_landmarks(values[body], scale)
+        low, high = np.percentile(values[body], [PERCENTILES[0], PERCENTILES[-1]])
+        noise = noise_level(values, body) * scale / float(high - low)
     except HarmonizationError as exc:
         raise CaseError(SkipReason.STANDARDIZATION_FAILED, str(exc)) from None
+    x, y, z = (float(v) for v in volume.image.GetSpacing())
+    return landmarks, noise, (x, y, z)
 
 
 class HistogramStandardize:
@@ -336,6 +353,41 @@ class HistogramStandardize:
     def record(self) -> dict[str, Any]:
         return {"step": "histogram_standardization", "scale": self.standard.scale,
                 "landmarks": list(self.standard.landmarks)}
+
+
+class MatchAcquisition:
+    """Acquisition matching onto the study's targets (:mod:`harmonization.images`): a Gaussian
+    that brings the image's resolution to the ``spacing`` target, then zero-mean Gaussian noise
+    that brings its noise level (measured after the smoothing) up to the ``noise`` target. The
+    noise is seeded by the image's own values, so a case always gets the same noise. An image
+    already as coarse or as noisy is left so on that count."""
+
+    def __init__(self, noise: float | None, spacing: tuple[float, float, float] | None) -> None:
+        self.noise = noise
+        self.spacing = spacing
+
+    def __call__(self, volume: Volume) -> Volume:
+        image = volume.image
+        values = _array(image).astype(np.float64)
+        if self.spacing is not None:
+            sigmas = smoothing_sigmas(image.GetSpacing(), self.spacing)
+            if any(s > 0 for s in sigmas):
+                voxels = [s / d for s, d in zip(sigmas, image.GetSpacing(), strict=True)]
+                values = ndimage.gaussian_filter(values, voxels[::-1], mode="nearest")
+        if self.noise is not None:
+            try:
+                own = noise_level(values, body_mask(_like(values, image)))
+            except HarmonizationError as exc:
+                raise CaseError(SkipReason.STANDARDIZATION_FAILED, str(exc)) from None
+            if own < self.noise:
+                seed = int.from_bytes(hashlib.sha256(values.tobytes()).digest()[:8], "little")
+                values = values + np.random.default_rng(seed).normal(
+                    0.0, math.sqrt(self.noise ** 2 - own ** 2), values.shape)
+        return replace(volume, image=_like(values.astype(np.float32), image))
+
+    def record(self) -> dict[str, Any]:
+        return {"step": "acquisition_matching", "noise": self.noise,
+                "spacing_mm": None if self.spacing is None else list(self.spacing)}
 
 
 class Resegment:
@@ -418,6 +470,15 @@ def build_steps(protocol: StudyProtocol, max_voxels: int | Budget = MAX_CASE_VOX
                 f"standardization.histogram: the standard landmarks were made for scale "
                 f"{standard.scale:g}, the protocol asks for {std.histogram.scale:g}"])
         steps.append(HistogramStandardize(standard))
+        matching = std.matching
+        if matching is not None:
+            noise = standard.noise if matching.noise else None
+            spacing = standard.spacing if matching.resolution else None
+            if (matching.noise and noise is None) or (matching.resolution and spacing is None):
+                raise ConfigError("study protocol", [
+                    "standardization.matching: the study's standard carries no acquisition "
+                    "target (the image harmonization phase makes them)"])
+            steps.append(MatchAcquisition(noise, spacing))
     if std.resample is not None:
         steps.append(Resample(std.resample, round_intensities=protocol.modality is Modality.CT,
                               margin_voxels=filter_margin_voxels(protocol),

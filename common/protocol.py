@@ -324,15 +324,36 @@ class HistogramSpec(_Frozen):
     scale: float = Field(100.0, gt=0, le=1e6, allow_inf_nan=False)
 
 
+class MatchingSpec(_Frozen):
+    """Federated acquisition matching, after histogram standardization and before resampling:
+    the sites send per scanner the mean voxel spacing and noise level of their training images
+    (in the same round as the landmarks); every image is then smoothed to the coarsest scanner's
+    resolution (``resolution``: a Gaussian, each voxel taken to resolve like a Gaussian of FWHM
+    its spacing) and gets seeded Gaussian noise up to the noisiest scanner's mean level
+    (``noise``), so that no image has to gain detail it never had. It needs ``histogram``."""
+    noise: bool = True
+    resolution: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> MatchingSpec:
+        if not (self.noise or self.resolution):
+            raise ValueError("match at least one of 'noise' and 'resolution' (or leave "
+                             "'matching' out)")
+        return self
+
+
 class StandardizationSpec(_Frozen):
     """Image standardization, applied in the IBSI order: SUV (PET), N4 and intensity
-    normalization (MR), histogram standardization (MR), resampling with CT rounding,
-    re-segmentation range, outlier filtering."""
+    normalization (MR), histogram standardization (MR), acquisition matching, resampling with
+    CT rounding, re-segmentation range, outlier filtering."""
     resample: ResampleSpec | None = None
     bias_correction: BiasCorrectionSpec | None = None
     normalization: NormalizationSpec | None = None
     histogram: HistogramSpec | None = Field(
         None, description="Federated Nyul-Udupa histogram standardization (MR); absent = off.")
+    matching: MatchingSpec | None = Field(
+        None, description="Federated resolution and noise matching (needs 'histogram'); "
+                          "absent = off.")
     suv: bool = Field(True, description="PET: convert DICOM activity to SUV (body weight).")
     resegmentation_range: tuple[float, float] | None = Field(
         None,
@@ -344,6 +365,9 @@ class StandardizationSpec(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> StandardizationSpec:
+        if self.matching is not None and self.histogram is None:
+            raise ValueError("'matching' needs 'histogram': the acquisition is measured in the "
+                             "histogram standardization round")
         rng = self.resegmentation_range
         if rng is not None:
             if not rng[0] < rng[1]:

@@ -156,7 +156,9 @@ def check_sent(content: RecordDict, cls: type[T], sizes: Mapping[str, Size],
     Refused, with the field and the reason: any record entry that is not a field of ``cls``;
     a scalar field that holds a list; an array or string-tuple field that ``cls.AXES`` does not
     declare; an axis whose size is not what ``sizes`` allows for its name (the caller resolves
-    the names from the request and the protocol, never from the site's patient counts); a
+    the names from the request and the protocol, never from the site's patient counts), or that
+    has another size in another field (a field cannot pass per-patient values off as per-scanner
+    ones beside a per-scanner field); a
     ``cls.COUNTS`` field with a value from 1 to its minimum - 1; and whatever
     :func:`from_record` refuses.
     """
@@ -177,6 +179,7 @@ def check_sent(content: RecordDict, cls: type[T], sizes: Mapping[str, Size],
     if listed:
         raise fail(f"'{listed[0][2:]}' holds a list, not one value")
     shapes: dict[str, tuple[int, ...]] = {}
+    seen: dict[str, tuple[str, int]] = {}  # axis -> (the first field it sized, its size)
     for name in names:
         if name in arrays:
             shapes[name] = tuple(arrays[name].shape)
@@ -194,6 +197,11 @@ def check_sent(content: RecordDict, cls: type[T], sizes: Mapping[str, Size],
                 _fits(sizes[a], n) for a, n in zip(declared, shapes[name], strict=True)):
             allowed = ", ".join(f"{a}={_shown(sizes[a])}" for a in declared)
             raise fail(f"'{name}' has shape {shapes[name]}, its declaration allows ({allowed})")
+        for axis, n in zip(declared, shapes[name], strict=True):
+            first, size = seen.setdefault(axis, (name, n))
+            if size != n:
+                raise fail(f"'{name}' has {n} along axis '{axis}', '{first}' has {size}: one "
+                           "axis has one size in a payload")
     payload = from_record(content, cls, sender=sender, prefix=prefix)
     for name, minimum_name in counts.items():
         minimum = minimums[minimum_name]

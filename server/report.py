@@ -243,17 +243,30 @@ def _images_section(images: dict[str, Any]) -> dict[str, Any]:
     standard = images["standard"]
     percentiles = list(PERCENTILES)
     shown = [percentiles.index(p) for p in (1.0, 10.0, 50.0, 90.0, 99.0)]
+    acquisition = standard.get("acquisition", {})
+
+    def measured(name: str) -> dict[str, str]:
+        a = acquisition.get(name)
+        return {} if a is None else {"noise": fmt(a["noise"], 2),
+                                     "spacing (mm)": " x ".join(fmt(v, 2) for v in a["spacing"])}
+
     rows = [{"scanner": name, "images": count,
-             **{f"p{int(percentiles[i])}": fmt(landmarks[i], 1) for i in shown}}
+             **{f"p{int(percentiles[i])}": fmt(landmarks[i], 1) for i in shown}, **measured(name)}
             for name, (count, landmarks) in sorted(standard["scanners"].items())]
+    target = standard.get("spacing")
     rows.append({"scanner": "study standard", "images": sum(
         n for n, _ in standard["scanners"].values()),
-        **{f"p{int(percentiles[i])}": fmt(standard["landmarks"][i], 1) for i in shown}})
+        **{f"p{int(percentiles[i])}": fmt(standard["landmarks"][i], 1) for i in shown},
+        **({"noise": "not matched" if standard.get("noise") is None else
+            fmt(standard["noise"], 2) + " (target)",
+            "spacing (mm)": "not matched" if target is None else
+            " x ".join(fmt(v, 2) for v in target) + " (target)"} if acquisition else {})})
     series = {name: (landmarks, percentiles)
               for name, (_, landmarks) in sorted(standard["scanners"].items())}
     series["study standard"] = (standard["landmarks"], percentiles)
-    return {"rows": rows, "columns": ["scanner", "images", *[f"p{int(percentiles[i])}"
-                                                             for i in shown]],
+    return {"rows": rows, "columns": ["scanner", "images",
+                                      *[f"p{int(percentiles[i])}" for i in shown],
+                                      *(["noise", "spacing (mm)"] if acquisition else [])],
             "scale": standard["scale"],
             "figure": plots.lines_figure(series, "mapped intensity (1st percentile = 0, 99th = "
                                          f"{standard['scale']:g})", "percentile of the body",

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from harmonization.images import ImageMeasure
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -40,3 +42,10 @@ def make_volume(
         item.SetSpacing(spacing)
         item.SetOrigin(origin)
     return img, msk
+
+
+def image_measure(scanner: str, landmarks: np.ndarray, noise: float = 2.0,
+                  spacing: tuple[float, float, float] = (0.8, 0.8, 3.0)) -> ImageMeasure:
+    """What the image harmonization round measures on one training image, for tests that
+    care about its landmarks only."""
+    return ImageMeasure(scanner, np.asarray(landmarks, dtype=np.float64), noise, spacing)

@@ -1,5 +1,6 @@
-"""Image harmonization, before the preparation: each training image's histogram landmarks
-after N4 and normalization, summed per scanner (:mod:`harmonization.images`); the sums back.
+"""Image harmonization, before the preparation: each training image's histogram landmarks after
+N4 and normalization, noise level and voxel spacing, summed per scanner
+(:mod:`harmonization.images`); the sums back.
 
 The training images are the split the preparation will make (:func:`client.folds.training_cases`).
 A scanner of fewer than the site's ``min_patients`` training images is named, not summed. The
@@ -34,8 +35,7 @@ def image_landmarks(site: SiteConfig, protocol: StudyProtocol, seed: int, test_f
                          cache_dir=None, max_voxels=site.budget,
                          time_limit_s=site.case_time_limit_s)
     measured = landmark_rows(chosen, outcomes)
-    sums = scanner_sums([(case.batch, landmarks) for case, landmarks in measured],
-                        site.min_patients)
+    sums = scanner_sums([measure for _, measure in measured], site.min_patients)
     batches = np.array([case.batch for case, _ in measured])
     release(study_dir(site, protocol) / LANDMARKS_LEDGER, "the image landmarks",
             [case.case_id for case, _ in measured], [batches == s for s in sums.scanners],

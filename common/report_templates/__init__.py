@@ -208,7 +208,10 @@ Software: {% for k, v in report.versions.items() %}{{ k }} {{ v }}{% if not loop
 <p>Each image's intensity percentiles inside the body, after N4 and normalization, are mapped
 piecewise linearly onto the study's standard landmarks: the mean over every site's training
 images (mapped so that the 1st percentile is 0 and the 99th {{ report.images.scale }}). Per
-scanner, its training images' mean landmarks before the mapping:</p>
+scanner, its training images' mean landmarks before the mapping{% if "noise" in report.images.columns %},
+and their mean noise level (in the landmarks' units) and voxel spacing: with acquisition
+matching, every image is then smoothed to the coarsest scanner's resolution and gets noise up
+to the noisiest scanner's level (the targets in the last row){% endif %}:</p>
 {{ mapping_table(report.images.rows, report.images.columns, report.images.columns) }}
 <img src="{{ report.images.figure }}" alt="Body histogram landmarks per scanner">
 {{ reasons("Scanners of too few training images at a site (their images are standardized; they did not shape the standard)", report.images.left_out) }}

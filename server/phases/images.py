@@ -1,6 +1,8 @@
 """Image harmonization, before the preparation: the sites' histogram landmark sums per scanner
 become the study's standard landmarks (:mod:`harmonization.images`), which every site then
-standardizes its images onto. Written to ``images.json``; the preparation's request carries it.
+standardizes its images onto; with acquisition matching, their noise and spacing sums become
+the study's target noise level and resolution. Written to ``images.json``; the preparation's
+request carries it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from common.errors import HarmonizationError
 from common.messages import MessageType, StudyRequest
 from common.provenance import atomic_write_json
 from common.records import pack_request
-from harmonization.images import PERCENTILES, ImageStandard, ImageSums, combine_image_sums
+from harmonization.images import (
+    AXES,
+    PERCENTILES,
+    ImageStandard,
+    ImageSums,
+    combine_image_sums,
+)
 from server.rounds import Transport, collect, exchange, study_config
 from server.study import StudySettings, StudyStopped
 
@@ -43,14 +51,19 @@ def run_images(transport: Transport, nodes: dict[int, str], settings: StudySetti
     replies, failed = exchange(transport, nodes, MessageType.IMAGE_LANDMARKS,
                                lambda _: pack_request(StudyRequest(config)), settings)
     sums = collect(replies, failed, "sums", ImageSums,
-                   {"counts": (-1,), "landmarks": (-1, len(PERCENTILES))})
+                   {"counts": (-1,), "landmarks": (-1, len(PERCENTILES)), "noise": (-1,),
+                    "spacing": (-1, len(AXES))})
     for site, part in list(sums.items()):
-        if not len(part.scanners) == len(part.counts) == len(part.landmarks):
+        if not len(part.scanners) == len(part.counts) == len(part.landmarks) == \
+                len(part.noise) == len(part.spacing):
             failed[site] = f"its sums name {len(part.scanners)} scanners for " \
                            f"{len(part.counts)} counts"
             del sums[site]
     try:
-        standard = combine_image_sums(sums, histogram.scale)
+        matching = settings.protocol.standardization.matching
+        standard = combine_image_sums(sums, histogram.scale,
+                                      matching is not None and matching.noise,
+                                      matching is not None and matching.resolution)
     except HarmonizationError as exc:
         raise StudyStopped(f"image harmonization: {exc}") from None
     summary = ImagesSummary(standard, dict(sorted(failed.items())))

@@ -61,8 +61,8 @@ def run_prepare(transport: Transport, nodes: dict[int, str], settings: StudySett
     """Phase 2: each site extracts (cached; its images standardized onto the study's
     ``standard`` with histogram standardization) and splits; counts back."""
     started = time.monotonic()
-    # the sites get the standard landmarks only, not the other sites' scanners' figures
-    shared = None if standard is None else ImageStandard(standard.landmarks, standard.scale)
+    # the sites get the standard landmarks and targets only, not the other sites' scanners'
+    shared = None if standard is None else standard.shared()
     config = study_config(settings, seed=settings.seed, test_fraction=settings.test_fraction,
                           image_standard=None if shared is None else shared.to_json())
     replies, failed = exchange(transport, nodes, MessageType.PREPARE,

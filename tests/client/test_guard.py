@@ -47,6 +47,7 @@ from harmonization.combat.moments import DesignMoments, site_design_moments
 from harmonization.covbat import principal_axes, score_design, site_residual_products
 from harmonization.images import PERCENTILES, scanner_sums
 from harmonization.messages import CombatRequest, HarmonizedRows
+from tests.conftest import image_measure
 
 RNG = np.random.default_rng(7)
 N, F = 24, 6  # a site's training rows and its features
@@ -152,19 +153,23 @@ def test_covbat_sums_are_sized_by_the_features_and_the_scores_rounds_by_the_axes
 
 
 def test_image_landmark_sums_pass_and_a_small_scanner_is_named_without_its_count():
-    rows = [("s1", np.linspace(0, 250, len(PERCENTILES)))] * 6 + [
-        ("s2", np.linspace(0, 250, len(PERCENTILES)))] * 2
+    rows = [image_measure("s1", np.linspace(0, 250, len(PERCENTILES)))] * 6 + [
+        image_measure("s2", np.linspace(0, 250, len(PERCENTILES)))] * 2
     sums = scanner_sums(rows, min_images=5)
     request = pack_request(StudyRequest(StudyConfig.of(DIAGNOSIS, seed=0, test_fraction=0.3)))
     check(MessageType.IMAGE_LANDMARKS, request, pack(sums=sums))
     assert sums.small == ("s2",)
     few = dataclasses.replace(sums, scanners=("s1", "s2"), counts=np.array([6, 2]),
-                              landmarks=np.vstack([sums.landmarks] * 2))
+                              landmarks=np.vstack([sums.landmarks] * 2),
+                              noise=np.tile(sums.noise, 2), spacing=np.vstack([sums.spacing] * 2))
     withheld(MessageType.IMAGE_LANDMARKS, request, pack(sums=few),
              "'counts' counts 2, fewer than min_patients = 5")
     per_patient = dataclasses.replace(sums, landmarks=np.zeros((1, 6 * len(PERCENTILES))))
     withheld(MessageType.IMAGE_LANDMARKS, request, pack(sums=per_patient),
              "'landmarks' has shape")
+    each_noise = dataclasses.replace(sums, noise=np.full(6, 2.0))  # one per image, not a sum
+    withheld(MessageType.IMAGE_LANDMARKS, request, pack(sums=each_noise),
+             "'noise' has 6 along axis 'scanners', 'scanners' has 1")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,13 @@ from client.phases.prepare import prepare
 from client.pipeline import run_cases
 from client.workspace import IMAGE_STANDARD_FILE, PREPARED_FILE, load_image_standard, study_dir
 from common.errors import ConfigError
-from common.protocol import HistogramSpec, RadiomicsSpec, StudyProtocol, load_protocol
+from common.protocol import (
+    HistogramSpec,
+    MatchingSpec,
+    RadiomicsSpec,
+    StudyProtocol,
+    load_protocol,
+)
 from common.site_config import SiteConfig
 from common.synthetic import CohortSpec, make_sites, write_cohort
 from harmonization.images import PERCENTILES, combine_image_sums
@@ -58,12 +64,17 @@ def test_the_sums_are_over_the_training_images_per_scanner(cohort: Path, tmp_pat
     outcomes = run_cases(chosen, protocol, mode="landmarks", workers=1, cache_dir=None)
     expected: dict[str, list[np.ndarray]] = {}
     for case, outcome in zip(chosen, outcomes, strict=True):
+        # the landmarks, then the noise level and the spacing
         expected.setdefault(case.batch, []).append(np.array(list(outcome.features.values())))
     kept = sorted(s for s, rows in expected.items() if len(rows) >= 3)
     assert sums.scanners == tuple(kept)
-    for scanner, count, total in zip(sums.scanners, sums.counts, sums.landmarks, strict=True):
-        assert count == len(expected[scanner])
-        np.testing.assert_allclose(total, np.sum(expected[scanner], axis=0), rtol=1e-12)
+    for i, scanner in enumerate(sums.scanners):
+        assert sums.counts[i] == len(expected[scanner])
+        total = np.sum(expected[scanner], axis=0)
+        np.testing.assert_allclose(sums.landmarks[i], total[:len(PERCENTILES)], rtol=1e-12)
+        np.testing.assert_allclose(sums.noise[i], total[len(PERCENTILES)], rtol=1e-12)
+        np.testing.assert_allclose(sums.spacing[i], total[len(PERCENTILES) + 1:], rtol=1e-12)
+        assert sums.noise[i] > 0
     assert sums.small == tuple(sorted(set(expected) - set(kept)))
     assert (study_dir(site, protocol) / LANDMARKS_LEDGER / LEDGER_FILE).is_file()
     # the same request again passes the ledger; over other rows (another split) it may not
@@ -101,3 +112,31 @@ def test_the_preparation_standardizes_onto_the_study_standard(cohort: Path, tmp_
     column = "original_firstorder_Mean"
     assert not np.allclose(changed[column], table[column])
     assert len(PERCENTILES) == len(standard.landmarks)
+
+
+def test_acquisition_matching_smooths_and_adds_noise_onto_the_study_targets(cohort: Path,
+                                                                           tmp_path: Path):
+    protocol, site = _protocol(cohort), _site(cohort, tmp_path / "work", min_patients=3)
+    matched = protocol.model_copy(update={"standardization": protocol.standardization.model_copy(
+        update={"matching": MatchingSpec()})})
+    sums = image_landmarks(site, matched, seed=0, test_fraction=0.3)
+    plain = combine_image_sums({"site_B": sums}, 250.0)
+    with pytest.raises(ConfigError, match="no acquisition target"):
+        prepare(site, matched, seed=0, test_fraction=0.3, standard=plain)
+    standard = combine_image_sums({"site_B": sums}, 250.0, match_noise=True,
+                                  match_resolution=True)
+    means = sums.noise / sums.counts
+    assert standard.noise == pytest.approx(means.max())
+    np.testing.assert_allclose(standard.spacing, (sums.spacing / sums.counts[:, None]).max(axis=0))
+    prepare(site, protocol, seed=0, test_fraction=0.3, standard=plain)
+    before = pd.read_parquet(study_dir(site, protocol) / PREPARED_FILE)
+    assert prepare(site, matched, seed=0, test_fraction=0.3, standard=standard).status == "ok"
+    after = pd.read_parquet(study_dir(site, matched) / PREPARED_FILE)
+    # smoother and noisier: the marrow's intensity spread changes, its mean hardly
+    column = "original_firstorder_Mean"
+    np.testing.assert_allclose(after[column], before[column], rtol=0.1)
+    assert not np.allclose(after["original_firstorder_Variance"],
+                           before["original_firstorder_Variance"])
+    provenance = json.loads((study_dir(site, matched) / IMAGE_STANDARD_FILE).read_text())
+    assert provenance["noise"] == standard.noise and provenance["spacing"] == list(
+        standard.spacing)

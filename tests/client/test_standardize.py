@@ -8,6 +8,7 @@ from client.extract import _binning_classes, _IbsiFixedBinSize
 from client.standardize import (
     BiasFieldCorrection,
     HistogramStandardize,
+    MatchAcquisition,
     Normalize,
     Resample,
     Resegment,
@@ -15,19 +16,21 @@ from client.standardize import (
     body_mask,
     build_steps,
     ibsi_grid,
-    landmarks_of,
+    measure_image,
     standardize,
 )
 from common.errors import ConfigError
 from common.protocol import (
     BiasCorrectionSpec,
     HistogramSpec,
+    MatchingSpec,
     NormalizationSpec,
     ResampleSpec,
+    StandardizationSpec,
     load_protocol,
 )
 from common.synthetic import default_sites, make_patients, render
-from harmonization.images import MAPPED, PERCENTILES, ImageStandard
+from harmonization.images import MAPPED, PERCENTILES, ImageStandard, noise_level
 from tests.conftest import make_volume
 
 
@@ -253,6 +256,51 @@ def test_histogram_standardization_lands_the_image_on_the_standard_landmarks():
     mapped = np.percentile(sitk.GetArrayFromImage(out.image)[body], PERCENTILES)[list(MAPPED)]
     # through the landmarks the mapping runs through (float32 rounding aside)
     np.testing.assert_allclose(mapped, np.asarray(standard.landmarks)[list(MAPPED)], atol=0.01)
-    assert landmarks_of(volume, 250.0)[-1] == pytest.approx(250.0)
+    assert measure_image(volume, 250.0)[0][-1] == pytest.approx(250.0)
     assert step.record() == {"step": "histogram_standardization", "scale": 250.0,
                              "landmarks": list(standard.landmarks)}
+
+
+def test_acquisition_matching_smooths_to_the_target_resolution_and_adds_noise_to_the_target():
+    volume = _phantom(scanner_index=1)  # B_Siemens_1.5T: 0.75 x 0.75 x 3 mm, the quieter one
+    landmarks, noise, spacing = measure_image(volume, 250.0)
+    assert spacing == pytest.approx((0.75, 0.75, 3.0)) and noise > 0
+    values = sitk.GetArrayFromImage(volume.image).astype(np.float64)
+    body = body_mask(volume.image)
+    own = noise_level(values, body)
+    # the landmarks' units: the body's 1st to 99th percentile span 0 to 250
+    low, high = np.percentile(values[body], [1.0, 99.0])
+    assert noise == pytest.approx(own * 250.0 / (high - low))
+    louder = MatchAcquisition(3.0 * own, None)(volume)
+    after = sitk.GetArrayFromImage(louder.image).astype(np.float64)
+    assert noise_level(after, body) == pytest.approx(3.0 * own, rel=0.1)
+    assert np.array_equal(after, sitk.GetArrayFromImage(MatchAcquisition(3.0 * own, None)(
+        volume).image))  # seeded by the image: the same case gets the same noise
+    quieter = sitk.GetArrayFromImage(MatchAcquisition(0.5 * own, None)(volume).image)
+    np.testing.assert_allclose(quieter, values, atol=1e-3)
+    coarser = MatchAcquisition(None, (1.0, 1.0, 4.0))(volume)
+    smoothed = sitk.GetArrayFromImage(coarser.image).astype(np.float64)
+    assert noise_level(smoothed, body) < 0.9 * own  # smoothing lowers the noise, too
+    assert coarser.image.GetSpacing() == volume.image.GetSpacing()  # the grid is kept
+    same = MatchAcquisition(None, (0.5, 0.5, 2.0))(volume)  # already as coarse: unchanged
+    np.testing.assert_allclose(sitk.GetArrayFromImage(same.image), values, atol=1e-3)
+    assert MatchAcquisition(2.0, (1.0, 1.0, 4.0)).record() == {
+        "step": "acquisition_matching", "noise": 2.0, "spacing_mm": [1.0, 1.0, 4.0]}
+
+
+def test_matching_needs_histogram_standardization_and_the_targets():
+    protocol = load_protocol("preset:spine_mri_t1w")
+    std = protocol.standardization.model_dump()
+    with pytest.raises(ValueError, match="'matching' needs 'histogram'"):
+        StandardizationSpec.model_validate({**std, "histogram": None, "matching": {}})
+    with pytest.raises(ValueError, match="at least one"):
+        MatchingSpec(noise=False, resolution=False)
+    matched = protocol.model_copy(update={"standardization": protocol.standardization.model_copy(
+        update={"histogram": HistogramSpec(scale=250.0), "matching": MatchingSpec(noise=False)})})
+    standard = ImageStandard(tuple(np.linspace(0.0, 250.0, len(PERCENTILES))), 250.0)
+    with pytest.raises(ConfigError, match="no acquisition target"):
+        build_steps(matched, standard=standard)
+    steps = build_steps(matched, standard=ImageStandard(standard.landmarks, 250.0,
+                                                        spacing=(1.0, 1.0, 4.0)))
+    step = next(s for s in steps if isinstance(s, MatchAcquisition))
+    assert step.noise is None and step.spacing == (1.0, 1.0, 4.0)  # noise not matched

@@ -1,7 +1,10 @@
 """Federated histogram standardization equals TorchIO's on the pooled images; small scanners;
-the image standard's JSON."""
+the image standard's JSON; the acquisition matching's noise level, smoothing and targets."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,13 +12,17 @@ import SimpleITK as sitk
 
 from common.errors import HarmonizationError
 from harmonization.images import (
+    FWHM_PER_SIGMA,
     PERCENTILES,
     ImageStandard,
     combine_image_sums,
     image_landmarks,
+    noise_level,
     scanner_sums,
+    smoothing_sigmas,
     standardize_histogram,
 )
+from tests.conftest import image_measure
 
 tio = pytest.importorskip("torchio", reason="TorchIO is the reference (pip install torchio)")
 
@@ -49,7 +56,8 @@ def test_federated_landmarks_equal_torchio_train_on_the_pooled_images(tmp_path):
              for k, (_, _, b) in enumerate(images)]
     reference = tio.HistogramStandardization.train(paths, mask_path=masks, progress=False)
     # float32 as TorchIO reads them; split over two sites
-    rows = [(s, image_landmarks(im.astype(np.float32)[b], 100.0)) for s, im, b in images]
+    rows = [image_measure(s, image_landmarks(im.astype(np.float32)[b], 100.0))
+            for s, im, b in images]
     sites = {"one": scanner_sums(rows[:9], 3), "two": scanner_sums(rows[9:], 3)}
     standard = combine_image_sums(sites, 100.0)
     np.testing.assert_allclose(standard.landmarks, reference, rtol=1e-9, atol=1e-9)
@@ -59,7 +67,7 @@ def test_federated_landmarks_equal_torchio_train_on_the_pooled_images(tmp_path):
 
 def test_the_mapping_equals_torchio_histogram_standardization():
     images = _images(seed=1)
-    rows = [(s, image_landmarks(im[b], 100.0)) for s, im, b in images]
+    rows = [image_measure(s, image_landmarks(im[b], 100.0)) for s, im, b in images]
     standard = combine_image_sums({"one": scanner_sums(rows, 1)}, 100.0)
     _, image, body = images[8]
     ours = standardize_histogram(image.astype(np.float32), body, standard.landmarks)
@@ -76,7 +84,8 @@ def test_standardization_undoes_a_gamma():
     clean = rng.choice([300.0, 620.0, 850.0], size=(10, 30, 30)) + rng.normal(0, 30, (10, 30, 30))
     body = np.ones(clean.shape, bool)
     warped = 1000.0 * (np.abs(clean) / 1000.0) ** 0.7 * 1.3
-    rows = [("a", image_landmarks(clean[body], 100.0)), ("b", image_landmarks(warped[body], 100.0))]
+    rows = [image_measure("a", image_landmarks(clean[body], 100.0)),
+            image_measure("b", image_landmarks(warped[body], 100.0))]
     standard = combine_image_sums({"one": scanner_sums(rows, 1)}, 100.0)
     a = standardize_histogram(clean, body, standard.landmarks)
     b = standardize_histogram(warped, body, standard.landmarks)
@@ -86,8 +95,8 @@ def test_standardization_undoes_a_gamma():
 
 
 def test_a_scanner_below_the_minimum_is_named_and_left_out():
-    rows = [("big", np.linspace(0, 100, len(PERCENTILES)))] * 5 + [
-        ("tiny", np.linspace(0, 100, len(PERCENTILES)))] * 2
+    rows = [image_measure("big", np.linspace(0, 100, len(PERCENTILES)))] * 5 + [
+        image_measure("tiny", np.linspace(0, 100, len(PERCENTILES)))] * 2
     sums = scanner_sums(rows, min_images=5)
     assert sums.scanners == ("big",) and sums.small == ("tiny",)
     assert sums.counts.tolist() == [5] and sums.landmarks.shape == (1, len(PERCENTILES))
@@ -109,3 +118,53 @@ def test_json_round_trip_and_bad_input():
         image_landmarks(np.full(100, 7.0), 100.0)
     with pytest.raises(HarmonizationError, match="enough training images"):
         combine_image_sums({"a": scanner_sums([], 5)}, 100.0)
+
+
+def test_the_noise_level_is_the_white_noise_sd_under_edges_texture_and_a_bias_field():
+    rng = np.random.default_rng(3)
+    z, y, x = np.meshgrid(np.arange(12), np.arange(60), np.arange(60), indexing="ij")
+    tissue = np.where((x - 30) ** 2 + (y - 30) ** 2 < 15 ** 2, 620.0, 300.0)  # one edge
+    field = 1.0 + 0.2 * np.sin(x / 20.0) * np.cos(y / 25.0)  # smooth: the residual cancels it
+    body = np.ones(tissue.shape, bool)
+    for sd in (5.0, 20.0):
+        image = tissue * field + rng.normal(0, sd, tissue.shape)
+        assert noise_level(image, body) == pytest.approx(sd, rel=0.05)
+    with pytest.raises(HarmonizationError, match="fewer than"):
+        noise_level(image, np.zeros(tissue.shape, bool))
+    with pytest.raises(HarmonizationError, match="shape"):
+        noise_level(image[0], body[0])
+
+
+def test_smoothing_brings_a_finer_spacing_to_the_target_and_leaves_a_coarser_one():
+    sigmas = smoothing_sigmas((0.7, 1.0, 3.0), (1.0, 1.0, 4.0))
+    # a Gaussian of FWHM 0.7 convolved with these has FWHM 1.0
+    assert math.hypot(0.7 / FWHM_PER_SIGMA, sigmas[0]) == pytest.approx(1.0 / FWHM_PER_SIGMA)
+    assert sigmas[1] == 0.0 and sigmas[2] > 0
+    assert smoothing_sigmas((2.0, 2.0, 5.0), (1.0, 1.0, 4.0)) == (0.0, 0.0, 0.0)
+
+
+def test_the_acquisition_targets_are_the_noisiest_and_coarsest_scanners_means():
+    line = np.linspace(0, 100, len(PERCENTILES))
+    one = scanner_sums([image_measure("GE", line, 2.0, (0.7, 0.7, 3.0)),
+                        image_measure("GE", line, 4.0, (0.7, 0.7, 3.0)),
+                        image_measure("Siemens", line, 3.5, (0.9, 0.9, 4.0))], 1)
+    two = scanner_sums([image_measure("GE", line, 6.0, (0.7, 0.7, 3.0))], 1)
+    assert one.noise.tolist() == [6.0, 3.5] and one.spacing.tolist() == [[1.4, 1.4, 6.0],
+                                                                          [0.9, 0.9, 4.0]]
+    plain = combine_image_sums({"a": one, "b": two}, 100.0)
+    assert plain.noise is None and plain.spacing is None
+    assert plain.acquisition["GE"].noise == pytest.approx(4.0)  # (2 + 4 + 6) / 3
+    matched = combine_image_sums({"a": one, "b": two}, 100.0, match_noise=True,
+                                 match_resolution=True)
+    assert matched.noise == pytest.approx(4.0) and matched.spacing == pytest.approx((0.9, 0.9,
+                                                                                   4.0))
+    shared = matched.shared()
+    assert shared.scanners == {} and shared.acquisition == {}
+    assert (shared.noise, shared.spacing) == (matched.noise, matched.spacing)
+    assert ImageStandard.from_json(matched.to_json()) == matched
+    with pytest.raises(HarmonizationError, match="target spacing"):
+        ImageStandard.from_json(matched.to_json().replace('"spacing": [0.9', '"spacing": [-0.9'))
+    with pytest.raises(HarmonizationError, match="negative or non-finite"):
+        combine_image_sums({"a": replace(one, noise=np.array([-1.0, 3.5]))}, 100.0)
+    with pytest.raises(HarmonizationError, match="shapes"):
+        combine_image_sums({"a": replace(one, spacing=one.spacing[:, :2])}, 100.0)

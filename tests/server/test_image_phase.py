@@ -18,6 +18,7 @@ from harmonization.images import PERCENTILES, scanner_sums
 from server.phases.images import IMAGES_FILE, run_images
 from server.rounds import Records, Reply
 from server.study import StudySettings, StudyStopped
+from tests.conftest import image_measure
 
 
 class Sites:
@@ -48,7 +49,7 @@ def _settings(tmp_path: Path) -> StudySettings:
 
 
 def _sums(scanner: str, top: float, n: int = 6):  # noqa: ANN202
-    return scanner_sums([(scanner, np.linspace(0, top, len(PERCENTILES)))] * n, 5)
+    return scanner_sums([image_measure(scanner, np.linspace(0, top, len(PERCENTILES)))] * n, 5)
 
 
 def test_the_standard_is_the_mean_of_every_sites_images_and_a_failed_site_is_named(
@@ -68,6 +69,6 @@ def test_the_standard_is_the_mean_of_every_sites_images_and_a_failed_site_is_nam
 
 
 def test_no_scanner_with_enough_images_stops_the_study(tmp_path: Path):
-    few = scanner_sums([("GE", np.linspace(0, 200, len(PERCENTILES)))] * 2, 5)
+    few = scanner_sums([image_measure("GE", np.linspace(0, 200, len(PERCENTILES)))] * 2, 5)
     with pytest.raises(StudyStopped, match="enough training images"):
         run_images(Sites({1: few}), {1: "site_A"}, _settings(tmp_path))

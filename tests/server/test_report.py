@@ -14,6 +14,7 @@ from harmonization.images import PERCENTILES, combine_image_sums, scanner_sums
 from server.phases.images import ImagesSummary
 from server.phases.validation import pool_sites
 from server.report import build_report, write_report
+from tests.conftest import image_measure
 
 
 def _metrics(r: float, n: int) -> dict[str, float]:
@@ -83,19 +84,25 @@ def test_a_folder_without_a_study_is_named(tmp_path: Path) -> None:
 
 def test_the_image_harmonization_shows_each_scanner_against_the_standard(tmp_path: Path) -> None:
     regression_study(tmp_path)
-    sums = {"site_A": scanner_sums([("GE", np.linspace(0, 200, len(PERCENTILES)))] * 6, 5),
-            "site_B": scanner_sums([("Siemens", np.linspace(0, 250, len(PERCENTILES)))] * 9
-                                   + [("Philips", np.linspace(0, 250, len(PERCENTILES)))] * 2, 5)}
-    standard = combine_image_sums(sums, 250.0)
+    line = np.linspace(0, 250, len(PERCENTILES))
+    sums = {"site_A": scanner_sums([image_measure("GE", line * 0.8, 2.0, (0.7, 0.7, 3.0))] * 6,
+                                   5),
+            "site_B": scanner_sums([image_measure("Siemens", line, 3.0, (0.9, 0.9, 4.0))] * 9
+                                   + [image_measure("Philips", line)] * 2, 5)}
+    standard = combine_image_sums(sums, 250.0, match_resolution=True)
     (tmp_path / "images.json").write_text(json.dumps(ImagesSummary(
         standard, {"site_C": "query.image_landmarks: no reply within 60 s"}).to_json()))
     section = build_report(tmp_path)["images"]
     assert [r["scanner"] for r in section["rows"]] == ["GE", "Siemens", "study standard"]
     assert section["rows"][-1]["images"] == 15 and section["rows"][0]["p99"] == "200.0"
     assert section["left_out"] == {"site_B": "Philips"}
+    assert [(r["noise"], r["spacing (mm)"]) for r in section["rows"]] == [
+        ("2.00", "0.70 x 0.70 x 3.00"), ("3.00", "0.90 x 0.90 x 4.00"),
+        ("not matched", "0.90 x 0.90 x 4.00 (target)")]
     html = write_report(tmp_path)["html"].read_text()
     assert "Image harmonization (federated histogram standardization)" in html
     assert "did not shape the standard" in html and "no reply within 60 s" in html
+    assert "the targets in the last row" in html
 
 
 @pytest.mark.parametrize(("covbat", "said"), [
