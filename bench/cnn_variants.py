@@ -55,7 +55,7 @@ def study(cohort: Path, out: Path, seed: int, changes: dict[str, object]) -> dic
         base = load_protocol(cohort / "study.yaml")
         assert base.cnn is not None, "the cohort's protocol has a CNN"
         protocol = base.model_copy(update={
-            "standardization": base.standardization.model_copy(update={"histogram": None}),
+            "standardization": base.standardization.without_study_standard(),
             "radiomics": RadiomicsSpec(feature_classes={"firstorder": ()}),
             "cnn": base.cnn.model_copy(update=changes)})
         run_in_simulation(cohort, StudySettings(protocol, out, min_sites=3, seed=seed,

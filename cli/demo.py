@@ -42,10 +42,10 @@ def demo(
     """Run the whole federated study on the built-in synthetic cohort, on this machine.
 
     Makes the default three-site cohort if absent, then runs the study in Flower's simulation
-    engine, one virtual SuperNode per site: handshake, federated histogram standardization of
-    the images, local preparation, federated ComBat then CovBat and the radiomics model
-    (screening + LASSO chosen by federated cross-validation) on raw and on harmonized features,
-    with every site left out once, then the 3D CNN over Flower rounds.
+    engine, one virtual SuperNode per site: handshake, federated histogram standardization and
+    resolution matching of the images, local preparation, federated ComBat then CovBat and the
+    radiomics model (screening + LASSO chosen by federated cross-validation) on raw and on
+    harmonized features, with every site left out once, then the 3D CNN over Flower rounds.
     Ends with a table per site: the test AUC of its local-only model, the federated model, the
     federated model after harmonization, that model updated at the site on its own rows, the
     model trained without the site (leave-site-out, the external validation) and the federated

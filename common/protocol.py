@@ -363,6 +363,11 @@ class StandardizationSpec(_Frozen):
         None, ge=0.5, le=10, allow_inf_nan=False,
         description="Then drop ROI voxels beyond mean +/- this many SD (IBSI: 3).")
 
+    def without_study_standard(self) -> StandardizationSpec:
+        """These steps less the ones that need the study's image standard (histogram
+        standardization and acquisition matching): what a site can run on its own."""
+        return self.model_copy(update={"histogram": None, "matching": None})
+
     @model_validator(mode="after")
     def _check(self) -> StandardizationSpec:
         if self.matching is not None and self.histogram is None:

@@ -263,8 +263,8 @@ def paired_features(pairs: Sequence[tuple[CaseSpec, sitk.Image]], protocol: Stud
         path = folder / f"{case.case_id}.nii.gz"
         sitk.WriteImage(mask, str(path), useCompression=True)
         made.append(dataclasses.replace(case, mask=path, auto_mask=True))
-    plain = protocol.model_copy(update={"standardization": protocol.standardization.model_copy(
-        update={"histogram": None})})
+    plain = protocol.model_copy(
+        update={"standardization": protocol.standardization.without_study_standard()})
     manual, automatic = (run_cases(chosen, plain, mode="extract", workers=site.n_workers,
                                    cache_dir=site.cache_dir, max_voxels=site.budget,
                                    time_limit_s=site.case_time_limit_s)

@@ -210,8 +210,9 @@ piecewise linearly onto the study's standard landmarks: the mean over every site
 images (mapped so that the 1st percentile is 0 and the 99th {{ report.images.scale }}). Per
 scanner, its training images' mean landmarks before the mapping{% if "noise" in report.images.columns %},
 and their mean noise level (in the landmarks' units) and voxel spacing: with acquisition
-matching, every image is then smoothed to the coarsest scanner's resolution and gets noise up
-to the noisiest scanner's level (the targets in the last row){% endif %}:</p>
+matching, every image is then smoothed to the coarsest scanner's resolution, or gets noise up
+to the noisiest scanner's level, or both, as the protocol asks (the targets in the last row;
+"not matched" where it does not){% endif %}:</p>
 {{ mapping_table(report.images.rows, report.images.columns, report.images.columns) }}
 <img src="{{ report.images.figure }}" alt="Body histogram landmarks per scanner">
 {{ reasons("Scanners of too few training images at a site (their images are standardized; they did not shape the standard)", report.images.left_out) }}

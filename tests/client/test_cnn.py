@@ -49,8 +49,8 @@ class Study:
 
 
 def _fast(protocol: StudyProtocol, **update: object) -> StudyProtocol:
-    std = protocol.standardization.model_copy(update={"bias_correction": None,
-                                                      "histogram": None})
+    std = protocol.standardization.without_study_standard().model_copy(
+        update={"bias_correction": None})
     return protocol.model_copy(update={
         "standardization": std, "radiomics": RadiomicsSpec(feature_classes={"firstorder": ()}),
         "cnn": SPEC, **update})

@@ -49,7 +49,8 @@ def _site(cohort: Path, work: Path, min_patients: int = 5) -> SiteConfig:
 def _protocol(cohort: Path) -> StudyProtocol:
     protocol = load_protocol(cohort / "study.yaml")
     std = protocol.standardization.model_copy(update={
-        "bias_correction": None, "histogram": HistogramSpec(scale=250.0)})  # N4 off: quicker
+        "bias_correction": None, "histogram": HistogramSpec(scale=250.0),  # N4 off: quicker
+        "matching": None})  # the histogram alone; matching has its own test below
     return protocol.model_copy(update={
         "standardization": std, "cnn": None,
         "radiomics": RadiomicsSpec(feature_classes={"firstorder": ()}, bin_width=5.0)})

@@ -91,7 +91,7 @@ def test_a_resampled_grid_over_the_limit_is_refused_before_it_is_allocated():
     mapping = load_protocol("preset:spine_mri_t1w").model_dump(mode="json")
     mapping["standardization"]["resample"]["spacing_mm"] = [0.1, 0.1, 4.0]
     mapping["standardization"]["bias_correction"] = None
-    mapping["standardization"]["histogram"] = None
+    mapping["standardization"].update(histogram=None, matching=None)
     protocol = protocol_from_mapping(mapping)
     with pytest.raises(CaseError) as refused:
         standardize(Volume(image, labels, 1), build_steps(protocol, max_voxels=10_000))
@@ -196,7 +196,8 @@ def test_site_check_finds_a_missing_reference_tissue_as_extraction_would(tmp_pat
     spec = CaseSpec(case_id="no_muscle", row=2, image=tmp_path / "image.nii.gz",
                     mask=tmp_path / "mask.nii.gz", label=1.0, batch="s")
     protocol = load_protocol("preset:spine_mri_t1w")  # reference tissue: label 2
-    standard = ImageStandard(tuple(np.linspace(0.0, 250.0, len(PERCENTILES))), 250.0)
+    standard = ImageStandard(tuple(np.linspace(0.0, 250.0, len(PERCENTILES))), 250.0,
+                             noise=2.0, spacing=(1.0, 1.0, 4.0))
     for mode in ("check", "landmarks", "extract"):
         outcome = CaseProcessor(protocol, mode, None, standard=standard)(spec)
         assert outcome.reason is SkipReason.ROI_NOT_FOUND, mode

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -173,12 +175,12 @@ def test_ibsi_fixed_bin_size_starts_at_the_lower_resegmentation_bound():
 
 def test_build_steps_follows_the_protocol_order():
     preset = load_protocol("preset:spine_mri_t1w")
-    plain = preset.model_copy(update={"standardization": preset.standardization.model_copy(
-        update={"histogram": None})})
+    plain = preset.model_copy(
+        update={"standardization": preset.standardization.without_study_standard()})
     assert [type(s).__name__ for s in build_steps(plain)] == [
         "BiasFieldCorrection", "Normalize", "Resample", "Resegment"]
     protocol = preset.model_copy(update={"standardization": preset.standardization.model_copy(
-        update={"histogram": HistogramSpec(scale=250.0)})})
+        update={"histogram": HistogramSpec(scale=250.0), "matching": None})})
     standard = ImageStandard(tuple(np.linspace(0.0, 250.0, len(PERCENTILES))), 250.0)
     steps = build_steps(protocol, standard=standard)
     assert [type(s).__name__ for s in steps] == [
@@ -187,6 +189,15 @@ def test_build_steps_follows_the_protocol_order():
         build_steps(protocol)
     with pytest.raises(ConfigError, match="made for scale 100"):
         build_steps(protocol, standard=ImageStandard(standard.landmarks, 100.0))
+    # the preset as shipped: resolution matching after the histogram mapping, noise left alone
+    with pytest.raises(ConfigError, match="no acquisition target"):
+        build_steps(preset, standard=standard)
+    matched = build_steps(preset, standard=dataclasses.replace(
+        standard, noise=2.0, spacing=(0.9, 0.9, 4.0)))
+    assert [type(s).__name__ for s in matched] == [
+        "BiasFieldCorrection", "Normalize", "HistogramStandardize", "MatchAcquisition",
+        "Resample", "Resegment"]
+    assert matched[3].record()["noise"] is None
     assert [type(s).__name__ for s in build_steps(load_protocol("preset:ibsi_digital_phantom"))] \
         == []
     for step in steps:

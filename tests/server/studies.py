@@ -37,7 +37,7 @@ def small_study(tmp_path: Path, sizes: tuple[int, ...], **cnn: object
     write_cohort(cohort, CohortSpec(make_sites(sizes, True)), workers=2)
     protocol = load_protocol(cohort / "study.yaml")
     protocol = protocol.model_copy(update={
-        "standardization": protocol.standardization.model_copy(update={"histogram": None}),
+        "standardization": protocol.standardization.without_study_standard(),
         "model": ModelSpec(screening_top_k=5, cv_folds=3, n_lambdas=3),
         "cnn": CnnSpec(architecture="resnet10", crop_size=(16, 16, 8), batch_size=8, **cnn)})
     return cohort, protocol

@@ -32,7 +32,7 @@ def test_twenty_sites_complete_the_handshake_and_the_preparation(tmp_path: Path)
     # without the image phase: the sites' splits differ, so a study standard would differ from
     # the template's and every site would extract again (the phase has its own tests)
     mapping = yaml.safe_load((cohort / "study.yaml").read_text())
-    mapping["standardization"]["histogram"] = None
+    mapping["standardization"].update(histogram=None, matching=None)
     protocol_file = tmp_path / "protocol.yaml"
     protocol_file.write_text(yaml.safe_dump(mapping))
     protocol = load_protocol(protocol_file)

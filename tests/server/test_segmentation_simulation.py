@@ -44,7 +44,7 @@ def test_a_site_without_masks_joins_with_the_federated_networks_masks(tmp_path: 
     cohort = without_masks(written, tmp_path / "cohort", {"site_C"})  # site_C drew no mask
     protocol = load_protocol(cohort / "study.yaml")
     protocol = StudyProtocol.model_validate(protocol.model_copy(update={
-        "standardization": protocol.standardization.model_copy(update={"histogram": None}),
+        "standardization": protocol.standardization.without_study_standard(),
         "model": ModelSpec(screening_top_k=5, cv_folds=3, n_lambdas=3), "cnn": None,
         "segmentation": SegmentationSpec(rounds=4, leave_site_out=True)}).model_dump())
     settings = StudySettings(protocol, tmp_path / "out", min_sites=2, timeout_s=300, seed=1,

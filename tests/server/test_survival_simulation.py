@@ -54,7 +54,7 @@ def test_the_federated_cox_model_is_the_pooled_fit_and_every_site_scores_it(tmp_
     protocol = protocol.model_copy(update={
         "model": ModelSpec(screening_top_k=8, cv_folds=3, n_lambdas=4,
                            clinical=("iss_stage", "age")),
-        "standardization": protocol.standardization.model_copy(update={"histogram": None}),
+        "standardization": protocol.standardization.without_study_standard(),
         "validation": protocol.validation.model_copy(update={"bootstrap": 50})})
     assert protocol.task.kind.value == "survival" and protocol.cnn is None
     settings = StudySettings(protocol, tmp_path / "out", min_sites=3, timeout_s=300, seed=3,
