@@ -60,7 +60,7 @@ from common.synthetic import CohortSpec, make_sites, read_cohort_spec, write_coh
 from harmonization.combat.design import CombatOptions, Design  # noqa: E402
 from harmonization.combat.model import SiteTable, fit_combat  # noqa: E402
 from harmonization.covbat import fit_covbat  # noqa: E402
-from harmonization.diagnostics import site_effect  # noqa: E402
+from harmonization.diagnostics import scanner_effect  # noqa: E402
 from harmonization.screening import scanner_shares, site_interaction_moments  # noqa: E402
 from server.study import StudySettings  # noqa: E402
 
@@ -189,11 +189,8 @@ def within_site_scanner_effect(tables: dict[str, pd.DataFrame], x: dict[str, np.
     for s, t in tables.items():
         if t.batch.nunique() < 2:
             continue
-        y = t[label].to_numpy()
-        residual = x[s].copy()
-        for value in np.unique(y):
-            residual[y == value] -= residual[y == value].mean(axis=0)
-        out[s] = site_effect(residual, t.batch.astype(str).tolist()).share_significant
+        out[s] = scanner_effect(x[s], t.batch.astype(str).tolist(),
+                                t[label].to_numpy()).share_significant
     return out
 
 

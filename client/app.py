@@ -51,7 +51,7 @@ from common.records import pack, to_record, unpack_request
 from common.site_config import SiteConfig
 from common.wire import to_wire
 from harmonization.images import ImageStandard
-from harmonization.messages import CombatRequest, HarmonizedRows
+from harmonization.messages import CombatRequest
 
 
 def study_of(msg: Message) -> StudyConfig:
@@ -282,7 +282,7 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
     def _combat_apply(msg: Message, context: Context) -> Message:
         from client.phases import combat  # see _prepare
 
-        return reply(msg, result=HarmonizedRows(combat.apply(*combat_request(msg, context))))
+        return reply(msg, result=combat.apply(*combat_request(msg, context)))
 
     @app.query(MessageType.MODEL_SUMMARY.query)
     @guarded

@@ -169,11 +169,22 @@ def check_reply(message_type: str, request: Records, content: Records,
             payload = check_sent(content, cls, sizes, minimums, prefix=prefix, sender=site)
         except PayloadError as exc:
             raise PrivacyGuardError(str(exc)) from None
-        if kind is MessageType.MODEL_EVALUATE:
+        if kind is MessageType.COMBAT_APPLY:
+            _check_diagnostic(payload, _required(features()))
+        elif kind is MessageType.MODEL_EVALUATE:
             study = StudyConfig.from_mapping(dict(request[STUDY_RECORD]))
             names = evaluated_models(list(study.models or ()), bool(study.site_update),
                                      nomogram="radiomics0.meta" in request)
             _check_table(payload.table, names, protocol())
+
+
+def _check_diagnostic(result: HarmonizedRows, width: int) -> None:
+    """ComBat's last reply: its scanner diagnostic counts features, at most the table's."""
+    counts = (result.differing_before, result.differing_after, result.tested)
+    if not all(type(c) is int for c in counts) or not max(counts[:2]) <= counts[2] <= width \
+            or min(counts) < 0:
+        raise PrivacyGuardError(f"HarmonizedRows: the scanner diagnostic (differing before, "
+                                f"after, tested) {counts} is not counts of the {width} features")
 
 
 def _check_fields(record: Mapping[str, object], name: str, fields: Mapping[str, type]) -> None:

@@ -21,13 +21,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 from sklearn.metrics import roc_curve
 
+from client.phases.combat import scanner_diagnostic
 from client.workspace import (
     HARMONIZED_FILE,
     PREPARED_FILE,
-    feature_columns,
     load_study_table,
     study_dir,
 )
@@ -91,39 +90,24 @@ def refresh_site_report(site: SiteConfig, protocol: StudyProtocol) -> None:
 def _harmonization_diagnostics(site: SiteConfig, protocol: StudyProtocol
                                ) -> dict[str, Any] | None:
     """The scanner effect inside this site before and after ComBat: with two or more scanners
-    here, the share of features whose training rows differ between them (Kruskal-Wallis
-    p < 0.05 on the features less their class mean, so that case mix does not count)."""
-
-
+    here, the share of features whose training rows differ between them
+    (:func:`client.phases.combat.scanner_diagnostic`, as the ComBat phase reports it)."""
     folder = study_dir(site, protocol)
     if not (folder / PREPARED_FILE).is_file():
         return None
-
     out: dict[str, Any] = {}
     for name, file in (("before", PREPARED_FILE), ("after", HARMONIZED_FILE)):
         if not (folder / file).is_file():
             continue
         table = pd.read_parquet(folder / file)
-        train = table[table["split"] == "train"]
-        scanners = sorted(train["batch"].astype(str).unique())
-        out["scanners"] = scanners
-        if len(scanners) < 2:
-            return {"scanners": scanners, "note": "one scanner here: no scanner effect inside "
-                    "the site to show (ComBat's effect shows in the multicentre report)"}
-        names = feature_columns(train, protocol)
-        x = train[names].to_numpy(float, copy=True)
-        if protocol.task.kind is TaskKind.CLASSIFICATION:
-            label = train[protocol.task.label_column].to_numpy()
-            for value in np.unique(label):
-                x[label == value] -= x[label == value].mean(axis=0)
-        groups = [x[(train["batch"].astype(str) == s).to_numpy()] for s in scanners]
-        p = []
-        for j in range(x.shape[1]):
-            columns = [g[:, j] for g in groups]
-            if np.ptp(np.concatenate(columns)) == 0:
-                continue
-            p.append(stats.kruskal(*columns).pvalue)
-        out[name] = float(np.mean(np.asarray(p) < 0.05)) if p else float("nan")
+        out["scanners"] = sorted(table.loc[table["split"] == "train", "batch"].astype(str)
+                                 .unique())
+        if len(out["scanners"]) < 2:
+            return {"scanners": out["scanners"], "note": "one scanner here: no scanner effect "
+                    "inside the site to show (ComBat's effect shows in the multicentre report)"}
+        effect = scanner_diagnostic(table, protocol)
+        out[name] = float("nan") if effect is None or not effect.tested else \
+            effect.share_significant
     return out
 
 

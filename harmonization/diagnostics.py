@@ -28,6 +28,16 @@ class SiteEffect:
         tested = self.pvalues[np.isfinite(self.pvalues)]
         return float(np.mean(tested < self.alpha)) if tested.size else 0.0
 
+    @property
+    def tested(self) -> int:
+        """How many features could be tested (not constant)."""
+        return int(np.isfinite(self.pvalues).sum())
+
+    @property
+    def significant(self) -> int:
+        """How many features have p < alpha."""
+        return int((self.pvalues[np.isfinite(self.pvalues)] < self.alpha).sum())
+
 
 def site_effect(features: npt.NDArray[np.float64], batch: Sequence[object], alpha: float = 0.05
                 ) -> SiteEffect:
@@ -44,6 +54,19 @@ def site_effect(features: npt.NDArray[np.float64], batch: Sequence[object], alph
         if np.ptp(column) > 0:
             pvalues[j] = stats.kruskal(*[column[g] for g in groups]).pvalue
     return SiteEffect(pvalues, alpha)
+
+
+def scanner_effect(features: npt.NDArray[np.float64], batch: Sequence[object],
+                   label: npt.NDArray[np.generic] | None = None, alpha: float = 0.05
+                   ) -> SiteEffect:
+    """The site reports' diagnostic: :func:`site_effect` of each feature less its class's mean
+    (``label``: a classification's classes, None for none), so that the scanners' case mix does
+    not count as a scanner effect."""
+    residual = np.array(features, dtype=np.float64, copy=True)
+    if label is not None:
+        for value in np.unique(label):
+            residual[label == value] -= residual[label == value].mean(axis=0)
+    return site_effect(residual, batch, alpha)
 
 
 def site_effect_png(before: npt.NDArray[np.float64], after: npt.NDArray[np.float64],

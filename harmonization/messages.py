@@ -62,6 +62,21 @@ class CombatRequest:
 @dataclass(frozen=True)
 class HarmonizedRows:
     """A site's answer to ComBat's last round: how many of its rows (training and test) it
-    harmonized and keeps."""
+    harmonized and keeps; and the diagnostic of its own scanners (the site report's) on its
+    training rows: of the ``tested`` features, how many differ between them before
+    (``differing_before``) and after (``differing_after``) harmonization. ``tested`` is 0
+    where it was not measured: one scanner at the site, or one of fewer than the site's
+    ``min_patients`` training rows."""
 
     rows: int
+    tested: int = 0
+    differing_before: int = 0
+    differing_after: int = 0
+
+    def scanner_features(self) -> dict[str, float] | None:
+        """The shares of the tested features that differ between the site's scanners, or None
+        where it was not measured."""
+        if self.tested == 0:
+            return None
+        return {"tested": self.tested, "before": self.differing_before / self.tested,
+                "after": self.differing_after / self.tested}

@@ -44,7 +44,8 @@ from harmonization.covbat import (
     score_options,
     site_residual_products,
 )
-from harmonization.messages import CombatRequest
+from harmonization.diagnostics import SiteEffect, scanner_effect
+from harmonization.messages import CombatRequest, HarmonizedRows
 
 
 def combat_inputs(site: SiteConfig, protocol: StudyProtocol, split: str | None = "train"
@@ -152,17 +153,40 @@ def residual_products(site: SiteConfig, protocol: StudyProtocol, request: Combat
     return site_residual_products(adjusted)
 
 
-def apply(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest) -> int:
+def apply(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest) -> HarmonizedRows:
     """The last round: the model as this site holds it (ComBat, or ComBat then CovBat),
-    applied to all its rows; the number of rows harmonized."""
+    applied to all its rows; the number of rows harmonized, with the diagnostic of the site's
+    own scanners before and after (where each has at least ``min_patients`` training rows)."""
     fit, var = request.pooled()
     if request.shared is None:
         raise HarmonizationError("ComBat's last round: the request carries no adjustments")
     rows = round_rows(site, protocol, request)
     model = combat_model_at_site(rows, fit, var.var, request.shared.unstack())
-    if rows.combat is not None and request.axes is not None:
-        return harmonize_site(site, protocol, CovbatModel(rows.combat, request.axes, model))
-    return harmonize_site(site, protocol, model)
+    n = harmonize_site(site, protocol, CovbatModel(rows.combat, request.axes, model)
+                       if rows.combat is not None and request.axes is not None else model)
+    before, after = (scanner_diagnostic(load_study_table(site, protocol, file), protocol,
+                                        site.min_patients)
+                     for file in (PREPARED_FILE, HARMONIZED_FILE))
+    if before is None or after is None:
+        return HarmonizedRows(n)
+    return HarmonizedRows(n, before.tested, before.significant, after.significant)
+
+
+def scanner_diagnostic(table: pd.DataFrame, protocol: StudyProtocol, min_rows: int = 1
+                       ) -> SiteEffect | None:
+    """Which features still differ between the site's own scanners, on its training rows
+    (Kruskal-Wallis p < 0.05 on each feature less its class mean:
+    :func:`harmonization.diagnostics.scanner_effect`); None with one scanner, or one of fewer
+    than ``min_rows`` training rows."""
+    train = table[table["split"] == "train"]
+    batch = train["batch"].astype(str)
+    counts = batch.value_counts()
+    if len(counts) < 2 or counts.min() < min_rows:
+        return None
+    label = (train[protocol.task.label_column].to_numpy()
+             if protocol.task.kind is TaskKind.CLASSIFICATION else None)
+    return scanner_effect(train[feature_columns(train, protocol)].to_numpy(float),
+                          batch.tolist(), label)
 
 
 def combat_model_at_site(rows: RoundRows, fit: LocationFit, var_pooled: np.ndarray,

@@ -237,9 +237,26 @@ Scanners shared by several sites: {{ report.combat.shared_batches | join(", ") o
 {% endif %}
 {% endif %}
 {{ reasons("ComBat failures (these sites' models use raw features)", report.combat.failed) }}
+{% set diagnostic = report.combat.get("scanner_features") or {} %}
+{% if diagnostic %}
+<h3>Features that differ between a site's own scanners</h3>
+<p>At a site with two scanners or more, the share of its features whose training rows still
+differ between them (Kruskal-Wallis p &lt; 0.05 on each feature less its class mean, so that
+case mix does not count), on the features as prepared{% if report.images %} (after the image
+harmonization above){% endif %} and after {{ "ComBat and CovBat" if (report.combat.get("covbat") or {}).get("status") == "done" else "ComBat" }}.
+About 5% differ by chance alone.</p>
+<table>
+<tr><th>site</th><th>features tested</th><th>prepared</th><th>harmonized</th></tr>
+{% for site, d in diagnostic | dictsort %}
+<tr><td>{{ site }}</td>{% if d %}<td class="num">{{ d.tested }}</td>
+<td class="num">{{ "%.1f%%" | format(100 * d.before) }}</td><td class="num">{{ "%.1f%%" | format(100 * d.after) }}</td>
+{% else %}<td colspan="3">not measured: one scanner at the site, or one of fewer training rows than the site's minimum</td>{% endif %}</tr>
+{% endfor %}
+</table>
+{% endif %}
 {% if report.harmonization_change %}
 <h3>What harmonization changed at each site</h3>
-<p>Test {{ report.harmonization_change.metric }} of the federated model and of the model trained without the site (its external validation), on raw and on harmonized features. The scanner diagnostics (features that still differ between a site's own scanners) are in each site's own report.</p>
+<p>Test {{ report.harmonization_change.metric }} of the federated model and of the model trained without the site (its external validation), on raw and on harmonized features.</p>
 {{ mapping_table(report.harmonization_change.rows, ["site", "federated_raw", "federated_harmonized", "federated_change", "loso_raw", "loso_harmonized", "loso_change"], ["site", "federated, raw", "federated, harmonized", "change", "leave-site-out, raw", "leave-site-out, harmonized", "change"]) }}
 {% endif %}
 {% endif %}

@@ -136,7 +136,8 @@ def _rounds(transport: Transport, nodes: dict[int, str], kept: list[PrepareReply
                            "continuous": list(design.continuous),
                            "estimation_only": list(design.fit_only)},
             "covbat": covbat,
-            "harmonized_rows": {site: r.rows for site, r in harmonized.items()}}
+            "harmonized_rows": {site: r.rows for site, r in harmonized.items()},
+            "scanner_features": {site: r.scanner_features() for site, r in harmonized.items()}}
 
 
 def _design_round(transport: Transport, nodes: dict[int, str],

@@ -447,6 +447,19 @@ def test_replies_to_unknown_messages_are_withheld():
              RecordDict({"result": ConfigRecord({"rows": 30})}), "record 'result' is not part")
 
 
+def test_the_scanner_diagnostic_leaves_as_counts_of_features_only():
+    """ComBat's last reply carries how many features differ between the site's scanners: counts
+    of at most the feature table's width, never a value of another kind in their place."""
+    request, _ = combat_round_one(CombatOptions(min_cell=3))
+    check(MessageType.COMBAT_APPLY, request, pack(result=HarmonizedRows(30, F, 3, 1)))
+    for smuggled in (HarmonizedRows(30, F + 1, 3, 1), HarmonizedRows(30, F, 3, F + 1),
+                     HarmonizedRows(30, 2, 3, 1), HarmonizedRows(30, F, -1, 0)):
+        withheld(MessageType.COMBAT_APPLY, request, pack(result=smuggled), "not counts")
+    floated = pack(result=HarmonizedRows(30, F, 3, 1))
+    floated["result.meta"]["f.differing_after"] = 2.75  # a patient's value in its place
+    withheld(MessageType.COMBAT_APPLY, request, floated, "not counts")
+
+
 # --- the mod ----------------------------------------------------------------------------------
 
 def test_the_mod_withholds_a_bad_reply_and_says_why(caplog: pytest.LogCaptureFixture,

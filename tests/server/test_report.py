@@ -126,6 +126,24 @@ def test_the_harmonization_section_says_what_covbat_did(tmp_path: Path, covbat: 
         assert said in html
 
 
+def test_the_harmonization_section_shows_each_sites_scanner_diagnostic(tmp_path: Path) -> None:
+    regression_study(tmp_path)
+    (tmp_path / "combat.json").write_text(json.dumps({
+        "status": "done", "batches": ["GE", "Siemens", "Philips"], "shared_batches": [],
+        "covariates": {"categorical": [], "continuous": [], "estimation_only": []},
+        "covbat": {"status": "done", "components": 3, "explained": 0.95},
+        "harmonized_rows": {"site_A": 40, "site_B": 30}, "failed": {},
+        "scanner_features": {"site_A": None,
+                             "site_B": {"tested": 107, "before": 0.3364, "after": 0.0467}}}))
+    html = write_report(tmp_path)["html"].read_text()
+    section = html[html.index("Features that differ between a site's own scanners"):]
+    assert "after ComBat and CovBat" in section
+    row = section[section.index("<td>site_B</td>"):]
+    assert row.index("107") < row.index("33.6%") < row.index("4.7%") < row.index("</tr>")
+    row = section[section.index("<td>site_A</td>"):]
+    assert row.index("not measured: one scanner at the site") < row.index("</tr>")
+
+
 def test_the_harmonization_section_sets_raw_and_harmonized_validation_side_by_side(
         tmp_path: Path) -> None:
     regression_study(tmp_path)

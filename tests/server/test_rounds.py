@@ -38,7 +38,7 @@ from common.site_config import SiteConfig
 from harmonization.combat.design import CombatOptions
 from harmonization.combat.model import SiteTable, fit_combat
 from harmonization.covbat import fit_covbat
-from harmonization.messages import CombatRequest, HarmonizedRows
+from harmonization.messages import CombatRequest
 from server.phases.combat import combat_design, run_combat
 from server.phases.radiomics import run_model
 from server.rounds import Reply, collect, exchange, unanswered, wait_for_nodes
@@ -123,7 +123,7 @@ class FakeSites:
             return pack(moments=combat.shared_moments(site, self.protocol, request))
         if message_type is MessageType.COVBAT_PRODUCTS:
             return pack(products=combat.residual_products(site, self.protocol, request))
-        return pack(result=HarmonizedRows(combat.apply(site, self.protocol, request)))
+        return pack(result=combat.apply(site, self.protocol, request))
 
 
 def write_prepared(root: Path, name: str, protocol: StudyProtocol, frame: pd.DataFrame
@@ -197,6 +197,10 @@ def test_federated_combat_through_the_phases_equals_the_centralized_fit(tmp_path
         expected = central.transform(y, batch, covariates)
         np.testing.assert_allclose(got[[f"f{j}" for j in range(5)]].to_numpy(), expected,
                                    rtol=1e-9, atol=1e-9)
+    # the scanner diagnostic: site A's two scanners differ in every feature before, in none
+    # after; the one-scanner sites measure nothing
+    diagnostic = json.loads((settings.out_dir / "combat.json").read_text())["scanner_features"]
+    assert diagnostic == {"A": {"tested": 5, "before": 1.0, "after": 0.0}, "B": None, "C": None}
 
 
 def test_federated_covbat_through_the_phases_equals_the_pooled_covbat(tmp_path: Path):
