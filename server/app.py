@@ -9,10 +9,11 @@ study (:func:`server.orchestrator.run_study`). The phases themselves are in
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -34,11 +35,33 @@ class FlowerTransport:
 
     def send_and_receive(self, message_type: MessageType, contents: Mapping[int, RecordDict],
                          timeout_s: float) -> Iterable[Reply]:
-        messages = [Message(content, message_type=message_type.value, dst_node_id=node,
-                            group_id=message_type.value) for node, content in contents.items()]
-        for reply in self.grid.send_and_receive(messages, timeout=timeout_s):
-            yield Reply(reply.metadata.src_node_id, None if reply.has_error() else reply.content,
-                        error_text(reply) if reply.has_error() else "")
+        """Every node's reply. A reply the SuperLink lost on its way (Flower's
+        ``MESSAGE_UNAVAILABLE``: the site answered, its upload did not complete, e.g. a busy
+        SuperLink's database was locked) is asked for once more: every phase's request is
+        answered the same way twice (the release ledger passes the same sums again)."""
+        pending = dict(contents)
+        for attempt in (1, 2):
+            messages = {node: Message(content, message_type=message_type.value,
+                                      dst_node_id=node, group_id=message_type.value)
+                        for node, content in pending.items()}
+            replies = list(self.grid.send_and_receive(list(messages.values()),
+                                                      timeout=timeout_s))
+            sent = {m.metadata.message_id: node for node, m in messages.items()}
+            lost: dict[int, RecordDict] = {}
+            for reply in replies:
+                node = sent.get(reply.metadata.reply_to_message_id)
+                if attempt == 1 and node is not None and reply.has_error() \
+                        and reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE:
+                    log(WARNING, "myelofed: %s to node %s: %s; asking again", message_type,
+                        node, error_text(reply))
+                    lost[node] = pending[node]
+                    continue
+                yield Reply(reply.metadata.src_node_id,
+                            None if reply.has_error() else reply.content,
+                            error_text(reply) if reply.has_error() else "")
+            if not lost:
+                return
+            pending = lost
 
     def train_rounds(self, strategy: PerSite, start: Mapping[str, np.ndarray], rounds: int,
                      timeout_s: float, study: StudyConfig) -> dict[str, np.ndarray]:
