@@ -162,14 +162,16 @@ def apply(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest) -> 
         raise HarmonizationError("ComBat's last round: the request carries no adjustments")
     rows = round_rows(site, protocol, request)
     model = combat_model_at_site(rows, fit, var.var, request.shared.unstack())
-    n = harmonize_site(site, protocol, CovbatModel(rows.combat, request.axes, model)
-                       if rows.combat is not None and request.axes is not None else model)
-    before, after = (scanner_diagnostic(load_study_table(site, protocol, file), protocol,
-                                        site.min_patients)
-                     for file in (PREPARED_FILE, HARMONIZED_FILE))
+    harmonized = harmonize_site(site, protocol, CovbatModel(rows.combat, request.axes, model)
+                                if rows.combat is not None and request.axes is not None
+                                else model)
+    # the training rows as prepared are the round's own; as harmonized, those just written
+    before, after = (scanner_diagnostic(table, protocol, site.min_patients)
+                     for table in (rows.table, harmonized))
     if before is None or after is None:
-        return HarmonizedRows(n)
-    return HarmonizedRows(n, before.tested, before.significant, after.significant)
+        return HarmonizedRows(len(harmonized))
+    return HarmonizedRows(len(harmonized), before.tested, before.significant,
+                          after.significant)
 
 
 def scanner_diagnostic(table: pd.DataFrame, protocol: StudyProtocol, min_rows: int = 1
@@ -210,8 +212,9 @@ def combat_model_at_site(rows: RoundRows, fit: LocationFit, var_pooled: np.ndarr
 
 
 def harmonize_site(site: SiteConfig, protocol: StudyProtocol,
-                   model: CombatModel | CovbatModel) -> int:
-    """Apply the model to all of this site's rows (train and test); keep them here."""
+                   model: CombatModel | CovbatModel) -> pd.DataFrame:
+    """Apply the model to all of this site's rows (train and test); keep them here, and return
+    them."""
     y, batch, covariates, table = combat_inputs(site, protocol, split=None)
     unfitted = sorted(set(batch) - model.fitted_batches())
     if unfitted:
@@ -219,7 +222,7 @@ def harmonize_site(site: SiteConfig, protocol: StudyProtocol,
                                  "at this site")
     table[feature_columns(table, protocol)] = model.transform(y, batch, covariates)
     atomic_write_parquet(study_dir(site, protocol) / HARMONIZED_FILE, table)
-    return len(table)
+    return table
 
 
 def _stage(request: CombatRequest) -> str:
