@@ -8,8 +8,10 @@ extractor once (see :func:`run_cases`). Each
 extracted case is cached on disk under a key made of the protocol hash, the software versions and
 the content of the case's files, written atomically: a killed run resumes where it stopped, and a
 changed file or protocol is recomputed. The standardized volume is kept beside its features for
-the CNN's crops (:mod:`client.volumes`). A case that fails is skipped with its reason; the others
-go on.
+the CNN's crops (:mod:`client.volumes`), and the image after N4 bias-field correction (the
+slowest step, which the image harmonization phase and the preparation both run) under the same
+key: the preparation reads it instead of correcting the image again. A case that fails is skipped
+with its reason; the others go on.
 """
 
 from __future__ import annotations
@@ -39,14 +41,23 @@ from client.extract import FeatureExtractor, pyradiomics_settings
 from client.limits import MAX_CASE_VOXELS, Budget, CaseTimeout, cap_memory, time_limit
 from client.loading import check_roi, load_case
 from client.manifest import CaseSpec, RowProblem
-from client.standardize import build_steps, intensity_steps, measure_image, standardize
-from client.volumes import save_volume, volume_path
+from client.standardize import (
+    BiasFieldCorrection,
+    Volume,
+    build_steps,
+    intensity_steps,
+    measure_image,
+    standardize,
+)
+from client.volumes import load_volume, save_volume, volume_path
 from common.errors import CaseError, SkipReason
 from common.protocol import StudyProtocol
 from common.provenance import atomic_write_bytes, atomic_write_json, software_versions
 from harmonization.images import AXES, PERCENTILES, ImageMeasure, ImageStandard
 
 CACHE_SCHEMA_VERSION = 1
+#: The image after N4, beside the case's features cached under the key without the standard.
+N4_SUFFIX = ".n4.npz"
 TABLE_SCHEMA_VERSION = 1
 REPORT_SCHEMA_VERSION = 1
 
@@ -168,7 +179,7 @@ class CaseProcessor:
         volume = load_case(case, self.protocol, self.budget)
         if self.mode == "landmarks":
             histogram = self.protocol.standardization.histogram
-            landmarks, noise, spacing = measure_image(standardize(volume, self.steps),
+            landmarks, noise, spacing = measure_image(self._standardize(case, volume),
                                                       histogram.scale if histogram else 100.0)
             return CaseOutcome(case.case_id, case.row,
                                features={**{_landmark_key(i): float(v)
@@ -181,7 +192,7 @@ class CaseProcessor:
             voxels = check_roi(volume.labels, self.protocol.ingestion, case.case_id)
             return CaseOutcome(case.case_id, case.row, roi_voxels=voxels,
                                seconds=time.perf_counter() - start)
-        volume = standardize(volume, self.steps)
+        volume = self._standardize(case, volume)
         where = f"after standardization of case '{case.case_id}'"
         voxels = check_roi(volume.labels, self.protocol.ingestion, where)
         intensity_roi = volume.roi_for_intensity()
@@ -199,6 +210,23 @@ class CaseProcessor:
             })
         return CaseOutcome(case.case_id, case.row, features=features, roi_voxels=voxels,
                            seconds=time.perf_counter() - start)
+
+
+    def _standardize(self, case: CaseSpec, volume: Volume) -> Volume:
+        """The steps on the loaded ``volume``; the N4 bias-field correction read from the
+        cache where this study corrected the case before (its key leaves out the standard
+        landmarks, which come after it), and kept there otherwise."""
+        steps = self.steps
+        if steps and isinstance(steps[0], BiasFieldCorrection) and self.cache_dir is not None:
+            key = case_cache_key(case, self.protocol_hash, self.versions)
+            path = features_cache_path(self.cache_dir, self.protocol_hash, key).with_suffix(
+                N4_SUFFIX)
+            corrected = load_volume(path, case.case_id)
+            if corrected is None:
+                corrected = standardize(volume, steps[:1])
+                save_volume(path, corrected, case.case_id)
+            volume, steps = corrected, steps[1:]
+        return standardize(volume, steps)
 
 
 def _landmark_key(i: int) -> str:

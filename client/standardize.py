@@ -228,7 +228,9 @@ class Resample:
 
 class BiasFieldCorrection:
     """N4 bias-field correction (MRI), fitted on a shrunken image with an Otsu body mask,
-    applied at full resolution."""
+    applied at full resolution. It runs on one thread: ITK's threads sum in their own order,
+    so the result would depend on how many threads the site's workers leave each case (by
+    default a site runs one case per core, each on one thread, anyway)."""
 
     def __init__(self, spec: BiasCorrectionSpec) -> None:
         self.spec = spec
@@ -245,8 +247,13 @@ class BiasFieldCorrection:
         small_mask = sitk.Shrink(body, factor)
         n4 = sitk.N4BiasFieldCorrectionImageFilter()
         n4.SetMaximumNumberOfIterations(list(self.spec.iterations))
-        n4.Execute(small, small_mask)
-        log_bias = n4.GetLogBiasFieldAsImage(image)
+        threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        try:
+            n4.Execute(small, small_mask)
+            log_bias = n4.GetLogBiasFieldAsImage(image)
+        finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
         corrected = image / sitk.Exp(log_bias)
         if offset <= 0:
             corrected = corrected + offset - 1.0

@@ -32,7 +32,7 @@ def image_landmarks(site: SiteConfig, protocol: StudyProtocol, seed: int, test_f
     training = training_cases(cases, protocol, seed, site.site_name, test_fraction)
     chosen = [c for c in cases if c.case_id in training]
     outcomes = run_cases(chosen, protocol, mode="landmarks", workers=site.n_workers,
-                         cache_dir=None, max_voxels=site.budget,
+                         cache_dir=site.cache_dir, max_voxels=site.budget,
                          time_limit_s=site.case_time_limit_s)
     measured = landmark_rows(chosen, outcomes)
     sums = scanner_sums([measure for _, measure in measured], site.min_patients)

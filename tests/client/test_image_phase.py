@@ -1,6 +1,7 @@
 """A site's image harmonization phase: the landmark sums of its training images per scanner
 (the split the preparation then makes), a small scanner named without its count, the ledger;
-the preparation standardizes onto the study's standard and keeps it for the CNN."""
+the preparation standardizes onto the study's standard (reading the N4 correction the phase
+kept) and keeps it for the CNN."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from client.ledger import LEDGER_FILE, ReleaseRefused
 from client.manifest import read_manifest
 from client.phases.images import LANDMARKS_LEDGER, image_landmarks
 from client.phases.prepare import prepare
-from client.pipeline import run_cases
+from client.pipeline import N4_SUFFIX, run_cases
+from client.standardize import BiasFieldCorrection
 from client.workspace import IMAGE_STANDARD_FILE, PREPARED_FILE, load_image_standard, study_dir
 from common.errors import ConfigError
 from common.protocol import (
+    BiasCorrectionSpec,
     HistogramSpec,
     MatchingSpec,
     RadiomicsSpec,
@@ -141,3 +144,29 @@ def test_acquisition_matching_smooths_and_adds_noise_onto_the_study_targets(coho
     provenance = json.loads((study_dir(site, matched) / IMAGE_STANDARD_FILE).read_text())
     assert provenance["noise"] == standard.noise and provenance["spacing"] == list(
         standard.spacing)
+
+
+def test_the_preparation_reads_the_n4_correction_the_landmarks_made(
+        cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    protocol = _protocol(cohort)
+    protocol = protocol.model_copy(update={"standardization": protocol.standardization.model_copy(
+        update={"bias_correction": BiasCorrectionSpec(iterations=(5, 5))})})
+    # one worker: the corrections are counted in this process
+    site = _site(cohort, tmp_path / "work", min_patients=3).model_copy(update={"workers": 1})
+    corrected: list[int] = []
+    n4 = BiasFieldCorrection.__call__
+    monkeypatch.setattr(BiasFieldCorrection, "__call__",
+                        lambda self, volume: corrected.append(1) or n4(self, volume))
+    standard = combine_image_sums({"site_B": image_landmarks(site, protocol, 0, 0.3)}, 250.0)
+    cases, _ = read_manifest(site.manifest, protocol, default_batch="site_B")
+    training = training_cases(cases, protocol, 0, "site_B", 0.3)
+    assert len(corrected) == len(training)
+    assert len(list(site.cache_dir.rglob(f"*{N4_SUFFIX}"))) == len(training)
+    assert prepare(site, protocol, seed=0, test_fraction=0.3, standard=standard).status == "ok"
+    assert len(corrected) == len(cases)  # the test images only: the training ones were read
+    # the same features as a site that corrects every image in the preparation (two workers:
+    # a case's N4 does not depend on its threads)
+    fresh = _site(cohort, tmp_path / "fresh", min_patients=3)
+    assert prepare(fresh, protocol, seed=0, test_fraction=0.3, standard=standard).status == "ok"
+    pd.testing.assert_frame_equal(pd.read_parquet(study_dir(site, protocol) / PREPARED_FILE),
+                                  pd.read_parquet(study_dir(fresh, protocol) / PREPARED_FILE))
