@@ -110,6 +110,8 @@ def demo(
         console.print(f"[bold red]study stopped:[/] {status['reason']}")
         raise typer.Exit(ExitCode.STUDY_STOPPED)
     out.print(summary_table(study, time.monotonic() - started))
+    if (study / "repeats.json").exists():
+        out.print(repeats_table(study))
     if segment:
         out.print(segmentation_table(study))
     out.print(f"results: {study}")
@@ -181,6 +183,32 @@ def summary_table(study: Path, wall_s: float) -> Table:
                   end_section=True)
     for key, label in shown:
         table.add_row(label, *(_show(r[key]) for r in rows))
+    return table
+
+
+def repeats_table(study: Path) -> Table:
+    """The radiomics models' mean test metric per site over the study's repeated splits
+    (``validation.repeats``), with its SD."""
+    from common.metrics.tables import HEADLINE  # deferred: see summary_table
+
+    summary = json.loads((study / "repeats.json").read_text())
+    sites = summary["sites"]
+    name = dict(HEADLINE.values()).get(summary["metric"], summary["metric"])
+    table = Table("model", *sites, title=f"Mean test {name} per site over "
+                  f"{summary['finished']} splits (± SD)",
+                  caption="each site's cases in folds of privacy atoms, each fold the test set "
+                  "once; the table above is the first split")
+    for column in table.columns[1:]:
+        column.justify, column.no_wrap = "right", True
+
+    def cell(value: dict[str, Any] | None) -> str:
+        if value is None:
+            return "-"
+        return _show(value["mean"]) + ("" if value["sd"] is None else f" ± {value['sd']:.3f}")
+
+    for key, label in MODEL_ROWS:
+        if any(key in models for models in sites.values()):
+            table.add_row(label, *(cell(models.get(key)) for models in sites.values()))
     return table
 
 

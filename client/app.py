@@ -237,8 +237,10 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
         try:
             standard = (None if study.image_standard is None else
                         ImageStandard.from_json(study.image_standard))
-            answer = prepare.prepare(site, study.protocol(), study.required("seed"),
-                                     study.required("test_fraction"), standard)
+            protocol = study.protocol()
+            answer = prepare.prepare(site, protocol, study.required("seed"),
+                                     study.required("test_fraction"), standard,
+                                     study.split(protocol))
         except MyeloFedError as exc:
             answer = prepare.refused(site.site_name, exc)
         return Message(to_record(answer), reply_to=msg)
@@ -290,8 +292,10 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
         from client.phases import radiomics  # see _prepare
 
         study = unpack_request(msg.content, StudyRequest).study
-        moments, local = radiomics.model_summary(site_of(context), study.protocol(),
-                                                 bool(study.required("harmonized")))
+        protocol = study.protocol()
+        moments, local = radiomics.model_summary(site_of(context), protocol,
+                                                 bool(study.required("harmonized")),
+                                                 study.split(protocol))
         return reply(msg, moments=moments, **({"local": local} if local is not None else {}))
 
     @app.query(MessageType.MODEL_TERMS.query)

@@ -53,8 +53,17 @@ def resolve_site(node_config: dict[str, object], run_config: dict[str, object]) 
 
 
 def study_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:
-    """Where this site keeps the study's local results (never sent)."""
+    """Where this site keeps the study's local results (never sent): its release ledgers,
+    image standard, reports and the tables of the study's split."""
     return site.work_dir / "study" / protocol.short_hash
+
+
+def tables_dir(site: SiteConfig, protocol: StudyProtocol, repeat: int = 0) -> Path:
+    """Where the tables of split ``repeat`` live (``validation.repeats``): the study folder
+    for the first, ``repeats/<r>`` in it for the others (their sums go in the study's one
+    ledger)."""
+    folder = study_dir(site, protocol)
+    return folder if repeat == 0 else folder / "repeats" / str(repeat)
 
 
 def save_image_standard(site: SiteConfig, protocol: StudyProtocol, standard: ImageStandard
@@ -102,22 +111,25 @@ def feature_width(site: SiteConfig, protocol: StudyProtocol) -> int | None:
     return len(_features_of(pq.read_schema(path).names, protocol))
 
 
-def load_study_table(site: SiteConfig, protocol: StudyProtocol, name: str) -> pd.DataFrame:
-    """One of the tables a phase kept at this site (``PREPARED_FILE``, ``HARMONIZED_FILE``)."""
+def load_study_table(site: SiteConfig, protocol: StudyProtocol, name: str, repeat: int = 0
+                     ) -> pd.DataFrame:
+    """One of the tables a phase kept at this site (``PREPARED_FILE``, ``HARMONIZED_FILE``),
+    of split ``repeat``."""
     import pandas as pd  # see feature_width
 
-    path = study_dir(site, protocol) / name
+    path = tables_dir(site, protocol, repeat) / name
     if not path.is_file():
         raise ConfigError(str(path), [f"missing: the phase that writes {name} has not run here"])
     return pd.read_parquet(path)
 
 
-def split_table(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str
-                ) -> pd.DataFrame:
-    """One split's rows, raw or after federated ComBat. Training rows are refused below
-    :data:`common.payloads.MIN_ROWS_SENT`: sums over them would come close to a patient's
-    values."""
-    table = load_study_table(site, protocol, HARMONIZED_FILE if harmonized else PREPARED_FILE)
+def split_table(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str,
+                repeat: int = 0) -> pd.DataFrame:
+    """One split's rows (``split`` "train" or "test" of split ``repeat``), raw or after
+    federated ComBat. Training rows are refused below :data:`common.payloads.MIN_ROWS_SENT`:
+    sums over them would come close to a patient's values."""
+    table = load_study_table(site, protocol, HARMONIZED_FILE if harmonized else PREPARED_FILE,
+                             repeat)
     table = table[table["split"] == split]
     if split == "train" and len(table) < MIN_ROWS_SENT:
         raise ModelError(f"site '{site.site_name}' has fewer than {MIN_ROWS_SENT} training rows "

@@ -83,6 +83,8 @@ class StudyConfig:
     ``train`` or ``evaluate`` message is for (:data:`SEGMENTATION`; absent: the CNN's), and
     ``segmenter`` is the segmentation network's model header as JSON
     (:class:`common.segmenter.SegmenterHeader`), which its final evaluation checks masks by.
+    ``repeat`` is the split a preparation, ComBat or radiomics message works on, with
+    ``validation.repeats`` (absent: the study's first).
     """
 
     protocol_json: str
@@ -101,6 +103,7 @@ class StudyConfig:
     site_update: bool | None = None
     phase: str | None = None
     segmenter: str | None = None
+    repeat: int | None = None
 
     @classmethod
     def of(cls, protocol: StudyProtocol, **settings: Any) -> StudyConfig:
@@ -114,6 +117,16 @@ class StudyConfig:
         if value is None:
             raise ConfigError("study settings of a message", [f"'{name}' is missing"])
         return value
+
+    def split(self, protocol: StudyProtocol) -> int:
+        """The split of ``protocol``'s study this message works on (``repeat``; 0, the first,
+        when absent); a :class:`ConfigError` for one the study does not have."""
+        repeat = self.repeat or 0
+        if not 0 <= repeat < protocol.validation.repeats:
+            raise ConfigError("study settings of a message", [
+                f"'repeat' {repeat} is not one of the study's {protocol.validation.repeats} "
+                "split(s)"])
+        return repeat
 
     def protocol(self) -> StudyProtocol:
         """The study protocol, checked against its hash."""
@@ -163,7 +176,7 @@ class StudyConfig:
                 server_round=get("server_round", int),
                 image_standard=get("image_standard", str),
                 site_update=get("site_update", bool), phase=get("phase", str),
-                segmenter=get("segmenter", str))
+                segmenter=get("segmenter", str), repeat=get("repeat", int))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError("study settings of a message", [f"malformed: {exc!r}"]) from None
 

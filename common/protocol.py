@@ -505,12 +505,19 @@ class ValidationSpec(_Frozen):
     on its own training rows (recalibrated, revised towards its coefficients, or the site's
     local model, whichever its cross-validation prefers: :mod:`common.selection.updating`);
     that model never leaves the site.
+    ``repeats``: 1 (default) validates on one seeded split, ``test_fraction`` held out; K of 3
+    to 10 runs the radiomics models K times, on the K splits of a cross-validation whose folds
+    are made of privacy atoms (:func:`client.folds.outer_folds`): each fold is the test set
+    once, and the others are the model's cross-validation folds (so ``model.cv_folds`` must be
+    K - 1). The report shows each model's mean metric per site over the splits, with its
+    spread. The image standard, the segmentation network and the CNN use the first split.
     Survival only: ``times`` (months) where the time-dependent AUC, the Brier score and the
     calibration are reported (Uno's C is truncated at the last), ``km_grid`` (months) where the
     Kaplan-Meier curves by predicted risk group are reported (a fixed grid: never a step at one
     patient's time). ``bootstrap`` also sets the resamples of the C indices' CIs.
     """
     site_update: bool = True
+    repeats: int = Field(1, ge=1, le=10)
     min_count: int = Field(5, ge=1, le=1000)
     n_bins: int = Field(10, ge=2, le=50)
     bootstrap: int = Field(1000, ge=0, le=100_000)
@@ -728,6 +735,14 @@ class StudyProtocol(_Frozen):
             if self.cnn is not None:
                 raise ValueError("cnn: the CNN does not train on survival times yet; leave "
                                  "the cnn phase out of a survival task")
+        repeats = self.validation.repeats
+        if repeats == 2:
+            raise ValueError("validation.repeats: 2 splits leave one fold to choose the model's "
+                             "penalty on; use 1 (one split) or 3 to 10")
+        if repeats > 1 and self.model.cv_folds != repeats - 1:
+            raise ValueError(f"validation.repeats = {repeats}: the model's cross-validation "
+                             "folds are the other splits' test folds, so model.cv_folds must be "
+                             f"{repeats - 1}")
         for column, (low, high) in self.model.clinical_ranges.items():
             if column not in self.model.clinical or column not in self.covariates.continuous:
                 raise ValueError(f"model.clinical_ranges names '{column}', which is not a "

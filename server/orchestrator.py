@@ -1,6 +1,7 @@
 """The study, phase by phase, independent of Flower: the handshake, the segmentation network
 (when the protocol has one), the local preparation, federated ComBat, the radiomics model and
-the nomogram, the CNN (each in :mod:`server.phases`), with the validation inside each;
+the nomogram (again on each of the protocol's repeated splits), the CNN (each in
+:mod:`server.phases`), with the validation inside each;
 ``study.json`` says how it ended and ``checkpoint.json`` how far it got, so a restarted
 coordinator resumes it. Every run ends by writing the multicentre report
 (:mod:`server.report`) of what it got to."""
@@ -8,6 +9,8 @@ coordinator resumes it. Every run ends by writing the multicentre report
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 from common.errors import ConfigError
 from common.protocol import TaskKind
@@ -20,9 +23,17 @@ from server.phases.nomogram import run_nomogram
 from server.phases.prepare import PrepareSummary, load_prepare, run_prepare, training_prevalence
 from server.phases.radiomics import run_model
 from server.phases.segmentation import run_segmentation
+from server.phases.validation import repeat_summary
 from server.report import write_report
 from server.rounds import Transport
-from server.study import Progress, StudySettings, StudyStopped, open_checkpoint
+from server.study import (
+    REPEATS_DIR,
+    Checkpoint,
+    Progress,
+    StudySettings,
+    StudyStopped,
+    open_checkpoint,
+)
 
 
 def run_study(transport: Transport, settings: StudySettings, progress: Progress) -> None:
@@ -101,6 +112,8 @@ def run_study(transport: Transport, settings: StudySettings, progress: Progress)
             elif settings.runs("model"):
                 run_models(transport, nodes, harmonized, prepared, settings, progress)
                 checkpoint.finish(settings.out_dir, "model")
+            if settings.runs("model") and settings.protocol.validation.repeats > 1:
+                run_repeats(transport, nodes, settings, progress, checkpoint)
             if settings.runs("cnn") and settings.protocol.cnn is not None:
                 progress(f"phase 5/5 CNN: {settings.protocol.cnn.architecture}, "
                          f"{settings.protocol.cnn.rounds} rounds of "
@@ -131,6 +144,62 @@ def _write_report(settings: StudySettings, progress: Progress) -> None:
         progress(f"multicentre report not written: {exc}")
         return
     progress(f"multicentre report: {paths['html']}")
+
+
+#: The file a repeated split that stopped leaves in its folder, saying why.
+STOPPED_FILE = "stopped.json"
+
+
+def repeat_dir(out_dir: Path, repeat: int) -> Path:
+    """Where split ``repeat``'s phase files go (the study's first split's are in the out-dir)."""
+    return out_dir if repeat == 0 else out_dir / REPEATS_DIR / str(repeat)
+
+
+def run_repeats(transport: Transport, nodes: dict[int, str], settings: StudySettings,
+                progress: Progress, checkpoint: Checkpoint) -> None:
+    """The study's other splits (``validation.repeats``), after its first: each site prepares
+    split r (its features are cached: it splits and writes tables apart), then ComBat and the
+    radiomics models as in the first, their files under ``repeats/<r>``; ``repeats.json``
+    summarizes every model per site over the splits (:func:`repeat_summary`). A split that
+    stops (too few sites prepared it) is named there and the others go on."""
+    repeats = settings.protocol.validation.repeats
+    for repeat in range(1, repeats):
+        name = f"split {repeat + 1}/{repeats}"
+        if checkpoint.finished(name):
+            progress(f"{name}: done before the restart")
+            continue
+        split = replace(settings, out_dir=repeat_dir(settings.out_dir, repeat), repeat=repeat)
+        split.out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (split.out_dir / STOPPED_FILE).unlink(missing_ok=True)
+        progress(f"{name}: preparation, ComBat and the radiomics models")
+        try:
+            prepared = run_prepare(transport, nodes, split)
+            if not prepared.go_on:
+                raise StudyStopped(f"local preparation: {prepared.reason}")
+            kept = {r.site for r in prepared.kept}
+            here = {n: s for n, s in nodes.items() if s in kept}
+            harmonized: dict[int, str] = {}
+            if settings.runs("combat"):
+                failed = run_combat(transport, here, prepared.kept, split)
+                harmonized = {n: s for n, s in here.items() if s not in failed}
+            run_models(transport, here, harmonized, prepared, split, progress)
+        except StudyStopped as exc:
+            atomic_write_json(split.out_dir / STOPPED_FILE, {"reason": str(exc)})
+            progress(f"{name}: stopped: {exc}")
+        checkpoint.finish(settings.out_dir, name)
+    finished, stopped = [], {}
+    for repeat in range(repeats):
+        folder = repeat_dir(settings.out_dir, repeat)
+        if (folder / STOPPED_FILE).is_file():
+            stopped[repeat] = json.loads((folder / STOPPED_FILE).read_text())["reason"]
+        elif (folder / "model.json").is_file():
+            nomogram = folder / "nomogram.json"
+            finished.append((json.loads((folder / "model.json").read_text())["models"],
+                             json.loads(nomogram.read_text()) if nomogram.is_file() else None))
+        else:
+            stopped[repeat] = "not run"
+    atomic_write_json(settings.out_dir / "repeats.json", repeat_summary(finished, stopped))
+    progress(f"repeated splits: {len(finished)} of {repeats} finished")
 
 
 def run_models(transport: Transport, nodes: dict[int, str], harmonized: dict[int, str],

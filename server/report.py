@@ -44,6 +44,7 @@ from server.report_tables import (
     calibration_rows,
     csv_rows,
     regression_rows,
+    repeats_section,
     segmentation_section,
     survival_figures,
     survival_rows,
@@ -52,7 +53,7 @@ from server.report_tables import (
 
 REPORT_HTML, REPORT_JSON, REPORT_CSV = "report.html", "report.json", "report.csv"
 PHASE_FILES = ("protocol", "handshake", "segmentation", "images", "prepare", "combat", "model",
-               "nomogram", "cnn", "study")
+               "nomogram", "repeats", "cnn", "study")
 
 
 def read_study(out_dir: Path) -> dict[str, Any]:
@@ -356,6 +357,7 @@ def _report_of(study: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "models": [_model_section(m) for m in study.get("model", {}).get("models", [])],
         "nomogram": (_nomogram_section(study["nomogram"], study["nomogram"].get("ranges", {}))
                      if "nomogram" in study else None),
+        "repeats": repeats_section(study["repeats"]) if "repeats" in study else None,
         "cnn": _cnn_section(study["cnn"]) if "cnn" in study else None,
     }
     return report

@@ -1,5 +1,5 @@
-"""The multicentre report's tables: the segmentation network's per site, the CSV's rows, and the
-per-task tables of the federated radiomics model at each site: a
+"""The multicentre report's tables: the segmentation network's per site, the repeated splits',
+the CSV's rows, and the per-task tables of the federated radiomics model at each site: a
 classification at its threshold, a regression's agreement, and a survival task's (a Cox model
 stratified by site) C indices, time-dependent AUC and Brier score, calibration in risk groups
 and Kaplan-Meier curves by predicted risk group on the protocol's grid, all as the sites sent
@@ -12,6 +12,7 @@ from typing import Any
 from common import plots
 from common.payloads import shown_count
 from common.templates import at_times, confusion, fmt, with_ci
+from server.phases.validation import REPEATED_MODELS
 
 
 def threshold_rows(model: dict[str, Any]) -> list[dict[str, Any]]:
@@ -128,6 +129,36 @@ def segmentation_section(seg: dict[str, Any]) -> dict[str, Any]:
             "figures": [{"title": "Segmentation: Dice + cross-entropy loss per site and round",
                          "src": plots.lines_figure(loss, "round", "training loss",
                                                    "local training")}] if rounds else []}
+
+
+#: The models a site can use itself, among those the repeated splits summarize.
+_USABLE = ("local", "federated", "federated_combat", "site_updated")
+
+
+def repeats_section(repeats: dict[str, Any]) -> dict[str, Any]:
+    """Each radiomics model's mean metric per site over the study's splits, with its SD and
+    the number of splits, and the usable model with the highest mean (``repeats.json``)."""
+    sites = repeats.get("sites", {})
+    keys = [k for k in REPEATED_MODELS if any(k in models for models in sites.values())]
+
+    def cell(value: dict[str, Any] | None) -> str:
+        if not value:
+            return "n/a"
+        sd = "" if value["sd"] is None else f" ± {value['sd']:.3f}"
+        return f"{value['mean']:.3f}{sd} ({value['n']})"
+
+    rows = []
+    for site, models in sites.items():
+        best = max(((v["mean"], k) for k, v in models.items() if k in _USABLE), default=None)
+        rows.append({"site": site, **{k: cell(models.get(k)) for k in keys},
+                     "best": REPEATED_MODELS[best[1]] if best else "n/a"})
+    stopped = repeats.get("stopped", {})
+    return {"metric": repeats.get("metric", ""), "finished": repeats.get("finished", 0),
+            "total": repeats.get("finished", 0) + len(stopped),
+            "stopped": {str(int(r) + 1): why for r, why in stopped.items()},
+            "columns": ["site", *keys, "best"],
+            "headers": ["site", *(REPEATED_MODELS[k] for k in keys), "highest mean"],
+            "rows": rows}
 
 
 def csv_rows(study: dict[str, Any]) -> list[dict[str, Any]]:

@@ -85,7 +85,9 @@ def wait_for_nodes(transport: Transport, count: int, timeout_s: float,
 
 def study_config(settings: StudySettings, **extra: Any) -> StudyConfig:
     """What every phase message carries: the protocol (sites keep no state between messages)
-    and the phase's settings."""
+    and the phase's settings (with the split it works on, after the study's first)."""
+    if settings.repeat:
+        extra = {"repeat": settings.repeat, **extra}
     return StudyConfig.of(settings.protocol, **extra)
 
 

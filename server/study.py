@@ -40,6 +40,9 @@ class StudySettings:
     combat: CombatOptions = CombatOptions()
     until: str = PHASES[-1]  # the last phase to run
     radiomics: bool = True  # False: an image-only study (no ComBat, no radiomics model)
+    #: The split the phases work on (``validation.repeats``): the orchestrator sets it for the
+    #: repeated splits' preparation, ComBat and models; it is not a setting of the run.
+    repeat: int = 0
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> StudySettings:
@@ -117,7 +120,9 @@ CHECKPOINT = "checkpoint.json"
 STUDY_FILES = ("protocol.json", "handshake.json", "prepare.json", "combat.json", "model.json",
                "nomogram.json", "cnn.json", "cnn_progress.json",
                "segmentation.json", "segmentation_progress.json", "study.json", CHECKPOINT,
-               "report.html", "report.json", "report.csv")
+               "repeats.json", "report.html", "report.json", "report.csv")
+#: The folder of the repeated splits' phase files (``validation.repeats``), one per split.
+REPEATS_DIR = "repeats"
 #: Run-config keys that do not change a study's results (so a restart may differ in them).
 _OPERATIONAL = ("out-dir", "until", "timeout-s", "protocol")
 
@@ -182,6 +187,7 @@ def open_checkpoint(settings: StudySettings) -> tuple[Checkpoint, bool]:
     for name in STUDY_FILES:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "cnn", ignore_errors=True)
+    shutil.rmtree(out / REPEATS_DIR, ignore_errors=True)
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     checkpoint = Checkpoint(key)
     checkpoint.save(out)

@@ -18,6 +18,7 @@ from client.workspace import (
     feature_columns,
     load_study_table,
     study_dir,
+    tables_dir,
 )
 from common.errors import HarmonizationError
 from common.protocol import StudyProtocol, TaskKind
@@ -48,12 +49,14 @@ from harmonization.diagnostics import SiteEffect, scanner_effect
 from harmonization.messages import CombatRequest, HarmonizedRows
 
 
-def combat_inputs(site: SiteConfig, protocol: StudyProtocol, split: str | None = "train"
+def combat_inputs(site: SiteConfig, protocol: StudyProtocol, split: str | None = "train",
+                  repeat: int = 0
                   ) -> tuple[np.ndarray, list[str], dict[str, list[object]], pd.DataFrame]:
-    """Features, batches and covariates of this site's rows (one split, or all). The training
-    rows carry the label as a covariate when the protocol protects the outcome (0/1 for
-    classification, the value for regression); rows read to be harmonized never do."""
-    table = load_study_table(site, protocol, PREPARED_FILE)
+    """Features, batches and covariates of this site's rows (one split, or all; of the
+    study's split ``repeat``). The training rows carry the label as a covariate when the
+    protocol protects the outcome (0/1 for classification, the value for regression); rows
+    read to be harmonized never do."""
+    table = load_study_table(site, protocol, PREPARED_FILE, repeat)
     if split is not None:
         table = table[table["split"] == split].reset_index(drop=True)
     names = feature_columns(table, protocol)
@@ -86,7 +89,8 @@ def round_rows(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest
     """What a round of ``request`` works on at this site (see :class:`RoundRows`): its
     training table is read once, and the features' ComBat built once from it."""
     design, options = request.design()
-    y, batch, covariates, table = combat_inputs(site, protocol)
+    y, batch, covariates, table = combat_inputs(site, protocol,
+                                                repeat=request.study.split(protocol))
     rows = RoundRows(y, batch, covariates, table, design, options)
     if request.combat_fit is None and request.axes is None:  # ComBat's own rounds
         return rows
@@ -164,7 +168,7 @@ def apply(site: SiteConfig, protocol: StudyProtocol, request: CombatRequest) -> 
     model = combat_model_at_site(rows, fit, var.var, request.shared.unstack())
     harmonized = harmonize_site(site, protocol, CovbatModel(rows.combat, request.axes, model)
                                 if rows.combat is not None and request.axes is not None
-                                else model)
+                                else model, request.study.split(protocol))
     # the training rows as prepared are the round's own; as harmonized, those just written
     before, after = (scanner_diagnostic(table, protocol, site.min_patients)
                      for table in (rows.table, harmonized))
@@ -212,16 +216,16 @@ def combat_model_at_site(rows: RoundRows, fit: LocationFit, var_pooled: np.ndarr
 
 
 def harmonize_site(site: SiteConfig, protocol: StudyProtocol,
-                   model: CombatModel | CovbatModel) -> pd.DataFrame:
-    """Apply the model to all of this site's rows (train and test); keep them here, and return
-    them."""
-    y, batch, covariates, table = combat_inputs(site, protocol, split=None)
+                   model: CombatModel | CovbatModel, repeat: int = 0) -> pd.DataFrame:
+    """Apply the model to all of this site's rows (train and test, of split ``repeat``); keep
+    them here, and return them."""
+    y, batch, covariates, table = combat_inputs(site, protocol, split=None, repeat=repeat)
     unfitted = sorted(set(batch) - model.fitted_batches())
     if unfitted:
         raise HarmonizationError(f"scanner(s) {unfitted} have test rows but no training rows "
                                  "at this site")
     table[feature_columns(table, protocol)] = model.transform(y, batch, covariates)
-    atomic_write_parquet(study_dir(site, protocol) / HARMONIZED_FILE, table)
+    atomic_write_parquet(tables_dir(site, protocol, repeat) / HARMONIZED_FILE, table)
     return table
 
 

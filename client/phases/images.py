@@ -29,7 +29,8 @@ def image_landmarks(site: SiteConfig, protocol: StudyProtocol, seed: int, test_f
                     ) -> ImageSums:
     """The sums of this site's training images' landmarks per scanner."""
     cases, _ = study_manifest(site, protocol)
-    training = training_cases(cases, protocol, seed, site.site_name, test_fraction)
+    training = training_cases(cases, protocol, seed, site.site_name, test_fraction,
+                              site.min_patients)
     chosen = [c for c in cases if c.case_id in training]
     outcomes = run_cases(chosen, protocol, mode="landmarks", workers=site.n_workers,
                          cache_dir=site.cache_dir, max_voxels=site.budget,

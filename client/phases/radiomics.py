@@ -21,11 +21,12 @@ from common.selection.terms import BatchTerms, site_batch_terms
 from common.site_config import SiteConfig
 
 
-def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features, labels and CV folds of one split, raw or after federated ComBat. Training rows
-    are refused below :data:`MIN_ROWS_SENT`: their sums would come close to a patient's values."""
-    return rows_of(split_table(site, protocol, harmonized, split), protocol)
+def model_rows(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, split: str,
+               repeat: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, labels and CV folds of one split (of the study's split ``repeat``), raw or
+    after federated ComBat. Training rows are refused below :data:`MIN_ROWS_SENT`: their sums
+    would come close to a patient's values."""
+    return rows_of(split_table(site, protocol, harmonized, split, repeat), protocol)
 
 
 def rows_of(table: pd.DataFrame, protocol: StudyProtocol
@@ -45,12 +46,13 @@ def label_columns(protocol: StudyProtocol) -> list[str]:
     return [task.label_column, *([task.event_column] if task.event_column else [])]
 
 
-def model_summary(site: SiteConfig, protocol: StudyProtocol, harmonized: bool
+def model_summary(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, repeat: int = 0
                   ) -> tuple[Comoments, LinearModel | None]:
-    """The first model round: this site's comoments over its training rows, and its local-only
-    model (the same recipe on its own rows: the baseline that shows what federation adds; None
-    when its rows cannot support one, e.g. too few of a class for the folds)."""
-    table = split_table(site, protocol, harmonized, "train")
+    """The first model round: this site's comoments over its training rows (of the study's
+    split ``repeat``), and its local-only model (the same recipe on its own rows: the baseline
+    that shows what federation adds; None when its rows cannot support one, e.g. too few of a
+    class for the folds)."""
+    table = split_table(site, protocol, harmonized, "train", repeat)
     x, y, folds = rows_of(table, protocol)
     record_release(table, site, protocol, "the model's comoments",
                    [np.ones(len(y), dtype=bool)])
@@ -68,7 +70,8 @@ def model_terms(site: SiteConfig, protocol: StudyProtocol, request: ModelTermsRe
                 ) -> BatchTerms:
     """This site's terms for a batch of fits: of the radiomics model, or (the request carries
     radiomics models) of the nomogram on their scores and the clinical columns."""
-    table = split_table(site, protocol, bool(request.study.harmonized), "train")
+    table = split_table(site, protocol, bool(request.study.harmonized), "train",
+                        request.study.split(protocol))
     x, y, folds = rows_of(table, protocol)
     if request.radiomics:
         x = nomogram_design(table, protocol, x, list(request.radiomics))

@@ -48,7 +48,7 @@ def evaluate_request(site: SiteConfig, protocol: StudyProtocol, request: Evaluat
                   if study.thresholds else None)
     return evaluate_models(site, protocol, bool(study.harmonized), models, radiomics or None,
                            thresholds, study.seed if study.seed is not None else 0,
-                           bool(study.site_update))
+                           bool(study.site_update), study.split(protocol))
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,13 @@ class LocalUpdate:
 
 
 def update_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
-                federated: LinearModel, seed: int) -> LocalUpdate:
+                federated: LinearModel, seed: int, repeat: int = 0) -> LocalUpdate:
     """The federated model updated on this site's training rows
     (:func:`common.selection.updating.update_at_site`), over the site's update folds
     (:func:`update_folds`); the candidate ``local`` is the site's local-only recipe refitted
     inside each fold. An update that cannot be fitted leaves the federated model, its choice
     saying why."""
-    x, y, _ = model_rows(site, protocol, harmonized, "train")
+    x, y, _ = model_rows(site, protocol, harmonized, "train", repeat)
     spec, loss = protocol.model, loss_of(protocol)
 
     def local(rows: np.ndarray, labels: np.ndarray) -> LinearModel:
@@ -110,12 +110,12 @@ def plain_folds(y: np.ndarray, protocol: StudyProtocol, seed: int) -> np.ndarray
 
 
 def update_nomogram_here(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
-                         federated: LinearModel, radiomics: LinearModel, seed: int
-                         ) -> LocalUpdate:
+                         federated: LinearModel, radiomics: LinearModel, seed: int,
+                         repeat: int = 0) -> LocalUpdate:
     """The federated nomogram updated on this site's training rows, as :func:`update_here`
     does the radiomics model, on its design (``radiomics``' score and the clinical columns):
     the candidate ``local`` is the nomogram's own fit (the same ridge) on the site's rows."""
-    table = split_table(site, protocol, harmonized, "train")
+    table = split_table(site, protocol, harmonized, "train", repeat)
     x, y, _ = rows_of(table, protocol)
     folds = update_folds(y, protocol, seed, site.site_name)
     design = nomogram_design(table, protocol, x, [radiomics])
@@ -142,7 +142,7 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                     models: dict[str, LinearModel],
                     radiomics: dict[str, LinearModel] | None = None,
                     thresholds: dict[str, float] | None = None, seed: int = 0,
-                    site_update: bool = False) -> ModelMetrics:
+                    site_update: bool = False, repeat: int = 0) -> ModelMetrics:
     """Each model's metrics on this site's test rows (as they may leave the site:
     :func:`common.metrics.tables.releasable`), and DeLong's test of the first model (the
     federated one) against each other; a nomogram (named in ``radiomics``, with the radiomics
@@ -150,19 +150,21 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
     on its training data (default 0.5). With ``site_update`` (the request asks for it), the
     federated radiomics model updated on this site's rows (:func:`update_here`) is scored too,
     as ``site-updated``, or in a nomogram's evaluation the federated nomogram updated here
-    (:func:`update_nomogram_here`), as ``nomogram site-updated``."""
+    (:func:`update_nomogram_here`), as ``nomogram site-updated``. ``repeat``: the study's
+    split (``validation.repeats``) whose rows fit and score; the site's report keeps the
+    first's."""
     update, updated = None, NOMOGRAM_SITE_UPDATED if radiomics else SITE_UPDATED
     survival = protocol.task.kind is TaskKind.SURVIVAL
     if evaluated_models(list(models), site_update, bool(radiomics)) != list(models):
         if radiomics:
             update = update_nomogram_here(site, protocol, harmonized, models["nomogram"],
-                                          radiomics["nomogram"], seed)
+                                          radiomics["nomogram"], seed, repeat)
             radiomics = {**radiomics, updated: radiomics["nomogram"]}
         else:
-            update = update_here(site, protocol, harmonized, models["federated"], seed)
+            update = update_here(site, protocol, harmonized, models["federated"], seed, repeat)
         models = {**models, updated: update.model}
         thresholds = {**(thresholds or {}), updated: update.prevalence}
-    test = split_table(site, protocol, harmonized, "test")
+    test = split_table(site, protocol, harmonized, "test", repeat)
     names = feature_columns(test, protocol)
     x, y, _ = rows_of(test, protocol)
 
@@ -173,7 +175,7 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
 
     scores = scored(test, x)
     if survival:  # the censoring and the baseline hazard come from the site's training rows
-        train = split_table(site, protocol, harmonized, "train")
+        train = split_table(site, protocol, harmonized, "train", repeat)
         train_x, train_y, _ = rows_of(train, protocol)
         on_train = scored(train, train_x)
         table = {name: survival_metrics_of(protocol, y, score, train_y, on_train[name], seed)
@@ -207,7 +209,8 @@ def evaluate_models(site: SiteConfig, protocol: StudyProtocol, harmonized: bool,
                                   protocol.validation.times) or [], strict=False))
     if update is not None:  # which update the site's cross-validation chose, kept here
         terms[updated] |= {"choice": update.choice, "cv_deviance": update.deviance}
-    record_evaluation(site, protocol, "nomogram" if radiomics else
-                      ("harmonized" if harmonized else "raw"), content, y, scores, terms)
+    if repeat == 0:
+        record_evaluation(site, protocol, "nomogram" if radiomics else
+                          ("harmonized" if harmonized else "raw"), content, y, scores, terms)
     return ModelMetrics(site.site_name, released(len(y), site.min_patients),
                         released(positives, site.min_patients), json.dumps(sent))

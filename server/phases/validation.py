@@ -188,3 +188,40 @@ def recommendation(update: dict[str, Any] | None) -> str:
                        for name, value in deviance.items()
                        if name in ("federated", "recalibrated", "local") or name == choice)
     return f"{what}: the least cross-validated deviance ({scores})" if scores else what
+
+
+#: The radiomics models the repeated splits summarize (keys of :func:`summary_rows`), with
+#: the report's names for them.
+REPEATED_MODELS = {"local": "site alone", "federated": "federated",
+                   "federated_combat": "federated + ComBat", "site_updated": "site-updated",
+                   "leave_site_out": "left out", "leave_site_out_combat": "left out + ComBat",
+                   "nomogram": "nomogram"}
+
+
+def repeat_summary(splits: list[tuple[list[dict[str, Any]], dict[str, Any] | None]],
+                   stopped: dict[int, str]) -> dict[str, Any]:
+    """Each radiomics model's headline test metric per site over the study's splits
+    (``validation.repeats``): its mean, standard deviation and the number of splits that scored
+    it (a split whose test rows at the site hold one class scores none). ``splits`` holds each
+    finished split's ``model.json`` models and its nomogram; ``stopped`` why the others did
+    not finish."""
+    values: dict[str, dict[str, list[float]]] = {}
+    metric = ""
+    for models, nomogram in splits:
+        metric, rows = summary_rows(models, None, nomogram)
+        for row in rows:
+            for key in REPEATED_MODELS:
+                value = row.get(key)
+                if value is not None and math.isfinite(value):
+                    values.setdefault(row["site"], {}).setdefault(key, []).append(float(value))
+
+    def spread(found: list[float]) -> dict[str, float | int | None]:
+        mean = sum(found) / len(found)
+        sd = (math.sqrt(sum((v - mean) ** 2 for v in found) / (len(found) - 1))
+              if len(found) > 1 else None)
+        return {"mean": mean, "sd": sd, "n": len(found)}
+
+    return {"metric": metric, "finished": len(splits),
+            "stopped": {str(r): why for r, why in sorted(stopped.items())},
+            "sites": {site: {key: spread(found) for key, found in by_model.items()}
+                      for site, by_model in sorted(values.items())}}
