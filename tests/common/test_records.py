@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from common.errors import ConfigError
 from common.glm import LogisticTerms, site_logistic_terms
+from common.messages import StudyConfig
+from common.protocol import StudyProtocol, load_protocol
 from common.records import PayloadError, from_record, to_record
 from harmonization.combat.eb import StackedAdjustments
 from harmonization.combat.moments import BatchMoments, DesignMoments, StackedMoments
@@ -58,3 +61,19 @@ def test_stacked_batches_whose_lengths_disagree_are_refused_on_receipt():
     content["arrays"]["delta"] = Array(np.ones((3, 3)))
     with pytest.raises(PayloadError, match="2 batches hold 2 gammas and 3 deltas"):
         from_record(content, StackedAdjustments, sender="the server")
+
+
+def test_a_message_names_the_split_it_works_on_and_the_site_refuses_one_the_study_lacks():
+    protocol = load_protocol("preset:spine_mri_t1w")
+    study = StudyConfig.of(protocol)
+    assert StudyConfig.from_mapping(study.to_mapping()).split(protocol) == 0
+    repeated = StudyProtocol.model_validate({
+        **protocol.model_dump(), "validation": {"repeats": 4},
+        "model": {**protocol.model.model_dump(), "cv_folds": 3}})
+    second = StudyConfig.from_mapping(StudyConfig.of(repeated, repeat=2).to_mapping())
+    assert second.repeat == 2 and second.split(repeated) == 2
+    for bad, study_of in ((4, repeated), (1, protocol), (-1, repeated)):
+        with pytest.raises(ConfigError, match=f"'repeat' {bad} is not one of the study's"):
+            StudyConfig.of(study_of, repeat=bad).split(study_of)
+    with pytest.raises(ConfigError, match="malformed"):
+        StudyConfig.from_mapping({**study.to_mapping(), "repeat": "second"})
