@@ -1,0 +1,157 @@
+"""Federated Harmony (:mod:`harmonization.federated_harmony`) against harmonypy on the pooled
+embeddings: how far apart the corrections are, how well each mixes the scanners (LISI), what the
+sites send, and how long it takes.
+
+Three families of synthetic embeddings, two groups (the biology) seen by three scanners that
+shift two dimensions, each drawn with ``--seeds`` seeds:
+
+* ``tight blobs``: six clear clusters, so k-means has one answer and the federated run starts
+  where harmonypy does (6 clusters);
+* ``uneven scanners``: two clear groups, one scanner crowding each, close enough for soft
+  memberships, so the diversity penalty moves cells (2 clusters);
+* ``overlapping``: groups and scanners overlap (harmonypy's default number of clusters); the
+  optimum Harmony reaches depends on its start and its random blocks, so harmonypy is also
+  compared with itself under another ``random_state``.
+
+Each is run pooled (one site), on two sites and on three (one scanner each). ``difference`` is
+||federated - harmonypy|| / ||harmonypy - input||, the median and the largest over the seeds.
+
+    python bench/harmony.py [--seeds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from harmonization.federated_harmony import (  # noqa: E402
+    FederatedHarmonyOptions,
+    HarmonyResult,
+    federated_harmony,
+)
+from harmonization.harmony import lisi  # noqa: E402
+
+SCANNER_SHIFT = {"s1": (0.0, 0.0), "s2": (4.0, -3.0), "s3": (-4.0, 3.0)}
+SPLITS = {"pooled": [["s1", "s2", "s3"]], "2 sites": [["s1", "s2"], ["s3"]],
+          "3 sites": [["s1"], ["s2"], ["s3"]]}
+Data = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def tight_blobs(seed: int) -> Data:
+    rng = np.random.default_rng(seed)
+    batch = np.repeat(list(SCANNER_SHIFT), 80)
+    group = rng.integers(0, 2, batch.size)
+    x = rng.normal(0, 0.3, (batch.size, 8)) + 1.0
+    x[:, 0] += 6.0 * group
+    x[:, 1:3] += np.array([SCANNER_SHIFT[b] for b in batch])
+    return x, batch, group
+
+
+def uneven_scanners(seed: int) -> Data:
+    rng = np.random.default_rng(seed)
+    counts = {("s1", 0): 60, ("s2", 0): 15, ("s3", 0): 15,
+              ("s1", 1): 15, ("s2", 1): 45, ("s3", 1): 30}
+    batch = np.concatenate([[s] * n for (s, _), n in counts.items()])
+    group = np.concatenate([[g] * n for (_, g), n in counts.items()])
+    x = rng.normal(0, 0.3, (batch.size, 6))
+    x[:, 0] += 3.0
+    x[:, 1] += 1.5 * group
+    x[:, 2] += np.array([{"s1": 0.0, "s2": 0.5, "s3": -0.5}[b] for b in batch])
+    return x, batch, group
+
+
+def overlapping(seed: int) -> Data:
+    rng = np.random.default_rng(seed)
+    batch = np.repeat(list(SCANNER_SHIFT), 80)
+    group = rng.integers(0, 2, batch.size)
+    x = rng.normal(0, 1, (batch.size, 8))
+    x[:, 0] += 6.0 * group
+    x[:, 1:3] += np.array([SCANNER_SHIFT[b] for b in batch])
+    return x, batch, group
+
+
+FAMILIES: dict[str, tuple[Callable[[int], Data], int | None]] = {
+    "tight blobs": (tight_blobs, 6), "uneven scanners": (uneven_scanners, 2),
+    "overlapping": (overlapping, None)}
+
+
+def harmonypy_run(x: np.ndarray, batch: np.ndarray, clusters: int | None, seed: int
+                  ) -> np.ndarray:
+    import harmonypy
+
+    run = harmonypy.run_harmony(x, pd.DataFrame({"batch": batch}), ["batch"], nclust=clusters,
+                                random_state=seed, verbose=False)
+    out = np.asarray(run.Z_corr)
+    return out if out.shape == x.shape else out.T
+
+
+def federated_run(x: np.ndarray, batch: np.ndarray, groups: list[list[str]],
+                  options: FederatedHarmonyOptions) -> tuple[np.ndarray, HarmonyResult]:
+    masks = [np.isin(batch, g) for g in groups]
+    result = federated_harmony([x[m] for m in masks], [batch[m] for m in masks], options)
+    out = np.empty_like(x)
+    for mask, corrected in zip(masks, result.corrected, strict=True):
+        out[mask] = corrected
+    return out, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    args = parser.parse_args()
+    rows = []
+    for family, (make, clusters) in FAMILIES.items():
+        for seed in range(args.seeds):
+            x, batch, group = make(seed)
+            start = time.perf_counter()
+            reference = harmonypy_run(x, batch, clusters, seed)
+            seconds = time.perf_counter() - start
+            size = np.linalg.norm(reference - x)
+            other = harmonypy_run(x, batch, clusters, seed + 100)
+            rows.append({"family": family, "run": "harmonypy, other seed", "seed": seed,
+                         "difference": np.linalg.norm(other - reference) / size,
+                         "LISI scanner": lisi(other, batch).mean(),
+                         "LISI group": lisi(other, group).mean()})
+            rows.append({"family": family, "run": "harmonypy", "seed": seed, "difference": 0.0,
+                         "LISI scanner": lisi(reference, batch).mean(),
+                         "LISI group": lisi(reference, group).mean(), "seconds": seconds,
+                         "before": lisi(x, batch).mean()})
+            for name, groups in SPLITS.items():
+                start = time.perf_counter()
+                ours, result = federated_run(x, batch, groups, FederatedHarmonyOptions(
+                    n_clusters=clusters, seed=seed))
+                rows.append({"family": family, "run": name, "seed": seed,
+                             "difference": np.linalg.norm(ours - reference) / size,
+                             "LISI scanner": lisi(ours, batch).mean(),
+                             "LISI group": lisi(ours, group).mean(),
+                             "seconds": time.perf_counter() - start, "rounds": result.rounds,
+                             "kB per site": np.mean(result.sent_bytes) / 1e3})
+    table = pd.DataFrame(rows)
+    before = table.groupby("family").before.mean()
+    print(f"federated Harmony against harmonypy {_version()}, {args.seeds} seeds per family; "
+          "LISI before: " + ", ".join(f"{f} {v:.2f}" for f, v in before.items()))
+    summary = table.groupby(["family", "run"], sort=False).agg(
+        difference_median=("difference", "median"), difference_max=("difference", "max"),
+        lisi_scanner=("LISI scanner", "mean"), lisi_group=("LISI group", "mean"),
+        seconds=("seconds", "mean"), rounds=("rounds", "mean"),
+        kb_per_site=("kB per site", "mean"))
+    print(summary.to_string(float_format=lambda v: f"{v:.3g}"))
+
+
+def _version() -> str:
+    import harmonypy
+
+    return str(getattr(harmonypy, "__version__", "?"))
+
+
+if __name__ == "__main__":
+    main()
