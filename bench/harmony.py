@@ -133,8 +133,11 @@ def main() -> None:
                              "difference": np.linalg.norm(ours - reference) / size,
                              "LISI scanner": lisi(ours, batch).mean(),
                              "LISI group": lisi(ours, group).mean(),
-                             "seconds": time.perf_counter() - start, "rounds": result.rounds,
-                             "kB per site": np.mean(result.sent_bytes) / 1e3})
+                             "seconds": time.perf_counter() - start,
+                             "rounds": result.trace.rounds,
+                             "kB per site": np.mean(result.trace.sent_bytes) / 1e3,
+                             "cluster mixing before": result.trace.diversity_before,
+                             "cluster mixing after": result.trace.diversity_after})
     table = pd.DataFrame(rows)
     before = table.groupby("family").before.mean()
     print(f"federated Harmony against harmonypy {_version()}, {args.seeds} seeds per family; "
@@ -143,7 +146,9 @@ def main() -> None:
         difference_median=("difference", "median"), difference_max=("difference", "max"),
         lisi_scanner=("LISI scanner", "mean"), lisi_group=("LISI group", "mean"),
         seconds=("seconds", "mean"), rounds=("rounds", "mean"),
-        kb_per_site=("kB per site", "mean"))
+        kb_per_site=("kB per site", "mean"),
+        mixing_before=("cluster mixing before", "mean"),
+        mixing_after=("cluster mixing after", "mean"))
     print(summary.to_string(float_format=lambda v: f"{v:.3g}"))
 
 

@@ -36,9 +36,10 @@ sums per Harmony iteration.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -48,7 +49,6 @@ from common.errors import HarmonizationError
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.intp]
-M = TypeVar("M", "ScannerCounts", "Coreset", "Masses", "RidgeSums")
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,56 @@ class RidgeSums:
                       "withheld": ("clusters", "site_scanners")}
 
 
+@dataclass(frozen=True)
+class HarmonyRequest:
+    """What the server asks in a round: ``step`` is ``counts`` (the site's scanners),
+    ``coreset`` (join the study's ``scanners`` and send a coreset for ``clusters``), ``start``
+    (remove ``offsets`` when given, then memberships afresh against ``centroids``), ``cluster``
+    (one membership update with the study's ``mass`` and the scanners' ``shares``) or
+    ``ridge``."""
+    step: str
+    clusters: int = 0
+    scanners: tuple[str, ...] = ()
+    centroids: FloatArray | None = None
+    mass: FloatArray | None = None
+    shares: FloatArray | None = None
+    offsets: FloatArray | None = None
+
+    STEPS: ClassVar = ("counts", "coreset", "start", "cluster", "ridge")
+    AXES: ClassVar = {"scanners": ("scanners",), "centroids": ("clusters", "dims"),
+                      "mass": ("clusters",), "shares": ("scanners",),
+                      "offsets": ("clusters", "scanners", "dims")}
+
+
+Reply = ScannerCounts | Coreset | Masses | RidgeSums
+
+
+def answer(site: HarmonySite, request: HarmonyRequest) -> Reply:
+    """A site's reply to one of the server's requests; a request missing what its step needs
+    is refused by name."""
+    def need(value: FloatArray | None, name: str) -> FloatArray:
+        if value is None:
+            raise HarmonizationError(f"Harmony: a '{request.step}' request without '{name}'")
+        return value
+
+    if request.step == "counts":
+        return site.scanner_counts()
+    if request.step == "coreset":
+        site.join(request.scanners)
+        return site.coreset(request.clusters)
+    if request.step == "start":
+        if request.offsets is not None:
+            site.correct(request.offsets)
+        return site.start(need(request.centroids, "centroids"))
+    if request.step == "cluster":
+        return site.cluster(need(request.mass, "mass"), need(request.shares, "shares")[
+            site.columns])
+    if request.step == "ridge":
+        return site.ridge()
+    raise HarmonizationError(f"Harmony: unknown step '{request.step}' (one of "
+                             f"{', '.join(HarmonyRequest.STEPS)})")
+
+
 def _effective_cells(weights: FloatArray, axis: int = 0) -> FloatArray:
     """(sum w)^2 / sum w^2 along ``axis``: how many cells a weighted sum really averages."""
     squares = np.sum(weights**2, axis=axis)
@@ -163,8 +213,32 @@ class HarmonySite:
         return self._corrected.copy()
 
     def scanner_counts(self) -> ScannerCounts:
+        """Each own scanner's number of embeddings, 0 where under ``min_cell`` (the server
+        names the scanner as left out; its count does not leave)."""
         names, counts = np.unique(self._labels, return_counts=True)
+        counts[counts < self.options.min_cell] = 0
         return ScannerCounts(tuple(str(n) for n in names), counts.astype(np.intp))
+
+    def state(self) -> dict[str, npt.NDArray[Any]]:
+        """Everything this site holds between rounds (kept at the site, never sent)."""
+        return {"z": self._z, "labels": self._labels, "corrected": self._corrected,
+                "kept": self._kept, "codes": self._codes, "columns": self._columns,
+                "r": self._r, "distance": self._distance,
+                "rng": np.asarray(json.dumps(self._rng.bit_generator.state))}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, npt.NDArray[Any]],
+                   options: FederatedHarmonyOptions) -> HarmonySite:
+        """The site as :meth:`state` kept it."""
+        site = cls(state["z"], state["labels"].tolist(), options)
+        site._corrected = np.asarray(state["corrected"], dtype=np.float64)
+        site._kept = np.asarray(state["kept"], dtype=bool)
+        site._codes = np.asarray(state["codes"], dtype=np.intp)
+        site._columns = np.asarray(state["columns"], dtype=np.intp)
+        site._r = np.asarray(state["r"], dtype=np.float64)
+        site._distance = np.asarray(state["distance"], dtype=np.float64)
+        site._rng.bit_generator.state = json.loads(str(state["rng"]))
+        return site
 
     def join(self, study_scanners: Sequence[str]) -> None:
         """Take part with the cells of the study's scanners (the others are left as they are)."""
@@ -287,6 +361,8 @@ class HarmonyServer:
     centroids: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))
     mass: FloatArray = field(default_factory=lambda: np.zeros(0))
     observed: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))
+    #: Each site's scanners' columns among the study's, in the order the sites answered.
+    site_columns: list[IntArray] = field(default_factory=list)
 
     @property
     def shares(self) -> FloatArray:
@@ -310,6 +386,9 @@ class HarmonyServer:
                 f"Harmony needs two or more scanners of at least {floor} embeddings; has "
                 f"{list(self.scanners)} (too few: {list(self.dropped)})")
         self.counts = np.asarray([counts[s] for s in self.scanners], dtype=np.float64)
+        self.site_columns = [np.asarray([i for i, s in enumerate(self.scanners)
+                                         if s in part.scanners], dtype=np.intp)
+                             for part in parts]
         return self.scanners
 
     def n_clusters(self) -> int:
@@ -345,6 +424,18 @@ class HarmonyServer:
                  + float(opts.sigma * opts.theta * cross.sum()))
         return total * 2000.0 / float(self.counts.sum())
 
+    def diversity(self) -> float:
+        """How mixed the scanners are within the clusters of the last memberships pooled: each
+        cluster's inverse Simpson index of its scanners' masses, averaged with the clusters'
+        masses as weights (1: each cluster holds one scanner; at most :attr:`ceiling`)."""
+        shares = self.observed / np.maximum(self.observed.sum(axis=1, keepdims=True), 1e-300)
+        return float(np.sum(self.mass / self.mass.sum() / np.sum(shares**2, axis=1)))
+
+    @property
+    def ceiling(self) -> float:
+        """The index of clusters that hold every scanner in its share of the study's cells."""
+        return float(1.0 / np.sum(self.shares**2))
+
     def offsets(self, parts: Sequence[RidgeSums], columns: Sequence[IntArray]) -> FloatArray:
         """Each scanner's offset per cluster (clusters, scanners, dims) from the ridge of the
         mixture of experts: the intercept unpenalized, each scanner's penalty ``alpha`` times
@@ -378,68 +469,95 @@ class HarmonyServer:
 
 
 @dataclass(frozen=True)
-class HarmonyResult:
-    """Each site's corrected embeddings, the scanners left out, and the run's trace."""
-    corrected: list[FloatArray]
+class HarmonyTrace:
+    """What the server learns from a run: the study's scanners and those left out, the
+    clusters, the iterations and their objective, the message rounds and the bytes each site
+    sent, and the scanners' mixing within the clusters (:meth:`HarmonyServer.diversity`)
+    before and after, with its ceiling."""
+    scanners: tuple[str, ...]
     dropped: tuple[str, ...]
     n_clusters: int
     iterations: int
     objective: list[float]
-    #: Message rounds (a correction travels with the next round's request), and the bytes of
-    #: arrays each site sent.
-    rounds: int = 0
-    sent_bytes: tuple[int, ...] = ()
+    rounds: int
+    sent_bytes: tuple[int, ...]
+    diversity_before: float
+    diversity_after: float
+    diversity_ceiling: float
+
+
+@dataclass(frozen=True)
+class HarmonyResult:
+    """Each site's corrected embeddings, with the server's :class:`HarmonyTrace`."""
+    corrected: list[FloatArray]
+    trace: HarmonyTrace
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        return self.trace.dropped
 
 
 #: harmonypy's window of k-means objectives compared for convergence.
 WINDOW = 3
 
 
-def federated_harmony(embeddings: Sequence[npt.ArrayLike], scanners: Sequence[Sequence[object]],
-                      options: FederatedHarmonyOptions = FederatedHarmonyOptions()
-                      ) -> HarmonyResult:
-    """Harmony over sites, in-process: ``embeddings[i]`` and ``scanners[i]`` are site i's.
-    The sites and the server exchange only the messages above, in harmonypy's order."""
-    sites = [HarmonySite(x, s, options, seed=i)
-             for i, (x, s) in enumerate(zip(embeddings, scanners, strict=True))]
-    sent = [0] * len(sites)
+def harmony_rounds(ask: Callable[[HarmonyRequest], Sequence[Reply]],
+                   options: FederatedHarmonyOptions) -> HarmonyTrace:
+    """The server's side of a run, in harmonypy's order: ``ask`` sends a request to every
+    site and returns their replies in the same site order each time. The last request is a
+    ``start`` that carries the last offsets, so every site ends with its corrected
+    embeddings (and the server with the memberships of them)."""
+    sent: list[int] = []
     rounds = 0
 
-    def gather(messages: list[M]) -> list[M]:
-        nonlocal rounds
+    def gather(request: HarmonyRequest) -> list[Any]:
+        nonlocal rounds, sent
+        replies = list(ask(request))
         rounds += 1
-        for i, message in enumerate(messages):
-            sent[i] += sum(np.asarray(v).nbytes for v in vars(message).values())
-        return messages
+        sizes = [sum(np.asarray(v).nbytes for v in vars(r).values()) for r in replies]
+        sent = [a + b for a, b in zip(sent or [0] * len(sizes), sizes, strict=True)]
+        return replies
 
     server = HarmonyServer(options)
-    study = server.study_scanners(gather([site.scanner_counts() for site in sites]))
-    for site in sites:
-        site.join(study)
-    columns = [site.columns for site in sites]
-    shares = [server.shares[c] for c in columns]
+    scanners = server.study_scanners(gather(HarmonyRequest("counts")))
     k = server.n_clusters()
-    server.start(gather([site.coreset(k) for site in sites]), k)
-    objective = [server.pool(gather([site.start(server.centroids) for site in sites]), columns)]
+    server.start(gather(HarmonyRequest("coreset", clusters=k, scanners=scanners)), k)
+    columns = server.site_columns
+    objective = [server.pool(gather(HarmonyRequest("start", centroids=server.centroids)),
+                             columns)]
+    before = server.diversity()
+    offsets: FloatArray | None = None
     iterations = 0
-    for iterations in range(1, options.max_iter_harmony + 1):
-        if iterations > 1:  # memberships afresh from the corrected embeddings
-            server.pool(gather([site.start(server.centroids) for site in sites]), columns)
+    while iterations < options.max_iter_harmony:
+        iterations += 1
+        if offsets is not None:  # memberships afresh from the corrected embeddings
+            server.pool(gather(HarmonyRequest("start", centroids=server.centroids,
+                                              offsets=offsets)), columns)
         kmeans: list[float] = []
         for step in range(options.max_iter_kmeans):
-            parts = gather([site.cluster(server.mass, share)
-                            for site, share in zip(sites, shares, strict=True)])
+            parts = gather(HarmonyRequest("cluster", mass=server.mass, shares=server.shares))
             kmeans.append(server.pool(parts, columns))
             if step > WINDOW and abs(_fall(kmeans, WINDOW)) < options.epsilon_cluster:
                 break
         objective.append(kmeans[-1])
-        offsets = server.offsets(gather([site.ridge() for site in sites]), columns)
-        for site in sites:
-            site.correct(offsets)
+        offsets = server.offsets(gather(HarmonyRequest("ridge")), columns)
         if 0.0 <= _fall(objective, 1) < options.epsilon_harmony:
             break
-    return HarmonyResult([site.corrected for site in sites], server.dropped, k, iterations,
-                         objective, rounds, tuple(sent))
+    server.pool(gather(HarmonyRequest("start", centroids=server.centroids, offsets=offsets)),
+                columns)
+    return HarmonyTrace(scanners, server.dropped, k, iterations, objective, rounds, tuple(sent),
+                        before, server.diversity(), server.ceiling)
+
+
+def federated_harmony(embeddings: Sequence[npt.ArrayLike], scanners: Sequence[Sequence[object]],
+                      options: FederatedHarmonyOptions = FederatedHarmonyOptions()
+                      ) -> HarmonyResult:
+    """Harmony over sites, in-process: ``embeddings[i]`` and ``scanners[i]`` are site i's.
+    The sites and the server exchange only the messages above (:func:`harmony_rounds`)."""
+    sites = [HarmonySite(x, s, options, seed=i)
+             for i, (x, s) in enumerate(zip(embeddings, scanners, strict=True))]
+    trace = harmony_rounds(lambda request: [answer(site, request) for site in sites], options)
+    return HarmonyResult([site.corrected for site in sites], trace)
 
 
 def _fall(values: Sequence[float], window: int) -> float:
