@@ -33,12 +33,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harmonization.federated_harmony import (  # noqa: E402
-    FederatedHarmonyOptions,
-    HarmonyResult,
-    federated_harmony,
-)
+from harmonization.federated_harmony import FederatedHarmonyOptions  # noqa: E402
 from harmonization.harmony import lisi  # noqa: E402
+from harmonization.harmony_server import HarmonyResult, federated_harmony  # noqa: E402
 
 SCANNER_SHIFT = {"s1": (0.0, 0.0), "s2": (4.0, -3.0), "s3": (-4.0, 3.0)}
 SPLITS = {"pooled": [["s1", "s2", "s3"]], "2 sites": [["s1", "s2"], ["s3"]],

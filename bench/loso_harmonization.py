@@ -61,11 +61,18 @@ from harmonization.combat.design import CombatOptions, Design  # noqa: E402
 from harmonization.combat.model import SiteTable, fit_combat  # noqa: E402
 from harmonization.covbat import fit_covbat  # noqa: E402
 from harmonization.diagnostics import scanner_effect  # noqa: E402
+from harmonization.federated_harmony import FederatedHarmonyOptions  # noqa: E402
+from harmonization.harmony import lisi  # noqa: E402
+from harmonization.harmony_server import federated_harmony  # noqa: E402
 from harmonization.screening import scanner_shares, site_interaction_moments  # noqa: E402
 from server.study import StudySettings  # noqa: E402
 
-FEATURE_STEPS = ("raw", "ComBat", "ComBat + CovBat", "ComBat + screening",
-                 "oracle location-scale")
+FEATURE_STEPS = ("raw", "ComBat", "ComBat + CovBat", "ComBat + screening", "Harmony",
+                 "ComBat + Harmony", "oracle location-scale")
+#: Harmony's principal components: the fewest explaining this share of the training rows'
+#: variance (standardized features), at most ``HARMONY_MAX_PCS``.
+HARMONY_VARIANCE = 0.95
+HARMONY_MAX_PCS = 30
 DEFAULT_COHORTS = ("0:40,70,110", "1:60,60,90", "2:50,80,100")
 #: The screening's threshold in the benchmark: the F test's p-value below which a feature's
 #: outcome effect is taken to differ between scanners.
@@ -148,7 +155,11 @@ def _design(tables: dict[str, pd.DataFrame], label: str) -> Design:
 
 
 def harmonize(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarray], names: list[str],
-              label: str, step: str) -> dict[str, np.ndarray]:
+              label: str, step: str, seed: int = 0) -> dict[str, np.ndarray]:
+    if step.endswith("Harmony"):
+        before = harmonize(tables, tests, names, label, step.removesuffix("Harmony")
+                           .removesuffix(" + ") or "raw")
+        return harmony_features(tables, tests, before, seed)[0]
     x = {s: t[names].to_numpy(float) for s, t in tables.items()}
     if step == "raw":
         return x
@@ -165,6 +176,34 @@ def harmonize(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarray], nam
              fit_combat(sites, design, options))
     return {s: model.transform(x[s], t.batch.astype(str).tolist(), {"age": t.age.tolist()})
             for s, t in tables.items()}
+
+
+def harmony_features(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarray],
+                     x: dict[str, np.ndarray], seed: int
+                     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Federated Harmony (:mod:`harmonization.federated_harmony`) on the features' leading
+    principal components, mapped back: the features standardized with the training rows' mean
+    and SD, their components from the training rows (what the sites' pooled sums give), then
+    Harmony over every row of every site by scanner (unsupervised: no label, so the test rows
+    take part, as Harmony has no transform for new rows) and each row's correction added back
+    in feature space. Returns the features and the scanners' LISI on the components before and
+    after (pooled: only a benchmark can compute it)."""
+    train = np.vstack([x[s][~tests[s]] for s in tables])
+    mean, sd = train.mean(axis=0), train.std(axis=0)
+    sd[sd == 0] = 1.0
+    eigenvalues, vectors = np.linalg.eigh(np.cov(((train - mean) / sd).T))
+    order = np.argsort(eigenvalues)[::-1]
+    share = np.cumsum(eigenvalues[order]) / eigenvalues.sum()
+    n_pc = min(int(np.searchsorted(share, HARMONY_VARIANCE)) + 1, HARMONY_MAX_PCS)
+    axes = vectors[:, order[:n_pc]]
+    scores = {s: ((x[s] - mean) / sd) @ axes for s in tables}
+    batches = [t.batch.astype(str).to_numpy() for t in tables.values()]
+    result = federated_harmony(list(scores.values()), batches, FederatedHarmonyOptions(seed=seed))
+    out = {s: x[s] + ((c - scores[s]) @ axes.T) * sd
+           for s, c in zip(tables, result.corrected, strict=True)}
+    every = np.concatenate(batches)
+    return out, {"LISI before": float(lisi(np.vstack(list(scores.values())), every).mean()),
+                 "LISI after": float(lisi(np.vstack(result.corrected), every).mean())}
 
 
 def robust(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarray],
@@ -209,7 +248,7 @@ def evaluate(tables: dict[str, pd.DataFrame], names: list[str], protocol: StudyP
     tests = {s: split(t[label].to_numpy(), 1000 * r + i) for i, (s, t) in enumerate(tables.items())}
     loso, duel = [], []
     for step in steps:
-        x = harmonize(tables, tests, names, label, step.removesuffix(" + screening"))
+        x = harmonize(tables, tests, names, label, step.removesuffix(" + screening"), r)
         within = within_site_scanner_effect(tables, x, label)
         rows = {s: (x[s][~tests[s]], t[label].to_numpy(float)[~tests[s]],
                     assign_folds(t[label].to_numpy(float)[~tests[s]], spec.cv_folds, r, True))

@@ -50,8 +50,9 @@ from common.protocol import StudyProtocol
 from common.records import pack, to_record, unpack_request
 from common.site_config import SiteConfig
 from common.wire import to_wire
+from harmonization.federated_harmony import REPLY_NAMES
 from harmonization.images import ImageStandard
-from harmonization.messages import CombatRequest
+from harmonization.messages import CombatRequest, EmbeddingHarmonyRequest
 
 
 def study_of(msg: Message) -> StudyConfig:
@@ -285,6 +286,25 @@ def make_client_app(simulation_cohort: Path | None = None, mods: Sequence[Mod] =
         from client.phases import combat  # see _prepare
 
         return reply(msg, result=combat.apply(*combat_request(msg, context)))
+
+    @app.query(MessageType.HARMONY_PRODUCTS.query)
+    @guarded
+    def _harmony_products(msg: Message, context: Context) -> Message:
+        from client.phases import harmony  # see _prepare
+
+        study = unpack_request(msg.content, EmbeddingHarmonyRequest).study
+        return reply(msg, products=harmony.embedding_products(site_of(context),
+                                                              study.protocol()))
+
+    @app.query(MessageType.HARMONY.query)
+    @guarded
+    def _harmony(msg: Message, context: Context) -> Message:
+        from client.phases import harmony  # see _prepare
+
+        request = unpack_request(msg.content, EmbeddingHarmonyRequest)
+        answer = harmony.harmony_round(site_of(context), request.study.protocol(),
+                                       request.study.required("seed"), request)
+        return reply(msg, **{REPLY_NAMES[type(answer)]: answer})
 
     @app.query(MessageType.MODEL_SUMMARY.query)
     @guarded

@@ -37,6 +37,8 @@ class MessageType(str, enum.Enum):
     MODEL_SUMMARY = "query.model_summary"
     MODEL_TERMS = "query.model_terms"
     MODEL_EVALUATE = "query.model_evaluate"
+    HARMONY_PRODUCTS = "query.harmony_products"
+    HARMONY = "query.harmony"
     TRAIN = "train"
     EVALUATE = "evaluate"
 

@@ -237,10 +237,28 @@ class CovbatSpec(_Frozen):
     n_pc: int = Field(0, ge=0, le=10_000)
 
 
+class EmbeddingHarmonySpec(_Frozen):
+    """Federated Harmony (Korsunsky et al. 2019; :mod:`harmonization.federated_harmony`) on the
+    CNN's embeddings: each case's penultimate-layer activations of the final global network,
+    reduced to their ``n_components`` leading principal components (from the sites' pooled
+    sums), clustered softly with a diversity penalty and corrected per scanner within each
+    cluster. The other fields are harmonypy's (``n_clusters`` absent: min(N / 30, 100)). The
+    report gives the scanners' mixing (LISI) before and after."""
+    n_components: int = Field(10, ge=2, le=100)
+    theta: float = Field(2.0, ge=0, le=100, allow_inf_nan=False)
+    sigma: float = Field(0.1, gt=0, le=10, allow_inf_nan=False)
+    n_clusters: int | None = Field(None, ge=2, le=100)
+    max_iter_harmony: int = Field(10, ge=1, le=50)
+    max_iter_kmeans: int = Field(4, ge=1, le=50)
+
+
 class HarmonizationSpec(_Frozen):
     """Feature harmonization beyond ComBat, which the ``covariates`` section configures."""
     covbat: CovbatSpec | None = Field(
         None, description="CovBat's rounds after ComBat's; absent = ComBat alone.")
+    embeddings: EmbeddingHarmonySpec | None = Field(
+        None, description="Federated Harmony on the CNN's embeddings after the CNN phase; "
+        "absent = none. Needs the cnn section.")
 
 
 class IngestionSpec(_Frozen):
@@ -615,6 +633,14 @@ class CnnSpec(FederatedTrainingSpec):
         "rounds, both ways: float16 halves the bytes of a round; the server averages and keeps "
         "the global model in float32, the sites train in float32.")
 
+    @property
+    def embedding_width(self) -> int:
+        """How many features enter the network's last linear layer (its embeddings):
+        MONAI's ResNet ends with ``512 * width`` channels, DenseNet121 with 1024."""
+        if self.architecture == "densenet121":
+            return 1024
+        return int(512 * self.width)
+
     @model_validator(mode="after")
     def _check(self) -> CnnSpec:
         if self.leave_site_out and self.local_norm:
@@ -735,6 +761,9 @@ class StudyProtocol(_Frozen):
             if self.cnn is not None:
                 raise ValueError("cnn: the CNN does not train on survival times yet; leave "
                                  "the cnn phase out of a survival task")
+        if self.harmonization.embeddings is not None and self.cnn is None:
+            raise ValueError("harmonization.embeddings harmonizes the CNN's embeddings: the "
+                             "protocol needs a cnn section")
         repeats = self.validation.repeats
         if repeats == 2:
             raise ValueError("validation.repeats: 2 splits leave one fold to choose the model's "

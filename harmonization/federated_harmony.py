@@ -31,19 +31,20 @@ way). A scanner with fewer than ``min_cell`` embeddings takes no part and is nam
 releases are bounded by the options: one coreset, masses per k-means step, one set of ridge
 sums per Harmony iteration.
 
-:func:`federated_harmony` drives the halves in-process, as a study would through messages.
+This module is the sites' half and the messages; :mod:`harmonization.harmony_server` is the
+server's, and :func:`harmonization.harmony_server.federated_harmony` drives both in-process, as a
+study does through messages.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.cluster import KMeans
 
 from common.errors import HarmonizationError
 
@@ -84,6 +85,7 @@ class ScannerCounts:
     counts: IntArray
 
     AXES: ClassVar = {"scanners": ("site_scanners",), "counts": ("site_scanners",)}
+    COUNTS: ClassVar = {"counts": "min_patients"}
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Coreset:
     counts: FloatArray
 
     AXES: ClassVar = {"sums": ("centres", "dims"), "counts": ("centres",)}
+    COUNTS: ClassVar = {"counts": "min_patients"}
 
 
 @dataclass(frozen=True)
@@ -120,12 +123,22 @@ class RidgeSums:
 
 
 @dataclass(frozen=True)
+class SiteMixing:
+    """A site's own check of Harmony (the last round): the mean LISI of its scanners among
+    its embeddings before and after, 1 at a site with one scanner (LISI needs every
+    embedding's neighbours, so only a site can compute it, over its own)."""
+    scanners: int
+    before: float
+    after: float
+
+
+@dataclass(frozen=True)
 class HarmonyRequest:
     """What the server asks in a round: ``step`` is ``counts`` (the site's scanners),
     ``coreset`` (join the study's ``scanners`` and send a coreset for ``clusters``), ``start``
     (remove ``offsets`` when given, then memberships afresh against ``centroids``), ``cluster``
     (one membership update with the study's ``mass`` and the scanners' ``shares``) or
-    ``ridge``."""
+    ``ridge``; ``mixing`` asks for the site's :class:`SiteMixing`."""
     step: str
     clusters: int = 0
     scanners: tuple[str, ...] = ()
@@ -134,13 +147,18 @@ class HarmonyRequest:
     shares: FloatArray | None = None
     offsets: FloatArray | None = None
 
-    STEPS: ClassVar = ("counts", "coreset", "start", "cluster", "ridge")
+    STEPS: ClassVar = ("counts", "coreset", "start", "cluster", "ridge", "mixing")
     AXES: ClassVar = {"scanners": ("scanners",), "centroids": ("clusters", "dims"),
                       "mass": ("clusters",), "shares": ("scanners",),
                       "offsets": ("clusters", "scanners", "dims")}
 
 
-Reply = ScannerCounts | Coreset | Masses | RidgeSums
+Reply = ScannerCounts | Coreset | Masses | RidgeSums | SiteMixing
+#: The name each reply travels under, and the step whose reply it is.
+REPLY_NAMES: dict[type, str] = {ScannerCounts: "counts", Coreset: "coreset", Masses: "masses",
+                                RidgeSums: "ridge", SiteMixing: "mixing"}
+STEP_REPLIES: dict[str, type] = {"counts": ScannerCounts, "coreset": Coreset, "start": Masses,
+                                 "cluster": Masses, "ridge": RidgeSums, "mixing": SiteMixing}
 
 
 def answer(site: HarmonySite, request: HarmonyRequest) -> Reply:
@@ -165,6 +183,8 @@ def answer(site: HarmonySite, request: HarmonyRequest) -> Reply:
             site.columns])
     if request.step == "ridge":
         return site.ridge()
+    if request.step == "mixing":
+        return site.mixing()
     raise HarmonizationError(f"Harmony: unknown step '{request.step}' (one of "
                              f"{', '.join(HarmonyRequest.STEPS)})")
 
@@ -177,7 +197,7 @@ def _effective_cells(weights: FloatArray, axis: int = 0) -> FloatArray:
     return np.asarray(out, dtype=np.float64)
 
 
-def _normalize_rows(x: FloatArray) -> FloatArray:
+def normalize_rows(x: FloatArray) -> FloatArray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.asarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float64)
 
@@ -260,7 +280,7 @@ class HarmonySite:
 
     @property
     def _cos(self) -> FloatArray:
-        return _normalize_rows(self._corrected[self._kept])
+        return normalize_rows(self._corrected[self._kept])
 
     def coreset(self, n_clusters: int) -> Coreset:
         """Sums of this site's own k-means clusters (up to twice ``n_clusters``), each of at
@@ -270,6 +290,8 @@ class HarmonySite:
         k = min(2 * n_clusters, cells.shape[0] // floor)
         if k < 1:
             return Coreset(np.zeros((0, cells.shape[1])), np.zeros(0))
+        from sklearn.cluster import KMeans  # the guard imports these messages: load on use
+
         fit = KMeans(n_clusters=k, n_init=10, random_state=self.options.seed).fit(cells)
         labels = np.asarray(fit.labels_, dtype=np.intp)
         sizes = np.bincount(labels, minlength=k)
@@ -342,6 +364,19 @@ class HarmonySite:
         shift = np.einsum("ck,kcd->cd", self._r, offsets[:, self._columns[self._codes]])
         self._corrected[self._kept] = self._z[self._kept] - shift
 
+    def mixing(self) -> SiteMixing:
+        """This site's scanners' mean LISI among its own embeddings taking part, before and
+        after (perplexity 30, or a third of its embeddings where fewer)."""
+        from harmonization.harmony import lisi  # scikit-learn: loaded on use, as KMeans
+
+        labels = self._labels[self._kept]
+        if len(set(labels.tolist())) < 2:
+            return SiteMixing(len(set(labels.tolist())), 1.0, 1.0)
+        perplexity = max(2.0, min(30.0, (labels.size - 1) / 3.0))
+        before = lisi(self._z[self._kept], labels.tolist(), perplexity)
+        after = lisi(self._corrected[self._kept], labels.tolist(), perplexity)
+        return SiteMixing(len(set(labels.tolist())), float(before.mean()), float(after.mean()))
+
     def _masses(self) -> Masses:
         r = self._r
         logs = np.where(r > 0, r * np.log(np.where(r > 0, r, 1.0)), 0.0)
@@ -349,221 +384,3 @@ class HarmonySite:
         return Masses(mass=r.sum(axis=0), observed=np.asarray(r.T @ onehot, dtype=np.float64),
                       distance=float(np.sum(r * self._distance)),
                       entropy=float(self.options.sigma * logs.sum()))
-
-
-@dataclass
-class HarmonyServer:
-    """The coordinator's half: the study's scanners, centroids, masses and ridge offsets."""
-    options: FederatedHarmonyOptions
-    scanners: tuple[str, ...] = ()
-    dropped: tuple[str, ...] = ()
-    counts: FloatArray = field(default_factory=lambda: np.zeros(0))
-    centroids: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))
-    mass: FloatArray = field(default_factory=lambda: np.zeros(0))
-    observed: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))
-    #: Each site's scanners' columns among the study's, in the order the sites answered.
-    site_columns: list[IntArray] = field(default_factory=list)
-
-    @property
-    def shares(self) -> FloatArray:
-        """Each scanner's share of the study's cells."""
-        return np.asarray(self.counts / self.counts.sum(), dtype=np.float64)
-
-    def study_scanners(self, parts: Sequence[ScannerCounts]) -> tuple[str, ...]:
-        """The scanners with at least ``min_cell`` embeddings; the others are named in
-        ``dropped`` and stay as they are."""
-        counts: dict[str, int] = {}
-        for part in parts:
-            for name, n in zip(part.scanners, part.counts, strict=True):
-                if name in counts:
-                    raise HarmonizationError(f"Harmony: scanner '{name}' is at two sites")
-                counts[name] = int(n)
-        floor = self.options.min_cell
-        self.scanners = tuple(sorted(s for s, n in counts.items() if n >= floor))
-        self.dropped = tuple(sorted(s for s, n in counts.items() if n < floor))
-        if len(self.scanners) < 2:
-            raise HarmonizationError(
-                f"Harmony needs two or more scanners of at least {floor} embeddings; has "
-                f"{list(self.scanners)} (too few: {list(self.dropped)})")
-        self.counts = np.asarray([counts[s] for s in self.scanners], dtype=np.float64)
-        self.site_columns = [np.asarray([i for i, s in enumerate(self.scanners)
-                                         if s in part.scanners], dtype=np.intp)
-                             for part in parts]
-        return self.scanners
-
-    def n_clusters(self) -> int:
-        """The option, or harmonypy's default min(N / 30, 100) (at least 2)."""
-        if self.options.n_clusters is not None:
-            return self.options.n_clusters
-        return max(2, int(min(round(self.counts.sum() / 30.0), 100)))
-
-    def start(self, parts: Sequence[Coreset], n_clusters: int) -> FloatArray:
-        """The first centroids: k-means of the sites' cluster centres, weighted by size."""
-        sums = np.concatenate([p.sums for p in parts])
-        sizes = np.concatenate([p.counts for p in parts])
-        if sums.shape[0] < n_clusters:
-            raise HarmonizationError(
-                f"Harmony: {sums.shape[0]} site clusters of at least {self.options.min_cell} "
-                f"cells, fewer than the {n_clusters} clusters asked for")
-        fit = KMeans(n_clusters=n_clusters, n_init=10, random_state=self.options.seed).fit(
-            sums / sizes[:, None], sample_weight=sizes)
-        self.centroids = _normalize_rows(np.asarray(fit.cluster_centers_, dtype=np.float64))
-        return self.centroids
-
-    def pool(self, parts: Sequence[Masses], columns: Sequence[IntArray]) -> float:
-        """The study's masses from the sites'; returns harmonypy's k-means objective (distance,
-        entropy and diversity terms, times 2000 / N)."""
-        opts = self.options
-        self.mass = np.sum([p.mass for p in parts], axis=0)
-        self.observed = np.zeros((self.mass.shape[0], len(self.scanners)))
-        for part, cols in zip(parts, columns, strict=True):
-            self.observed[:, cols] = part.observed
-        expected = np.outer(self.mass, self.shares)
-        cross = self.observed * np.log((self.observed + expected + 1) / (2 * expected + 1))
-        total = (sum(p.distance + p.entropy for p in parts)
-                 + float(opts.sigma * opts.theta * cross.sum()))
-        return total * 2000.0 / float(self.counts.sum())
-
-    def diversity(self) -> float:
-        """How mixed the scanners are within the clusters of the last memberships pooled: each
-        cluster's inverse Simpson index of its scanners' masses, averaged with the clusters'
-        masses as weights (1: each cluster holds one scanner; at most :attr:`ceiling`)."""
-        shares = self.observed / np.maximum(self.observed.sum(axis=1, keepdims=True), 1e-300)
-        return float(np.sum(self.mass / self.mass.sum() / np.sum(shares**2, axis=1)))
-
-    @property
-    def ceiling(self) -> float:
-        """The index of clusters that hold every scanner in its share of the study's cells."""
-        return float(1.0 / np.sum(self.shares**2))
-
-    def offsets(self, parts: Sequence[RidgeSums], columns: Sequence[IntArray]) -> FloatArray:
-        """Each scanner's offset per cluster (clusters, scanners, dims) from the ridge of the
-        mixture of experts: the intercept unpenalized, each scanner's penalty ``alpha`` times
-        its expected mass. A scanner withheld, or whose mass in the cluster is at most
-        ``batch_prop_cutoff`` of its cells, is left out of that cluster (offset 0); a cluster
-        left with under two scanners is not corrected. The intercepts, normalized, become the
-        centroids."""
-        opts = self.options
-        k, b = self.observed.shape
-        sums = np.zeros((k, b, parts[0].weighted.shape[2]))
-        withheld = np.zeros((k, b), dtype=bool)
-        for part, cols in zip(parts, columns, strict=True):
-            sums[:, cols] = part.weighted
-            withheld[:, cols] = part.withheld
-        expected = np.outer(self.mass, self.shares)
-        out = np.zeros_like(sums)
-        centroids = self.centroids.copy()
-        for c in range(k):
-            keep = ~withheld[c] & (self.observed[c] / self.counts > opts.batch_prop_cutoff)
-            if keep.sum() < 2:
-                continue
-            o = self.observed[c, keep]
-            design = np.diag(np.concatenate([[o.sum()], o + opts.alpha * expected[c, keep]]))
-            design[0, 1:] = design[1:, 0] = o
-            target = np.vstack([sums[c, keep].sum(axis=0), sums[c, keep]])
-            weights = np.linalg.solve(design, target)
-            centroids[c] = weights[0]
-            out[c, keep] = weights[1:]
-        self.centroids = _normalize_rows(centroids)
-        return out
-
-
-@dataclass(frozen=True)
-class HarmonyTrace:
-    """What the server learns from a run: the study's scanners and those left out, the
-    clusters, the iterations and their objective, the message rounds and the bytes each site
-    sent, and the scanners' mixing within the clusters (:meth:`HarmonyServer.diversity`)
-    before and after, with its ceiling."""
-    scanners: tuple[str, ...]
-    dropped: tuple[str, ...]
-    n_clusters: int
-    iterations: int
-    objective: list[float]
-    rounds: int
-    sent_bytes: tuple[int, ...]
-    diversity_before: float
-    diversity_after: float
-    diversity_ceiling: float
-
-
-@dataclass(frozen=True)
-class HarmonyResult:
-    """Each site's corrected embeddings, with the server's :class:`HarmonyTrace`."""
-    corrected: list[FloatArray]
-    trace: HarmonyTrace
-
-    @property
-    def dropped(self) -> tuple[str, ...]:
-        return self.trace.dropped
-
-
-#: harmonypy's window of k-means objectives compared for convergence.
-WINDOW = 3
-
-
-def harmony_rounds(ask: Callable[[HarmonyRequest], Sequence[Reply]],
-                   options: FederatedHarmonyOptions) -> HarmonyTrace:
-    """The server's side of a run, in harmonypy's order: ``ask`` sends a request to every
-    site and returns their replies in the same site order each time. The last request is a
-    ``start`` that carries the last offsets, so every site ends with its corrected
-    embeddings (and the server with the memberships of them)."""
-    sent: list[int] = []
-    rounds = 0
-
-    def gather(request: HarmonyRequest) -> list[Any]:
-        nonlocal rounds, sent
-        replies = list(ask(request))
-        rounds += 1
-        sizes = [sum(np.asarray(v).nbytes for v in vars(r).values()) for r in replies]
-        sent = [a + b for a, b in zip(sent or [0] * len(sizes), sizes, strict=True)]
-        return replies
-
-    server = HarmonyServer(options)
-    scanners = server.study_scanners(gather(HarmonyRequest("counts")))
-    k = server.n_clusters()
-    server.start(gather(HarmonyRequest("coreset", clusters=k, scanners=scanners)), k)
-    columns = server.site_columns
-    objective = [server.pool(gather(HarmonyRequest("start", centroids=server.centroids)),
-                             columns)]
-    before = server.diversity()
-    offsets: FloatArray | None = None
-    iterations = 0
-    while iterations < options.max_iter_harmony:
-        iterations += 1
-        if offsets is not None:  # memberships afresh from the corrected embeddings
-            server.pool(gather(HarmonyRequest("start", centroids=server.centroids,
-                                              offsets=offsets)), columns)
-        kmeans: list[float] = []
-        for step in range(options.max_iter_kmeans):
-            parts = gather(HarmonyRequest("cluster", mass=server.mass, shares=server.shares))
-            kmeans.append(server.pool(parts, columns))
-            if step > WINDOW and abs(_fall(kmeans, WINDOW)) < options.epsilon_cluster:
-                break
-        objective.append(kmeans[-1])
-        offsets = server.offsets(gather(HarmonyRequest("ridge")), columns)
-        if 0.0 <= _fall(objective, 1) < options.epsilon_harmony:
-            break
-    server.pool(gather(HarmonyRequest("start", centroids=server.centroids, offsets=offsets)),
-                columns)
-    return HarmonyTrace(scanners, server.dropped, k, iterations, objective, rounds, tuple(sent),
-                        before, server.diversity(), server.ceiling)
-
-
-def federated_harmony(embeddings: Sequence[npt.ArrayLike], scanners: Sequence[Sequence[object]],
-                      options: FederatedHarmonyOptions = FederatedHarmonyOptions()
-                      ) -> HarmonyResult:
-    """Harmony over sites, in-process: ``embeddings[i]`` and ``scanners[i]`` are site i's.
-    The sites and the server exchange only the messages above (:func:`harmony_rounds`)."""
-    sites = [HarmonySite(x, s, options, seed=i)
-             for i, (x, s) in enumerate(zip(embeddings, scanners, strict=True))]
-    trace = harmony_rounds(lambda request: [answer(site, request) for site in sites], options)
-    return HarmonyResult([site.corrected for site in sites], trace)
-
-
-def _fall(values: Sequence[float], window: int) -> float:
-    """The relative fall of the sum of the last ``window`` values from the sum of the
-    ``window`` before them (shifted by one), which harmonypy tests for convergence: k-means
-    steps converge when its size is under ``epsilon_cluster``; Harmony iterations when it is
-    from 0 to ``epsilon_harmony`` (harmonypy 2.1 goes on after a rise: its traces show it)."""
-    old = sum(values[-1 - window:-1])
-    return (old - sum(values[-window:])) / abs(old)

@@ -23,6 +23,7 @@ from harmonization.combat.design import CombatOptions, Design, design_from_json
 from harmonization.combat.eb import StackedAdjustments
 from harmonization.combat.moments import LocationFit, PooledVariance
 from harmonization.covbat import PrincipalAxes
+from harmonization.federated_harmony import HarmonyRequest
 
 
 @dataclass(frozen=True)
@@ -80,3 +81,15 @@ class HarmonizedRows:
             return None
         return {"tested": self.tested, "before": self.differing_before / self.tested,
                 "after": self.differing_after / self.tested}
+
+
+@dataclass(frozen=True)
+class EmbeddingHarmonyRequest:
+    """A round of federated Harmony on the CNN's embeddings (``harmonization.embeddings``):
+    without ``request``, the sums of the site's embeddings for their principal axes; then one
+    of Harmony's requests (:class:`~harmonization.federated_harmony.HarmonyRequest`, whose
+    ``counts`` step comes with the ``axes`` to project the embeddings on)."""
+
+    study: StudyConfig
+    axes: PrincipalAxes | None = None
+    request: HarmonyRequest | None = None

@@ -18,6 +18,7 @@ from common.provenance import atomic_write_json
 from server.phases.cnn import run_cnn
 from server.phases.combat import run_combat
 from server.phases.handshake import run_handshake
+from server.phases.harmony import HARMONY_FILE, run_embedding_harmony
 from server.phases.images import run_images
 from server.phases.nomogram import run_nomogram
 from server.phases.prepare import PrepareSummary, load_prepare, run_prepare, training_prevalence
@@ -122,6 +123,10 @@ def run_study(transport: Transport, settings: StudySettings, progress: Progress)
                     transport, nodes, settings, progress, training_prevalence(prepared.kept),
                     checkpoint))
                 checkpoint.finish(settings.out_dir, "cnn")
+                if settings.protocol.harmonization.embeddings is not None:
+                    progress("CNN embeddings: federated Harmony")
+                    atomic_write_json(settings.out_dir / HARMONY_FILE, run_embedding_harmony(
+                        transport, nodes, settings, progress))
     except StudyStopped as exc:
         status = {"status": "stopped", "until": settings.until, "reason": str(exc)}
         progress(f"stopped: {exc}")

@@ -4,8 +4,8 @@
 (everything the page shows, in one file) and ``report.csv`` (one row per site, feature set, model
 and metric), all under the study's output folder. Built from what the study already wrote
 (``handshake.json``, ``images.json``, ``prepare.json``, ``combat.json``, ``model.json``,
-``nomogram.json``, ``cnn.json``, ``study.json``), so ``myelofed report OUT`` renders it again at
-any time.
+``nomogram.json``, ``cnn.json``, ``harmony.json``, ``study.json``), so ``myelofed report OUT``
+renders it again at any time.
 
 Per site and model side by side: the local-only model, the federated model, the model trained
 without the site (leave-one-site-out), on raw and on harmonized features, the nomogram and the
@@ -43,6 +43,7 @@ from server.phases.validation import recommendation
 from server.report_tables import (
     calibration_rows,
     csv_rows,
+    harmony_section,
     regression_rows,
     repeats_section,
     segmentation_section,
@@ -53,7 +54,7 @@ from server.report_tables import (
 
 REPORT_HTML, REPORT_JSON, REPORT_CSV = "report.html", "report.json", "report.csv"
 PHASE_FILES = ("protocol", "handshake", "segmentation", "images", "prepare", "combat", "model",
-               "nomogram", "repeats", "cnn", "study")
+               "nomogram", "repeats", "cnn", "harmony", "study")
 
 
 def read_study(out_dir: Path) -> dict[str, Any]:
@@ -359,6 +360,7 @@ def _report_of(study: dict[str, Any], out_dir: Path) -> dict[str, Any]:
                      if "nomogram" in study else None),
         "repeats": repeats_section(study["repeats"]) if "repeats" in study else None,
         "cnn": _cnn_section(study["cnn"]) if "cnn" in study else None,
+        "harmony": harmony_section(study["harmony"]) if "harmony" in study else None,
     }
     return report
 

@@ -198,3 +198,20 @@ def csv_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
                 rows.append({"site": site, "features": "image", "model": model,
                              "metric": metric, "value": value})
     return rows
+
+
+def harmony_section(harmony: dict[str, Any]) -> dict[str, Any]:
+    """Harmony on the CNN's embeddings (``harmony.json``): the run, the scanners' mixing within
+    its clusters before and after, and each site's own LISI of its scanners."""
+    mixing = harmony.get("cluster_mixing", {})
+    return {"status": harmony.get("status", "unknown"), "reason": harmony.get("reason", ""),
+            "components": harmony.get("components"),
+            "explained": fmt(harmony.get("explained")), "clusters": harmony.get("clusters"),
+            "iterations": harmony.get("iterations"), "rounds": harmony.get("rounds"),
+            "scanners": len(harmony.get("scanners", [])),
+            "dropped": harmony.get("dropped", []), "failed": harmony.get("failed", {}),
+            **{k: fmt(mixing.get(k)) for k in ("before", "after", "ceiling")},
+            "rows": [{"site": site, "scanners": v["scanners"],
+                      "LISI before": fmt(v["lisi_before"]), "LISI after": fmt(v["lisi_after"])}
+                     for site, v in sorted(harmony.get("sites", {}).items())]}
+

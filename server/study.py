@@ -118,7 +118,7 @@ def require_sites(replies: dict[str, Any], failed: dict[str, str], settings: Stu
 CHECKPOINT = "checkpoint.json"
 #: The files a study writes in its out-dir (a fresh start removes an earlier study's).
 STUDY_FILES = ("protocol.json", "handshake.json", "prepare.json", "combat.json", "model.json",
-               "nomogram.json", "cnn.json", "cnn_progress.json",
+               "nomogram.json", "cnn.json", "cnn_progress.json", "harmony.json",
                "segmentation.json", "segmentation_progress.json", "study.json", CHECKPOINT,
                "repeats.json", "report.html", "report.json", "report.csv")
 #: The folder of the repeated splits' phase files (``validation.repeats``), one per split.

@@ -115,11 +115,26 @@ def evaluate(site: SiteConfig, protocol: StudyProtocol, study: StudyConfig,
     seed = study.seed if study.seed is not None else 0
     weights = with_local_norm(site, protocol, weights, seed)
     result = evaluate_arrays(site, protocol, weights)
+    if protocol.harmonization.embeddings is not None:
+        keep_embeddings(site, protocol, weights)
     local = local_baseline(site, protocol, seed)
     tuned = fine_tuned(site, protocol, weights, seed, result.test)
     interval = record_cnn(site, protocol, dict(weights),
                           study.threshold if study.threshold is not None else 0.5, seed)
     return {"num-examples": result.test.n, **result.as_record(), **interval, **local, **tuned}
+
+
+def keep_embeddings(site: SiteConfig, protocol: StudyProtocol,
+                    weights: Mapping[str, np.ndarray]) -> None:
+    """For Harmony on the embeddings (``harmonization.embeddings``), this site's embeddings
+    under the final model, kept here; a failure is logged (Harmony then names this site) and
+    the evaluation's metrics still leave."""
+    from client.cnn.embed import save_embeddings  # only studies that harmonize embeddings
+
+    try:
+        save_embeddings(site, protocol, weights)
+    except Exception as exc:  # noqa: BLE001 - the metrics must not be lost for it
+        log.warning("%s: CNN embeddings not kept: %r", site.site_name, exc)
 
 
 def fine_tuned(site: SiteConfig, protocol: StudyProtocol, weights: Mapping[str, np.ndarray],

@@ -370,6 +370,21 @@ refused (malformed, or under another protocol).</p>
 {% endif %}
 {{ figures(report.cnn.figures) }}
 {% endif %}
+
+{% if report.harmony %}
+{% set hm = report.harmony %}
+<h2>Harmony on the CNN's embeddings</h2>
+{% if hm.status == "done" %}
+<p>Federated Harmony (Korsunsky et al. 2019; <code>harmonization.embeddings</code>) on the {{ hm.components }} leading principal components of the final CNN's embeddings ({{ hm.explained }} of their variance): {{ hm.scanners }} scanners, {{ hm.clusters }} clusters, {{ hm.iterations }} iteration(s) in {{ hm.rounds }} rounds; the sites sent sums only.
+The scanners' mixing within Harmony's clusters (each cluster's inverse Simpson index of its scanners' shares, weighted by the cluster's size; {{ hm.ceiling }} if every cluster held every scanner in its share of the cases): {{ hm.before }} before, {{ hm.after }} after.
+Each site's LISI of its own scanners among its own embeddings (1: one scanner, or scanners apart; the number of scanners: fully mixed):</p>
+{{ mapping_table(hm.rows, ["site", "scanners", "LISI before", "LISI after"]) }}
+{% if hm.dropped %}<p class="warn">Scanners with too few embeddings, left as they were: {{ hm.dropped | join(", ") }}</p>{% endif %}
+{% else %}
+<p class="warn">Harmony {{ hm.status }}: {{ hm.reason }}</p>
+{% endif %}
+{{ reasons("Sites without Harmony", hm.failed) }}
+{% endif %}
 {% endblock %}
 """
 

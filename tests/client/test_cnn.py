@@ -518,3 +518,23 @@ def test_the_final_model_is_fine_tuned_kept_and_scored_at_the_site(study: Study)
     models = [{"harmonized": False, "loss": "logistic", "sites": {"site_A": {"n_test": 5}}}]
     _, rows = summary_rows(models, {"final": final})
     assert rows[0]["cnn_finetuned"] == tuned["finetuned_test_auc"]
+
+
+@pytest.mark.parametrize(("architecture", "width", "crop"), [
+    ("resnet10", 0.25, (16, 16, 8)), ("resnet18", 0.5, (16, 16, 8)),
+    ("densenet121", 1.0, (32, 32, 32))])
+def test_the_embeddings_are_what_enters_the_last_linear_layer(architecture, width, crop):
+    """The privacy guard sizes the first Harmony sums by ``CnnSpec.embedding_width`` without
+    building the network: it must be the network's."""
+    from client.cnn.embed import penultimate
+
+    spec = CnnSpec(architecture=architecture, width=width, crop_size=crop)
+    model = build_network(spec, TaskKind.CLASSIFICATION).eval()
+    x = np.random.default_rng(0).normal(size=(3, crop[2], crop[1], crop[0])).astype(np.float32)
+    embedded = penultimate(model, x, 2, torch.device("cpu"))
+    assert embedded.shape == (3, spec.embedding_width)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():  # the last layer on the embeddings is the network's output
+        logits = model(torch.from_numpy(x)[:, None]).numpy().ravel()
+        again = last(torch.from_numpy(embedded.astype(np.float32))).numpy().ravel()
+    np.testing.assert_allclose(again, logits, rtol=1e-4, atol=1e-5)

@@ -516,3 +516,46 @@ def test_counts_under_the_minimum_leave_only_as_suppressed():
     check_reply(MessageType.PREPARE, RecordDict({}), to_record(PrepareReply(
         "site_A", "ok", n_train=20, n_test=6, batches="X_3T:3")), lambda: DIAGNOSIS,
         lambda: F, "site_A", min_patients=3)
+
+
+def test_harmony_replies_are_sums_by_cluster_and_scanner_and_the_steps_own():
+    """Federated Harmony on the CNN's embeddings: the first round's sums are sized by the
+    network's embedding width; each later reply is the step's payload, sized by the request's
+    clusters and the protocol's components, with no per-case axis and no count under the
+    floor."""
+    from common.protocol import EmbeddingHarmonySpec, HarmonizationSpec
+    from harmonization.federated_harmony import HarmonyRequest, HarmonySite, ScannerCounts
+    from harmonization.messages import EmbeddingHarmonyRequest
+
+    protocol = DIAGNOSIS.model_copy(update={"harmonization": HarmonizationSpec(
+        embeddings=EmbeddingHarmonySpec(n_components=3))})
+    study = StudyConfig.of(protocol, seed=1)
+    width = protocol.cnn.embedding_width
+    embeddings = RNG.normal(size=(N, width))
+    first = pack_request(EmbeddingHarmonyRequest(study))
+    check(MessageType.HARMONY_PRODUCTS, first,
+          pack(products=site_residual_products(embeddings)), protocol)
+    withheld(MessageType.HARMONY_PRODUCTS, first,
+             pack(products=site_residual_products(embeddings[:, :5])),
+             r"'total' has shape \(5,\), its declaration allows \(features=128\)", protocol)
+
+    def ask(request: HarmonyRequest) -> RecordDict:
+        return pack_request(EmbeddingHarmonyRequest(study, None, request))
+
+    site = HarmonySite(RNG.normal(size=(N, 3)), ["s1"] * 12 + ["s2"] * 12)
+    site.join(["s0", "s1", "s2"])
+    counts = ask(HarmonyRequest("counts"))
+    check(MessageType.HARMONY, counts, pack(counts=site.scanner_counts()), protocol)
+    withheld(MessageType.HARMONY, counts, pack(counts=ScannerCounts(("s1",), np.array([3]))),
+             "'counts' counts 3, fewer than min_patients = 5", protocol)
+    centroids = np.eye(3)[:2]
+    start = ask(HarmonyRequest("start", clusters=2, centroids=centroids))
+    masses = site.start(centroids)
+    check(MessageType.HARMONY, start, pack(masses=masses), protocol)
+    withheld(MessageType.HARMONY, start, pack(ridge=site.ridge()),
+             "record 'ridge.arrays' is not part of a reply", protocol)  # not this step's
+    withheld(MessageType.HARMONY, start,
+             pack(masses=dataclasses.replace(masses, observed=site._r)),  # per case
+             r"'observed' has shape \(24, 2\), its declaration allows", protocol)
+    ridge = ask(HarmonyRequest("ridge", clusters=2))
+    check(MessageType.HARMONY, ridge, pack(ridge=site.ridge()), protocol)

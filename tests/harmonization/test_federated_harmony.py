@@ -15,9 +15,9 @@ from harmonization.federated_harmony import (
     Masses,
     RidgeSums,
     ScannerCounts,
-    federated_harmony,
 )
 from harmonization.harmony import lisi
+from harmonization.harmony_server import federated_harmony
 from tests.harmonization.test_harmony import embeddings
 
 harmonypy = pytest.importorskip("harmonypy")
@@ -153,7 +153,7 @@ def test_what_a_site_sends_has_no_per_patient_axis():
                 site.cluster(np.full(k, 40.0), np.array([1 / 3, 1 / 3])), site.ridge()]
     for message, cls in zip(messages, [ScannerCounts, Coreset, Masses, Masses, RidgeSums],
                             strict=True):
-        check_sent(to_record(message), cls, sizes, {}, sender="site_B")
+        check_sent(to_record(message), cls, sizes, {"min_patients": 5}, sender="site_B")
     assert site.cells == 160 and 160 not in sizes.values()
 
 
@@ -170,3 +170,33 @@ def test_bad_input_is_refused_by_name():
                           [batch[batch != "s1"], batch[batch == "s2"]])
     with pytest.raises(HarmonizationError, match="block_size"):
         FederatedHarmonyOptions(block_size=0.0)
+
+
+def test_a_site_kept_on_disk_between_rounds_answers_as_one_kept_in_memory(tmp_path):
+    """Each message starts a fresh site process: a site read back from its saved state each
+    round (memberships, corrections, its random stream) ends where the in-memory run does."""
+    from harmonization.federated_harmony import answer
+    from harmonization.harmony_server import harmony_rounds
+
+    x, batch = imbalanced()
+    groups = [["s1"], ["s2", "s3"]]
+    options = FederatedHarmonyOptions(n_clusters=2)
+    expected, _ = by_sites(x, batch, groups, options)
+    masks = [np.isin(batch, g) for g in groups]
+    files = [tmp_path / f"site{i}.npz" for i in range(2)]
+    for i, mask in enumerate(masks):
+        np.savez(files[i], **HarmonySite(x[mask], batch[mask], options, seed=i).state())
+
+    def ask(request):  # noqa: ANN001, ANN202
+        replies = []
+        for path in files:
+            with np.load(path) as kept:
+                site = HarmonySite.from_state({k: kept[k] for k in kept.files}, options)
+            replies.append(answer(site, request))
+            np.savez(path, **site.state())
+        return replies
+
+    harmony_rounds(ask, options)
+    for path, mask in zip(files, masks, strict=True):
+        with np.load(path) as kept:
+            np.testing.assert_array_equal(kept["corrected"], expected[mask])

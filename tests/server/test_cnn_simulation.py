@@ -170,3 +170,62 @@ def test_the_cnn_trained_without_each_site_is_scored_there(tmp_path: Path) -> No
                                                  for s in sorted(loso["sites"])]
     html = write_report(tmp_path / "out")["html"].read_text()
     assert "The CNN trained without each site, scored there" in html
+
+
+def test_harmony_on_the_cnn_embeddings_over_flower(tmp_path: Path) -> None:
+    """``harmonization.embeddings``: each site keeps its cases' embeddings under the final
+    CNN; federated Harmony runs on them in rounds of sums, every reply through the site's
+    privacy guard; the sites keep the corrected embeddings, the coordinator the run's trace and
+    the scanners' mixing before and after, and the report shows it."""
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from common.protocol import EmbeddingHarmonySpec, HarmonizationSpec
+    from server.app import make_server_app
+    from server.report import write_report
+
+    cohort, protocol = small_study(tmp_path, (30, 30, 30), rounds=1, local_baseline=False)
+    protocol = protocol.model_copy(update={"harmonization": HarmonizationSpec(
+        embeddings=EmbeddingHarmonySpec(n_components=4))})
+    settings = StudySettings(protocol, tmp_path / "out", min_sites=2, timeout_s=300, seed=1,
+                             until="cnn", radiomics=False)
+    log = tmp_path / "sent.jsonl"  # the sites run in other processes: they append here
+
+    def watch(msg, context, call_next):  # noqa: ANN001, ANN202 - a Flower mod
+        reply = call_next(msg, context)
+        harmony = (MessageType.HARMONY, MessageType.HARMONY_PRODUCTS)
+        if msg.metadata.message_type in harmony and reply.has_content():
+            with log.open("a") as out:
+                out.write(json.dumps(sorted(reply.content.keys())) + "\n")
+        return reply
+
+    lines: list[str] = []
+    run_simulation(server_app=make_server_app(settings, lines.append),
+                   client_app=make_client_app(cohort, min_patients=1, mods=[watch]),
+                   num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1}})
+
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["status"] == "done", lines
+    harmony = json.loads((tmp_path / "out" / "harmony.json").read_text())
+    assert harmony["status"] == "done", harmony
+    assert harmony["components"] == 4 and harmony["failed"] == {}
+    assert set(harmony["sites"]) == {"site_A", "site_B", "site_C"}
+    assert len(harmony["scanners"]) >= 3 and harmony["clusters"] == 3  # 90 cases / 30
+    assert 1.0 <= harmony["cluster_mixing"]["before"] <= harmony["cluster_mixing"]["ceiling"]
+    assert harmony["cluster_mixing"]["after"] > harmony["cluster_mixing"]["before"]
+    for site, mixing in harmony["sites"].items():
+        folder = cohort / "work" / site / "study" / protocol.short_hash / "cnn"
+        with np.load(folder / "embeddings.npz") as kept, \
+                np.load(folder / "embeddings_harmonized.npz") as corrected:
+            assert kept["values"].shape == (len(kept["case_ids"]), protocol.cnn.embedding_width)
+            assert corrected["values"].shape == (len(kept["case_ids"]), 4)
+        if mixing["scanners"] == 1:
+            assert mixing["lisi_before"] == mixing["lisi_after"] == 1.0
+    # what left the sites: sums under the payloads' names, never a per-case record
+    sent = [set(json.loads(line)) for line in log.read_text().splitlines()]
+    assert len(sent) == 3 * harmony["rounds"]
+    allowed = {f"{name}.{part}" for name in ("products", "counts", "coreset", "masses",
+                                             "ridge", "mixing") for part in ("meta", "arrays")}
+    assert all(keys <= allowed for keys in sent), sent
+    assert any("Harmony: " in line for line in lines)
+    html = write_report(tmp_path / "out")["html"].read_text()
+    assert "Harmony on the CNN" in html and "LISI before" in html
