@@ -153,7 +153,11 @@ def repeats_section(repeats: dict[str, Any]) -> dict[str, Any]:
         rows.append({"site": site, **{k: cell(models.get(k)) for k in keys},
                      "best": REPEATED_MODELS[best[1]] if best else "n/a"})
     stopped = repeats.get("stopped", {})
-    return {"metric": repeats.get("metric", ""), "finished": repeats.get("finished", 0),
+    finished = repeats.get("finished", 0)
+    scored = {site: max((v["n"] for v in models.values() if v), default=0)
+              for site, models in sites.items()}
+    return {"metric": repeats.get("metric", ""), "finished": finished,
+            "few": {site: n for site, n in scored.items() if n < finished},
             "total": repeats.get("finished", 0) + len(stopped),
             "stopped": {str(int(r) + 1): why for r, why in stopped.items()},
             "columns": ["site", *keys, "best"],
@@ -206,7 +210,8 @@ def harmony_section(harmony: dict[str, Any]) -> dict[str, Any]:
     mixing = harmony.get("cluster_mixing", {})
     return {"status": harmony.get("status", "unknown"), "reason": harmony.get("reason", ""),
             "components": harmony.get("components"),
-            "explained": fmt(harmony.get("explained")), "clusters": harmony.get("clusters"),
+            "explained": (f"{harmony['explained']:.0%}" if harmony.get("explained") is not None
+                          else "n/a"), "clusters": harmony.get("clusters"),
             "iterations": harmony.get("iterations"), "rounds": harmony.get("rounds"),
             "scanners": len(harmony.get("scanners", [])),
             "dropped": harmony.get("dropped", []), "failed": harmony.get("failed", {}),

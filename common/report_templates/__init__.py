@@ -334,6 +334,7 @@ risk.</p>
 <h2>Repeated splits ({{ rp.finished }} of {{ rp.total }} finished)</h2>
 <p>The radiomics models again on each split of the study's cross-validation (<code>validation.repeats</code>): each site's cases fall into {{ rp.total }} folds of privacy atoms, each fold is the test set once. Each model's test {{ rp.metric }} per site: mean ± SD over the splits, with how many scored it (a split whose test rows at the site hold one class scores none). "Highest mean" names the model a site could use (alone, federated, federated + ComBat, site-updated) with the highest mean; a difference within the SDs is no evidence either way. The tables above are of the first split.</p>
 {{ mapping_table(rp.rows, rp.columns, rp.headers) }}
+{% for site, n in rp.few.items() %}<p class="warn">At {{ site }} only {{ n }} of the {{ rp.finished }} finished splits scored a model (its other test folds hold one class): its means and SDs rest on those {{ n }}.</p>{% endfor %}
 {% for r, why in rp.stopped.items() %}
 <p class="warn">Split {{ r }} did not finish: {{ why }}</p>
 {% endfor %}

@@ -186,3 +186,37 @@ def test_each_site_gets_the_model_its_own_cross_validation_recommends(tmp_path: 
     assert rows[1]["recommended"].startswith("its local-only model: the least")
     assert rows[2]["recommended"] == ""  # no update at site_C
     assert "recommended at the site, and why" in write_report(tmp_path)["html"].read_text()
+
+
+def test_repeated_splits_name_a_site_scored_on_fewer_splits(tmp_path: Path) -> None:
+    regression_study(tmp_path)
+    cell = {"mean": 0.8, "sd": 0.05}
+    (tmp_path / "repeats.json").write_text(json.dumps({
+        "metric": "AUC", "finished": 5, "stopped": {},
+        "sites": {"site_A": {"federated": {**cell, "n": 2}, "local": {**cell, "n": 2}},
+                  "site_B": {"federated": {**cell, "n": 5}, "local": {**cell, "n": 4}}}}))
+    html = write_report(tmp_path)["html"].read_text()
+    assert "At site_A only 2 of the 5 finished splits scored a model" in html
+    assert "At site_B only" not in html  # one of its models was scored on all five
+
+
+def test_the_harmony_section_gives_the_mixing_before_and_after(tmp_path: Path) -> None:
+    regression_study(tmp_path)
+    (tmp_path / "harmony.json").write_text(json.dumps({
+        "status": "done", "components": 10, "explained": 0.83, "scanners": ["a", "b", "c"],
+        "dropped": ["tiny"], "clusters": 7, "iterations": 4, "rounds": 27,
+        "cluster_mixing": {"before": 1.21, "after": 2.05, "ceiling": 2.9},
+        "sites": {"site_A": {"scanners": 1, "lisi_before": 1.0, "lisi_after": 1.0},
+                  "site_B": {"scanners": 2, "lisi_before": 1.12, "lisi_after": 1.61}},
+        "failed": {"site_C": "no CNN embeddings"}}))
+    html = write_report(tmp_path)["html"].read_text()
+    section = html[html.index("Harmony on the CNN"):]
+    assert "(83% of their variance)" in section
+    assert "7 clusters, 4 iteration(s) in 27 rounds" in section
+    assert section.index("1.210 before") < section.index("2.050 after")
+    row = section[section.index("<td>site_B</td>"):]
+    assert row.index("1.120") < row.index("1.610") < row.index("</tr>")
+    assert "left as they were: tiny" in section and "no CNN embeddings" in section
+    (tmp_path / "harmony.json").write_text(json.dumps({
+        "status": "stopped", "reason": "round 'ridge': site_B: lost", "failed": {}}))
+    assert "Harmony stopped: round &#39;ridge&#39;" in write_report(tmp_path)["html"].read_text()
