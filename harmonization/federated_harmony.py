@@ -23,8 +23,8 @@ own k-means clusters of at least ``min_cell`` cells and the server clusters thei
 weighted by their sizes. ``tests/harmonization/test_federated_harmony.py`` and
 ``bench/harmony.py`` measure the result against harmonypy on the pooled embeddings.
 
-Privacy (``docs/privacy.md``): masses are soft counts; every embedding sum is over one
-scanner's cells, weighted by membership, and one whose effective number of cells
+Privacy (``docs/explanation/privacy.md``): masses are soft counts; every embedding sum is over
+one scanner's cells, weighted by membership, and one whose effective number of cells
 (sum w)^2 / sum w^2 is under ``min_cell`` is withheld: that scanner is then left out of that
 cluster's ridge (harmonypy leaves out a scanner with too small a share of a cluster the same
 way). A scanner with fewer than ``min_cell`` embeddings takes no part and is named. The
