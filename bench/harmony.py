@@ -16,7 +16,13 @@ shift two dimensions, each drawn with ``--seeds`` seeds:
 Each is run pooled (one site), on two sites and on three (one scanner each). ``difference`` is
 ||federated - harmonypy|| / ||harmonypy - input||, the median and the largest over the seeds.
 
-    python bench/harmony.py [--seeds 5]
+With ``--study COHORT``, the CNN embeddings a study with ``harmonization.embeddings`` left at
+its sites (``COHORT/work/<site>/study/<hash>/cnn/``; e.g. ``myelofed demo`` with the option in
+the cohort's ``study.yaml``): the pooled LISI, which no participant of the study can compute,
+of the scanners and of the label on the principal components before and after Harmony, and the
+same for harmonypy run on the pooled components.
+
+    python bench/harmony.py [--seeds 5] [--study COHORT]
 """
 
 from __future__ import annotations
@@ -101,10 +107,49 @@ def federated_run(x: np.ndarray, batch: np.ndarray, groups: list[list[str]],
     return out, result
 
 
+def study_embeddings(cohort: Path) -> None:
+    """The pooled LISI of a study's CNN embeddings before and after its federated Harmony."""
+    from client.cnn.embed import EMBEDDINGS_FILE
+    from client.phases.harmony import HARMONIZED_FILE
+    from client.workspace import PREPARED_FILE
+    from common.protocol import load_protocol
+    from harmonization.covbat import principal_axes, site_residual_products
+
+    protocol = load_protocol(cohort / "study.yaml")
+    spec = protocol.harmonization.embeddings
+    if spec is None:
+        raise SystemExit(f"{cohort / 'study.yaml'} has no harmonization.embeddings")
+    raw, after, scanners, labels = [], [], [], []
+    for site in sorted((cohort / "work").iterdir()):
+        folder = site / "study" / protocol.short_hash
+        with np.load(folder / "cnn" / EMBEDDINGS_FILE) as e, \
+                np.load(folder / "cnn" / HARMONIZED_FILE) as h:
+            label = pd.read_parquet(folder / PREPARED_FILE).set_index("case_id")[
+                protocol.task.label_column]
+            raw.append(e["values"])
+            after.append(h["values"])
+            scanners += e["scanners"].tolist()
+            labels += label.loc[e["case_ids"]].astype(str).tolist()
+    axes = principal_axes([site_residual_products(x) for x in raw], n_pc=spec.n_components)
+    before = np.vstack([(x - axes.mean) @ axes.components for x in raw])
+    pooled = harmonypy_run(before, np.asarray(scanners), spec.n_clusters, 0)
+    print(f"\n{cohort}: {len(scanners)} cases, {len(set(scanners))} scanners, "
+          f"{axes.components.shape[1]} components ({axes.explained:.0%} of the variance)")
+    for name, x in (("before", before), ("federated Harmony", np.vstack(after)),
+                    ("harmonypy, pooled", pooled)):
+        print(f"  {name:18s} LISI scanner {lisi(x, scanners).mean():.3f}, "
+              f"label {lisi(x, labels).mean():.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--study", type=Path, default=None,
+                        help="a cohort whose study harmonized its CNN embeddings")
     args = parser.parse_args()
+    if args.study is not None:
+        study_embeddings(args.study)
+        return
     rows = []
     for family, (make, clusters) in FAMILIES.items():
         for seed in range(args.seeds):
