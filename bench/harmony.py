@@ -20,7 +20,10 @@ With ``--study COHORT``, the CNN embeddings a study with ``harmonization.embeddi
 its sites (``COHORT/work/<site>/study/<hash>/cnn/``; e.g. ``myelofed demo`` with the option in
 the cohort's ``study.yaml``): the pooled LISI, which no participant of the study can compute,
 of the scanners and of the label on the principal components before and after Harmony, and the
-same for harmonypy run on the pooled components.
+same for harmonypy run on the pooled components; and, for each site left out, a ridge logistic
+model of the label on the other sites' components (all their cases) scored on the left-out
+site's test cases, before and after (one study: 12 to 33 test cases a site, so a single
+reading).
 
     python bench/harmony.py [--seeds 5] [--study COHORT]
 """
@@ -119,7 +122,7 @@ def study_embeddings(cohort: Path) -> None:
     spec = protocol.harmonization.embeddings
     if spec is None:
         raise SystemExit(f"{cohort / 'study.yaml'} has no harmonization.embeddings")
-    raw, after, scanners, labels = [], [], [], []
+    raw, after, scanners, labels, sites, tests = [], [], [], [], [], []
     for site in sorted((cohort / "work").iterdir()):
         folder = site / "study" / protocol.short_hash
         with np.load(folder / "cnn" / EMBEDDINGS_FILE) as e, \
@@ -130,6 +133,8 @@ def study_embeddings(cohort: Path) -> None:
             after.append(h["values"])
             scanners += e["scanners"].tolist()
             labels += label.loc[e["case_ids"]].astype(str).tolist()
+            sites += [site.name] * len(e["case_ids"])
+            tests += [s == "test" for s in e["splits"].tolist()]
     axes = principal_axes([site_residual_products(x) for x in raw], n_pc=spec.n_components)
     before = np.vstack([(x - axes.mean) @ axes.components for x in raw])
     pooled = harmonypy_run(before, np.asarray(scanners), spec.n_clusters, 0)
@@ -138,7 +143,25 @@ def study_embeddings(cohort: Path) -> None:
     for name, x in (("before", before), ("federated Harmony", np.vstack(after)),
                     ("harmonypy, pooled", pooled)):
         print(f"  {name:18s} LISI scanner {lisi(x, scanners).mean():.3f}, "
-              f"label {lisi(x, labels).mean():.3f}")
+              f"label {lisi(x, labels).mean():.3f}; left-out AUC "
+              + ", ".join(f"{k} {v:.3f}" for k, v in
+                          _left_out(x, np.asarray(labels), np.asarray(sites),
+                                    np.asarray(tests)).items()))
+
+
+def _left_out(x: np.ndarray, labels: np.ndarray, sites: np.ndarray, tests: np.ndarray
+              ) -> dict[str, float]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    y = (labels == np.unique(labels)[-1]).astype(int)
+    out = {}
+    for site in np.unique(sites):
+        train, test = sites != site, (sites == site) & tests
+        model = LogisticRegression(C=1.0, max_iter=1000).fit(x[train], y[train])
+        out[site] = float(roc_auc_score(y[test], model.decision_function(x[test])))
+    out["mean"] = float(np.mean(list(out.values())))
+    return out
 
 
 def main() -> None:

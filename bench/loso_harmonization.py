@@ -19,6 +19,12 @@ study's recipe in-process (the pooled fit equals the federated one to 1e-6:
 * ``ComBat + screening``: then scanner-robust screening (:mod:`harmonization.screening`) drops
   the features whose outcome effect differs between the *training* sites' scanners (the left-out
   site takes no part), before the model's own screening;
+* ``Harmony``, ``ComBat + Harmony``: federated Harmony (:mod:`harmonization.federated_harmony`)
+  on the leading principal components of the standardized features (95% of the training rows'
+  variance, at most 30), every row of every site taking part (Harmony is unsupervised and has
+  no transform for new rows), each row's correction mapped back to the features. Harmony
+  protects no covariate, so where the scanners differ in their outcome mix it removes outcome
+  signal with the scanner;
 * ``oracle location-scale``: per-scanner location and scale fitted on every row, training and
   test, with the label protected and no shrinkage (the most any location-scale harmonization
   could do here).
