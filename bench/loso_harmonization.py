@@ -68,7 +68,6 @@ from harmonization.combat.model import SiteTable, fit_combat  # noqa: E402
 from harmonization.covbat import fit_covbat  # noqa: E402
 from harmonization.diagnostics import scanner_effect  # noqa: E402
 from harmonization.federated_harmony import FederatedHarmonyOptions  # noqa: E402
-from harmonization.harmony import lisi  # noqa: E402
 from harmonization.harmony_server import federated_harmony  # noqa: E402
 from harmonization.screening import scanner_shares, site_interaction_moments  # noqa: E402
 from server.study import StudySettings  # noqa: E402
@@ -165,7 +164,7 @@ def harmonize(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarray], nam
     if step.endswith("Harmony"):
         before = harmonize(tables, tests, names, label, step.removesuffix("Harmony")
                            .removesuffix(" + ") or "raw")
-        return harmony_features(tables, tests, before, seed)[0]
+        return harmony_features(tables, tests, before, seed)
     x = {s: t[names].to_numpy(float) for s, t in tables.items()}
     if step == "raw":
         return x
@@ -185,15 +184,13 @@ def harmonize(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarray], nam
 
 
 def harmony_features(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarray],
-                     x: dict[str, np.ndarray], seed: int
-                     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+                     x: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
     """Federated Harmony (:mod:`harmonization.federated_harmony`) on the features' leading
     principal components, mapped back: the features standardized with the training rows' mean
     and SD, their components from the training rows (what the sites' pooled sums give), then
     Harmony over every row of every site by scanner (unsupervised: no label, so the test rows
     take part, as Harmony has no transform for new rows) and each row's correction added back
-    in feature space. Returns the features and the scanners' LISI on the components before and
-    after (pooled: only a benchmark can compute it)."""
+    in feature space."""
     train = np.vstack([x[s][~tests[s]] for s in tables])
     mean, sd = train.mean(axis=0), train.std(axis=0)
     sd[sd == 0] = 1.0
@@ -205,11 +202,8 @@ def harmony_features(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarra
     scores = {s: ((x[s] - mean) / sd) @ axes for s in tables}
     batches = [t.batch.astype(str).to_numpy() for t in tables.values()]
     result = federated_harmony(list(scores.values()), batches, FederatedHarmonyOptions(seed=seed))
-    out = {s: x[s] + ((c - scores[s]) @ axes.T) * sd
-           for s, c in zip(tables, result.corrected, strict=True)}
-    every = np.concatenate(batches)
-    return out, {"LISI before": float(lisi(np.vstack(list(scores.values())), every).mean()),
-                 "LISI after": float(lisi(np.vstack(result.corrected), every).mean())}
+    return {s: x[s] + ((c - scores[s]) @ axes.T) * sd
+            for s, c in zip(tables, result.corrected, strict=True)}
 
 
 def robust(tables: dict[str, pd.DataFrame], tests: dict[str, np.ndarray],
