@@ -109,7 +109,7 @@ def _sizes(message_type: MessageType, request: Records, protocol: Callable[[], S
     if message_type is MessageType.HARMONY_PRODUCTS:  # the network's embedding width
         spec = protocol().cnn
         width = 0 if spec is None else spec.embedding_width
-        return {"features": width}, minimums | {"min_cell": min_patients}
+        return {"features": width}, minimums | {"min_cell": max(min_patients, MIN_ROWS_SENT)}
     if message_type is MessageType.HARMONY:
         clusters = _harmony_request(request).clusters
         spec = protocol().harmonization.embeddings

@@ -12,6 +12,7 @@ and the corrected embeddings beside it (:data:`HARMONIZED_FILE`).
 from __future__ import annotations
 
 import zipfile
+from pathlib import Path
 
 import numpy as np
 
@@ -98,9 +99,9 @@ def _start(site: SiteConfig, protocol: StudyProtocol, axes: PrincipalAxes | None
     return HarmonySite(scores, embeddings.scanners, options, seed=split_state(seed, site.site_name))
 
 
-def _read_state(path: object, options: FederatedHarmonyOptions) -> HarmonySite:
+def _read_state(path: Path, options: FederatedHarmonyOptions) -> HarmonySite:
     try:
-        with np.load(str(path), allow_pickle=False) as kept:
+        with np.load(path, allow_pickle=False) as kept:
             return HarmonySite.from_state({k: kept[k] for k in kept.files}, options)
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ConfigError(str(path), [f"this site's Harmony state is missing or unreadable "
