@@ -112,9 +112,7 @@ def federated_run(x: np.ndarray, batch: np.ndarray, groups: list[list[str]],
 
 def study_embeddings(cohort: Path) -> None:
     """The pooled LISI of a study's CNN embeddings before and after its federated Harmony."""
-    from client.cnn.embed import EMBEDDINGS_FILE
-    from client.phases.harmony import HARMONIZED_FILE
-    from client.workspace import PREPARED_FILE
+    from client.workspace import EMBEDDINGS_FILE, HARMONIZED_EMBEDDINGS_FILE, PREPARED_FILE
     from common.protocol import load_protocol
     from harmonization.covbat import principal_axes, site_residual_products
 
@@ -126,7 +124,7 @@ def study_embeddings(cohort: Path) -> None:
     for site in sorted((cohort / "work").iterdir()):
         folder = site / "study" / protocol.short_hash
         with np.load(folder / "cnn" / EMBEDDINGS_FILE) as e, \
-                np.load(folder / "cnn" / HARMONIZED_FILE) as h:
+                np.load(folder / "cnn" / HARMONIZED_EMBEDDINGS_FILE) as h:
             label = pd.read_parquet(folder / PREPARED_FILE).set_index("case_id")[
                 protocol.task.label_column]
             raw.append(e["values"])

@@ -25,7 +25,10 @@ from sklearn.metrics import roc_curve
 
 from client.phases.combat import scanner_diagnostic
 from client.workspace import (
+    EMBEDDINGS_FILE,
+    HARMONIZED_EMBEDDINGS_FILE,
     HARMONIZED_FILE,
+    HARMONY_STATE_FILE,
     PREPARED_FILE,
     load_study_table,
     study_dir,
@@ -48,11 +51,14 @@ def report_dir(site: SiteConfig, protocol: StudyProtocol) -> Path:
 def record_prepare(site: SiteConfig, protocol: StudyProtocol, reply: Any,
                    skipped_cases: list[dict[str, str]]) -> None:
     """The preparation as the site reports it to itself: its counts and every skipped case.
-    It starts a run: the evaluations of an earlier run of the same protocol are removed."""
+    It starts a run: the evaluations of an earlier run of the same protocol are removed, and
+    its CNN embeddings and Harmony state (never used under a later network)."""
     counts = {k: v for k, v in asdict(reply).items() if k != "feature_names"}
     folder = report_dir(site, protocol)
     for old in folder.glob("evaluation_*.json"):  # a new preparation: a new run's evaluations
         old.unlink()
+    for name in (EMBEDDINGS_FILE, HARMONY_STATE_FILE, HARMONIZED_EMBEDDINGS_FILE):
+        (study_dir(site, protocol) / "cnn" / name).unlink(missing_ok=True)  # and CNN's
     atomic_write_json(folder / "prepare.json",
                       {"reply": counts, "skipped_cases": skipped_cases})
 

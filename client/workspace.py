@@ -25,6 +25,12 @@ HARMONIZED_FILE = "harmonized.parquet"
 NON_FEATURES = ("case_id", "batch", "mask_source", "split", "fold")
 #: The study's standard landmarks the preparation ran with (histogram standardization).
 IMAGE_STANDARD_FILE = "image_standard.json"
+#: Under the study folder's ``cnn/``: the cases' embeddings under the final CNN
+#: (``harmonization.embeddings``), the site's Harmony state between rounds, and the
+#: embeddings' principal-component scores after Harmony. A new preparation removes them.
+EMBEDDINGS_FILE = "embeddings.npz"
+HARMONY_STATE_FILE = "harmony_state.npz"
+HARMONIZED_EMBEDDINGS_FILE = "embeddings_harmonized.npz"
 
 
 def resolve_site(node_config: dict[str, object], run_config: dict[str, object]) -> SiteConfig:

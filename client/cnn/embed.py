@@ -15,14 +15,12 @@ import torch
 from client.cnn.crops import cnn_spec, prepare_crops
 from client.cnn.device import select_device, torch_threads
 from client.cnn.evaluate import predict
-from client.workspace import PREPARED_FILE, load_study_table, study_dir
+from client.workspace import EMBEDDINGS_FILE, PREPARED_FILE, load_study_table, study_dir
 from common.errors import ConfigError
 from common.network import build_network, load_state_arrays
 from common.protocol import StudyProtocol
 from common.provenance import atomic_write_npz
 from common.site_config import SiteConfig
-
-EMBEDDINGS_FILE = "embeddings.npz"
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ round asks for their sums (count, sum and sum of outer products, as CovBat's fir
 that the server can find their principal axes; the next rounds are Harmony's
 (:func:`harmonization.federated_harmony.answer`) on the embeddings projected onto them. Each
 message starts a fresh process, so the site's Harmony state (its embeddings' memberships and
-corrections, never sent) is kept between rounds in ``<study dir>/cnn/`` (:data:`STATE_FILE`),
-and the corrected embeddings beside it (:data:`HARMONIZED_FILE`).
+corrections, never sent) is kept between rounds in ``<study dir>/cnn/``
+(:data:`client.workspace.HARMONY_STATE_FILE`), and the corrected embeddings beside it
+(:data:`client.workspace.HARMONIZED_EMBEDDINGS_FILE`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from client.cnn.embed import load_embeddings
 from client.folds import split_state
-from client.workspace import study_dir
+from client.workspace import HARMONIZED_EMBEDDINGS_FILE, HARMONY_STATE_FILE, study_dir
 from common.errors import ConfigError
 from common.payloads import MIN_ROWS_SENT
 from common.protocol import StudyProtocol
@@ -32,11 +33,6 @@ from harmonization.federated_harmony import (
     answer,
 )
 from harmonization.messages import EmbeddingHarmonyRequest
-
-#: This site's Harmony state between rounds.
-STATE_FILE = "harmony_state.npz"
-#: Its embeddings' principal-component scores after Harmony (case ids, splits, scanners).
-HARMONIZED_FILE = "embeddings_harmonized.npz"
 
 
 def harmony_options(protocol: StudyProtocol, seed: int, floor: int = MIN_ROWS_SENT
@@ -73,12 +69,12 @@ def harmony_round(site: SiteConfig, protocol: StudyProtocol, seed: int,
     if request.request.step == "counts":
         harmony = _start(site, protocol, request.axes, options, seed)
     else:
-        harmony = _read_state(folder / STATE_FILE, options)
+        harmony = _read_state(folder / HARMONY_STATE_FILE, options)
     reply = answer(harmony, request.request)
-    atomic_write_npz(folder / STATE_FILE, harmony.state())
+    atomic_write_npz(folder / HARMONY_STATE_FILE, harmony.state())
     if request.request.step == "mixing":
         embeddings = load_embeddings(site, protocol)
-        atomic_write_npz(folder / HARMONIZED_FILE, {
+        atomic_write_npz(folder / HARMONIZED_EMBEDDINGS_FILE, {
             "case_ids": np.array(embeddings.case_ids, dtype=str),
             "splits": np.array(embeddings.splits, dtype=str),
             "scanners": np.array(embeddings.scanners, dtype=str),
