@@ -4,8 +4,11 @@ cohort), its study folder and the tables the phases write there. Nothing here is
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from common.errors import ConfigError
 from common.glm import ModelError
@@ -142,3 +145,30 @@ def split_table(site: SiteConfig, protocol: StudyProtocol, harmonized: bool, spl
                          "(a reason that leaves the site names no count under the minimum): it "
                          "sends no sums over them")
     return table
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """A site's embeddings (cases, features), float64, with each case's id, split and
+    scanner (its ComBat batch)."""
+    case_ids: tuple[str, ...]
+    splits: tuple[str, ...]
+    scanners: tuple[str, ...]
+    values: np.ndarray
+
+
+def embeddings_path(site: SiteConfig, protocol: StudyProtocol) -> Path:
+    return study_dir(site, protocol) / "cnn" / EMBEDDINGS_FILE
+
+
+def load_embeddings(site: SiteConfig, protocol: StudyProtocol) -> Embeddings:
+    """This site's embeddings; a :class:`ConfigError` naming the file when it has none."""
+    path = embeddings_path(site, protocol)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            values = np.asarray(npz["values"], dtype=np.float64)
+            return Embeddings(tuple(npz["case_ids"].tolist()), tuple(npz["splits"].tolist()),
+                              tuple(npz["scanners"].tolist()), values)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError(str(path), [f"no CNN embeddings of this site ({exc}): its final "
+                                      "CNN evaluation did not run or failed"]) from None

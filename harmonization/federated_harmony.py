@@ -41,12 +41,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 from common.errors import HarmonizationError
+
+if TYPE_CHECKING:
+    from common.protocol import EmbeddingHarmonySpec
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.intp]
@@ -68,6 +71,15 @@ class FederatedHarmonyOptions:
     batch_prop_cutoff: float = 1e-5
     min_cell: int = 5
     seed: int = 0
+
+    @classmethod
+    def of(cls, spec: EmbeddingHarmonySpec, seed: int, min_cell: int
+           ) -> FederatedHarmonyOptions:
+        """The protocol's ``harmonization.embeddings``, with the study ``seed`` and the floor
+        ``min_cell`` of whoever runs it (a site's own, the server's)."""
+        return cls(theta=spec.theta, sigma=spec.sigma, n_clusters=spec.n_clusters,
+                   max_iter_harmony=spec.max_iter_harmony, max_iter_kmeans=spec.max_iter_kmeans,
+                   min_cell=min_cell, seed=seed)
 
     def __post_init__(self) -> None:
         if self.theta < 0 or self.sigma <= 0 or self.alpha < 0:

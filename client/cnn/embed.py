@@ -1,13 +1,11 @@
 """The CNN's embeddings of a site's cases (``harmonization.embeddings``): each crop's
 activations entering the network's last linear layer (its penultimate features), under the final
-global model. Kept at the site, beside the crops; federated Harmony
-(:mod:`client.phases.harmony`) reads them and sends only sums."""
+global model. Kept at the site, beside the crops (:func:`client.workspace.load_embeddings` reads
+them without torch); federated Harmony (:mod:`client.phases.harmony`) sends only sums."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,26 +13,12 @@ import torch
 from client.cnn.crops import cnn_spec, prepare_crops
 from client.cnn.device import select_device, torch_threads
 from client.cnn.evaluate import predict
-from client.workspace import EMBEDDINGS_FILE, PREPARED_FILE, load_study_table, study_dir
+from client.workspace import PREPARED_FILE, Embeddings, embeddings_path, load_study_table
 from common.errors import ConfigError
 from common.network import build_network, load_state_arrays
 from common.protocol import StudyProtocol
 from common.provenance import atomic_write_npz
 from common.site_config import SiteConfig
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    """A site's embeddings (cases, features), float64, with each case's id, split and
-    scanner (its ComBat batch)."""
-    case_ids: tuple[str, ...]
-    splits: tuple[str, ...]
-    scanners: tuple[str, ...]
-    values: np.ndarray
-
-
-def embeddings_path(site: SiteConfig, protocol: StudyProtocol) -> Path:
-    return study_dir(site, protocol) / "cnn" / EMBEDDINGS_FILE
 
 
 def penultimate(model: torch.nn.Module, x: np.ndarray, batch_size: int, device: torch.device
@@ -80,16 +64,3 @@ def save_embeddings(site: SiteConfig, protocol: StudyProtocol,
         "splits": np.array(result.splits, dtype=str),
         "scanners": np.array(result.scanners, dtype=str), "values": values})
     return result
-
-
-def load_embeddings(site: SiteConfig, protocol: StudyProtocol) -> Embeddings:
-    """This site's embeddings; a :class:`ConfigError` naming the file when it has none."""
-    path = embeddings_path(site, protocol)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            values = np.asarray(npz["values"], dtype=np.float64)
-            return Embeddings(tuple(npz["case_ids"].tolist()), tuple(npz["splits"].tolist()),
-                              tuple(npz["scanners"].tolist()), values)
-    except (OSError, KeyError, ValueError) as exc:
-        raise ConfigError(str(path), [f"no CNN embeddings of this site ({exc}): its final "
-                                      "CNN evaluation did not run or failed"]) from None

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from client.cnn.embed import load_embeddings
-from client.folds import split_state
-from client.workspace import HARMONIZED_EMBEDDINGS_FILE, HARMONY_STATE_FILE, study_dir
+from client.workspace import (
+    HARMONIZED_EMBEDDINGS_FILE,
+    HARMONY_STATE_FILE,
+    load_embeddings,
+    study_dir,
+)
 from common.errors import ConfigError
 from common.payloads import MIN_ROWS_SENT
 from common.protocol import StudyProtocol
@@ -41,10 +44,7 @@ def harmony_options(protocol: StudyProtocol, seed: int, floor: int = MIN_ROWS_SE
     spec = protocol.harmonization.embeddings
     if spec is None:
         raise ConfigError("study protocol", ["has no harmonization.embeddings section"])
-    return FederatedHarmonyOptions(
-        theta=spec.theta, sigma=spec.sigma, n_clusters=spec.n_clusters,
-        max_iter_harmony=spec.max_iter_harmony, max_iter_kmeans=spec.max_iter_kmeans,
-        min_cell=max(floor, MIN_ROWS_SENT), seed=seed)
+    return FederatedHarmonyOptions.of(spec, seed, max(floor, MIN_ROWS_SENT))
 
 
 def embedding_products(site: SiteConfig, protocol: StudyProtocol) -> ResidualProducts:
@@ -91,6 +91,8 @@ def _start(site: SiteConfig, protocol: StudyProtocol, axes: PrincipalAxes | None
         raise ConfigError("Harmony request", [
             f"principal axes of {axes.mean.shape[0]} features for embeddings of "
             f"{embeddings.values.shape[1]}"])
+    from client.folds import split_state  # brings scikit-learn: only this round needs it
+
     scores = (embeddings.values - axes.mean) @ axes.components
     return HarmonySite(scores, embeddings.scanners, options, seed=split_state(seed, site.site_name))
 

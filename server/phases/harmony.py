@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from common.errors import HarmonizationError
 from common.messages import MessageType, StudyConfig
 from common.payloads import MIN_ROWS_SENT
-from common.protocol import EmbeddingHarmonySpec
 from common.records import pack_request
 from harmonization.covbat import PrincipalAxes, ResidualProducts, principal_axes
 from harmonization.federated_harmony import (
@@ -70,7 +69,10 @@ def run_embedding_harmony(transport: Transport, nodes: dict[int, str], settings:
         return _round(transport, taking_part, settings, config, axes, request)
 
     try:
-        trace = harmony_rounds(ask, options(spec, settings.seed))
+        # the server's floor for a scanner is the study's smallest sum; each site withholds
+        # under its own, which is never lower
+        trace = harmony_rounds(ask, FederatedHarmonyOptions.of(spec, settings.seed,
+                                                               MIN_ROWS_SENT))
         mixing = ask(HarmonyRequest("mixing", clusters=trace.n_clusters))
     except (HarmonyStopped, HarmonizationError) as exc:
         progress(f"  Harmony stopped: {exc}")
@@ -90,15 +92,6 @@ def run_embedding_harmony(transport: Transport, nodes: dict[int, str], settings:
                                "after": trace.diversity_after,
                                "ceiling": trace.diversity_ceiling},
             "sites": sites, "failed": failed, "theta": spec.theta, "sigma": spec.sigma}
-
-
-def options(spec: EmbeddingHarmonySpec, seed: int) -> FederatedHarmonyOptions:
-    """The server's options (its floor for a scanner is the study's smallest sum; each site
-    withholds under its own, which is never lower)."""
-    return FederatedHarmonyOptions(
-        theta=spec.theta, sigma=spec.sigma, n_clusters=spec.n_clusters,
-        max_iter_harmony=spec.max_iter_harmony, max_iter_kmeans=spec.max_iter_kmeans,
-        min_cell=MIN_ROWS_SENT, seed=seed)
 
 
 def _round(transport: Transport, nodes: dict[int, str], settings: StudySettings,
