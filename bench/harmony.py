@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harmonization.federated_harmony import FederatedHarmonyOptions  # noqa: E402
-from harmonization.harmony import lisi  # noqa: E402
+from harmonization.harmony import HarmonyOptions, harmony_embeddings, lisi  # noqa: E402
 from harmonization.harmony_server import HarmonyResult, federated_harmony  # noqa: E402
 
 SCANNER_SHIFT = {"s1": (0.0, 0.0), "s2": (4.0, -3.0), "s3": (-4.0, 3.0)}
@@ -90,16 +90,6 @@ FAMILIES: dict[str, tuple[Callable[[int], Data], int | None]] = {
     "overlapping": (overlapping, None)}
 
 
-def harmonypy_run(x: np.ndarray, batch: np.ndarray, clusters: int | None, seed: int
-                  ) -> np.ndarray:
-    import harmonypy
-
-    run = harmonypy.run_harmony(x, pd.DataFrame({"batch": batch}), ["batch"], nclust=clusters,
-                                random_state=seed, verbose=False)
-    out = np.asarray(run.Z_corr)
-    return out if out.shape == x.shape else out.T
-
-
 def federated_run(x: np.ndarray, batch: np.ndarray, groups: list[list[str]],
                   options: FederatedHarmonyOptions) -> tuple[np.ndarray, HarmonyResult]:
     masks = [np.isin(batch, g) for g in groups]
@@ -135,7 +125,7 @@ def study_embeddings(cohort: Path) -> None:
             tests += [s == "test" for s in e["splits"].tolist()]
     axes = principal_axes([site_residual_products(x) for x in raw], n_pc=spec.n_components)
     before = np.vstack([(x - axes.mean) @ axes.components for x in raw])
-    pooled = harmonypy_run(before, np.asarray(scanners), spec.n_clusters, 0)
+    pooled = harmony_embeddings(before, scanners, HarmonyOptions(n_clusters=spec.n_clusters))
     print(f"\n{cohort}: {len(scanners)} cases, {len(set(scanners))} scanners, "
           f"{axes.components.shape[1]} components ({axes.explained:.0%} of the variance)")
     for name, x in (("before", before), ("federated Harmony", np.vstack(after)),
@@ -176,10 +166,11 @@ def main() -> None:
         for seed in range(args.seeds):
             x, batch, group = make(seed)
             start = time.perf_counter()
-            reference = harmonypy_run(x, batch, clusters, seed)
+            reference = harmony_embeddings(x, batch, HarmonyOptions(n_clusters=clusters, seed=seed))
             seconds = time.perf_counter() - start
             size = np.linalg.norm(reference - x)
-            other = harmonypy_run(x, batch, clusters, seed + 100)
+            other = harmony_embeddings(x, batch,
+                                       HarmonyOptions(n_clusters=clusters, seed=seed + 100))
             rows.append({"family": family, "run": "harmonypy, other seed", "seed": seed,
                          "difference": np.linalg.norm(other - reference) / size,
                          "LISI scanner": lisi(other, batch).mean(),

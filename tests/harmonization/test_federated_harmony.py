@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from common.errors import HarmonizationError
@@ -16,11 +15,11 @@ from harmonization.federated_harmony import (
     RidgeSums,
     ScannerCounts,
 )
-from harmonization.harmony import lisi
+from harmonization.harmony import HarmonyOptions, harmony_embeddings, lisi
 from harmonization.harmony_server import federated_harmony
 from tests.harmonization.test_harmony import embeddings
 
-harmonypy = pytest.importorskip("harmonypy")
+pytest.importorskip("harmonypy")  # the reference (harmonization.harmony wraps it)
 
 
 def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -65,13 +64,6 @@ def by_sites(x: np.ndarray, batch: np.ndarray, groups: list[list[str]], options
     return out, result.dropped
 
 
-def pooled_harmonypy(x: np.ndarray, batch: np.ndarray, **kwargs: object) -> np.ndarray:
-    run = harmonypy.run_harmony(x, pd.DataFrame({"batch": batch}), ["batch"], verbose=False,
-                                **kwargs)
-    corrected = np.asarray(run.Z_corr)
-    return corrected if corrected.shape == x.shape else corrected.T
-
-
 @pytest.mark.parametrize("groups", [[["s1", "s2", "s3"]], [["s1", "s2"], ["s3"]],
                                     [["s1"], ["s2"], ["s3"]]])
 @pytest.mark.parametrize(("data", "clusters"), [(blobs, 6), (imbalanced, 2)])
@@ -80,7 +72,7 @@ def test_equals_harmonypy_on_the_pooled_embeddings_from_the_same_start(data, clu
     (memberships in blocks, the ridge, the centroids, the stopping rule) ends where it does:
     within 0.2% of the correction (a run without the diversity penalty is 10 to 80% off)."""
     x, batch = data()
-    reference = pooled_harmonypy(x, batch, nclust=clusters, random_state=0)
+    reference = harmony_embeddings(x, batch, HarmonyOptions(n_clusters=clusters, seed=0))
     ours, _ = by_sites(x, batch, groups, FederatedHarmonyOptions(n_clusters=clusters))
     correction = np.linalg.norm(reference - x)
     assert correction > 1.0  # there was something to correct
@@ -95,7 +87,7 @@ def test_mixes_the_scanners_as_harmonypy_does_and_keeps_the_biology():
     for seed in range(3):
         x, batch, group = embeddings(seed)
         ours, _ = by_sites(x, batch, [["s1"], ["s2"], ["s3"]], FederatedHarmonyOptions(seed=seed))
-        reference = pooled_harmonypy(x, batch, random_state=seed)
+        reference = harmony_embeddings(x, batch, HarmonyOptions(seed=seed))
         before = lisi(x, batch).mean()
         gains.append(lisi(ours, batch).mean() - before)
         gaps.append(lisi(reference, batch).mean() - lisi(ours, batch).mean())
