@@ -42,16 +42,18 @@ def split_state(seed: int, site_name: str) -> int:
 
 def training_cases(cases: Sequence[CaseSpec], protocol: StudyProtocol, seed: int,
                    site_name: str, test_fraction: float, min_patients: int = MIN_ROWS_SENT,
-                   repeat: int = 0) -> set[str]:
+                   repeat: int = 0, outer: dict[str, int] | None = None) -> set[str]:
     """The case ids of a site's training split: the manifest's usable cases split once,
     stratified by label (for classification, when every class has two cases or more; by event
     for survival), seeded
     by :func:`split_state`. The image harmonization phase and the preparation both use it, so
     the split never changes across phases (a case that later fails to extract is dropped from
     its side). With repeated splits, split ``repeat``'s: every case outside its test fold of
-    :func:`outer_folds` (``test_fraction`` is not used)."""
+    :func:`outer_folds` (``outer`` where the caller has them; ``test_fraction`` is not
+    used)."""
     if protocol.validation.repeats > 1:
-        folds = outer_folds(cases, protocol, seed, site_name, min_patients)
+        folds = outer if outer is not None else outer_folds(cases, protocol, seed, site_name,
+                                                            min_patients)
         return {case for case, fold in folds.items() if fold != repeat}
     if len(cases) < 2:
         return {c.case_id for c in cases}

@@ -57,8 +57,10 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
     # what the counts count: the classes, or a survival task's events
     labels = table[protocol.task.event_column or protocol.task.label_column].to_numpy()
     state = split_state(seed, site.site_name)
+    outer = (outer_folds(cases, protocol, seed, site.site_name, site.min_patients)
+             if protocol.validation.repeats > 1 else None)
     training = training_cases(cases, protocol, seed, site.site_name, test_fraction,
-                              site.min_patients, repeat)
+                              site.min_patients, repeat, outer)
     train = np.flatnonzero(table["case_id"].astype(str).isin(training).to_numpy())
     if train.size < 2 or train.size == len(table):
         return PrepareReply(site.site_name, "refused", "too_few_cases",
@@ -75,8 +77,7 @@ def prepare(site: SiteConfig, protocol: StudyProtocol, seed: int, test_fraction:
     # at least the site's floor; with repeated splits, the other splits' test folds
     # (client/folds.py)
     table["fold"] = -1
-    if protocol.validation.repeats > 1:
-        outer = outer_folds(cases, protocol, seed, site.site_name, site.min_patients)
+    if outer is not None:
         table.loc[train, "fold"] = inner_folds(
             table["case_id"].iloc[train].astype(str).map(outer).to_numpy(), repeat)
     else:
