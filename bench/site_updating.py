@@ -14,8 +14,8 @@ MRI presets' harmonization), and every site scores on its test rows:
 * ``site-updated``: the federated model updated on the site's own training rows, the candidate
   its cross-validation prefers (:func:`common.selection.updating.update_at_site`, as
   ``client/phases/validation.py`` runs it);
-* ``without blends``: the same, its candidates less the blends of the federated and the local
-  model's scores (the study's choice before they were added);
+* ``average``: the mean of the local-only and the federated model's scores (an equal-weight
+  blend: a trial measured whether averaging the two would be at least both);
 * ``updated by AUC``: the same candidates chosen by their mean held-out AUC instead of their
   deviance (not the study's choice: the benchmark measures whether ranking would choose better).
 
@@ -49,14 +49,11 @@ from bench.loso_harmonization import (  # noqa: E402
     split,
 )
 from client.workspace import feature_columns  # noqa: E402
-from common.glm import ModelError  # noqa: E402
 from common.protocol import load_protocol  # noqa: E402
 from common.selection.terms import assign_folds  # noqa: E402
 from common.selection.updating import (  # noqa: E402
-    SiteUpdate,
     _comparable,
     _fit,
-    _once,
     candidates,
     update_at_site,
 )
@@ -73,28 +70,14 @@ def choose_by_auc(x: np.ndarray, y: np.ndarray, folds: np.ndarray, federated, lo
         train, held = folds != fold, folds == fold
         if not _comparable(y[train], "logistic") or len(np.unique(y[held])) < 2:
             continue
-        fold_local = _once(local)
         for name in auc:
             try:
                 auc[name] += roc_auc_score(y[held], _fit(name, x[train], y[train], federated,
-                                                         "logistic", fold_local).score(x[held]))
+                                                         "logistic", local).score(x[held]))
             except Exception:  # noqa: BLE001 - a candidate that cannot be fitted loses
                 auc[name] -= 1e9
     choice = max(auc, key=lambda n: auc[n])  # the first of equals: the simplest
-    return _fit(choice, x, y, federated, "logistic", _once(local)), choice
-
-
-def without_blends(update: SiteUpdate, x: np.ndarray, y: np.ndarray, federated, local):  # noqa: ANN001, ANN201
-    """The update the site would have chosen without the blends: the least deviance of the
-    others on the same folds (the deviances are the same), refitted on every row."""
-    choice = min((c for c in candidates() if not c.startswith("blend")),
-                 key=lambda n: update.deviance[n])
-    if choice == update.choice or not np.isfinite(update.deviance[choice]):
-        return update.model if choice == update.choice else federated
-    try:
-        return _fit(choice, x, y, federated, "logistic", _once(local))
-    except ModelError:
-        return federated
+    return _fit(choice, x, y, federated, "logistic", local), choice
 
 
 def evaluate(tables: dict[str, pd.DataFrame], names: list[str], label: str, spec, r: int
@@ -116,16 +99,17 @@ def evaluate(tables: dict[str, pd.DataFrame], names: list[str], label: str, spec
                 return fit([(a, b, assign_folds(b, spec.cv_folds, r, True))], spec)
 
             update = update_at_site(train_x, train_y, folds, federated, "logistic", local)
-            before = without_blends(update, train_x, train_y, federated, local)
             by_auc, auc_choice = choose_by_auc(train_x, train_y, folds, federated, local)
             test_x = x[s][tests[s]]
+            local_score = fit([rows[s]], spec).score(test_x)
             out.append({"split": r, "features": step, "site": s, "choice": update.choice,
                         "auc choice": auc_choice,
-                        "local": roc_auc_score(y, fit([rows[s]], spec).score(test_x)),
+                        "local": roc_auc_score(y, local_score),
                         "federated": roc_auc_score(y, federated.score(test_x)),
                         "site-updated": roc_auc_score(y, update.model.score(test_x)),
-                        "without blends": roc_auc_score(y, before.score(test_x)),
-                        "updated by AUC": roc_auc_score(y, by_auc.score(test_x))})
+                        "updated by AUC": roc_auc_score(y, by_auc.score(test_x)),
+                        "average": roc_auc_score(y, (local_score
+                                                     + federated.score(test_x)) / 2)})
     return out
 
 
@@ -134,8 +118,8 @@ def report(results: pd.DataFrame, splits: int) -> None:
     print(f"\ntest AUC per site, mean over {splits} splits (in brackets in the last column: the "
           "share of splits where the site-updated model is at least the local one)")
     mean = results.groupby(["cohort", "features", "site"])[
-        ["local", "federated", "site-updated", "updated >= local", "without blends",
-         "updated by AUC"]].mean()
+        ["local", "federated", "site-updated", "updated >= local", "updated by AUC",
+         "average"]].mean()
     print(mean.to_string(float_format=lambda v: f"{v:.3f}"))
     for column in ("choice", "auc choice"):
         print(f"\nthe candidates the sites' cross-validation chose by "
@@ -143,7 +127,7 @@ def report(results: pd.DataFrame, splits: int) -> None:
         print(results.groupby(["features", column]).size().unstack(0).fillna(0).astype(int)
               .to_string())
     for features, part in mean.groupby(level="features"):
-        for model in ("site-updated", "without blends", "updated by AUC"):
+        for model in ("site-updated", "updated by AUC", "average"):
             holds = ((part[model] >= part["local"]) & (part[model] >= part["federated"]))
             print(f"\n{features}: {model} >= local-only and >= federated at "
                   f"{int(holds.sum())} of {len(holds)} site-cohorts")

@@ -12,9 +12,6 @@ the two, the site's own cross-validation chooses among:
   ``c`` x the number of rows, centred on the federated coefficients (an empirical-Bayes
   shrinkage between the site's own fit and the multicentre one; a large ``c`` keeps the
   federated model, a small one lets the site's data speak);
-- ``blend <w>``: the federated model's score and the local model's averaged, ``w`` the local
-  model's weight (a stacked combination of the two, Debray et al., Stat Med 2014): the local
-  model may see what the others lack, the federated one is the steadier;
 - ``local``: the site's local-only model (its own screening and penalized fit).
 
 Each is scored by its deviance on the held-out fold (the logistic log-loss, the squared error,
@@ -38,8 +35,6 @@ from common.selection.model import FloatArray, IndexArray, LinearModel
 
 #: The revision's penalties, as multiples of the rows it is fitted on.
 REVISION_L2 = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03)
-#: The blends' weights of the local model's score.
-BLEND_WEIGHTS = (0.25, 0.5, 0.75)
 #: The recalibration's slope is held near the federated one by this weak penalty (per row),
 #: so a site whose score separates its classes still gets a finite slope.
 RECALIBRATION_L2 = 0.01
@@ -124,25 +119,6 @@ def revise(x: npt.ArrayLike, y: npt.ArrayLike, model: LinearModel, loss: str, st
     return LinearModel(features, mean, sd, beta)
 
 
-def blend(first: LinearModel, second: LinearModel, weight: float) -> LinearModel:
-    """``(1 - weight) x first``'s score ``+ weight x second``'s, as one linear model over both
-    models' features, each feature in ``first``'s standardization where ``first`` has it
-    (``c (x - m) / s = c S / s (x - M) / S + c (M - m) / s``)."""
-    order = list(dict.fromkeys([*map(int, first.features), *map(int, second.features)]))
-    at = {f: i for i, f in enumerate(order)}
-    mean, sd = np.zeros(len(order)), np.ones(len(order))
-    for model in (second, first):  # first's standardization wins
-        mean[[at[int(f)] for f in model.features]] = model.mean
-        sd[[at[int(f)] for f in model.features]] = model.sd
-    beta = np.zeros(1 + len(order))
-    for model, w in ((first, 1.0 - weight), (second, weight)):
-        rows = np.array([at[int(f)] for f in model.features], dtype=np.int64)
-        c = w * model.beta[1:]
-        np.add.at(beta, 1 + rows, c * sd[rows] / model.sd)
-        beta[0] += w * model.beta[0] + float(np.sum(c * (mean[rows] - model.mean) / model.sd))
-    return LinearModel(np.asarray(order, dtype=np.int64), mean, sd, beta)
-
-
 def deviance(y: npt.ArrayLike, score: npt.ArrayLike, loss: str,
              fitted: npt.ArrayLike | None = None) -> float:
     """The summed held-out loss: the logistic log-loss of the scores (logits), the squared
@@ -164,41 +140,18 @@ def deviance(y: npt.ArrayLike, score: npt.ArrayLike, loss: str,
 
 def candidates() -> list[str]:
     """Every candidate's name, in the order a tie is broken (the simplest first)."""
-    return ["federated", "recalibrated", *(f"revised {c:g}" for c in REVISION_L2),
-            *(f"blend {w:g}" for w in BLEND_WEIGHTS), "local"]
+    return ["federated", "recalibrated", *(f"revised {c:g}" for c in REVISION_L2), "local"]
 
 
 def _fit(name: str, x: FloatArray, y: FloatArray, federated: LinearModel, loss: str,
          local: Callable[[FloatArray, FloatArray], LinearModel]) -> LinearModel:
-    """The candidate ``name`` fitted on these rows (``local`` is called once at most)."""
     if name == "federated":
         return federated
     if name == "recalibrated":
         return recalibrate(x, y, federated, loss)
     if name == "local":
         return local(x, y)
-    if name.startswith("blend "):
-        return blend(federated, local(x, y), float(name.removeprefix("blend ")))
     return revise(x, y, federated, loss, float(name.removeprefix("revised ")))
-
-
-def _once(local: Callable[[FloatArray, FloatArray], LinearModel]
-          ) -> Callable[[FloatArray, FloatArray], LinearModel]:
-    """``local``, fitted on its first rows and reused (the blends and ``local`` share one fit
-    per fold); its error raised again each time."""
-    kept: list[LinearModel | ModelError] = []
-
-    def fitted(x: FloatArray, y: FloatArray) -> LinearModel:
-        if not kept:
-            try:
-                kept.append(local(x, y))
-            except ModelError as exc:
-                kept.append(exc)
-        if isinstance(kept[0], ModelError):
-            raise kept[0]
-        return kept[0]
-
-    return fitted
 
 
 def _comparable(y: FloatArray, loss: str) -> bool:
@@ -229,10 +182,9 @@ def update_at_site(x: npt.ArrayLike, y: npt.ArrayLike, folds: npt.ArrayLike,
                          "two rows to fit): the site's folds cannot choose an update")
     for fold in usable:  # every candidate on the same folds
         train, held = folds != fold, folds == fold
-        fold_local = _once(local)
         for name in names:
             try:
-                model = _fit(name, x[train], y[train], federated, loss, fold_local)
+                model = _fit(name, x[train], y[train], federated, loss, local)
                 total[name] += (deviance(y, model.score(x), loss, train) if loss == "cox" else
                                 deviance(y[held], model.score(x[held]), loss))
             except ModelError:
@@ -241,6 +193,6 @@ def update_at_site(x: npt.ArrayLike, y: npt.ArrayLike, folds: npt.ArrayLike,
     if not np.isfinite(total[choice]):
         return SiteUpdate(federated, "federated", total)
     try:
-        return SiteUpdate(_fit(choice, x, y, federated, loss, _once(local)), choice, total)
+        return SiteUpdate(_fit(choice, x, y, federated, loss, local), choice, total)
     except ModelError:  # fitted in every fold but not on all rows: the federated model
         return SiteUpdate(federated, "federated", total)

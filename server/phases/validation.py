@@ -182,9 +182,7 @@ def recommendation(update: dict[str, Any] | None) -> str:
     choice, deviance = update["choice"], update.get("deviance") or {}
     what = {"federated": "the federated model as it is", "local": "its local-only model",
             "recalibrated": "the federated model recalibrated (intercept and slope)"}.get(
-                choice, f"the federated and its local-only model's scores averaged (the local "
-                f"one's weight {choice.removeprefix('blend ')})" if choice.startswith("blend ")
-                else f"the federated model revised (its coefficients refitted with an L2 "
+                choice, f"the federated model revised (its coefficients refitted with an L2 "
                 f"penalty of {choice.removeprefix('revised ')} x the rows towards them)")
     scores = ", ".join(f"{name} {'not fitted' if value is None else fmt(value, 1)}"
                        for name, value in deviance.items()

@@ -11,7 +11,6 @@ from sklearn.metrics import roc_auc_score
 
 from common.selection.model import LinearModel
 from common.selection.updating import (
-    blend,
     candidates,
     deviance,
     penalized_fit,
@@ -106,45 +105,6 @@ def test_the_site_keeps_a_federated_model_that_fits_it_and_updates_one_that_does
     held_x, held_y, _ = _site(2000, -1.5)
     assert roc_auc_score(held_y, other.model.score(held_x)) > roc_auc_score(
         held_y, federated.score(held_x)) + 0.1
-
-
-def test_a_blend_is_one_linear_model_scoring_the_weighted_sum_of_both_scores():
-    x = RNG.normal(size=(50, 8)) * 3 + 1
-    first = LinearModel(np.array([0, 3, 5]), RNG.normal(size=3), RNG.uniform(0.5, 2, 3),
-                        RNG.normal(size=4))
-    second = LinearModel(np.array([5, 1, 0, 7]), RNG.normal(size=4), RNG.uniform(0.5, 2, 4),
-                         RNG.normal(size=5))  # features 0 and 5 in another standardization
-    mixed = blend(first, second, 0.3)
-    assert mixed.features.tolist() == [0, 3, 5, 1, 7]  # each feature once
-    np.testing.assert_allclose(mixed.score(x), 0.7 * first.score(x) + 0.3 * second.score(x),
-                               atol=1e-12)
-    np.testing.assert_allclose(mixed.mean[:3], first.mean)  # the first's standardization
-    np.testing.assert_allclose(blend(first, second, 0.0).score(x), first.score(x), atol=1e-12)
-
-
-def test_a_site_whose_own_model_sees_what_the_federated_one_lacks_takes_their_blend():
-    """The federated model knows the first feature, the site's own model only the second (a
-    stand-in for a local screening that kept another feature); the outcome needs both, so the
-    blend beats each, and the local model is fitted once per fold and once on every row."""
-    federated = _model([0.0, 1.5, 0.0, 0.0], 3)
-    fits = []
-
-    def local(x, y):  # noqa: ANN001, ANN202
-        fits.append(len(y))
-        beta = penalized_fit(x[:, [1]], y, "logistic", np.zeros(1), 1.0)
-        return LinearModel(np.array([1]), np.zeros(1), np.ones(1), beta)
-
-    rng = np.random.default_rng(5)
-    x = rng.normal(size=(2300, 3))
-    y = (rng.random(2300) < 1 / (1 + np.exp(-1.5 * (x[:, 0] + x[:, 1])))).astype(float)
-    train = np.arange(300)
-    update = update_at_site(x[train], y[train], train % 5, federated, "logistic", local)
-    assert update.choice.startswith("blend")
-    assert len(fits) == 5 + 1  # one local fit per fold, shared by the blends, and the refit
-    held_x, held_y = x[300:], y[300:]
-    auc = roc_auc_score(held_y, update.model.score(held_x))
-    assert auc > roc_auc_score(held_y, federated.score(held_x)) + 0.05
-    assert auc > roc_auc_score(held_y, local(x[train], y[train]).score(held_x)) + 0.05
 
 
 def test_a_candidate_that_cannot_be_fitted_is_left_out_not_fatal():
