@@ -42,6 +42,7 @@ local-only model's and the federated model's test AUC (how often federated wins)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -70,6 +71,7 @@ from harmonization.diagnostics import scanner_effect  # noqa: E402
 from harmonization.federated_harmony import FederatedHarmonyOptions  # noqa: E402
 from harmonization.harmony_server import federated_harmony  # noqa: E402
 from harmonization.screening import scanner_shares, site_interaction_moments  # noqa: E402
+from server.phases.images import IMAGES_FILE  # noqa: E402
 from server.study import StudySettings  # noqa: E402
 
 FEATURE_STEPS = ("raw", "ComBat", "ComBat + CovBat", "ComBat + screening", "Harmony",
@@ -139,6 +141,15 @@ def prepared(cohort: Path, variant: str, edit: Callable[[dict], dict]
     protocol = load_protocol(path)
     out = cohort.parent / f"{cohort.name}-{variant.replace(' ', '-')}-prepare"
     run_in_simulation(cohort, StudySettings(protocol, out, until="prepare"), lambda _: None)
+    # a site that missed a phase (a reply late on a loaded machine) changes the study's image
+    # standard or drops its rows: the benchmark would then measure another cohort
+    left_out = {phase: json.loads(path.read_text()).get(key)
+                for phase, path, key in (("images", out / IMAGES_FILE, "missing"),
+                                         ("prepare", out / "prepare.json", "excluded"))
+                if path.exists()}
+    if any(left_out.values()):
+        raise SystemExit(f"{cohort}: a site missed a phase of the preparation ({left_out}); "
+                         "run the benchmark again on a less loaded machine")
     return {p.name: pd.read_parquet(p / "study" / protocol.short_hash / PREPARED_FILE)
             for p in sorted((cohort / "work").iterdir())}
 
