@@ -115,8 +115,8 @@ def evaluate(tables: dict[str, pd.DataFrame], names: list[str], label: str, spec
 
 def report(results: pd.DataFrame, splits: int) -> None:
     results["updated >= local"] = results["site-updated"] >= results["local"]
-    print(f"\ntest AUC per site, mean over {splits} splits (in brackets in the last column: the "
-          "share of splits where the site-updated model is at least the local one)")
+    print(f"\ntest AUC per site, mean over {splits} splits ('updated >= local': the share of "
+          "splits where the site-updated model is at least the local one)")
     mean = results.groupby(["cohort", "features", "site"])[
         ["local", "federated", "site-updated", "updated >= local", "updated by AUC",
          "average"]].mean()
