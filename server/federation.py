@@ -130,6 +130,11 @@ class LocalFederation:
         sites on one machine, a positive value keeps them from starving the SuperLink, as
         when each site has a machine of its own. Flower's SuperLink gives up on a write
         after waiting 5 s for its SQLite database, which 20 sites on 2 cores can cause.
+    persistent
+        The SuperLink keeps its state (registered nodes, runs, messages) in an SQLite file in
+        ``folder``, as ``myelofed server start`` does, so that :meth:`restart_superlink` finds
+        it. ``False``: in memory (Flower's default without ``--database``), which has no such
+        5 s limit; a restart then starts empty.
     """
 
     app_dir: Path
@@ -143,6 +148,7 @@ class LocalFederation:
     gateway: bool = True
     approved_apps: tuple[str, ...] | None = None
     site_nice: int = 0
+    persistent: bool = True
     processes: list[FlowerProcess] = field(default_factory=list, init=False)
     ca_cert: Path | None = field(default=None, init=False)
     marker: str = field(default_factory=lambda: uuid.uuid4().hex, init=False)
@@ -198,7 +204,8 @@ class LocalFederation:
             self.ca_cert = credentials.ca_cert
         self.superlink_argv = superlink_command(
             port=self.superlink_port, tls=tls, host=self.host,
-            database=self.folder / "superlink.db", supernode_auth=self.secure)
+            database=self.folder / "superlink.db" if self.persistent else None,
+            supernode_auth=self.secure)
         superlink = self._spawn("superlink", self.superlink_argv)
         superlink.wait_ready(self.ready_timeout_s, port=(self.host, self.superlink_port))
         if self.gateway:
@@ -251,6 +258,9 @@ class LocalFederation:
     def restart_superlink(self) -> FlowerProcess:
         """Start the SuperLink again, on its port and with its database (registered nodes,
         past runs), and wait for its port."""
+        if not self.persistent:
+            raise FederationError("the SuperLink kept its state in memory (persistent=False): "
+                                  "a restart would not know the sites")
         count = sum(p.name.startswith("superlink") for p in self.processes)
         superlink = self._spawn(f"superlink-restart{count}", self.superlink_argv)
         superlink.wait_ready(self.ready_timeout_s, port=(self.host, self.superlink_port))

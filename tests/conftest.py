@@ -1,7 +1,11 @@
-"""Shared fixtures: where the shared real data lives, and small synthetic volumes."""
+"""Shared fixtures: where the shared real data lives, and small synthetic volumes; and the lock
+that keeps an ``exclusive`` test from sharing the machine with another slow test."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,30 @@ import SimpleITK as sitk
 from harmonization.images import ImageMeasure
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Under pytest-xdist, a test marked ``exclusive`` runs while no other ``slow`` test does,
+    on any worker: the 20-site load test starts 20 SuperNodes whose ClientApps must start
+    within Flower's 30 s, which a study running beside it on 2 cores made them miss. The lock
+    (shared for ``slow``, exclusive for ``exclusive``) is held over the test's setup, call and
+    teardown, so a module's study fixture counts too. The lock file is the machine's, so two
+    test runs side by side keep to it as well."""
+    mode = None
+    if "PYTEST_XDIST_WORKER" in os.environ and os.name == "posix":
+        import fcntl  # POSIX only, and needed only under pytest-xdist
+
+        if item.get_closest_marker("exclusive"):
+            mode = fcntl.LOCK_EX
+        elif item.get_closest_marker("slow"):
+            mode = fcntl.LOCK_SH
+    if mode is None:
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / "myelofed-tests.lock", "a") as handle:
+        fcntl.flock(handle, mode)
+        yield
 
 
 def shared_data(*parts: str) -> Path:

@@ -80,6 +80,13 @@ def test_insecure_command_lines_say_so_and_tls_ones_carry_the_files(tmp_path: Pa
         "flwr", "run", str(tmp_path), "local", "--stream", "--run-config", 'until="combat"']
 
 
+def test_a_superlink_without_its_state_file_is_not_restarted(tmp_path: Path):
+    federation = LocalFederation(tmp_path, {}, tmp_path / "federation", persistent=False)
+    with pytest.raises(FederationError, match="in memory"):
+        federation.restart_superlink()
+    assert not any(p.name.startswith("superlink") for p in federation.processes)
+
+
 def test_the_connection_file_is_flowers_toml(tmp_path: Path):
     path = write_connection(tmp_path / "home", "local", "127.0.0.1:9200",
                             root_certificates=INSECURE)
