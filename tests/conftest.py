@@ -21,7 +21,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     """Under pytest-xdist, a test marked ``exclusive`` runs while no other ``slow`` test does,
     on any worker: the 20-site load test starts 20 SuperNodes whose ClientApps must start
-    within Flower's 30 s, which a study running beside it on 2 cores made them miss. The lock
+    within Flower's 30 s, which a study running beside it on 2 cores made them miss, and the
+    deployment rehearsal's sites missed its 120 s preparation round beside a simulation. The lock
     (shared for ``slow``, exclusive for ``exclusive``) is held over the test's setup, call and
     teardown, so a module's study fixture counts too. The lock file is the machine's, so two
     test runs side by side keep to it as well."""

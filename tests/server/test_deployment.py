@@ -49,7 +49,7 @@ from tests.server.studies import (
 
 MYELOFED = Path(sys.executable).parent / "myelofed"
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.exclusive, pytest.mark.skipif(
     shutil.which("flower-superlink") is None or not MYELOFED.exists(),
     reason="flower-superlink or the myelofed command is not installed")]
 
